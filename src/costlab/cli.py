@@ -1,0 +1,42 @@
+"""Checks on the command line that Hydra would otherwise report as a multi-line traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
+from costlab import CONF_DIR
+from costlab.validate import ConfigError
+
+
+def options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Refuse ``group=option`` for an option that does not exist (sweeps included)."""
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise ConfigError("override", " ".join(overrides), str(e).splitlines()[0]) from None
+    for o in parsed:
+        group = o.key_or_group.lstrip("+~")
+        if o.package is not None or not (conf_dir / group).is_dir() or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        known = options(group, conf_dir)
+        for value in values:
+            if value not in known:
+                raise ConfigError(group, value, f"unknown option; choose one of {', '.join(known)}")
+
+
+def preflight(argv: list[str] | None = None) -> None:
+    try:
+        check_group_choices(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"costlab: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,191 @@
+"""The launcher side of a run: validate, write the resolved config, open the MLflow run, start
+torchrun, wait, and close the run with the status the workers earned.
+
+It never imports torch: starting a sweep must stay cheap and must never initialise CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from costlab import tracking
+from costlab.validate import ConfigError, check_tracking, resolve_device, validate
+
+__all__ = ["run_job", "check_tracking", "FAILED_JOBS", "exit_code"]
+
+FAILED_JOBS: list[str] = []  # run ids of jobs that did not finish, for the sweep's parent and exit code
+INTERRUPTED = False
+ERROR_TAIL_LINES = 80
+TERM_GRACE_S = 15.0
+
+
+def exit_code() -> int:
+    if INTERRUPTED:
+        return 130
+    return 1 if FAILED_JOBS else 0
+
+
+def fail(error: ConfigError, parent_id: str | None, uri: str | None) -> None:
+    """Refuse a config: one line, exit 2; a sweep's parent run is closed so nothing stays RUNNING."""
+    print(f"costlab: error: {error}", file=sys.stderr)
+    if parent_id and uri:
+        tracking.client(uri).set_terminated(parent_id, "FAILED")
+    raise SystemExit(2)
+
+
+def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str, str]:
+    tags = {group: str(choices.get(group, cfg[group].get("name", ""))) for group in tracking.CONTRACT_TAGS}
+    tags.update(world_size=str(world_size), device=cfg.trainer.device)
+    return tags
+
+
+def run_job(cfg: DictConfig) -> str:
+    """The Hydra task: one job of a run or of a sweep. Returns the MLflow run status."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    parent_id = tracking.parent_run_id(hc.sweep.dir) if multirun else None
+    try:
+        with open_dict(cfg):
+            cfg.trainer.device = resolve_device(cfg.trainer.device)
+        validate(cfg)
+        check_tracking(cfg)
+    except ConfigError as e:
+        fail(e, parent_id, cfg.tracking.uri if parent_id else None)
+
+    t0 = time.time()
+    run_dir = Path(hc.runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
+    tags = _tags(cfg, dict(hc.runtime.choices), world_size)
+    run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name, parent_id)
+
+    with open_dict(cfg):
+        cfg.runtime = {"run_id": run_id, "run_dir": str(run_dir), "world_size": world_size}
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    client = tracking.client(cfg.tracking.uri)
+    client.log_artifact(run_id, str(config_path))
+
+    log_path = run_dir / "worker.log"
+    status = "FAILED"
+    try:
+        rc = launch_torchrun(cfg, config_path, log_path)
+        status = "FINISHED" if rc == 0 else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        global INTERRUPTED
+        INTERRUPTED = True
+    finally:
+        try:
+            client.log_metric(run_id, "time/total_s", time.time() - t0)
+            if log_path.exists():
+                client.log_artifact(run_id, str(log_path))
+            if status != "FINISHED" and log_path.exists():
+                tail = run_dir / "error_tail.txt"
+                tail.write_text("".join(deque(log_path.open(errors="replace"), maxlen=ERROR_TAIL_LINES)))
+                client.log_artifact(run_id, str(tail))
+        finally:
+            client.set_terminated(run_id, status)
+            if status != "FINISHED":
+                FAILED_JOBS.append(run_id)
+            if status == "KILLED" and parent_id:
+                client.set_terminated(parent_id, "KILLED")
+    if status == "KILLED":
+        raise KeyboardInterrupt
+    print(f"costlab: run {run_id} {status} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
+    return status
+
+
+def torchrun_command(cfg: DictConfig, config_path: Path) -> list[str]:
+    t = cfg.trainer
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={t.nproc_per_node}"]
+    if t.nnodes == 1:
+        cmd.append("--standalone")  # c10d rendezvous on a free port: concurrent jobs never collide
+    else:
+        cmd += [
+            f"--nnodes={t.nnodes}",
+            f"--node-rank={t.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={t.rdzv_endpoint}",
+            f"--rdzv-id={t.rdzv_id}",
+        ]
+    return cmd + ["-m", "costlab.worker", str(config_path)]
+
+
+def worker_env(cfg: DictConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if cfg.trainer.nnodes == 1:
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: loopback is always right
+    # each local rank gets an equal share of the cores, so world sizes compare on the same hardware
+    threads = max(1, (os.cpu_count() or 1) // cfg.trainer.nproc_per_node)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path) -> int:
+    """Run torchrun in its own process group, tee its output to ``log_path``; return its exit code.
+
+    On Ctrl-C (or SIGTERM to this process) the whole group gets SIGTERM, then SIGKILL after a grace
+    period, so no worker outlives the launcher.
+    """
+    proc = subprocess.Popen(
+        torchrun_command(cfg, config_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=worker_env(cfg),
+        start_new_session=True,
+    )
+
+    def tee() -> None:
+        with log_path.open("wb") as log:
+            for line in iter(proc.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+
+    reader = threading.Thread(target=tee, daemon=True)
+    reader.start()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        _terminate_group(proc)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        reader.join(timeout=10)
+    return rc
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminate_group(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            # torchrun has exited; make sure no worker of its group lingers
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return

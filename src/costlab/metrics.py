@@ -1,0 +1,132 @@
+"""Measurements: step timing, memory, model size on disk and inference speed.
+
+Every figure here is measured: devices are synchronised before a clock is read, and warm-up
+iterations are left out of every speed figure.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    """A clock reading taken after all queued work on ``device`` has finished."""
+    sync(device)
+    return time.perf_counter()
+
+
+@dataclass
+class StepStats:
+    """Step times after warm-up, and the tokens those steps processed (all ranks together)."""
+
+    warmup_steps: int
+    tokens_per_step: int
+    times_s: list[float] = field(default_factory=list)
+    steps_seen: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.steps_seen += 1
+        if self.steps_seen > self.warmup_steps:
+            self.times_s.append(seconds)
+
+    def summary(self) -> dict[str, float]:
+        if not self.times_s:  # too few steps to leave warm-up: say nothing rather than guess
+            return {}
+        total = sum(self.times_s)
+        return {
+            "perf/tokens_per_s": self.tokens_per_step * len(self.times_s) / total,
+            "perf/step_time_ms_p50": 1000 * statistics.median(self.times_s),
+            "perf/step_time_ms_mean": 1000 * total / len(self.times_s),
+            "perf/timed_steps": len(self.times_s),
+        }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: ``max_memory_allocated`` on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor counts its local shard only
+    return local.numel() * local.element_size()
+
+
+def state_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
+    """Bytes this rank holds for parameters, gradients and optimizer state (local shards only)."""
+    params = list(model.parameters())
+    out = {
+        "mem/params_bytes_per_rank": sum(_local_bytes(p) for p in params),
+        "mem/grads_bytes_per_rank": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+    }
+    if optimizer is not None:
+        out["mem/optimizer_bytes_per_rank"] = sum(
+            _local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        )
+    return out
+
+
+def save_model(model: nn.Module, path: Path) -> int:
+    """Save the state dict as it would be shipped; return the bytes on disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return os.path.getsize(path)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters), tied weights counted once."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()).item())
+    return total, nonzero
+
+
+@torch.inference_mode()
+def inference_speed(
+    model: nn.Module,
+    batch: torch.Tensor,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    warmup: int = 3,
+    iters: int = 10,
+) -> dict[str, float]:
+    """Forward passes on a fixed batch: median latency and tokens/s, warm-up excluded."""
+    model.eval()
+    device = batch.device
+    times = []
+    for i in range(warmup + iters):
+        t0 = now(device)
+        with autocast():
+            model(batch)
+        t1 = now(device)
+        if i >= warmup:
+            times.append(t1 - t0)
+    p50 = statistics.median(times)
+    return {"infer/latency_ms_p50": 1000 * p50, "infer/tokens_per_s": batch.numel() / p50}

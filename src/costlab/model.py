@@ -1,0 +1,219 @@
+"""Byte-level language models: a GPT family (nanoGPT layout, optional Llama parts) and an MLP baseline.
+
+Every model maps token ids ``(B, T)`` to logits ``(B, T, vocab_size)``; the loss lives in the trainer
+so that parallel wrappers (pipeline stages in particular) can place it where they need to.
+
+Attention keeps separate ``c_q``/``c_k``/``c_v`` projections and infers the number of heads from the
+projection's output width, so tensor-parallel sharding and structured head pruning only have to
+change the weights, never the module's attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+    bias: bool = False
+    dropout: float = 0.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    pos: str = "learned"  # learned | rope
+    mlp: str = "gelu"  # gelu | swiglu
+    tie_weights: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        hidden = int(self.mlp_ratio * self.n_embd)
+        if self.mlp == "swiglu":  # keep the parameter count of a gelu MLP, as Llama does
+            hidden = 2 * hidden // 3
+        return hidden
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-6)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, block_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); rotate the two halves of each head (GPT-NeoX convention)
+    t = x.size(-2)
+    cos, sin = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_head must divide n_embd"
+        self.head_dim = cfg.head_dim
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.rope = cfg.pos == "rope"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        # -1 heads: the local head count after tensor-parallel sharding or head pruning
+        q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = cfg.hidden_dim
+        self.swiglu = cfg.mlp == "swiglu"
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        if self.swiglu:
+            self.c_fc2 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.c_proj(F.silu(self.c_fc(x)) * self.c_fc2(x))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), rope))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """A GPT-2 style decoder; ``norm=rmsnorm pos=rope mlp=swiglu`` gives the Llama variant.
+
+    Blocks live in ``self.blocks`` (an ``nn.ModuleDict`` keyed "0", "1", …) so that pipeline stages can
+    delete the blocks they do not own and keep the original names, as torchtitan does; ``wte``,
+    ``wpe``, ``ln_f`` and ``lm_head`` may be ``None`` on a stage that does not own them.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        cfg = GPTConfig(**kwargs)
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        # On a pipeline stage without the embedding, ``idx`` is already the hidden state.
+        if self.wte is not None:
+            x = self.wte(idx)
+            if self.wpe is not None:
+                x = x + self.wpe(torch.arange(idx.size(1), device=idx.device))
+            x = self.drop(x)
+        else:
+            x = idx
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
+        for block in self.blocks.values():
+            x = block(x, rope)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (6N + attention), as in the PaLM appendix / nanoGPT's estimate_mfu."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.parameters())
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+class MLPLM(nn.Module):
+    """A Bengio-style MLP language model: the next byte from a fixed window of previous bytes.
+
+    Causal by construction: position t sees bytes t-context+1 … t (left-padded with zeros).
+    """
+
+    def __init__(
+        self, vocab_size: int = 256, block_size: int = 128, context: int = 8, n_embd: int = 64, hidden: int = 512
+    ):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=0, n_head=1, n_embd=n_embd)
+        self.context = context
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.c_fc = nn.Linear(context * n_embd, hidden)
+        self.c_proj = nn.Linear(hidden, n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)  # (B, T, C)
+        x = F.pad(x, (0, 0, self.context - 1, 0))  # left pad along time
+        windows = x.unfold(1, self.context, 1)  # (B, T, C, context)
+        windows = windows.transpose(-1, -2).flatten(2)  # (B, T, context * C), oldest byte first
+        return self.lm_head(self.c_proj(F.gelu(self.c_fc(windows))))
+
+    def flops_per_token(self) -> float:
+        return 6 * sum(p.numel() for p in self.parameters())
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

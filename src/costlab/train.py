@@ -1,0 +1,172 @@
+"""The training loop: AdamW, warm-up + cosine learning rate, gradient accumulation and clipping,
+mixed precision, periodic evaluation, and per-step metrics logged from rank 0."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from costlab.data import BatchSampler, ByteCorpus, eval_batches
+from costlab.metrics import StepStats, now, state_bytes_per_rank
+from costlab.parallelism import DistEnv, Parallel
+from costlab.precision import autocast, grad_scaler
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms, biases) do not, as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    t = cfg.trainer
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+
+def lr_at(step: int, cfg: DictConfig) -> float:
+    """Linear warm-up to ``trainer.lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    t = cfg.trainer
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    min_lr = t.lr * t.min_lr_ratio
+    return min_lr + 0.5 * (t.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: DictConfig,
+    device: torch.device,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    group: dist.ProcessGroup | None = None,
+) -> float:
+    """Mean loss over the evaluation batches; with ``dp_size > 1`` each rank takes a share and the
+    sums are all-reduced, so every rank returns the same number."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(batches):
+        if i % dp_size != dp_rank:
+            continue
+        x, y = x.to(device), y.to(device)
+        with autocast(cfg, device):
+            logits = model(x)
+        total[0] += loss_fn(logits, y).double() * y.numel()
+        total[1] += y.numel()
+    if dp_size > 1:
+        dist.all_reduce(total, group=group)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def default_forward_backward(
+    parallel: Parallel, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, scaler: torch.amp.GradScaler | None
+) -> torch.Tensor:
+    """Forward and backward over ``grad_accum_steps`` micro-batches; returns the mean loss (detached)."""
+    accum = cfg.trainer.grad_accum_steps
+    total = torch.zeros((), device=x.device)
+    for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+        last = i == accum - 1
+        sync_ctx = parallel.no_sync() if (parallel.no_sync is not None and not last) else nullcontext()
+        with sync_ctx:
+            with autocast(cfg, x.device):
+                logits = parallel.model(xm)
+            loss = loss_fn(logits, ym) / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    return total
+
+
+@dataclass
+class TrainResult:
+    stats: StepStats
+    final_loss: float = float("nan")
+    state_bytes: dict[str, float] = field(default_factory=dict)
+    log_time_s: float = 0.0
+
+
+def train(
+    parallel: Parallel,
+    optimizer: torch.optim.Optimizer,
+    corpus: ByteCorpus,
+    cfg: DictConfig,
+    env: DistEnv,
+    logger=None,
+) -> TrainResult:
+    t = cfg.trainer
+    device = env.device
+    block = cfg.model.block_size
+    sampler = BatchSampler(corpus.train, block, t.batch_size, t.seed)
+    val = eval_batches(corpus.val, block, t.eval_batch_size, t.eval_batches)
+    scaler = grad_scaler(cfg, device)
+    step_fn = parallel.forward_backward or default_forward_backward
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    result = TrainResult(stats=StepStats(t.timing_warmup_steps, t.batch_size * block))
+    parallel.model.train()
+
+    for step in range(t.max_steps):
+        t0 = now(device)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = sampler.batch(step, parallel.dp_rank, parallel.dp_size)
+        loss = step_fn(parallel, x.to(device), y.to(device), cfg, scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip else None
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if step == 0:  # gradients and optimizer state exist now; shards are what this rank holds
+            result.state_bytes = state_bytes_per_rank(parallel.model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        logged = step % t.log_every == 0 or step == t.max_steps - 1
+        if logged:
+            loss = parallel.reduce_loss(loss) if parallel.reduce_loss else _mean_over_dp(loss, parallel)
+        seconds = now(device) - t0
+        result.stats.add(seconds)
+        if logged and logger is not None:
+            metrics = {
+                "train/loss": loss.item(),
+                "train/lr": lr,
+                "train/step_time_ms": 1000 * seconds,
+                "train/tokens_per_s": t.batch_size * block / seconds,
+            }
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            if scaler is not None:
+                metrics["train/loss_scale"] = scaler.get_scale()
+            logger.log(metrics, step)
+        if logged:
+            result.final_loss = float(loss)
+        if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.max_steps:
+            val_loss = parallel.evaluate(val) if parallel.evaluate else evaluate(
+                parallel.model, val, cfg, device, parallel.dp_rank, parallel.dp_size, parallel.dp_group
+            )
+            if logger is not None:
+                logger.log({"val/loss": val_loss}, step + 1)
+    return result
+
+
+def _mean_over_dp(loss: torch.Tensor, parallel: Parallel) -> torch.Tensor:
+    if parallel.dp_size == 1:
+        return loss
+    loss = loss.detach().clone()
+    dist.all_reduce(loss, group=parallel.dp_group)  # gloo has no AVG
+    return loss / parallel.dp_size

@@ -1,0 +1,80 @@
+"""The worker: one per rank, started by torchrun with the resolved config file.
+
+    python -m torch.distributed.run --standalone --nproc-per-node=N -m costlab.worker run_dir/config.yaml
+
+It reads like the flow of a run: build → parallelize → train → compress → evaluate → log.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from costlab.data import ByteCorpus
+from costlab.evaluation import evaluate_final
+from costlab.metrics import max_over_ranks, peak_memory_bytes
+from costlab.parallelism import DistEnv, init_distributed, parallelize
+from costlab.tracking import MetricLogger
+from costlab.train import build_optimizer, train
+
+
+def build_corpus(cfg: DictConfig) -> ByteCorpus:
+    return instantiate({k: v for k, v in cfg.data.items() if k != "name"})
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    return instantiate({k: v for k, v in cfg.model.items() if k != "name"})
+
+
+def seed_everything(seed: int) -> None:
+    # the same seed on every rank: replicas start identical, the sampler slices the global batch
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig, env: DistEnv) -> None:
+    seed_everything(cfg.trainer.seed)
+    corpus = build_corpus(cfg)
+    model = build_model(cfg)
+    parallel = parallelize(model, cfg, env)
+    optimizer = build_optimizer(parallel.model, cfg)
+    logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
+    try:
+        result = train(parallel, optimizer, corpus, cfg, env, logger)
+        summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
+        final = parallel.full_model()  # collective: every rank takes part
+        if env.is_main:
+            summary.update(result.stats.summary())
+            summary.update(evaluate_final(final, corpus, cfg, env, Path(cfg.runtime.run_dir)))
+            if corpus.entropy_floor is not None:
+                summary["data/entropy_floor"] = corpus.entropy_floor
+            summary["train/final_loss"] = result.final_loss
+        summary["mem/peak_bytes"] = max_over_ranks(peak_memory_bytes(env.device), env.device)
+        if logger is not None:
+            summary["tracking/log_overhead_s"] = logger.time_spent_s
+            logger.log(summary, cfg.trainer.max_steps)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m costlab.worker RUN_DIR/config.yaml")
+    cfg = OmegaConf.load(argv[0])
+    env = init_distributed(cfg)
+    try:
+        run(cfg, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
