@@ -143,3 +143,10 @@ def eval_batches(
     offsets = torch.arange(block_size + 1)
     windows = data[starts[:, None] + offsets].long()
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch)]
+
+
+def build_corpus(data_cfg) -> ByteCorpus:
+    """Instantiate the ``data`` group's ``_target_``."""
+    from hydra.utils import instantiate
+
+    return instantiate({k: v for k, v in data_cfg.items() if k != "name"})

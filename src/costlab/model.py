@@ -217,3 +217,10 @@ class MLPLM(nn.Module):
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def build_model(model_cfg) -> nn.Module:
+    """Instantiate the ``model`` group's ``_target_`` (its ``name`` key is for people, not the class)."""
+    from hydra.utils import instantiate
+
+    return instantiate({k: v for k, v in model_cfg.items() if k != "name"})

@@ -79,7 +79,7 @@ def default_forward_backward(
     """Forward and backward over ``grad_accum_steps`` micro-batches; returns the mean loss (detached)."""
     accum = cfg.trainer.grad_accum_steps
     total = torch.zeros((), device=x.device)
-    for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+    for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
         last = i == accum - 1
         sync_ctx = parallel.no_sync() if (parallel.no_sync is not None and not last) else nullcontext()
         with sync_ctx:

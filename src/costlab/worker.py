@@ -12,24 +12,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from costlab.data import ByteCorpus
+from costlab.data import build_corpus
 from costlab.evaluation import evaluate_final
 from costlab.metrics import max_over_ranks, peak_memory_bytes
+from costlab.model import build_model
 from costlab.parallelism import DistEnv, init_distributed, parallelize
 from costlab.tracking import MetricLogger
 from costlab.train import build_optimizer, train
-
-
-def build_corpus(cfg: DictConfig) -> ByteCorpus:
-    return instantiate({k: v for k, v in cfg.data.items() if k != "name"})
-
-
-def build_model(cfg: DictConfig) -> nn.Module:
-    return instantiate({k: v for k, v in cfg.model.items() if k != "name"})
 
 
 def seed_everything(seed: int) -> None:
@@ -39,8 +30,8 @@ def seed_everything(seed: int) -> None:
 
 def run(cfg: DictConfig, env: DistEnv) -> None:
     seed_everything(cfg.trainer.seed)
-    corpus = build_corpus(cfg)
-    model = build_model(cfg)
+    corpus = build_corpus(cfg.data)
+    model = build_model(cfg.model)
     parallel = parallelize(model, cfg, env)
     optimizer = build_optimizer(parallel.model, cfg)
     logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None

@@ -1,0 +1,103 @@
+"""Shared fixtures: a real SQLite MLflow store per test session, and ``python run.py`` as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import costlab  # noqa: F401  (registers the ${costlab.root:} resolver)
+from costlab import CONF_DIR, ROOT
+
+# A model and data small enough that a run.py job costs a few seconds on 2 cores.
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "data=synthetic",
+    "data.n_bytes=20000",
+    "trainer.max_steps=4",
+    "trainer.batch_size=8",
+    "trainer.eval_interval=0",
+    "trainer.eval_batches=2",
+    "trainer.eval_batch_size=8",
+    "trainer.infer_iters=2",
+    "trainer.timing_warmup_steps=1",
+]
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/ as run.py would, without launching anything."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One real SQLite store for the session (creating its schema takes seconds, so it is shared)."""
+    from costlab.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    experiment_id(uri, "costlab")
+    return uri
+
+
+class Cli:
+    """Runs ``python run.py ...`` in a subprocess with the test's store and output folder."""
+
+    def __init__(self, uri: str, out: Path):
+        self.uri, self.out = uri, out
+
+    def __call__(
+        self, *overrides: str, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        args = [
+            sys.executable,
+            str(ROOT / "run.py"),
+            *overrides,
+            f"tracking.uri={self.uri}",
+            f"hydra.run.dir={self.out}/run",
+            f"hydra.sweep.dir={self.out}/multirun",
+        ]
+        return subprocess.run(
+            args, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def runs(self, experiment: str = "costlab", filter_string: str = "") -> list:
+        c = self.client()
+        exp = c.get_experiment_by_name(experiment)
+        return c.search_runs([exp.experiment_id], filter_string) if exp else []
+
+    def run_by_name(self, name: str, experiment: str = "costlab"):
+        found = self.runs(experiment, f"tags.mlflow.runName = '{name}'")
+        assert len(found) == 1, f"expected one run named {name}, found {len(found)}"
+        return found[0]
+
+    def loss_curve(self, run_id: str, key: str = "train/loss") -> list[float]:
+        history = self.client().get_metric_history(run_id, key)
+        return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+@pytest.fixture
+def cli(mlflow_uri: str, tmp_path: Path) -> Cli:
+    return Cli(mlflow_uri, tmp_path)
+
+
+def has_cuda() -> bool:
+    from costlab.validate import visible_gpus
+
+    return bool(visible_gpus())
+
+
+requires_cuda = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
