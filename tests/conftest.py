@@ -57,14 +57,14 @@ class Cli:
     def __call__(
         self, *overrides: str, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess:
-        args = [
-            sys.executable,
-            str(ROOT / "run.py"),
-            *overrides,
-            f"tracking.uri={self.uri}",
-            f"hydra.run.dir={self.out}/run",
-            f"hydra.sweep.dir={self.out}/multirun",
-        ]
+        defaults = {
+            "tracking.uri": self.uri,
+            "hydra.run.dir": f"{self.out}/run",
+            "hydra.sweep.dir": f"{self.out}/multirun",
+        }
+        given = {o.split("=", 1)[0] for o in overrides}
+        args = [sys.executable, str(ROOT / "run.py"), *overrides]
+        args += [f"{k}={v}" for k, v in defaults.items() if k not in given]
         return subprocess.run(
             args, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
         )

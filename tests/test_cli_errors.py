@@ -1,0 +1,72 @@
+"""Bad input is refused by run.py before any worker starts: one line naming the key and value, exit 2."""
+
+import pytest
+
+from tests.conftest import TINY, has_cuda
+
+CASES = {
+    "unknown-option": (["parallelism=warp"], "parallelism=warp"),
+    "unknown-option-in-sweep": (["-m", "precision=fp32,fp7"], "precision=fp7"),
+    "zero-steps": (["trainer.max_steps=0"], "trainer.max_steps=0"),
+    "negative-steps": (["trainer.max_steps=-3"], "trainer.max_steps=-3"),
+    "fractional-steps": (["trainer.max_steps=2.5"], "trainer.max_steps=2.5"),
+    "zero-batch": (["trainer.batch_size=0"], "trainer.batch_size=0"),
+    "text-batch": (["trainer.batch_size=many"], "trainer.batch_size=many"),
+    "zero-lr": (["trainer.lr=0"], "trainer.lr=0"),
+    "negative-lr": (["trainer.lr=-0.001"], "trainer.lr=-0.001"),
+    "zero-procs": (["parallelism=ddp", "trainer.nproc_per_node=0"], "trainer.nproc_per_node=0"),
+    "single-with-two-procs": (["trainer.nproc_per_node=2"], "trainer.nproc_per_node=2"),
+    "heads-not-dividing-width": (["model.n_head=5"], "model.n_head=5"),
+    "batch-not-dividing-ranks": (["parallelism=ddp", "trainer.batch_size=9"], "trainer.batch_size=9"),
+    "missing-data-path": (["data=textfile", "data.path=/no/such/corpus"], "data.path=/no/such/corpus"),
+}
+
+
+def _assert_refused(proc, needle):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("costlab: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert needle in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_refused_with_one_line(cli, name):
+    overrides, needle = CASES[name]
+    before = len(cli.runs())
+    proc = cli(*overrides, timeout=120)
+    _assert_refused(proc, needle)
+    assert len(cli.runs()) == before, "no MLflow run may be opened for a refused config"
+
+
+def test_empty_and_binary_and_empty_folder_data_paths_are_refused(cli, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 100)
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    for path, why in ((empty, "empty"), (binary, "UTF-8"), (folder, "no files")):
+        proc = cli("data=textfile", f"data.path={path}", timeout=120)
+        _assert_refused(proc, f"data.path={path}")
+        assert why in proc.stderr
+
+
+@pytest.mark.skipif(has_cuda(), reason="this machine has a GPU")
+def test_cuda_device_without_a_gpu_is_refused(cli):
+    _assert_refused(cli("trainer.device=cuda", timeout=120), "trainer.device=cuda")
+
+
+def test_a_tracking_store_that_cannot_be_created_is_refused(cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    uri = f"sqlite:///{blocker}/sub/mlflow.db"
+    proc = cli(*TINY, f"tracking.uri={uri}", timeout=120)
+    _assert_refused(proc, f"tracking.uri={uri}")
+
+
+def test_a_sweep_with_a_bad_job_leaves_no_run_running(cli):
+    proc = cli("-m", *TINY, "trainer.max_steps=2,0", timeout=300)
+    _assert_refused(proc, "trainer.max_steps=0")
+    for run in cli.runs():
+        assert run.info.status != "RUNNING", run.data.tags

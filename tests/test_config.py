@@ -1,0 +1,63 @@
+"""Every option of every config group composes, and validates on this machine or is refused in one line."""
+
+import os
+
+import pytest
+from omegaconf import open_dict
+
+from costlab import CONF_DIR, ROOT
+from costlab.cli import options
+from costlab.validate import ConfigError, resolve_device, validate
+from tests.conftest import compose_config
+
+GROUPS = ["model", "data", "parallelism", "precision", "pruning", "quantization"]
+DEFAULTS = {"model": "gpt_nano", "data": "pysource", "parallelism": "single", "precision": "fp32",
+            "pruning": "none", "quantization": "none"}
+# options that only make sense with a value the user must give
+REQUIRED = {("data", "textfile"): [f"data.path={ROOT / 'pyproject.toml'}"]}
+ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def test_groups_have_the_contract_defaults():
+    cfg = compose_config()
+    for group, option in DEFAULTS.items():
+        assert cfg[group].name == option
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option_composes_and_validates_or_is_refused_in_one_line(group, option):
+    cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    assert cfg[group].name == option
+    with open_dict(cfg):
+        cfg.trainer.device = resolve_device("auto")
+    try:
+        validate(cfg)
+    except ConfigError as e:  # only for a technique this machine cannot run
+        message = str(e)
+        assert "\n" not in message and "=" in message
+        assert any(word in message for word in ("GPU", "CUDA", "rank", "process")), message
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
+def test_presets_compose_as_sweeps(preset):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={preset}"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params, "a preset sets up its own sweep"
+    assert cfg.tracking.experiment_name == preset
+
+
+def test_tracking_store_is_under_the_project_root_whatever_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config()
+    assert cfg.tracking.uri == f"sqlite:///{ROOT}/outputs/mlflow.db"
+    assert os.path.isabs(cfg.tracking.uri[len("sqlite:///"):])
+
+
+def test_every_config_file_names_itself():
+    for group in GROUPS:
+        for option in options(group):
+            text = (CONF_DIR / group / f"{option}.yaml").read_text()
+            assert f"name: {option}" in text, f"conf/{group}/{option}.yaml"

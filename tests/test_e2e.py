@@ -1,0 +1,196 @@
+"""``python run.py`` as a user runs it: real torchrun workers, real gloo collectives, a real SQLite store."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from costlab import ROOT
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.e2e
+
+CONTRACT_TAGS = ("model", "data", "parallelism", "precision", "pruning", "quantization", "world_size", "device")
+SUMMARY_METRICS = (
+    "eval/loss", "eval/perplexity", "eval/loss_uncompressed", "perf/tokens_per_s", "perf/step_time_ms_p50",
+    "mem/peak_bytes", "model/params", "model/nonzero_params", "model/sparsity", "model/size_bytes",
+    "model/size_bytes_uncompressed", "infer/tokens_per_s", "infer/latency_ms_p50", "time/total_s",
+)
+STEP_METRICS = ("train/loss", "train/lr", "train/tokens_per_s", "train/step_time_ms")
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_default_experiment_learns_and_logs_the_whole_contract(cli, tmp_path):
+    # the real default model and data, shortened: the loss must already be below the unigram entropy
+    proc = cli("trainer.max_steps=60", "trainer.eval_interval=30", "tracking.run_name=default")
+    _ok(proc)
+    run = cli.run_by_name("default")
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert {k: tags[k] for k in CONTRACT_TAGS} == {
+        "model": "gpt_nano", "data": "pysource", "parallelism": "single", "precision": "fp32",
+        "pruning": "none", "quantization": "none", "world_size": "1", "device": "cpu",
+    }
+    m = run.data.metrics
+    for key in SUMMARY_METRICS:
+        assert key in m, key
+    assert m["eval/loss"] < 3.0  # the byte-unigram entropy of the corpus is ~3.15 nats/byte
+    assert m["eval/loss"] == m["eval/loss_uncompressed"]
+    assert m["model/params"] == m["model/nonzero_params"] > 800_000 and m["model/sparsity"] == 0
+    model_file = tmp_path / "run" / "model.pt"
+    assert model_file.stat().st_size == m["model/size_bytes"]
+    assert m["mem/peak_bytes"] > m["mem/params_bytes_per_rank"] > 0
+    assert m["time/total_s"] > 0 and m["perf/tokens_per_s"] > 0 and m["infer/tokens_per_s"] > 0
+    # params: the flattened resolved config; the YAML as an artifact
+    assert run.data.params["model.n_layer"] == "4" and run.data.params["trainer.max_steps"] == "60"
+    assert "${" not in (tmp_path / "run" / "config.yaml").read_text()
+    artifacts = {a.path for a in cli.client().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "worker.log"} <= artifacts
+    # per-step metrics, one point per step
+    for key in STEP_METRICS:
+        assert len(cli.client().get_metric_history(run.info.run_id, key)) == 60, key
+    assert len(cli.loss_curve(run.info.run_id, "val/loss")) == 1
+
+
+def test_ddp_fp16_runs_on_two_ranks_with_loss_scaling(cli):
+    _ok(cli(*TINY, "parallelism=ddp", "precision=fp16", "tracking.run_name=ddp_fp16"))
+    run = cli.run_by_name("ddp_fp16")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["precision"] == "fp16"
+    assert run.data.metrics["train/loss_scale"] > 0
+    assert run.data.metrics["eval/loss"] < 6
+
+
+def test_ddp_reproduces_single_loss_curve_in_fp32(cli):
+    steps = ["trainer.max_steps=6", "trainer.log_every=1"]
+    _ok(cli(*TINY, *steps, "parallelism=single", "tracking.run_name=parity_single"))
+    _ok(cli(*TINY, *steps, "parallelism=ddp", "tracking.run_name=parity_ddp"))
+    single = cli.loss_curve(cli.run_by_name("parity_single").info.run_id)
+    ddp = cli.loss_curve(cli.run_by_name("parity_ddp").info.run_id)
+    assert len(single) == len(ddp) == 6
+    worst = max(abs(a - b) / abs(a) for a, b in zip(single, ddp, strict=True))
+    assert worst < 1e-4, (single, ddp)
+    assert single[-1] < single[0]  # and it does train
+
+
+def test_multirun_makes_one_parent_with_four_children(cli, mlflow_uri):
+    proc = cli("-m", *TINY, "parallelism=single,ddp", "precision=fp32,bf16", "tracking.experiment_name=sweep4")
+    _ok(proc)
+    db = sqlite3.connect(mlflow_uri[len("sqlite:///"):])
+    rows = db.execute(
+        "SELECT r.run_uuid, r.status, t.value FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+        "LEFT JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId' WHERE e.name = 'sweep4'"
+    ).fetchall()
+    parents = [r for r in rows if r[2] is None]
+    children = [r for r in rows if r[2] is not None]
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c[2] == parents[0][0] for c in children)
+    assert {r[1] for r in rows} == {"FINISHED"}
+    combos = {(r.data.tags["parallelism"], r.data.tags["precision"]) for r in cli.runs("sweep4") if r.data.tags.get(
+        "mlflow.parentRunId")}
+    assert combos == {("single", "fp32"), ("single", "bf16"), ("ddp", "fp32"), ("ddp", "bf16")}
+
+
+def test_preset_sets_up_its_own_sweep(cli):
+    proc = cli("+experiment=precision_study", *TINY, "parallelism=single", "precision=fp32,bf16")
+    _ok(proc)
+    runs = cli.runs("precision_study")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 3 and len(children) == 2
+    assert {r.data.tags["precision"] for r in children} == {"fp32", "bf16"}
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    pairs = [tuple(map(int, line.split())) for line in out.splitlines()]
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in pairs if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _workers(pid: int) -> list[int]:
+    procs = []
+    for child in _children(pid):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        except FileNotFoundError:
+            continue
+        if b"costlab.worker" in cmd and b"torch.distributed.run" not in cmd:
+            procs.append(child)
+    return procs
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def _start(cli, *overrides) -> subprocess.Popen:
+    args = [sys.executable, str(ROOT / "run.py"), *overrides, f"tracking.uri={cli.uri}",
+            f"hydra.run.dir={cli.out}/run"]
+    # stdout (the workers' output) is not read: a full pipe would stall the run
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        workers = _workers(proc.pid)
+        if len(workers) == n and (Path("/proc") / str(workers[0])).exists():
+            time.sleep(3)  # let them import torch and start training
+            return _workers(proc.pid)
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("workers did not start")
+
+
+def test_a_worker_crash_fails_the_run_and_keeps_the_error_tail(cli):
+    proc = _start(cli, *TINY, "parallelism=ddp", "trainer.max_steps=100000", "tracking.run_name=crash")
+    workers = _wait_for_workers(proc, 2)
+    os.kill(workers[-1], signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, 2), err[-2000:]
+    run = cli.run_by_name("crash")
+    assert run.info.status == "FAILED"
+    artifacts = {a.path for a in cli.client().list_artifacts(run.info.run_id)}
+    assert "error_tail.txt" in artifacts
+    tail = (cli.out / "run" / "error_tail.txt").read_text()
+    assert "SIGKILL" in tail or "Signal 9" in tail or "exitcode" in tail, tail
+    time.sleep(1)
+    assert _alive(workers) == [], "no worker may outlive the launcher"
+
+
+def test_ctrl_c_kills_the_workers_and_marks_the_run_killed(cli):
+    proc = _start(cli, *TINY, "parallelism=ddp", "trainer.max_steps=100000", "tracking.run_name=interrupted")
+    workers = _wait_for_workers(proc, 2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert cli.run_by_name("interrupted").info.status == "KILLED"
+    time.sleep(1)
+    assert _alive(workers) == []

@@ -1,0 +1,104 @@
+import time
+
+import pytest
+import torch
+
+from costlab.metrics import (
+    StepStats,
+    count_params,
+    inference_speed,
+    peak_memory_bytes,
+    save_model,
+    state_bytes_per_rank,
+)
+from costlab.model import GPT
+from costlab.tracking import MetricLogger, flatten
+from costlab.train import lr_at
+from tests.conftest import compose_config
+
+
+def test_step_stats_leave_out_warmup_and_count_all_ranks_tokens():
+    stats = StepStats(warmup_steps=2, tokens_per_step=1000)
+    for seconds in (9.0, 9.0, 0.1, 0.2, 0.3):
+        stats.add(seconds)
+    s = stats.summary()
+    assert s["perf/timed_steps"] == 3
+    assert s["perf/step_time_ms_p50"] == pytest.approx(200.0)
+    assert s["perf/tokens_per_s"] == pytest.approx(3000 / 0.6)
+
+
+def test_step_stats_say_nothing_when_no_step_left_warmup():
+    stats = StepStats(warmup_steps=5, tokens_per_step=10)
+    stats.add(1.0)
+    assert stats.summary() == {}
+
+
+def test_peak_rss_grows_when_memory_is_touched():
+    before = peak_memory_bytes(torch.device("cpu"))
+    block = torch.ones(64 * 1024 * 1024 // 4 + before // 4)  # more than the peak so far
+    after = peak_memory_bytes(torch.device("cpu"))
+    assert after >= before + 60 * 1024 * 1024
+    del block
+
+
+def test_state_bytes_count_params_grads_and_adam_moments():
+    model = GPT(n_layer=1, n_head=2, n_embd=32, block_size=8)
+    opt = torch.optim.AdamW(model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    model(torch.randint(0, 256, (2, 8))).sum().backward()
+    opt.step()
+    b = state_bytes_per_rank(model, opt)
+    assert b["mem/params_bytes_per_rank"] == 4 * n
+    assert b["mem/grads_bytes_per_rank"] == 4 * n
+    # exp_avg + exp_avg_sq per parameter, plus a scalar step per tensor
+    assert 8 * n <= b["mem/optimizer_bytes_per_rank"] <= 8 * n + 8 * len(list(model.parameters()))
+
+
+def test_saved_size_and_param_count(tmp_path):
+    model = GPT(n_layer=1, n_head=2, n_embd=32, block_size=8)
+    with torch.no_grad():
+        model.blocks["0"].mlp.c_fc.weight.zero_()
+    params, nonzero = count_params(model)
+    assert nonzero == params - model.blocks["0"].mlp.c_fc.weight.numel()
+    size = save_model(model, tmp_path / "m.pt")
+    assert 4 * params <= size <= 4 * params + 64 * 1024  # dense fp32 weights plus pickle framing
+
+
+def test_inference_speed_is_positive_and_consistent():
+    model = GPT(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    batch = torch.randint(0, 256, (4, 16))
+    r = inference_speed(model, batch, iters=3)
+    assert r["infer/latency_ms_p50"] > 0
+    assert r["infer/tokens_per_s"] == pytest.approx(64 / (r["infer/latency_ms_p50"] / 1000))
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cfg = compose_config(["trainer.max_steps=100", "trainer.warmup_steps=10", "trainer.lr=1e-3"])
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) < 1e-3
+    assert lr_at(100, cfg) == pytest.approx(1e-3 * cfg.trainer.min_lr_ratio)
+
+
+def test_flatten_makes_dotted_params():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+
+
+def test_metric_logger_writes_in_the_background_to_a_real_store(mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from costlab.tracking import experiment_id
+
+    client = MlflowClient(mlflow_uri)
+    run = client.create_run(experiment_id(mlflow_uri, "costlab"))
+    logger = MetricLogger(mlflow_uri, run.info.run_id, flush_every_s=0.2)
+    t0 = time.perf_counter()
+    for step in range(200):
+        logger.log({"train/loss": 1.0 / (step + 1)}, step)
+    hot_path = time.perf_counter() - t0
+    logger.close()
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == 200
+    assert sorted(m.step for m in history) == list(range(200))
+    assert logger.time_spent_s <= hot_path
+    client.set_terminated(run.info.run_id)
