@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 import costlab  # noqa: F401  (registers the ${costlab.root:} resolver)
-from costlab import CONF_DIR, ROOT
+from costlab import ROOT
+from costlab.cli import compose_config  # noqa: F401  (re-exported for the tests)
 
 # A model and data small enough that a run.py job costs a few seconds on 2 cores.
 TINY = [
@@ -30,12 +29,6 @@ TINY = [
     "trainer.infer_iters=2",
     "trainer.timing_warmup_steps=1",
 ]
-
-
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/ as run.py would, without launching anything."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+from omegaconf import DictConfig
 
 from costlab import CONF_DIR
 from costlab.validate import ConfigError
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/ as run.py does, without launching anything (tests, benchmarks, notebooks)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
 
 
 def options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:

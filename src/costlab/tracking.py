@@ -86,6 +86,7 @@ class MetricLogger:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self.time_spent_s = 0.0  # time the caller spent in log(): what logging costs the hot path
+        self.flush_time_s = 0.0  # time the background thread spent writing to the store
         self._thread = threading.Thread(target=self._loop, name="costlab-metrics", daemon=True)
         self._thread.start()
 
@@ -99,6 +100,7 @@ class MetricLogger:
     def _drain(self) -> None:
         from mlflow.entities import Metric
 
+        t0 = time.perf_counter()
         batch = []
         while True:
             try:
@@ -108,6 +110,7 @@ class MetricLogger:
             batch.append(Metric(key, value, ts, step))
         for i in range(0, len(batch), self._max_batch):
             self._client.log_batch(self._run_id, metrics=batch[i : i + self._max_batch])
+        self.flush_time_s += time.perf_counter() - t0
 
     def _loop(self) -> None:
         while not self._stop.wait(self._flush_every_s):
