@@ -61,3 +61,23 @@ def test_every_config_file_names_itself():
         for option in options(group):
             text = (CONF_DIR / group / f"{option}.yaml").read_text()
             assert f"name: {option}" in text, f"conf/{group}/{option}.yaml"
+
+
+def test_the_launcher_side_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from omegaconf import open_dict\n"
+        "import costlab.launch, costlab.cli\n"
+        "from costlab.cli import compose_config\n"
+        "from costlab.validate import validate, resolve_device\n"
+        f"cfg = compose_config(['data=textfile', 'data.path={ROOT / 'pyproject.toml'}'])\n"
+        "with open_dict(cfg):\n"
+        "    cfg.trainer.device = resolve_device('auto')\n"
+        "validate(cfg)\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from costlab.files import is_text, text_files  # noqa: F401  (part of this module's API)
+
 VAL_EVERY = 20  # one document in VAL_EVERY goes to validation (by a hash of its name)
 
 
@@ -39,24 +41,6 @@ def _split_documents(docs: list[tuple[str, bytes]], name: str) -> ByteCorpus:
         return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
 
     return ByteCorpus(train=as_tensor(train), val=as_tensor(val), name=name)
-
-
-def text_files(path: str | Path) -> list[Path]:
-    """The UTF-8 files at ``path`` (a file, or a folder searched recursively), sorted."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [f for f in files if is_text(f)]
-
-
-def is_text(path: Path, probe: int = 1 << 16) -> bool:
-    raw = path.read_bytes()[:probe]
-    if not raw or b"\x00" in raw:
-        return False
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:  # a multi-byte character cut by the probe is still text
-        return e.start >= len(raw) - 4
-    return True
 
 
 def pysource(pattern: str = "*.py") -> ByteCorpus:
