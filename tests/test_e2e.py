@@ -97,6 +97,8 @@ def test_multirun_makes_one_parent_with_four_children(cli, mlflow_uri):
     combos = {(r.data.tags["parallelism"], r.data.tags["precision"]) for r in cli.runs("sweep4") if r.data.tags.get(
         "mlflow.parentRunId")}
     assert combos == {("single", "fp32"), ("single", "bf16"), ("ddp", "fp32"), ("ddp", "bf16")}
+    names = {r.info.run_name for r in cli.runs("sweep4") if r.data.tags.get("mlflow.parentRunId")}
+    assert "gpt_nano ddp bf16 x2" in names
 
 
 def test_preset_sets_up_its_own_sweep(cli):

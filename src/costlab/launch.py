@@ -50,6 +50,13 @@ def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str
     return tags
 
 
+def default_run_name(tags: dict[str, str]) -> str:
+    """``gpt_nano single fp32 x1``, plus the compression options when there are any."""
+    parts = [tags["model"], tags["parallelism"], tags["precision"], f"x{tags['world_size']}"]
+    parts += [tags[g] for g in ("pruning", "quantization") if tags[g] != "none"]
+    return " ".join(parts)
+
+
 def run_job(cfg: DictConfig) -> str:
     """The Hydra task: one job of a run or of a sweep. Returns the MLflow run status."""
     hc = HydraConfig.get()
@@ -68,7 +75,7 @@ def run_job(cfg: DictConfig) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     tags = _tags(cfg, dict(hc.runtime.choices), world_size)
-    run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name, parent_id)
+    run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name or default_run_name(tags), parent_id)
 
     with open_dict(cfg):
         cfg.runtime = {"run_id": run_id, "run_dir": str(run_dir), "world_size": world_size}
