@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -65,14 +66,18 @@ def run_job(cfg: DictConfig) -> str:
     try:
         with open_dict(cfg):
             cfg.trainer.device = resolve_device(cfg.trainer.device)
+            from_slurm(cfg, os.environ)
         validate(cfg)
-        check_tracking(cfg)
+        if cfg.trainer.node_rank == 0:  # other nodes never touch the store
+            check_tracking(cfg)
     except ConfigError as e:
-        fail(e, parent_id, cfg.tracking.uri if parent_id else None)
+        fail(e, parent_id, cfg.tracking.uri if parent_id and cfg.trainer.node_rank == 0 else None)
 
     t0 = time.time()
     run_dir = Path(hc.runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.node_rank > 0:
+        return run_follower(cfg, run_dir)
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     tags = _tags(cfg, dict(hc.runtime.choices), world_size)
     run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name or default_run_name(tags), parent_id)
@@ -112,6 +117,67 @@ def run_job(cfg: DictConfig) -> str:
         raise KeyboardInterrupt
     print(f"costlab: run {run_id} {status} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
     return status
+
+
+def run_follower(cfg: DictConfig, run_dir: Path) -> str:
+    """A node other than node 0 of a multi-node job: start this node's torchrun and wait.
+
+    Node 0's run.py owns the MLflow run and its rank 0 logs every metric; this node opens no run,
+    logs nothing and only reports through its exit code. Its files carry the node rank, so a run
+    folder shared between nodes (SLURM on a shared file system) holds each node's config and log.
+    """
+    t0 = time.time()
+    node = cfg.trainer.node_rank
+    world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
+    with open_dict(cfg):
+        cfg.runtime = {"run_id": None, "run_dir": str(run_dir), "world_size": world_size}
+    config_path = run_dir / f"config.node{node}.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    status = "FAILED"
+    try:
+        rc = launch_torchrun(cfg, config_path, run_dir / f"worker.node{node}.log")
+        status = "FINISHED" if rc == 0 else "FAILED"
+    except KeyboardInterrupt:
+        global INTERRUPTED
+        INTERRUPTED = True
+        raise
+    finally:
+        if status != "FINISHED":
+            FAILED_JOBS.append(f"node{node}:{run_dir}")
+    print(f"costlab: node {node} {status} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
+    return status
+
+
+SLURM_PORT_BASE = 20000  # rendezvous port = base + job id mod 20000: concurrent jobs do not collide
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-004,007],cpu1" -> "gpu003"."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def from_slurm(cfg: DictConfig, env: Mapping[str, str]) -> None:
+    """Inside a SLURM allocation of several nodes, one run.py per node (Hydra's submitit launcher
+    with ``tasks_per_node=1``): take this node's rank and node 0's host from the allocation.
+
+    ``trainer.nnodes`` must still be given (it matches ``hydra.launcher.nodes``); an explicit
+    ``trainer.rdzv_endpoint`` wins over the derived one.
+    """
+    t = cfg.trainer
+    if t.nnodes <= 1 or "SLURM_JOB_ID" not in env or "SLURM_NODEID" not in env:
+        return
+    if int(env.get("SLURM_NNODES", t.nnodes)) != t.nnodes:
+        raise ConfigError("trainer.nnodes", t.nnodes, f"the SLURM allocation has {env['SLURM_NNODES']} nodes")
+    t.node_rank = int(env["SLURM_NODEID"])
+    job = env["SLURM_JOB_ID"]
+    if not t.rdzv_endpoint:
+        port = SLURM_PORT_BASE + int(job.split("_")[0]) % 20000
+        t.rdzv_endpoint = f"{first_slurm_host(env['SLURM_JOB_NODELIST'])}:{port}"
+    t.rdzv_id = f"costlab-{job}"
 
 
 def torchrun_command(cfg: DictConfig, config_path: Path) -> list[str]:

@@ -4,6 +4,7 @@ mixed precision, periodic evaluation, and per-step metrics logged from rank 0.""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -106,7 +107,10 @@ def train(
     cfg: DictConfig,
     env: DistEnv,
     logger=None,
+    step_hooks: Sequence[Callable[[int], None]] = (),
 ) -> TrainResult:
+    """``step_hooks`` run before each step with its index, and once after the last with ``max_steps``
+    (train-time compression: gradual pruning masks, QAT fake quantization)."""
     t = cfg.trainer
     device = env.device
     block = cfg.model.block_size
@@ -120,6 +124,8 @@ def train(
 
     for step in range(t.max_steps):
         t0 = now(device)
+        for hook in step_hooks:
+            hook(step)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -127,7 +133,8 @@ def train(
         loss = step_fn(parallel, x.to(device), y.to(device), cfg, scaler)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip else None
+        clip = parallel.clip_grad_norm or torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, t.grad_clip) if t.grad_clip else None
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -153,6 +160,12 @@ def train(
             if scaler is not None:
                 metrics["train/loss_scale"] = scaler.get_scale()
             logger.log(metrics, step)
+            if step % t.print_every == 0 or step == t.max_steps - 1:
+                print(
+                    f"step {step + 1}/{t.max_steps}  loss {metrics['train/loss']:.4f}  lr {lr:.2e}"
+                    f"  {metrics['train/step_time_ms']:.0f} ms  {metrics['train/tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
         if logged:
             result.final_loss = float(loss)
         if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.max_steps:
@@ -161,6 +174,9 @@ def train(
             )
             if logger is not None:
                 logger.log({"val/loss": val_loss}, step + 1)
+                print(f"step {step + 1}/{t.max_steps}  val/loss {val_loss:.4f}", flush=True)
+    for hook in step_hooks:
+        hook(t.max_steps)
     return result
 
 

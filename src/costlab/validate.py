@@ -6,6 +6,7 @@ come from ``nvidia-smi``.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -100,9 +101,11 @@ def _get(cfg: DictConfig, key: str) -> Any:
 def validate(cfg: DictConfig) -> None:
     """Every check that needs only the config and the machine, in the order a user reads the config."""
     t = cfg.trainer
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "nproc_per_node", "nnodes", "eval_batches",
+    for key in ("batch_size", "grad_accum_steps", "nproc_per_node", "nnodes", "eval_batches",
                 "eval_batch_size", "infer_batch_size", "infer_iters"):
         positive_int(cfg, f"trainer.{key}")
+    if non_negative_int(cfg, "trainer.max_steps") == 0 and not t.get("init_from"):
+        raise ConfigError("trainer.max_steps", 0, "0 is allowed only with trainer.init_from=<model file or run id>")
     for key in ("seed", "warmup_steps", "eval_interval", "timing_warmup_steps"):
         non_negative_int(cfg, f"trainer.{key}")
     positive_float(cfg, "trainer.lr")
@@ -112,6 +115,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.nnodes", t.nnodes, "several nodes need trainer.rdzv_endpoint=HOST:PORT")
 
     world = t.nnodes * t.nproc_per_node
+    _check_model(cfg)
+    _check_parallelism(cfg, world)  # the mesh must fit the world before the batch is cut along it
     dp = data_parallel_size(cfg, world)
     micro = dp * t.grad_accum_steps
     if t.batch_size % micro:
@@ -119,9 +124,7 @@ def validate(cfg: DictConfig) -> None:
             "trainer.batch_size", t.batch_size,
             f"must be divisible by data-parallel ranks x grad_accum_steps = {dp} x {t.grad_accum_steps}",
         )
-    _check_model(cfg)
     _check_data(cfg)
-    _check_parallelism(cfg, world)
     _check_precision(cfg)
     _check_compression(cfg)
 
@@ -147,7 +150,7 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_data(cfg: DictConfig) -> None:
-    from costlab.data import is_text
+    from costlab.files import is_text
 
     d = cfg.data
     if d.name == "textfile":
@@ -171,23 +174,285 @@ def _check_data(cfg: DictConfig) -> None:
             raise ConfigError("data.alphabet", d.alphabet, "must be between 2 and 256")
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+AC_MODES = ("none", "full", "selective")
+
+
+def _mlp_width(m: DictConfig) -> int:
+    """The GPT MLP's hidden width, as ``costlab.model.GPTConfig.hidden_dim`` computes it."""
+    hidden = int(m.get("mlp_ratio", 4.0) * m.n_embd)
+    return 2 * hidden // 3 if m.get("mlp", "gelu") == "swiglu" else hidden
+
+
 def _check_parallelism(cfg: DictConfig, world: int) -> None:
-    p = cfg.parallelism
-    n = cfg.trainer.nproc_per_node
+    p, t, m = cfg.parallelism, cfg.trainer, cfg.model
+    n = t.nproc_per_node
     if p.name == "single" and world != 1:
         raise ConfigError("trainer.nproc_per_node", n, "parallelism=single runs one process; use parallelism=ddp")
     if cfg.trainer.device == "cuda":
         gpus = len(visible_gpus())
         if n > gpus:
             raise ConfigError("trainer.nproc_per_node", n, f"only {gpus} GPU(s) visible; one process per GPU")
+    if non_negative_int(cfg, "trainer.node_rank") >= t.nnodes:
+        raise ConfigError("trainer.node_rank", t.node_rank, f"must be below trainer.nnodes={t.nnodes} (0-based)")
+    has_blocks = "n_head" in m  # the GPT family; model=mlp has no transformer blocks
+    if p.name in ("tp", "pp", "fsdp_tp"):
+        if world < 2:
+            raise ConfigError(
+                "parallelism", p.name, f"splits the model over ranks and needs at least 2; this run has {world} "
+                "(set trainer.nproc_per_node=2)",
+            )
+        if not has_blocks:
+            raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
+    if p.name == "tp":
+        tp = positive_int(cfg, "parallelism.tp_degree")
+        if tp != world:
+            raise ConfigError(
+                "parallelism.tp_degree", tp, f"must equal the world size {world} (trainer.nnodes x "
+                "trainer.nproc_per_node); parallelism=fsdp_tp combines tensor parallel with data parallel",
+            )
+        _check_tp_degree(cfg, tp)
+    if p.name == "fsdp_tp":
+        dp, tp = positive_int(cfg, "parallelism.dp_shard"), positive_int(cfg, "parallelism.tp_degree")
+        if dp * tp != world:
+            raise ConfigError(
+                "parallelism.dp_shard", dp,
+                f"the mesh dp_shard x tp_degree = {dp} x {tp} = {dp * tp} must equal the world size {world}",
+            )
+        _check_tp_degree(cfg, tp)
+    if p.name == "pp":
+        _check_pipeline(cfg, world)
+    mode = t.get("activation_checkpointing", "none")
+    if mode not in AC_MODES:
+        raise ConfigError("trainer.activation_checkpointing", mode, f"choose one of {', '.join(AC_MODES)}")
+    if mode != "none" and not has_blocks:
+        raise ConfigError(
+            "trainer.activation_checkpointing", mode, f"checkpoints transformer blocks; model={m.name} has none"
+        )
+    if not isinstance(t.get("compile", False), bool):
+        raise ConfigError("trainer.compile", t.compile, "must be true or false")
+
+
+def _check_tp_degree(cfg: DictConfig, tp: int) -> None:
+    """Tensor parallel splits whole heads, MLP units, vocabulary rows and position rows over ranks."""
+    m = cfg.model
+    width = _mlp_width(m)
+    splits = [
+        (m.n_head, f"model.n_head={m.n_head} (each rank takes whole heads)"),
+        (width, f"the MLP width {width} (model.mlp_ratio x model.n_embd)"),
+        (m.vocab_size, f"model.vocab_size={m.vocab_size} (the embedding is split by rows)"),
+    ]
+    if m.get("pos", "learned") == "learned":
+        splits.append((m.block_size, f"model.block_size={m.block_size} (position embedding rows)"))
+    for size, what in splits:
+        if size % tp:
+            raise ConfigError("parallelism.tp_degree", tp, f"must divide {what}")
+
+
+def _check_pipeline(cfg: DictConfig, world: int) -> None:
+    p, t, m = cfg.parallelism, cfg.trainer, cfg.model
+    pp = positive_int(cfg, "parallelism.pp_degree")
+    if pp != world:
+        raise ConfigError(
+            "parallelism.pp_degree", pp,
+            f"must equal the world size {world} (trainer.nnodes x trainer.nproc_per_node): every rank is a stage",
+        )
+    if p.schedule not in PP_SCHEDULES:
+        raise ConfigError("parallelism.schedule", p.schedule, f"choose one of {', '.join(PP_SCHEDULES)}")
+    micro = positive_int(cfg, "parallelism.microbatches")
+    per_rank = positive_int(cfg, "parallelism.stages_per_rank") if p.schedule == "interleaved_1f1b" else 1
+    stages = pp * per_rank
+    if m.n_layer % stages:
+        raise ConfigError(
+            "model.n_layer", m.n_layer, f"must split evenly into {stages} pipeline stages "
+            f"(parallelism.pp_degree={pp} x stages_per_rank={per_rank})",
+        )
+    rows = t.batch_size // t.grad_accum_steps
+    if rows % micro:
+        raise ConfigError(
+            "parallelism.microbatches", micro,
+            f"must divide the sequences of each step, trainer.batch_size / grad_accum_steps = {rows}",
+        )
+    if p.schedule != "gpipe" and micro < pp:
+        raise ConfigError(
+            "parallelism.microbatches", micro, f"{p.schedule} needs at least pp_degree={pp} micro-batches"
+        )
+    if p.schedule == "interleaved_1f1b" and micro % max(1, micro // pp):
+        raise ConfigError("parallelism.microbatches", micro, f"interleaved_1f1b needs a multiple of pp_degree={pp}")
 
 
 def _check_precision(cfg: DictConfig) -> None:
-    pass
+    pr, p, m = cfg.precision, cfg.parallelism, cfg.model
+    if pr.name == "fp8":
+        require_gpu("precision", "fp8", cfg, (8, 9), "torchao float8 training")
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("precision", "fp8", "needs torchao: pip install 'costlab[quant]'")
+        if "n_head" not in m:
+            raise ConfigError(
+                "precision", "fp8", f"converts the Linear layers of transformer blocks; model={m.name} has none"
+            )
+        tp = int(p.get("tp_degree", 1) or 1) if p.name in ("tp", "fsdp_tp") else 1
+        for what, width in (("model.n_embd", m.n_embd), ("the MLP width", _mlp_width(m))):
+            if (width // tp) % 16:
+                raise ConfigError("precision", "fp8", f"float8 matmuls need widths divisible by 16 per rank; {what} "
+                                  f"is {width} over {tp} rank(s)")
+    if pr.get("grad_scaler", False) and p.name == "pp":
+        raise ConfigError(
+            "precision", pr.name, "parallelism=pp cannot use fp16's GradScaler: each stage would skip overflowing "
+            "steps on its own and the stages would drift apart; use precision=bf16",
+        )
+
+
+TRAIN_TIME_PARALLELISM = ("single", "ddp")  # train-time compression needs every rank to hold whole weights
+GRADUAL_PRUNING = ("l1_unstructured", "random_unstructured", "ln_structured")
+GPU_QUANTIZATION = {"int4_weight_only": ((8, 0), "tinygemm int4 kernels"), "fp8": ((8, 9), "float8 tensor cores")}
 
 
 def _check_compression(cfg: DictConfig) -> None:
-    pass
+    from costlab.checkpoint import check_fits, expected_shapes, resolve_init_from
+
+    init_from = cfg.trainer.get("init_from")
+    if init_from:
+        try:
+            check_fits(resolve_init_from(init_from, cfg.tracking.uri), cfg.model)
+        except ValueError as e:
+            raise ConfigError("trainer.init_from", init_from, str(e)) from None
+    if cfg.pruning.name == "none" and cfg.quantization.name == "none":
+        return
+    _, linears = expected_shapes(cfg.model)
+    if cfg.pruning.name != "none":
+        _check_pruning(cfg, linears)
+    if cfg.quantization.name != "none":
+        _check_quantization(cfg, linears)
+
+
+def _targets(cfg: DictConfig, key: str, linears: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    from costlab.checkpoint import match_targets
+
+    value = _get(cfg, key)
+    if not (isinstance(value, str) or OmegaConf.is_list(value)) or not value:
+        raise ConfigError(key, value, "must be a glob pattern over Linear layer names, or a list of them")
+    found = match_targets(list(linears), value)
+    if not found:
+        some = ", ".join(list(linears)[:3])
+        raise ConfigError(key, value, f"matches no Linear layer of model={cfg.model.name} (it has {some}, ...)")
+    return {n: linears[n] for n in found}
+
+
+def _train_time(cfg: DictConfig, key: str, value: Any, what: str) -> None:
+    if cfg.parallelism.name not in TRAIN_TIME_PARALLELISM:
+        raise ConfigError(key, value, f"{what} runs during training, on whole weights; it supports parallelism="
+                          f"{' or '.join(TRAIN_TIME_PARALLELISM)}, not {cfg.parallelism.name}")
+
+
+def _check_pruning(cfg: DictConfig, linears: dict[str, tuple[int, int]]) -> None:
+    p, t = cfg.pruning, cfg.trainer
+    amount = p.amount
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < 1:
+        raise ConfigError("pruning.amount", amount, "must be a fraction in [0, 1)")
+    layers = _targets(cfg, "pruning.targets", linears)
+    scope = p.get("scope", "local")
+    if scope not in ("local", "global"):
+        raise ConfigError("pruning.scope", scope, "choose local or global")
+    if scope == "global" and p.name not in ("l1_unstructured", "random_unstructured"):
+        raise ConfigError("pruning.scope", scope, f"only l1_unstructured and random_unstructured rank weights "
+                          f"across layers; pruning={p.name} is local")
+    schedule = p.get("schedule", "oneshot")
+    if schedule not in ("oneshot", "gradual"):
+        raise ConfigError("pruning.schedule", schedule, "choose oneshot or gradual")
+    if schedule == "gradual":
+        if p.name not in GRADUAL_PRUNING:
+            raise ConfigError("pruning.schedule", schedule, f"gradual works with {', '.join(GRADUAL_PRUNING)}")
+        if t.max_steps == 0:
+            raise ConfigError("pruning.schedule", schedule, "prunes during training, and trainer.max_steps=0")
+        _train_time(cfg, "pruning.schedule", schedule, "gradual pruning")
+        start = non_negative_int(cfg, "pruning.start_step")
+        end = t.max_steps if p.end_step is None else non_negative_int(cfg, "pruning.end_step")
+        if not start < end <= t.max_steps:
+            raise ConfigError("pruning.end_step", p.end_step, f"need pruning.start_step={start} < end_step <= "
+                              f"trainer.max_steps={t.max_steps}")
+        positive_int(cfg, "pruning.frequency")
+    non_negative_int(cfg, "pruning.recovery_steps")
+    if p.get("recovery_lr") is not None:
+        positive_float(cfg, "pruning.recovery_lr")
+    if p.name == "ln_structured":
+        positive_float(cfg, "pruning.n")
+        if p.dim not in (0, 1):
+            raise ConfigError("pruning.dim", p.dim, "0 prunes output rows, 1 input columns")
+    elif p.name == "structured":
+        parts = list(p.parts) if OmegaConf.is_list(p.parts) else [p.parts]
+        if not parts or set(parts) - {"mlp", "attn"}:
+            raise ConfigError("pruning.parts", p.parts, "a list of mlp and/or attn")
+        mlp = any(".mlp." in n or n in ("c_fc", "c_proj") for n in layers)
+        attn = any(".attn." in n for n in layers)
+        if not (("mlp" in parts and mlp) or ("attn" in parts and attn)):
+            raise ConfigError("pruning.parts", p.parts, "none of these parts is among pruning.targets")
+    elif p.name == "semi_structured":
+        _check_two_four(cfg, layers)
+    elif p.name == "wanda":
+        n = p.get("calibration_batches")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError("pruning.calibration_batches", n, "wanda weighs weights by activations and needs "
+                              "calibration data: a positive number of training batches")
+
+
+def _check_two_four(cfg: DictConfig, layers: dict[str, tuple[int, int]]) -> None:
+    p = cfg.pruning
+    if p.amount != 0.5:
+        raise ConfigError("pruning.amount", p.amount, "semi_structured is the 2:4 pattern, so exactly 0.5")
+    for name, (_, inp) in layers.items():
+        if inp % 4:
+            raise ConfigError("pruning.targets", p.targets, f"2:4 needs input widths divisible by 4; {name} has {inp}")
+    if not isinstance(p.allow_mask_only, bool):
+        raise ConfigError("pruning.allow_mask_only", p.allow_mask_only, "must be true or false")
+    if p.allow_mask_only:
+        return
+    require_gpu("pruning", "semi_structured", cfg, (8, 0),
+                "2:4 sparse kernels; pruning.allow_mask_only=true keeps the masks without a speed-up")
+    if cfg.precision.get("autocast_dtype") not in ("float16", "bfloat16"):
+        raise ConfigError("precision", cfg.precision.name, "the 2:4 sparse kernels take fp16/bf16; use "
+                          "precision=bf16 or fp16 with pruning=semi_structured")
+    for name, (out, inp) in layers.items():
+        if out % 32 or inp % 64:
+            raise ConfigError("pruning.targets", p.targets, f"2:4 kernels need (out, in) multiples of (32, 64); "
+                              f"{name} is ({out}, {inp})")
+    if cfg.quantization.name != "none":
+        raise ConfigError("quantization", cfg.quantization.name, "does not combine with the 2:4 sparse kernels; "
+                          "use pruning.allow_mask_only=true to quantize a 2:4-masked model")
+
+
+def _check_quantization(cfg: DictConfig, linears: dict[str, tuple[int, int]]) -> None:
+    import importlib.util
+
+    q, t = cfg.quantization, cfg.trainer
+    layers = _targets(cfg, "quantization.targets", linears)
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("quantization", q.name, "needs torchao: pip install 'costlab[quant]'")
+    if q.name in GPU_QUANTIZATION:
+        capability, what = GPU_QUANTIZATION[q.name]
+        require_gpu("quantization", q.name, cfg, capability, what)
+        if cfg.precision.get("autocast_dtype") != "bfloat16":
+            raise ConfigError("precision", cfg.precision.name, f"quantization={q.name} runs bf16 kernels; "
+                              "use precision=bf16")
+    if q.name == "int4_weight_only":
+        group = q.group_size
+        if group not in (32, 64, 128, 256):
+            raise ConfigError("quantization.group_size", group, "choose 32, 64, 128 or 256")
+        for name, (_, inp) in layers.items():
+            if inp % group:
+                raise ConfigError("quantization.group_size", group, f"must divide every targeted input width; "
+                                  f"{name} has {inp}")
+    if q.name == "fp8":
+        for name, (out, inp) in layers.items():
+            if out % 16 or inp % 16:
+                raise ConfigError("quantization.targets", q.targets, f"float8 matmuls need widths divisible by 16; "
+                                  f"{name} is ({out}, {inp})")
+    if q.name == "qat_int8":
+        steps = positive_int(cfg, "quantization.qat_steps")
+        if steps > t.max_steps:
+            raise ConfigError("quantization.qat_steps", steps, f"exceeds trainer.max_steps={t.max_steps}: QAT "
+                              "fake-quantizes the last qat_steps training steps")
+        _train_time(cfg, "quantization", q.name, "quantization-aware training")
 
 
 def check_tracking(cfg: DictConfig) -> None:

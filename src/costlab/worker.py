@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from costlab import pruning, quantization
+from costlab.checkpoint import load_init
 from costlab.data import build_corpus
 from costlab.evaluation import evaluate_final
 from costlab.metrics import max_over_ranks, peak_memory_bytes
@@ -32,11 +34,15 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
     seed_everything(cfg.trainer.seed)
     corpus = build_corpus(cfg.data)
     model = build_model(cfg.model)
+    if cfg.trainer.get("init_from"):
+        load_init(model, cfg)
+    # train-time compression acts on the plain module, before any wrapper holds it
+    hooks = [h for h in (pruning.training_hook(model, cfg), quantization.training_hook(model, cfg)) if h]
     parallel = parallelize(model, cfg, env)
     optimizer = build_optimizer(parallel.model, cfg)
     logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
     try:
-        result = train(parallel, optimizer, corpus, cfg, env, logger)
+        result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks)
         summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
         final = parallel.full_model()  # collective: every rank takes part
         if env.is_main:
@@ -44,11 +50,13 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
             summary.update(evaluate_final(final, corpus, cfg, env, Path(cfg.runtime.run_dir)))
             if corpus.entropy_floor is not None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
-            summary["train/final_loss"] = result.final_loss
+            if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing
+                summary["train/final_loss"] = result.final_loss
         summary["mem/peak_bytes"] = max_over_ranks(peak_memory_bytes(env.device), env.device)
         if logger is not None:
             summary["tracking/log_overhead_s"] = logger.time_spent_s
             logger.log(summary, cfg.trainer.max_steps)
+            print("summary:\n" + "\n".join(f"  {k:<34} {v:.6g}" for k, v in sorted(summary.items())), flush=True)
     finally:
         if logger is not None:
             logger.close()
@@ -60,11 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m costlab.worker RUN_DIR/config.yaml")
     cfg = OmegaConf.load(argv[0])
     env = init_distributed(cfg)
-    try:
-        run(cfg, env)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run(cfg, env)
+    if dist.is_initialized():
+        # leave together: a gloo rank that tears down while its peer is still connected can abort
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

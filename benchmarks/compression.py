@@ -1,0 +1,155 @@
+"""How much smaller, how much faster, how much worse: every compression option that runs on this machine,
+applied to one trained gpt_micro, measured against the uncompressed model in this same process.
+
+    python benchmarks/compression.py                       # train gpt_micro briefly, then compress it
+    python benchmarks/compression.py --init-from RUN_DIR_OR_MODEL_FILE --batch 8 --iters 30
+
+Every row uses costlab's own compress step (the code a run executes). Sizes are the bytes of the saved
+state dict; speed-ups come from interleaved forward passes of the uncompressed and the compressed
+model on the same batch after warm-up (costlab.evaluation.compare_speed); loss deltas are relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from costlab import CONF_DIR  # noqa: E402
+from costlab.checkpoint import resolve_init_from  # noqa: E402
+from costlab.data import build_corpus, eval_batches  # noqa: E402
+from costlab.evaluation import compare_speed, compress, count_weights, sparse_savings  # noqa: E402
+from costlab.metrics import save_model  # noqa: E402
+from costlab.model import build_model  # noqa: E402
+from costlab.parallelism import DistEnv, Parallel  # noqa: E402
+from costlab.precision import autocast  # noqa: E402
+from costlab.quantization import strip_fake_quant, training_hook  # noqa: E402
+from costlab.train import build_optimizer, evaluate, train  # noqa: E402
+from costlab.validate import validate  # noqa: E402
+
+OPTIONS: dict[str, list[str]] = {
+    "l1_unstructured 0.5": ["pruning=l1_unstructured", "pruning.amount=0.5"],
+    "random_unstructured 0.5": ["pruning=random_unstructured", "pruning.amount=0.5"],
+    "ln_structured 0.3": ["pruning=ln_structured", "pruning.amount=0.3"],
+    "wanda 0.5": ["pruning=wanda", "pruning.amount=0.5", "pruning.calibration_batches=4"],
+    "semi_structured (mask only)": ["pruning=semi_structured", "pruning.allow_mask_only=true"],
+    "structured 0.5": ["pruning=structured", "pruning.amount=0.5"],
+    "int8_dynamic": ["quantization=int8_dynamic"],
+    "int8_weight_only": ["quantization=int8_weight_only"],
+    "qat_int8": ["quantization=qat_int8"],
+    "structured 0.5 + int8_dynamic": ["pruning=structured", "pruning.amount=0.5", "quantization=int8_dynamic"],
+    "wanda 0.5 + int8_dynamic": ["pruning=wanda", "pruning.calibration_batches=4", "quantization=int8_dynamic"],
+}
+# the goals of the compression issue, on this machine: (option, smaller at least, faster at least, loss delta at most)
+GOALS = [("int8_dynamic", 3.5, 1.5, 0.02), ("structured 0.5", 1.3, 1.3, None)]
+
+
+def config(args: argparse.Namespace, extra: list[str]):
+    overrides = [
+        "model=gpt_micro", "trainer.device=cpu", f"trainer.max_steps={args.steps}",
+        f"trainer.batch_size={args.train_batch}", f"trainer.eval_batch_size={args.eval_batch}",
+        f"trainer.eval_batches={args.eval_batches}", f"trainer.infer_batch_size={args.batch}",
+        f"quantization.qat_steps={args.qat_steps}" if "quantization=qat_int8" in extra else None, *extra,
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", [o for o in overrides if o])
+    validate(cfg)
+    return cfg
+
+
+def fit(model, corpus, cfg, env, hooks=()) -> None:
+    train(Parallel(model=model), build_optimizer(model, cfg), corpus, cfg, env, step_hooks=hooks)
+    model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--init-from", help="a saved gpt_micro (model file, run folder); default: train one here")
+    ap.add_argument("--steps", type=int, default=150, help="training steps when not --init-from")
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--qat-steps", type=int, default=20, help="fine-tuning steps with fake quantization")
+    ap.add_argument("--batch", type=int, default=8, help="inference batch (sequences of 128 bytes)")
+    ap.add_argument("--iters", type=int, default=20, help="timed forward passes per model, after 3 warm-up")
+    ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--only", nargs="*", help="a subset of the option names")
+    args = ap.parse_args()
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    base = config(args, [])
+    torch.manual_seed(base.trainer.seed)
+    corpus = build_corpus(base.data)
+    trained = build_model(base.model)
+    t0 = time.perf_counter()
+    if args.init_from:
+        trained.load_state_dict(torch.load(resolve_init_from(args.init_from, base.tracking.uri), weights_only=True))
+    else:
+        fit(trained, corpus, base, env)
+    print(f"gpt_micro, {torch.get_num_threads()} threads, {'loaded' if args.init_from else 'trained'} in "
+          f"{time.perf_counter() - t0:.0f}s; inference batch {args.batch}x{base.model.block_size}, "
+          f"{args.iters} timed passes\n", flush=True)
+    batches = eval_batches(corpus.val, base.model.block_size, args.eval_batch, args.eval_batches)
+    infer = eval_batches(corpus.val, base.model.block_size, args.batch, 1)[0][0]
+    tmp = Path(tempfile.mkdtemp(prefix="costlab-bench-"))
+    dense_size = save_model(trained, tmp / "dense" / "model.pt")
+
+    header = (f"{'option':<31}{'size MB':>8}{'smaller':>8}{'sparse':>8}{'params':>8}{'speed-up':>9}"
+              f"{'ms p50':>8}{'loss':>8}{'delta':>8}")
+    print(header + "\n" + "-" * len(header))
+    results: dict[str, tuple[float, float, float]] = {}
+    for i, (name, extra) in enumerate(OPTIONS.items()):
+        if args.only and name not in args.only:
+            continue
+        cfg = config(args, extra)
+        torch.manual_seed(cfg.trainer.seed)
+        model = copy.deepcopy(trained)
+        ref_size = dense_size
+        if cfg.quantization.name == "qat_int8":  # QAT is training: fine-tune with fake quantization first
+            qcfg = copy.deepcopy(cfg)
+            qcfg.trainer.max_steps, qcfg.trainer.warmup_steps = args.qat_steps, 0  # all steps fake-quantized
+            fit(model, corpus, qcfg, env, [training_hook(model, qcfg)])
+            strip_fake_quant(model)
+            ref_size = save_model(model, tmp / f"ref{i}" / "model.pt")
+        reference = copy.deepcopy(model).eval()  # QAT: the fine-tuned float model; otherwise the trained one
+        loss_before = evaluate(reference, batches, cfg, env.device)
+        compress(model, corpus, cfg, env.device)
+        size = save_model(model, tmp / str(i) / "model.pt")
+        sparse = size - sparse_savings(model.state_dict())
+        params = count_weights(model)[0]
+        loss = evaluate(model, batches, cfg, env.device)
+        speed = compare_speed(reference, model, infer, lambda c=cfg: autocast(c, env.device), iters=args.iters)
+        delta = (loss - loss_before) / loss_before
+        results[name] = (ref_size / size, speed["infer/speedup"], delta)
+        print(f"{name:<31}{size / 1e6:>8.2f}{ref_size / size:>7.2f}x{ref_size / sparse:>7.2f}x"
+              f"{params / 1e6:>7.2f}M{speed['infer/speedup']:>8.2f}x{speed['infer/latency_ms_p50']:>8.1f}"
+              f"{loss:>8.3f}{100 * delta:>+7.2f}%", flush=True)
+        del model, reference
+
+    print(f"\nuncompressed: {dense_size / 1e6:.2f} MB, {count_weights(trained)[0] / 1e6:.2f}M parameters. "
+          "'smaller' is the dense file ratio; 'sparse' what a values+bitmask encoding of the zeros would give.")
+    print("goals:")
+    for name, smaller, faster, worse in GOALS:
+        if name not in results:
+            continue
+        got = results[name]
+        checks = [("smaller", got[0], smaller, got[0] >= smaller), ("faster", got[1], faster, got[1] >= faster)]
+        line = ", ".join(f"{what} {value:.2f}x (goal >= {goal}x) {'met' if ok else 'MISSED'}"
+                         for what, value, goal, ok in checks)
+        if worse is not None:
+            line += f", loss delta {100 * got[2]:+.2f}% (goal <= {100 * worse:.0f}%) " + (
+                "met" if got[2] <= worse else "MISSED")
+        print(f"  {name}: {line}")
+
+
+if __name__ == "__main__":
+    main()

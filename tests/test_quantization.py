@@ -1,0 +1,161 @@
+"""Quantization with real torchao on tiny models, in process: files shrink, saved models load back with
+the same loss, QAT trains then converts, and the whole compress step measures what it claims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from costlab.data import build_corpus, eval_batches
+from costlab.evaluation import count_weights, evaluate_final, load_model, sparse_savings
+from costlab.metrics import save_model
+from costlab.model import build_model
+from costlab.parallelism import DistEnv
+from costlab.pruning import target_layers
+from costlab.quantization import apply, strip_fake_quant, training_hook
+from costlab.train import evaluate
+from costlab.validate import ConfigError, validate
+from tests.conftest import TINY, compose_config, requires_cuda
+
+CPU = [*TINY, "trainer.device=cpu"]
+ENV = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+
+
+def tiny(*overrides: str, base: list[str] = CPU):
+    cfg = compose_config([*base, *overrides])
+    validate(cfg)
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model), build_corpus(cfg.data)
+
+
+def val_loss(model: nn.Module, cfg, corpus) -> float:
+    batches = eval_batches(corpus.val, cfg.model.block_size, cfg.trainer.eval_batch_size, cfg.trainer.eval_batches)
+    return evaluate(model, batches, cfg, next(model.parameters()).device)
+
+
+@pytest.mark.parametrize("option", ["int8_dynamic", "int8_weight_only"])
+def test_quantized_file_is_smaller_and_loads_back_with_the_same_loss(option, tmp_path):
+    cfg, model, corpus = tiny(f"quantization={option}")
+    dense = save_model(model, tmp_path / "dense" / "model.pt")
+    info = apply(model, cfg)
+    assert info["quantization/layers"] == len(target_layers(model, cfg.quantization.targets)) == 12
+    assert type(model.blocks["0"].attn.c_q.weight).__module__.startswith("torchao")
+    assert model.lm_head.weight is model.wte.weight  # the head is not targeted: the tie survives
+    size = save_model(model, tmp_path / "model.pt")
+    assert size < 0.65 * dense  # the blocks' 12 matrices shrink 4x; the embeddings stay fp32
+    loss = val_loss(model, cfg, corpus)
+    loaded = load_model(cfg.model, tmp_path / "model.pt")
+    assert type(loaded.blocks["0"].attn.c_q.weight) is type(model.blocks["0"].attn.c_q.weight)
+    assert loaded.lm_head.weight is loaded.wte.weight
+    assert val_loss(loaded, cfg, corpus) == loss
+
+
+def test_qat_trains_with_fake_quant_only_for_the_last_steps_then_converts():
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    cfg, model, _ = tiny("quantization=qat_int8", "quantization.qat_steps=2", "trainer.max_steps=5")
+    params = {id(p) for p in model.parameters()}
+    hook = training_hook(model, cfg)
+    fake = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
+    assert len(fake) == 12 and {id(p) for p in model.parameters()} == params  # same weights: optimizers keep working
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        plain = model(x)
+        hook(2)
+        assert torch.equal(model(x), plain)  # switched off before the last qat_steps
+        hook(3)
+        faked = model(x)
+    assert not torch.equal(faked, plain)
+    assert strip_fake_quant(model) == 12
+    apply(model, cfg)
+    with torch.no_grad():  # the int8 kernels compute what training simulated
+        torch.testing.assert_close(model(x), faked, atol=2e-3, rtol=0)
+
+
+def test_sparse_encoding_counts_zeros_once_and_not_in_the_dense_file(tmp_path):
+    t = torch.zeros(64, 64)
+    t[:, :16] = 1.0
+    state = {"a": t, "tied": t}
+    saved = sparse_savings(state)
+    dense, sparse = 64 * 64 * 4, 64 * 16 * 4 + 64 * 64 // 8
+    assert saved == dense - sparse
+
+
+def test_count_weights_sees_through_quantized_tensors():
+    cfg, model, _ = tiny("quantization=int8_weight_only")
+    with torch.no_grad():
+        model.blocks["0"].mlp.c_fc.weight[:, :8] = 0
+    before = count_weights(model)
+    apply(model, cfg)
+    total, nonzero = count_weights(model)
+    assert total == before[0] and nonzero <= before[1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["pruning=l1_unstructured", "quantization=int8_dynamic"],
+        ["pruning=structured", "quantization=int8_weight_only"],
+        ["pruning=wanda", "pruning.calibration_batches=1", "quantization=int8_dynamic"],
+    ],
+)
+def test_prune_then_quantize_measures_and_round_trips(overrides, tmp_path):
+    cfg, model, corpus = tiny(*overrides)
+    out = evaluate_final(model, corpus, cfg, ENV, tmp_path)
+    assert out["model/size_bytes"] < out["model/size_bytes_uncompressed"]
+    assert out["model/size_bytes_sparse"] <= out["model/size_bytes"]
+    assert out["eval/loss_delta"] == pytest.approx(
+        (out["eval/loss"] - out["eval/loss_uncompressed"]) / out["eval/loss_uncompressed"])
+    assert out["infer/speedup"] == pytest.approx(out["infer/tokens_per_s"] / out["infer/tokens_per_s_uncompressed"])
+    assert (tmp_path / "uncompressed" / "model.pt").is_file()
+    loaded = load_model(cfg.model, tmp_path / "model.pt")
+    assert val_loss(loaded, cfg, corpus) == pytest.approx(out["eval/loss"], abs=1e-6)
+    if cfg.pruning.name == "structured":
+        assert out["model/params"] < out["model/params_uncompressed"]
+    else:
+        assert out["model/params"] == out["model/params_uncompressed"] and out["model/sparsity"] > 0.2
+
+
+def test_unstructured_pruning_claims_no_dense_saving(tmp_path):
+    cfg, model, corpus = tiny("pruning=l1_unstructured", "pruning.amount=0.7")
+    out = evaluate_final(model, corpus, cfg, ENV, tmp_path)
+    assert out["model/size_bytes"] == out["model/size_bytes_uncompressed"]  # zeros in a dense file cost the same
+    assert out["model/size_bytes_sparse"] < 0.75 * out["model/size_bytes"]
+
+
+@pytest.mark.parametrize("option", ["none", "int8_dynamic", "int8_weight_only", "qat_int8"])
+def test_every_cpu_option_composes_and_validates(option):
+    qat = ["quantization.qat_steps=2"] if option == "qat_int8" else []  # TINY trains 4 steps
+    validate(compose_config([*CPU, f"quantization={option}", *qat]))
+
+
+@pytest.mark.parametrize("option", ["int4_weight_only", "fp8"])
+def test_gpu_only_quantization_is_refused_on_cpu(option):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config([*CPU, f"quantization={option}"]))
+    assert e.value.key == "quantization" and "CUDA" in e.value.why
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("option", ["int8_dynamic", "int4_weight_only", "fp8", "semi_structured"])
+def test_gpu_compression_round_trip(option, tmp_path):
+    from costlab.validate import visible_gpus
+
+    need = {"fp8": (8, 9), "int4_weight_only": (8, 0), "semi_structured": (8, 0)}.get(option, (0, 0))
+    if min(g.capability for g in visible_gpus()) < need:
+        pytest.skip(f"{option} needs compute capability {need}")
+    group = "pruning" if option == "semi_structured" else "quantization"
+    gpu = ["trainer.device=cuda", "precision=bf16", "model.n_embd=128", "model.n_head=2"]
+    cfg, model, corpus = tiny(f"{group}={option}", base=[*TINY, *gpu])
+    model.cuda()
+    out = evaluate_final(model, corpus, cfg, DistEnv(0, 0, 1, 1, torch.device("cuda")), tmp_path)
+    assert out["eval/loss_delta"] < 0.05
+    assert out["infer/speedup"] > 0
+    if group == "quantization":
+        assert out["model/size_bytes"] < out["model/size_bytes_uncompressed"]
+        loaded = load_model(cfg.model, tmp_path / "model.pt", "cuda")
+        assert val_loss(loaded, cfg, corpus) == pytest.approx(out["eval/loss"], rel=1e-3)
+    else:
+        assert out["pruning/sparse_kernel_layers"] == 12
