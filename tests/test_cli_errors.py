@@ -70,3 +70,11 @@ def test_a_sweep_with_a_bad_job_leaves_no_run_running(cli):
     _assert_refused(proc, "trainer.max_steps=0")
     for run in cli.runs():
         assert run.info.status != "RUNNING", run.data.tags
+
+
+def test_a_sweep_with_an_unusable_store_is_refused_before_any_job(cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    uri = f"sqlite:///{blocker}/mlflow.db"
+    proc = cli("-m", *TINY, "precision=fp32,bf16", f"tracking.uri={uri}", timeout=120)
+    _assert_refused(proc, f"tracking.uri={uri}")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from costlab import tracking
 from costlab.validate import ConfigError, check_tracking, resolve_device, validate
 
-__all__ = ["run_job", "check_tracking", "FAILED_JOBS", "exit_code"]
+__all__ = ["run_job", "check_tracking", "ConfigError", "FAILED_JOBS", "exit_code", "fail"]
 
 FAILED_JOBS: list[str] = []  # run ids of jobs that did not finish, for the sweep's parent and exit code
 INTERRUPTED = False

@@ -138,8 +138,11 @@ class SweepParentRun(Callback):
         from costlab import launch
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            launch.check_tracking(config)
+        except launch.ConfigError as e:
+            launch.fail(e, None, None)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        launch.check_tracking(config)
         c = client(config.tracking.uri)
         run = c.create_run(
             experiment_id(config.tracking.uri, config.tracking.experiment_name),
