@@ -7,6 +7,7 @@ It reads like the flow of a run: build → parallelize → train → compress �
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
         final = parallel.full_model()  # collective: every rank takes part
         if env.is_main:
             summary.update(result.stats.summary())
+            if env.device.type == "cpu":
+                # the other ranks now only wait: the final model is measured on the node's whole CPU,
+                # so its inference figures do not depend on the world size it was trained with
+                torch.set_num_threads(os.cpu_count() or 1)
             summary.update(evaluate_final(final, corpus, cfg, env, Path(cfg.runtime.run_dir)))
             if corpus.entropy_floor is not None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
