@@ -1,5 +1,6 @@
 """``python run.py`` as a user runs it: real torchrun workers, real gloo collectives, a real SQLite store."""
 
+import math
 import os
 import signal
 import sqlite3
@@ -196,3 +197,29 @@ def test_ctrl_c_kills_the_workers_and_marks_the_run_killed(cli):
     assert cli.run_by_name("interrupted").info.status == "KILLED"
     time.sleep(1)
     assert _alive(workers) == []
+
+
+QUICK = ["model.block_size=32", "trainer.max_steps=3", "trainer.batch_size=4", "trainer.eval_interval=0",
+         "trainer.eval_batches=1", "trainer.eval_batch_size=4", "trainer.infer_iters=1",
+         "trainer.timing_warmup_steps=1"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=gpt_micro", "data=synthetic", "data.n_bytes=20000"],
+        ["model=llama_nano", "data=synthetic", "data.n_bytes=20000"],
+        ["model=mlp", "data=synthetic", "data.n_bytes=20000"],
+        ["model=gpt_nano", "data=textfile", f"data.path={ROOT / 'src'}"],
+    ],
+    ids=["gpt_micro", "llama_nano", "mlp", "textfile"],
+)
+def test_model_and_data_options_train_end_to_end(cli, overrides):
+    name = "option_" + "_".join(o.split("=")[1] for o in overrides[:2])
+    _ok(cli(*QUICK, *overrides, f"tracking.run_name={name}"))
+    run = cli.run_by_name(name)
+    assert run.info.status == "FINISHED"
+    losses = cli.loss_curve(run.info.run_id)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)  # logged every step
+    if "data=synthetic" in overrides:
+        assert run.data.metrics["data/entropy_floor"] > 0
