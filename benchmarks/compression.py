@@ -28,8 +28,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from costlab import CONF_DIR  # noqa: E402
 from costlab.checkpoint import resolve_init_from  # noqa: E402
 from costlab.data import build_corpus, eval_batches  # noqa: E402
-from costlab.evaluation import compare_speed, compress, count_weights, sparse_savings  # noqa: E402
-from costlab.metrics import save_model  # noqa: E402
+from costlab.evaluation import compare_speed, compress, sparse_savings  # noqa: E402
+from costlab.metrics import count_params, save_model  # noqa: E402
 from costlab.model import build_model  # noqa: E402
 from costlab.parallelism import DistEnv, Parallel  # noqa: E402
 from costlab.precision import autocast  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
         compress(model, corpus, cfg, env.device)
         size = save_model(model, tmp / str(i) / "model.pt")
         sparse = size - sparse_savings(model.state_dict())
-        params = count_weights(model)[0]
+        params = count_params(model)[0]
         loss = evaluate(model, batches, cfg, env.device)
         speed = compare_speed(reference, model, infer, lambda c=cfg: autocast(c, env.device), iters=args.iters)
         delta = (loss - loss_before) / loss_before
@@ -135,7 +135,7 @@ def main() -> None:
               f"{loss:>8.3f}{100 * delta:>+7.2f}%", flush=True)
         del model, reference
 
-    print(f"\nuncompressed: {dense_size / 1e6:.2f} MB, {count_weights(trained)[0] / 1e6:.2f}M parameters. "
+    print(f"\nuncompressed: {dense_size / 1e6:.2f} MB, {count_params(trained)[0] / 1e6:.2f}M parameters. "
           "'smaller' is the dense file ratio; 'sparse' what a values+bitmask encoding of the zeros would give.")
     print("goals:")
     for name, smaller, faster, worse in GOALS:

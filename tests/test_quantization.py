@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from costlab.data import build_corpus, eval_batches
-from costlab.evaluation import count_weights, evaluate_final, load_model, sparse_savings
-from costlab.metrics import save_model
+from costlab.evaluation import evaluate_final, load_model, sparse_savings
+from costlab.metrics import count_params, save_model
 from costlab.model import build_model
 from costlab.parallelism import DistEnv
 from costlab.pruning import target_layers
@@ -82,13 +82,13 @@ def test_sparse_encoding_counts_zeros_once_and_not_in_the_dense_file(tmp_path):
     assert saved == dense - sparse
 
 
-def test_count_weights_sees_through_quantized_tensors():
+def test_count_params_sees_through_quantized_tensors():
     cfg, model, _ = tiny("quantization=int8_weight_only")
     with torch.no_grad():
         model.blocks["0"].mlp.c_fc.weight[:, :8] = 0
-    before = count_weights(model)
+    before = count_params(model)
     apply(model, cfg)
-    total, nonzero = count_weights(model)
+    total, nonzero = count_params(model)
     assert total == before[0] and nonzero <= before[1]
 
 

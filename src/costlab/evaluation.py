@@ -65,7 +65,7 @@ def evaluate_final(model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, env: D
         out.update(compress(model, corpus, cfg, device))
         size = save_model(model, run_dir / FINAL)
         size_sparse = size - sparse_savings(model.state_dict())
-        params, nonzero = count_weights(model)
+        params, nonzero = count_params(model)
         if cfg.pruning.name == "semi_structured":  # 0 when only masks were asked for: no speed-up claimed
             out["pruning/sparse_kernel_layers"] = pruning.accelerate(model, cfg)
         loss = evaluate(model, batches, cfg, device)
@@ -108,22 +108,6 @@ def record_checkpoint(cfg: DictConfig, path: Path) -> None:
 
 
 # --- measurements that understand quantized and sparse weights ------------------------------------------
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A tensor subclass (torchao's quantized ones) as the dense values it stands for."""
-    if type(t) in (torch.Tensor, nn.Parameter):
-        return t.detach()
-    return t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
-
-
-def count_weights(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters) of the model as it is, quantized weights included."""
-    total = nonzero = 0
-    for p in model.parameters():
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(_plain(p)).item())
-    return total, nonzero
 
 
 def _leaves(t: torch.Tensor) -> list[torch.Tensor]:

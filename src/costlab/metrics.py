@@ -101,12 +101,19 @@ def save_model(model: nn.Module, path: Path) -> int:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters), tied weights counted once."""
+    """(parameters, non-zero parameters) of the model as it is, tied weights counted once and
+    quantized (tensor-subclass) weights counted by the dense values they stand for."""
     total = nonzero = 0
     for p in model.parameters():
         total += p.numel()
-        nonzero += int(torch.count_nonzero(p.detach()).item())
+        nonzero += int(torch.count_nonzero(_dense(p)).item())
     return total, nonzero
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    if type(t) in (torch.Tensor, nn.Parameter):
+        return t.detach()
+    return t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
 
 
 @torch.inference_mode()
