@@ -179,12 +179,6 @@ class GPT(nn.Module):
             x = self.lm_head(x)
         return x
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (6N + attention), as in the PaLM appendix / nanoGPT's estimate_mfu."""
-        cfg = self.config
-        n = sum(p.numel() for p in self.parameters())
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
 
 class MLPLM(nn.Module):
     """A Bengio-style MLP language model: the next byte from a fixed window of previous bytes.
@@ -209,14 +203,6 @@ class MLPLM(nn.Module):
         windows = x.unfold(1, self.context, 1)  # (B, T, C, context)
         windows = windows.transpose(-1, -2).flatten(2)  # (B, T, context * C), oldest byte first
         return self.lm_head(self.c_proj(F.gelu(self.c_fc(windows))))
-
-    def flops_per_token(self) -> float:
-        return 6 * sum(p.numel() for p in self.parameters())
-
-
-def count_params(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def build_model(model_cfg) -> nn.Module:

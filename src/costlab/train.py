@@ -148,9 +148,11 @@ def train(
             loss = parallel.reduce_loss(loss) if parallel.reduce_loss else _mean_over_dp(loss, parallel)
         seconds = now(device) - t0
         result.stats.add(seconds)
+        if logged and env.is_main:  # the only host read of the loss, and only on the rank that reports it
+            result.final_loss = loss.item()
         if logged and logger is not None:
             metrics = {
-                "train/loss": loss.item(),
+                "train/loss": result.final_loss,
                 "train/lr": lr,
                 "train/step_time_ms": 1000 * seconds,
                 "train/tokens_per_s": t.batch_size * block / seconds,
@@ -166,8 +168,6 @@ def train(
                     f"  {metrics['train/step_time_ms']:.0f} ms  {metrics['train/tokens_per_s']:.0f} tok/s",
                     flush=True,
                 )
-        if logged:
-            result.final_loss = float(loss)
         if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.max_steps:
             val_loss = parallel.evaluate(val) if parallel.evaluate else evaluate(
                 parallel.model, val, cfg, device, parallel.dp_rank, parallel.dp_size, parallel.dp_group

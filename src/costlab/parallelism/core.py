@@ -61,7 +61,6 @@ class Parallel:
     model: nn.Module  # the module the optimizer trains and the forward pass calls
     dp_rank: int = 0  # which slice of the global batch this rank takes
     dp_size: int = 1  # how many slices the global batch is cut into
-    has_loss: bool = True  # this rank computes the loss (false on early pipeline stages)
     dp_group: dist.ProcessGroup | None = None  # the group the logged loss is averaged over
     # gradient-sync suppression for all but the last micro-batch (DDP's no_sync)
     no_sync: Callable[[], object] | None = None

@@ -152,7 +152,6 @@ def apply_pp(model: nn.Module, cfg: DictConfig, env: DistEnv) -> Parallel:
     exclude = [parts[last].lm_head.weight] if tied and has_last else []  # counted on the first stage
     return Parallel(
         model=nn.ModuleList(parts.values()),
-        has_loss=has_last,
         forward_backward=forward_backward,
         reduce_loss=reduce_loss,
         evaluate=evaluate,
