@@ -88,7 +88,7 @@ def cli(mlflow_uri: str, tmp_path: Path) -> Cli:
 
 
 def has_cuda() -> bool:
-    from costlab.validate import visible_gpus
+    from costlab.hardware import visible_gpus
 
     return bool(visible_gpus())
 

@@ -9,8 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from costlab import CONF_DIR
+from costlab.errors import ConfigError
 from costlab.model import GPT
-from costlab.validate import ConfigError, validate
+from costlab.validate import validate
 from tests.conftest import TINY, compose_config
 
 COMPRESSION_METRICS = (

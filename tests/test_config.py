@@ -7,7 +7,9 @@ from omegaconf import open_dict
 
 from costlab import CONF_DIR, ROOT
 from costlab.cli import options
-from costlab.validate import ConfigError, resolve_device, validate
+from costlab.errors import ConfigError
+from costlab.hardware import resolve_device
+from costlab.validate import validate
 from tests.conftest import compose_config
 
 GROUPS = ["model", "data", "parallelism", "precision", "pruning", "quantization"]
@@ -63,21 +65,24 @@ def test_every_config_file_names_itself():
             assert f"name: {option}" in text, f"conf/{group}/{option}.yaml"
 
 
-def test_the_launcher_side_never_imports_torch():
+@pytest.mark.parametrize("extra", [[], ["pruning=structured", "quantization=int8_dynamic"], ["parallelism=fsdp_tp"]])
+def test_validating_a_config_never_initialises_cuda(extra):
+    """The launcher may import torch (shapes come from the meta device) but must never create a CUDA
+    context: that belongs to the workers, one per GPU."""
     import subprocess
     import sys
 
     code = (
-        "import sys\n"
         "from omegaconf import open_dict\n"
-        "import costlab.launch, costlab.cli\n"
+        "import torch\n"
         "from costlab.cli import compose_config\n"
-        "from costlab.validate import validate, resolve_device\n"
-        f"cfg = compose_config(['data=textfile', 'data.path={ROOT / 'pyproject.toml'}'])\n"
+        "from costlab.validate import validate\n"
+        "from costlab.hardware import resolve_device\n"
+        f"cfg = compose_config(['data=textfile', 'data.path={ROOT / 'pyproject.toml'}', *{extra!r}])\n"
         "with open_dict(cfg):\n"
         "    cfg.trainer.device = resolve_device('auto')\n"
         "validate(cfg)\n"
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+        "print('cuda initialised:', torch.cuda.is_initialized())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "cuda initialised: False"

@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from costlab import CONF_DIR, ROOT
+from costlab.errors import ConfigError
 from costlab.launch import first_slurm_host, from_slurm
-from costlab.validate import ConfigError
 from tests.conftest import TINY, compose_config
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from costlab.data import build_corpus, eval_batches
+from costlab.errors import ConfigError
 from costlab.evaluation import evaluate_final, load_model, sparse_savings
 from costlab.metrics import count_params, save_model
 from costlab.model import build_model
@@ -15,7 +16,7 @@ from costlab.parallelism import DistEnv
 from costlab.pruning import target_layers
 from costlab.quantization import apply, strip_fake_quant, training_hook
 from costlab.train import evaluate
-from costlab.validate import ConfigError, validate
+from costlab.validate import validate
 from tests.conftest import TINY, compose_config, requires_cuda
 
 CPU = [*TINY, "trainer.device=cpu"]
@@ -141,7 +142,7 @@ def test_gpu_only_quantization_is_refused_on_cpu(option):
 @requires_cuda
 @pytest.mark.parametrize("option", ["int8_dynamic", "int4_weight_only", "fp8", "semi_structured"])
 def test_gpu_compression_round_trip(option, tmp_path):
-    from costlab.validate import visible_gpus
+    from costlab.hardware import visible_gpus
 
     need = {"fp8": (8, 9), "int4_weight_only": (8, 0), "semi_structured": (8, 0)}.get(option, (0, 0))
     if min(g.capability for g in visible_gpus()) < need:

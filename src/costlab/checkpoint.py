@@ -1,18 +1,13 @@
 """``trainer.init_from``: find a saved model, check it fits the configured model, load it.
 
-Everything but :func:`load_init` runs in the launcher, so it never imports torch: the expected
-parameter shapes come from the model config (:func:`expected_shapes` mirrors ``model.py``; a test keeps
-the two in step), and the shapes in a checkpoint come from reading its pickle with stand-ins for
-torch's classes, so no code from the file runs.
+The launcher's checks import torch but never initialise CUDA: the expected shapes come from the model
+built on the meta device, and a checkpoint's shapes from ``torch.load(mmap=True, weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import collections
 import fnmatch
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,53 +19,18 @@ FINAL = "model.pt"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _linear(shapes: dict, name: str, out: int, inp: int, bias: bool) -> None:
-    shapes[f"{name}.weight"] = (out, inp)
-    if bias:
-        shapes[f"{name}.bias"] = (out,)
+def expected_shapes(model_cfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
+    """(state-dict key -> shape, Linear layer name -> (out, in)) of the model a ``model`` config builds,
+    read from the model itself built on the meta device: no memory, no compute, no mirror to keep in step."""
+    import torch
+    from torch import nn
 
+    from costlab.model import build_model
 
-def expected_shapes(m: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
-    """(state-dict key -> shape, Linear layer name -> (out, in)) of the model a ``model`` config builds."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    if str(m["_target_"]).endswith("MLPLM"):
-        v, c, h, ctx = m["vocab_size"], m["n_embd"], m["hidden"], m["context"]
-        shapes["wte.weight"] = (v, c)
-        _linear(shapes, "c_fc", h, ctx * c, True)
-        _linear(shapes, "c_proj", c, h, True)
-        _linear(shapes, "lm_head", v, c, True)
-        return shapes, {"c_fc": (h, ctx * c), "c_proj": (c, h), "lm_head": (v, c)}
-    v, c, bias = m["vocab_size"], m["n_embd"], bool(m.get("bias", False))
-    hidden = int(m.get("mlp_ratio", 4.0) * c)
-    swiglu = m.get("mlp", "gelu") == "swiglu"
-    if swiglu:
-        hidden = 2 * hidden // 3
-    norm_bias = bias and m.get("norm", "layernorm") == "layernorm"
-    linears: dict[str, tuple[int, int]] = {}
-
-    def norm(name: str) -> None:
-        shapes[f"{name}.weight"] = (c,)
-        if norm_bias:
-            shapes[f"{name}.bias"] = (c,)
-
-    shapes["wte.weight"] = (v, c)
-    if m.get("pos", "learned") == "learned":
-        shapes["wpe.weight"] = (m["block_size"], c)
-    for i in range(m["n_layer"]):
-        b = f"blocks.{i}"
-        norm(f"{b}.ln_1")
-        layers = {f"{b}.attn.{p}": (c, c) for p in ("c_q", "c_k", "c_v", "c_proj")}
-        norm(f"{b}.ln_2")
-        layers[f"{b}.mlp.c_fc"] = (hidden, c)
-        if swiglu:
-            layers[f"{b}.mlp.c_fc2"] = (hidden, c)
-        layers[f"{b}.mlp.c_proj"] = (c, hidden)
-        for name, (out, inp) in layers.items():
-            _linear(shapes, name, out, inp, bias)
-        linears.update(layers)
-    norm("ln_f")
-    shapes["lm_head.weight"] = (v, c)
-    linears["lm_head"] = (v, c)
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return shapes, linears
 
 
@@ -80,57 +40,22 @@ def match_targets(names: list[str], targets: Any) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, str(p)) for p in patterns)]
 
 
-# --- reading a torch.save file without torch ---------------------------------------------------------
-
-
-class _Tensor:
-    def __init__(self, shape: tuple[int, ...] | None):
-        self.shape = shape
-
-
-class _Opaque:
-    """Whatever a checkpoint builds that is not a plain tensor (a quantized tensor subclass, say)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-def _rebuild_tensor(storage, offset, size, *rest) -> _Tensor:
-    return _Tensor(tuple(int(s) for s in size))
-
-
-def _rebuild_parameter(data, *rest) -> Any:
-    return data
-
-
-class _ShapeReader(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
-            return _rebuild_parameter
-        return _Opaque  # never import what the file names
-
-    def persistent_load(self, pid: Any) -> None:
-        return None
-
-
 def read_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
-    """Key -> shape of a state dict saved by ``torch.save`` (None for a non-plain tensor)."""
+    """Key -> shape of a state dict saved by ``torch.save`` (None for a non-plain tensor such as a
+    quantized one). Memory-mapped and ``weights_only``: no tensor data is read and no code from the file runs."""
+    import torch
+
     try:
-        with zipfile.ZipFile(path) as z:
-            pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
-            state = _ShapeReader(z.open(pkl)).load()
-    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError) as e:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # not a zip, not a pickle, or a tensor type weights_only does not allow
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in why or "Unsupported global" in why:
+            raise ValueError("holds compressed (quantized) weights; start from the run's "
+                             f"{UNCOMPRESSED}") from None
         raise ValueError(f"not a torch.save state dict ({type(e).__name__})") from None
     if not isinstance(state, dict):
         raise ValueError("holds no state dict")
-    return {k: v.shape if isinstance(v, _Tensor) else None for k, v in state.items()}
+    return {k: tuple(v.shape) if type(v) in (torch.Tensor, torch.nn.Parameter) else None for k, v in state.items()}
 
 
 # --- trainer.init_from ------------------------------------------------------------------------------

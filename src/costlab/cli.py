@@ -11,7 +11,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
 from costlab import CONF_DIR
-from costlab.validate import ConfigError
+from costlab.errors import ConfigError
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:

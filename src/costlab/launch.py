@@ -21,7 +21,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from costlab import tracking
-from costlab.validate import ConfigError, check_tracking, resolve_device, validate
+from costlab.errors import ConfigError
+from costlab.hardware import resolve_device
+from costlab.validate import check_tracking, validate
 
 __all__ = ["run_job", "check_tracking", "ConfigError", "FAILED_JOBS", "exit_code", "fail"]
 

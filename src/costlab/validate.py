@@ -7,101 +7,17 @@ come from ``nvidia-smi``.
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import subprocess
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, value: Any, why: str):
-        super().__init__(f"{key}={value}: {why}")
-        self.key, self.value, self.why = key, value, why
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    capability: tuple[int, int]
-
-
-@lru_cache(maxsize=1)
-def visible_gpus() -> tuple[Gpu, ...]:
-    """The GPUs ``nvidia-smi`` reports (no CUDA context is created); empty without a driver."""
-    if shutil.which("nvidia-smi") is None:
-        return ()
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    gpus = []
-    for line in out.strip().splitlines():
-        name, _, cap = line.rpartition(",")
-        major, _, minor = cap.strip().partition(".")
-        gpus.append(Gpu(name.strip(), (int(major), int(minor or 0))))
-    return tuple(gpus)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if visible_gpus() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ConfigError("trainer.device", device, "choose auto, cpu or cuda")
-    if device == "cuda" and not visible_gpus():
-        raise ConfigError("trainer.device", device, "no CUDA GPU is visible on this machine; use trainer.device=cpu")
-    return device
-
-
-def require_gpu(key: str, value: Any, cfg: DictConfig, capability: tuple[int, int], what: str) -> None:
-    """Refuse ``key=value`` unless the run is on CUDA GPUs of at least ``capability``."""
-    gpus = visible_gpus()
-    need = f"needs a CUDA GPU with compute capability >= {capability[0]}.{capability[1]} ({what})"
-    if cfg.trainer.device != "cuda" or not gpus:
-        raise ConfigError(key, value, f"{need}; this run is on {cfg.trainer.device}")
-    weakest = min(gpus, key=lambda g: g.capability)
-    if weakest.capability < capability:
-        raise ConfigError(key, value, f"{need}; {weakest.name} is {weakest.capability[0]}.{weakest.capability[1]}")
-
-
-def positive_int(cfg: DictConfig, key: str) -> int:
-    value = value_at(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(key, value, "must be a positive integer")
-    return value
-
-
-def non_negative_int(cfg: DictConfig, key: str) -> int:
-    value = value_at(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(key, value, "must be a non-negative integer")
-    return value
-
-
-def positive_float(cfg: DictConfig, key: str) -> float:
-    value = value_at(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(key, value, "must be a positive number")
-    return float(value)
-
-
-def value_at(cfg: DictConfig, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
+from costlab.hardware import require_gpu, visible_gpus
+from costlab.validate_compression import check_compression
 
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs only the config and the machine, in the order a user reads the config."""
-    from costlab.validate_compression import check_compression  # it imports this module's helpers
-
     t = cfg.trainer
     for key in ("batch_size", "grad_accum_steps", "nproc_per_node", "nnodes", "eval_batches",
                 "eval_batch_size", "infer_batch_size", "infer_iters"):

@@ -7,7 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from costlab.validate import ConfigError, non_negative_int, positive_float, positive_int, require_gpu, value_at
+from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int, value_at
+from costlab.hardware import require_gpu
 
 TRAIN_TIME_PARALLELISM = ("single", "ddp")  # train-time compression needs every rank to hold whole weights
 GRADUAL_PRUNING = ("l1_unstructured", "random_unstructured", "ln_structured")
