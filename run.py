@@ -4,6 +4,10 @@
     python run.py parallelism=ddp precision=fp16         # 2 ranks
     python run.py -m parallelism=single,ddp precision=fp32,bf16
     python run.py +experiment=precision_study
+
+Exit codes: 0 when the job (every job of a sweep) finished, 1 when one failed, 2 when a config was
+refused, 130 on Ctrl-C. A job's or sweep's code is set by ``costlab.tracking.SweepParentRun`` from
+the jobs' own records, so it is right whichever Hydra launcher ran them.
 """
 
 import sys
@@ -13,6 +17,7 @@ from omegaconf import DictConfig
 
 from costlab import launch
 from costlab.cli import preflight
+from costlab.status import EXIT_INTERRUPTED
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -26,5 +31,4 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         print("costlab: interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(launch.exit_code())
+        sys.exit(EXIT_INTERRUPTED)

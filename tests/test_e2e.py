@@ -1,5 +1,6 @@
 """``python run.py`` as a user runs it: real torchrun workers, real gloo collectives, a real SQLite store."""
 
+import json
 import math
 import os
 import signal
@@ -95,6 +96,7 @@ def test_multirun_makes_one_parent_with_four_children(cli, mlflow_uri):
     assert len(parents) == 1 and len(children) == 4
     assert all(c[2] == parents[0][0] for c in children)
     assert {r[1] for r in rows} == {"FINISHED"}
+    assert "costlab: sweep FINISHED: 4 of 4 jobs finished" in proc.stderr
     combos = {(r.data.tags["parallelism"], r.data.tags["precision"]) for r in cli.runs("sweep4") if r.data.tags.get(
         "mlflow.parentRunId")}
     assert combos == {("single", "fp32"), ("single", "bf16"), ("ddp", "fp32"), ("ddp", "bf16")}
@@ -181,6 +183,7 @@ def test_a_worker_crash_fails_the_run_and_keeps_the_error_tail(cli):
     assert "error_tail.txt" in artifacts
     tail = (cli.out / "run" / "error_tail.txt").read_text()
     assert "SIGKILL" in tail or "Signal 9" in tail or "exitcode" in tail, tail
+    assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "FAILED"
     time.sleep(1)
     assert _alive(workers) == [], "no worker may outlive the launcher"
 
@@ -195,6 +198,7 @@ def test_ctrl_c_kills_the_workers_and_marks_the_run_killed(cli):
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert cli.run_by_name("interrupted").info.status == "KILLED"
+    assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "KILLED"
     time.sleep(1)
     assert _alive(workers) == []
 

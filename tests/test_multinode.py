@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -54,7 +55,11 @@ def test_two_nodes_on_localhost_make_one_run_owned_by_node_0(cli, tmp_path):
     # rank 0 (evaluation, the saved model) ran on node 0; node 1 kept only its config and log
     assert (tmp_path / "node0" / "model.pt").exists()
     node1 = {p.name for p in (tmp_path / "node1").iterdir()}
-    assert {"config.node1.yaml", "worker.node1.log"} <= node1 and not {"config.yaml", "model.pt"} & node1, node1
+    assert {"config.node1.yaml", "worker.node1.log", "job_status.node1"} <= node1, node1
+    assert not {"config.yaml", "model.pt", "job_status"} & node1, node1
+    # the follower opens no MLflow run: its status file is its report to a sweep's parent
+    assert json.loads((tmp_path / "node1" / "job_status.node1").read_text())["status"] == "FINISHED"
+    assert json.loads((tmp_path / "node0" / "job_status").read_text())["status"] == "FINISHED"
     assert OmegaConf.load(tmp_path / "node1" / "config.node1.yaml").runtime.run_id is None
     assert "costlab: node 1 FINISHED" in out[1][1]
 

@@ -15,36 +15,31 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from costlab import tracking
+from costlab import status, tracking
 from costlab.errors import ConfigError
 from costlab.hardware import resolve_device
-from costlab.validate import check_tracking, validate
+from costlab.tracking import check_tracking
+from costlab.validate import validate
 
-__all__ = ["run_job", "check_tracking", "ConfigError", "FAILED_JOBS", "exit_code", "fail"]
+__all__ = ["run_job", "run_follower", "fail"]
 
-FAILED_JOBS: list[str] = []  # run ids of jobs that did not finish, for the sweep's parent and exit code
-INTERRUPTED = False
 ERROR_TAIL_LINES = 80
 TERM_GRACE_S = 15.0
 
 
-def exit_code() -> int:
-    if INTERRUPTED:
-        return 130
-    return 1 if FAILED_JOBS else 0
-
-
-def fail(error: ConfigError, parent_id: str | None, uri: str | None) -> None:
-    """Refuse a config: one line, exit 2; a sweep's parent run is closed so nothing stays RUNNING."""
-    print(f"costlab: error: {error}", file=sys.stderr)
+def fail(error: ConfigError, run_dir: Path, node_rank: int, parent_id: str | None, uri: str | None) -> NoReturn:
+    """Refuse a config: one line, exit 2. The job's status file says FAILED and a sweep's parent run is
+    closed, so nothing stays RUNNING whichever process the launcher ran this job in."""
+    status.write(run_dir, status.FAILED, node_rank=node_rank, parent_run_id=parent_id)
     if parent_id and uri:
-        tracking.client(uri).set_terminated(parent_id, "FAILED")
-    raise SystemExit(2)
+        tracking.client(uri).set_terminated(parent_id, status.FAILED)
+    status.refuse(error)
 
 
 def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str, str]:
@@ -61,10 +56,16 @@ def default_run_name(tags: dict[str, str]) -> str:
 
 
 def run_job(cfg: DictConfig) -> str:
-    """The Hydra task: one job of a run or of a sweep. Returns the MLflow run status."""
+    """The Hydra task: one job of a run or of a sweep. Returns the MLflow run status.
+
+    The status is also written into the job's folder (:mod:`costlab.status`), where the sweep's parent
+    reads it back whichever process or machine the launcher ran this job on.
+    """
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     parent_id = tracking.parent_run_id(hc.sweep.dir) if multirun else None
+    run_dir = Path(hc.runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with open_dict(cfg):
             cfg.trainer.device = resolve_device(cfg.trainer.device)
@@ -73,16 +74,18 @@ def run_job(cfg: DictConfig) -> str:
         if cfg.trainer.node_rank == 0:  # other nodes never touch the store
             check_tracking(cfg)
     except ConfigError as e:
-        fail(e, parent_id, cfg.tracking.uri if parent_id and cfg.trainer.node_rank == 0 else None)
+        node = cfg.trainer.node_rank
+        fail(e, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
 
     t0 = time.time()
-    run_dir = Path(hc.runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.node_rank > 0:
-        return run_follower(cfg, run_dir)
+        return run_follower(cfg, run_dir, parent_id)
+    # written before anything can fail, so a job killed outright still leaves a trace that it did not finish
+    status.write(run_dir, status.RUNNING, node_rank=0, parent_run_id=parent_id)
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     tags = _tags(cfg, dict(hc.runtime.choices), world_size)
     run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name or default_run_name(tags), parent_id)
+    status.write(run_dir, status.RUNNING, node_rank=0, run_id=run_id, parent_run_id=parent_id)
 
     with open_dict(cfg):
         cfg.runtime = {"run_id": run_id, "run_dir": str(run_dir), "world_size": world_size}
@@ -92,41 +95,39 @@ def run_job(cfg: DictConfig) -> str:
     client.log_artifact(run_id, str(config_path))
 
     log_path = run_dir / "worker.log"
-    status = "FAILED"
+    outcome = status.FAILED
     try:
         rc = launch_torchrun(cfg, config_path, log_path)
-        status = "FINISHED" if rc == 0 else "FAILED"
+        outcome = status.FINISHED if rc == 0 else status.FAILED
     except KeyboardInterrupt:
-        status = "KILLED"
-        global INTERRUPTED
-        INTERRUPTED = True
+        outcome = status.KILLED
     finally:
         try:
             client.log_metric(run_id, "time/total_s", time.time() - t0)
             if log_path.exists():
                 client.log_artifact(run_id, str(log_path))
-            if status != "FINISHED" and log_path.exists():
+            if outcome != status.FINISHED and log_path.exists():
                 tail = run_dir / "error_tail.txt"
                 tail.write_text("".join(deque(log_path.open(errors="replace"), maxlen=ERROR_TAIL_LINES)))
                 client.log_artifact(run_id, str(tail))
         finally:
-            client.set_terminated(run_id, status)
-            if status != "FINISHED":
-                FAILED_JOBS.append(run_id)
-            if status == "KILLED" and parent_id:
-                client.set_terminated(parent_id, "KILLED")
-    if status == "KILLED":
+            client.set_terminated(run_id, outcome)
+            status.write(run_dir, outcome, node_rank=0, run_id=run_id, parent_run_id=parent_id)
+            if outcome == status.KILLED and parent_id:
+                client.set_terminated(parent_id, status.KILLED)
+    if outcome == status.KILLED:
         raise KeyboardInterrupt
-    print(f"costlab: run {run_id} {status} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
-    return status
+    print(f"costlab: run {run_id} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
+    return outcome
 
 
-def run_follower(cfg: DictConfig, run_dir: Path) -> str:
+def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:
     """A node other than node 0 of a multi-node job: start this node's torchrun and wait.
 
     Node 0's run.py owns the MLflow run and its rank 0 logs every metric; this node opens no run,
-    logs nothing and only reports through its exit code. Its files carry the node rank, so a run
-    folder shared between nodes (SLURM on a shared file system) holds each node's config and log.
+    logs nothing and reports only through its status file and exit code. Its files carry the node
+    rank, so a run folder shared between nodes (SLURM on a shared file system) holds each node's
+    config, log and status.
     """
     t0 = time.time()
     node = cfg.trainer.node_rank
@@ -135,19 +136,18 @@ def run_follower(cfg: DictConfig, run_dir: Path) -> str:
         cfg.runtime = {"run_id": None, "run_dir": str(run_dir), "world_size": world_size}
     config_path = run_dir / f"config.node{node}.yaml"
     config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    status = "FAILED"
+    status.write(run_dir, status.RUNNING, node_rank=node, parent_run_id=parent_id)
+    outcome = status.FAILED
     try:
         rc = launch_torchrun(cfg, config_path, run_dir / f"worker.node{node}.log")
-        status = "FINISHED" if rc == 0 else "FAILED"
+        outcome = status.FINISHED if rc == 0 else status.FAILED
     except KeyboardInterrupt:
-        global INTERRUPTED
-        INTERRUPTED = True
+        outcome = status.KILLED
         raise
     finally:
-        if status != "FINISHED":
-            FAILED_JOBS.append(f"node{node}:{run_dir}")
-    print(f"costlab: node {node} {status} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
-    return status
+        status.write(run_dir, outcome, node_rank=node, parent_run_id=parent_id)
+    print(f"costlab: node {node} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
+    return outcome
 
 
 SLURM_PORT_BASE = 20000  # rendezvous port = base + job id mod 20000: concurrent jobs do not collide

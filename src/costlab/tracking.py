@@ -8,19 +8,28 @@ so the training loop never waits on the database.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from costlab import status
+from costlab.errors import ConfigError
+
+if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to import
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 PARENT_ID_FILE = "parent_run_id"
 CONTRACT_TAGS = ("model", "data", "parallelism", "precision", "pruning", "quantization")
 
 
-def client(uri: str):
+def client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -128,20 +137,21 @@ class MetricLogger:
 
 
 class SweepParentRun(Callback):
-    """Opens one parent run per multirun; every job of the sweep becomes its child.
+    """Opens one parent run per multirun, every job of the sweep its child, and closes it with the
+    verdict of its jobs; that verdict, or a single job's status, also becomes ``run.py``'s exit code.
 
-    The parent's id is written into the sweep folder, where jobs (in this process or on another
-    machine with a remote launcher) find it. The parent ends FAILED if any child failed.
+    The parent's id is written into the sweep folder, where jobs (in this process, in a joblib worker,
+    or on another machine with a remote launcher) find it. The jobs' statuses are read back from the
+    MLflow children of the parent and from the status files the jobs wrote (:mod:`costlab.status`),
+    never from this process's memory, so the verdict is the same under every launcher.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from costlab import launch
-
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            launch.check_tracking(config)
-        except launch.ConfigError as e:
-            launch.fail(e, None, None)
+            check_tracking(config)
+        except ConfigError as e:
+            status.refuse(e)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         c = client(config.tracking.uri)
         run = c.create_run(
@@ -153,12 +163,71 @@ class SweepParentRun(Callback):
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from costlab import launch
+        sweep_dir = Path(config.hydra.sweep.dir)
+        parent_id = parent_run_id(str(sweep_dir))
+        if parent_id is None:
+            return
+        c = client(config.tracking.uri)
+        jobs = sweep_outcome(c, parent_id, sweep_dir)
+        verdict = status.worst(jobs.values())
+        c.set_terminated(parent_id, verdict)
+        failed = sum(s != status.FINISHED for s in jobs.values())
+        print(f"costlab: sweep {verdict}: {len(jobs) - failed} of {len(jobs)} jobs finished ({sweep_dir})",
+              file=sys.stderr)
+        if verdict != status.FINISHED:
+            # Hydra swallows exceptions from callbacks but lets SystemExit through. This callback is
+            # listed first, and Hydra calls on_multirun_end in reverse order, so it runs last.
+            raise SystemExit(status.exit_code(verdict))
 
-        path = Path(config.hydra.sweep.dir) / PARENT_ID_FILE
-        if path.exists():
-            status = "FAILED" if launch.FAILED_JOBS else "FINISHED"
-            client(config.tracking.uri).set_terminated(path.read_text().strip(), status)
+    def on_run_end(self, config: DictConfig, job_return: JobReturn | None = None, **kwargs: Any) -> None:
+        # A job that raised is reported by Hydra itself; one that returned a status other than
+        # FINISHED (its workers failed) must still end run.py with a non-zero code.
+        if job_return is not None and job_return.status == JobStatus.COMPLETED:
+            if job_return.return_value != status.FINISHED:
+                raise SystemExit(status.exit_code(str(job_return.return_value)))
+
+
+def child_runs(c: MlflowClient, parent_id: str) -> list[Run]:
+    """Every MLflow run whose ``mlflow.parentRunId`` is ``parent_id``, in the parent's experiment."""
+    experiment = c.get_run(parent_id).info.experiment_id
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = c.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'", page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def sweep_outcome(c: MlflowClient, parent_id: str, sweep_dir: Path) -> dict[str, str]:
+    """The status of each job of a finished sweep, keyed by run id (or, for a follower node, status file).
+
+    A child still RUNNING once every job has returned lost its owner (killed outright, say): it is
+    closed FAILED here, so no run stays RUNNING. A status file still RUNNING counts as FAILED too.
+    """
+    jobs: dict[str, str] = {}
+    for run in child_runs(c, parent_id):
+        if run.info.status == status.RUNNING:
+            c.set_terminated(run.info.run_id, status.FAILED)
+            jobs[run.info.run_id] = status.FAILED
+        else:
+            jobs[run.info.run_id] = run.info.status
+    for record in status.sweep_records(sweep_dir, parent_id):
+        key = record.run_id if record.node_rank == 0 and record.run_id else str(record.path)
+        jobs[key] = status.worst([jobs.get(key, status.FINISHED), record.status])
+    return jobs
+
+
+def check_tracking(cfg: DictConfig) -> None:
+    """The tracking store must exist or be creatable; otherwise refuse before anything starts."""
+    uri = str(cfg.tracking.uri)
+    try:
+        prepare_store(uri)
+        experiment_id(uri, cfg.tracking.experiment_name)
+    except Exception as e:  # any failure to reach or create the store is the user's tracking.uri
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("tracking.uri", uri, f"cannot open or create the tracking store ({why})") from None
 
 
 def parent_run_id(sweep_dir: str) -> str | None:

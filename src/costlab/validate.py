@@ -219,16 +219,3 @@ def _check_precision(cfg: DictConfig) -> None:
             "precision", pr.name, "parallelism=pp cannot use fp16's GradScaler: each stage would skip overflowing "
             "steps on its own and the stages would drift apart; use precision=bf16",
         )
-
-
-def check_tracking(cfg: DictConfig) -> None:
-    """The tracking store must exist or be creatable; otherwise refuse before anything starts."""
-    from costlab.tracking import experiment_id, prepare_store
-
-    uri = str(cfg.tracking.uri)
-    try:
-        prepare_store(uri)
-        experiment_id(uri, cfg.tracking.experiment_name)
-    except Exception as e:  # any failure to reach or create the store is the user's tracking.uri
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("tracking.uri", uri, f"cannot open or create the tracking store ({why})") from None
