@@ -33,7 +33,7 @@ from costlab.metrics import count_params, save_model  # noqa: E402
 from costlab.model import build_model  # noqa: E402
 from costlab.parallelism import DistEnv, Parallel  # noqa: E402
 from costlab.precision import autocast  # noqa: E402
-from costlab.quantization import strip_fake_quant, training_hook  # noqa: E402
+from costlab.quantization import build_quantization  # noqa: E402
 from costlab.train import build_optimizer, evaluate, train  # noqa: E402
 from costlab.validate import validate  # noqa: E402
 
@@ -114,11 +114,13 @@ def main() -> None:
         torch.manual_seed(cfg.trainer.seed)
         model = copy.deepcopy(trained)
         ref_size = dense_size
-        if cfg.quantization.name == "qat_int8":  # QAT is training: fine-tune with fake quantization first
-            qcfg = copy.deepcopy(cfg)
-            qcfg.trainer.max_steps, qcfg.trainer.warmup_steps = args.qat_steps, 0  # all steps fake-quantized
-            fit(model, corpus, qcfg, env, [training_hook(model, qcfg)])
-            strip_fake_quant(model)
+        quant = build_quantization(cfg)
+        qcfg = copy.deepcopy(cfg)
+        qcfg.trainer.max_steps, qcfg.trainer.warmup_steps = args.qat_steps, 0  # all steps fake-quantized
+        hook = quant.training_hook(model, qcfg)
+        if hook is not None:  # QAT is training: fine-tune with fake quantization first
+            fit(model, corpus, qcfg, env, [hook])
+            quant.reference(model)
             ref_size = save_model(model, tmp / f"ref{i}" / "model.pt")
         reference = copy.deepcopy(model).eval()  # QAT: the fine-tuned float model; otherwise the trained one
         loss_before = evaluate(reference, batches, cfg, env.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 from costlab import CONF_DIR
 from costlab.errors import ConfigError
@@ -58,8 +59,11 @@ def test_bad_compression_input_is_refused_before_any_worker(cli, overrides, key)
         (["quantization=qat_int8", "quantization.qat_steps=99"], "quantization.qat_steps"),
         (["quantization=qat_int8", "quantization.qat_steps=2", "parallelism=fsdp", "trainer.nproc_per_node=2"],
          "quantization"),
-        (["pruning=ln_structured", "pruning.scope=global"], "pruning.scope"),
-        (["pruning=structured", "pruning.schedule=gradual"], "pruning.schedule"),
+        # ln_structured ranks rows per layer and structured prunes after training: neither option has the key
+        (["pruning=ln_structured", "+pruning.scope=global"], "pruning.scope"),
+        (["pruning=structured", "+pruning.schedule=gradual"], "pruning.schedule"),
+        (["pruning=l1_unstructured", "pruning.scope=everywhere"], "pruning.scope"),
+        (["pruning=random_unstructured", "pruning.schedule=sometimes"], "pruning.schedule"),
         (["pruning=l1_unstructured", "pruning.schedule=gradual", "pruning.end_step=99"], "pruning.end_step"),
         (["pruning=structured", "pruning.parts=[ffn]"], "pruning.parts"),
         (["pruning=semi_structured", "pruning.amount=0.3", "pruning.allow_mask_only=true"], "pruning.amount"),
@@ -70,6 +74,16 @@ def test_more_bad_compression_input_in_process(overrides, key):
     with pytest.raises(ConfigError) as e:
         validate(compose_config([*TINY, "trainer.device=cpu", *overrides]))
     assert e.value.key == key
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["pruning=ln_structured", "pruning.scope=global"], ["pruning=structured", "pruning.schedule=gradual"],
+     ["pruning=wanda", "pruning.scope=local"], ["quantization=int8_dynamic", "quantization.qat_steps=2"]],
+)
+def test_a_key_the_option_does_not_have_is_refused_when_composing(overrides):
+    with pytest.raises(ConfigCompositionException, match=overrides[1].split("=")[0]):
+        compose_config([*TINY, "trainer.device=cpu", *overrides])
 
 
 @pytest.mark.e2e

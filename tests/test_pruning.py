@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import open_dict
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 
+from costlab import pruning
 from costlab.checkpoint import expected_shapes
 from costlab.cli import options
+from costlab.compression import target_layers
 from costlab.data import build_corpus
 from costlab.errors import ConfigError
 from costlab.model import build_model
-from costlab.pruning import (
-    apply,
-    cubic_sparsity,
-    mask_structured,
-    plan_structured,
-    shrink,
-    target_layers,
-    training_hook,
-    two_four_mask,
-    wanda_masks,
-)
+from costlab.pruning import Pruning, build_pruning
+from costlab.pruning.semi_structured import two_four_mask
+from costlab.pruning.structured import mask_structured, plan_structured, shrink
+from costlab.pruning.unstructured import cubic_sparsity
+from costlab.pruning.wanda import wanda_masks
 from costlab.validate import validate
 from tests.conftest import TINY, compose_config
 
@@ -39,6 +37,14 @@ def tiny(*overrides: str):
     validate(cfg)
     torch.manual_seed(0)
     return cfg, build_model(cfg.model), build_corpus(cfg.data)
+
+
+def apply(model: nn.Module, corpus, cfg) -> dict[str, float]:
+    return build_pruning(cfg).apply(model, corpus, cfg, torch.device("cpu"))
+
+
+def training_hook(model: nn.Module, cfg):
+    return build_pruning(cfg).training_hook(model, cfg)
 
 
 def sparsity(layers: dict[str, nn.Linear]) -> float:
@@ -79,7 +85,7 @@ def test_default_targets_are_the_blocks_linear_layers_only():
 def test_sparsity_made_is_the_amount_asked_and_permanent(overrides, tol):
     cfg, model, corpus = tiny(*overrides)
     head = model.lm_head.weight.detach().clone()
-    info = apply(model, corpus, cfg, torch.device("cpu"))
+    info = apply(model, corpus, cfg)
     layers = target_layers(model, cfg.pruning.targets)
     assert sparsity(layers) == pytest.approx(cfg.pruning.amount, abs=tol)
     assert info["pruning/target_sparsity"] == pytest.approx(sparsity(layers))
@@ -89,7 +95,7 @@ def test_sparsity_made_is_the_amount_asked_and_permanent(overrides, tol):
 
 def test_ln_structured_zeroes_whole_rows():
     cfg, model, corpus = tiny("pruning=ln_structured", "pruning.amount=0.5")
-    apply(model, corpus, cfg, torch.device("cpu"))
+    apply(model, corpus, cfg)
     for m in target_layers(model, cfg.pruning.targets).values():
         rows = (m.weight != 0).any(dim=1)
         assert int((~rows).sum()) == round(0.5 * m.out_features)
@@ -139,7 +145,7 @@ def test_structured_shrinks_and_matches_the_masked_model(overrides):
 def test_structured_removes_the_amount_of_targeted_parameters():
     cfg, model, corpus = tiny("pruning=structured", "pruning.amount=0.5")
     before = sum(m.weight.numel() for m in target_layers(model, cfg.pruning.targets).values())
-    info = apply(model, corpus, cfg, torch.device("cpu"))
+    info = apply(model, corpus, cfg)
     after = sum(m.weight.numel() for m in target_layers(model, cfg.pruning.targets).values())
     assert 1 - after / before == pytest.approx(0.5, abs=1e-6) == pytest.approx(info["pruning/target_sparsity"])
     assert model.blocks["0"].attn.c_q.out_features == cfg.model.n_embd // 2  # one of two heads left
@@ -149,7 +155,7 @@ def test_structured_removes_the_amount_of_targeted_parameters():
 def test_recovery_changes_weights_but_keeps_the_masks():
     cfg, model, corpus = tiny("pruning=l1_unstructured", "pruning.amount=0.5", "pruning.recovery_steps=3")
     start = {n: m.weight.detach().clone() for n, m in target_layers(model, cfg.pruning.targets).items()}
-    info = apply(model, corpus, cfg, torch.device("cpu"))
+    info = apply(model, corpus, cfg)
     layers = target_layers(model, cfg.pruning.targets)
     assert sparsity(layers) == pytest.approx(0.5, abs=1e-3)
     assert info["pruning/recovery_final_loss"] > 0
@@ -193,7 +199,7 @@ def test_gradual_then_oneshot_finish_keeps_the_trained_zeros():
     hook = training_hook(model, cfg)
     for step in range(5):
         hook(step)
-    apply(model, corpus, cfg, torch.device("cpu"))
+    apply(model, corpus, cfg)
     assert sparsity(target_layers(model, cfg.pruning.targets)) == pytest.approx(0.4, abs=1e-3)
 
 
@@ -213,7 +219,7 @@ def test_semi_structured_needs_cuda_or_mask_only():
 
 def test_targets_may_be_narrowed():
     cfg, model, corpus = tiny("pruning=l1_unstructured", "pruning.targets=[blocks.0.mlp.*]")
-    apply(model, corpus, cfg, torch.device("cpu"))
+    apply(model, corpus, cfg)
     assert sparsity({"a": model.blocks["0"].mlp.c_fc}) == pytest.approx(0.5, abs=1e-3)
     assert sparsity({"a": model.blocks["1"].mlp.c_fc}) == 0
     with open_dict(cfg):
@@ -221,3 +227,46 @@ def test_targets_may_be_narrowed():
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert e.value.key == "pruning.targets"
+
+
+@pytest.mark.parametrize("option", options("pruning"))
+def test_every_option_yaml_instantiates_its_class_whose_arguments_are_the_keys(option):
+    node = compose_config([f"pruning={option}"]).pruning
+    made = instantiate(node)
+    assert isinstance(made, Pruning) and type(made).__module__.startswith("costlab.pruning.")
+    assert made.active == (option != "none")
+    keys = OmegaConf.to_object(node)
+    for key in set(keys) - {"_target_"}:  # every key reaches the object, with the yaml's value
+        value = getattr(made, key)
+        assert keys[key] == (OmegaConf.to_object(value) if OmegaConf.is_config(value) else value), key
+
+
+@pytest.mark.parametrize("option", ["wanda", "ln_structured", "structured", "semi_structured"])
+def test_scope_is_a_key_only_where_it_means_something(option):
+    """Only l1_unstructured and random_unstructured rank weights across layers; elsewhere ``scope`` is no key,
+    so setting it is refused (by Hydra when overridden, by the launcher when appended with ``+``)."""
+    assert "scope" not in compose_config([f"pruning={option}"]).pruning
+    with pytest.raises(ConfigCompositionException, match="scope"):
+        compose_config([*CPU, f"pruning={option}", "pruning.scope=local"])
+    extra = ["pruning.allow_mask_only=true"] if option == "semi_structured" else []
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config([*CPU, f"pruning={option}", "+pruning.scope=global", *extra]))
+    assert e.value.key == "pruning.scope" and f"not a key of pruning={option}" in e.value.why
+
+
+def test_global_scope_ranks_weights_across_layers():
+    cfg, model, corpus = tiny("pruning=l1_unstructured", "pruning.amount=0.6", "pruning.scope=global")
+    apply(model, corpus, cfg)
+    layers = target_layers(model, cfg.pruning.targets)
+    assert sparsity(layers) == pytest.approx(0.6, abs=1e-3)
+    per_layer = [sparsity({n: m}) for n, m in layers.items()]
+    assert max(per_layer) - min(per_layer) > 0.05  # layers of different scales lose different shares
+
+
+def test_compatibility_wrappers_call_the_option():
+    cfg, model, corpus = tiny("pruning=semi_structured", "pruning.allow_mask_only=true")
+    assert pruning.is_active(cfg) and not pruning.is_active(compose_config(CPU))
+    assert pruning.training_hook(model, cfg) is None
+    assert set(pruning.target_layers(model, cfg.pruning.targets)) == set(target_layers(model, cfg.pruning.targets))
+    assert pruning.apply(model, corpus, cfg, torch.device("cpu"))["pruning/target_sparsity"] == 0.5
+    assert pruning.accelerate(model, cfg) == 0  # masks only: no sparse kernels, no speed-up claimed

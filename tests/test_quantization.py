@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
+from costlab import quantization
+from costlab.cli import options
+from costlab.compression import target_layers
 from costlab.data import build_corpus, eval_batches
 from costlab.errors import ConfigError
 from costlab.evaluation import evaluate_final, load_model, sparse_savings
 from costlab.metrics import count_params, save_model
 from costlab.model import build_model
 from costlab.parallelism import DistEnv
-from costlab.pruning import target_layers
-from costlab.quantization import apply, strip_fake_quant, training_hook
+from costlab.quantization import Quantization, build_quantization
 from costlab.train import evaluate
 from costlab.validate import validate
 from tests.conftest import TINY, compose_config, requires_cuda
@@ -28,6 +32,10 @@ def tiny(*overrides: str, base: list[str] = CPU):
     validate(cfg)
     torch.manual_seed(0)
     return cfg, build_model(cfg.model), build_corpus(cfg.data)
+
+
+def apply(model: nn.Module, cfg) -> dict[str, float]:
+    return build_quantization(cfg).apply(model, cfg)
 
 
 def val_loss(model: nn.Module, cfg, corpus) -> float:
@@ -57,7 +65,7 @@ def test_qat_trains_with_fake_quant_only_for_the_last_steps_then_converts():
 
     cfg, model, _ = tiny("quantization=qat_int8", "quantization.qat_steps=2", "trainer.max_steps=5")
     params = {id(p) for p in model.parameters()}
-    hook = training_hook(model, cfg)
+    hook = build_quantization(cfg).training_hook(model, cfg)
     fake = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
     assert len(fake) == 12 and {id(p) for p in model.parameters()} == params  # same weights: optimizers keep working
     x = torch.randint(0, 256, (2, 16))
@@ -68,7 +76,7 @@ def test_qat_trains_with_fake_quant_only_for_the_last_steps_then_converts():
         hook(3)
         faked = model(x)
     assert not torch.equal(faked, plain)
-    assert strip_fake_quant(model) == 12
+    assert quantization.strip_fake_quant(model) == 12
     apply(model, cfg)
     with torch.no_grad():  # the int8 kernels compute what training simulated
         torch.testing.assert_close(model(x), faked, atol=2e-3, rtol=0)
@@ -160,3 +168,33 @@ def test_gpu_compression_round_trip(option, tmp_path):
         assert val_loss(loaded, cfg, corpus) == pytest.approx(out["eval/loss"], rel=1e-3)
     else:
         assert out["pruning/sparse_kernel_layers"] == 12
+
+
+@pytest.mark.parametrize("option", options("quantization"))
+def test_every_option_yaml_instantiates_its_class_whose_arguments_are_the_keys(option):
+    node = compose_config([f"quantization={option}"]).quantization
+    made = instantiate(node)
+    assert isinstance(made, Quantization) and type(made).__module__.startswith("costlab.quantization.")
+    assert made.active == (option != "none")
+    keys = OmegaConf.to_object(node)
+    for key in set(keys) - {"_target_"}:  # every key reaches the object, with the yaml's value
+        value = getattr(made, key)
+        assert keys[key] == (OmegaConf.to_object(value) if OmegaConf.is_config(value) else value), key
+
+
+def test_qat_reference_strips_fake_quant_and_reports_the_steps():
+    cfg, model, _ = tiny("quantization=qat_int8", "quantization.qat_steps=2")
+    qat = build_quantization(cfg)
+    qat.training_hook(model, cfg)
+    assert qat.reference(model) == {"quantization/qat_steps": 2}
+    assert sum(type(m) is nn.Linear for m in model.modules()) == 12 + 1  # the blocks' layers and lm_head
+    assert qat.reference(model) == {}  # nothing left to strip
+    assert build_quantization(compose_config([*CPU, "quantization=int8_dynamic"])).reference(model) == {}
+
+
+def test_compatibility_wrappers_call_the_option():
+    cfg, model, _ = tiny("quantization=int8_weight_only")
+    assert quantization.is_active(cfg) and not quantization.is_active(compose_config(CPU))
+    assert quantization.training_hook(model, cfg) is None
+    assert quantization.strip_fake_quant(model) == 0
+    assert quantization.apply(model, cfg) == {"quantization/layers": 12}

@@ -1,0 +1,150 @@
+"""``pruning=structured``: physically remove the least important MLP hidden neurons and attention heads, so
+the result is a smaller dense model whose parameter count, file size and inference time really drop.
+
+Importance is the magnitude of the unit's path through the layer: ‖row of c_fc‖·‖column of c_proj‖ for a
+neuron (times ‖row of c_fc2‖ for SwiGLU), ‖V rows‖·‖output columns‖ for a head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from costlab.data import ByteCorpus
+from costlab.errors import ConfigError
+from costlab.pruning.base import DEFAULT_TARGETS, TargetedPruning
+
+PARTS = ("mlp", "attn")
+
+
+class Structured(TargetedPruning):
+    def __init__(self, name: str, amount: float = 0.5, parts: Any = PARTS, targets: Any = DEFAULT_TARGETS,
+                 recovery_steps: int = 0, recovery_lr: float | None = None):
+        super().__init__(name, amount, targets, recovery_steps, recovery_lr)
+        self.parts = parts
+
+    def check(self, cfg: DictConfig, linears: dict[str, tuple[int, int]]) -> None:
+        super().check(cfg, linears)
+        layers = self.targeted(cfg, linears)
+        listed = OmegaConf.is_list(self.parts) or isinstance(self.parts, (list, tuple))
+        parts = list(self.parts) if listed else [self.parts]
+        if not parts or set(parts) - set(PARTS):
+            raise ConfigError("pruning.parts", self.parts, "a list of mlp and/or attn")
+        mlp = any(".mlp." in n or n in ("c_fc", "c_proj") for n in layers)
+        attn = any(".attn." in n for n in layers)
+        if not (("mlp" in parts and mlp) or ("attn" in parts and attn)):
+            raise ConfigError("pruning.parts", self.parts, "none of these parts is among pruning.targets")
+
+    def apply(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+        layers = self.layers(model)
+        before = sum(m.weight.numel() for m in layers.values())
+        torch.manual_seed(cfg.trainer.seed)
+        shrink(model, plan_structured(model, layers, float(self.amount), self.parts))
+        after = sum(m.weight.numel() for m in self.layers(model).values())
+        out = self.recover(model, corpus, cfg, device)
+        out["pruning/target_sparsity"] = 1 - after / before  # removed, not zeroed
+        return out
+
+
+def _mlps(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
+    """Modules with a ``c_fc`` → ``c_proj`` hidden layer (a GPT block's MLP, or the mlp model itself)."""
+    out = {}
+    for n, m in model.named_modules():
+        pre = f"{n}." if n else ""
+        if isinstance(getattr(m, "c_fc", None), nn.Linear) and isinstance(getattr(m, "c_proj", None), nn.Linear):
+            if any(f"{pre}{c}" in names for c in ("c_fc", "c_fc2", "c_proj")):
+                out[n] = m
+    return out
+
+
+def _attentions(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "c_q", None), nn.Linear) and hasattr(m, "head_dim"):
+            if any(f"{n}.{c}" in names for c in ("c_q", "c_k", "c_v", "c_proj")):
+                out[n] = m
+    return out
+
+
+def _keep(scores: torch.Tensor, amount: float) -> torch.Tensor:
+    n_keep = max(1, scores.numel() - round(amount * scores.numel()))
+    return scores.topk(n_keep).indices.sort().values
+
+
+@torch.no_grad()
+def plan_structured(
+    model: nn.Module, layers: dict[str, nn.Linear], amount: float, parts: Any
+) -> dict[str, torch.Tensor]:
+    """Module name -> indices to keep: hidden neurons of each MLP, heads of each attention."""
+    names, plan = set(layers), {}
+    if "mlp" in parts:
+        for n, m in _mlps(model, names).items():
+            score = m.c_fc.weight.norm(dim=1) * m.c_proj.weight.norm(dim=0)
+            if getattr(m, "c_fc2", None) is not None:
+                score = score * m.c_fc2.weight.norm(dim=1)
+            plan[n] = _keep(score.float(), amount)
+    if "attn" in parts:
+        for n, m in _attentions(model, names).items():
+            d = m.head_dim
+            heads = m.c_v.out_features // d
+            v = m.c_v.weight.reshape(heads, d, -1).norm(dim=(1, 2))
+            o = m.c_proj.weight.reshape(-1, heads, d).norm(dim=(0, 2))
+            plan[n] = _keep((v * o).float(), amount)
+    return plan
+
+
+def _head_rows(heads: torch.Tensor, d: int) -> torch.Tensor:
+    return (heads[:, None] * d + torch.arange(d, device=heads.device)).flatten()
+
+
+def _units(model: nn.Module, plan: dict[str, torch.Tensor]) -> Iterator[tuple[nn.Module, torch.Tensor, tuple]]:
+    """(module, kept rows of its input projections = kept columns of its c_proj, input projection names)."""
+    for n, kept in plan.items():
+        m = model.get_submodule(n)
+        if hasattr(m, "head_dim"):
+            yield m, _head_rows(kept, m.head_dim), ("c_q", "c_k", "c_v")
+        else:
+            yield m, kept, ("c_fc", "c_fc2")
+
+
+@torch.no_grad()
+def mask_structured(model: nn.Module, plan: dict[str, torch.Tensor]) -> None:
+    """Zero the units the plan drops, leaving shapes as they are (the reference ``shrink`` must match)."""
+    for m, rows, inputs in _units(model, plan):
+        for name in inputs:
+            lin = getattr(m, name, None)
+            if lin is None:
+                continue
+            drop = torch.ones(lin.out_features, dtype=torch.bool, device=rows.device)
+            drop[rows] = False
+            lin.weight[drop] = 0
+            if lin.bias is not None:
+                lin.bias[drop] = 0
+        drop = torch.ones(m.c_proj.in_features, dtype=torch.bool, device=rows.device)
+        drop[rows] = False
+        m.c_proj.weight[:, drop] = 0
+
+
+def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.detach()
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight = nn.Parameter(w.clone())
+    if lin.bias is not None:
+        new.bias = nn.Parameter((lin.bias.detach()[rows] if rows is not None else lin.bias.detach()).clone())
+    return new
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, plan: dict[str, torch.Tensor]) -> None:
+    """Replace each planned module's projections with smaller dense ones holding only the kept units."""
+    for m, rows, inputs in _units(model, plan):
+        for name in inputs:
+            if getattr(m, name, None) is not None:
+                setattr(m, name, _sliced(getattr(m, name), rows=rows))
+        m.c_proj = _sliced(m.c_proj, cols=rows)

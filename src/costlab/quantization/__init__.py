@@ -1,0 +1,55 @@
+"""The ``quantization`` group: one class per option, named by ``_target_`` in
+``conf/quantization/<option>.yaml`` and built with ``hydra.utils.instantiate``; its constructor's
+arguments are the option's keys.
+
+    none                                base.py    NoQuantization
+    int8_dynamic, int8_weight_only      int8.py    Int8Dynamic, Int8WeightOnly
+    int4_weight_only (CUDA SM80+)       int4.py    Int4WeightOnly
+    fp8 (CUDA SM89+)                    fp8.py     Fp8
+    qat_int8                            qat.py     QatInt8
+
+Each option owns its launcher checks (``check``), its train-time hook (QAT), the step that makes a
+train-time-prepared model the float reference again (``reference``), and its action (``apply``, torchao
+``quantize_`` on the targeted ``nn.Linear`` layers, shared in ``base.TorchaoQuantization``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from costlab.compression import build_option
+from costlab.quantization.base import NoQuantization, Quantization, TorchaoQuantization
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["NoQuantization", "Quantization", "TorchaoQuantization", "build_quantization"]
+
+
+def build_quantization(cfg: DictConfig) -> Quantization:
+    """The ``quantization`` option of ``cfg``: ``hydra.utils.instantiate(cfg.quantization)``."""
+    return build_option("quantization", cfg.quantization)
+
+
+# --- compatibility wrappers: the worker, evaluation and benchmarks call these until they call the option ---
+
+
+def is_active(cfg: DictConfig) -> bool:
+    return build_quantization(cfg).active
+
+
+def apply(model: nn.Module, cfg: DictConfig) -> dict[str, float]:
+    return build_quantization(cfg).apply(model, cfg)
+
+
+def training_hook(model: nn.Module, cfg: DictConfig) -> Callable[[int], None] | None:
+    return build_quantization(cfg).training_hook(model, cfg)
+
+
+def strip_fake_quant(model: nn.Module) -> int:
+    from costlab.quantization.qat import strip_fake_quant  # torch and torchao only where a model is at hand
+
+    return strip_fake_quant(model)
