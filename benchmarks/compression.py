@@ -4,9 +4,10 @@ applied to one trained gpt_micro, measured against the uncompressed model in thi
     python benchmarks/compression.py                       # train gpt_micro briefly, then compress it
     python benchmarks/compression.py --init-from RUN_DIR_OR_MODEL_FILE --batch 8 --iters 30
 
-Every row uses costlab's own compress step (the code a run executes). Sizes are the bytes of the saved
-state dict; speed-ups come from interleaved forward passes of the uncompressed and the compressed
-model on the same batch after warm-up (costlab.evaluation.compare_speed); loss deltas are relative.
+Every row runs costlab's own final step, ``costlab.evaluation.evaluate_final`` (the code a run executes).
+Sizes are the bytes of the saved state dict; speed-ups come from interleaved forward passes of the
+uncompressed and the compressed model on the same batch after warm-up (costlab.metrics.time_inference);
+loss deltas are relative.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from costlab import CONF_DIR  # noqa: E402
 from costlab.checkpoint import resolve_init_from  # noqa: E402
-from costlab.data import build_corpus, eval_batches  # noqa: E402
-from costlab.evaluation import compare_speed, compress, sparse_savings  # noqa: E402
+from costlab.data import build_corpus  # noqa: E402
+from costlab.evaluation import evaluate_final  # noqa: E402
 from costlab.metrics import count_params, save_model  # noqa: E402
 from costlab.model import build_model  # noqa: E402
-from costlab.parallelism import DistEnv, Parallel  # noqa: E402
-from costlab.precision import autocast  # noqa: E402
+from costlab.parallelism.core import DistEnv, Parallel  # noqa: E402
 from costlab.quantization import build_quantization  # noqa: E402
-from costlab.train import build_optimizer, evaluate, train  # noqa: E402
+from costlab.train import build_optimizer, train  # noqa: E402
 from costlab.validate import validate  # noqa: E402
 
 OPTIONS: dict[str, list[str]] = {
@@ -59,6 +59,7 @@ def config(args: argparse.Namespace, extra: list[str]):
         "model=gpt_micro", "trainer.device=cpu", f"trainer.max_steps={args.steps}",
         f"trainer.batch_size={args.train_batch}", f"trainer.eval_batch_size={args.eval_batch}",
         f"trainer.eval_batches={args.eval_batches}", f"trainer.infer_batch_size={args.batch}",
+        f"trainer.infer_iters={args.iters}",
         f"quantization.qat_steps={args.qat_steps}" if "quantization=qat_int8" in extra else None, *extra,
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -98,8 +99,6 @@ def main() -> None:
     print(f"gpt_micro, {torch.get_num_threads()} threads, {'loaded' if args.init_from else 'trained'} in "
           f"{time.perf_counter() - t0:.0f}s; inference batch {args.batch}x{base.model.block_size}, "
           f"{args.iters} timed passes\n", flush=True)
-    batches = eval_batches(corpus.val, base.model.block_size, args.eval_batch, args.eval_batches)
-    infer = eval_batches(corpus.val, base.model.block_size, args.batch, 1)[0][0]
     tmp = Path(tempfile.mkdtemp(prefix="costlab-bench-"))
     dense_size = save_model(trained, tmp / "dense" / "model.pt")
 
@@ -113,29 +112,19 @@ def main() -> None:
         cfg = config(args, extra)
         torch.manual_seed(cfg.trainer.seed)
         model = copy.deepcopy(trained)
-        ref_size = dense_size
-        quant = build_quantization(cfg)
         qcfg = copy.deepcopy(cfg)
         qcfg.trainer.max_steps, qcfg.trainer.warmup_steps = args.qat_steps, 0  # all steps fake-quantized
-        hook = quant.training_hook(model, qcfg)
+        hook = build_quantization(cfg).training_hook(model, qcfg)
         if hook is not None:  # QAT is training: fine-tune with fake quantization first
             fit(model, corpus, qcfg, env, [hook])
-            quant.reference(model)
-            ref_size = save_model(model, tmp / f"ref{i}" / "model.pt")
-        reference = copy.deepcopy(model).eval()  # QAT: the fine-tuned float model; otherwise the trained one
-        loss_before = evaluate(reference, batches, cfg, env.device)
-        compress(model, corpus, cfg, env.device)
-        size = save_model(model, tmp / str(i) / "model.pt")
-        sparse = size - sparse_savings(model.state_dict())
-        params = count_params(model)[0]
-        loss = evaluate(model, batches, cfg, env.device)
-        speed = compare_speed(reference, model, infer, lambda c=cfg: autocast(c, env.device), iters=args.iters)
-        delta = (loss - loss_before) / loss_before
-        results[name] = (ref_size / size, speed["infer/speedup"], delta)
-        print(f"{name:<31}{size / 1e6:>8.2f}{ref_size / size:>7.2f}x{ref_size / sparse:>7.2f}x"
-              f"{params / 1e6:>7.2f}M{speed['infer/speedup']:>8.2f}x{speed['infer/latency_ms_p50']:>8.1f}"
-              f"{loss:>8.3f}{100 * delta:>+7.2f}%", flush=True)
-        del model, reference
+        # the run's own final step: reference (QAT: the fine-tuned float model), compress, measure both
+        m = evaluate_final(model, corpus, cfg, env, tmp / str(i))
+        results[name] = (m["model/size_ratio"], m["infer/speedup"], m["eval/loss_delta"])
+        print(f"{name:<31}{m['model/size_bytes'] / 1e6:>8.2f}{m['model/size_ratio']:>7.2f}x"
+              f"{m['model/size_bytes_uncompressed'] / m['model/size_bytes_sparse']:>7.2f}x"
+              f"{m['model/params'] / 1e6:>7.2f}M{m['infer/speedup']:>8.2f}x{m['infer/latency_ms_p50']:>8.1f}"
+              f"{m['eval/loss']:>8.3f}{100 * m['eval/loss_delta']:>+7.2f}%", flush=True)
+        del model
 
     print(f"\nuncompressed: {dense_size / 1e6:.2f} MB, {count_params(trained)[0] / 1e6:.2f}M parameters. "
           "'smaller' is the dense file ratio; 'sparse' what a values+bitmask encoding of the zeros would give.")

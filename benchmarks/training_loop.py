@@ -22,7 +22,8 @@ from costlab.cli import compose_config
 from costlab.data import BatchSampler, build_corpus
 from costlab.metrics import now
 from costlab.model import build_model
-from costlab.parallelism import DistEnv, apply_single
+from costlab.parallelism.core import DistEnv
+from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
 from costlab.tracking import MetricLogger, experiment_id
 from costlab.train import build_optimizer, train
@@ -63,7 +64,7 @@ def costlab_loop(cfg, corpus, uri: str) -> tuple[float, float, float, float]:
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg.model)
     env = DistEnv(0, 0, 1, 1, torch.device("cpu"))
-    parallel = apply_single(model, cfg, env)
+    parallel = parallelize(model, cfg, env)
     opt = build_optimizer(parallel.model, cfg)
     client = MlflowClient(uri)
     run_id = client.create_run(experiment_id(uri, "benchmark")).info.run_id

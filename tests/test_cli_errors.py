@@ -19,6 +19,10 @@ CASES = {
     "heads-not-dividing-width": (["model.n_head=5"], "model.n_head=5"),
     "batch-not-dividing-ranks": (["parallelism=ddp", "trainer.batch_size=9"], "trainer.batch_size=9"),
     "missing-data-path": (["data=textfile", "data.path=/no/such/corpus"], "data.path=/no/such/corpus"),
+    # a key the chosen option does not have (wanda ranks per row; only l1/random take a scope)
+    "key-of-another-option": (["pruning=wanda", "pruning.scope=global"], "pruning.scope=global: no such key in "
+                              "pruning=wanda"),
+    "unknown-trainer-key": (["trainer.max_stepz=3"], "trainer.max_stepz=3"),
 }
 
 

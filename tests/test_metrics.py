@@ -6,10 +6,10 @@ import torch
 from costlab.metrics import (
     StepStats,
     count_params,
-    inference_speed,
     peak_memory_bytes,
     save_model,
     state_bytes_per_rank,
+    time_inference,
 )
 from costlab.model import GPT
 from costlab.tracking import MetricLogger, flatten
@@ -64,12 +64,18 @@ def test_saved_size_and_param_count(tmp_path):
     assert 4 * params <= size <= 4 * params + 64 * 1024  # dense fp32 weights plus pickle framing
 
 
-def test_inference_speed_is_positive_and_consistent():
-    model = GPT(n_layer=1, n_head=2, n_embd=32, block_size=16)
+def test_inference_timer_interleaves_the_models_and_leaves_out_warmup():
+    calls: list[str] = []
+    models = {}
+    for name in ("final", "uncompressed"):
+        models[name] = GPT(n_layer=1, n_head=2, n_embd=32, block_size=16)
+        models[name].register_forward_hook(lambda *_, name=name: calls.append(name))
     batch = torch.randint(0, 256, (4, 16))
-    r = inference_speed(model, batch, iters=3)
-    assert r["infer/latency_ms_p50"] > 0
-    assert r["infer/tokens_per_s"] == pytest.approx(64 / (r["infer/latency_ms_p50"] / 1000))
+    seconds = time_inference(models, batch, warmup=2, iters=3)
+    assert set(seconds) == {"final", "uncompressed"} and all(s > 0 for s in seconds.values())
+    assert calls.count("final") == calls.count("uncompressed") == 5  # warm-up passes run but are not timed
+    pairs = [tuple(calls[i:i + 2]) for i in range(0, len(calls), 2)]
+    assert pairs[0] != pairs[1] and pairs[1] != pairs[2]  # the order alternates: load falls on both alike
 
 
 def test_lr_warms_up_then_decays_to_the_floor():

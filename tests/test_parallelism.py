@@ -65,6 +65,13 @@ VALIDATE_CASES = [
     (["parallelism=ddp", "trainer.nnodes=2", "trainer.node_rank=2", "trainer.rdzv_endpoint=h:1"],
      "trainer.node_rank=2"),
     (["precision=fp8", "parallelism=fsdp"], "precision=fp8"),
+    # degrees: their product is the world size, at most one fills the rest, DDP does not nest
+    (["parallelism=pp", "parallelism.dp_shard=-1"], "parallelism.dp_shard=-1"),
+    (["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.tp_degree=3"], "parallelism.tp_degree=3"),
+    (["parallelism=tp", "trainer.nproc_per_node=4", "parallelism.dp_replicate=2"], "parallelism.dp_replicate=2"),
+    (["parallelism=fsdp", "parallelism.dp_shard=0"], "parallelism.dp_shard=0"),
+    (["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.dp_shard=2", "parallelism.microbatches=32"],
+     "parallelism.microbatches=32"),
 ]
 
 
@@ -82,6 +89,23 @@ def test_every_option_takes_every_training_option(option, mode):
     cfg = compose_config([*PARITY, f"parallelism={option}", f"trainer.activation_checkpointing={mode}",
                           "trainer.compile=true", "trainer.grad_accum_steps=2"])
     validate(cfg)
+
+
+def test_options_are_degrees_whose_product_is_the_world():
+    from costlab.parallelism.dims import ParallelDims, parallel_dims
+
+    def dims(*overrides: str) -> ParallelDims:
+        cfg = compose_config(["trainer.device=cpu", *overrides])
+        return parallel_dims(cfg.parallelism, cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
+
+    assert dims("parallelism=single") == ParallelDims(pp=1, dp_replicate=1, dp_shard=1, tp=1)
+    assert dims("parallelism=ddp") == ParallelDims(pp=1, dp_replicate=2, dp_shard=1, tp=1)
+    assert dims("parallelism=fsdp", "trainer.nproc_per_node=3").dp_shard == 3
+    assert dims("parallelism=tp").tp == 2 and dims("parallelism=pp").pp == 2
+    assert dims("parallelism=fsdp_tp") == ParallelDims(pp=1, dp_replicate=1, dp_shard=2, tp=2)
+    three_d = dims("parallelism=pp", "trainer.nproc_per_node=8", "parallelism.dp_shard=2", "parallelism.tp_degree=2")
+    assert three_d == ParallelDims(pp=2, dp_replicate=1, dp_shard=2, tp=2) and three_d.dp == 2
+    assert three_d.mesh_dims() == (("pp", "dp_shard", "tp"), (2, 2, 2))
 
 
 def test_pipeline_schedules_compose():
@@ -141,6 +165,10 @@ PARITY_OPTIONS = {
                            "trainer.grad_accum_steps=2", "parallelism.microbatches=2"],
     "tp_selective": ["parallelism=tp", "trainer.activation_checkpointing=selective"],
     "fsdp_compile": ["parallelism=fsdp", "trainer.compile=true"],
+    # 3-D layouts are only degrees: 2 pipeline stages, each FSDP-sharded or tensor-parallel over 2 ranks
+    "pp_x_fsdp": ["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2", "parallelism.dp_shard=2",
+                  "parallelism.microbatches=2"],
+    "pp_x_tp": ["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2", "parallelism.tp_degree=2"],
 }
 
 

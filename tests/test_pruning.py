@@ -10,7 +10,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from costlab import pruning
 from costlab.checkpoint import expected_shapes
 from costlab.cli import options
 from costlab.compression import target_layers
@@ -263,10 +262,12 @@ def test_global_scope_ranks_weights_across_layers():
     assert max(per_layer) - min(per_layer) > 0.05  # layers of different scales lose different shares
 
 
-def test_compatibility_wrappers_call_the_option():
+def test_the_option_object_is_what_the_worker_calls():
     cfg, model, corpus = tiny("pruning=semi_structured", "pruning.allow_mask_only=true")
-    assert pruning.is_active(cfg) and not pruning.is_active(compose_config(CPU))
-    assert pruning.training_hook(model, cfg) is None
-    assert set(pruning.target_layers(model, cfg.pruning.targets)) == set(target_layers(model, cfg.pruning.targets))
-    assert pruning.apply(model, corpus, cfg, torch.device("cpu"))["pruning/target_sparsity"] == 0.5
-    assert pruning.accelerate(model, cfg) == 0  # masks only: no sparse kernels, no speed-up claimed
+    option = build_pruning(cfg)
+    assert option.active and not build_pruning(compose_config(CPU)).active
+    assert option.training_hook(model, cfg) is None
+    assert set(option.layers(model)) == set(target_layers(model, cfg.pruning.targets))
+    assert option.apply(model, corpus, cfg, torch.device("cpu"))["pruning/target_sparsity"] == 0.5
+    # masks only: no sparse kernels, no speed-up claimed
+    assert option.accelerate(model, cfg) == {"pruning/sparse_kernel_layers": 0}

@@ -9,17 +9,18 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from costlab import quantization
+from costlab.checkpoint import load_model
 from costlab.cli import options
 from costlab.compression import target_layers
 from costlab.data import build_corpus, eval_batches
 from costlab.errors import ConfigError
-from costlab.evaluation import evaluate_final, load_model, sparse_savings
-from costlab.metrics import count_params, save_model
+from costlab.evaluation import evaluate_final
+from costlab.loss import evaluate
+from costlab.metrics import count_params, save_model, sparse_savings
 from costlab.model import build_model
-from costlab.parallelism import DistEnv
+from costlab.parallelism.core import DistEnv
 from costlab.quantization import Quantization, build_quantization
-from costlab.train import evaluate
+from costlab.quantization.qat import strip_fake_quant
 from costlab.validate import validate
 from tests.conftest import TINY, compose_config, requires_cuda
 
@@ -76,7 +77,7 @@ def test_qat_trains_with_fake_quant_only_for_the_last_steps_then_converts():
         hook(3)
         faked = model(x)
     assert not torch.equal(faked, plain)
-    assert quantization.strip_fake_quant(model) == 12
+    assert strip_fake_quant(model) == 12
     apply(model, cfg)
     with torch.no_grad():  # the int8 kernels compute what training simulated
         torch.testing.assert_close(model(x), faked, atol=2e-3, rtol=0)
@@ -192,9 +193,10 @@ def test_qat_reference_strips_fake_quant_and_reports_the_steps():
     assert build_quantization(compose_config([*CPU, "quantization=int8_dynamic"])).reference(model) == {}
 
 
-def test_compatibility_wrappers_call_the_option():
+def test_the_option_object_is_what_the_worker_calls():
     cfg, model, _ = tiny("quantization=int8_weight_only")
-    assert quantization.is_active(cfg) and not quantization.is_active(compose_config(CPU))
-    assert quantization.training_hook(model, cfg) is None
-    assert quantization.strip_fake_quant(model) == 0
-    assert quantization.apply(model, cfg) == {"quantization/layers": 12}
+    option = build_quantization(cfg)
+    assert option.active and not build_quantization(compose_config(CPU)).active
+    assert option.training_hook(model, cfg) is None
+    assert strip_fake_quant(model) == 0 and option.reference(model) == {}
+    assert option.apply(model, cfg) == {"quantization/layers": 12}

@@ -9,7 +9,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from costlab.tracking import client
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 CHECKPOINT_TAG = "costlab.checkpoint"  # MLflow tag: the trained, uncompressed model file of a run
 # the same file name in a subfolder: torch.save names its zip entries after the file, so equal names
@@ -22,7 +28,7 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 def expected_shapes(model_cfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
     """(state-dict key -> shape, Linear layer name -> (out, in)) of the model a ``model`` config builds,
     read from the model itself built on the meta device: no memory, no compute, no mirror to keep in step."""
-    import torch
+    import torch  # only configs whose checks need shapes pay for torch in the launcher
     from torch import nn
 
     from costlab.model import build_model
@@ -61,21 +67,25 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
 # --- trainer.init_from ------------------------------------------------------------------------------
 
 
+def trained_model_file(run_dir: Path) -> Path | None:
+    """The trained, uncompressed model a run folder holds: what ``trainer.init_from=<run>`` starts from."""
+    found = [run_dir / f for f in (UNCOMPRESSED, FINAL) if (run_dir / f).is_file()]
+    return found[0] if found else None
+
+
 def resolve_init_from(value: Any, tracking_uri: str) -> Path:
     """A checkpoint file, a run folder holding one, or an MLflow run id in ``tracking_uri``."""
     text = str(value)
     path = Path(text).expanduser()
     if path.is_dir():
-        found = [path / f for f in (UNCOMPRESSED, FINAL) if (path / f).is_file()]
-        if not found:
+        found = trained_model_file(path)
+        if found is None:
             raise ValueError(f"the folder holds neither {UNCOMPRESSED} nor {FINAL}")
-        return found[0]
+        return found
     if path.is_file():
         return path
     if not RUN_ID.match(text):
         raise ValueError("no such file or folder, and not an MLflow run id")
-    from costlab.tracking import client
-
     try:
         run = client(tracking_uri).get_run(text)
     except Exception:  # the store says "not found" in several ways across MLflow versions
@@ -112,3 +122,32 @@ def load_init(model: Any, cfg: Any) -> Path:
     path = resolve_init_from(cfg.trainer.init_from, cfg.tracking.uri)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return path
+
+
+def load_model(model_cfg: Any, path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved (possibly pruned and quantized) model: layers a structured prune shrank are
+    resized to the file's shapes, and torchao tensors are loaded as they were saved."""
+    import torch
+    from torch import nn
+
+    from costlab.model import build_model
+
+    try:
+        import torchao.quantization  # noqa: F401  (allow-lists torchao's tensor types for weights_only)
+    except ImportError:
+        pass
+    state = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(model_cfg)
+    for name, m in list(model.named_modules()):
+        w = state.get(f"{name}.weight")
+        if isinstance(m, nn.Linear) and w is not None and tuple(w.shape) != tuple(m.weight.shape):
+            parent, _, attr = name.rpartition(".")
+            small = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+            setattr(model.get_submodule(parent) if parent else model, attr, small)
+    model.load_state_dict(state, assign=True)
+    model.to(device)
+    head, emb = state.get("lm_head.weight"), state.get("wte.weight")
+    if head is not None and emb is not None and type(head) is torch.Tensor and type(emb) is torch.Tensor:
+        if head.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr():
+            model.lm_head.weight = model.wte.weight  # torch.save kept the tie; assign=True broke it
+    return model.eval()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
-from omegaconf import DictConfig
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 
 from costlab import CONF_DIR
 from costlab.errors import ConfigError
@@ -42,9 +43,42 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 raise ConfigError(group, value, f"unknown option; choose one of {', '.join(known)}")
 
 
-def preflight(argv: list[str] | None = None) -> None:
+def check_keys(argv: list[str]) -> None:
+    """Refuse ``section.key=value`` for a key the composed config does not have (Hydra's own refusal is
+    several lines). A sweep is checked with the first value of each swept key."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
+    first = []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra") or o.package is not None:
+            continue  # Hydra's own settings and packages are Hydra's to check
+        value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
+        first.append((o, f"{o.get_key_element()}={value}"))
     try:
-        check_group_choices(sys.argv[1:] if argv is None else argv)
+        compose_config([text for _, text in first])
+    except ConfigCompositionException as e:
+        for o, _ in first:  # the one Hydra could not apply
+            if o.type != OverrideType.CHANGE or "." not in o.key_or_group:
+                continue
+            section, _, key = o.key_or_group.rpartition(".")
+            others = [t for p, t in first if p is not o]
+            try:
+                node = compose_config(others)
+                node = OmegaConf.select(node, section)
+            except ConfigCompositionException:
+                continue
+            if isinstance(node, DictConfig) and key not in node:
+                choice = f"{section}={node.name}" if "name" in node else section
+                raise ConfigError(o.key_or_group, o.get_value_element_as_str(), f"no such key in {choice} (it has "
+                                  f"{', '.join(str(k) for k in node if k != '_target_')})") from None
+        raise ConfigError("override", " ".join(t for _, t in first), str(e).strip().splitlines()[0]) from None
+
+
+def preflight(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_group_choices(argv)
+        check_keys(argv)
     except ConfigError as e:
         print(f"costlab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from costlab.checkpoint import match_targets
 from costlab.errors import ConfigError
+from costlab.parallelism.dims import parallel_dims
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,6 +63,7 @@ def check_targets(cfg: DictConfig, key: str, value: Any, linears: dict[str, tupl
 
 def require_train_time(cfg: DictConfig, key: str, value: Any, what: str) -> None:
     """Refuse a train-time technique under a parallelism whose ranks hold only slices of the weights."""
-    if cfg.parallelism.name not in TRAIN_TIME_PARALLELISM:
+    dims = parallel_dims(cfg.parallelism, cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
+    if dims.fsdp_enabled or dims.tp_enabled or dims.pp_enabled:
         raise ConfigError(key, value, f"{what} runs during training, on whole weights; it supports parallelism="
                           f"{' or '.join(TRAIN_TIME_PARALLELISM)}, not {cfg.parallelism.name}")

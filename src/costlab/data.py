@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 
 from costlab.files import is_text, text_files  # noqa: F401  (part of this module's API)
 
@@ -131,6 +132,4 @@ def eval_batches(
 
 def build_corpus(data_cfg) -> ByteCorpus:
     """Instantiate the ``data`` group's ``_target_``."""
-    from hydra.utils import instantiate
-
     return instantiate({k: v for k, v in data_cfg.items() if k != "name"})

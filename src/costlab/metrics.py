@@ -6,6 +6,7 @@ iterations are left out of every speed figure.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -116,24 +117,62 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
 
 
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a state-dict entry is stored as (a torchao tensor: its data and scales)."""
+    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t.detach()]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for n in names if (x := getattr(t, n)) is not None for leaf in _leaves(x)]
+
+
+def _nonzero(t: torch.Tensor) -> int:
+    try:
+        return int(torch.count_nonzero(t))
+    except (RuntimeError, NotImplementedError):  # float8 and other byte types without the kernel
+        return int(torch.count_nonzero(t.view(torch.uint8)))
+
+
+def sparse_savings(state: dict[str, torch.Tensor]) -> int:
+    """Bytes a sparse encoding would save over the dense file: each stored tensor kept as its non-zero
+    values plus a 1-bit-per-element presence mask, where that is smaller (for 2:4, this equals the
+    values plus 2-bit indices). Tied tensors are counted once, as ``torch.save`` stores them."""
+    seen, saved = set(), 0
+    for t in state.values():
+        for leaf in _leaves(t):
+            key = (leaf.untyped_storage().data_ptr(), leaf.storage_offset(), leaf.numel())
+            if key in seen or leaf.numel() == 0:
+                continue
+            seen.add(key)
+            dense = leaf.numel() * leaf.element_size()
+            sparse = _nonzero(leaf) * leaf.element_size() + math.ceil(leaf.numel() / 8)
+            saved += max(0, dense - sparse)
+    return saved
+
+
 @torch.inference_mode()
-def inference_speed(
-    model: nn.Module,
+def time_inference(
+    models: dict[str, nn.Module],
     batch: torch.Tensor,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     warmup: int = 3,
     iters: int = 10,
 ) -> dict[str, float]:
-    """Forward passes on a fixed batch: median latency and tokens/s, warm-up excluded."""
-    model.eval()
+    """Median seconds per forward pass of each model on one fixed batch, warm-up excluded.
+
+    With several models the passes are interleaved, in an order that alternates every iteration, so
+    load from elsewhere on the machine falls on all of them alike and their ratio is fair.
+    """
+    for m in models.values():
+        m.eval()
     device = batch.device
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
+    items = list(models.items())
     for i in range(warmup + iters):
-        t0 = now(device)
-        with autocast():
-            model(batch)
-        t1 = now(device)
-        if i >= warmup:
-            times.append(t1 - t0)
-    p50 = statistics.median(times)
-    return {"infer/latency_ms_p50": 1000 * p50, "infer/tokens_per_s": batch.numel() / p50}
+        for name, m in items if i % 2 else items[::-1]:
+            t0 = now(device)
+            with autocast():
+                m(batch)
+            t1 = now(device)
+            if i >= warmup:
+                times[name].append(t1 - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

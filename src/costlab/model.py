@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 
 
@@ -207,6 +208,9 @@ class MLPLM(nn.Module):
 
 def build_model(model_cfg) -> nn.Module:
     """Instantiate the ``model`` group's ``_target_`` (its ``name`` key is for people, not the class)."""
-    from hydra.utils import instantiate
-
     return instantiate({k: v for k, v in model_cfg.items() if k != "name"})
+
+
+def has_blocks(model: nn.Module) -> bool:
+    """Whether ``model`` is built of transformer blocks (the GPT family; the MLP baseline is not)."""
+    return isinstance(getattr(model, "blocks", None), nn.ModuleDict)

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
 from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.metrics import StepStats, now, state_bytes_per_rank
-from costlab.parallelism import DistEnv, Parallel
-from costlab.precision import autocast, grad_scaler
+from costlab.parallelism.core import DistEnv, Parallel
+from costlab.precision import grad_scaler
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
@@ -39,57 +36,6 @@ def lr_at(step: int, cfg: DictConfig) -> float:
     progress = min(1.0, (step - t.warmup_steps) / span)
     min_lr = t.lr * t.min_lr_ratio
     return min_lr + 0.5 * (t.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    cfg: DictConfig,
-    device: torch.device,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    group: dist.ProcessGroup | None = None,
-) -> float:
-    """Mean loss over the evaluation batches; with ``dp_size > 1`` each rank takes a share and the
-    sums are all-reduced, so every rank returns the same number."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(batches):
-        if i % dp_size != dp_rank:
-            continue
-        x, y = x.to(device), y.to(device)
-        with autocast(cfg, device):
-            logits = model(x)
-        total[0] += loss_fn(logits, y).double() * y.numel()
-        total[1] += y.numel()
-    if dp_size > 1:
-        dist.all_reduce(total, group=group)
-    model.train(was_training)
-    return float(total[0] / total[1])
-
-
-def default_forward_backward(
-    parallel: Parallel, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, scaler: torch.amp.GradScaler | None
-) -> torch.Tensor:
-    """Forward and backward over ``grad_accum_steps`` micro-batches; returns the mean loss (detached)."""
-    accum = cfg.trainer.grad_accum_steps
-    total = torch.zeros((), device=x.device)
-    for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
-        last = i == accum - 1
-        sync_ctx = parallel.no_sync() if (parallel.no_sync is not None and not last) else nullcontext()
-        with sync_ctx:
-            with autocast(cfg, x.device):
-                logits = parallel.model(xm)
-            loss = loss_fn(logits, ym) / accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
-    return total
 
 
 @dataclass
@@ -117,7 +63,6 @@ def train(
     sampler = BatchSampler(corpus.train, block, t.batch_size, t.seed)
     val = eval_batches(corpus.val, block, t.eval_batch_size, t.eval_batches)
     scaler = grad_scaler(cfg, device)
-    step_fn = parallel.forward_backward or default_forward_backward
     params = [p for g in optimizer.param_groups for p in g["params"]]
     result = TrainResult(stats=StepStats(t.timing_warmup_steps, t.batch_size * block))
     parallel.model.train()
@@ -130,11 +75,10 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = sampler.batch(step, parallel.dp_rank, parallel.dp_size)
-        loss = step_fn(parallel, x.to(device), y.to(device), cfg, scaler)
+        loss = parallel.forward_backward(x.to(device), y.to(device), cfg, scaler)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        clip = parallel.clip_grad_norm or torch.nn.utils.clip_grad_norm_
-        grad_norm = clip(params, t.grad_clip) if t.grad_clip else None
+        grad_norm = parallel.clip_grad_norm(params, t.grad_clip) if t.grad_clip else None
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -145,7 +89,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         logged = step % t.log_every == 0 or step == t.max_steps - 1
         if logged:
-            loss = parallel.reduce_loss(loss) if parallel.reduce_loss else _mean_over_dp(loss, parallel)
+            loss = parallel.global_loss(loss)
         seconds = now(device) - t0
         result.stats.add(seconds)
         if logged and env.is_main:  # the only host read of the loss, and only on the rank that reports it
@@ -164,25 +108,15 @@ def train(
             logger.log(metrics, step)
             if step % t.print_every == 0 or step == t.max_steps - 1:
                 print(
-                    f"step {step + 1}/{t.max_steps}  loss {metrics['train/loss']:.4f}  lr {lr:.2e}"
-                    f"  {metrics['train/step_time_ms']:.0f} ms  {metrics['train/tokens_per_s']:.0f} tok/s",
+                    f"step {step + 1}/{t.max_steps}  loss {result.final_loss:.4f}  lr {lr:.2e}"
+                    f"  {1000 * seconds:.0f} ms  {t.batch_size * block / seconds:.0f} tok/s",
                     flush=True,
                 )
         if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.max_steps:
-            val_loss = parallel.evaluate(val) if parallel.evaluate else evaluate(
-                parallel.model, val, cfg, device, parallel.dp_rank, parallel.dp_size, parallel.dp_group
-            )
+            val_loss = parallel.evaluate(val, cfg)
             if logger is not None:
                 logger.log({"val/loss": val_loss}, step + 1)
                 print(f"step {step + 1}/{t.max_steps}  val/loss {val_loss:.4f}", flush=True)
     for hook in step_hooks:
         hook(t.max_steps)
     return result
-
-
-def _mean_over_dp(loss: torch.Tensor, parallel: Parallel) -> torch.Tensor:
-    if parallel.dp_size == 1:
-        return loss
-    loss = loss.detach().clone()
-    dist.all_reduce(loss, group=parallel.dp_group)  # gloo has no AVG
-    return loss / parallel.dp_size

@@ -1,18 +1,22 @@
 """Refuse a config before any worker starts, with one line naming the key, the value and why.
 
-Runs in the launcher, so it must stay light: no torch import, no CUDA initialisation. GPU facts
-come from ``nvidia-smi``.
+Runs in the launcher: shapes come from the model built on the meta device (torch is imported only
+when a check needs them) and CUDA is never initialised; GPU facts come from ``nvidia-smi``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from costlab.checkpoint import expected_shapes
 from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
+from costlab.files import is_text
 from costlab.hardware import require_gpu, visible_gpus
+from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
 from costlab.validate_compression import check_compression
 
 
@@ -34,22 +38,19 @@ def validate(cfg: DictConfig) -> None:
 
     world = t.nnodes * t.nproc_per_node
     _check_model(cfg)
-    _check_parallelism(cfg, world)  # the mesh must fit the world before the batch is cut along it
-    dp = data_parallel_size(cfg, world)
-    micro = dp * t.grad_accum_steps
+    linears = _Linears(cfg.model)
+    dims = _check_parallelism(cfg, world, linears)  # the mesh must fit the world before the batch is cut along it
+    micro = dims.dp * t.grad_accum_steps
     if t.batch_size % micro:
         raise ConfigError(
             "trainer.batch_size", t.batch_size,
-            f"must be divisible by data-parallel ranks x grad_accum_steps = {dp} x {t.grad_accum_steps}",
+            f"must be divisible by data-parallel ranks x grad_accum_steps = {dims.dp} x {t.grad_accum_steps}",
         )
+    if dims.pp_enabled:
+        _check_pipeline(cfg, dims)
     _check_data(cfg)
-    _check_precision(cfg)
+    _check_precision(cfg, dims, linears)
     check_compression(cfg)
-
-
-def data_parallel_size(cfg: DictConfig, world: int) -> int:
-    p = cfg.parallelism
-    return world // int(p.get("tp_degree", 1) or 1) // int(p.get("pp_degree", 1) or 1)
 
 
 def _check_model(cfg: DictConfig) -> None:
@@ -68,10 +69,8 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_data(cfg: DictConfig) -> None:
-    from costlab.files import is_text
-
     d = cfg.data
-    if d.name == "textfile":
+    if "path" in d:  # data from the user's files
         path = Path(str(d.path)).expanduser()
         if not path.exists():
             raise ConfigError("data.path", d.path, "no such file or folder")
@@ -86,7 +85,7 @@ def _check_data(cfg: DictConfig) -> None:
                 raise ConfigError("data.path", d.path, "the folder holds no files")
             if not any(is_text(f) for f in files):
                 raise ConfigError("data.path", d.path, "the folder holds no UTF-8 text files")
-    if d.name == "synthetic":
+    if "alphabet" in d:  # generated data
         positive_int(cfg, "data.n_bytes")
         if not 2 <= d.alphabet <= 256:
             raise ConfigError("data.alphabet", d.alphabet, "must be between 2 and 256")
@@ -96,65 +95,81 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 AC_MODES = ("none", "full", "selective")
 
 
-def _mlp_width(m: DictConfig) -> int:
-    """The GPT MLP's hidden width, as ``costlab.model.GPTConfig.hidden_dim`` computes it."""
-    hidden = int(m.get("mlp_ratio", 4.0) * m.n_embd)
-    return 2 * hidden // 3 if m.get("mlp", "gelu") == "swiglu" else hidden
+class _Linears(Mapping):
+    """Linear layer name -> (out, in) of the configured model, read from the model built on the meta
+    device on first use: a config whose checks need no shapes costs the launcher no torch import."""
+
+    def __init__(self, model_cfg: DictConfig):
+        self._model_cfg = model_cfg
+        self._layers: dict[str, tuple[int, int]] | None = None
+
+    def _get(self) -> dict[str, tuple[int, int]]:
+        if self._layers is None:
+            self._layers = expected_shapes(self._model_cfg)[1]
+        return self._layers
+
+    def __getitem__(self, name: str) -> tuple[int, int]:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
-def _check_parallelism(cfg: DictConfig, world: int) -> None:
+def _has_blocks(linears: Mapping[str, tuple[int, int]]) -> bool:
+    return "blocks.0.mlp.c_fc" in linears  # the GPT family; model=mlp has no transformer blocks
+
+
+def _mlp_width(linears: Mapping[str, tuple[int, int]]) -> int:
+    return linears["blocks.0.mlp.c_fc"][0]
+
+
+def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[int, int]]) -> ParallelDims:
     p, t, m = cfg.parallelism, cfg.trainer, cfg.model
     n = t.nproc_per_node
-    if p.name == "single" and world != 1:
-        raise ConfigError("trainer.nproc_per_node", n, "parallelism=single runs one process; use parallelism=ddp")
+    degrees = [p.get(k, 1) for k in DEGREE_KEYS]
+    if all(d == 1 for d in degrees) and world != 1:
+        raise ConfigError("trainer.nproc_per_node", n, f"parallelism={p.name} runs one process; use parallelism=ddp")
     if cfg.trainer.device == "cuda":
         gpus = len(visible_gpus())
         if n > gpus:
             raise ConfigError("trainer.nproc_per_node", n, f"only {gpus} GPU(s) visible; one process per GPU")
     if non_negative_int(cfg, "trainer.node_rank") >= t.nnodes:
         raise ConfigError("trainer.node_rank", t.node_rank, f"must be below trainer.nnodes={t.nnodes} (0-based)")
-    has_blocks = "n_head" in m  # the GPT family; model=mlp has no transformer blocks
-    if p.name in ("tp", "pp", "fsdp_tp"):
+    if p.get("tp_degree", 1) != 1 or p.get("pp_degree", 1) != 1:  # the model itself is split
         if world < 2:
             raise ConfigError(
                 "parallelism", p.name, f"splits the model over ranks and needs at least 2; this run has {world} "
                 "(set trainer.nproc_per_node=2)",
             )
-        if not has_blocks:
+        if not _has_blocks(linears):
             raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
-    if p.name == "tp":
-        tp = positive_int(cfg, "parallelism.tp_degree")
-        if tp != world:
-            raise ConfigError(
-                "parallelism.tp_degree", tp, f"must equal the world size {world} (trainer.nnodes x "
-                "trainer.nproc_per_node); parallelism=fsdp_tp combines tensor parallel with data parallel",
-            )
-        _check_tp_degree(cfg, tp)
-    if p.name == "fsdp_tp":
-        dp, tp = positive_int(cfg, "parallelism.dp_shard"), positive_int(cfg, "parallelism.tp_degree")
-        if dp * tp != world:
-            raise ConfigError(
-                "parallelism.dp_shard", dp,
-                f"the mesh dp_shard x tp_degree = {dp} x {tp} = {dp * tp} must equal the world size {world}",
-            )
-        _check_tp_degree(cfg, tp)
-    if p.name == "pp":
-        _check_pipeline(cfg, world)
+    dims = parallel_dims(p, world)
+    if dims.ddp_enabled and (dims.fsdp_enabled or dims.tp_enabled or dims.pp_enabled):
+        raise ConfigError("parallelism.dp_replicate", dims.dp_replicate, "DDP replicas combine with nothing else "
+                          "here; use dp_shard (FSDP) to combine data parallel with tensor or pipeline parallel")
+    if (dims.tp_enabled or dims.pp_enabled) and not _has_blocks(linears):
+        raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
+    if dims.tp_enabled:
+        _check_tp_degree(cfg, dims.tp, linears)
     mode = t.get("activation_checkpointing", "none")
     if mode not in AC_MODES:
         raise ConfigError("trainer.activation_checkpointing", mode, f"choose one of {', '.join(AC_MODES)}")
-    if mode != "none" and not has_blocks:
+    if mode != "none" and not _has_blocks(linears):
         raise ConfigError(
             "trainer.activation_checkpointing", mode, f"checkpoints transformer blocks; model={m.name} has none"
         )
     if not isinstance(t.get("compile", False), bool):
         raise ConfigError("trainer.compile", t.compile, "must be true or false")
+    return dims
 
 
-def _check_tp_degree(cfg: DictConfig, tp: int) -> None:
+def _check_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, int]]) -> None:
     """Tensor parallel splits whole heads, MLP units, vocabulary rows and position rows over ranks."""
     m = cfg.model
-    width = _mlp_width(m)
+    width = _mlp_width(linears)
     splits = [
         (m.n_head, f"model.n_head={m.n_head} (each rank takes whole heads)"),
         (width, f"the MLP width {width} (model.mlp_ratio x model.n_embd)"),
@@ -167,14 +182,9 @@ def _check_tp_degree(cfg: DictConfig, tp: int) -> None:
             raise ConfigError("parallelism.tp_degree", tp, f"must divide {what}")
 
 
-def _check_pipeline(cfg: DictConfig, world: int) -> None:
+def _check_pipeline(cfg: DictConfig, dims: ParallelDims) -> None:
     p, t, m = cfg.parallelism, cfg.trainer, cfg.model
-    pp = positive_int(cfg, "parallelism.pp_degree")
-    if pp != world:
-        raise ConfigError(
-            "parallelism.pp_degree", pp,
-            f"must equal the world size {world} (trainer.nnodes x trainer.nproc_per_node): every rank is a stage",
-        )
+    pp = dims.pp
     if p.schedule not in PP_SCHEDULES:
         raise ConfigError("parallelism.schedule", p.schedule, f"choose one of {', '.join(PP_SCHEDULES)}")
     micro = positive_int(cfg, "parallelism.microbatches")
@@ -185,11 +195,11 @@ def _check_pipeline(cfg: DictConfig, world: int) -> None:
             "model.n_layer", m.n_layer, f"must split evenly into {stages} pipeline stages "
             f"(parallelism.pp_degree={pp} x stages_per_rank={per_rank})",
         )
-    rows = t.batch_size // t.grad_accum_steps
+    rows = t.batch_size // dims.dp // t.grad_accum_steps
     if rows % micro:
         raise ConfigError(
-            "parallelism.microbatches", micro,
-            f"must divide the sequences of each step, trainer.batch_size / grad_accum_steps = {rows}",
+            "parallelism.microbatches", micro, "must divide the sequences of each step on each pipeline, "
+            f"trainer.batch_size / data-parallel ranks / grad_accum_steps = {rows}",
         )
     if p.schedule != "gpipe" and micro < pp:
         raise ConfigError(
@@ -199,22 +209,21 @@ def _check_pipeline(cfg: DictConfig, world: int) -> None:
         raise ConfigError("parallelism.microbatches", micro, f"interleaved_1f1b needs a multiple of pp_degree={pp}")
 
 
-def _check_precision(cfg: DictConfig) -> None:
-    pr, p, m = cfg.precision, cfg.parallelism, cfg.model
-    if pr.name == "fp8":
+def _check_precision(cfg: DictConfig, dims: ParallelDims, linears: Mapping[str, tuple[int, int]]) -> None:
+    pr, m = cfg.precision, cfg.model
+    if pr.get("float8", False):
         require_gpu("precision", "fp8", cfg, (8, 9), "torchao float8 training")
         if importlib.util.find_spec("torchao") is None:
             raise ConfigError("precision", "fp8", "needs torchao: pip install 'costlab[quant]'")
-        if "n_head" not in m:
+        if not _has_blocks(linears):
             raise ConfigError(
                 "precision", "fp8", f"converts the Linear layers of transformer blocks; model={m.name} has none"
             )
-        tp = int(p.get("tp_degree", 1) or 1) if p.name in ("tp", "fsdp_tp") else 1
-        for what, width in (("model.n_embd", m.n_embd), ("the MLP width", _mlp_width(m))):
-            if (width // tp) % 16:
+        for what, width in (("model.n_embd", m.n_embd), ("the MLP width", _mlp_width(linears))):
+            if (width // dims.tp) % 16:
                 raise ConfigError("precision", "fp8", f"float8 matmuls need widths divisible by 16 per rank; {what} "
-                                  f"is {width} over {tp} rank(s)")
-    if pr.get("grad_scaler", False) and p.name == "pp":
+                                  f"is {width} over {dims.tp} rank(s)")
+    if pr.get("grad_scaler", False) and dims.pp_enabled:
         raise ConfigError(
             "precision", pr.name, "parallelism=pp cannot use fp16's GradScaler: each stage would skip overflowing "
             "steps on its own and the stages would drift apart; use precision=bf16",

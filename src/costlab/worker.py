@@ -15,14 +15,16 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from costlab import pruning, quantization
-from costlab.checkpoint import load_init
+from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.data import build_corpus
 from costlab.evaluation import evaluate_final
 from costlab.metrics import max_over_ranks, peak_memory_bytes
 from costlab.model import build_model
-from costlab.parallelism import DistEnv, init_distributed, parallelize
-from costlab.tracking import MetricLogger
+from costlab.parallelism.core import DistEnv, init_distributed
+from costlab.parallelism.parallelize import parallelize
+from costlab.pruning import build_pruning
+from costlab.quantization import build_quantization
+from costlab.tracking import MetricLogger, client
 from costlab.train import build_optimizer, train
 
 
@@ -38,21 +40,25 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
     if cfg.trainer.get("init_from"):
         load_init(model, cfg)
     # train-time compression acts on the plain module, before any wrapper holds it
-    hooks = [h for h in (pruning.training_hook(model, cfg), quantization.training_hook(model, cfg)) if h]
+    options = (build_pruning(cfg), build_quantization(cfg))
+    hooks = [h for h in (o.training_hook(model, cfg) for o in options) if h is not None]
     parallel = parallelize(model, cfg, env)
     optimizer = build_optimizer(parallel.model, cfg)
     logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
     try:
         result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks)
         summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
-        final = parallel.full_model()  # collective: every rank takes part
+        final = parallel.full_model(cfg)  # collective: every rank takes part
         if env.is_main:
             summary.update(result.stats.summary())
             if env.device.type == "cpu":
                 # the other ranks now only wait: the final model is measured on the node's whole CPU,
                 # so its inference figures do not depend on the world size it was trained with
                 torch.set_num_threads(os.cpu_count() or 1)
-            summary.update(evaluate_final(final, corpus, cfg, env, Path(cfg.runtime.run_dir)))
+            run_dir = Path(cfg.runtime.run_dir)
+            summary.update(evaluate_final(final, corpus, cfg, env, run_dir))
+            # what trainer.init_from=<this run id> starts from
+            client(cfg.tracking.uri).set_tag(cfg.runtime.run_id, CHECKPOINT_TAG, str(trained_model_file(run_dir)))
             if corpus.entropy_floor is not None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
             if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing

@@ -1,22 +1,33 @@
-"""What every option of the ``parallelism`` group shares: the process group, the :class:`Parallel`
-record the trainer reads, gradient clipping over sharded gradients, and the way trained weights come
-back into one plain module on rank 0."""
+"""What every layout shares: the process group, and :class:`Parallel`, the model as one rank trains it.
+
+``Parallel`` is a model on one device; the layouts that differ override one method each:
+:class:`~costlab.parallelism.ddp.DataParallel` (gradient sync only on the last micro-batch),
+:class:`ShardedParallel` (DTensor parameters: FSDP and/or tensor parallel) and
+:class:`~costlab.parallelism.pp.PipelineParallel` (stages and a schedule).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from costlab.loss import evaluate, loss_fn
+from costlab.model import build_model
+from costlab.precision import autocast
+
 
 @dataclass
 class DistEnv:
+    """This process's place in the job."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -54,53 +65,89 @@ def init_distributed(cfg: DictConfig) -> DistEnv:
     return DistEnv(rank, local_rank, world, local_world, device)
 
 
-@dataclass
-class Parallel:
-    """What the trainer needs to know about a parallelised model."""
-
-    model: nn.Module  # the module the optimizer trains and the forward pass calls
-    dp_rank: int = 0  # which slice of the global batch this rank takes
-    dp_size: int = 1  # how many slices the global batch is cut into
-    dp_group: dist.ProcessGroup | None = None  # the group the logged loss is averaged over
-    # gradient-sync suppression for all but the last micro-batch (DDP's no_sync)
-    no_sync: Callable[[], object] | None = None
-    # returns the full trained model on rank 0 (None elsewhere); every rank must call it
-    full_model: Callable[[], nn.Module | None] = field(default=lambda: None)
-    # overrides for schemes whose step is not "forward, loss, backward" (pipelining):
-    # forward_backward(parallel, x, y, cfg, scaler) -> mean loss of this rank
-    forward_backward: Callable | None = None
-    # reduce_loss(loss) -> the global mean loss, valid on rank 0
-    reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
-    # evaluate(batches) -> mean validation loss, called on every rank
-    evaluate: Callable | None = None
-    # clip_grad_norm(params, max_norm) -> total norm of the *global* gradient, for sharded or staged
-    # gradients that torch.nn.utils.clip_grad_norm_ would only see a piece of
-    clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None
+def plain_copy(model: nn.Module, model_cfg: DictConfig, device: torch.device) -> nn.Module:
+    """A fresh, unwrapped model holding ``model``'s weights: float8 linears, compiled blocks and
+    checkpoint hooks are training devices the shipped model must not carry."""
+    return load_full_state(model.state_dict(), model_cfg, device)
 
 
-def has_blocks(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "blocks", None), nn.ModuleDict)
-
-
-def plain_copy(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
-    """A fresh, unwrapped model holding ``model``'s weights: what rank 0 compresses, saves and times.
-
-    Float8 linears, compiled blocks and checkpoint hooks are training devices; the shipped model must
-    not carry them.
-    """
-    from costlab.model import build_model
-
-    fresh = build_model(cfg.model)
-    fresh.load_state_dict(model.state_dict())
-    return fresh.to(device)
-
-
-def load_full_state(state: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device) -> nn.Module:
-    from costlab.model import build_model
-
-    fresh = build_model(cfg.model)
+def load_full_state(state: dict[str, torch.Tensor], model_cfg: DictConfig, device: torch.device) -> nn.Module:
+    fresh = build_model(model_cfg)
     fresh.load_state_dict(state)
     return fresh.to(device)
+
+
+class Parallel:
+    """The model as this rank trains it, and the few things a layout changes about training.
+
+    ``model`` is the module the optimizer trains; ``dp_rank``/``dp_size`` say which slice of the global
+    batch this rank takes; ``rebuild`` says the trained module carries training devices (float8, compile,
+    checkpointing), so the shipped model is rebuilt from its weights.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | None = None, rebuild: bool = False,
+                 dp_rank: int = 0, dp_size: int = 1, dp_group: dist.ProcessGroup | None = None):
+        self.model = model
+        self.device = device if device is not None else next(model.parameters()).device
+        self.rebuild = rebuild
+        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
+
+    def sync_gradients(self, last_microbatch: bool) -> contextlib.AbstractContextManager:
+        """Where gradients are reduced after each backward, whether to do so for this micro-batch."""
+        return contextlib.nullcontext()
+
+    def forward_backward(
+        self, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, scaler: torch.amp.GradScaler | None
+    ) -> torch.Tensor:
+        """Forward and backward over ``grad_accum_steps`` micro-batches; the mean loss (detached) of this rank."""
+        accum = cfg.trainer.grad_accum_steps
+        total = torch.zeros((), device=x.device)
+        for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
+            with self.sync_gradients(i == accum - 1):
+                with autocast(cfg, x.device):
+                    logits = self.model(xm)
+                loss = loss_fn(logits, ym) / accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += loss.detach()
+        return total
+
+    def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the whole global batch, valid on rank 0."""
+        if self.dp_size == 1:
+            return loss
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=self.dp_group)  # gloo has no AVG
+        return loss / self.dp_size
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip the gradient of the whole model to ``max_norm``; returns its norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: DictConfig) -> float:
+        """Mean validation loss, called on every rank."""
+        return evaluate(self.model, batches, cfg, self.device, self.dp_rank, self.dp_size, self.dp_group)
+
+    def full_model(self, cfg: DictConfig) -> nn.Module | None:
+        """The whole trained model as one plain module on rank 0 (None elsewhere); every rank calls it."""
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return plain_copy(self.model, cfg.model, self.device) if self.rebuild else self.model
+
+
+class ShardedParallel(Parallel):
+    """Parameters are DTensors (FSDP shards and/or tensor-parallel pieces): the gradient norm and the
+    full model are collectives over the mesh."""
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(params, max_norm)
+
+    def full_model(self, cfg: DictConfig) -> nn.Module | None:
+        # distributed checkpointing is slow to import, and only sharded layouts need it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # collective: DTensors are gathered whole; with cpu_offload only rank 0 keeps the result
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return load_full_state(state, cfg.model, self.device) if dist.get_rank() == 0 else None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +171,7 @@ def clip_grad_norm_(
     """
     params = [p for p in params if p.grad is not None]
     skip = {id(p) for p in exclude}
-    device = params[0].grad.device if params else torch.device("cpu")
+    device = _local(params[0].grad).device if params else torch.device("cpu")
     sums: dict[object, torch.Tensor] = {}
     for p in params:
         if id(p) in skip:
@@ -148,34 +195,3 @@ def clip_grad_norm_(
     for p in params:
         _local(p.grad).mul_(coef.to(p.grad.dtype))
     return norm
-
-
-@torch.no_grad()
-def sharded_evaluate(
-    model: nn.Module, batches: list, cfg: DictConfig, device: torch.device, dp_rank: int, dp_size: int, group
-) -> float:
-    """Mean loss with every rank running the *same number* of forward passes.
-
-    FSDP's all-gathers and TP's all-reduces are collectives: a rank that skipped a batch would hang
-    its peers. Each data-parallel rank takes its rows of every batch instead.
-    """
-    from costlab.precision import autocast
-    from costlab.train import loss_fn
-
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
-        xs, ys = x.tensor_split(dp_size)[dp_rank], y.tensor_split(dp_size)[dp_rank]
-        empty = xs.size(0) == 0
-        if empty:  # fewer rows than ranks: still take part in the collectives, count nothing
-            xs, ys = x[:1], y[:1]
-        with autocast(cfg, device):
-            logits = model(xs.to(device))
-        if not empty:
-            total[0] += loss_fn(logits, ys.to(device)).double() * ys.numel()
-            total[1] += ys.numel()
-    if dp_size > 1:
-        dist.all_reduce(total, group=group)
-    model.train(was_training)
-    return float(total[0] / total[1])

@@ -1,6 +1,6 @@
-"""Per-block training techniques that trade compute for memory or speed, applied by every option of
-the ``parallelism`` group in torchtitan's order: float8 → tensor parallel → activation checkpointing →
-compile → FSDP (tensor parallel and FSDP live in their option's module).
+"""Per-block training techniques that trade compute for memory or speed, applied by
+:func:`costlab.parallelism.apply.apply_parallelisms` in torchtitan's order: float8 → tensor parallel →
+activation checkpointing → compile → FSDP / DDP (tensor parallel, FSDP and DDP live in their option's module).
 
 All of them act in place and keep parameter names, so state dicts stay those of a plain model.
 """
@@ -10,36 +10,28 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from costlab.parallelism.core import has_blocks
-
-
-def is_fp8(cfg: DictConfig) -> bool:
-    return cfg.precision.name == "fp8"
+from costlab.model import has_blocks
 
 
-def apply_fp8(model: nn.Module, cfg: DictConfig) -> bool:
+def apply_fp8(model: nn.Module, recipe: str) -> None:
     """Swap the blocks' ``nn.Linear`` layers for torchao ``Float8Linear`` (dynamic scaling).
 
-    Embeddings, norms and the output head stay in high precision, as torchtitan leaves them. Returns
-    whether anything was converted (validation has refused fp8 without an SM89+ GPU).
+    Embeddings, norms and the output head stay in high precision, as torchtitan leaves them
+    (validation has refused fp8 without an SM89+ GPU).
     """
-    if not is_fp8(cfg):
-        return False
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional: the quant extra
 
-    config = Float8LinearConfig.from_recipe_name(cfg.precision.get("recipe", "tensorwise"))
+    config = Float8LinearConfig.from_recipe_name(recipe)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn.startswith("blocks."))
-    return True
 
 
 def _selective_policy():
     """Keep the outputs of matmuls and attention (expensive to redo), recompute the cheap pointwise
     and normalisation ops between them: most of full checkpointing's saving for little recompute."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
     aten = torch.ops.aten
     names = (
         "mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
@@ -56,17 +48,11 @@ def _selective_policy():
     return policy
 
 
-def apply_ac(model: nn.Module, cfg: DictConfig) -> None:
-    """``trainer.activation_checkpointing``: none | full (recompute each block in backward) | selective.
+def apply_ac(model: nn.Module, mode: str) -> None:
+    """``trainer.activation_checkpointing``: full (recompute each block in backward) or selective.
 
     The composable ``checkpoint`` works through hooks, so names and wrappers stay as they were.
     """
-    mode = cfg.trainer.get("activation_checkpointing", "none")
-    if mode == "none" or not has_blocks(model):
-        return
-    from torch.distributed._composable import checkpoint
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     kwargs = {}
     if mode == "selective":
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy())
@@ -74,25 +60,12 @@ def apply_ac(model: nn.Module, cfg: DictConfig) -> None:
         checkpoint(block, **kwargs)
 
 
-def apply_compile(model: nn.Module, cfg: DictConfig) -> None:
-    """``trainer.compile``: ``torch.compile`` per block (the blocks are identical, so one compilation
-    serves them all), or the whole model when it has no blocks. ``Module.compile`` compiles in place:
-    parameter names keep no ``_orig_mod`` prefix."""
-    if not cfg.trainer.get("compile", False):
-        return
+def apply_compile(model: nn.Module) -> None:
+    """``torch.compile`` per block (the blocks are identical, so one compilation serves them all), or
+    the whole model when it has no blocks. ``Module.compile`` compiles in place: parameter names keep
+    no ``_orig_mod`` prefix."""
     if has_blocks(model):
         for block in model.blocks.values():
             block.compile()
     else:
         model.compile()
-
-
-def prepare(model: nn.Module, cfg: DictConfig) -> bool:
-    """float8 → activation checkpointing → compile, for options without tensor parallel or FSDP.
-    Returns whether the model was changed in a way the shipped model must not inherit."""
-    changed = apply_fp8(model, cfg)
-    apply_ac(model, cfg)
-    apply_compile(model, cfg)
-    return changed or cfg.trainer.get("activation_checkpointing", "none") != "none" or bool(
-        cfg.trainer.get("compile", False)
-    )

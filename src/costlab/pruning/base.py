@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
     from costlab.data import ByteCorpus
 
+# what share of the targeted weights is gone (zeroed, or removed by a structured prune)
+TARGET_SPARSITY = "pruning/target_sparsity"
+
 
 class Pruning:
     """One option of the ``pruning`` group; the constructor's arguments are the option's config keys."""
@@ -85,7 +88,7 @@ class TargetedPruning(Pruning):
         if not self.recovery_steps:
             return {}
         # imported here: the launcher imports this module to check configs, and must not pay for these
-        from costlab.parallelism import DistEnv, Parallel
+        from costlab.parallelism.core import DistEnv, Parallel
         from costlab.train import build_optimizer, train
 
         rcfg = copy.deepcopy(cfg)

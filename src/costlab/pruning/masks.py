@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from costlab.data import ByteCorpus
-from costlab.pruning.base import TargetedPruning
+from costlab.pruning.base import TARGET_SPARSITY, TargetedPruning
 
 
 class MaskPruning(TargetedPruning):
@@ -33,5 +33,5 @@ class MaskPruning(TargetedPruning):
         for m in layers.values():
             prune.remove(m, "weight")
         zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-        out["pruning/target_sparsity"] = zeros / sum(m.weight.numel() for m in layers.values())
+        out[TARGET_SPARSITY] = zeros / sum(m.weight.numel() for m in layers.values())
         return out

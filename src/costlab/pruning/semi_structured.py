@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
+from torch.sparse import to_sparse_semi_structured
 
 from costlab.data import ByteCorpus
 from costlab.errors import ConfigError
@@ -71,12 +72,8 @@ class SemiStructured(MaskPruning):
     def accelerate(self, model: nn.Module, cfg: DictConfig) -> dict[str, float]:
         """Turn the 2:4 weights into sparse tensors the kernels run. They take fp16/bf16 only, so these layers
         move to the run's autocast dtype. 0 layers when only masks were asked for: no speed-up claimed."""
-        if self.allow_mask_only:
-            return {"pruning/sparse_kernel_layers": 0}
-        from torch.sparse import to_sparse_semi_structured
-
+        layers = {} if self.allow_mask_only else self.layers(model)
         dtype = autocast_dtype(cfg)
-        layers = self.layers(model)
         for m in layers.values():
             m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach().to(dtype).contiguous()), False)
             if m.bias is not None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from costlab.data import ByteCorpus
 from costlab.errors import ConfigError
-from costlab.pruning.base import DEFAULT_TARGETS, TargetedPruning
+from costlab.pruning.base import DEFAULT_TARGETS, TARGET_SPARSITY, TargetedPruning
 
 PARTS = ("mlp", "attn")
 
@@ -46,7 +46,7 @@ class Structured(TargetedPruning):
         shrink(model, plan_structured(model, layers, float(self.amount), self.parts))
         after = sum(m.weight.numel() for m in self.layers(model).values())
         out = self.recover(model, corpus, cfg, device)
-        out["pruning/target_sparsity"] = 1 - after / before  # removed, not zeroed
+        out[TARGET_SPARSITY] = 1 - after / before  # removed, not zeroed
         return out
 
 

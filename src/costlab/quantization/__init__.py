@@ -15,16 +15,10 @@ train-time-prepared model the float reference again (``reference``), and its act
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 from omegaconf import DictConfig
 
 from costlab.compression import build_option
 from costlab.quantization.base import NoQuantization, Quantization, TorchaoQuantization
-
-if TYPE_CHECKING:
-    from torch import nn
 
 __all__ = ["NoQuantization", "Quantization", "TorchaoQuantization", "build_quantization"]
 
@@ -33,23 +27,3 @@ def build_quantization(cfg: DictConfig) -> Quantization:
     """The ``quantization`` option of ``cfg``: ``hydra.utils.instantiate(cfg.quantization)``."""
     return build_option("quantization", cfg.quantization)
 
-
-# --- compatibility wrappers: the worker, evaluation and benchmarks call these until they call the option ---
-
-
-def is_active(cfg: DictConfig) -> bool:
-    return build_quantization(cfg).active
-
-
-def apply(model: nn.Module, cfg: DictConfig) -> dict[str, float]:
-    return build_quantization(cfg).apply(model, cfg)
-
-
-def training_hook(model: nn.Module, cfg: DictConfig) -> Callable[[int], None] | None:
-    return build_quantization(cfg).training_hook(model, cfg)
-
-
-def strip_fake_quant(model: nn.Module) -> int:
-    from costlab.quantization.qat import strip_fake_quant  # torch and torchao only where a model is at hand
-
-    return strip_fake_quant(model)

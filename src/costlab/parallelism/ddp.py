@@ -1,0 +1,40 @@
+"""``ddp`` (degree ``dp_replicate``): every rank holds the whole model; gradients are all-reduced."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from costlab.parallelism.core import Parallel
+
+
+def apply_ddp(
+    model: nn.Module, dp_group: dist.ProcessGroup, device: torch.device, bucket_cap_mb: float
+) -> DistributedDataParallel:
+    return DistributedDataParallel(
+        model,
+        process_group=dp_group,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=bucket_cap_mb,
+    )
+
+
+class DataParallel(Parallel):
+    """A DDP replica: gradients are all-reduced only after the last micro-batch of a step."""
+
+    def __init__(self, ddp: DistributedDataParallel, device: torch.device, rebuild: bool,
+                 dp_rank: int, dp_size: int, dp_group: dist.ProcessGroup):
+        super().__init__(ddp, device, rebuild, dp_rank, dp_size, dp_group)
+        self.inner = ddp.module
+
+    def sync_gradients(self, last_microbatch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last_microbatch else self.model.no_sync()
+
+    def full_model(self, cfg) -> nn.Module | None:
+        if dist.get_rank() != 0:
+            return None
+        return Parallel(self.inner, self.device, self.rebuild).full_model(cfg)

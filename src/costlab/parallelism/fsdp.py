@@ -1,0 +1,32 @@
+"""``fsdp`` (degree ``dp_shard``): FSDP2 ``fully_shard``, parameters, gradients and optimizer state
+sharded over the data-parallel ranks, ZeRO-3 style."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from costlab.model import has_blocks
+
+
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: bool,
+) -> None:
+    """FSDP2 on each block (its own all-gather / reduce-scatter unit, so communication overlaps the
+    neighbouring block's compute), then on the root for the embeddings, final norm and head.
+
+    The precision group becomes the mixed-precision policy: parameters all-gathered and computed in
+    ``param_dtype`` (bf16 or fp16; None keeps fp32), gradients reduced in ``reduce_dtype``.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
+    if has_blocks(model):
+        for block in model.blocks.values():
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    # the root keeps FSDP's default: not resharded, since backward needs its head first
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)

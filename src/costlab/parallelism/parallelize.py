@@ -1,0 +1,31 @@
+"""The entry point: a freshly built model spread over the ranks as the degrees say."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch import nn
+
+from costlab.parallelism.apply import apply_parallelisms, build_mesh
+from costlab.parallelism.core import DistEnv, Parallel, ShardedParallel
+from costlab.parallelism.ddp import DataParallel, apply_ddp
+from costlab.parallelism.dims import parallel_dims
+from costlab.parallelism.pp import PipelineParallel
+
+
+def parallelize(model: nn.Module, cfg: DictConfig, env: DistEnv) -> Parallel:
+    """Spread a freshly built model over the ranks as ``cfg.parallelism``'s degrees say."""
+    dims = parallel_dims(cfg.parallelism, env.world_size)
+    mesh = build_mesh(dims, env.device.type)
+    if dims.pp_enabled:
+        return PipelineParallel(model, cfg, env, dims, mesh)
+    rebuild = apply_parallelisms(model, cfg, dims, mesh, env.device)
+    if dims.ddp_enabled:
+        dp = mesh["dp_replicate"]
+        ddp = apply_ddp(model, dp.get_group(), env.device, cfg.parallelism.get("bucket_cap_mb", 25))
+        return DataParallel(ddp, env.device, rebuild, dp.get_local_rank(), dp.size(), dp.get_group())
+    if dims.fsdp_enabled:
+        dp = mesh["dp_shard"]
+        return ShardedParallel(model, env.device, rebuild, dp.get_local_rank(), dp.size(), dp.get_group())
+    if dims.tp_enabled:
+        return ShardedParallel(model, env.device, rebuild)
+    return Parallel(model, env.device, rebuild)

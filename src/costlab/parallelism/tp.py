@@ -1,0 +1,72 @@
+"""``tp`` (degree ``tp_degree``): Megatron-style tensor parallel with DTensor."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+
+class _Replicated(ParallelStyle):
+    """A parallel style for modules TP does not split (norms): parameters become replicated
+    DTensors, activations stay plain tensors. Every parameter is then a DTensor on the TP mesh, so
+    optimizer ``foreach`` kernels, the gradient scaler and FSDP's 2-D sharding see one mesh."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(mod, inputs, mesh):
+            return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False) for t in inputs)
+
+        def to_local(mod, outputs, mesh):
+            return outputs.to_local()
+
+        return distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)
+
+
+def _styles(float8: bool):
+    if float8:  # float8 linears need the float8-aware styles (they all-gather in float8)
+        from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
+
+        return Float8ColwiseParallel, Float8RowwiseParallel
+    return ColwiseParallel, RowwiseParallel
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> None:
+    """Megatron-style TP: q/k/v and the MLP's first layer column-wise (each rank holds whole heads and
+    a slice of the hidden units), the two output projections row-wise (one all-reduce each).
+
+    The embeddings are split over the vocabulary / positions (row-wise, output all-reduced), the
+    output head over the vocabulary (column-wise, logits all-gathered). Activations between blocks
+    are replicated: no sequence parallel, so the loss is the single-device loss up to summation order.
+    """
+    colwise, rowwise = _styles(float8)
+    for block in model.blocks.values():
+        plan = {
+            "ln_1": _Replicated(),
+            "ln_2": _Replicated(),
+            "attn.c_q": colwise(),
+            "attn.c_k": colwise(),
+            "attn.c_v": colwise(),
+            "attn.c_proj": rowwise(),
+            "mlp.c_fc": colwise(),
+            "mlp.c_proj": rowwise(),
+        }
+        if getattr(block.mlp, "swiglu", False):
+            plan["mlp.c_fc2"] = colwise()
+        parallelize_module(block, tp_mesh, plan)
+
+    tied = model.lm_head is not None and model.wte is not None and model.lm_head.weight is model.wte.weight
+    plan = {}
+    if model.wte is not None:
+        plan["wte"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if model.wpe is not None:
+        plan["wpe"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if model.ln_f is not None:
+        plan["ln_f"] = _Replicated()
+    if model.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    parallelize_module(model, tp_mesh, plan)
+    if tied:
+        # both styles shard the (vocab, n_embd) matrix on dim 0: one DTensor can serve both again
+        model.lm_head.weight = model.wte.weight
