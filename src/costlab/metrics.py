@@ -67,6 +67,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
+def peak_reserved_memory(device: torch.device) -> dict[str, float]:
+    """``mem/peak_reserved_bytes`` on GPU: ``max_memory_reserved``, largest over ranks. The caching allocator
+    holds freed blocks for reuse, so what a run takes from the card (and what other processes cannot have)
+    is its reservation, not only what it allocated. CPU has no such figure: nothing is logged there.
+    A collective on several ranks: every rank calls it."""
+    if device.type != "cuda":
+        return {}
+    return {"mem/peak_reserved_bytes": max_over_ranks(torch.cuda.max_memory_reserved(device), device)}
+
+
 def max_over_ranks(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
