@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from costlab.parallelism.core import Parallel
+from costlab.parallelism.core import Parallel, plain_copy
 
 
 def apply_ddp(
@@ -37,4 +37,4 @@ class DataParallel(Parallel):
     def full_model(self, cfg) -> nn.Module | None:
         if dist.get_rank() != 0:
             return None
-        return Parallel(self.inner, self.device, self.rebuild).full_model(cfg)
+        return plain_copy(self.inner, cfg.model, self.device) if self.rebuild else self.inner
