@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from costlab import ROOT
+from costlab.hardware import cpu_info
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.e2e
@@ -63,11 +64,14 @@ def test_default_experiment_learns_and_logs_the_whole_contract(cli, tmp_path):
 
 
 def test_ddp_fp16_runs_on_two_ranks_with_loss_scaling(cli):
-    _ok(cli(*TINY, "parallelism=ddp", "precision=fp16", "tracking.run_name=ddp_fp16"))
+    proc = cli(*TINY, "parallelism=ddp", "precision=fp16", "tracking.run_name=ddp_fp16")
+    _ok(proc)
     run = cli.run_by_name("ddp_fp16")
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2" and run.data.tags["precision"] == "fp16"
     assert run.data.metrics["train/loss_scale"] > 0
+    if cpu_info().lacks_native("float16"):  # told before launch, with the slowdown measured here
+        assert "costlab: warning: precision=fp16: a float16 matmul here" in proc.stderr
     assert run.data.metrics["eval/loss"] < 6
 
 

@@ -20,6 +20,8 @@ from costlab.metrics import count_params, save_model, sparse_savings
 from costlab.model import build_model
 from costlab.parallelism.core import DistEnv
 from costlab.quantization import Quantization, build_quantization
+from costlab.quantization.base import BACKEND_TAG
+from costlab.quantization.pytorch_int8 import dynamic_linear
 from costlab.quantization.qat import strip_fake_quant
 from costlab.validate import validate
 from tests.conftest import TINY, compose_config, requires_cuda
@@ -46,7 +48,7 @@ def val_loss(model: nn.Module, cfg, corpus) -> float:
 
 @pytest.mark.parametrize("option", ["int8_dynamic", "int8_weight_only"])
 def test_quantized_file_is_smaller_and_loads_back_with_the_same_loss(option, tmp_path):
-    cfg, model, corpus = tiny(f"quantization={option}")
+    cfg, model, corpus = tiny(f"quantization={option}", "quantization.backend=torchao")
     dense = save_model(model, tmp_path / "dense" / "model.pt")
     info = apply(model, cfg)
     assert info["quantization/layers"] == len(target_layers(model, cfg.quantization.targets)) == 12
@@ -59,6 +61,64 @@ def test_quantized_file_is_smaller_and_loads_back_with_the_same_loss(option, tmp
     assert type(loaded.blocks["0"].attn.c_q.weight) is type(model.blocks["0"].attn.c_q.weight)
     assert loaded.lm_head.weight is loaded.wte.weight
     assert val_loss(loaded, cfg, corpus) == loss
+
+
+def test_pytorch_backend_saves_reloads_and_evaluates_to_the_same_loss(tmp_path):
+    cfg, model, corpus = tiny("quantization=int8_dynamic", "quantization.backend=pytorch")
+    dense = save_model(model, tmp_path / "dense" / "model.pt")
+    params, _ = count_params(model)
+    ref = val_loss(model, cfg, corpus)
+    q = build_quantization(cfg)
+    info = q.apply(model, cfg)
+    assert info["quantization/layers"] == 12 and "quantization/probe_ms_torchao" not in info  # no probe asked for
+    assert q.tags == {BACKEND_TAG: "pytorch", "quantization/engine": "x86"}
+    assert isinstance(model.blocks["0"].mlp.c_fc, dynamic_linear())
+    assert model.lm_head.weight is model.wte.weight
+    assert count_params(model)[0] == params  # the packed weights are still counted
+    size = save_model(model, tmp_path / "model.pt")
+    assert size < 0.65 * dense
+    loss = val_loss(model, cfg, corpus)
+    assert loss == pytest.approx(ref, rel=0.02) and loss != ref  # int8 rounding moved it, a little
+    loaded = load_model(cfg.model, tmp_path / "model.pt")
+    assert isinstance(loaded.blocks["1"].attn.c_q, dynamic_linear())
+    assert val_loss(loaded, cfg, corpus) == loss
+
+
+def test_auto_backend_times_both_on_the_models_shapes_and_runs_the_faster(tmp_path):
+    cfg, model, _ = tiny("quantization=int8_dynamic")
+    q = build_quantization(cfg)
+    info = q.apply(model, cfg)
+    timings = {b: info[f"quantization/probe_ms_{b}"] for b in ("float", "torchao", "pytorch")}
+    assert all(v > 0 for v in timings.values())
+    chosen = q.tags[BACKEND_TAG]
+    assert chosen == min(("torchao", "pytorch"), key=timings.__getitem__)
+    packed = isinstance(model.blocks["0"].mlp.c_fc, dynamic_linear())
+    assert packed == (chosen == "pytorch")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "says"),
+    [
+        (["quantization=int8_dynamic", "quantization.backend=pytorch", "precision=bf16"], "quantization.backend",
+         "fp32 activations"),
+        (["quantization=int8_dynamic", "quantization.backend=fast"], "quantization.backend",
+         "auto, torchao or pytorch"),
+        (["quantization=int8_dynamic", "quantization.backend=pytorch", "quantization.engine=qnnpackx"],
+         "quantization.engine", "supports"),
+        (["quantization=int8_weight_only", "quantization.backend=pytorch"], "quantization.backend", "weight-only"),
+    ],
+)
+def test_int8_backend_refusals_name_the_key(overrides, key, says):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config([*CPU, *overrides]))
+    assert e.value.key == key and says in str(e.value)
+
+
+def test_auto_uses_torchao_without_a_probe_where_pytorchs_kernels_cannot_run():
+    cfg, model, _ = tiny("quantization=int8_dynamic", "precision=bf16")
+    q = build_quantization(cfg)
+    info = q.apply(model, cfg)
+    assert q.tags == {BACKEND_TAG: "torchao"} and not any("probe" in k for k in info)
 
 
 def test_qat_trains_with_fake_quant_only_for_the_last_steps_then_converts():
@@ -112,13 +172,14 @@ def test_count_params_sees_through_quantized_tensors():
 )
 def test_prune_then_quantize_measures_and_round_trips(overrides, tmp_path):
     cfg, model, corpus = tiny(*overrides)
-    out = evaluate_final(model, corpus, cfg, ENV, tmp_path)
+    out, tags = evaluate_final(model, corpus, cfg, ENV, tmp_path)
     assert out["model/size_bytes"] < out["model/size_bytes_uncompressed"]
     assert out["model/size_bytes_sparse"] <= out["model/size_bytes"]
     assert out["eval/loss_delta"] == pytest.approx(
         (out["eval/loss"] - out["eval/loss_uncompressed"]) / out["eval/loss_uncompressed"])
     assert out["infer/speedup"] == pytest.approx(out["infer/tokens_per_s"] / out["infer/tokens_per_s_uncompressed"])
     assert (tmp_path / "uncompressed" / "model.pt").is_file()
+    assert tags[BACKEND_TAG] in ("torchao", "pytorch")
     loaded = load_model(cfg.model, tmp_path / "model.pt")
     assert val_loss(loaded, cfg, corpus) == pytest.approx(out["eval/loss"], abs=1e-6)
     if cfg.pruning.name == "structured":
@@ -129,7 +190,8 @@ def test_prune_then_quantize_measures_and_round_trips(overrides, tmp_path):
 
 def test_unstructured_pruning_claims_no_dense_saving(tmp_path):
     cfg, model, corpus = tiny("pruning=l1_unstructured", "pruning.amount=0.7")
-    out = evaluate_final(model, corpus, cfg, ENV, tmp_path)
+    out, tags = evaluate_final(model, corpus, cfg, ENV, tmp_path)
+    assert tags == {}  # nothing was quantized
     assert out["model/size_bytes"] == out["model/size_bytes_uncompressed"]  # zeros in a dense file cost the same
     assert out["model/size_bytes_sparse"] < 0.75 * out["model/size_bytes"]
 
@@ -160,7 +222,7 @@ def test_gpu_compression_round_trip(option, tmp_path):
     gpu = ["trainer.device=cuda", "precision=bf16", "model.n_embd=128", "model.n_head=2"]
     cfg, model, corpus = tiny(f"{group}={option}", base=[*TINY, *gpu])
     model.cuda()
-    out = evaluate_final(model, corpus, cfg, DistEnv(0, 0, 1, 1, torch.device("cuda")), tmp_path)
+    out, _ = evaluate_final(model, corpus, cfg, DistEnv(0, 0, 1, 1, torch.device("cuda")), tmp_path)
     assert out["eval/loss_delta"] < 0.05
     assert out["infer/speedup"] > 0
     if group == "quantization":

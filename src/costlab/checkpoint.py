@@ -124,13 +124,16 @@ def load_init(model: Any, cfg: Any) -> Path:
     return path
 
 
-def load_model(model_cfg: Any, path: Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(model_cfg: Any, path: Path, device: str | torch.device = "cpu", engine: str | None = None) -> nn.Module:
     """Rebuild a saved (possibly pruned and quantized) model: layers a structured prune shrank are
-    resized to the file's shapes, and torchao tensors are loaded as they were saved."""
+    resized to the file's shapes, torchao tensors are loaded as they were saved, and layers saved as
+    PyTorch dynamic int8 Linears become such layers again, packed for ``engine`` (default: the current
+    quantized engine)."""
     import torch
     from torch import nn
 
     from costlab.model import build_model
+    from costlab.quantization.pytorch_int8 import rebuild as rebuild_int8
 
     try:
         import torchao.quantization  # noqa: F401  (allow-lists torchao's tensor types for weights_only)
@@ -144,6 +147,7 @@ def load_model(model_cfg: Any, path: Path, device: str | torch.device = "cpu") -
             parent, _, attr = name.rpartition(".")
             small = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
             setattr(model.get_submodule(parent) if parent else model, attr, small)
+    rebuild_int8(model, state, engine)
     model.load_state_dict(state, assign=True)
     model.to(device)
     head, emb = state.get("lm_head.weight"), state.get("wte.weight")

@@ -42,8 +42,11 @@ def save_and_count(model: nn.Module, path: Path) -> Saved:
     return Saved(size, size - sparse_savings(model.state_dict()), params, nonzero)
 
 
-def evaluate_final(model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, env: DistEnv, run_dir: Path) -> dict:
+def evaluate_final(
+    model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, env: DistEnv, run_dir: Path
+) -> tuple[dict[str, float], dict[str, str]]:
     """prune → (recover) → quantize ``model`` in place as the config says, measuring it before and after.
+    Returns the metrics and the tags (what the compression options chose, e.g. the int8 backend that ran).
 
     The trained model is saved as ``model.pt``, or, when compression follows, as ``uncompressed/model.pt``
     beside the compressed ``model.pt``.
@@ -90,4 +93,4 @@ def evaluate_final(model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, env: D
             "infer/tokens_per_s_uncompressed": infer_batch.numel() / ref,
             "infer/speedup": ref / seconds["final"],
         })
-    return out
+    return out, dict(quantization.tags)

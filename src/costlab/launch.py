@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from costlab import status, tracking
 from costlab.errors import ConfigError
-from costlab.hardware import resolve_device
+from costlab.hardware import cpu_info, resolve_device
+from costlab.probes import slow_precision_warning
 from costlab.tracking import check_tracking
 from costlab.validate import validate
 
@@ -45,6 +46,7 @@ def fail(error: ConfigError, run_dir: Path, node_rank: int, parent_id: str | Non
 def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str, str]:
     tags = {group: str(choices.get(group, cfg[group].get("name", ""))) for group in tracking.CONTRACT_TAGS}
     tags.update(world_size=str(world_size), device=cfg.trainer.device)
+    tags.update(cpu_info().tags())  # which CPU levers pay depends on these features
     return tags
 
 
@@ -76,6 +78,10 @@ def run_job(cfg: DictConfig) -> str:
     except ConfigError as e:
         node = cfg.trainer.node_rank
         fail(e, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
+
+    warning = slow_precision_warning(cfg, cpu_info())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     t0 = time.time()
     if cfg.trainer.node_rank > 0:

@@ -16,10 +16,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from costlab.quantization.pytorch_int8 import packed_tensors
 
 
 def sync(device: torch.device) -> None:
@@ -113,9 +116,10 @@ def save_model(model: nn.Module, path: Path) -> int:
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the model as it is, tied weights counted once and
-    quantized (tensor-subclass) weights counted by the dense values they stand for."""
+    quantized weights (torchao tensor subclasses, PyTorch's packed int8 Linears) counted by the dense
+    values they stand for."""
     total = nonzero = 0
-    for p in model.parameters():
+    for p in [*model.parameters(), *packed_tensors(model)]:
         total += p.numel()
         nonzero += int(torch.count_nonzero(_dense(p)).item())
     return total, nonzero
@@ -127,8 +131,16 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
 
 
-def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors a state-dict entry is stored as (a torchao tensor: its data and scales)."""
+def _leaves(t: object) -> list[torch.Tensor]:
+    """The plain tensors a state-dict entry is stored as (a torchao tensor: its data and scales; a packed
+    int8 Linear's (weight, bias): its int8 values, scales and bias; not a tensor: none)."""
+    if isinstance(t, (tuple, list)):
+        return [leaf for x in t for leaf in _leaves(x)]
+    if not isinstance(t, torch.Tensor):
+        return []
+    if t.is_quantized:
+        scales = t.q_per_channel_scales() if t.qscheme() == torch.per_channel_affine else torch.tensor([t.q_scale()])
+        return [t.int_repr(), scales]
     if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
         return [t.detach()]
     names, _ = t.__tensor_flatten__()
@@ -142,7 +154,7 @@ def _nonzero(t: torch.Tensor) -> int:
         return int(torch.count_nonzero(t.view(torch.uint8)))
 
 
-def sparse_savings(state: dict[str, torch.Tensor]) -> int:
+def sparse_savings(state: dict[str, Any]) -> int:
     """Bytes a sparse encoding would save over the dense file: each stored tensor kept as its non-zero
     values plus a 1-bit-per-element presence mask, where that is smaller (for 2:4, this equals the
     values plus 2-bit indices). Tied tensors are counted once, as ``torch.save`` stores them."""

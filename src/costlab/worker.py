@@ -56,9 +56,13 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
                 # so its inference figures do not depend on the world size it was trained with
                 torch.set_num_threads(os.cpu_count() or 1)
             run_dir = Path(cfg.runtime.run_dir)
-            summary.update(evaluate_final(final, corpus, cfg, env, run_dir))
+            metrics, tags = evaluate_final(final, corpus, cfg, env, run_dir)
+            summary.update(metrics)
             # what trainer.init_from=<this run id> starts from
-            client(cfg.tracking.uri).set_tag(cfg.runtime.run_id, CHECKPOINT_TAG, str(trained_model_file(run_dir)))
+            tags[CHECKPOINT_TAG] = str(trained_model_file(run_dir))
+            store = client(cfg.tracking.uri)
+            for key, value in tags.items():
+                store.set_tag(cfg.runtime.run_id, key, value)
             if corpus.entropy_floor is not None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
             if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+BACKEND_TAG = "quantization/backend"  # the run's tag naming the kernels that ran
+LAYERS = "quantization/layers"  # metric: how many layers were really quantized
+
+
 class Quantization:
     """One option of the ``quantization`` group; the constructor's arguments are the option's config keys."""
 
@@ -28,6 +32,7 @@ class Quantization:
 
     def __init__(self, name: str):
         self.name = name
+        self.tags: dict[str, str] = {}  # what ``apply`` chose, as the run's tags (the kernels that ran)
 
     def check(self, cfg: DictConfig, linears: dict[str, tuple[int, int]]) -> None:
         """Refuse, in the launcher, what this option cannot do with ``cfg`` (raises ``ConfigError``).
@@ -91,6 +96,7 @@ class TorchaoQuantization(Quantization):
         from torchao.quantization import quantize_
 
         layers = self.layers(model)
+        self.tags = {BACKEND_TAG: "torchao"}
         with torch.no_grad():
             if self.bf16_kernels:
                 for m in layers.values():
@@ -98,7 +104,7 @@ class TorchaoQuantization(Quantization):
             quantize_(model, self.config(), filter_fn=only(set(layers)))
         # torchao leaves a layer float when its shape does not fit the scheme; count what really changed
         done = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for m in layers.values())
-        return {"quantization/layers": done}
+        return {LAYERS: done}
 
 
 def only(names: set[str]) -> Callable[[nn.Module, str], bool]:
