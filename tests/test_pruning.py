@@ -18,7 +18,7 @@ from costlab.errors import ConfigError
 from costlab.model import build_model
 from costlab.pruning import Pruning, build_pruning
 from costlab.pruning.semi_structured import two_four_mask
-from costlab.pruning.structured import mask_structured, plan_structured, shrink
+from costlab.pruning.structured import kept_count, mask_structured, plan_structured, shrink
 from costlab.pruning.unstructured import cubic_sparsity
 from costlab.pruning.wanda import wanda_masks
 from costlab.validate import validate
@@ -149,6 +149,22 @@ def test_structured_removes_the_amount_of_targeted_parameters():
     assert 1 - after / before == pytest.approx(0.5, abs=1e-6) == pytest.approx(info["pruning/target_sparsity"])
     assert model.blocks["0"].attn.c_q.out_features == cfg.model.n_embd // 2  # one of two heads left
     assert model(torch.randint(0, 256, (1, 8))).shape == (1, 8, 256)
+
+
+def test_kept_widths_round_to_the_multiple_kernels_like():
+    assert kept_count(1536, 0.3) == 1075 and kept_count(1536, 0.3, 16) == 1072
+    assert kept_count(512, 0.7, 16) == 160 and kept_count(512, 0.99, 16) == 16  # at least one multiple
+    assert kept_count(12, 0.5, 16) == 6  # narrower than the multiple: unrounded
+    assert kept_count(128, 0.01, 64) == 128  # never more than there is
+    mlp_only = ("pruning=structured", "pruning.amount=0.3", "pruning.parts=[mlp]")
+    cfg, model, corpus = tiny(*mlp_only)
+    apply(model, corpus, cfg)
+    assert model.blocks["0"].mlp.c_fc.out_features == 96  # 128 - 38 = 90, rounded to 16s
+    cfg, model, corpus = tiny(*mlp_only, "pruning.multiple_of=1")
+    apply(model, corpus, cfg)
+    assert model.blocks["0"].mlp.c_fc.out_features == 90
+    with pytest.raises(ConfigError, match=r"^pruning.multiple_of=0: must be a positive integer"):
+        validate(compose_config([*CPU, *mlp_only, "pruning.multiple_of=0"]))
 
 
 def test_recovery_changes_weights_but_keeps_the_masks():
