@@ -11,5 +11,14 @@ def test_tiny_single_run_finishes_with_contract_metrics(cli):
     run = cli.run_by_name("smoke")
     assert run.info.status == "FINISHED"
     assert {k: run.data.tags[k] for k in cpu_info().tags()} == cpu_info().tags()
+    m = run.data.metrics
     for key in ("eval/loss", "perf/tokens_per_s", "mem/peak_bytes", "model/size_bytes", "infer/tokens_per_s"):
-        assert key in run.data.metrics
+        assert key in m
+    # the cost model: this CPU's measured peak, and money from the logged throughputs and price
+    assert run.data.tags["hardware"] == "cpu" and run.data.tags["costlab.peak_source"].startswith("cpu probe")
+    assert m["perf/flops_per_token"] > 0 and 0 < m["perf/mfu"] <= 1
+    assert m["perf/tflops_per_device"] == pytest.approx(m["perf/flops_per_token"] * m["perf/tokens_per_s"] / 1e12)
+    per_hour = m["cost/usd_per_hour"]
+    assert m["cost/usd_per_1m_train_tokens"] == pytest.approx(per_hour / (m["perf/tokens_per_s"] * 3600) * 1e6)
+    assert m["cost/usd_per_1m_infer_tokens"] == pytest.approx(per_hour / (m["infer/tokens_per_s"] * 3600) * 1e6)
+    assert m["cost/usd_run"] == pytest.approx(per_hour * m["time/total_s"] / 3600)

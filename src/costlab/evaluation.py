@@ -24,6 +24,8 @@ from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 
+INFER_TOKENS_PER_S = "infer/tokens_per_s"
+
 
 @dataclass
 class Saved:
@@ -81,7 +83,7 @@ def evaluate_final(
         "model/nonzero_params": after.nonzero_params,
         "model/sparsity": 1 - after.nonzero_params / after.params,
         "infer/latency_ms_p50": 1000 * seconds["final"],
-        "infer/tokens_per_s": infer_batch.numel() / seconds["final"],
+        INFER_TOKENS_PER_S: infer_batch.numel() / seconds["final"],
     })
     if compressed:  # figures of a comparison only where there was one
         ref = seconds["uncompressed"]

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from costlab import status, tracking
+from costlab.cost import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.errors import ConfigError
 from costlab.hardware import cpu_info, resolve_device
 from costlab.probes import slow_precision_warning
@@ -46,6 +47,7 @@ def fail(error: ConfigError, run_dir: Path, node_rank: int, parent_id: str | Non
 def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str, str]:
     tags = {group: str(choices.get(group, cfg[group].get("name", ""))) for group in tracking.CONTRACT_TAGS}
     tags.update(world_size=str(world_size), device=cfg.trainer.device)
+    tags[HARDWARE_TAG] = str(cfg.hardware.name)
     tags.update(cpu_info().tags())  # which CPU levers pay depends on these features
     return tags
 
@@ -71,6 +73,7 @@ def run_job(cfg: DictConfig) -> str:
     try:
         with open_dict(cfg):
             cfg.trainer.device = resolve_device(cfg.trainer.device)
+            cfg.hardware = resolve_hardware(cfg)
             from_slurm(cfg, os.environ)
         validate(cfg)
         if cfg.trainer.node_rank == 0:  # other nodes never touch the store
@@ -109,7 +112,10 @@ def run_job(cfg: DictConfig) -> str:
         outcome = status.KILLED
     finally:
         try:
-            client.log_metric(run_id, "time/total_s", time.time() - t0)
+            seconds = time.time() - t0
+            client.log_metric(run_id, "time/total_s", seconds)
+            for key, value in run_cost(cfg, seconds).items():
+                client.log_metric(run_id, key, value)
             if log_path.exists():
                 client.log_artifact(run_id, str(log_path))
             if outcome != status.FINISHED and log_path.exists():

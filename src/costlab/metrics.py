@@ -36,6 +36,9 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+TRAIN_TOKENS_PER_S = "perf/tokens_per_s"
+
+
 @dataclass
 class StepStats:
     """Step times after warm-up, and the tokens those steps processed (all ranks together)."""
@@ -55,7 +58,7 @@ class StepStats:
             return {}
         total = sum(self.times_s)
         return {
-            "perf/tokens_per_s": self.tokens_per_step * len(self.times_s) / total,
+            TRAIN_TOKENS_PER_S: self.tokens_per_step * len(self.times_s) / total,
             "perf/step_time_ms_p50": 1000 * statistics.median(self.times_s),
             "perf/step_time_ms_mean": 1000 * total / len(self.times_s),
             "perf/timed_steps": len(self.times_s),

@@ -5,7 +5,10 @@ launch when it is not). torch is imported only when a probe runs.
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -50,3 +53,60 @@ def slow_precision_warning(cfg: DictConfig, cpu: Cpu) -> str | None:
     return (f"costlab: warning: precision={cfg.precision.name}: a {dtype} matmul here {speed} fp32 "
             f"({slow:.1f} vs {ref:.1f} GFLOP/s, {PROBE_SIZE}^3 probe): this CPU ({cpu.model}) has no "
             f"{'/'.join(lacks)}; the run goes on and measures it")
+
+
+PEAK_SIZES = (256, 512, 1024, 2048)  # the probe grows the matmul until one call takes PEAK_CALL_S
+PEAK_CALL_S = 0.02
+PEAK_MIN_S = 0.3
+
+
+def _peak_gflops(dtype_name: str) -> tuple[float, int]:
+    """The best GFLOP/s of square matmuls in ``dtype_name`` on this process's threads: the size grows until
+    one call lasts ``PEAK_CALL_S`` (large enough to leave the overheads behind), then the fastest of the
+    calls within ``PEAK_MIN_S`` after a warm-up counts. Returns (GFLOP/s, n)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    for n in PEAK_SIZES:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if time.perf_counter() - t0 >= PEAK_CALL_S or n == PEAK_SIZES[-1]:
+            break
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < PEAK_MIN_S:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9, n
+
+
+def cpu_peak_tflops(dtype: str, cache: Path | None, cpu: Cpu) -> tuple[float, str]:
+    """The CPU's peak TFLOP/s in ``dtype`` (``fp32``, ``bf16``, ``fp16``) with this process's threads,
+    measured once per CPU model, features, thread count and torch version and cached in ``cache``
+    (a JSON file; None: not cached). Returns (TFLOP/s, where it came from)."""
+    import torch
+
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    features = ",".join(sorted(cpu.features))
+    key = f"{cpu.model}|{features}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
+    table: dict[str, dict] = {}
+    if cache is not None and cache.is_file():
+        try:
+            table = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            table = {}
+    if key in table:
+        return float(table[key]["tflops"]), f"cpu probe ({table[key]['n']}^3 {dtype} matmul)"
+    gflops, n = _peak_gflops(names[dtype])
+    if cache is not None:
+        table[key] = {"tflops": gflops / 1000, "n": n}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            tmp.replace(cache)  # atomic: concurrent runs never read half a file
+        except OSError:
+            pass  # an unwritable cache only costs the next run the probe again
+    return gflops / 1000, f"cpu probe ({n}^3 {dtype} matmul)"

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
+from costlab.cost import NO_MFU_TAG, PEAK_SOURCE_TAG, cost_metrics, device_peak, flops_per_token
 from costlab.data import build_corpus
-from costlab.evaluation import evaluate_final
-from costlab.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory
+from costlab.evaluation import INFER_TOKENS_PER_S, evaluate_final
+from costlab.metrics import TRAIN_TOKENS_PER_S, max_over_ranks, peak_memory_bytes, peak_reserved_memory
 from costlab.model import build_model
 from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
@@ -37,6 +38,7 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
     seed_everything(cfg.trainer.seed)
     corpus = build_corpus(cfg.data)
     model = build_model(cfg.model)
+    flops = flops_per_token(model, cfg.model.block_size)  # of the whole model, before any sharding
     if cfg.trainer.get("init_from"):
         load_init(model, cfg)
     # train-time compression acts on the plain module, before any wrapper holds it
@@ -67,6 +69,11 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
             if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing
                 summary["train/final_loss"] = result.final_loss
+            # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
+            peak, source = device_peak(cfg, env.local_world_size)
+            summary.update(cost_metrics(cfg, flops, peak, summary.get(TRAIN_TOKENS_PER_S),
+                                        summary.get(INFER_TOKENS_PER_S)))
+            store.set_tag(cfg.runtime.run_id, PEAK_SOURCE_TAG if peak else NO_MFU_TAG, source)
         summary["mem/peak_bytes"] = max_over_ranks(peak_memory_bytes(env.device), env.device)
         summary.update(peak_reserved_memory(env.device))
         if logger is not None:
