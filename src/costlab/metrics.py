@@ -74,13 +74,20 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def peak_reserved_memory(device: torch.device) -> dict[str, float]:
-    """``mem/peak_reserved_bytes`` on GPU: ``max_memory_reserved``, largest over ranks. The caching allocator
+    """``mem/peak_reserved_bytes`` on GPU: ``max_memory_reserved``, largest over ranks, with the allocator's
+    retry and out-of-memory counts (``torch.cuda.memory_stats``). The caching allocator
     holds freed blocks for reuse, so what a run takes from the card (and what other processes cannot have)
     is its reservation, not only what it allocated. CPU has no such figure: nothing is logged there.
     A collective on several ranks: every rank calls it."""
     if device.type != "cuda":
         return {}
-    return {"mem/peak_reserved_bytes": max_over_ranks(torch.cuda.max_memory_reserved(device), device)}
+    stats = torch.cuda.memory_stats(device)
+    return {
+        "mem/peak_reserved_bytes": max_over_ranks(torch.cuda.max_memory_reserved(device), device),
+        # the allocator freed its cache and retried (a sign of fragmentation near the limit), or gave up
+        "mem/alloc_retries": max_over_ranks(stats.get("num_alloc_retries", 0), device),
+        "mem/ooms": max_over_ranks(stats.get("num_ooms", 0), device),
+    }
 
 
 def max_over_ranks(value: float, device: torch.device) -> float:

@@ -28,6 +28,8 @@ from costlab.quantization import build_quantization
 from costlab.tracking import MetricLogger, client
 from costlab.train import build_optimizer, train
 
+FAILURE_TAG = "costlab.failure"  # why a run failed, where the worker knows it (oom)
+
 
 def seed_everything(seed: int) -> None:
     # the same seed on every rank: replicas start identical, the sampler slices the global batch
@@ -91,7 +93,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m costlab.worker RUN_DIR/config.yaml")
     cfg = OmegaConf.load(argv[0])
     env = init_distributed(cfg)
-    run(cfg, env)
+    try:
+        run(cfg, env)
+    except torch.cuda.OutOfMemoryError:
+        # "does not fit" is a result a sweep can show: the run ends FAILED with the reason as a tag
+        if cfg.runtime.get("run_id"):
+            client(cfg.tracking.uri).set_tag(cfg.runtime.run_id, FAILURE_TAG, "oom")
+        raise
     if dist.is_initialized():
         # leave together: a gloo rank that tears down while its peer is still connected can abort
         dist.barrier()
