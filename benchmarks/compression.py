@@ -57,7 +57,7 @@ OPTIONS: dict[str, list[str]] = {
 }
 # the goals of the compression issue, on this machine: (option, smaller at least, faster at least, loss delta at most)
 GOALS = [("int8_dynamic auto", 3.5, 1.5, 0.02), ("structured 0.5", 1.3, 1.3, None)]
-AUTO_SLACK = 1.10  # auto's latency may exceed the faster fixed backend's by at most 10 %
+AUTO_SLACK = 1.10  # auto may be at most 10 % slower than the faster fixed backend
 
 
 def config(args: argparse.Namespace, extra: list[str]):
@@ -114,7 +114,6 @@ def main() -> None:
               f"{'ms p50':>8}{'loss':>8}{'delta':>8}  backend")
     print(header + "\n" + "-" * len(header))
     results: dict[str, tuple[float, float, float]] = {}
-    latency: dict[str, float] = {}
     for i, (name, extra) in enumerate(OPTIONS.items()):
         if args.only and name not in args.only:
             continue
@@ -129,7 +128,6 @@ def main() -> None:
         # the run's own final step: reference (QAT: the fine-tuned float model), compress, measure both
         m, tags = evaluate_final(model, corpus, cfg, env, tmp / str(i))
         results[name] = (m["model/size_ratio"], m["infer/speedup"], m["eval/loss_delta"])
-        latency[name] = m["infer/latency_ms_p50"]
         probe = "  ".join(f"{k.rsplit('_', 1)[-1]} {v:.1f}" for k, v in m.items() if "probe_ms" in k)
         print(f"{name:<31}{m['model/size_bytes'] / 1e6:>8.2f}{m['model/size_ratio']:>7.2f}x"
               f"{m['model/size_bytes_uncompressed'] / m['model/size_bytes_sparse']:>7.2f}x"
@@ -152,16 +150,19 @@ def main() -> None:
             line += f", loss delta {100 * got[2]:+.2f}% (goal <= {100 * worse:.0f}%) " + (
                 "met" if got[2] <= worse else "MISSED")
         print(f"  {name}: {line}")
-    fixed = [latency[b] for b in ("int8_dynamic torchao", "int8_dynamic pytorch") if b in latency]
-    if len(fixed) == 2 and "int8_dynamic auto" in latency:
-        auto, best = latency["int8_dynamic auto"], min(fixed)
-        print(f"  int8_dynamic auto: {auto:.1f} ms vs the faster fixed backend's {best:.1f} ms "
-              f"(goal <= {AUTO_SLACK:.2f}x) {'met' if auto <= AUTO_SLACK * best else 'MISSED'}")
+    # rows are compared by their speed-ups: each is timed interleaved with the same uncompressed model, so
+    # load that comes and goes between rows falls on both sides of each ratio
+    speedup = {name: r[1] for name, r in results.items()}
+    fixed = [speedup[b] for b in ("int8_dynamic torchao", "int8_dynamic pytorch") if b in speedup]
+    if len(fixed) == 2 and "int8_dynamic auto" in speedup:
+        auto, best = speedup["int8_dynamic auto"], max(fixed)
+        print(f"  int8_dynamic auto: {auto:.2f}x vs the faster fixed backend's {best:.2f}x "
+              f"(goal: within {100 * (AUTO_SLACK - 1):.0f} %) {'met' if auto * AUTO_SLACK >= best else 'MISSED'}")
     for name in ("structured 0.3 + int8_dynamic", "structured 0.5 + int8_dynamic"):
-        if name in latency and "int8_dynamic auto" in latency:
-            alone = latency["int8_dynamic auto"]
-            print(f"  {name}: {latency[name]:.1f} ms vs int8_dynamic alone {alone:.1f} ms (goal: not slower) "
-                  f"{'met' if latency[name] <= alone else 'MISSED'}")
+        if name in speedup and "int8_dynamic auto" in speedup:
+            alone = speedup["int8_dynamic auto"]
+            print(f"  {name}: {speedup[name]:.2f}x vs int8_dynamic alone {alone:.2f}x (goal: not slower) "
+                  f"{'met' if speedup[name] >= alone else 'MISSED'}")
 
 
 if __name__ == "__main__":
