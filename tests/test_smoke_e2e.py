@@ -22,3 +22,5 @@ def test_tiny_single_run_finishes_with_contract_metrics(cli):
     assert m["cost/usd_per_1m_train_tokens"] == pytest.approx(per_hour / (m["perf/tokens_per_s"] * 3600) * 1e6)
     assert m["cost/usd_per_1m_infer_tokens"] == pytest.approx(per_hour / (m["infer/tokens_per_s"] * 3600) * 1e6)
     assert m["cost/usd_run"] == pytest.approx(per_hour * m["time/total_s"] / 3600)
+    for part in ("params", "grads", "optimizer"):  # the memory model, predicted before the worker joined
+        assert m[f"mem/predicted_{part}_bytes_per_rank"] == pytest.approx(m[f"mem/{part}_bytes_per_rank"], rel=0.02)

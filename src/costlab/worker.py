@@ -19,6 +19,7 @@ from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.cost import NO_MFU_TAG, PEAK_SOURCE_TAG, cost_metrics, device_peak, flops_per_token
 from costlab.data import build_corpus
 from costlab.evaluation import INFER_TOKENS_PER_S, evaluate_final
+from costlab.memory import predict_state
 from costlab.metrics import TRAIN_TOKENS_PER_S, max_over_ranks, peak_memory_bytes, peak_reserved_memory
 from costlab.model import build_model
 from costlab.parallelism.core import DistEnv, init_distributed
@@ -36,7 +37,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: DictConfig, env: DistEnv) -> None:
+def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None) -> None:
+    """One rank's run; ``predicted`` (rank 0): the memory model's per-rank state bytes, logged beside the
+    measured ones."""
     seed_everything(cfg.trainer.seed)
     corpus = build_corpus(cfg.data)
     model = build_model(cfg.model)
@@ -73,6 +76,7 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
                 summary["train/final_loss"] = result.final_loss
             # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
             peak, source = device_peak(cfg, env.local_world_size)
+            summary.update(predicted or {})
             summary.update(cost_metrics(cfg, flops, peak, summary.get(TRAIN_TOKENS_PER_S),
                                         summary.get(INFER_TOKENS_PER_S)))
             store.set_tag(cfg.runtime.run_id, PEAK_SOURCE_TAG if peak else NO_MFU_TAG, source)
@@ -92,9 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m costlab.worker RUN_DIR/config.yaml")
     cfg = OmegaConf.load(argv[0])
+    first = cfg.trainer.node_rank == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    # before joining the process group: the prediction lays the model out under a fake one
+    predicted = predict_state(cfg, int(cfg.runtime.world_size)) if first else {}
     env = init_distributed(cfg)
     try:
-        run(cfg, env)
+        run(cfg, env, predicted)
     except torch.cuda.OutOfMemoryError:
         # "does not fit" is a result a sweep can show: the run ends FAILED with the reason as a tag
         if cfg.runtime.get("run_id"):
