@@ -80,7 +80,7 @@ def usd_per_hour(cfg: DictConfig) -> float | None:
     """What the run's devices cost per hour together (None without a price): GPUs x price, or the
     cores of every node x the per-core price."""
     hw = cfg.hardware
-    if cfg.trainer.device == "cpu":
+    if hw.name == "cpu":
         per_core = hw.get("usd_per_core_hour")
         return None if per_core is None else float(per_core) * (os.cpu_count() or 1) * cfg.trainer.nnodes
     price = hw.get("usd_per_hour")
@@ -132,10 +132,11 @@ def match_gpu(gpu_name: str) -> str | None:
     return None
 
 
-def resolve_hardware(cfg: DictConfig) -> DictConfig:
+def resolve_hardware(cfg: DictConfig, planning: bool = False) -> DictConfig:
     """The run's ``hardware`` node with ``auto`` resolved (launcher side; no torch): the option matching the
     GPU nvidia-smi names on a CUDA run, ``cpu`` on a CPU run; a price set on ``auto`` is kept. A datasheet
-    option that is not the machine the run is on is refused: its peak would say nothing about this run."""
+    option that is not the machine the run is on is refused (unless ``planning``: a plan is for the
+    machine it names): its peak would say nothing about this run."""
     from costlab.hardware import visible_gpus
 
     hw = cfg.hardware
@@ -146,7 +147,7 @@ def resolve_hardware(cfg: DictConfig) -> DictConfig:
     on_cpu = cfg.trainer.device == "cpu"
     gpus = visible_gpus()
     if hw.name != "auto":
-        if on_cpu != (hw.name == "cpu"):
+        if on_cpu != (hw.name == "cpu") and not planning:  # a plan is for the machine it names
             where = "cpu" if on_cpu else f"cuda ({gpus[0].name})" if gpus else "cuda"
             raise ConfigError("hardware", hw.name, f"this run is on {where}; use hardware=auto"
                               + ("" if on_cpu else " or the option of its GPU"))
@@ -168,7 +169,7 @@ def device_peak(cfg: DictConfig, local_ranks: int) -> tuple[float | None, str]:
     On CPU the probe runs here with this process's threads (the node's cores, at the end of a run), and
     a rank's share is the node's peak divided among the ``local_ranks``."""
     dtype, hw = matmul_dtype(cfg), cfg.hardware
-    if cfg.trainer.device == "cpu":
+    if hw.name == "cpu":
         if dtype == "fp8":
             return None, "no fp8 matmuls on CPU"
         from pathlib import Path

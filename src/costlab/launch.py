@@ -25,6 +25,7 @@ from costlab import status, tracking
 from costlab.cost import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.errors import ConfigError
 from costlab.hardware import cpu_info, resolve_device
+from costlab.plan import check_plan
 from costlab.probes import slow_precision_warning
 from costlab.tracking import check_tracking
 from costlab.validate import validate
@@ -70,21 +71,30 @@ def run_job(cfg: DictConfig) -> str:
     parent_id = tracking.parent_run_id(hc.sweep.dir) if multirun else None
     run_dir = Path(hc.runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    planning = cfg.get("mode", "train") == "plan"
     try:
+        if cfg.get("mode", "train") not in ("train", "plan"):
+            raise ConfigError("mode", cfg.mode, "choose train or plan")
         with open_dict(cfg):
-            cfg.trainer.device = resolve_device(cfg.trainer.device)
-            cfg.hardware = resolve_hardware(cfg)
+            # a plan runs nothing here: it is checked as a CPU job, and priced on the hardware it names
+            cfg.trainer.device = "cpu" if planning else resolve_device(cfg.trainer.device)
+            cfg.hardware = resolve_hardware(cfg, planning)
             from_slurm(cfg, os.environ)
         validate(cfg)
+        if planning:
+            check_plan(cfg)
         if cfg.trainer.node_rank == 0:  # other nodes never touch the store
             check_tracking(cfg)
     except ConfigError as e:
         node = cfg.trainer.node_rank
         fail(e, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
 
-    warning = slow_precision_warning(cfg, cpu_info())
+    warning = None if planning else slow_precision_warning(cfg, cpu_info())
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+    if planning:
+        return run_plan(cfg, run_dir, parent_id, dict(hc.runtime.choices))
 
     t0 = time.time()
     if cfg.trainer.node_rank > 0:
@@ -130,6 +140,29 @@ def run_job(cfg: DictConfig) -> str:
     if outcome == status.KILLED:
         raise KeyboardInterrupt
     print(f"costlab: run {run_id} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
+    return outcome
+
+
+def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, choices: dict[str, str]) -> str:
+    """``mode=plan``: predict, print, and log the plan as a FINISHED run tagged ``mode=plan``; no worker."""
+    from costlab.plan import make_plan, print_plan
+
+    world = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
+    tags = {**_tags(cfg, choices, world), "mode": "plan"}
+    run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name or "plan " + default_run_name(tags), parent_id)
+    outcome = status.FAILED
+    try:
+        metrics, lines = make_plan(cfg)
+        print_plan(lines)
+        client = tracking.client(cfg.tracking.uri)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        (run_dir / "plan.txt").write_text("\n".join(lines) + "\n")
+        client.log_artifact(run_id, str(run_dir / "plan.txt"))
+        outcome = status.FINISHED
+    finally:
+        tracking.client(cfg.tracking.uri).set_terminated(run_id, outcome)
+        status.write(run_dir, outcome, node_rank=0, run_id=run_id, parent_run_id=parent_id)
     return outcome
 
 

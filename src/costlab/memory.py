@@ -81,8 +81,11 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
 
     dims = parallel_dims(cfg.parallelism, world)
     sharded = world > 1 and (dims.pp_enabled or dims.fsdp_enabled or dims.tp_enabled)
+    # replicas (single, ddp) all hold the whole model; shards are split with the remainder first, so rank 0
+    # of each pipeline stage (pp is the outermost mesh dimension) holds the largest
+    ranks = [stage * (world // dims.pp) for stage in range(dims.pp)] if sharded else [0]
     out: dict[str, float] = {}
-    for rank in range(world) if sharded else [0]:  # replicas (single, ddp) all hold the whole model
+    for rank in ranks:
         for key, value in _rank_state(cfg, dims, rank, world if sharded else 1).items():
             out[key] = max(out.get(key, 0), value)
     return out
