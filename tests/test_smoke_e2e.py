@@ -1,5 +1,6 @@
 import pytest
 
+from costlab.energy import energy_counter
 from costlab.hardware import cpu_info
 from tests.conftest import TINY
 
@@ -22,5 +23,10 @@ def test_tiny_single_run_finishes_with_contract_metrics(cli):
     assert m["cost/usd_per_1m_train_tokens"] == pytest.approx(per_hour / (m["perf/tokens_per_s"] * 3600) * 1e6)
     assert m["cost/usd_per_1m_infer_tokens"] == pytest.approx(per_hour / (m["infer/tokens_per_s"] * 3600) * 1e6)
     assert m["cost/usd_run"] == pytest.approx(per_hour * m["time/total_s"] / 3600)
+    counter, why = energy_counter("cpu", 0, 1)
+    if counter is None:  # no estimate stands in for a measurement: the reason is logged instead
+        assert run.data.tags["costlab.energy_missing"] == why and "energy/joules_per_token_train" not in m
+    else:
+        assert m["energy/joules_per_token_train"] > 0 and run.data.tags["costlab.energy_source"].startswith("rapl")
     for part in ("params", "grads", "optimizer"):  # the memory model, predicted before the worker joined
         assert m[f"mem/predicted_{part}_bytes_per_rank"] == pytest.approx(m[f"mem/{part}_bytes_per_rank"], rel=0.02)

@@ -90,6 +90,14 @@ def peak_reserved_memory(device: torch.device) -> dict[str, float]:
     }
 
 
+def sum_over_ranks(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
 def max_over_ranks(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value

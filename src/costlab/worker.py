@@ -18,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.cost import NO_MFU_TAG, PEAK_SOURCE_TAG, cost_metrics, device_peak, flops_per_token
 from costlab.data import build_corpus
+from costlab.energy import ENERGY_JOULES, ENERGY_SOURCE_TAG, ENERGY_TRAIN, NO_ENERGY_TAG, TrainingEnergy, energy_counter
 from costlab.evaluation import INFER_TOKENS_PER_S, evaluate_final
 from costlab.memory import predict_state
-from costlab.metrics import TRAIN_TOKENS_PER_S, max_over_ranks, peak_memory_bytes, peak_reserved_memory
+from costlab.metrics import TRAIN_TOKENS_PER_S, max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
 from costlab.model import build_model
 from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
@@ -49,12 +50,19 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     # train-time compression acts on the plain module, before any wrapper holds it
     options = (build_pruning(cfg), build_quantization(cfg))
     hooks = [h for h in (o.training_hook(model, cfg) for o in options) if h is not None]
+    # energy: each GPU's own counter; on CPU one RAPL reading for the node, by rank 0
+    counter, energy_source = None, ""
+    if env.device.type == "cuda" or env.is_main:
+        counter, energy_source = energy_counter(env.device.type, env.local_rank, cfg.trainer.nnodes)
+    energy = TrainingEnergy(counter, cfg.trainer.timing_warmup_steps, cfg.trainer.max_steps)
+    hooks.append(energy)
     parallel = parallelize(model, cfg, env)
     optimizer = build_optimizer(parallel.model, cfg)
     logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
     try:
         result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks)
         summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
+        joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
         final = parallel.full_model(cfg)  # collective: every rank takes part
         if env.is_main:
             summary.update(result.stats.summary())
@@ -74,6 +82,13 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
                 summary["data/entropy_floor"] = corpus.entropy_floor
             if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing
                 summary["train/final_loss"] = result.final_loss
+            timed_tokens = result.stats.tokens_per_step * len(result.stats.times_s)
+            if counter is not None and joules > 0 and timed_tokens:
+                summary.update({ENERGY_JOULES: joules, ENERGY_TRAIN: joules / timed_tokens})
+                store.set_tag(cfg.runtime.run_id, ENERGY_SOURCE_TAG, energy_source)
+            else:
+                why = energy_source if counter is None else "no timed training steps to read it over"
+                store.set_tag(cfg.runtime.run_id, NO_ENERGY_TAG, why)
             # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
             peak, source = device_peak(cfg, env.local_world_size)
             summary.update(predicted or {})
