@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to
 
 PARENT_ID_FILE = "parent_run_id"
 CONTRACT_TAGS = ("model", "data", "parallelism", "precision", "pruning", "quantization")
+ROLE_TAG, SWEEP_ROLE = "costlab.role", "sweep"  # marks a sweep's parent run
+SWEEP_DIR_TAG = "costlab.sweep_dir"
 
 
 def client(uri: str) -> MlflowClient:
@@ -157,7 +159,7 @@ class SweepParentRun(Callback):
         run = c.create_run(
             experiment_id(config.tracking.uri, config.tracking.experiment_name),
             run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
-            tags={"costlab.sweep_dir": str(sweep_dir), "costlab.role": "sweep"},
+            tags={SWEEP_DIR_TAG: str(sweep_dir), ROLE_TAG: SWEEP_ROLE},
         )
         c.log_param(run.info.run_id, "overrides", " ".join(config.hydra.overrides.task))
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)

@@ -13,6 +13,7 @@ from torch import nn
 
 from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.metrics import StepStats, now, state_bytes_per_rank
+from costlab.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
 from costlab.precision import grad_scaler
 
@@ -96,7 +97,7 @@ def train(
             result.final_loss = loss.item()
         if logged and logger is not None:
             metrics = {
-                "train/loss": result.final_loss,
+                TRAIN_LOSS: result.final_loss,
                 "train/lr": lr,
                 "train/step_time_ms": 1000 * seconds,
                 "train/tokens_per_s": t.batch_size * block / seconds,

@@ -20,6 +20,7 @@ from costlab.data import build_corpus
 from costlab.evaluation import evaluate_final
 from costlab.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory
 from costlab.model import build_model
+from costlab.names import MEM_PEAK
 from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
 from costlab.pruning import build_pruning
@@ -63,7 +64,7 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
             if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing
                 summary["train/final_loss"] = result.final_loss
-        summary["mem/peak_bytes"] = max_over_ranks(peak_memory_bytes(env.device), env.device)
+        summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
         summary.update(peak_reserved_memory(env.device))
         if logger is not None:
             summary["tracking/log_overhead_s"] = logger.time_spent_s
