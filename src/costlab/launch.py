@@ -6,6 +6,7 @@ It never imports torch: starting a sweep must stay cheap and must never initiali
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -48,18 +49,63 @@ def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str
     return tags
 
 
-def default_run_name(tags: dict[str, str]) -> str:
-    """``gpt_nano single fp32 x1``, plus the compression options when there are any."""
+def default_run_name(tags: dict[str, str], overrides: list[str] = (), varied: list[str] = ()) -> str:
+    """``gpt_nano single fp32 x1``, plus the compression options when there are any, plus the other
+    overrides a sweep varies (``trainer.lr=0.001``), so the jobs of a search are told apart."""
     parts = [tags["model"], tags["parallelism"], tags["precision"], f"x{tags['world_size']}"]
     parts += [tags[g] for g in ("pruning", "quantization") if tags[g] != "none"]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in varied and key not in ("model", "parallelism", "precision", "pruning", "quantization"):
+            parts.append(override.lstrip("+~"))
     return " ".join(parts)
 
 
-def run_job(cfg: DictConfig) -> str:
-    """The Hydra task: one job of a run or of a sweep. Returns the MLflow run status.
+Objective = float | list[float]
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-    The status is also written into the job's folder (:mod:`costlab.status`), where the sweep's parent
-    reads it back whichever process or machine the launcher ran this job on.
+
+def objective(cfg: DictConfig, outcome: str, run_id: str | None) -> Objective:
+    """What the Hydra task returns, for sweepers that search (Optuna): the run's ``optimized_metric`` (a
+    float, or a list for several objectives) as logged in MLflow; NaN for a job that did not finish or
+    did not log the metric, which Optuna records as a failed trial."""
+    names = cfg.get("optimized_metric") or []
+    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
+    finished = run_id is not None and outcome == status.FINISHED
+    metrics = tracking.client(cfg.tracking.uri).get_run(run_id).data.metrics if finished else {}
+    missing = [n for n in names if n not in metrics]
+    if finished and missing:
+        print(f"costlab: warning: run {run_id} logged no {', '.join(missing)} (optimized_metric): returning nan",
+              file=sys.stderr)
+    values = [float(metrics.get(n, math.nan)) for n in names]
+    return values[0] if len(values) == 1 else values
+
+
+def refuse_trial(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, tags: dict[str, str],
+                 sweep_name: str | None) -> Objective:
+    """A search proposed a configuration this machine cannot run: this trial fails, the search goes on.
+    One line says why; the trial's run is recorded FAILED with the reason, never left RUNNING."""
+    print(f"costlab: error: {error} (this trial fails; the search goes on)", file=sys.stderr)
+    status.write(run_dir, status.FAILED, node_rank=0, parent_run_id=parent_id)
+    run_id = None
+    if parent_id:
+        c = tracking.client(cfg.tracking.uri)
+        tags = {**tags, "mlflow.parentRunId": parent_id, tracking.SWEEP_ID_TAG: parent_id,
+                tracking.ERROR_TAG: str(error)}
+        if sweep_name:
+            tags[tracking.SWEEP_NAME_TAG] = sweep_name
+        run_id = c.create_run(c.get_run(parent_id).info.experiment_id, run_name=f"refused {error.key}={error.value}",
+                              tags=tracking.provenance(tags)).info.run_id
+        c.set_terminated(run_id, status.FAILED)
+        status.write(run_dir, status.FAILED, node_rank=0, run_id=run_id, parent_run_id=parent_id)
+    return objective(cfg, status.FAILED, run_id)
+
+
+def run_job(cfg: DictConfig) -> Objective:
+    """The Hydra task: one job of a run or of a sweep. Returns its ``optimized_metric`` (see :func:`objective`).
+
+    The job's status is written into its folder (:mod:`costlab.status`), where the sweep's parent and
+    ``run.py``'s exit code read it back whichever process or machine the launcher ran this job on.
     """
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -75,16 +121,21 @@ def run_job(cfg: DictConfig) -> str:
             check_tracking(cfg)
     except ConfigError as e:
         node = cfg.trainer.node_rank
+        if multirun and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
+            tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
+            return refuse_trial(cfg, e, run_dir, parent_id, tags, tracking.sweep_info(hc.sweep.dir).get("name"))
         fail(e, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
 
     t0 = time.time()
     if cfg.trainer.node_rank > 0:
-        return run_follower(cfg, run_dir, parent_id)
+        return objective(cfg, run_follower(cfg, run_dir, parent_id), None)
     # written before anything can fail, so a job killed outright still leaves a trace that it did not finish
     status.write(run_dir, status.RUNNING, node_rank=0, parent_run_id=parent_id)
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     tags = _tags(cfg, dict(hc.runtime.choices), world_size)
-    run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name or default_run_name(tags), parent_id)
+    sweep = tracking.sweep_info(hc.sweep.dir) if multirun else {}
+    name = cfg.tracking.run_name or default_run_name(tags, list(hc.overrides.task), sweep.get("varied", []))
+    run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
     status.write(run_dir, status.RUNNING, node_rank=0, run_id=run_id, parent_run_id=parent_id)
 
     with open_dict(cfg):
@@ -118,7 +169,7 @@ def run_job(cfg: DictConfig) -> str:
     if outcome == status.KILLED:
         raise KeyboardInterrupt
     print(f"costlab: run {run_id} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
-    return outcome
+    return objective(cfg, outcome, run_id)
 
 
 def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:

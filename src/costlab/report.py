@@ -137,6 +137,10 @@ def _all_runs(c: MlflowClient, experiment_id: str) -> list:
 # --------------------------------------------------------------------------- the comparison
 
 
+class BaselineNotFound(ValueError):
+    pass
+
+
 def parse_baseline(spec: str) -> dict[str, str]:
     """``precision=fp32,pruning=none`` (commas or spaces) -> ``{"precision": "fp32", "pruning": "none"}``."""
     pairs = [p for p in re.split(r"[,\s]+", spec.strip()) if p]
@@ -166,7 +170,7 @@ def choose_baseline(rows: list[RunRecord], spec: str | None = None) -> RunRecord
         wanted = parse_baseline(spec)
         found = [r for r in candidates if all(_matches(r, k, v) for k, v in wanted.items())]
         if not found:
-            raise ValueError(f"report.baseline={spec}: no run matches (runs: {', '.join(r.name for r in rows)})")
+            raise BaselineNotFound(f"report.baseline={spec}: no run matches (runs: {', '.join(r.name for r in rows)})")
         return found[0]
     default = [r for r in candidates if all(r.levers.get(k) == v for k, v in DEFAULT_BASELINE.items())]
     return (default or candidates)[0]
@@ -213,6 +217,14 @@ def _lever_text(key: str, value: str) -> str:
     return f"no {key}" if value == "none" and key in COMPRESSION else value
 
 
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() else f"{number:.4g}"
+
+
 def label_runs(rows: list[RunRecord], base: RunRecord) -> None:
     """A short label per run: for the baseline, the levers and keys that vary in the set ("single fp32 x1");
     for every other run, only where it differs from the baseline ("bf16", "ddp x2")."""
@@ -221,7 +233,7 @@ def label_runs(rows: list[RunRecord], base: RunRecord) -> None:
     for r in rows:
         keep = (lambda k, v: v != "none") if r is base else (lambda k, v: v != base.levers.get(k))  # noqa: E731
         parts = [_lever_text(k, r.levers[k]) for k in levers if keep(k, r.levers[k])]
-        parts += [f"{k.rsplit('.', 1)[-1]}={r.params[k]}" for k in params
+        parts += [f"{k.rsplit('.', 1)[-1]}={_short(r.params[k])}" for k in params
                   if k in r.params and (r is base or r.params[k] != base.params.get(k))]
         r.label = " ".join(parts) or ("baseline" if r is base else r.name)
 
@@ -456,8 +468,15 @@ def _columns(rep: Report) -> dict[str, list]:
 
 
 def report_sweep(uri: str, parent_id: str, out: Path, baseline: str | None = None) -> Path:
+    """The report of a sweep; a configured baseline that no job matches (a search may never try it) falls
+    back to the default one, with a warning."""
     c = tracking.client(uri)
-    rep = build_report(load_runs(c, parent=parent_id), baseline)
+    rows = load_runs(c, parent=parent_id)
+    try:
+        rep = build_report(rows, baseline)
+    except BaselineNotFound as e:
+        print(f"costlab: warning: {e}; using the default baseline", file=sys.stderr)
+        rep = build_report(rows)
     return write_report(rep, out, c, parent_id)
 
 
