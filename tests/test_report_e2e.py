@@ -5,7 +5,6 @@ jobs, a real SQLite store, everything checked from MLflow alone. Each sweep take
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 
 import pytest
@@ -51,7 +50,8 @@ def test_a_2x2_sweep_ends_with_its_report_and_tags_every_child(cli, tmp_path):
         row, m, b = rows[child.info.run_id], child.data.metrics, base.data.metrics
         assert row["perf/tokens_per_s ratio"] == pytest.approx(m["perf/tokens_per_s"] / b["perf/tokens_per_s"])
         assert row["model/size_bytes ratio"] == pytest.approx(m["model/size_bytes"] / b["model/size_bytes"])
-        assert row["eval/loss delta"] == pytest.approx(m["eval/loss"] / b["eval/loss"] - 1)
+        # (the MLflow table is JSON written by pandas with 10 decimals)
+        assert row["eval/loss delta"] == pytest.approx(m["eval/loss"] / b["eval/loss"] - 1, abs=1e-9)
         assert row["infer/latency_ms_p50 speed-up"] == pytest.approx(
             b["infer/latency_ms_p50"] / m["infer/latency_ms_p50"])
     artifacts = {a.path for a in cli.client().list_artifacts(parent.info.run_id, "report")}
@@ -103,8 +103,8 @@ def test_a_multi_objective_search_survives_a_refused_trial_and_reports_it(cli):
     assert "costlab.error" in status["fp8"].data.tags
     m = status["fp32"].data.metrics
     result = yaml.safe_load((cli.out / "multirun" / "optimization_results.yaml").read_text())
+    # the refused trial counted as the worst of both objectives: the front is the trial that ran
     assert [s["values"] for s in result["solutions"]] == [[m["eval/loss"], m["model/size_bytes"]]]
-    assert not math.isnan(m["eval/loss"])
     # the report still renders, the refused trial marked
     md = (cli.out / "multirun" / "report" / "report.md").read_text()
     assert "**FAILED**" in md and "FAILED, so it has no figures" in md

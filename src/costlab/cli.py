@@ -79,7 +79,7 @@ def check_keys(argv: list[str]) -> None:
                 continue
             if isinstance(node, DictConfig) and key not in node:
                 choice = f"{section}={node.name}" if "name" in node else section
-                raise ConfigError(o.key_or_group, o.get_value_element_as_str(), f"no such key in {choice} (it has "
+                raise ConfigError(o.key_or_group, values(o)[0], f"no such key in {choice} (it has "
                                   f"{', '.join(str(k) for k in node if k != '_target_')})") from None
         raise ConfigError("override", " ".join(t for _, t in first), str(e).strip().splitlines()[0]) from None
 

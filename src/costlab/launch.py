@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -65,24 +65,36 @@ Objective = float | list[float]
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def objective(cfg: DictConfig, outcome: str, run_id: str | None) -> Objective:
+def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Sequence[str] = ()) -> Objective:
     """What the Hydra task returns, for sweepers that search (Optuna): the run's ``optimized_metric`` (a
-    float, or a list for several objectives) as logged in MLflow; NaN for a job that did not finish or
-    did not log the metric, which Optuna records as a failed trial."""
+    float, or a list for several objectives) as logged in MLflow.
+
+    A job that did not finish, or did not log the metric, gets the worst value of each objective (+inf when
+    minimised, -inf when maximised, per ``directions``): the study goes on, its best value and Pareto front
+    are those of the jobs that ran, and the sampler learns to avoid what failed. (NaN would be Optuna's
+    "failed trial", but the Optuna 2 that hydra-optuna-sweeper installs ends the whole study on it.)
+    """
     names = cfg.get("optimized_metric") or []
     names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
     finished = run_id is not None and outcome == status.FINISHED
     metrics = tracking.client(cfg.tracking.uri).get_run(run_id).data.metrics if finished else {}
     missing = [n for n in names if n not in metrics]
     if finished and missing:
-        print(f"costlab: warning: run {run_id} logged no {', '.join(missing)} (optimized_metric): returning nan",
-              file=sys.stderr)
-    values = [float(metrics.get(n, math.nan)) for n in names]
+        print(f"costlab: warning: run {run_id} logged no {', '.join(missing)} (optimized_metric): "
+              "returning the worst value", file=sys.stderr)
+    worst = [-math.inf if i < len(directions) and "max" in str(directions[i]) else math.inf for i in range(len(names))]
+    values = [float(metrics[n]) if n in metrics else w for n, w in zip(names, worst, strict=True)]
     return values[0] if len(values) == 1 else values
 
 
+def directions(hc: DictConfig) -> list[str]:
+    """The search's directions (Optuna's ``hydra.sweeper.direction``: one, or a list), or none."""
+    d = hc.sweeper.get("direction")
+    return [] if d is None else [str(d)] if isinstance(d, str) else [str(x) for x in d]
+
+
 def refuse_trial(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, tags: dict[str, str],
-                 sweep_name: str | None) -> Objective:
+                 hc: DictConfig) -> Objective:
     """A search proposed a configuration this machine cannot run: this trial fails, the search goes on.
     One line says why; the trial's run is recorded FAILED with the reason, never left RUNNING."""
     print(f"costlab: error: {error} (this trial fails; the search goes on)", file=sys.stderr)
@@ -92,13 +104,14 @@ def refuse_trial(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: 
         c = tracking.client(cfg.tracking.uri)
         tags = {**tags, "mlflow.parentRunId": parent_id, tracking.SWEEP_ID_TAG: parent_id,
                 tracking.ERROR_TAG: str(error)}
+        sweep_name = tracking.sweep_info(hc.sweep.dir).get("name")
         if sweep_name:
             tags[tracking.SWEEP_NAME_TAG] = sweep_name
         run_id = c.create_run(c.get_run(parent_id).info.experiment_id, run_name=f"refused {error.key}={error.value}",
                               tags=tracking.provenance(tags)).info.run_id
         c.set_terminated(run_id, status.FAILED)
         status.write(run_dir, status.FAILED, node_rank=0, run_id=run_id, parent_run_id=parent_id)
-    return objective(cfg, status.FAILED, run_id)
+    return objective(cfg, status.FAILED, run_id, directions(hc))
 
 
 def run_job(cfg: DictConfig) -> Objective:
@@ -123,12 +136,12 @@ def run_job(cfg: DictConfig) -> Objective:
         node = cfg.trainer.node_rank
         if multirun and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
             tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
-            return refuse_trial(cfg, e, run_dir, parent_id, tags, tracking.sweep_info(hc.sweep.dir).get("name"))
+            return refuse_trial(cfg, e, run_dir, parent_id, tags, hc)
         fail(e, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
 
     t0 = time.time()
     if cfg.trainer.node_rank > 0:
-        return objective(cfg, run_follower(cfg, run_dir, parent_id), None)
+        return objective(cfg, run_follower(cfg, run_dir, parent_id), None, directions(hc))
     # written before anything can fail, so a job killed outright still leaves a trace that it did not finish
     status.write(run_dir, status.RUNNING, node_rank=0, parent_run_id=parent_id)
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
@@ -169,7 +182,7 @@ def run_job(cfg: DictConfig) -> Objective:
     if outcome == status.KILLED:
         raise KeyboardInterrupt
     print(f"costlab: run {run_id} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
-    return objective(cfg, outcome, run_id)
+    return objective(cfg, outcome, run_id, directions(hc))
 
 
 def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:
