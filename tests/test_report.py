@@ -89,8 +89,9 @@ def test_the_summary_is_built_from_the_numbers_and_says_when_a_lever_saved_nothi
     text = report.build_report(_rows(c, pid)).summary
     assert "bf16 trains 1.28x faster at +0.10 % loss" in text
     assert "ddp x2 trains 1.11x slower" in text
-    assert "l1_unstructured trains no faster (1.00x), ships no smaller (1.00x), infers no faster than uncompressed" \
-        " (0.99x) at +0.50 % loss: it saved nothing on this hardware (cpu)" in text
+    # it trained as the baseline did: its training timings are noise and the summary says nothing of them
+    assert "l1_unstructured ships no smaller (1.00x), infers no faster than uncompressed (0.99x) at +0.50 % loss:" \
+        " it saved nothing on this hardware (cpu)" in text
     assert text.count("saved nothing") == 2  # ddp too: slower, same state, larger peak
 
 
@@ -149,6 +150,10 @@ def test_the_report_is_logged_on_the_parent_and_written_to_disk(sweep, tmp_path)
     columns = table["columns"]
     got = {row[columns.index("run_id")]: row[columns.index("perf/tokens_per_s ratio")] for row in table["data"]}
     assert got[ids["bf16"]] == pytest.approx(1.28)
+    # rebuilt: the table is replaced, not appended to
+    report.write_report(report.build_report(_rows(c, pid)), out, c, pid)
+    table = json.loads(open(c.download_artifacts(pid, "report/comparison.json", str(tmp_path / "again"))).read())
+    assert len(table["data"]) == 4
 
 
 def test_a_failed_child_still_renders_marked_failed(mlflow_uri, tmp_path):
@@ -190,3 +195,16 @@ def test_the_sweep_callback_turns_a_failure_into_one_warning_line(mlflow_uri, tm
 def test_the_report_imports_without_torch():
     code = "import sys, costlab.report; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_only_runs_that_trained_differently_are_compared_on_training_speed(sweep, mlflow_uri):
+    c, exp, pid, ids = sweep
+    rows = {r.run_id: r for r in _rows(c, pid)}
+    base = rows[ids["base"]]
+    assert report.trains_like(rows[ids["l1"]], base)  # pruned after training
+    assert not report.trains_like(rows[ids["bf16"]], base)
+    gradual = _run(c, exp, "gradual", pid, levers={"pruning": "l1_unstructured"},
+                   params={"pruning.schedule": "gradual"})
+    lr = _run(c, exp, "lr", pid, params={"trainer.lr": "0.001"})
+    rows = {r.run_id: r for r in _rows(c, pid)}
+    assert not report.trains_like(rows[gradual], base) and not report.trains_like(rows[lr], base)

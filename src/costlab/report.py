@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from costlab.report_table import (  # noqa: F401  (the comparison's API, used th
     choose_baseline,
     load_runs,
     pareto_front,
+    trains_like,
 )
 from costlab.report_text import markdown, summarize, write_csv
 
@@ -84,7 +86,7 @@ def write_report(rep: Report, out: Path, c: MlflowClient | None = None, parent_i
     (out / "report.md").write_text(markdown(rep, drawn))
     write_csv(rep, out / "report.csv")
     if parent_id:
-        c.log_table(parent_id, _columns(rep), REPORT_TABLE)
+        c.log_table(parent_id, _columns(rep), _fresh_table(c, parent_id))
         c.log_artifact(parent_id, str(out / "report.md"), "report")
         c.log_artifact(parent_id, str(out / "report.csv"), "report")
     return out / "report.md"
@@ -98,6 +100,20 @@ def _figures(rep: Report, histories: dict[str, tuple[list[int], list[float]]]) -
     figures["loss_curves"] = report_plots.loss_curves(histories, TRAIN_LOSS)
     figures["memory"] = report_plots.memory_bars(rep.rows, (MEM_PARAMS, MEM_GRADS, MEM_OPTIMIZER), MEM_PEAK)
     return figures
+
+
+def _fresh_table(c: MlflowClient, run_id: str) -> str:
+    """Where the table goes: ``log_table`` appends to an existing table, so a rebuilt report first removes
+    the old one (or, where the artifact store cannot delete, takes a new name)."""
+    if not any(a.path == REPORT_TABLE for a in c.list_artifacts(run_id, "report")):
+        return REPORT_TABLE
+    try:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(c.get_run(run_id).info.artifact_uri).delete_artifacts(REPORT_TABLE)
+        return REPORT_TABLE
+    except Exception:  # a store that cannot delete: keep the old table, write a new one
+        return REPORT_TABLE.replace(".json", f"-{int(time.time())}.json")
 
 
 def _columns(rep: Report) -> dict[str, list]:

@@ -29,6 +29,8 @@ DEFAULT_BASELINE = {"parallelism": "single", "precision": "fp32", "pruning": "no
 STATE = "state_bytes_per_rank"  # parameters + gradients + optimizer state held by one rank
 SPEED_TOLERANCE = 0.03  # timings within 3 % of the baseline count as unchanged (run-to-run noise)
 BYTES_TOLERANCE = 0.01
+
+
 @dataclass
 class RunRecord:
     """One MLflow run as the report sees it."""
@@ -111,7 +113,7 @@ def _all_runs(c: MlflowClient, experiment_id: str) -> list:
 
 
 class BaselineNotFound(ValueError):
-    pass
+    """``report.baseline`` names overrides that no run matches."""
 
 
 def parse_baseline(spec: str) -> dict[str, str]:
@@ -147,6 +149,22 @@ def choose_baseline(rows: list[RunRecord], spec: str | None = None) -> RunRecord
         return found[0]
     default = [r for r in candidates if all(r.levers.get(k) == v for k, v in DEFAULT_BASELINE.items())]
     return (default or candidates)[0]
+
+
+TRAINING_KEYS = ("trainer.", "model.", "data.", "parallelism.", "precision.")
+
+
+def trains_like(run: RunRecord, base: RunRecord) -> bool:
+    """Whether ``run`` trained exactly as ``base`` did (it differs only in what happens after training), so
+    a difference in their training figures is run-to-run noise, not something a lever did."""
+    if any(run.levers.get(k) != base.levers.get(k) for k in LEVERS if k not in COMPRESSION):
+        return False
+    keys = {k for k in (*run.params, *base.params) if k.startswith(TRAINING_KEYS)}
+    if any(run.params.get(k) != base.params.get(k) for k in keys):
+        return False
+    # gradual pruning and quantization-aware training act during training
+    return not any(r.params.get("pruning.schedule") == "gradual" or "quantization.qat_steps" in r.params
+                   for r in (run, base))
 
 
 def ratio(value: float | None, base: float | None) -> float | None:

@@ -20,6 +20,7 @@ from costlab.report_table import (
     RunRecord,
     compare,
     ratio,
+    trains_like,
 )
 
 
@@ -31,7 +32,8 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
     if not r.finished:
         return f"{r.label} {r.status}, so it has no figures"
     said, saved = [], False
-    speed = ratio(r.get(PERF_TOKENS_PER_S), base.get(PERF_TOKENS_PER_S))
+    # a run that trained as the baseline did has the same training cost: its timings differ only by noise
+    speed = None if trains_like(r, base) else ratio(r.get(PERF_TOKENS_PER_S), base.get(PERF_TOKENS_PER_S))
     if speed is not None:
         if speed > 1 + SPEED_TOLERANCE:
             said.append(f"trains {_times(speed)} faster")
@@ -76,7 +78,7 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
 
 def summarize(rep: Report) -> str:
     b = rep.baseline
-    head = f"Against the baseline {b.label} ({b.name}"
+    head = "Against the baseline" + ("" if b.label == "baseline" else f" {b.label}") + f" ({b.name}"
     if b.get(EVAL_LOSS) is not None:
         head += f", eval/loss {b.get(EVAL_LOSS):.4f}"
     if b.get(PERF_TOKENS_PER_S) is not None:
