@@ -32,6 +32,7 @@ def _table(cli, parent_id: str, tmp_path) -> list[dict]:
 
 
 def test_a_2x2_sweep_ends_with_its_report_and_tags_every_child(cli, tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     proc = cli("-m", *TINY, "precision=fp32,bf16", "pruning=none,l1_unstructured",
                "tracking.experiment_name=report_2x2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,7 +64,6 @@ def test_a_2x2_sweep_ends_with_its_report_and_tags_every_child(cli, tmp_path):
     assert summary.startswith("Against the baseline") and "l1_unstructured" in summary and "bf16" in summary
 
     # every child: the sweep's tags, the commit it ran from, the corpus it trained on
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     for child in children:
         tags = child.data.tags
         assert tags["costlab.sweep.id"] == parent.info.run_id

@@ -64,6 +64,21 @@ def test_the_task_returns_the_optimized_metric_from_mlflow(mlflow_uri):
     assert launch.objective(cfg, "FINISHED", run_id) == math.inf
 
 
+@pytest.mark.parametrize("direction, expected", [
+    (None, []), ("maximize", ["maximize"]), (["minimize", "maximize"], ["minimize", "maximize"]),
+])
+def test_the_search_directions_are_read_whatever_their_form(direction, expected):
+    assert launch.directions(OmegaConf.create({"sweeper": {"direction": direction}})) == expected
+
+
+def test_optunas_default_direction_is_an_enum():
+    optuna = pytest.importorskip("hydra_plugins.hydra_optuna_sweeper.config")
+    hc = OmegaConf.structured({"sweeper": optuna.OptunaSweeperConf})
+    assert launch.directions(hc) == ["Direction.minimize"]
+    cfg = OmegaConf.create({"optimized_metric": "eval/loss", "tracking": {"uri": "unused"}})
+    assert launch.objective(cfg, "FAILED", None, launch.directions(hc)) == math.inf
+
+
 def test_the_corpus_digest_follows_the_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "b.txt").write_text("world")

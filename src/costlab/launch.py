@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from costlab import status, tracking
 from costlab.errors import ConfigError
@@ -89,8 +89,10 @@ def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Seq
 
 def directions(hc: DictConfig) -> list[str]:
     """The search's directions (Optuna's ``hydra.sweeper.direction``: one, or a list), or none."""
-    d = hc.sweeper.get("direction")
-    return [] if d is None else [str(d)] if isinstance(d, str) else [str(x) for x in d]
+    d = hc.sweeper.get("direction")  # a string, an enum (Optuna's default) or a list of either
+    if d is None:
+        return []
+    return [str(x) for x in d] if isinstance(d, list | tuple | ListConfig) else [str(d)]
 
 
 def refuse_trial(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, tags: dict[str, str],
