@@ -161,9 +161,11 @@ def run_job(cfg: DictConfig) -> Objective:
     client.log_artifact(run_id, str(config_path))
 
     log_path = run_dir / "worker.log"
+    # said before the ranks start, so the run can be found (and watched in MLflow) while it trains
+    print(f"costlab: run {run_id} '{name}' starting {world_size} rank(s) in {run_dir}", file=sys.stderr, flush=True)
     outcome = status.FAILED
     try:
-        rc = launch_torchrun(cfg, config_path, log_path)
+        rc = launch_torchrun(cfg, config_path, log_path, job_prefix(hc))
         outcome = status.FINISHED if rc == 0 else status.FAILED
     except KeyboardInterrupt:
         outcome = status.KILLED
@@ -205,7 +207,7 @@ def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:
     status.write(run_dir, status.RUNNING, node_rank=node, parent_run_id=parent_id)
     outcome = status.FAILED
     try:
-        rc = launch_torchrun(cfg, config_path, run_dir / f"worker.node{node}.log")
+        rc = launch_torchrun(cfg, config_path, run_dir / f"worker.node{node}.log", job_prefix(HydraConfig.get()))
         outcome = status.FINISHED if rc == 0 else status.FAILED
     except KeyboardInterrupt:
         outcome = status.KILLED
@@ -275,8 +277,19 @@ def worker_env(cfg: DictConfig) -> dict[str, str]:
     return env
 
 
-def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path) -> int:
-    """Run torchrun in its own process group, tee its output to ``log_path``; return its exit code.
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def job_prefix(hc: DictConfig) -> bytes:
+    """Under a launcher that runs jobs side by side, each console line of a job names it."""
+    if hc.mode != RunMode.MULTIRUN or hc.launcher.get("_target_") == BASIC_LAUNCHER:
+        return b""
+    return f"[job {hc.job.num}] ".encode()
+
+
+def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: bytes = b"") -> int:
+    """Run torchrun in its own process group, tee its output to ``log_path`` (and to the console, each line
+    after ``prefix``); return its exit code.
 
     On Ctrl-C (or SIGTERM to this process) the whole group gets SIGTERM, then SIGKILL after a grace
     period, so no worker outlives the launcher.
@@ -294,7 +307,7 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path) -> int:
             for line in iter(proc.stdout.readline, b""):
                 log.write(line)
                 log.flush()
-                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.write(prefix + line)
                 sys.stdout.flush()
 
     reader = threading.Thread(target=tee, daemon=True)
