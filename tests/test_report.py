@@ -208,3 +208,16 @@ def test_only_runs_that_trained_differently_are_compared_on_training_speed(sweep
     lr = _run(c, exp, "lr", pid, params={"trainer.lr": "0.001"})
     rows = {r.run_id: r for r in _rows(c, pid)}
     assert not report.trains_like(rows[gradual], base) and not report.trains_like(rows[lr], base)
+
+
+def test_the_keys_a_sweep_varied_label_its_runs(mlflow_uri):
+    c = client(mlflow_uri)
+    exp = experiment_id(mlflow_uri, "report_swept")
+    pid = c.create_run(exp, run_name="search", tags={"costlab.sweep.varied": "pruning,pruning.amount"}).info.run_id
+    _run(c, exp, "a", pid, levers={"pruning": "structured"}, params={"pruning.amount": "0.0"})
+    _run(c, exp, "b", pid, levers={"pruning": "l1_unstructured"}, params={"pruning.amount": "0.5"})
+    rows = report.load_runs(c, parent=pid)
+    # each lever has one amount here, so only the sweep's record says the amount was searched
+    assert [r.label for r in report.build_report(rows).rows] == ["structured", "l1_unstructured"]
+    labelled = report.build_report(rows, swept=report.swept_keys(c, pid))
+    assert [r.label for r in labelled.rows] == ["structured amount=0.0", "l1_unstructured amount=0.5"]

@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from costlab.report_table import (  # noqa: F401  (the comparison's API, used th
     choose_baseline,
     load_runs,
     pareto_front,
+    swept_keys,
     trains_like,
 )
 from costlab.report_text import markdown, summarize, write_csv
@@ -56,9 +58,10 @@ FIGURES = {  # file stem: (x metric, x label, bigger x is better)
 }
 
 
-def build_report(rows: list[RunRecord], baseline: str | None = None) -> Report:
-    """The comparison of ``rows`` against their baseline (see :func:`choose_baseline`), with its summary."""
-    rep = build_table(rows, baseline)
+def build_report(rows: list[RunRecord], baseline: str | None = None, swept: Sequence[str] = ()) -> Report:
+    """The comparison of ``rows`` against their baseline (see :func:`choose_baseline`), with its summary;
+    ``swept``: the keys a sweep varied, shown in the runs' labels."""
+    rep = build_table(rows, baseline, swept)
     rep.summary = summarize(rep)
     return rep
 
@@ -130,12 +133,12 @@ def report_sweep(uri: str, parent_id: str, out: Path, baseline: str | None = Non
     """The report of a sweep; a configured baseline that no job matches (a search may never try it) falls
     back to the default one, with a warning."""
     c = tracking.client(uri)
-    rows = load_runs(c, parent=parent_id)
+    rows, swept = load_runs(c, parent=parent_id), swept_keys(c, parent_id)
     try:
-        rep = build_report(rows, baseline)
+        rep = build_report(rows, baseline, swept)
     except BaselineNotFound as e:
         print(f"costlab: warning: {e}; using the default baseline", file=sys.stderr)
-        rep = build_report(rows)
+        rep = build_report(rows, swept=swept)
     return write_report(rep, out, c, parent_id)
 
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     c = tracking.client(args.tracking_uri)
     try:
         rows = load_runs(c, parent=args.parent, experiment=args.experiment, run_ids=args.runs)
-        rep = build_report(rows, args.baseline)
+        rep = build_report(rows, args.baseline, swept_keys(c, args.parent) if args.parent else ())
     except ValueError as e:
         print(f"costlab: error: {e}", file=sys.stderr)
         return 2

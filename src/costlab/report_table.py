@@ -4,6 +4,7 @@ Plain data, no drawing and no writing (``costlab.report`` does those)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,11 @@ def load_runs(c: MlflowClient, *, parent: str | None = None, experiment: str | N
     return sorted(map(record, runs), key=lambda r: r.start_time)
 
 
+def swept_keys(c: MlflowClient, parent: str) -> list[str]:
+    """The keys a sweep varied, as its parent run recorded them."""
+    return [k for k in c.get_run(parent).data.tags.get(tracking.SWEPT_TAG, "").split(",") if k]
+
+
 def _all_runs(c: MlflowClient, experiment_id: str) -> list:
     runs, token = [], None
     while True:
@@ -187,8 +193,9 @@ def pareto_front(points: list[tuple[float, float]], maximize_x: bool = False) ->
     return sorted(front, key=lambda i: sign * points[i][0])
 
 
-def _varying_params(rows: list[RunRecord]) -> list[str]:
-    """Config keys that tell apart runs whose levers are the same (``pruning.amount``, ``trainer.lr``):
+def _varying_params(rows: list[RunRecord], swept: Sequence[str] = ()) -> list[str]:
+    """Config keys that tell runs apart beyond their levers: those a sweep varied (``swept``) and took more
+    than one value, and any key that differs between runs whose levers are the same (``trainer.lr``);
     keys that only follow from the levers (``trainer.nproc_per_node``) are left out."""
     keys = sorted({k for r in rows for k in r.params if not k.startswith(("runtime.", "tracking.", "hydra."))})
     varying = []
@@ -197,7 +204,7 @@ def _varying_params(rows: list[RunRecord]) -> list[str]:
         for r in rows:
             if key in r.params:
                 seen.setdefault(tuple(r.levers.values()), set()).add(r.params[key])
-        if any(len(v) > 1 for v in seen.values()):
+        if any(len(v) > 1 for v in seen.values()) or (key in swept and len(set().union(*seen.values())) > 1):
             varying.append(key)
     return varying
 
@@ -216,11 +223,11 @@ def _short(value: str) -> str:
     return value if number.is_integer() else f"{number:.4g}"
 
 
-def label_runs(rows: list[RunRecord], base: RunRecord) -> None:
+def label_runs(rows: list[RunRecord], base: RunRecord, swept: Sequence[str] = ()) -> None:
     """A short label per run: for the baseline, the levers and keys that vary in the set ("single fp32 x1");
     for every other run, only where it differs from the baseline ("bf16", "ddp x2")."""
     levers = [k for k in LEVERS if len({r.levers.get(k) for r in rows}) > 1]
-    params = _varying_params(rows)
+    params = _varying_params(rows, swept)
     for r in rows:
         keep = (lambda k, v: v != "none") if r is base else (lambda k, v: v != base.levers.get(k))  # noqa: E731
         parts = [_lever_text(k, r.levers[k]) for k in levers if keep(k, r.levers[k])]
@@ -251,10 +258,10 @@ def compare(value: float | None, base: float | None, how: str) -> float | None:
     return ratio(value, base)
 
 
-def build_table(rows: list[RunRecord], baseline: str | None = None) -> Report:
+def build_table(rows: list[RunRecord], baseline: str | None = None, swept: Sequence[str] = ()) -> Report:
     """The comparison of ``rows`` against their baseline; the summary is left to :mod:`costlab.report_text`."""
     base = choose_baseline(rows, baseline)
-    label_runs(rows, base)
+    label_runs(rows, base, swept)
     others = sorted(
         k for k in base.metrics
         if k not in SHOWN and not k.startswith(STEP_FAMILIES) and any(k in r.metrics for r in rows if r is not base)

@@ -33,6 +33,7 @@ ROLE_TAG, SWEEP_ROLE = "costlab.role", "sweep"  # marks a sweep's parent run
 SWEEP_DIR_TAG = "costlab.sweep_dir"
 SWEEP_ID_TAG, SWEEP_NAME_TAG = "costlab.sweep.id", "costlab.sweep.name"  # on every child: filter a sweep in the UI
 SWEEP_FILE = "sweep.json"
+SWEPT_TAG = "costlab.sweep.varied"  # on the parent: the keys the sweep varies, comma-separated
 ERROR_TAG = "costlab.error"  # why a run was refused  # the sweep's name and the keys it varies, for its jobs
 
 
@@ -210,7 +211,9 @@ class SweepParentRun(Callback):
             tags=provenance({SWEEP_DIR_TAG: str(sweep_dir), ROLE_TAG: SWEEP_ROLE}),
         )
         c.log_param(run.info.run_id, "overrides", " ".join(config.hydra.overrides.task))
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"name": name, "varied": swept_keys(config)}))
+        varied = swept_keys(config)
+        c.set_tag(run.info.run_id, SWEPT_TAG, ",".join(varied)[:5000])
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"name": name, "varied": varied}))
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
