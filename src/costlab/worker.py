@@ -34,9 +34,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def say(env: DistEnv, what: str) -> None:
+    """A progress line from rank 0, so no phase of a run is silent."""
+    if env.is_main:
+        print(what, flush=True)
+
+
 def run(cfg: DictConfig, env: DistEnv) -> None:
     seed_everything(cfg.trainer.seed)
+    say(env, f"loading data ({cfg.data.get('name', 'data')})")
     corpus = build_corpus(cfg.data)
+    say(env, f"building {cfg.model.get('name', 'the model')} and parallelising it "
+             f"({cfg.parallelism.get('name', '')}, {env.world_size} rank(s))")
     model = build_model(cfg.model)
     if cfg.trainer.get("init_from"):
         load_init(model, cfg)
@@ -47,6 +56,7 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
     optimizer = build_optimizer(parallel.model, cfg)
     logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
     try:
+        say(env, f"training {cfg.trainer.max_steps} steps")
         result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks)
         summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
         final = parallel.full_model(cfg)  # collective: every rank takes part
@@ -57,6 +67,7 @@ def run(cfg: DictConfig, env: DistEnv) -> None:
                 # so its inference figures do not depend on the world size it was trained with
                 torch.set_num_threads(os.cpu_count() or 1)
             run_dir = Path(cfg.runtime.run_dir)
+            say(env, "compressing (if asked), measuring quality, size and inference speed, saving the model")
             summary.update(evaluate_final(final, corpus, cfg, env, run_dir))
             # what trainer.init_from=<this run id> starts from
             client(cfg.tracking.uri).set_tag(cfg.runtime.run_id, CHECKPOINT_TAG, str(trained_model_file(run_dir)))
