@@ -4,6 +4,7 @@
     python run.py parallelism=ddp precision=fp16         # 2 ranks
     python run.py -m parallelism=single,ddp precision=fp32,bf16
     python run.py +experiment=precision_study
+    python run.py -m hydra/sweeper=optuna hydra.sweeper.n_trials=10 'trainer.lr=interval(1e-4,1e-2)'
 
 Exit codes: 0 when the job (every job of a sweep) finished, 1 when one failed, 2 when a config was
 refused, 130 on Ctrl-C. A job's or sweep's code is set by ``costlab.tracking.SweepParentRun`` from
@@ -21,7 +22,8 @@ from costlab.status import EXIT_INTERRUPTED
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> str:
+def main(cfg: DictConfig) -> float | list[float]:
+    """One job; returns its ``optimized_metric`` (default eval/loss), so search sweepers such as Optuna work."""
     return launch.run_job(cfg)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import OverrideType
+from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +25,16 @@ def options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
 
+def values(o: Override) -> list[str]:
+    """The values an override names: one, each of a choice or range sweep, the lower end of an interval
+    (a search sweeper's ``interval(a, b)``, which cannot be enumerated)."""
+    if not o.is_sweep_override():
+        return [o.get_value_element_as_str()]
+    if o.value_type == ValueType.INTERVAL_SWEEP:
+        return [str(o.value().start)]
+    return list(o.sweep_string_iterator())
+
+
 def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Refuse ``group=option`` for an option that does not exist (sweeps included)."""
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
@@ -36,9 +46,8 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         group = o.key_or_group.lstrip("+~")
         if o.package is not None or not (conf_dir / group).is_dir() or o.is_delete():
             continue
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         known = options(group, conf_dir)
-        for value in values:
+        for value in values(o):
             if value not in known:
                 raise ConfigError(group, value, f"unknown option; choose one of {', '.join(known)}")
 
@@ -52,8 +61,7 @@ def check_keys(argv: list[str]) -> None:
     for o in parsed:
         if o.key_or_group.startswith("hydra") or o.package is not None:
             continue  # Hydra's own settings and packages are Hydra's to check
-        value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
-        first.append((o, f"{o.get_key_element()}={value}"))
+        first.append((o, f"{o.get_key_element()}={values(o)[0]}"))
     if not any(o.type == OverrideType.CHANGE and "." in o.key_or_group for o, _ in first):
         return  # only a plain dotted override can name a missing key: spare every other start a compose
     try:
@@ -71,7 +79,7 @@ def check_keys(argv: list[str]) -> None:
                 continue
             if isinstance(node, DictConfig) and key not in node:
                 choice = f"{section}={node.name}" if "name" in node else section
-                raise ConfigError(o.key_or_group, o.get_value_element_as_str(), f"no such key in {choice} (it has "
+                raise ConfigError(o.key_or_group, values(o)[0], f"no such key in {choice} (it has "
                                   f"{', '.join(str(k) for k in node if k != '_target_')})") from None
         raise ConfigError("override", " ".join(t for _, t in first), str(e).strip().splitlines()[0]) from None
 

@@ -8,7 +8,6 @@ text, so every rank and every run sees the same split.
 from __future__ import annotations
 
 import math
-import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from costlab.files import is_text, text_files  # noqa: F401  (part of this module's API)
+from costlab.files import is_text, pysource_files, text_files  # noqa: F401  (part of this module's API)
 
 VAL_EVERY = 20  # one document in VAL_EVERY goes to validation (by a hash of its name)
 
@@ -46,8 +45,8 @@ def _split_documents(docs: list[tuple[str, bytes]], name: str) -> ByteCorpus:
 
 def pysource(pattern: str = "*.py") -> ByteCorpus:
     """The installed Python standard library's top-level ``.py`` files: real text on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = [(f.name, f.read_bytes()) for f in sorted(root.glob(pattern))]
+    root, files = pysource_files(pattern)
+    docs = [(f.name, f.read_bytes()) for f in files]
     return _split_documents(docs, f"pysource:{root}/{pattern}")
 
 

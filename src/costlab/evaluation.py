@@ -19,12 +19,11 @@ from costlab.checkpoint import FINAL, UNCOMPRESSED
 from costlab.data import ByteCorpus, eval_batches
 from costlab.loss import evaluate
 from costlab.metrics import count_params, save_model, sparse_savings, time_inference
+from costlab.names import EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, INFER_TOKENS_PER_S, MODEL_SIZE
 from costlab.parallelism.core import DistEnv
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
-
-INFER_TOKENS_PER_S = "infer/tokens_per_s"
 
 
 @dataclass
@@ -73,16 +72,16 @@ def evaluate_final(
     seconds = time_inference(models, infer_batch, lambda: autocast(cfg, device), iters=t.infer_iters)
 
     out.update({
-        "eval/loss": loss,
+        EVAL_LOSS: loss,
         "eval/perplexity": math.exp(loss),
         "eval/loss_uncompressed": loss_before,
         "eval/loss_delta": (loss - loss_before) / loss_before,
-        "model/size_bytes": after.size_bytes,
+        MODEL_SIZE: after.size_bytes,
         "model/size_bytes_uncompressed": before.size_bytes,
         "model/params": after.params,
         "model/nonzero_params": after.nonzero_params,
         "model/sparsity": 1 - after.nonzero_params / after.params,
-        "infer/latency_ms_p50": 1000 * seconds["final"],
+        INFER_LATENCY: 1000 * seconds["final"],
         INFER_TOKENS_PER_S: infer_batch.numel() / seconds["final"],
     })
     if compressed:  # figures of a comparison only where there was one
@@ -93,6 +92,6 @@ def evaluate_final(
             "model/params_uncompressed": before.params,
             "infer/latency_ms_p50_uncompressed": 1000 * ref,
             "infer/tokens_per_s_uncompressed": infer_batch.numel() / ref,
-            "infer/speedup": ref / seconds["final"],
+            INFER_SPEEDUP: ref / seconds["final"],
         })
     return out, dict(quantization.tags)

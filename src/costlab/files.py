@@ -1,8 +1,44 @@
-"""Which files are text: shared by the data group and the launcher's checks (so no torch import here)."""
+"""Which files a corpus reads, and which files are text: shared by the data group and the launcher's checks
+and provenance (so no torch import here)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+
+def pysource_files(pattern: str = "*.py") -> tuple[Path, list[Path]]:
+    """The installed Python standard library's folder and its top-level files matching ``pattern``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return root, sorted(root.glob(pattern))
+
+
+def corpus_files(data: Mapping[str, Any]) -> tuple[str, list[Path]]:
+    """Where a ``data`` option reads its text (a path or a description) and the files, if any."""
+    target = str(data.get("_target_", ""))
+    if target.endswith(".pysource"):
+        root, files = pysource_files(data.get("pattern", "*.py"))
+        return f"{root}/{data.get('pattern', '*.py')}", files
+    if target.endswith(".textfile"):
+        root = Path(str(data["path"])).expanduser()
+        return str(root.resolve()), text_files(root)
+    # generated text: the source is the generator and its settings
+    settings = {k: v for k, v in data.items() if k != "name"}
+    return f"{target}({json.dumps(settings, sort_keys=True, default=str)})", []
+
+
+def corpus_digest(source: str, files: list[Path]) -> str:
+    """A hash of the corpus: of the files' names and bytes, or, for generated text, of its source."""
+    h = hashlib.sha256(source.encode())
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()[:32]
 
 
 def text_files(path: str | Path) -> list[Path]:

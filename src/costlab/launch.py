@@ -6,6 +6,7 @@ It never imports torch: starting a sweep must stay cheap and must never initiali
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -13,13 +14,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from costlab import status, tracking
 from costlab.cost import HARDWARE_TAG, resolve_hardware, run_cost
@@ -53,18 +54,78 @@ def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str
     return tags
 
 
-def default_run_name(tags: dict[str, str]) -> str:
-    """``gpt_nano single fp32 x1``, plus the compression options when there are any."""
+def default_run_name(tags: dict[str, str], overrides: list[str] = (), varied: list[str] = ()) -> str:
+    """``gpt_nano single fp32 x1``, plus the compression options when there are any, plus the other
+    overrides a sweep varies (``trainer.lr=0.001``), so the jobs of a search are told apart."""
     parts = [tags["model"], tags["parallelism"], tags["precision"], f"x{tags['world_size']}"]
     parts += [tags[g] for g in ("pruning", "quantization") if tags[g] != "none"]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in varied and key not in ("model", "parallelism", "precision", "pruning", "quantization"):
+            parts.append(override.lstrip("+~"))
     return " ".join(parts)
 
 
-def run_job(cfg: DictConfig) -> str:
-    """The Hydra task: one job of a run or of a sweep. Returns the MLflow run status.
+Objective = float | list[float]
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-    The status is also written into the job's folder (:mod:`costlab.status`), where the sweep's parent
-    reads it back whichever process or machine the launcher ran this job on.
+
+def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Sequence[str] = ()) -> Objective:
+    """What the Hydra task returns, for sweepers that search (Optuna): the run's ``optimized_metric`` (a
+    float, or a list for several objectives) as logged in MLflow.
+
+    A job that did not finish, or did not log the metric, gets the worst value of each objective (+inf when
+    minimised, -inf when maximised, per ``directions``): the study goes on, its best value and Pareto front
+    are those of the jobs that ran, and the sampler learns to avoid what failed. (NaN would be Optuna's
+    "failed trial", but the Optuna 2 that hydra-optuna-sweeper installs ends the whole study on it.)
+    """
+    names = cfg.get("optimized_metric") or []
+    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
+    finished = run_id is not None and outcome == status.FINISHED
+    metrics = tracking.client(cfg.tracking.uri).get_run(run_id).data.metrics if finished else {}
+    missing = [n for n in names if n not in metrics]
+    if finished and missing:
+        print(f"costlab: warning: run {run_id} logged no {', '.join(missing)} (optimized_metric): "
+              "returning the worst value", file=sys.stderr)
+    worst = [-math.inf if i < len(directions) and "max" in str(directions[i]) else math.inf for i in range(len(names))]
+    values = [float(metrics[n]) if n in metrics else w for n, w in zip(names, worst, strict=True)]
+    return values[0] if len(values) == 1 else values
+
+
+def directions(hc: DictConfig) -> list[str]:
+    """The search's directions (Optuna's ``hydra.sweeper.direction``: one, or a list), or none."""
+    d = hc.sweeper.get("direction")  # a string, an enum (Optuna's default) or a list of either
+    if d is None:
+        return []
+    return [str(x) for x in d] if isinstance(d, list | tuple | ListConfig) else [str(d)]
+
+
+def refuse_trial(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, tags: dict[str, str],
+                 hc: DictConfig) -> Objective:
+    """A search proposed a configuration this machine cannot run: this trial fails, the search goes on.
+    One line says why; the trial's run is recorded FAILED with the reason, never left RUNNING."""
+    print(f"costlab: error: {error} (this trial fails; the search goes on)", file=sys.stderr)
+    status.write(run_dir, status.FAILED, node_rank=0, parent_run_id=parent_id)
+    run_id = None
+    if parent_id:
+        c = tracking.client(cfg.tracking.uri)
+        tags = {**tags, "mlflow.parentRunId": parent_id, tracking.SWEEP_ID_TAG: parent_id,
+                tracking.ERROR_TAG: str(error)}
+        sweep_name = tracking.sweep_info(hc.sweep.dir).get("name")
+        if sweep_name:
+            tags[tracking.SWEEP_NAME_TAG] = sweep_name
+        run_id = c.create_run(c.get_run(parent_id).info.experiment_id, run_name=f"refused {error.key}={error.value}",
+                              tags=tracking.provenance(tags)).info.run_id
+        c.set_terminated(run_id, status.FAILED)
+        status.write(run_dir, status.FAILED, node_rank=0, run_id=run_id, parent_run_id=parent_id)
+    return objective(cfg, status.FAILED, run_id, directions(hc))
+
+
+def run_job(cfg: DictConfig) -> Objective:
+    """The Hydra task: one job of a run or of a sweep. Returns its ``optimized_metric`` (see :func:`objective`).
+
+    The job's status is written into its folder (:mod:`costlab.status`), where the sweep's parent and
+    ``run.py``'s exit code read it back whichever process or machine the launcher ran this job on.
     """
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -87,6 +148,9 @@ def run_job(cfg: DictConfig) -> str:
             check_tracking(cfg)
     except ConfigError as e:
         node = cfg.trainer.node_rank
+        if multirun and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
+            tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
+            return refuse_trial(cfg, e, run_dir, parent_id, tags, hc)
         fail(e, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
 
     warning = None if planning else slow_precision_warning(cfg, cpu_info())
@@ -94,16 +158,19 @@ def run_job(cfg: DictConfig) -> str:
         print(warning, file=sys.stderr, flush=True)
 
     if planning:
-        return run_plan(cfg, run_dir, parent_id, dict(hc.runtime.choices))
+        outcome, run_id = run_plan(cfg, run_dir, parent_id, hc)
+        return objective(cfg, outcome, run_id, directions(hc))
 
     t0 = time.time()
     if cfg.trainer.node_rank > 0:
-        return run_follower(cfg, run_dir, parent_id)
+        return objective(cfg, run_follower(cfg, run_dir, parent_id), None, directions(hc))
     # written before anything can fail, so a job killed outright still leaves a trace that it did not finish
     status.write(run_dir, status.RUNNING, node_rank=0, parent_run_id=parent_id)
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     tags = _tags(cfg, dict(hc.runtime.choices), world_size)
-    run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name or default_run_name(tags), parent_id)
+    sweep = tracking.sweep_info(hc.sweep.dir) if multirun else {}
+    name = cfg.tracking.run_name or default_run_name(tags, list(hc.overrides.task), sweep.get("varied", []))
+    run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
     status.write(run_dir, status.RUNNING, node_rank=0, run_id=run_id, parent_run_id=parent_id)
 
     with open_dict(cfg):
@@ -114,9 +181,11 @@ def run_job(cfg: DictConfig) -> str:
     client.log_artifact(run_id, str(config_path))
 
     log_path = run_dir / "worker.log"
+    # said before the ranks start, so the run can be found (and watched in MLflow) while it trains
+    print(f"costlab: run {run_id} '{name}' starting {world_size} rank(s) in {run_dir}", file=sys.stderr, flush=True)
     outcome = status.FAILED
     try:
-        rc = launch_torchrun(cfg, config_path, log_path)
+        rc = launch_torchrun(cfg, config_path, log_path, job_prefix(hc))
         outcome = status.FINISHED if rc == 0 else status.FAILED
     except KeyboardInterrupt:
         outcome = status.KILLED
@@ -140,16 +209,19 @@ def run_job(cfg: DictConfig) -> str:
     if outcome == status.KILLED:
         raise KeyboardInterrupt
     print(f"costlab: run {run_id} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
-    return outcome
+    return objective(cfg, outcome, run_id, directions(hc))
 
 
-def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, choices: dict[str, str]) -> str:
-    """``mode=plan``: predict, print, and log the plan as a FINISHED run tagged ``mode=plan``; no worker."""
+def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, hc: DictConfig) -> tuple[str, str]:
+    """``mode=plan``: predict, print, and log the plan as a FINISHED run tagged ``mode=plan``; no worker.
+    Returns the outcome and the run's id."""
     from costlab.plan import make_plan, print_plan
 
     world = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
-    tags = {**_tags(cfg, choices, world), "mode": "plan"}
-    run_id = tracking.open_run(cfg, tags, cfg.tracking.run_name or "plan " + default_run_name(tags), parent_id)
+    tags = {**_tags(cfg, dict(hc.runtime.choices), world), "mode": "plan"}
+    sweep = tracking.sweep_info(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else {}
+    name = cfg.tracking.run_name or "plan " + default_run_name(tags, list(hc.overrides.task), sweep.get("varied", []))
+    run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
     outcome = status.FAILED
     try:
         metrics, lines = make_plan(cfg)
@@ -163,7 +235,7 @@ def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, choices: dic
     finally:
         tracking.client(cfg.tracking.uri).set_terminated(run_id, outcome)
         status.write(run_dir, outcome, node_rank=0, run_id=run_id, parent_run_id=parent_id)
-    return outcome
+    return outcome, run_id
 
 
 def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:
@@ -184,7 +256,7 @@ def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:
     status.write(run_dir, status.RUNNING, node_rank=node, parent_run_id=parent_id)
     outcome = status.FAILED
     try:
-        rc = launch_torchrun(cfg, config_path, run_dir / f"worker.node{node}.log")
+        rc = launch_torchrun(cfg, config_path, run_dir / f"worker.node{node}.log", job_prefix(HydraConfig.get()))
         outcome = status.FINISHED if rc == 0 else status.FAILED
     except KeyboardInterrupt:
         outcome = status.KILLED
@@ -254,8 +326,19 @@ def worker_env(cfg: DictConfig) -> dict[str, str]:
     return env
 
 
-def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path) -> int:
-    """Run torchrun in its own process group, tee its output to ``log_path``; return its exit code.
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def job_prefix(hc: DictConfig) -> bytes:
+    """Under a launcher that runs jobs side by side, each console line of a job names it."""
+    if hc.mode != RunMode.MULTIRUN or hc.launcher.get("_target_") == BASIC_LAUNCHER:
+        return b""
+    return f"[job {hc.job.num}] ".encode()
+
+
+def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: bytes = b"") -> int:
+    """Run torchrun in its own process group, tee its output to ``log_path`` (and to the console, each line
+    after ``prefix``); return its exit code.
 
     On Ctrl-C (or SIGTERM to this process) the whole group gets SIGTERM, then SIGKILL after a grace
     period, so no worker outlives the launcher.
@@ -273,7 +356,7 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path) -> int:
             for line in iter(proc.stdout.readline, b""):
                 log.write(line)
                 log.flush()
-                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.write(prefix + line)
                 sys.stdout.flush()
 
     reader = threading.Thread(target=tee, daemon=True)

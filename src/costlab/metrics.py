@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from costlab.names import MEM_GRADS, MEM_OPTIMIZER, MEM_PARAMS, PERF_TOKENS_PER_S
 from costlab.quantization.pytorch_int8 import packed_tensors
 
 
@@ -34,9 +35,6 @@ def now(device: torch.device) -> float:
     """A clock reading taken after all queued work on ``device`` has finished."""
     sync(device)
     return time.perf_counter()
-
-
-TRAIN_TOKENS_PER_S = "perf/tokens_per_s"
 
 
 @dataclass
@@ -58,7 +56,7 @@ class StepStats:
             return {}
         total = sum(self.times_s)
         return {
-            TRAIN_TOKENS_PER_S: self.tokens_per_step * len(self.times_s) / total,
+            PERF_TOKENS_PER_S: self.tokens_per_step * len(self.times_s) / total,
             "perf/step_time_ms_p50": 1000 * statistics.median(self.times_s),
             "perf/step_time_ms_mean": 1000 * total / len(self.times_s),
             "perf/timed_steps": len(self.times_s),
@@ -115,11 +113,11 @@ def state_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | No
     """Bytes this rank holds for parameters, gradients and optimizer state (local shards only)."""
     params = list(model.parameters())
     out = {
-        "mem/params_bytes_per_rank": sum(_local_bytes(p) for p in params),
-        "mem/grads_bytes_per_rank": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        MEM_PARAMS: sum(_local_bytes(p) for p in params),
+        MEM_GRADS: sum(_local_bytes(p.grad) for p in params if p.grad is not None),
     }
     if optimizer is not None:
-        out["mem/optimizer_bytes_per_rank"] = sum(
+        out[MEM_OPTIMIZER] = sum(
             _local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
         )
     return out

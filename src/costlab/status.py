@@ -69,6 +69,12 @@ def sweep_records(sweep_dir: Path, parent_run_id: str) -> list[JobRecord]:
     return [r for r in map(read, paths) if r is not None and r.parent_run_id == parent_run_id]
 
 
+def job_records(job_dir: Path) -> list[JobRecord]:
+    """Every node's record of the job in ``job_dir``."""
+    paths = sorted(p for p in job_dir.glob(f"{STATUS_FILE}*") if p.is_file() and not p.name.startswith("."))
+    return [r for r in map(read, paths) if r is not None]
+
+
 _SEVERITY = {FINISHED: 0, FAILED: 1, KILLED: 2}
 
 

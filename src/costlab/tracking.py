@@ -7,6 +7,7 @@ so the training loop never waits on the database.
 
 from __future__ import annotations
 
+import json
 import queue
 import sys
 import threading
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from costlab import status
 from costlab.errors import ConfigError
+from costlab.files import corpus_digest, corpus_files
 
 if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to import
     from mlflow.entities import Run
@@ -27,6 +29,12 @@ if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to
 
 PARENT_ID_FILE = "parent_run_id"
 CONTRACT_TAGS = ("model", "data", "parallelism", "precision", "pruning", "quantization")
+ROLE_TAG, SWEEP_ROLE = "costlab.role", "sweep"  # marks a sweep's parent run
+SWEEP_DIR_TAG = "costlab.sweep_dir"
+SWEEP_ID_TAG, SWEEP_NAME_TAG = "costlab.sweep.id", "costlab.sweep.name"  # on every child: filter a sweep in the UI
+SWEEP_FILE = "sweep.json"
+SWEPT_TAG = "costlab.sweep.varied"  # on the parent: the keys the sweep varies, comma-separated
+ERROR_TAG = "costlab.error"  # why a run was refused  # the sweep's name and the keys it varies, for its jobs
 
 
 def client(uri: str) -> MlflowClient:
@@ -68,19 +76,61 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def open_run(cfg: DictConfig, tags: dict[str, str], run_name: str | None, parent_id: str | None) -> str:
-    """Create the job's run with the flattened config as params; return its id."""
+def provenance(tags: dict[str, str]) -> dict[str, str]:
+    """``tags`` plus what ``mlflow.start_run`` would add: user, source file, git commit, branch and repository."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return resolve_tags(tags)
+
+
+def open_run(cfg: DictConfig, tags: dict[str, str], run_name: str | None, parent_id: str | None,
+             sweep_name: str | None = None) -> str:
+    """Create the job's run with provenance tags, the flattened config as params and the corpus as its
+    dataset input; return its id. A run that cannot be set up is closed FAILED, never left RUNNING."""
     from mlflow.entities import Param
 
     c = client(cfg.tracking.uri)
     all_tags = dict(tags)
     if parent_id:
-        all_tags["mlflow.parentRunId"] = parent_id
-    run = c.create_run(experiment_id(cfg.tracking.uri, cfg.tracking.experiment_name), run_name=run_name, tags=all_tags)
-    params = [Param(k, v) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
-    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        c.log_batch(run.info.run_id, params=params[i : i + 100])
+        all_tags.update({"mlflow.parentRunId": parent_id, SWEEP_ID_TAG: parent_id})
+        if sweep_name:
+            all_tags[SWEEP_NAME_TAG] = sweep_name
+    exp = experiment_id(cfg.tracking.uri, cfg.tracking.experiment_name)
+    run = c.create_run(exp, run_name=run_name, tags=provenance(all_tags))
+    try:
+        params = [Param(k, v) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            c.log_batch(run.info.run_id, params=params[i : i + 100])
+        log_corpus(c, run.info.run_id, cfg.data)
+    except BaseException:
+        c.set_terminated(run.info.run_id, status.FAILED)
+        raise
     return run.info.run_id
+
+
+def log_corpus(c: MlflowClient, run_id: str, data_cfg: DictConfig) -> None:
+    """The training text as the run's MLflow dataset input: its source and a digest of its bytes."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source, files = corpus_files(OmegaConf.to_container(data_cfg, resolve=True))
+    dataset = Dataset(name=str(data_cfg.get("name", "data")), digest=corpus_digest(source, files),
+                      source_type="local", source=json.dumps({"uri": source}))
+    c.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun varies: swept on the command line (``a=1,2``) or by the sweeper's ``params``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    keys += [str(k) for k in OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}]
+    return list(dict.fromkeys(k.lstrip("+~") for k in keys))
+
+
+def sweep_info(sweep_dir: str | Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 class MetricLogger:
@@ -154,12 +204,16 @@ class SweepParentRun(Callback):
             status.refuse(e)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         c = client(config.tracking.uri)
+        name = f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"
         run = c.create_run(
             experiment_id(config.tracking.uri, config.tracking.experiment_name),
-            run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
-            tags={"costlab.sweep_dir": str(sweep_dir), "costlab.role": "sweep"},
+            run_name=name,
+            tags=provenance({SWEEP_DIR_TAG: str(sweep_dir), ROLE_TAG: SWEEP_ROLE}),
         )
         c.log_param(run.info.run_id, "overrides", " ".join(config.hydra.overrides.task))
+        varied = swept_keys(config)
+        c.set_tag(run.info.run_id, SWEPT_TAG, ",".join(varied)[:5000])
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"name": name, "varied": varied}))
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -180,11 +234,13 @@ class SweepParentRun(Callback):
             raise SystemExit(status.exit_code(verdict))
 
     def on_run_end(self, config: DictConfig, job_return: JobReturn | None = None, **kwargs: Any) -> None:
-        # A job that raised is reported by Hydra itself; one that returned a status other than
-        # FINISHED (its workers failed) must still end run.py with a non-zero code.
+        # A job that raised is reported by Hydra itself; one that returned (its value is the optimized
+        # metric) after its workers failed must still end run.py with a non-zero code: its status file says so.
         if job_return is not None and job_return.status == JobStatus.COMPLETED:
-            if job_return.return_value != status.FINISHED:
-                raise SystemExit(status.exit_code(str(job_return.return_value)))
+            records = status.job_records(Path(config.hydra.runtime.output_dir))
+            verdict = status.worst(r.status for r in records)
+            if verdict != status.FINISHED:
+                raise SystemExit(status.exit_code(verdict))
 
 
 def child_runs(c: MlflowClient, parent_id: str) -> list[Run]:

@@ -4,6 +4,7 @@ mixed precision, periodic evaluation, and per-step metrics logged from rank 0.""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.metrics import StepStats, now, state_bytes_per_rank
+from costlab.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
 from costlab.precision import grad_scaler
 
@@ -25,6 +27,9 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
     t = cfg.trainer
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+
+PRINT_AT_LEAST_EVERY_S = 10.0  # a progress line at least this often, whatever trainer.print_every says
 
 
 def lr_at(step: int, cfg: DictConfig) -> float:
@@ -67,6 +72,7 @@ def train(
     result = TrainResult(stats=StepStats(t.timing_warmup_steps, t.batch_size * block))
     parallel.model.train()
 
+    started = printed = time.perf_counter()
     for step in range(t.max_steps):
         t0 = now(device)
         for hook in step_hooks:
@@ -96,7 +102,7 @@ def train(
             result.final_loss = loss.item()
         if logged and logger is not None:
             metrics = {
-                "train/loss": result.final_loss,
+                TRAIN_LOSS: result.final_loss,
                 "train/lr": lr,
                 "train/step_time_ms": 1000 * seconds,
                 "train/tokens_per_s": t.batch_size * block / seconds,
@@ -106,10 +112,13 @@ def train(
             if scaler is not None:
                 metrics["train/loss_scale"] = scaler.get_scale()
             logger.log(metrics, step)
-            if step % t.print_every == 0 or step == t.max_steps - 1:
+            clock = time.perf_counter()
+            if step % t.print_every == 0 or step == t.max_steps - 1 or clock - printed >= PRINT_AT_LEAST_EVERY_S:
+                printed = clock
+                eta = (clock - started) / (step + 1) * (t.max_steps - step - 1)
                 print(
                     f"step {step + 1}/{t.max_steps}  loss {result.final_loss:.4f}  lr {lr:.2e}"
-                    f"  {1000 * seconds:.0f} ms  {t.batch_size * block / seconds:.0f} tok/s",
+                    f"  {1000 * seconds:.0f} ms  {t.batch_size * block / seconds:.0f} tok/s  eta {eta:.0f}s",
                     flush=True,
                 )
         if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.max_steps:

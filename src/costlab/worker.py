@@ -19,10 +19,11 @@ from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.cost import NO_MFU_TAG, PEAK_SOURCE_TAG, cost_metrics, device_peak, flops_per_token
 from costlab.data import build_corpus
 from costlab.energy import ENERGY_JOULES, ENERGY_SOURCE_TAG, ENERGY_TRAIN, NO_ENERGY_TAG, TrainingEnergy, energy_counter
-from costlab.evaluation import INFER_TOKENS_PER_S, evaluate_final
+from costlab.evaluation import evaluate_final
 from costlab.memory import predict_state
-from costlab.metrics import TRAIN_TOKENS_PER_S, max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
+from costlab.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
 from costlab.model import build_model
+from costlab.names import INFER_TOKENS_PER_S, MEM_PEAK, PERF_TOKENS_PER_S
 from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
 from costlab.pruning import build_pruning
@@ -38,11 +39,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def say(env: DistEnv, what: str) -> None:
+    """A progress line from rank 0, so no phase of a run is silent."""
+    if env.is_main:
+        print(what, flush=True)
+
+
 def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None) -> None:
     """One rank's run; ``predicted`` (rank 0): the memory model's per-rank state bytes, logged beside the
     measured ones."""
     seed_everything(cfg.trainer.seed)
+    say(env, f"loading data ({cfg.data.get('name', 'data')})")
     corpus = build_corpus(cfg.data)
+    say(env, f"building {cfg.model.get('name', 'the model')} and parallelising it "
+             f"({cfg.parallelism.get('name', '')}, {env.world_size} rank(s))")
     model = build_model(cfg.model)
     flops = flops_per_token(model, cfg.model.block_size)  # of the whole model, before any sharding
     if cfg.trainer.get("init_from"):
@@ -60,6 +70,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     optimizer = build_optimizer(parallel.model, cfg)
     logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
     try:
+        say(env, f"training {cfg.trainer.max_steps} steps")
         result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks)
         summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
@@ -71,6 +82,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
                 # so its inference figures do not depend on the world size it was trained with
                 torch.set_num_threads(os.cpu_count() or 1)
             run_dir = Path(cfg.runtime.run_dir)
+            say(env, "compressing (if asked), measuring quality, size and inference speed, saving the model")
             metrics, tags = evaluate_final(final, corpus, cfg, env, run_dir)
             summary.update(metrics)
             # what trainer.init_from=<this run id> starts from
@@ -92,10 +104,10 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
             peak, source = device_peak(cfg, env.local_world_size)
             summary.update(predicted or {})
-            summary.update(cost_metrics(cfg, flops, peak, summary.get(TRAIN_TOKENS_PER_S),
+            summary.update(cost_metrics(cfg, flops, peak, summary.get(PERF_TOKENS_PER_S),
                                         summary.get(INFER_TOKENS_PER_S)))
             store.set_tag(cfg.runtime.run_id, PEAK_SOURCE_TAG if peak else NO_MFU_TAG, source)
-        summary["mem/peak_bytes"] = max_over_ranks(peak_memory_bytes(env.device), env.device)
+        summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
         summary.update(peak_reserved_memory(env.device))
         if logger is not None:
             summary["tracking/log_overhead_s"] = logger.time_spent_s

@@ -1,0 +1,19 @@
+"""Names of the metrics that more than one part of costlab reads: the worker writes them, the report and
+the Hydra task read them back from MLflow. Written once here (torch-free, so the report needs no torch)."""
+
+from __future__ import annotations
+
+TRAIN_LOSS = "train/loss"
+EVAL_LOSS = "eval/loss"
+PERF_TOKENS_PER_S = "perf/tokens_per_s"
+MEM_PEAK = "mem/peak_bytes"
+MEM_PARAMS = "mem/params_bytes_per_rank"
+MEM_GRADS = "mem/grads_bytes_per_rank"
+MEM_OPTIMIZER = "mem/optimizer_bytes_per_rank"
+MODEL_SIZE = "model/size_bytes"
+INFER_LATENCY = "infer/latency_ms_p50"
+INFER_TOKENS_PER_S = "infer/tokens_per_s"
+INFER_SPEEDUP = "infer/speedup"  # a compressed model against its own uncompressed one, interleaved in one process
+
+# Families logged at every step (or every eval interval): curves, not summary figures.
+STEP_FAMILIES = ("train/", "val/")

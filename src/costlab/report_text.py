@@ -1,0 +1,155 @@
+"""The report in words: the plain-language summary, the Markdown tables and the CSV, all from the numbers."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from costlab import status
+from costlab.names import EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, MODEL_SIZE, PERF_TOKENS_PER_S
+from costlab.report_table import (
+    BYTES_TOLERANCE,
+    COMPRESSION,
+    LEVERS,
+    MAIN_TABLE,
+    SPEED_TOLERANCE,
+    STATE,
+    Report,
+    RunRecord,
+    compare,
+    ratio,
+    trains_like,
+)
+
+
+def _times(r: float) -> str:
+    return f"{r:.2f}x"
+
+
+def _sentence(r: RunRecord, base: RunRecord) -> str:
+    if not r.finished:
+        return f"{r.label} {r.status}, so it has no figures"
+    said, saved = [], False
+    # a run that trained as the baseline did has the same training cost: its timings differ only by noise
+    speed = None if trains_like(r, base) else ratio(r.get(PERF_TOKENS_PER_S), base.get(PERF_TOKENS_PER_S))
+    if speed is not None:
+        if speed > 1 + SPEED_TOLERANCE:
+            said.append(f"trains {_times(speed)} faster")
+            saved = True
+        elif speed < 1 - SPEED_TOLERANCE:
+            said.append(f"trains {_times(1 / speed)} slower")
+        else:
+            said.append(f"trains no faster ({_times(speed)})")
+    state = ratio(r.get(STATE), base.get(STATE))
+    if state is not None and abs(state - 1) > BYTES_TOLERANCE:
+        said.append(f"holds {_times(state)} the training state per rank")
+        saved |= state < 1
+    compressed = any(r.levers.get(k, "none") != "none" for k in COMPRESSION)
+    size = ratio(r.get(MODEL_SIZE), base.get(MODEL_SIZE))
+    if size is not None and (compressed or abs(size - 1) > BYTES_TOLERANCE):
+        if size < 1 - BYTES_TOLERANCE:
+            said.append(f"ships {_times(1 / size)} smaller")
+            saved = True
+        else:
+            said.append(f"ships no smaller ({_times(1 / size)})")
+    # a compressed model's own speed-up was timed interleaved with its uncompressed model in one process:
+    # fairer than two latencies from two jobs, so it speaks for compression
+    own = r.get(INFER_SPEEDUP) if compressed else None
+    speedup = own if own is not None else compare(r.get(INFER_LATENCY), base.get(INFER_LATENCY), "speedup")
+    if speedup is not None and (compressed or abs(speedup - 1) > SPEED_TOLERANCE):
+        than = " than uncompressed" if own is not None else ""
+        if speedup > 1 + SPEED_TOLERANCE:
+            said.append(f"infers {_times(speedup)} faster{than}")
+            saved = True
+        elif speedup < 1 - SPEED_TOLERANCE:
+            said.append(f"infers {_times(1 / speedup)} slower{than}")
+        else:
+            said.append(f"infers no faster{than} ({_times(speedup)})")
+    delta = compare(r.get(EVAL_LOSS), base.get(EVAL_LOSS), "delta")
+    text = f"{r.label} " + (", ".join(said) if said else "has none of the baseline's cost figures")
+    if delta is not None:
+        text += f" at {100 * delta:+.2f} % loss"
+    if not saved:
+        text += f": it saved nothing on this hardware ({r.levers.get('device') or 'unknown device'})"
+    return text
+
+
+def summarize(rep: Report) -> str:
+    b = rep.baseline
+    head = "Against the baseline" + ("" if b.label == "baseline" else f" {b.label}") + f" ({b.name}"
+    if b.get(EVAL_LOSS) is not None:
+        head += f", eval/loss {b.get(EVAL_LOSS):.4f}"
+    if b.get(PERF_TOKENS_PER_S) is not None:
+        head += f", {b.get(PERF_TOKENS_PER_S):,.0f} training tokens/s"
+    head += f" on {b.levers.get('device') or 'an unknown device'})"
+    sentences = [_sentence(r, b) for r in rep.rows if r is not b]
+    if not sentences:
+        return head + ": it is the only run."
+    return head + ": " + "; ".join(sentences) + "."
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fmt(col: str, value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if not isinstance(value, float | int):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    if col.endswith(" delta"):
+        return f"{100 * value:+.2f} %"
+    if col.endswith((" ratio", " speed-up")):
+        return f"{value:.2f}x"
+    if "loss" in col:
+        return f"{value:.4f}"
+    if col.endswith("bytes") or col.endswith(STATE):
+        return f"{value / 2**20:,.2f} MiB"
+    return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def markdown(rep: Report, figures: list[str] = ()) -> str:
+    varying = [k for k in LEVERS if len({r.levers.get(k) for r in rep.rows}) > 1]
+    same = ", ".join(f"{k} {rep.baseline.levers[k]}" for k in LEVERS if k not in varying)
+    main = ["label", "status", *varying, *MAIN_TABLE]
+    lines = ["# Comparison report", "", rep.summary, ""]
+    if same:
+        lines += [f"Every run: {same}.", ""]
+    lines += [f"Baseline: **{rep.baseline.label}** (`{rep.baseline.name}`, run `{rep.baseline.run_id}`); "
+              "ratios are run / baseline, speed-up is baseline latency / run latency, delta is relative.", ""]
+    lines += _md_table(main, rep.table, bold_status=True)
+    if rep.others:
+        lines += ["", "Other summary metrics (value, and ratio to the baseline):", ""]
+        header = ["metric", *[row["label"] for row in rep.table]]
+        body = [{"metric": k, **{row["label"]: _other(k, row) for row in rep.table}} for k in rep.others]
+        lines += _md_table(header, body)
+    lines += [""] + [f"![{stem}]({stem}.png)" for stem in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _other(metric: str, row: dict[str, Any]) -> str:
+    value, r = _fmt(metric, row[metric]), _fmt(" ratio", row[f"{metric} ratio"])
+    return f"{value} ({r})" if value and r else value
+
+
+def _md_table(columns: list[str], rows: list[dict[str, Any]], bold_status: bool = False) -> list[str]:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_fmt(c, row.get(c)).replace("|", "\\|") for c in columns]
+        if bold_status and row.get("status") != status.FINISHED:
+            cells[columns.index("status")] = f"**{row.get('status')}**"
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def write_csv(rep: Report, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["run_id", *rep.columns])
+        w.writeheader()
+        for r, row in zip(rep.rows, rep.table, strict=True):
+            w.writerow({"run_id": r.run_id, **{k: "" if v is None else v for k, v in row.items()}})
