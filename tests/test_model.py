@@ -21,6 +21,12 @@ def test_model_option_builds_with_its_promised_size(name):
     assert low <= n <= high, f"{name}: {n} parameters"
 
 
+def test_the_7b_plan_model_has_7b_class_size():
+    with torch.device("meta"):  # for mode=plan only: never built for real here
+        model = build_model(compose_config(["model=llama_7b"]).model)
+    assert 6.5e9 < sum(p.numel() for p in model.parameters()) < 7e9
+
+
 @pytest.mark.parametrize("name", ["gpt_nano", "llama_nano", "mlp"])
 def test_forward_shape_and_causality(name):
     cfg = compose_config([f"model={name}", "model.block_size=16"])

@@ -12,6 +12,7 @@ from costlab.memory import predict_state
 from tests.conftest import TINY, compose_config
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_7b_plan_on_8_h100s_predicts_without_allocating(cli):
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -38,6 +39,7 @@ def test_a_7b_plan_on_8_h100s_predicts_without_allocating(cli):
     assert not (cli.out / "run" / "worker.log").exists()  # no worker was started
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_plan_that_does_not_fit_says_so(cli):
     proc = cli("mode=plan", "model=llama_7b", "hardware=l4", "tracking.run_name=plan_l4")
