@@ -98,7 +98,8 @@ def cost_metrics(cfg: DictConfig, flops: float, peak_tflops: float | None, train
         out[TFLOPS_PER_DEVICE] = flops * train_tps / n / 1e12
         if peak_tflops:
             out[PEAK_TFLOPS] = peak_tflops
-            out[MFU] = out[TFLOPS_PER_DEVICE] / peak_tflops
+            if out[TFLOPS_PER_DEVICE] <= peak_tflops:  # above it, the peak is wrong, not the run
+                out[MFU] = out[TFLOPS_PER_DEVICE] / peak_tflops
     per_hour = usd_per_hour(cfg)
     if per_hour is not None:
         out[USD_PER_HOUR] = per_hour

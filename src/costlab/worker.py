@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
-from costlab.cost import NO_MFU_TAG, PEAK_SOURCE_TAG, cost_metrics, device_peak, flops_per_token
+from costlab.cost import MFU, NO_MFU_TAG, PEAK_SOURCE_TAG, TFLOPS_PER_DEVICE, cost_metrics, device_peak, flops_per_token
 from costlab.data import build_corpus
 from costlab.energy import ENERGY_JOULES, ENERGY_SOURCE_TAG, ENERGY_TRAIN, NO_ENERGY_TAG, TrainingEnergy, energy_counter
 from costlab.evaluation import evaluate_final
@@ -106,7 +106,15 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             summary.update(predicted or {})
             summary.update(cost_metrics(cfg, flops, peak, summary.get(PERF_TOKENS_PER_S),
                                         summary.get(INFER_TOKENS_PER_S)))
-            store.set_tag(cfg.runtime.run_id, PEAK_SOURCE_TAG if peak else NO_MFU_TAG, source)
+            if MFU in summary:
+                store.set_tag(cfg.runtime.run_id, PEAK_SOURCE_TAG, source)
+            elif peak is None:
+                store.set_tag(cfg.runtime.run_id, NO_MFU_TAG, source)
+            elif TFLOPS_PER_DEVICE in summary:
+                store.set_tag(cfg.runtime.run_id, NO_MFU_TAG, f"the run exceeded the peak ({source}): probes "
+                              "under load underestimate it; later runs keep the best probe")
+            else:
+                store.set_tag(cfg.runtime.run_id, NO_MFU_TAG, "no timed training steps")
         summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
         summary.update(peak_reserved_memory(env.device))
         if logger is not None:
