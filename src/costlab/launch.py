@@ -352,6 +352,8 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
     )
 
     def tee() -> None:
+        # signals go to the main thread: one delivered here would leave the main thread waiting on torchrun
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         with log_path.open("wb") as log:
             for line in iter(proc.stdout.readline, b""):
                 log.write(line)
@@ -363,7 +365,12 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
     reader.start()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        rc = proc.wait()
+        while True:  # short waits: the main thread returns to Python often enough to act on a signal
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     except KeyboardInterrupt:
         _terminate_group(proc)
         raise

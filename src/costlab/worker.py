@@ -132,8 +132,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m costlab.worker RUN_DIR/config.yaml")
     cfg = OmegaConf.load(argv[0])
     first = cfg.trainer.node_rank == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-    # before joining the process group: the prediction lays the model out under a fake one
-    predicted = predict_state(cfg, int(cfg.runtime.world_size)) if first else {}
+    predicted: dict[str, float] = {}
+    if first:  # before joining the process group: the prediction lays the model out under a fake one
+        try:
+            predicted = predict_state(cfg, int(cfg.runtime.world_size))
+        except Exception as e:  # a layout the memory model cannot lay out costs the run its prediction only
+            print(f"costlab: no memory prediction: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if dist.is_initialized():
+                dist.destroy_process_group()
     env = init_distributed(cfg)
     try:
         run(cfg, env, predicted)
