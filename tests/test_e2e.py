@@ -156,8 +156,10 @@ def _alive(pids: list[int]) -> list[int]:
 def _start(cli, *overrides) -> subprocess.Popen:
     args = [sys.executable, str(ROOT / "run.py"), *overrides, f"tracking.uri={cli.uri}",
             f"hydra.run.dir={cli.out}/run"]
-    # stdout (the workers' output) is not read: a full pipe would stall the run
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stdout (the workers' output) is not read: a full pipe would stall the run. SIGINT as a terminal leaves
+    # it (default): under a parent that ignores it (a background job of a script), Python would inherit that
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> list[int]:
