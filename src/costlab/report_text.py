@@ -35,13 +35,8 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
     # a run that trained as the baseline did has the same training cost: its timings differ only by noise
     speed = None if trains_like(r, base) else ratio(r.get(PERF_TOKENS_PER_S), base.get(PERF_TOKENS_PER_S))
     if speed is not None:
-        if speed > 1 + SPEED_TOLERANCE:
-            said.append(f"trains {_times(speed)} faster")
-            saved = True
-        elif speed < 1 - SPEED_TOLERANCE:
-            said.append(f"trains {_times(1 / speed)} slower")
-        else:
-            said.append(f"trains no faster ({_times(speed)})")
+        said.append(_speed("trains", speed))
+        saved |= speed > 1 + SPEED_TOLERANCE
     state = ratio(r.get(STATE), base.get(STATE))
     if state is not None and abs(state - 1) > BYTES_TOLERANCE:
         said.append(f"holds {_times(state)} the training state per rank")
@@ -59,14 +54,8 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
     own = r.get(INFER_SPEEDUP) if compressed else None
     speedup = own if own is not None else compare(r.get(INFER_LATENCY), base.get(INFER_LATENCY), "speedup")
     if speedup is not None and (compressed or abs(speedup - 1) > SPEED_TOLERANCE):
-        than = " than uncompressed" if own is not None else ""
-        if speedup > 1 + SPEED_TOLERANCE:
-            said.append(f"infers {_times(speedup)} faster{than}")
-            saved = True
-        elif speedup < 1 - SPEED_TOLERANCE:
-            said.append(f"infers {_times(1 / speedup)} slower{than}")
-        else:
-            said.append(f"infers no faster{than} ({_times(speedup)})")
+        said.append(_speed("infers", speedup, " than uncompressed" if own is not None else ""))
+        saved |= speedup > 1 + SPEED_TOLERANCE
     delta = compare(r.get(EVAL_LOSS), base.get(EVAL_LOSS), "delta")
     text = f"{r.label} " + (", ".join(said) if said else "has none of the baseline's cost figures")
     if delta is not None:
@@ -153,3 +142,12 @@ def write_csv(rep: Report, path: Path) -> None:
         w.writeheader()
         for r, row in zip(rep.rows, rep.table, strict=True):
             w.writerow({"run_id": r.run_id, **{k: "" if v is None else v for k, v in row.items()}})
+
+
+def _speed(verb: str, ratio_: float, than: str = "") -> str:
+    """"trains 1.28x faster", "infers 2.00x slower than uncompressed", or "... no faster (1.02x)"."""
+    if ratio_ > 1 + SPEED_TOLERANCE:
+        return f"{verb} {_times(ratio_)} faster{than}"
+    if ratio_ < 1 - SPEED_TOLERANCE:
+        return f"{verb} {_times(1 / ratio_)} slower{than}"
+    return f"{verb} no faster{than} ({_times(ratio_)})"
