@@ -10,8 +10,8 @@ local shard shapes are exactly those the run will have. From them:
     grads      = the same for the parameters that train
     optimizer  = AdamW: exp_avg + exp_avg_sq (2 x params) + a 4-byte step counter per parameter tensor
 
-each the largest over ranks, as the measured ``mem/*_bytes_per_rank`` are. Activations are not
-predicted yet.
+each the largest over ranks, as the measured ``mem/*_bytes_per_rank`` are; and the activations of
+the training step (:func:`predict_activations`), from the config's shapes alone.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-PREDICTED = "mem/predicted_"  # + params/grads/optimizer_bytes_per_rank: beside the measured figures
+PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the parameter's shape and dtype
 STEP_BYTES = 4  # AdamW's step counter: a float32 scalar tensor per parameter
 
@@ -88,4 +88,115 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     for rank in ranks:
         for key, value in _rank_state(cfg, dims, rank, world if sharded else 1).items():
             out[key] = max(out.get(key, 0), value)
+    out[f"{PREDICTED}activations_bytes_per_rank"] = predict_activations(cfg, world)
     return out
+
+
+FP32 = 4  # bytes: the residual stream, norm inputs, statistics and the loss's log-softmax stay fp32 under autocast
+INDEX = 8  # bytes of an int64 token id or target
+
+
+def _autocast_bytes(cfg: DictConfig) -> int:
+    return 2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else FP32
+
+
+def _block_terms(cfg: DictConfig, tp: int = 1) -> dict[str, float]:
+    """Bytes per token that one transformer block holds for backward: ``none`` (everything autograd
+    saves), ``full`` and ``selective`` (what checkpointing keeps), and the ``recompute`` transient of
+    each mode (one block's activations rebuilt at a time in backward). See :func:`predict_activations`."""
+    m = _gpt_config(cfg)
+    a = _autocast_bytes(cfg)
+    c, h, heads = m.n_embd, m.hidden_dim / tp, m.n_head / tp
+    rms = m.norm == "rmsnorm"
+    # a norm saves its fp32 input (and rmsnorm its normalised fp32 product) and statistics; each Linear it
+    # feeds saves the norm's output in the autocast dtype: under autocast one cast copy per Linear (q, k, v;
+    # c_fc and swiglu's c_fc2), in fp32 the one tensor they share
+    norm = FP32 * c * (2 if rms else 1) + FP32 * (1 if rms else 2)
+    casts = a < FP32
+    norm_out = a * c * ((3 if casts else 1) + (2 if casts and m.mlp == "swiglu" else 1))
+    # q, k, v and the attention output (also c_proj's input, unless rotary positions left it in head-major
+    # layout: then the reshape copies it) + the attention's fp32 log-sum-exp per head
+    attn = a * (c / tp) * (5 if m.pos == "rope" else 4) + FP32 * heads
+    mlp = a * h * (4 if m.mlp == "swiglu" else 2)  # gelu: c_fc's output and gelu's; swiglu: both fc, silu, product
+    none = 2 * norm + norm_out + attn + mlp
+    # selective keeps every matmul's and the attention's output: q, k, v, attention, both c_proj, c_fc (x2 swiglu)
+    kept = a * (4 * c / tp + 2 * c + h * (2 if m.mlp == "swiglu" else 1)) + FP32 * heads
+    return {"none": none, "full": FP32 * c, "selective": FP32 * c + kept,
+            "full_recompute": none, "selective_recompute": max(0.0, none - kept)}
+
+
+def predict_activations(cfg: DictConfig, world: int) -> float:
+    """Peak activation bytes of one rank's training step (largest over ranks), from the config alone.
+
+    Per token of a micro-batch (``b`` sequences of ``T = model.block_size`` tokens; ``b`` = batch_size /
+    data-parallel ranks / grad_accum_steps, / pipeline micro-batches), with ``a`` the autocast dtype's bytes
+    (fp32 4, bf16/fp16 2), ``C`` = n_embd, ``H`` = the MLP width, ``V`` = vocab_size, tensor-parallel
+    shards dividing the heads and ``H``:
+
+        block (none)   = 2 norms x (4C [+4C rmsnorm] + stats) + aC x (2 | 5 under autocast [+1 swiglu])
+                         + a(4C [+C rope]) + 4 heads + aH (2 | 4 swiglu)
+        block (full)   = 4C (the block's input; the block is rebuilt in backward, one at a time)
+        block (select) = 4C + a(6C + H [x2 swiglu]) + 4 heads   (matmul and attention outputs kept)
+        outside        = ids and targets 16 + final norm + V(a + 4)   (the logits and the loss's fp32 log-softmax)
+
+        activations = tokens x (layers x block + outside) + tokens x one block (none, full) or its
+                      pointwise part (selective), rebuilt in backward under checkpointing
+                      + a x Linear weights under autocast (its cast copies: every layer's without
+                      checkpointing, else the head's and the rebuilt block's; none under FSDP, which gathers
+                      weights in the autocast dtype)
+
+    On a tiny GPT on CPU this matches the bytes autograd holds after the forward within 0.3 % for every
+    mode, norm, position, MLP and precision option (tests/test_resources.py measures it).
+    Pipeline stages hold their layers for every micro-batch in flight (gpipe: all; 1F1B: up to pp_degree on
+    the first stage, the last one holding the logits for one). Dropout masks are not counted (the configs
+    train without dropout). ``model=mlp`` has no blocks: its window copy, hidden layer twice, output and logits.
+    """
+    held, rebuilt = activation_parts(cfg, world)
+    return held + rebuilt
+
+
+def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
+    """:func:`predict_activations` in two parts: the bytes held when backward starts, and the transient of
+    activation checkpointing (one block rebuilt at a time in backward, with its weights' autocast copies)."""
+    from costlab.parallelism.dims import parallel_dims
+
+    t, m, p = cfg.trainer, cfg.model, cfg.parallelism
+    dims = parallel_dims(p, world)
+    a = _autocast_bytes(cfg)
+    copies = a < FP32 and not dims.fsdp_enabled  # FSDP's mixed precision gathers weights in the autocast dtype
+    tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
+    logits = m.vocab_size * (a + FP32) + 2 * INDEX
+    if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
+        per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + logits
+        weights = (m.context * m.n_embd + m.n_embd) * m.hidden + m.n_embd * m.vocab_size
+        return tokens * per_token + (a * weights if copies else 0.0), 0.0
+    mode = t.get("activation_checkpointing", "none")
+    terms = _block_terms(cfg, dims.tp)
+    rms = m.get("norm", "layernorm") == "rmsnorm"
+    outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + logits  # final norm, its output, the logits
+    block, rebuilt = terms[mode], terms.get(f"{mode}_recompute", 0.0)
+    layers = m.n_layer / dims.pp
+    if dims.pp_enabled:
+        micro = int(p.microbatches)
+        tokens /= micro
+        first = micro if p.schedule == "gpipe" else min(micro, dims.pp)
+        last = micro if p.schedule == "gpipe" else 1
+        per_token = max(first * layers * block, last * (layers * block + outside))
+    else:
+        per_token = layers * block + outside
+    held, rebuilt = tokens * per_token, tokens * rebuilt
+    if copies:
+        hidden = _gpt_config(cfg).hidden_dim
+        block_w = (4 * m.n_embd + (3 if m.get("mlp") == "swiglu" else 2) * hidden) * m.n_embd / dims.tp
+        held += a * m.vocab_size * m.n_embd / dims.tp  # lm_head
+        if mode == "none":
+            held += a * layers * block_w
+        else:  # cast again when the block is rebuilt; not kept
+            rebuilt += a * block_w
+    return held, rebuilt
+
+
+def _gpt_config(cfg: DictConfig) -> Any:
+    from costlab.model import GPTConfig
+
+    return GPTConfig(**{k: v for k, v in cfg.model.items() if k in GPTConfig.__dataclass_fields__})

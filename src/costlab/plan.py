@@ -54,8 +54,7 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
         margin = capacity * GB - per_device
         out[f"{PLAN}memory_margin_bytes"] = margin
         verdict = f"fits, {margin / GB:.3g} GB to spare" if margin >= 0 else f"DOES NOT FIT by {-margin / GB:.3g} GB"
-        lines.append(f"  per-device state: {parts} = {per_device / GB:.3g} GB of {capacity} GB ({verdict}; "
-                     "activations not predicted yet)")
+        lines.append(f"  per-device state: {parts} = {per_device / GB:.3g} GB of {capacity} GB ({verdict})")
     else:
         lines.append(f"  per-device state: {parts} = {per_device / GB:.3g} GB (hardware={hw.name} names no capacity)")
     lines.append(f"  training FLOPs per token: {flops:.4g} (6N + attention)")
