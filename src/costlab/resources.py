@@ -1,0 +1,141 @@
+"""What the machine can give a run, checked before launch: memory for the node's ranks, cores for its
+processes; and, after a run, whether the kernel's OOM killer ended one of them.
+
+Memory is read from Linux: ``MemAvailable`` in ``/proc/meminfo``, lowered by the cgroup v2 limit of this
+process's cgroup and its ancestors (``memory.max - memory.current``) where one is set and readable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from costlab.errors import ConfigError
+
+GIB = 2**30
+WARN_FRACTION = 0.8  # of the available memory: a prediction above it fits, but only just
+RANKS_PER_CORE_REFUSED = 4  # more gloo ranks per core than this time-slices into uselessness
+MEMINFO = Path("/proc/meminfo")
+SELF_CGROUP = Path("/proc/self/cgroup")
+MOUNTS = Path("/proc/self/mounts")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def cgroup_dir(cgroup: Path = SELF_CGROUP, mounts: Path = MOUNTS) -> Path | None:
+    """This process's cgroup v2 folder (the ``0::/path`` line of ``/proc/self/cgroup`` under the cgroup2
+    mount, ``/sys/fs/cgroup`` or, on hybrid hosts, ``/sys/fs/cgroup/unified``), or None."""
+    text, table = _read(cgroup), _read(mounts)
+    if text is None or table is None:
+        return None
+    rel = next((line[3:].strip() for line in text.splitlines() if line.startswith("0::")), None)
+    mount = next((f[1] for f in (line.split() for line in table.splitlines()) if len(f) > 2 and f[2] == "cgroup2"),
+                 None)
+    if rel is None or mount is None:
+        return None
+    return Path(mount) / rel.lstrip("/")
+
+
+def _cgroup_headroom(folder: Path | None) -> int | None:
+    """The tightest ``memory.max - memory.current`` of ``folder`` and its ancestors; None without a limit."""
+    best = None
+    while folder is not None:
+        limit, used = _read(folder / "memory.max"), _read(folder / "memory.current")
+        if limit is not None and used is not None and limit.strip() != "max":
+            room = max(0, int(limit) - int(used))
+            best = room if best is None else min(best, room)
+        folder = folder.parent if folder != folder.parent else None
+    return best
+
+
+def cpu_memory_available(meminfo: Path = MEMINFO) -> int | None:
+    """Bytes this process could still allocate: ``MemAvailable``, or the cgroup's headroom when lower;
+    None where neither is readable."""
+    available = None
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024  # kB
+    room = _cgroup_headroom(cgroup_dir())
+    if room is not None and (available is None or room < available):
+        return room
+    return available
+
+
+def oom_kill_count(folder: Path | None = None) -> int | None:
+    """The ``oom_kill`` counter of ``memory.events`` in this process's cgroup v2 (or ``folder``); None
+    where it cannot be read. Hierarchical: kills in child cgroups count too."""
+    folder = cgroup_dir() if folder is None else folder
+    text = _read(folder / "memory.events") if folder is not None else None
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return None
+
+
+def describe_kill(before: int | None, after: int | None) -> str | None:
+    """Why a run's worker vanished, when the OOM killer's counter rose between ``before`` and ``after``."""
+    if before is None or after is None or after <= before:
+        return None
+    n = after - before
+    return f"out of memory: the kernel's OOM killer ended a worker ({n} kill(s) in this cgroup during the run)"
+
+
+def check_resources(cfg: DictConfig) -> list[str]:
+    """Refuse (:class:`ConfigError`) a run the node cannot hold or schedule; return warning lines for one
+    that only just fits. Runs in the launcher after ``validate`` (``trainer.device`` resolved)."""
+    warnings = _check_cores(cfg)
+    warnings += _check_memory(cfg)
+    return warnings
+
+
+def _check_cores(cfg: DictConfig) -> list[str]:
+    n, cores = int(cfg.trainer.nproc_per_node), os.cpu_count()
+    if cores is None or n <= cores:
+        return []
+    if n > RANKS_PER_CORE_REFUSED * cores:
+        raise ConfigError("trainer.nproc_per_node", n, f"{n} processes on {cores} CPU core(s) would spend their "
+                          f"time waiting for each other; use at most {cores} (refused above {RANKS_PER_CORE_REFUSED}"
+                          " per core)")
+    return [f"trainer.nproc_per_node={n} runs more processes than the {cores} CPU core(s): they will share them"]
+
+
+def _check_memory(cfg: DictConfig) -> list[str]:
+    from costlab.memory import PREDICTED, predict_state
+
+    t = cfg.trainer
+    if t.device == "cpu":
+        available, where, ranks = cpu_memory_available(), "available on this machine", int(t.nproc_per_node)
+    elif t.device == "cuda" and cfg.get("hardware", {}).get("memory_gb"):
+        available, where, ranks = int(cfg.hardware.memory_gb * 1e9), f"of one {cfg.hardware.name} GPU", 1
+    else:
+        return []
+    if not available:
+        return []
+    try:
+        state = predict_state(cfg, int(t.nnodes * t.nproc_per_node))
+    except Exception:  # a layout the memory model cannot lay out is the worker's to report, not a refusal
+        return []
+    acts = state.get(f"{PREDICTED}activations_bytes_per_rank", 0.0)
+    need = ranks * sum(state.values())
+    who = f"{ranks} rank(s) x " if ranks > 1 else ""
+    numbers = (f"predicted {need / GIB:.2f} GiB ({who}{sum(state.values()) / GIB:.2f} GiB: activations "
+               f"{acts / GIB:.2f}, parameters + gradients + AdamW {(sum(state.values()) - acts) / GIB:.2f}), "
+               f"{available / GIB:.2f} GiB {where}")
+    if need > available:
+        if acts >= need / ranks / 2:  # the batch's activations dominate: cutting them is the lever
+            raise ConfigError("trainer.batch_size", t.batch_size, f"does not fit: {numbers}; lower trainer.batch_size"
+                              ", raise trainer.grad_accum_steps or set trainer.activation_checkpointing=full")
+        raise ConfigError("model", cfg.model.get("name", "?"), f"does not fit: {numbers}; choose a smaller model"
+                          " (with several ranks per node, parallelism=fsdp holds one copy of the state, not one per "
+                          "rank)")
+    if need > WARN_FRACTION * available:
+        return [f"memory is tight: {numbers} ({need / available:.0%})"]
+    return []
