@@ -1,5 +1,8 @@
 """Bad input is refused by run.py before any worker starts: one line naming the key and value, exit 2."""
 
+import os
+import shlex
+
 import pytest
 
 from tests.conftest import TINY, has_cuda
@@ -82,3 +85,60 @@ def test_a_sweep_with_an_unusable_store_is_refused_before_any_job(cli, tmp_path)
     uri = f"sqlite:///{blocker}/mlflow.db"
     proc = cli("-m", *TINY, "precision=fp32,bf16", f"tracking.uri={uri}", timeout=120)
     _assert_refused(proc, f"tracking.uri={uri}")
+
+
+@pytest.mark.e2e
+def test_textfile_without_a_path_is_refused_with_one_line(cli):
+    proc = cli("data=textfile", timeout=120)
+    _assert_refused(proc, "data.path=???: required: data=textfile reads data.path=")
+
+
+@pytest.mark.parametrize("kind", ["character device", "FIFO"])
+def test_a_data_path_that_is_neither_file_nor_folder_says_what_it_is(tmp_path, kind):
+    from costlab.errors import ConfigError
+    from costlab.validate import validate
+    from tests.conftest import compose_config
+
+    path = "/dev/zero"
+    if kind == "FIFO":
+        path = str(tmp_path / "pipe")
+        os.mkfifo(path)
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(["data=textfile", f"data.path={path}"]))
+    assert e.value.key == "data.path" and e.value.value == path
+    assert kind in e.value.why and "no files" not in e.value.why
+
+
+def test_an_unparsable_override_is_named_alone_with_a_hint_hydra_accepts(capsys):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from costlab.cli import preflight
+
+    bad = "data.path=/tmp/données"
+    with pytest.raises(SystemExit) as e:
+        preflight(["model=gpt_nano", bad, "trainer.max_steps=3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"costlab: error: {bad}: Hydra cannot parse this value; quote it: ")
+    assert "model=gpt_nano" not in err and "\n" not in err
+    hint = shlex.split(err.rpartition("quote it: ")[2])[0]
+    assert OverridesParser.create().parse_overrides([hint])[0].value() == "/tmp/données"
+
+
+def test_spaces_and_non_ascii_paths_reach_validation(tmp_path):
+    from costlab.cli import preflight
+    from costlab.validate import validate
+    from tests.conftest import compose_config
+
+    folder = tmp_path / "mes données" / "é t é"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("déjà vu " * 200, encoding="utf-8")
+    for override in (f'data.path="{folder}"', f"data.path='{folder}'"):
+        preflight(["data=textfile", override])  # accepted: no SystemExit
+        cfg = compose_config(["data=textfile", override])
+        assert cfg.data.path == str(folder)
+        validate(cfg)
+    spaces_only = tmp_path / "my texts"
+    spaces_only.mkdir()
+    (spaces_only / "a.txt").write_text("plain text " * 200)
+    validate(compose_config(["data=textfile", f"data.path={spaces_only}"]))  # Hydra takes spaces unquoted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,13 +36,49 @@ def values(o: Override) -> list[str]:
     return list(o.sweep_string_iterator())
 
 
+GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+SWEEP_FUNCTIONS = ("choice(", "range(", "interval(", "glob(", "tag(", "sort(", "shuffle(", "int(", "float(", "str(",
+                   "bool(")
+
+
+def quoted(key: str, value: str) -> str | None:
+    """``key="value"`` (or single quotes), as Hydra's grammar reads a string holding any character; None
+    when no quoting gives ``value`` back."""
+    for q in ('"', "'"):
+        if q in value:
+            continue
+        text = f"{key}={q}{value}{q}"
+        try:
+            if OverridesParser.create().parse_overrides([text])[0].value() == value:
+                return text
+        except OverrideParseException:
+            continue
+    return None
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """Hydra's parse, refusing the one override it cannot read (Hydra's own error names the whole list)."""
+    parser = OverridesParser.create()
+    try:
+        return parser.parse_overrides(overrides)
+    except OverrideParseException as e:
+        for text in overrides:
+            try:
+                parser.parse_overrides([text])
+            except OverrideParseException as alone:
+                key, _, value = text.partition("=")
+                hint = None if value.startswith(('"', "'", *SWEEP_FUNCTIONS)) else quoted(key, value)
+                if hint is not None:
+                    why = f"Hydra cannot parse this value; quote it: {shlex.quote(hint)}"
+                else:
+                    why = f"Hydra cannot parse this value ({str(alone).splitlines()[0]}; see {GRAMMAR})"
+                raise ConfigError(key, value, why) from None
+        raise ConfigError("override", " ".join(overrides), str(e).splitlines()[0]) from None
+
+
 def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Refuse ``group=option`` for an option that does not exist (sweeps included)."""
-    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException as e:
-        raise ConfigError("override", " ".join(overrides), str(e).splitlines()[0]) from None
+    parsed = parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
     for o in parsed:
         group = o.key_or_group.lstrip("+~")
         if o.package is not None or not (conf_dir / group).is_dir() or o.is_delete():
@@ -55,8 +92,7 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 def check_keys(argv: list[str]) -> None:
     """Refuse ``section.key=value`` for a key the composed config does not have (Hydra's own refusal is
     several lines). A sweep is checked with the first value of each swept key."""
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
+    parsed = parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
     first = []
     for o in parsed:
         if o.key_or_group.startswith("hydra") or o.package is not None:

@@ -7,10 +7,11 @@ when a check needs them) and CUDA is never initialised; GPU facts come from ``nv
 from __future__ import annotations
 
 import importlib.util
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from costlab.checkpoint import expected_shapes
 from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
@@ -70,10 +71,16 @@ def _check_model(cfg: DictConfig) -> None:
 
 def _check_data(cfg: DictConfig) -> None:
     d = cfg.data
+    if OmegaConf.is_missing(d, "path"):  # `"path" in d` is False for ???
+        raise ConfigError("data.path", "???", f"required: data={d.name} reads data.path=/path/to/text (a file or a "
+                          "folder of UTF-8 text)")
     if "path" in d:  # data from the user's files
         path = Path(str(d.path)).expanduser()
         if not path.exists():
             raise ConfigError("data.path", d.path, "no such file or folder")
+        if not path.is_file() and not path.is_dir():
+            raise ConfigError("data.path", d.path, f"not a regular file or folder but a {_file_kind(path)}; give "
+                              "a text file or a folder of them")
         if path.is_file():
             if path.stat().st_size == 0:
                 raise ConfigError("data.path", d.path, "the file is empty")
@@ -89,6 +96,13 @@ def _check_data(cfg: DictConfig) -> None:
         positive_int(cfg, "data.n_bytes")
         if not 2 <= d.alphabet <= 256:
             raise ConfigError("data.alphabet", d.alphabet, "must be between 2 and 256")
+
+
+def _file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+             (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
