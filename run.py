@@ -11,14 +11,15 @@ refused, 130 on Ctrl-C. A job's or sweep's code is set by ``costlab.tracking.Swe
 the jobs' own records, so it is right whichever Hydra launcher ran them.
 """
 
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from costlab import launch
+from costlab import launch, tracking
 from costlab.cli import preflight
-from costlab.status import EXIT_INTERRUPTED
+from costlab.status import EXIT_INTERRUPTED, FAILED, KILLED
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -27,10 +28,20 @@ def main(cfg: DictConfig) -> float | list[float]:
     return launch.run_job(cfg)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) ends run.py as Ctrl-C does: nothing left RUNNING
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     preflight()
     try:
         main()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while closing ends run.py outright
+        tracking.close_abandoned(KILLED)  # e.g. a sweep's parent, interrupted between two jobs
         print("costlab: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except BaseException:
+        tracking.close_abandoned(FAILED)
+        raise

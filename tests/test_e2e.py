@@ -63,6 +63,7 @@ def test_default_experiment_learns_and_logs_the_whole_contract(cli, tmp_path):
     assert len(cli.loss_curve(run.info.run_id, "val/loss")) == 1
 
 
+@pytest.mark.slow
 def test_ddp_fp16_runs_on_two_ranks_with_loss_scaling(cli):
     proc = cli(*TINY, "parallelism=ddp", "precision=fp16", "tracking.run_name=ddp_fp16")
     _ok(proc)
@@ -87,6 +88,7 @@ def test_ddp_reproduces_single_loss_curve_in_fp32(cli):
     assert single[-1] < single[0]  # and it does train
 
 
+@pytest.mark.slow
 def test_multirun_makes_one_parent_with_four_children(cli, mlflow_uri):
     proc = cli("-m", *TINY, "parallelism=single,ddp", "precision=fp32,bf16", "tracking.experiment_name=sweep4")
     _ok(proc)
@@ -108,6 +110,7 @@ def test_multirun_makes_one_parent_with_four_children(cli, mlflow_uri):
     assert "gpt_nano ddp bf16 x2" in names
 
 
+@pytest.mark.slow
 def test_preset_sets_up_its_own_sweep(cli):
     proc = cli("+experiment=precision_study", *TINY, "parallelism=single", "precision=fp32,bf16")
     _ok(proc)
@@ -174,6 +177,7 @@ def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> l
     raise AssertionError("workers did not start")
 
 
+@pytest.mark.slow
 def test_a_worker_crash_fails_the_run_and_keeps_the_error_tail(cli):
     proc = _start(cli, *TINY, "parallelism=ddp", "trainer.max_steps=100000", "tracking.run_name=crash")
     workers = _wait_for_workers(proc, 2)
@@ -194,6 +198,7 @@ def test_a_worker_crash_fails_the_run_and_keeps_the_error_tail(cli):
     assert _alive(workers) == [], "no worker may outlive the launcher"
 
 
+@pytest.mark.slow
 def test_ctrl_c_kills_the_workers_and_marks_the_run_killed(cli):
     proc = _start(cli, *TINY, "parallelism=ddp", "trainer.max_steps=100000", "tracking.run_name=interrupted")
     workers = _wait_for_workers(proc, 2)
@@ -214,6 +219,7 @@ QUICK = ["model.block_size=32", "trainer.max_steps=3", "trainer.batch_size=4", "
          "trainer.timing_warmup_steps=1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [

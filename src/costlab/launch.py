@@ -22,12 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from costlab import status, tracking
+from costlab import faults, status, tracking
 from costlab.cost import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.errors import ConfigError
 from costlab.hardware import cpu_info, resolve_device
 from costlab.plan import check_plan
 from costlab.probes import slow_precision_warning
+from costlab.resources import check_resources, describe_kill, oom_kill_count
+from costlab.resume import RUN_DIR_TAG, resume_target
 from costlab.tracking import check_tracking
 from costlab.validate import validate
 
@@ -114,8 +116,8 @@ def refuse_trial(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: 
         sweep_name = tracking.sweep_info(hc.sweep.dir).get("name")
         if sweep_name:
             tags[tracking.SWEEP_NAME_TAG] = sweep_name
-        run_id = c.create_run(c.get_run(parent_id).info.experiment_id, run_name=f"refused {error.key}={error.value}",
-                              tags=tracking.provenance(tags)).info.run_id
+        run_id = tracking.create_run(c, cfg.tracking.uri, c.get_run(parent_id).info.experiment_id,
+                                     f"refused {error.key}={error.value}", tags)
         c.set_terminated(run_id, status.FAILED)
         status.write(run_dir, status.FAILED, node_rank=0, run_id=run_id, parent_run_id=parent_id)
     return objective(cfg, status.FAILED, run_id, directions(hc))
@@ -133,9 +135,14 @@ def run_job(cfg: DictConfig) -> Objective:
     run_dir = Path(hc.runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     planning = cfg.get("mode", "train") == "plan"
+    resumed_id = None
     try:
         if cfg.get("mode", "train") not in ("train", "plan"):
             raise ConfigError("mode", cfg.mode, "choose train or plan")
+        if cfg.trainer.get("resume") and not planning:
+            check_tracking(cfg)
+            cfg, resumed_id = resume_target(cfg, list(hc.overrides.task))
+            run_dir = Path(cfg.runtime.run_dir)  # the run goes on in its own folder
         with open_dict(cfg):
             # a plan runs nothing here: it is checked as a CPU job, and priced on the hardware it names
             cfg.trainer.device = "cpu" if planning else resolve_device(cfg.trainer.device)
@@ -144,6 +151,9 @@ def run_job(cfg: DictConfig) -> Objective:
         validate(cfg)
         if planning:
             check_plan(cfg)
+        else:
+            for line in check_resources(cfg):
+                print(f"costlab: warning: {line}", file=sys.stderr, flush=True)
         if cfg.trainer.node_rank == 0:  # other nodes never touch the store
             check_tracking(cfg)
     except ConfigError as e:
@@ -170,11 +180,17 @@ def run_job(cfg: DictConfig) -> Objective:
     tags = _tags(cfg, dict(hc.runtime.choices), world_size)
     sweep = tracking.sweep_info(hc.sweep.dir) if multirun else {}
     name = cfg.tracking.run_name or default_run_name(tags, list(hc.overrides.task), sweep.get("varied", []))
-    run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
+    tags[RUN_DIR_TAG] = str(run_dir)
+    if resumed_id:
+        run_id = tracking.reopen_run(cfg.tracking.uri, resumed_id)
+        name = tracking.client(cfg.tracking.uri).get_run(run_id).info.run_name
+    else:
+        run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
     status.write(run_dir, status.RUNNING, node_rank=0, run_id=run_id, parent_run_id=parent_id)
 
     with open_dict(cfg):
-        cfg.runtime = {"run_id": run_id, "run_dir": str(run_dir), "world_size": world_size}
+        ended_at = cfg.get("runtime", {}).get("ended_at") if resumed_id else None
+        cfg.runtime = {"run_id": run_id, "run_dir": str(run_dir), "world_size": world_size, "ended_at": ended_at}
     config_path = run_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     client = tracking.client(cfg.tracking.uri)
@@ -184,6 +200,7 @@ def run_job(cfg: DictConfig) -> Objective:
     # said before the ranks start, so the run can be found (and watched in MLflow) while it trains
     print(f"costlab: run {run_id} '{name}' starting {world_size} rank(s) in {run_dir}", file=sys.stderr, flush=True)
     outcome = status.FAILED
+    ooms = oom_kill_count()
     try:
         rc = launch_torchrun(cfg, config_path, log_path, job_prefix(hc))
         outcome = status.FINISHED if rc == 0 else status.FAILED
@@ -191,6 +208,11 @@ def run_job(cfg: DictConfig) -> Objective:
         outcome = status.KILLED
     finally:
         try:
+            oom = describe_kill(ooms, oom_kill_count()) if outcome == status.FAILED else None
+            if oom:
+                print(f"costlab: run {run_id}: {oom}", file=sys.stderr, flush=True)
+                client.set_tag(run_id, tracking.FAILURE_TAG, "oom")
+                client.set_tag(run_id, tracking.ERROR_TAG, oom)
             seconds = time.time() - t0
             client.log_metric(run_id, "time/total_s", seconds)
             for key, value in run_cost(cfg, seconds).items():
@@ -302,6 +324,8 @@ def from_slurm(cfg: DictConfig, env: Mapping[str, str]) -> None:
 def torchrun_command(cfg: DictConfig, config_path: Path) -> list[str]:
     t = cfg.trainer
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={t.nproc_per_node}"]
+    if t.get("max_restarts"):
+        cmd.append(f"--max-restarts={t.max_restarts}")  # each restart resumes from the latest checkpoint
     if t.nnodes == 1:
         cmd.append("--standalone")  # c10d rendezvous on a free port: concurrent jobs never collide
     else:
@@ -340,25 +364,49 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
     """Run torchrun in its own process group, tee its output to ``log_path`` (and to the console, each line
     after ``prefix``); return its exit code.
 
-    On Ctrl-C (or SIGTERM to this process) the whole group gets SIGTERM, then SIGKILL after a grace
-    period, so no worker outlives the launcher.
+    No worker outlives this call (see :mod:`costlab.faults`): on Ctrl-C (or SIGTERM to this process)
+    torchrun's group and each worker get SIGTERM, then SIGKILL after a grace period; however torchrun
+    ended, workers still alive are ended before this returns; and if this process is killed outright,
+    torchrun gets SIGTERM from the kernel and stops its workers.
     """
-    proc = subprocess.Popen(
-        torchrun_command(cfg, config_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=worker_env(cfg),
-        start_new_session=True,
-    )
+    run_dir, node = Path(cfg.runtime.run_dir), int(cfg.trainer.node_rank)
+    env = worker_env(cfg)
+    env[faults.LAUNCHER_ENV] = faults.token()
+    offset = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends to its log
+    # torchrun writes into the log file itself, not into a pipe to this process: if this process dies,
+    # the workers' output (and their last words about it) still has somewhere to go
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            torchrun_command(cfg, config_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=faults.die_with_parent,
+        )
 
     def tee() -> None:
         # signals go to the main thread: one delivered here would leave the main thread waiting on torchrun
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        with log_path.open("wb") as log:
-            for line in iter(proc.stdout.readline, b""):
-                log.write(line)
-                log.flush()
-                sys.stdout.buffer.write(prefix + line)
+        with log_path.open("rb") as f:
+            f.seek(offset)
+            pending = b""
+            while True:
+                done = proc.poll() is not None  # read once more after torchrun exits: nothing is missed
+                chunk = f.read()
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    sys.stdout.buffer.write(prefix + line + b"\n")
+                if lines:
+                    sys.stdout.flush()
+                if done and not chunk:
+                    break
+                if not chunk:
+                    time.sleep(0.1)
+            if pending:
+                sys.stdout.buffer.write(prefix + pending + b"\n")
                 sys.stdout.flush()
 
     reader = threading.Thread(target=tee, daemon=True)
@@ -372,12 +420,24 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
             except subprocess.TimeoutExpired:
                 continue
     except KeyboardInterrupt:
+        _signal_workers(run_dir, node, signal.SIGTERM)
         _terminate_group(proc)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        killed = faults.reap_workers(run_dir, node)
+        if killed:
+            print(f"costlab: {killed} worker(s) outlived torchrun and were killed", file=sys.stderr, flush=True)
         reader.join(timeout=10)
     return rc
+
+
+def _signal_workers(run_dir: Path, node: int, sig: int) -> None:
+    for tok in faults.live_workers(run_dir, node):
+        try:
+            os.kill(int(tok.split(":")[0]), sig)
+        except ProcessLookupError:
+            pass
 
 
 def _raise_interrupt(signum, frame) -> None:

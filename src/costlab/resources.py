@@ -68,15 +68,35 @@ def cpu_memory_available(meminfo: Path = MEMINFO) -> int | None:
     return available
 
 
-def oom_kill_count(folder: Path | None = None) -> int | None:
-    """The ``oom_kill`` counter of ``memory.events`` in this process's cgroup v2 (or ``folder``); None
-    where it cannot be read. Hierarchical: kills in child cgroups count too."""
-    folder = cgroup_dir() if folder is None else folder
-    text = _read(folder / "memory.events") if folder is not None else None
+def _counter(text: str | None, key: str = "oom_kill") -> int | None:
     for line in (text or "").splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
             return int(value)
+    return None
+
+
+def _v1_memory_dir(cgroup: Path = SELF_CGROUP) -> Path | None:
+    for line in (_read(cgroup) or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    return None
+
+
+def oom_kill_count(folder: Path | None = None) -> int | None:
+    """How many processes the kernel's OOM killer has ended: the ``oom_kill`` counter of ``memory.events``
+    in this process's cgroup v2 (or ``folder``; hierarchical: kills in child cgroups count too), else of
+    ``memory.oom_control`` in its cgroup v1, else the machine's (``/proc/vmstat``). None where none can
+    be read."""
+    if folder is not None:
+        return _counter(_read(folder / "memory.events"))
+    v2, v1 = cgroup_dir(), _v1_memory_dir()
+    for text in (_read(v2 / "memory.events") if v2 else None, _read(v1 / "memory.oom_control") if v1 else None,
+                 _read(Path("/proc/vmstat"))):
+        count = _counter(text)
+        if count is not None:
+            return count
     return None
 
 
@@ -85,7 +105,7 @@ def describe_kill(before: int | None, after: int | None) -> str | None:
     if before is None or after is None or after <= before:
         return None
     n = after - before
-    return f"out of memory: the kernel's OOM killer ended a worker ({n} kill(s) in this cgroup during the run)"
+    return f"out of memory: the kernel's OOM killer ended a process of the run ({n} kill(s) during the run)"
 
 
 def check_resources(cfg: DictConfig) -> list[str]:
@@ -107,6 +127,27 @@ def _check_cores(cfg: DictConfig) -> list[str]:
     return [f"trainer.nproc_per_node={n} runs more processes than the {cores} CPU core(s): they will share them"]
 
 
+SKIP_BELOW = 0.25  # of the available memory: a rough upper bound below this needs no exact prediction
+
+
+def rough_upper_bound(cfg: DictConfig) -> float:
+    """A generous upper bound of one rank's training bytes, from the config alone (no torch): every weight
+    unsharded with its gradient and AdamW state (16 bytes), and at least twice the activations the memory
+    model counts per token (fp32 everywhere, the whole batch on one rank). Only decides whether the exact
+    prediction (:func:`costlab.memory.predict_state`) is worth making."""
+    m, t = cfg.model, cfg.trainer
+    d, v = int(m.n_embd), int(m.vocab_size)
+    tokens = int(t.batch_size) * int(m.block_size)
+    if "n_layer" not in m:
+        weights = (int(m.context) * d + d) * int(m.hidden) + 2 * v * d
+        per_token = 8 * (int(m.context) * d + 2 * int(m.hidden) + d + 2 * v)
+    else:
+        h = float(m.get("mlp_ratio", 4.0)) * d * 1.5  # swiglu's width is at most 1.5x gelu's here
+        weights = int(m.n_layer) * (4 * d * d + 3 * h * d + 16 * d) + 2 * v * d + int(m.block_size) * d
+        per_token = 8 * (int(m.n_layer) * (24 * d + 4 * h + int(m.n_head)) + 2 * v + 4 * d)
+    return 16.0 * weights + tokens * per_token
+
+
 def _check_memory(cfg: DictConfig) -> list[str]:
     from costlab.memory import PREDICTED, predict_state
 
@@ -119,6 +160,8 @@ def _check_memory(cfg: DictConfig) -> list[str]:
         return []
     if not available:
         return []
+    if ranks * rough_upper_bound(cfg) < SKIP_BELOW * available:
+        return []  # far from the limit: spare the launcher the exact prediction (and importing torch)
     try:
         state = predict_state(cfg, int(t.nnodes * t.nproc_per_node))
     except Exception:  # a layout the memory model cannot lay out is the worker's to report, not a refusal

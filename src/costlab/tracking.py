@@ -7,19 +7,24 @@ so the training loop never waits on the database.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import queue
+import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from costlab import status
+from costlab import faults, status
 from costlab.errors import ConfigError
 from costlab.files import corpus_digest, corpus_files
 
@@ -34,24 +39,97 @@ SWEEP_DIR_TAG = "costlab.sweep_dir"
 SWEEP_ID_TAG, SWEEP_NAME_TAG = "costlab.sweep.id", "costlab.sweep.name"  # on every child: filter a sweep in the UI
 SWEEP_FILE = "sweep.json"
 SWEPT_TAG = "costlab.sweep.varied"  # on the parent: the keys the sweep varies, comma-separated
-ERROR_TAG = "costlab.error"  # why a run was refused  # the sweep's name and the keys it varies, for its jobs
+ERROR_TAG = "costlab.error"  # why a run was refused
+FAILURE_TAG = "costlab.failure"  # why a run failed, where it is known: oom, launcher_died
+OWNER_TAG = "costlab.owner"  # host:pid:start of the process that opened the run (costlab.faults.owner)
+LOCKED_RETRY_S = 60.0  # how long a write waits out "database is locked" (SQLite, several writers)
+CONNECT_TIMEOUT_S = 3.0  # a tracking server that does not accept a connection within this is refused
+
+
+class _Retrying:
+    """An ``MlflowClient`` whose calls wait out SQLite's "database is locked" with backoff: several
+    processes write one store (the jobs of a sweep, the ranks' loggers, the report)."""
+
+    def __init__(self, inner: MlflowClient):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            delay, deadline = 0.05, time.monotonic() + LOCKED_RETRY_S
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if "database is locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(delay)
+                    delay = min(2.0, delay * 2)
+
+        return call
 
 
 def client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return _Retrying(MlflowClient(tracking_uri=uri))  # type: ignore[return-value]
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def _store_lock(db: Path):
+    """An exclusive lock beside the database file, between processes of this machine."""
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare_store(uri: str) -> None:
-    """Create the folder of a SQLite store; raise ``OSError`` or ``ValueError`` when that is impossible."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and not path.is_file():
-            raise ValueError(f"{path} is not a file")
+    """Make the store usable, or raise ``OSError`` or ``ValueError``.
+
+    A new SQLite store is created whole or not at all: MLflow builds its schema in a file of its own,
+    which is renamed into place under a lock, so neither concurrent first runs nor a Ctrl-C during the
+    creation can leave a half-migrated database. A server must accept a connection within seconds.
+    """
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if db.exists() and not db.is_file():
+            raise ValueError(f"{db} is not a file")
+        if not db.exists():
+            with _store_lock(db):
+                if not db.exists():
+                    _create_sqlite(db)
+    elif uri.startswith(("http://", "https://")):
+        url = urlparse(uri)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise ValueError(f"no tracking server answers at {url.hostname}:{port} ({e.strerror or e})") from None
     elif uri.startswith("file:") or "://" not in uri:
         raise ValueError("the file store is not supported by MLflow 3; use sqlite:///path/to/mlflow.db or http://host:port")
+
+
+def _create_sqlite(db: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
+    tmp.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates and migrates
+        os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -62,7 +140,70 @@ def experiment_id(uri: str, name: str) -> str:
     artifacts = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the working directory
         artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-    return c.create_experiment(name, artifact_location=artifacts)
+    try:
+        return c.create_experiment(name, artifact_location=artifacts)
+    except Exception:  # another process created it first
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# --- runs this process opened, and runs whose owner is gone --------------------------------------------------
+
+_opened: list[tuple[str, str]] = []  # (uri, run id) of every run this process created
+
+
+def create_run(c: MlflowClient, uri: str, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
+    """Create a run owned by this process (tagged with :func:`costlab.faults.owner`) and remember it, so
+    :func:`close_abandoned` can close it if this process leaves before closing it itself."""
+    run = c.create_run(experiment, run_name=run_name, tags=provenance({**tags, OWNER_TAG: faults.owner()}))
+    _opened.append((uri, run.info.run_id))
+    return run.info.run_id
+
+
+def reopen_run(uri: str, run_id: str) -> str:
+    """Mark a KILLED or FAILED run RUNNING again, owned by this process (``trainer.resume``)."""
+    c = client(uri)
+    c.update_run(run_id, status=status.RUNNING)
+    c.set_tag(run_id, OWNER_TAG, faults.owner())
+    c.set_tag(run_id, FAILURE_TAG, "")
+    _opened.append((uri, run_id))
+    return run_id
+
+
+def close_abandoned(outcome: str) -> list[str]:
+    """Close, with ``outcome``, every run this process created that is still RUNNING: the way out of
+    ``run.py`` on a signal or an error, wherever it came (between the jobs of a sweep, while a run opens)."""
+    closed = []
+    for uri, run_id in _opened:
+        try:
+            c = client(uri)
+            if c.get_run(run_id).info.status == status.RUNNING:
+                c.set_terminated(run_id, outcome)
+                closed.append(run_id)
+        except Exception:  # the store went away: nothing more can be closed in it
+            continue
+    return closed
+
+
+def close_orphans(uri: str, experiment: str) -> list[str]:
+    """Close FAILED (tag ``costlab.failure=launcher_died``) the RUNNING runs of ``experiment`` that a process
+    of this host opened and that process is gone: killed outright, it could not close them."""
+    c = client(uri)
+    host = socket.gethostname().replace("'", "")
+    closed = []
+    try:
+        runs = c.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.`{OWNER_TAG}` LIKE '{host}:%'",
+                             max_results=1000)
+    except Exception:  # a store that cannot search this way (old server): nothing to close
+        return closed
+    for run in runs:
+        if faults.owner_alive(run.data.tags.get(OWNER_TAG, "")) is False:
+            c.set_tag(run.info.run_id, FAILURE_TAG, "launcher_died")
+            c.set_terminated(run.info.run_id, status.FAILED)
+            closed.append(run.info.run_id)
+    return closed
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -96,16 +237,16 @@ def open_run(cfg: DictConfig, tags: dict[str, str], run_name: str | None, parent
         if sweep_name:
             all_tags[SWEEP_NAME_TAG] = sweep_name
     exp = experiment_id(cfg.tracking.uri, cfg.tracking.experiment_name)
-    run = c.create_run(exp, run_name=run_name, tags=provenance(all_tags))
+    run_id = create_run(c, cfg.tracking.uri, exp, run_name, all_tags)
     try:
         params = [Param(k, v) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            c.log_batch(run.info.run_id, params=params[i : i + 100])
-        log_corpus(c, run.info.run_id, cfg.data)
-    except BaseException:
-        c.set_terminated(run.info.run_id, status.FAILED)
+            c.log_batch(run_id, params=params[i : i + 100])
+        log_corpus(c, run_id, cfg.data)
+    except BaseException as e:
+        c.set_terminated(run_id, status.KILLED if isinstance(e, KeyboardInterrupt) else status.FAILED)
         raise
-    return run.info.run_id
+    return run_id
 
 
 def log_corpus(c: MlflowClient, run_id: str, data_cfg: DictConfig) -> None:
@@ -146,14 +287,24 @@ class MetricLogger:
         self._error: BaseException | None = None
         self.time_spent_s = 0.0  # time the caller spent in log(): what logging costs the hot path
         self.flush_time_s = 0.0  # time the background thread spent writing to the store
+        self._logged: dict[str, int] = {}  # key -> last step already in the store (a resumed run)
         self._thread = threading.Thread(target=self._loop, name="costlab-metrics", daemon=True)
         self._thread.start()
+
+    def skip_logged(self) -> None:
+        """Drop, from now on, every (key, step) the run already holds: a run that resumes from a checkpoint
+        re-runs the steps after it, and each step must appear once in its history."""
+        run = self._client.get_run(self._run_id)
+        for key in run.data.metrics:
+            history = self._client.get_metric_history(self._run_id, key)
+            self._logged[key] = max((m.step for m in history), default=-1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         t0 = time.perf_counter()
         ts = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._queue.put((key, float(value), ts, step))
+            if step > self._logged.get(key, -1):
+                self._queue.put((key, float(value), ts, step))
         self.time_spent_s += time.perf_counter() - t0
 
     def _drain(self) -> None:
@@ -177,6 +328,10 @@ class MetricLogger:
                 self._drain()
             except Exception as e:  # surface on close(), never kill training for a logging hiccup
                 self._error = e
+
+    def flush(self) -> None:
+        """Write what is buffered now (from any thread: the queue is thread-safe)."""
+        self._drain()
 
     def close(self) -> None:
         self._stop.set()
@@ -205,16 +360,13 @@ class SweepParentRun(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         c = client(config.tracking.uri)
         name = f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"
-        run = c.create_run(
-            experiment_id(config.tracking.uri, config.tracking.experiment_name),
-            run_name=name,
-            tags=provenance({SWEEP_DIR_TAG: str(sweep_dir), ROLE_TAG: SWEEP_ROLE}),
-        )
-        c.log_param(run.info.run_id, "overrides", " ".join(config.hydra.overrides.task))
+        exp = experiment_id(config.tracking.uri, config.tracking.experiment_name)
+        run_id = create_run(c, config.tracking.uri, exp, name, {SWEEP_DIR_TAG: str(sweep_dir), ROLE_TAG: SWEEP_ROLE})
+        c.log_param(run_id, "overrides", " ".join(config.hydra.overrides.task))
         varied = swept_keys(config)
-        c.set_tag(run.info.run_id, SWEPT_TAG, ",".join(varied)[:5000])
+        c.set_tag(run_id, SWEPT_TAG, ",".join(varied)[:5000])
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"name": name, "varied": varied}))
-        (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
+        (sweep_dir / PARENT_ID_FILE).write_text(run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -278,12 +430,17 @@ def sweep_outcome(c: MlflowClient, parent_id: str, sweep_dir: Path) -> dict[str,
 def check_tracking(cfg: DictConfig) -> None:
     """The tracking store must exist or be creatable; otherwise refuse before anything starts."""
     uri = str(cfg.tracking.uri)
+    name = cfg.tracking.experiment_name
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("tracking.experiment_name", repr(name), "must be a non-empty name")
     try:
         prepare_store(uri)
-        experiment_id(uri, cfg.tracking.experiment_name)
+        exp = experiment_id(uri, name)
     except Exception as e:  # any failure to reach or create the store is the user's tracking.uri
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("tracking.uri", uri, f"cannot open or create the tracking store ({why})") from None
+    for run_id in close_orphans(uri, exp):
+        print(f"costlab: run {run_id} had lost its launcher; closed FAILED", file=sys.stderr)
 
 
 def parent_run_id(sweep_dir: str) -> str | None:

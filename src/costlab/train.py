@@ -4,6 +4,7 @@ mixed precision, periodic evaluation, and per-step metrics logged from rank 0.""
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from costlab import resume
 from costlab.data import BatchSampler, ByteCorpus, eval_batches
+from costlab.faults import Stopped, StopWatcher
 from costlab.metrics import StepStats, now, state_bytes_per_rank
 from costlab.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
@@ -49,6 +52,7 @@ class TrainResult:
     final_loss: float = float("nan")
     state_bytes: dict[str, float] = field(default_factory=dict)
     log_time_s: float = 0.0
+    fault: dict[str, float] = field(default_factory=dict)  # fault/* and checkpoint/* figures
 
 
 def train(
@@ -59,9 +63,16 @@ def train(
     env: DistEnv,
     logger=None,
     step_hooks: Sequence[Callable[[int], None]] = (),
+    stop: StopWatcher | None = None,
+    resumable: bool = False,
 ) -> TrainResult:
     """``step_hooks`` run before each step with its index, and once after the last with ``max_steps``
-    (train-time compression: gradual pruning masks, QAT fake quantization)."""
+    (train-time compression: gradual pruning masks, QAT fake quantization).
+
+    ``resumable`` (the run's own training, not a recovery fine-tune): with ``trainer.checkpoint_interval``,
+    the run starts from its latest checkpoint if it has one (a
+    restart, or ``trainer.resume``), saves one every that many steps, and on a stop signal (``stop``:
+    preemption) saves one at the step boundary every rank agrees on before it stops."""
     t = cfg.trainer
     device = env.device
     block = cfg.model.block_size
@@ -72,8 +83,22 @@ def train(
     result = TrainResult(stats=StepStats(t.timing_warmup_steps, t.batch_size * block))
     parallel.model.train()
 
+    interval = int(t.get("checkpoint_interval", 0) or 0) if resumable else 0
+    first = 0
+    resumed = resume.load(parallel.model, optimizer, scaler, cfg, env) if resumable else None
+    if resumed is not None:
+        first = resumed.step
+        result.fault = {resume.LOST_S: resumed.lost_s, resume.RESUMES: resumed.resumes}
+        if env.is_main:
+            print(f"resumed from {resumed.path.name} (step {first}); {resumed.lost_s:.1f}s lost to faults so far",
+                  flush=True)
+    if resumable:
+        result.fault[resume.RESTARTS] = resume.restart_count()
+    saves: list[tuple[float, int]] = []
+    if stop is not None and interval:
+        stop.defer = True  # a stop signal is acted on at a step boundary: checkpoint, then stop
     started = printed = time.perf_counter()
-    for step in range(t.max_steps):
+    for step in range(first, t.max_steps):
         t0 = now(device)
         for hook in step_hooks:
             hook(step)
@@ -115,7 +140,7 @@ def train(
             clock = time.perf_counter()
             if step % t.print_every == 0 or step == t.max_steps - 1 or clock - printed >= PRINT_AT_LEAST_EVERY_S:
                 printed = clock
-                eta = (clock - started) / (step + 1) * (t.max_steps - step - 1)
+                eta = (clock - started) / (step + 1 - first) * (t.max_steps - step - 1)
                 print(
                     f"step {step + 1}/{t.max_steps}  loss {result.final_loss:.4f}  lr {lr:.2e}"
                     f"  {1000 * seconds:.0f} ms  {t.batch_size * block / seconds:.0f} tok/s  eta {eta:.0f}s",
@@ -126,6 +151,24 @@ def train(
             if logger is not None:
                 logger.log({"val/loss": val_loss}, step + 1)
                 print(f"step {step + 1}/{t.max_steps}  val/loss {val_loss:.4f}", flush=True)
+        if not interval or step + 1 == t.max_steps:
+            continue
+        saved = (step + 1) % interval == 0
+        if saved:
+            saves.append(resume.save(parallel.model, optimizer, scaler, step + 1, cfg, env, resumed))
+        if stop is not None and resume.stop_agreed(stop.requested, env):
+            if not saved:
+                saves.append(resume.save(parallel.model, optimizer, scaler, step + 1, cfg, env, resumed))
+            if env.is_main:
+                print(f"stopping at step {step + 1}: checkpoint saved for trainer.resume", flush=True)
+            raise Stopped(stop.signum or signal.SIGTERM)
+    if stop is not None:
+        stop.defer = False
+        if stop.requested:  # the signal came during the last step: stop now
+            raise Stopped(stop.signum or signal.SIGTERM)
+    if saves:
+        result.fault.update({resume.CKPT_SAVE_S: sum(s for s, _ in saves) / len(saves),
+                             resume.CKPT_BYTES: saves[-1][1], resume.CKPT_COUNT: len(saves)})
     for hook in step_hooks:
         hook(t.max_steps)
     return result

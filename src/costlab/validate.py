@@ -29,8 +29,11 @@ def validate(cfg: DictConfig) -> None:
         positive_int(cfg, f"trainer.{key}")
     if non_negative_int(cfg, "trainer.max_steps") == 0 and not t.get("init_from"):
         raise ConfigError("trainer.max_steps", 0, "0 is allowed only with trainer.init_from=<model file or run id>")
-    for key in ("seed", "warmup_steps", "eval_interval", "timing_warmup_steps"):
+    for key in ("seed", "warmup_steps", "eval_interval", "timing_warmup_steps", "checkpoint_interval",
+                "max_restarts"):
         non_negative_int(cfg, f"trainer.{key}")
+    positive_int(cfg, "trainer.checkpoint_keep")
+    _check_checkpointing(cfg)
     positive_float(cfg, "trainer.lr")
     if t.grad_clip is not None and not (isinstance(t.grad_clip, (int, float)) and t.grad_clip > 0):
         raise ConfigError("trainer.grad_clip", t.grad_clip, "must be a positive number or null")
@@ -52,6 +55,21 @@ def validate(cfg: DictConfig) -> None:
     _check_data(cfg)
     _check_precision(cfg, dims, linears)
     check_compression(cfg)
+
+
+def _check_checkpointing(cfg: DictConfig) -> None:
+    """Train-time compression changes the model as a function of its own history (masks that only grow,
+    fake quantization switched on at a step): a checkpoint does not hold that history, so it is refused."""
+    t = cfg.trainer
+    if not (t.checkpoint_interval or t.max_restarts or t.get("resume")):
+        return
+    key = next((k for k in ("checkpoint_interval", "max_restarts", "resume") if t.get(k)), "checkpoint_interval")
+    if cfg.pruning.get("schedule") == "gradual":
+        raise ConfigError(f"trainer.{key}", t[key], "cannot resume gradual pruning (its masks are not checkpointed); "
+                          "use pruning.schedule=oneshot")
+    if cfg.quantization.get("qat_steps") is not None:
+        raise ConfigError(f"trainer.{key}", t[key], f"cannot resume quantization={cfg.quantization.name} "
+                          "(its fake-quantization state is not checkpointed)")
 
 
 def _check_model(cfg: DictConfig) -> None:

@@ -7,6 +7,10 @@ It reads like the flow of a run: build → parallelize → train → compress �
 
 from __future__ import annotations
 
+from costlab.faults import block_stop_signals
+
+block_stop_signals()  # before torch starts threads: each thread inherits the mask (see costlab.faults)
+
 import os
 import sys
 from pathlib import Path
@@ -20,6 +24,7 @@ from costlab.cost import MFU, NO_MFU_TAG, PEAK_SOURCE_TAG, TFLOPS_PER_DEVICE, co
 from costlab.data import build_corpus
 from costlab.energy import ENERGY_JOULES, ENERGY_SOURCE_TAG, ENERGY_TRAIN, NO_ENERGY_TAG, TrainingEnergy, energy_counter
 from costlab.evaluation import evaluate_final
+from costlab.faults import LAUNCHER_ENV, Stopped, StopWatcher, alive, die_with_parent, record_worker
 from costlab.memory import predict_state
 from costlab.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
 from costlab.model import build_model
@@ -28,10 +33,9 @@ from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
-from costlab.tracking import MetricLogger, client
+from costlab.resume import latest, restart_count
+from costlab.tracking import FAILURE_TAG, MetricLogger, client
 from costlab.train import build_optimizer, train
-
-FAILURE_TAG = "costlab.failure"  # why a run failed, where the worker knows it (oom)
 
 
 def seed_everything(seed: int) -> None:
@@ -45,9 +49,10 @@ def say(env: DistEnv, what: str) -> None:
         print(what, flush=True)
 
 
-def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None) -> None:
+def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None,
+        stop: StopWatcher | None = None) -> None:
     """One rank's run; ``predicted`` (rank 0): the memory model's per-rank state bytes, logged beside the
-    measured ones."""
+    measured ones; ``stop``: the worker's stop signals (what it flushes if it cannot stop in time)."""
     seed_everything(cfg.trainer.seed)
     say(env, f"loading data ({cfg.data.get('name', 'data')})")
     corpus = build_corpus(cfg.data)
@@ -69,10 +74,15 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     parallel = parallelize(model, cfg, env)
     optimizer = build_optimizer(parallel.model, cfg)
     logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
+    if logger is not None and stop is not None:
+        stop.on_timeout.append(logger.flush)
+    if logger is not None and (restart_count() or latest(cfg.runtime.run_dir, cfg.runtime.run_id)):
+        logger.skip_logged()  # a restarted or resumed run re-runs some steps: each step is logged once
     try:
         say(env, f"training {cfg.trainer.max_steps} steps")
-        result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks)
+        result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks, stop=stop, resumable=True)
         summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
+        summary.update(result.fault)
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
         final = parallel.full_model(cfg)  # collective: every rank takes part
         if env.is_main:
@@ -126,33 +136,65 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             logger.close()
 
 
+def close_if_orphaned(cfg: DictConfig) -> None:
+    """Rank 0, stopping: if the run.py that owns the run is gone (killed outright), nobody else will close
+    the run, so close it FAILED here, with the reason."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or alive(launcher):
+        return
+    try:
+        store = client(cfg.tracking.uri)
+        store.set_tag(cfg.runtime.run_id, FAILURE_TAG, "launcher_died")
+        store.set_terminated(cfg.runtime.run_id, "FAILED")
+    except Exception as e:  # run.py's next start closes it (costlab.tracking.close_orphans)
+        print(f"costlab: could not close run {cfg.runtime.run_id}: {e}", file=sys.stderr, flush=True)
+        return
+    print(f"costlab: run.py (pid {launcher.split(':')[0]}) is gone; run {cfg.runtime.run_id} closed FAILED",
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m costlab.worker RUN_DIR/config.yaml")
     cfg = OmegaConf.load(argv[0])
-    first = cfg.trainer.node_rank == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-    predicted: dict[str, float] = {}
-    if first:  # before joining the process group: the prediction lays the model out under a fake one
-        try:
-            predicted = predict_state(cfg, int(cfg.runtime.world_size))
-        except Exception as e:  # a layout the memory model cannot lay out costs the run its prediction only
-            print(f"costlab: no memory prediction: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    env = init_distributed(cfg)
+    die_with_parent()  # torchrun killed outright: this worker gets SIGTERM rather than running on
+    stop = StopWatcher().start()
+    record_worker(Path(cfg.runtime.run_dir), cfg.trainer.node_rank, int(os.environ.get("LOCAL_RANK", 0)))
+    main_rank = cfg.trainer.node_rank == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
     try:
-        run(cfg, env, predicted)
+        predicted = predict(cfg) if main_rank else {}
+        env = init_distributed(cfg)
+        run(cfg, env, predicted, stop)
+    except Stopped as e:
+        if main_rank and cfg.runtime.get("run_id"):
+            close_if_orphaned(cfg)
+        raise SystemExit(128 + e.signum) from None
     except torch.cuda.OutOfMemoryError:
         # "does not fit" is a result a sweep can show: the run ends FAILED with the reason as a tag
         if cfg.runtime.get("run_id"):
             client(cfg.tracking.uri).set_tag(cfg.runtime.run_id, FAILURE_TAG, "oom")
+        raise
+    except BaseException:
+        if main_rank and cfg.runtime.get("run_id"):
+            close_if_orphaned(cfg)
         raise
     if dist.is_initialized():
         # leave together: a gloo rank that tears down while its peer is still connected can abort
         dist.barrier()
         dist.destroy_process_group()
 
+
+def predict(cfg: DictConfig) -> dict[str, float]:
+    """The memory model's per-rank state bytes, before joining the process group (the prediction lays the
+    model out under a fake one). A layout it cannot lay out costs the run its prediction only."""
+    try:
+        return predict_state(cfg, int(cfg.runtime.world_size))
+    except Exception as e:
+        print(f"costlab: no memory prediction: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return {}
 
 if __name__ == "__main__":
     main()

@@ -59,8 +59,18 @@ def init_distributed(cfg: DictConfig) -> DistEnv:
         # equal cores per local rank: runs at different world sizes use the same hardware
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if "RANK" in os.environ and not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=30)
+        store = None
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun restarted the workers (trainer.max_restarts) but may hand them the same agent store, where
+            # the dead attempt's peer addresses still sit: a key prefix of this attempt keeps them apart
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                                  timeout=timeout)
+            store = dist.PrefixStore(f"costlab/attempt_{attempt}", agent)
         dist.init_process_group(
-            backend, timeout=datetime.timedelta(minutes=30), device_id=device if backend == "nccl" else None
+            backend, timeout=timeout, device_id=device if backend == "nccl" else None, store=store,
+            rank=rank if store is not None else -1, world_size=world if store is not None else -1,
         )
     return DistEnv(rank, local_rank, world, local_world, device)
 

@@ -1,0 +1,205 @@
+"""What ends a run's processes, and how: no worker outlives its launcher, and a stop signal ends a
+worker in bounded time with its metrics flushed.
+
+The chain of processes is ``run.py`` → torchrun → one worker per rank. torchrun starts each worker in
+a session of its own, so signalling torchrun's process group never reaches them. Instead:
+
+- torchrun and every worker ask the kernel for SIGTERM when their parent dies (``PR_SET_PDEATHSIG``),
+  so a ``kill -9`` of ``run.py`` or of torchrun still stops the workers below it;
+- each worker records its pid in the run folder, and ``run.py`` ends any worker still alive once
+  torchrun has gone (:func:`reap_workers`), whatever ended torchrun;
+- in a worker, SIGTERM and SIGINT are taken by one thread (``sigwait``), not by the main thread, which
+  may be stuck in a collective whose peer died: that thread interrupts the main thread, and if the
+  main thread has not left after a grace period, it flushes what the worker still holds and exits.
+
+Nothing here imports torch: the launcher uses it, and a worker must block the stop signals before
+``import torch`` starts threads of its own (a thread that does not block them would receive them).
+"""
+
+from __future__ import annotations
+
+import _thread
+import ctypes
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+LAUNCHER_ENV = "COSTLAB_LAUNCHER"  # "pid:start" of the run.py that launched torchrun
+PID_DIR = "pids"  # in the run folder: one file per worker, "pid start"
+WORKER_GRACE_S = 10.0  # a stopped worker's main thread has this long to leave before the process exits
+PR_SET_PDEATHSIG = 1
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in a worker's main thread by SIGTERM or SIGINT (a KeyboardInterrupt, so every cleanup
+    written for Ctrl-C runs)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; elsewhere a no-op).
+    Safe in a ``preexec_fn``: it only calls ``prctl``."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22): with the pid it
+    names a process uniquely, so a reused pid is never mistaken for the one recorded."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def token(pid: int | None = None) -> str:
+    """``pid:start`` of this process (or ``pid``)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{start_time(pid) or 0}"
+
+
+def alive(tok: str) -> bool:
+    """Whether the process a :func:`token` names still runs (a zombie counts as gone)."""
+    try:
+        pid_s, start = tok.split(":", 1)
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        if not Path("/proc/self/stat").exists():  # no procfs: fall back on the pid alone
+            try:
+                os.kill(pid, 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return False
+    return state != "Z" and (start == "0" or start_time(pid) == start)
+
+
+def owner() -> str:
+    """``host:pid:start`` of this process: who owns the MLflow runs it opens."""
+    return f"{socket.gethostname()}:{token()}"
+
+
+def owner_alive(owner_tag: str) -> bool | None:
+    """Whether the owner an :func:`owner` tag names still runs; None when it ran on another host."""
+    host, _, tok = owner_tag.partition(":")
+    if host != socket.gethostname():
+        return None
+    return alive(tok)
+
+
+# --- the launcher's side ------------------------------------------------------------------------------
+
+
+def worker_pid_file(run_dir: Path, node_rank: int, rank: int) -> Path:
+    return Path(run_dir) / PID_DIR / f"node{node_rank}.rank{rank}"
+
+
+def record_worker(run_dir: Path, node_rank: int, rank: int) -> Path:
+    """In a worker: write this process's :func:`token` where the launcher finds it."""
+    path = worker_pid_file(run_dir, node_rank, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token() + "\n")
+    return path
+
+
+def live_workers(run_dir: Path, node_rank: int) -> list[str]:
+    """Tokens of this node's workers of the run that still run."""
+    folder = Path(run_dir) / PID_DIR
+    files = sorted(folder.glob(f"node{node_rank}.rank*")) if folder.is_dir() else []
+    return [t for t in (f.read_text().strip() for f in files) if alive(t)]
+
+
+def reap_workers(run_dir: Path, node_rank: int, wait_s: float = WORKER_GRACE_S + 2.0) -> int:
+    """End this node's workers that outlived torchrun: wait ``wait_s`` for them to leave by themselves
+    (each got SIGTERM when torchrun died), then SIGKILL them. Returns how many had to be killed."""
+    deadline = time.monotonic() + wait_s
+    while live_workers(run_dir, node_rank) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = live_workers(run_dir, node_rank)
+    for tok in left:
+        try:
+            os.kill(int(tok.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(left)
+
+
+# --- the worker's side ----------------------------------------------------------------------------------
+
+
+def block_stop_signals() -> None:
+    """Block SIGTERM and SIGINT in the calling thread and so in every thread it starts later. Call first
+    thing in a worker, before ``import torch``."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+class StopWatcher:
+    """Receives SIGTERM and SIGINT in a thread of its own (see the module's docstring).
+
+    ``defer``: the main thread polls :attr:`requested` and ends itself (a training loop that checkpoints
+    on preemption); otherwise the main thread gets :class:`Stopped` at once. Either way, ``grace_s``
+    after the signal the process flushes (``on_timeout`` callbacks) and exits with 128 + the signal.
+    """
+
+    def __init__(self, grace_s: float = WORKER_GRACE_S):
+        self.grace_s = grace_s
+        self.signum: int | None = None
+        self.defer = False
+        self.on_timeout: list[Callable[[], None]] = []
+        self._event = threading.Event()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def start(self) -> StopWatcher:
+        block_stop_signals()
+        for sig in STOP_SIGNALS:  # what interrupt_main runs in the main thread
+            signal.signal(sig, _raise_stopped)
+        threading.Thread(target=self._watch, name="costlab-stop", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        signum = signal.sigwait(STOP_SIGNALS)
+        self.signum = signum
+        self._event.set()
+        print(f"costlab: worker {os.getpid()} got {signal.Signals(signum).name}; stopping", file=sys.stderr,
+              flush=True)
+        if not self.defer:
+            _thread.interrupt_main(signum)
+        time.sleep(self.grace_s)
+        for callback in self.on_timeout:
+            try:
+                callback()
+            except Exception:  # the process ends anyway; what could be flushed was
+                pass
+        print(f"costlab: worker {os.getpid()} did not stop within {self.grace_s:.0f}s; exiting", file=sys.stderr,
+              flush=True)
+        os._exit(128 + signum)
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)

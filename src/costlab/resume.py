@@ -1,0 +1,231 @@
+"""Training checkpoints and resuming: ``trainer.checkpoint_interval``, ``trainer.max_restarts`` and
+``trainer.resume``.
+
+A checkpoint is written with ``torch.distributed.checkpoint`` (DCP) into the run folder,
+``checkpoints/step_<N>/``: each rank writes its own shard of the model and of the optimizer state (FSDP
+and tensor-parallel DTensors, pipeline stages), so it is as parallel as the run. Beside the shards,
+``trainer.json`` holds the step, the grad scaler's state and the wall-clock time of the save, and
+``rng.rank<R>.pt`` each rank's random state. A checkpoint counts only once ``trainer.json`` exists: it is
+written last, after every rank's shard, so a save cut short is never resumed from. The last
+``trainer.checkpoint_keep`` are kept.
+
+The batch sampler is a function of the seed and the step, and the learning rate of the step, so a run
+resumed from step N reproduces the uninterrupted run's loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # the launcher reads checkpoint folders without importing torch
+    import torch
+
+    from costlab.parallelism.core import DistEnv
+
+CHECKPOINTS = "checkpoints"
+META = "trainer.json"
+RESTARTS = "fault/restarts"  # how many times torchrun restarted the workers (trainer.max_restarts)
+RESUMES = "fault/resumes"  # how many times the run was continued from a checkpoint (restart or trainer.resume)
+LOST_S = "fault/lost_s"  # wall time lost to faults: from the checkpoint resumed from to the resumed first step
+CKPT_SAVE_S = "checkpoint/save_s"  # the mean seconds one checkpoint took (all ranks, synchronised)
+CKPT_BYTES = "checkpoint/bytes"  # the size of the last checkpoint on disk, all ranks' shards together
+CKPT_COUNT = "checkpoint/count"
+
+
+@dataclass(frozen=True)
+class Resumed:
+    step: int  # the first step still to run
+    lost_s: float  # wall time lost to faults so far, this resume's included (up to the load)
+    resumes: int  # how many times the run was continued, this one included
+    path: Path
+
+
+def folder(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def _run_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / META).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def complete(run_dir: Path, run_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in ``run_dir`` (of MLflow run ``run_id`` only, when
+    given: a folder reused by another run never hands it its checkpoints), oldest first."""
+    base = folder(run_dir)
+    found = []
+    for d in base.glob("step_*") if base.is_dir() else []:
+        if (d / META).is_file() and d.name[5:].isdigit() and (run_id is None or _run_of(d) == run_id):
+            found.append((int(d.name[5:]), d))
+    return sorted(found)
+
+
+def latest(run_dir: Path, run_id: str | None = None) -> tuple[int, Path] | None:
+    found = complete(run_dir, run_id)
+    return found[-1] if found else None
+
+
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, next_step: int,
+         cfg: DictConfig, env: DistEnv, resumed: Resumed | None = None) -> tuple[float, int]:
+    """Save the training state before step ``next_step`` (a collective: every rank calls it); keep the
+    last ``trainer.checkpoint_keep``. ``resumed``: what this attempt resumed from (its fault history is
+    carried on). Returns (seconds, bytes on disk)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    run_dir = Path(cfg.runtime.run_dir)
+    path = folder(run_dir) / f"step_{next_step}"
+    t0 = time.perf_counter()
+    if env.is_main and path.exists():  # a partial save of this step from an attempt that died
+        shutil.rmtree(path)
+    _barrier(env)
+    dcp.save(_states(model, optimizer), checkpoint_id=str(path))
+    torch.save(torch.get_rng_state(), path / f"rng.rank{env.rank}.pt")
+    _barrier(env)
+    if env.is_main:
+        meta = {"step": next_step, "saved_at": time.time(), "run_id": cfg.runtime.get("run_id"),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "lost_s": resumed.lost_s if resumed else 0.0, "resumes": resumed.resumes if resumed else 0}
+        tmp = path / f".{META}"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path / META)
+        for _, old in complete(run_dir, cfg.runtime.get("run_id"))[: -int(cfg.trainer.checkpoint_keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(env)
+    seconds = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return seconds, size
+
+
+def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, cfg: DictConfig,
+         env: DistEnv) -> Resumed | None:
+    """Load the latest complete checkpoint of ``run_dir`` into the freshly parallelised model and
+    optimizer (a collective); None when there is none. With ``trainer.resume``, the time lost is counted
+    up to the moment the continued run ended (``runtime.ended_at``), not up to now."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    found = latest(cfg.runtime.run_dir, cfg.runtime.get("run_id"))
+    if found is None:
+        return None
+    step, path = found
+    ended_at = cfg.runtime.get("ended_at")
+    states = _states(model, optimizer)
+    dcp.load(states, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
+    meta = json.loads((path / META).read_text())
+    rng = path / f"rng.rank{env.rank}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    lost = float(meta.get("lost_s", 0.0)) + max(0.0, (ended_at or time.time()) - float(meta["saved_at"]))
+    return Resumed(step=int(meta["step"]), lost_s=lost, resumes=int(meta.get("resumes", 0)) + 1, path=path)
+
+
+def _barrier(env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and env.world_size > 1:
+        dist.barrier()
+
+
+def stop_agreed(requested: bool, env: DistEnv) -> bool:
+    """Whether any rank got a stop signal (a collective, so every rank stops at the same step)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and env.world_size > 1):
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+# --- the launcher's side: trainer.resume ---------------------------------------------------------------------
+
+RUN_DIR_TAG = "costlab.run_dir"  # where a run's folder (config, log, checkpoints) is: what trainer.resume finds
+RESUME_KEEPS = ("trainer.resume", "trainer.max_restarts", "trainer.checkpoint_interval", "trainer.checkpoint_keep",
+                "tracking.uri")  # the only overrides a resumed run takes: the rest is the run's own config
+
+
+def resume_target(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str]:
+    """``trainer.resume=<run id or run folder>``: the config of the run to continue (its own, resolved,
+    with the overrides :data:`RESUME_KEEPS` allows) and its MLflow run id. Refuses, with one line, a run
+    that finished, still runs, or has no checkpoint. No torch: it runs in the launcher."""
+    from omegaconf import OmegaConf, open_dict
+
+    from costlab import status, tracking
+    from costlab.checkpoint import RUN_ID
+    from costlab.errors import ConfigError
+
+    value = str(cfg.trainer.resume)
+    key = "trainer.resume"
+    given = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
+    extra = [o for k, o in given.items() if k not in RESUME_KEEPS]
+    if extra:
+        raise ConfigError(key, value, f"continues the run with its own config; drop {extra[0]} (a resume takes only "
+                          f"{', '.join(RESUME_KEEPS[1:])})")
+    uri = str(cfg.tracking.uri)
+    c = tracking.client(uri)
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(key, value, "the folder holds no config.yaml: it is not a run folder")
+        run_dir, run_id = path.resolve(), str(OmegaConf.load(path / "config.yaml").runtime.run_id)
+    elif RUN_ID.match(value):
+        run_id = value
+        try:
+            tags = c.get_run(run_id).data.tags
+        except Exception:
+            raise ConfigError(key, value, f"no such folder, and no MLflow run with this id in {uri}") from None
+        if RUN_DIR_TAG not in tags:
+            raise ConfigError(key, value, "this run does not say where its folder is (it predates resuming)")
+        run_dir = Path(tags[RUN_DIR_TAG])
+    else:
+        raise ConfigError(key, value, "no such run folder, and not an MLflow run id")
+    try:
+        run = c.get_run(run_id)
+    except Exception:
+        raise ConfigError(key, value, f"MLflow run {run_id} is not in {uri}") from None
+    if run.info.status == status.FINISHED:
+        raise ConfigError(key, value, "the run FINISHED: there is nothing to resume")
+    if run.info.status == status.RUNNING:
+        raise ConfigError(key, value, "the run is still RUNNING (its launcher is alive)")
+    found = latest(run_dir, run_id)
+    if found is None:
+        raise ConfigError(key, value, f"{run_dir} holds no checkpoint (the run had trainer.checkpoint_interval=0)")
+    old = OmegaConf.load(run_dir / "config.yaml")
+    with open_dict(old):
+        for k in RESUME_KEEPS:
+            section, _, name = k.partition(".")
+            if k in given or k == key:
+                old[section][name] = cfg[section][name]
+        old.runtime.ended_at = (run.info.end_time or 0) / 1000 or None
+    print(f"costlab: resuming run {run_id} ({run.info.status}) from {found[1].name} in {run_dir}", file=sys.stderr,
+          flush=True)
+    return old, run_id
