@@ -49,3 +49,28 @@ def test_the_window_is_the_timed_steps():
     for step in range(6):
         idle(step)
     assert idle.joules == 0
+
+
+def test_inference_energy_divides_the_counter_by_the_tokens_of_the_timed_passes():
+    import time
+
+    import torch
+
+    from costlab.energy import inference_energy
+
+    watts = 25.0  # a counter of constant power: joules = watts x seconds
+    calls = []
+
+    class Timed(torch.nn.Module):
+        def forward(self, x):
+            calls.append(time.perf_counter())
+            time.sleep(0.01)
+            return x
+
+    batch = torch.zeros(4, 8, dtype=torch.long)
+    t0 = time.perf_counter()
+    per_token = inference_energy(Timed(), batch, lambda: watts * (time.perf_counter() - t0), min_s=0.2)
+    timed = len(calls) - 1  # the first pass is the warm-up
+    assert timed >= 10
+    # every timed pass took >= 10 ms, and the loop stops soon after 0.2 s
+    assert watts * 0.01 / batch.numel() <= per_token <= watts * 0.3 / timed / batch.numel()

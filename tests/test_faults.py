@@ -337,15 +337,22 @@ def test_a_signal_ends_a_run_killed_in_bounded_time(cli, sig, when):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_a_signal_between_the_jobs_of_a_sweep_closes_the_sweep(cli):
-    job = Job(cli, "-m", *TINY, "trainer.max_steps=2", "trainer.seed=1,2,3", "tracking.experiment_name=sweepstop")
-    job.wait_for(" FINISHED in ")  # the first job is done; the second is being set up
-    job.proc.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "between jobs"), (signal.SIGINT, "in a job")])
+def test_a_signal_in_a_sweep_closes_the_sweep(cli, sig, when):
+    experiment = f"sweepstop {sig.name}"
+    steps = "trainer.max_steps=2" if when == "between jobs" else "trainer.max_steps=100000"
+    job = Job(cli, "-m", *TINY, steps, "trainer.print_every=1", "trainer.seed=1,2,3",
+              f"tracking.experiment_name={experiment}")
+    # between jobs: the first is done, the second is being set up; in a job: the first is training
+    job.wait_for(" FINISHED in " if when == "between jobs" else "step 5/")
+    job.proc.send_signal(sig)
     assert job.finish(timeout=90) == 130, job.text()[-3000:]
-    runs = cli.runs("sweepstop")
+    runs = cli.runs(experiment)
     assert runs and all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     parent = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == tracking.SWEEP_ROLE]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
+    out = subprocess.run(["pgrep", "-af", f"costlab.worker {cli.out}/multirun"], capture_output=True, text=True).stdout
+    assert [line for line in out.splitlines() if "pgrep" not in line] == []
 
 
 @pytest.mark.slow
@@ -417,15 +424,15 @@ def reference(mlflow_uri, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_a_dead_rank_is_restarted_and_the_run_resumes_its_curve(cli, reference, parallelism):
+@pytest.mark.parametrize("parallelism, saving", [("ddp", "sync"), ("fsdp", "sync"), ("fsdp", "async")])
+def test_a_dead_rank_is_restarted_and_the_run_resumes_its_curve(cli, reference, parallelism, saving):
     job = Job(cli, *RESUMABLE, f"parallelism={parallelism}", "trainer.max_restarts=1",
-              f"tracking.run_name=restarted {parallelism}")
+              f"trainer.checkpoint_async={saving == 'async'}", f"tracking.run_name=restarted {parallelism} {saving}")
     job.wait_for("step 13/")  # a checkpoint of step 10 exists, and steps after it were logged
     os.kill(int(job.workers()[1].split(":")[0]), signal.SIGKILL)
     assert job.finish(timeout=300) == 0, job.text()[-3000:]
     assert "resumed from step_" in job.text()
-    run = cli.run_by_name(f"restarted {parallelism}")
+    run = cli.run_by_name(f"restarted {parallelism} {saving}")
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     assert m["fault/restarts"] == 1 and m["fault/resumes"] == 1 and m["fault/lost_s"] > 0

@@ -6,14 +6,24 @@ Training energy is read over the same steps as the throughput (from the first st
 end of the last; evaluations that fall in between are included) and divided by the tokens those steps
 trained: ``energy/joules_per_token_train``. GPU counters are summed over ranks; a RAPL counter covers
 the whole node, so it is only used on a single node.
+
+Inference energy is read on rank 0 over back-to-back forward passes of the final model on the inference
+batch, repeated for at least a second (counters tick every few to hundred milliseconds), warm-up
+excluded: ``energy/joules_per_token_infer``. On CPU the RAPL figure is the node's, with the other ranks
+idle.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 ENERGY_TRAIN = "energy/joules_per_token_train"
+ENERGY_INFER = "energy/joules_per_token_infer"
+INFER_ENERGY_MIN_S = 1.0
 ENERGY_JOULES = "energy/train_joules"
 ENERGY_SOURCE_TAG = "costlab.energy_source"
 NO_ENERGY_TAG = "costlab.energy_missing"
@@ -95,3 +105,30 @@ class TrainingEnergy:
             self.start = self.counter()
         elif step == self.max_steps and self.start is not None:
             self.joules = self.counter() - self.start
+
+
+def inference_energy(model: Any, batch: Any, counter: Callable[[], float],
+                     autocast: Callable[[], AbstractContextManager] = nullcontext,
+                     min_s: float = INFER_ENERGY_MIN_S) -> float:
+    """Joules per token of ``model``'s forward passes on ``batch``: the counter read before and after
+    passes repeated for at least ``min_s`` (one warm-up pass first; the device synchronised at both ends)."""
+    import torch
+
+    def sync() -> None:
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+
+    with torch.no_grad():
+        with autocast():
+            model(batch)
+        sync()
+        start, t0, passes = counter(), time.perf_counter(), 0
+        while passes == 0 or time.perf_counter() - t0 < min_s:
+            with autocast():
+                model(batch)
+            passes += 1
+            if passes % 8 == 0 or time.perf_counter() - t0 >= min_s:
+                sync()
+        sync()
+        joules = counter() - start
+    return joules / (passes * batch.numel())

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -43,6 +44,11 @@ def save_and_count(model: nn.Module, path: Path) -> Saved:
     return Saved(size, size - sparse_savings(model.state_dict()), params, nonzero)
 
 
+def infer_batch(corpus: ByteCorpus, cfg: DictConfig, device: torch.device) -> torch.Tensor:
+    """The fixed batch every inference figure is measured on (``trainer.infer_batch_size`` sequences)."""
+    return eval_batches(corpus.val, cfg.model.block_size, cfg.trainer.infer_batch_size, 1)[0][0].to(device)
+
+
 def evaluate_final(
     model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, env: DistEnv, run_dir: Path
 ) -> tuple[dict[str, float], dict[str, str]]:
@@ -56,7 +62,7 @@ def evaluate_final(
     pruning, quantization = build_pruning(cfg), build_quantization(cfg)
     compressed = pruning.active or quantization.active
     batches = eval_batches(corpus.val, cfg.model.block_size, t.eval_batch_size, t.eval_batches)
-    infer_batch = eval_batches(corpus.val, cfg.model.block_size, t.infer_batch_size, 1)[0][0].to(device)
+    batch = infer_batch(corpus, cfg, device)
 
     out: dict[str, float] = dict(quantization.reference(model))  # QAT-trained: the float model is the reference
     before = save_and_count(model, run_dir / (UNCOMPRESSED if compressed else FINAL))
@@ -69,7 +75,7 @@ def evaluate_final(
         after = save_and_count(model, run_dir / FINAL)
         out.update(pruning.accelerate(model, cfg))  # after saving: sparse kernels are how it runs, not what ships
         loss = evaluate(model, batches, cfg, device)
-    seconds = time_inference(models, infer_batch, lambda: autocast(cfg, device), iters=t.infer_iters)
+    seconds = time_inference(models, batch, lambda: autocast(cfg, device), iters=t.infer_iters)
 
     out.update({
         EVAL_LOSS: loss,
@@ -82,7 +88,7 @@ def evaluate_final(
         "model/nonzero_params": after.nonzero_params,
         "model/sparsity": 1 - after.nonzero_params / after.params,
         INFER_LATENCY: 1000 * seconds["final"],
-        INFER_TOKENS_PER_S: infer_batch.numel() / seconds["final"],
+        INFER_TOKENS_PER_S: batch.numel() / seconds["final"],
     })
     if compressed:  # figures of a comparison only where there was one
         ref = seconds["uncompressed"]
@@ -91,7 +97,7 @@ def evaluate_final(
             "model/size_ratio": before.size_bytes / after.size_bytes,
             "model/params_uncompressed": before.params,
             "infer/latency_ms_p50_uncompressed": 1000 * ref,
-            "infer/tokens_per_s_uncompressed": infer_batch.numel() / ref,
+            "infer/tokens_per_s_uncompressed": batch.numel() / ref,
             INFER_SPEEDUP: ref / seconds["final"],
         })
     return out, dict(quantization.tags)

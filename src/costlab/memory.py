@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
+PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the parameter's shape and dtype
 STEP_BYTES = 4  # AdamW's step counter: a float32 scalar tensor per parameter
 

@@ -42,9 +42,11 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     flops = flops_per_token(model, cfg.model.block_size)
     state = predict_state(cfg, world)
-    per_device = sum(state.values())
+    per_device = sum(state.values())  # parameters, gradients, optimizer state and activations
+    held = sum(v for k, v in state.items() if "activations" not in k)
     out: dict[str, float] = {f"{PLAN}params": params, f"{PLAN}flops_per_token": flops,
-                             f"{PLAN}state_bytes_per_device": per_device, **state}
+                             f"{PLAN}state_bytes_per_device": held,
+                             f"{PLAN}memory_bytes_per_device": per_device, **state}
     dtype = matmul_dtype(cfg)
     lines = [f"costlab plan: model={cfg.model.name} ({params / 1e9:.3g}B parameters), parallelism="
              f"{cfg.parallelism.name} on {world} x {hw.name}, {dtype} matmuls; nothing is trained or allocated"]
@@ -54,9 +56,9 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
         margin = capacity * GB - per_device
         out[f"{PLAN}memory_margin_bytes"] = margin
         verdict = f"fits, {margin / GB:.3g} GB to spare" if margin >= 0 else f"DOES NOT FIT by {-margin / GB:.3g} GB"
-        lines.append(f"  per-device state: {parts} = {per_device / GB:.3g} GB of {capacity} GB ({verdict})")
+        lines.append(f"  per-device memory: {parts} = {per_device / GB:.3g} GB of {capacity} GB ({verdict})")
     else:
-        lines.append(f"  per-device state: {parts} = {per_device / GB:.3g} GB (hardware={hw.name} names no capacity)")
+        lines.append(f"  per-device memory: {parts} = {per_device / GB:.3g} GB (hardware={hw.name} names no capacity)")
     lines.append(f"  training FLOPs per token: {flops:.4g} (6N + attention)")
     peak, source = device_peak(cfg, int(t.nproc_per_node))
     if peak is None:

@@ -36,7 +36,7 @@ META = "trainer.json"
 RESTARTS = "fault/restarts"  # how many times torchrun restarted the workers (trainer.max_restarts)
 RESUMES = "fault/resumes"  # how many times the run was continued from a checkpoint (restart or trainer.resume)
 LOST_S = "fault/lost_s"  # wall time lost to faults: from the checkpoint resumed from to the resumed first step
-CKPT_SAVE_S = "checkpoint/save_s"  # the mean seconds one checkpoint took (all ranks, synchronised)
+CKPT_SAVE_S = "checkpoint/save_s"  # the mean seconds training waited per checkpoint (all ranks, synchronised)
 CKPT_BYTES = "checkpoint/bytes"  # the size of the last checkpoint on disk, all ranks' shards together
 CKPT_COUNT = "checkpoint/count"
 
@@ -83,36 +83,78 @@ def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": model_sd, "optim": optim_sd}
 
 
-def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, next_step: int,
-         cfg: DictConfig, env: DistEnv, resumed: Resumed | None = None) -> tuple[float, int]:
-    """Save the training state before step ``next_step`` (a collective: every rank calls it); keep the
-    last ``trainer.checkpoint_keep``. ``resumed``: what this attempt resumed from (its fault history is
-    carried on). Returns (seconds, bytes on disk)."""
-    import torch
-    import torch.distributed.checkpoint as dcp
+class Checkpointer:
+    """Saves the training state every ``trainer.checkpoint_interval`` steps (each call a collective: every
+    rank makes it), keeping the last ``trainer.checkpoint_keep``.
 
-    run_dir = Path(cfg.runtime.run_dir)
-    path = folder(run_dir) / f"step_{next_step}"
-    t0 = time.perf_counter()
-    if env.is_main and path.exists():  # a partial save of this step from an attempt that died
-        shutil.rmtree(path)
-    _barrier(env)
-    dcp.save(_states(model, optimizer), checkpoint_id=str(path))
-    torch.save(torch.get_rng_state(), path / f"rng.rank{env.rank}.pt")
-    _barrier(env)
-    if env.is_main:
-        meta = {"step": next_step, "saved_at": time.time(), "run_id": cfg.runtime.get("run_id"),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "lost_s": resumed.lost_s if resumed else 0.0, "resumes": resumed.resumes if resumed else 0}
-        tmp = path / f".{META}"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, path / META)
-        for _, old in complete(run_dir, cfg.runtime.get("run_id"))[: -int(cfg.trainer.checkpoint_keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(env)
-    seconds = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return seconds, size
+    With ``trainer.checkpoint_async``, ``dcp.async_save`` copies the state and returns; the files are
+    written in the background, through a process group of their own (training's collectives never share
+    one with them), and the checkpoint is made complete (``trainer.json``) at the next save or at
+    :meth:`finish`. ``checkpoint/save_s`` is what training waited for: the whole save, or the copy.
+    """
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, resumed: Resumed | None = None):
+        self.cfg, self.env, self.resumed = cfg, env, resumed
+        self.run_dir, self.run_id = Path(cfg.runtime.run_dir), cfg.runtime.get("run_id")
+        self.asynchronous = bool(cfg.trainer.get("checkpoint_async", False))
+        self.waits: list[float] = []
+        self.last_bytes = 0
+        self._pending: tuple[Any, int, Path, float, Any] | None = None  # future, step, folder, time, scaler
+        self._group = None
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, next_step: int) -> None:
+        """Save the state before step ``next_step``."""
+        import torch
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        self.finish()  # one save in flight at a time
+        path = folder(self.run_dir) / f"step_{next_step}"
+        t0, saved_at = time.perf_counter(), time.time()
+        if self.env.is_main and path.exists():  # a partial save of this step from an attempt that died
+            shutil.rmtree(path)
+        _barrier(self.env)
+        scaler_state = scaler.state_dict() if scaler is not None else None
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.get_rng_state(), path / f"rng.rank{self.env.rank}.pt")
+        if self.asynchronous:
+            if self._group is None and dist.is_initialized():
+                self._group = dist.new_group(backend="gloo")
+            future = dcp.async_save(_states(model, optimizer), checkpoint_id=str(path), process_group=self._group)
+            self._pending = (future, next_step, path, saved_at, scaler_state)
+            self.waits.append(time.perf_counter() - t0)
+        else:
+            dcp.save(_states(model, optimizer), checkpoint_id=str(path))
+            self._pending = (None, next_step, path, saved_at, scaler_state)
+            self.finish()
+            self.waits.append(time.perf_counter() - t0)
+
+    def finish(self) -> None:
+        """Wait for the save in flight, then make it complete (``trainer.json``) and drop old ones."""
+        if self._pending is None:
+            return
+        future, step, path, saved_at, scaler_state = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        _barrier(self.env)
+        if self.env.is_main:
+            meta = {"step": step, "saved_at": saved_at, "run_id": self.run_id, "scaler": scaler_state,
+                    "lost_s": self.resumed.lost_s if self.resumed else 0.0,
+                    "resumes": self.resumed.resumes if self.resumed else 0}
+            tmp = path / f".{META}"
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, path / META)
+            for _, old in complete(self.run_dir, self.run_id)[: -int(self.cfg.trainer.checkpoint_keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(self.env)
+        self.last_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    def metrics(self) -> dict[str, float]:
+        if not self.waits:
+            return {}
+        mean = sum(self.waits) / len(self.waits)
+        return {CKPT_SAVE_S: mean, CKPT_BYTES: self.last_bytes, CKPT_COUNT: len(self.waits)}
 
 
 def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, cfg: DictConfig,
@@ -169,8 +211,9 @@ def restart_count() -> int:
 # --- the launcher's side: trainer.resume ---------------------------------------------------------------------
 
 RUN_DIR_TAG = "costlab.run_dir"  # where a run's folder (config, log, checkpoints) is: what trainer.resume finds
+# the only overrides a resumed run takes: the rest is the run's own config
 RESUME_KEEPS = ("trainer.resume", "trainer.max_restarts", "trainer.checkpoint_interval", "trainer.checkpoint_keep",
-                "tracking.uri")  # the only overrides a resumed run takes: the rest is the run's own config
+                "trainer.checkpoint_async", "tracking.uri")
 
 
 def resume_target(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str]:

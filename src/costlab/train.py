@@ -94,7 +94,7 @@ def train(
                   flush=True)
     if resumable:
         result.fault[resume.RESTARTS] = resume.restart_count()
-    saves: list[tuple[float, int]] = []
+    checkpoints = resume.Checkpointer(cfg, env, resumed) if interval else None
     if stop is not None and interval:
         stop.defer = True  # a stop signal is acted on at a step boundary: checkpoint, then stop
     started = printed = time.perf_counter()
@@ -151,24 +151,25 @@ def train(
             if logger is not None:
                 logger.log({"val/loss": val_loss}, step + 1)
                 print(f"step {step + 1}/{t.max_steps}  val/loss {val_loss:.4f}", flush=True)
-        if not interval or step + 1 == t.max_steps:
+        if checkpoints is None or step + 1 == t.max_steps:
             continue
         saved = (step + 1) % interval == 0
         if saved:
-            saves.append(resume.save(parallel.model, optimizer, scaler, step + 1, cfg, env, resumed))
+            checkpoints.save(parallel.model, optimizer, scaler, step + 1)
         if stop is not None and resume.stop_agreed(stop.requested, env):
             if not saved:
-                saves.append(resume.save(parallel.model, optimizer, scaler, step + 1, cfg, env, resumed))
+                checkpoints.save(parallel.model, optimizer, scaler, step + 1)
+            checkpoints.finish()
             if env.is_main:
                 print(f"stopping at step {step + 1}: checkpoint saved for trainer.resume", flush=True)
             raise Stopped(stop.signum or signal.SIGTERM)
+    if checkpoints is not None:
+        checkpoints.finish()
+        result.fault.update(checkpoints.metrics())
     if stop is not None:
         stop.defer = False
         if stop.requested:  # the signal came during the last step: stop now
             raise Stopped(stop.signum or signal.SIGTERM)
-    if saves:
-        result.fault.update({resume.CKPT_SAVE_S: sum(s for s, _ in saves) / len(saves),
-                             resume.CKPT_BYTES: saves[-1][1], resume.CKPT_COUNT: len(saves)})
     for hook in step_hooks:
         hook(t.max_steps)
     return result

@@ -33,6 +33,8 @@ def validate(cfg: DictConfig) -> None:
                 "max_restarts"):
         non_negative_int(cfg, f"trainer.{key}")
     positive_int(cfg, "trainer.checkpoint_keep")
+    if not isinstance(t.get("checkpoint_async", False), bool):
+        raise ConfigError("trainer.checkpoint_async", t.checkpoint_async, "must be true or false")
     _check_checkpointing(cfg)
     positive_float(cfg, "trainer.lr")
     if t.grad_clip is not None and not (isinstance(t.grad_clip, (int, float)) and t.grad_clip > 0):

@@ -22,15 +22,25 @@ from omegaconf import DictConfig, OmegaConf
 from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.cost import MFU, NO_MFU_TAG, PEAK_SOURCE_TAG, TFLOPS_PER_DEVICE, cost_metrics, device_peak, flops_per_token
 from costlab.data import build_corpus
-from costlab.energy import ENERGY_JOULES, ENERGY_SOURCE_TAG, ENERGY_TRAIN, NO_ENERGY_TAG, TrainingEnergy, energy_counter
-from costlab.evaluation import evaluate_final
+from costlab.energy import (
+    ENERGY_INFER,
+    ENERGY_JOULES,
+    ENERGY_SOURCE_TAG,
+    ENERGY_TRAIN,
+    NO_ENERGY_TAG,
+    TrainingEnergy,
+    energy_counter,
+    inference_energy,
+)
+from costlab.evaluation import evaluate_final, infer_batch
 from costlab.faults import LAUNCHER_ENV, Stopped, StopWatcher, alive, die_with_parent, record_worker
-from costlab.memory import predict_state
+from costlab.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
 from costlab.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
 from costlab.model import build_model
 from costlab.names import INFER_TOKENS_PER_S, MEM_PEAK, PERF_TOKENS_PER_S
 from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
+from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.resume import latest, restart_count
@@ -81,6 +91,11 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     try:
         say(env, f"training {cfg.trainer.max_steps} steps")
         result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks, stop=stop, resumable=True)
+        if env.device.type == "cuda":  # the memory model checked against the allocator's peak in training
+            measured = max_over_ranks(peak_memory_bytes(env.device), env.device)  # collective: every rank
+            total = sum(v for k, v in (predicted or {}).items() if k.startswith(PREDICTED))
+            if total and measured:
+                predicted[PREDICTED_OVER_MEASURED] = total / measured
         summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
         summary.update(result.fault)
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
@@ -95,6 +110,9 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             say(env, "compressing (if asked), measuring quality, size and inference speed, saving the model")
             metrics, tags = evaluate_final(final, corpus, cfg, env, run_dir)
             summary.update(metrics)
+            if counter is not None:
+                summary[ENERGY_INFER] = inference_energy(final, infer_batch(corpus, cfg, env.device), counter,
+                                                         lambda: autocast(cfg, env.device))
             # what trainer.init_from=<this run id> starts from
             tags[CHECKPOINT_TAG] = str(trained_model_file(run_dir))
             store = client(cfg.tracking.uri)
