@@ -138,10 +138,15 @@ def reap_workers(run_dir: Path, node_rank: int, wait_s: float = WORKER_GRACE_S +
     deadline = time.monotonic() + wait_s
     while live_workers(run_dir, node_rank) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return signal_workers(run_dir, node_rank, signal.SIGKILL)
+
+
+def signal_workers(run_dir: Path, node_rank: int, sig: int) -> int:
+    """Send ``sig`` to this node's recorded workers that still run; return how many there were."""
     left = live_workers(run_dir, node_rank)
     for tok in left:
         try:
-            os.kill(int(tok.split(":")[0]), signal.SIGKILL)
+            os.kill(int(tok.split(":")[0]), sig)
         except ProcessLookupError:
             pass
     return len(left)

@@ -420,7 +420,7 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
             except subprocess.TimeoutExpired:
                 continue
     except KeyboardInterrupt:
-        _signal_workers(run_dir, node, signal.SIGTERM)
+        faults.signal_workers(run_dir, node, signal.SIGTERM)
         _terminate_group(proc)
         raise
     finally:
@@ -431,13 +431,6 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
         reader.join(timeout=10)
     return rc
 
-
-def _signal_workers(run_dir: Path, node: int, sig: int) -> None:
-    for tok in faults.live_workers(run_dir, node):
-        try:
-            os.kill(int(tok.split(":")[0]), sig)
-        except ProcessLookupError:
-            pass
 
 
 def _raise_interrupt(signum, frame) -> None:
