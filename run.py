@@ -17,7 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from costlab import launch, tracking
+from costlab import faults, launch, tracking
 from costlab.cli import preflight
 from costlab.status import EXIT_INTERRUPTED, FAILED, KILLED
 
@@ -28,12 +28,8 @@ def main(cfg: DictConfig) -> float | list[float]:
     return launch.run_job(cfg)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) ends run.py as Ctrl-C does: nothing left RUNNING
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
+    faults.handle_stop_signals()  # SIGTERM (a scheduler, `kill`) ends run.py as Ctrl-C does: nothing left RUNNING
     preflight()
     try:
         main()

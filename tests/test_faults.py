@@ -111,6 +111,22 @@ def test_a_worker_stuck_where_no_signal_reaches_flushes_and_exits_after_its_grac
     assert (tmp_path / "f").read_text() == "flushed"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
+def test_a_launcher_signal_whose_exception_python_drops_is_not_lost(monkeypatch):
+    # Python drops an exception raised in a __del__ or an at-fork hook (logging's, inside Popen): a Ctrl-C
+    # landing there while torchrun was forked used to be lost, and the job trained on
+    monkeypatch.setattr(faults, "_interrupted", None)
+    faults.check_interrupted()  # nothing pending: no exception
+
+    class Dropped:
+        def __del__(self):
+            faults.interrupt(signal.SIGINT, None)
+
+    Dropped()  # "Exception ignored in ... __del__": the KeyboardInterrupt goes nowhere
+    with pytest.raises(KeyboardInterrupt):
+        faults.check_interrupted()
+
+
 def test_reaping_kills_recorded_workers_that_outlive_torchrun(tmp_path):
     ignoring = subprocess.Popen([PY, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                                  "time.sleep(60)"])

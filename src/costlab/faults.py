@@ -34,6 +34,7 @@ LAUNCHER_ENV = "COSTLAB_LAUNCHER"  # "pid:start" of the run.py that launched tor
 PID_DIR = "pids"  # in the run folder: one file per worker, "pid start"
 WORKER_GRACE_S = 10.0  # a stopped worker's main thread has this long to leave before the process exits
 PR_SET_PDEATHSIG = 1
+_interrupted: int | None = None  # the stop signal the launcher got, if any (see interrupt)
 
 
 class Stopped(KeyboardInterrupt):
@@ -111,6 +112,29 @@ def owner_alive(owner_tag: str) -> bool | None:
 
 
 # --- the launcher's side ------------------------------------------------------------------------------
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """The launcher's handler for SIGINT and SIGTERM: both end ``run.py`` as Ctrl-C does.
+
+    The signal is also remembered, because Python drops the exception when the handler runs inside an
+    at-fork hook (logging's, during ``subprocess.Popen``) or a ``__del__``: a Ctrl-C that lands while
+    torchrun is forked would otherwise be lost and the job would train on. :func:`check_interrupted`
+    raises it again."""
+    global _interrupted
+    _interrupted = signum
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if :func:`interrupt` ran, even if the exception it raised was dropped."""
+    if _interrupted is not None:
+        raise KeyboardInterrupt
+
+
+def handle_stop_signals() -> dict[int, object]:
+    """Install :func:`interrupt` for SIGINT and SIGTERM; return the handlers it replaced."""
+    return {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
 
 
 def worker_pid_file(run_dir: Path, node_rank: int, rank: int) -> Path:

@@ -129,6 +129,7 @@ def run_job(cfg: DictConfig) -> Objective:
     The job's status is written into its folder (:mod:`costlab.status`), where the sweep's parent and
     ``run.py``'s exit code read it back whichever process or machine the launcher ran this job on.
     """
+    faults.check_interrupted()  # a stop signal whose exception Python dropped ends the sweep here
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     parent_id = tracking.parent_run_id(hc.sweep.dir) if multirun else None
@@ -411,9 +412,10 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
 
     reader = threading.Thread(target=tee, daemon=True)
     reader.start()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = faults.handle_stop_signals()
     try:
         while True:  # short waits: the main thread returns to Python often enough to act on a signal
+            faults.check_interrupted()  # a signal whose exception Python dropped (e.g. during the fork)
             try:
                 rc = proc.wait(timeout=0.5)
                 break
@@ -424,17 +426,14 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
         _terminate_group(proc)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         killed = faults.reap_workers(run_dir, node)
         if killed:
             print(f"costlab: {killed} worker(s) outlived torchrun and were killed", file=sys.stderr, flush=True)
         reader.join(timeout=10)
     return rc
 
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _terminate_group(proc: subprocess.Popen) -> None:
