@@ -20,8 +20,9 @@ from costlab.parallelism.dims import parallel_dims
 if TYPE_CHECKING:
     from torch import nn
 
-# the transformer blocks' layers (model=mlp: its hidden layers), never the embeddings or lm_head
-DEFAULT_TARGETS = ("blocks.*", "c_fc", "c_proj")
+# the transformer blocks' layers (model=mlp: its hidden layers; model=hf: its decoder layers), never the
+# embeddings or the head
+DEFAULT_TARGETS = ("blocks.*", "c_fc", "c_proj", "hf.*.layers.*")
 TRAIN_TIME_PARALLELISM = ("single", "ddp")  # train-time compression needs every rank to hold whole weights
 
 

@@ -55,10 +55,12 @@ def matmul_dtype(cfg: DictConfig) -> str:
 
 
 def matmul_params(model: Any) -> int:
-    """N: the weights of every ``nn.Linear`` (each module once, a tied head included)."""
+    """N: the weights of every ``nn.Linear`` (each module once, a tied head included), and of every
+    ``transformers`` ``Conv1D`` (GPT-2's linear layers, stored transposed)."""
     from torch import nn
 
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
 
 
 def flops_per_token(model: Any, seq_len: int) -> float:

@@ -20,7 +20,7 @@ from costlab.checkpoint import FINAL, UNCOMPRESSED
 from costlab.data import ByteCorpus, eval_batches
 from costlab.loss import evaluate
 from costlab.metrics import count_params, save_model, sparse_savings, time_inference
-from costlab.names import EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, INFER_TOKENS_PER_S, MODEL_SIZE
+from costlab.names import EVAL_BITS_PER_BYTE, EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, INFER_TOKENS_PER_S, MODEL_SIZE
 from costlab.parallelism.core import DistEnv
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
@@ -80,6 +80,9 @@ def evaluate_final(
     out.update({
         EVAL_LOSS: loss,
         "eval/perplexity": math.exp(loss),
+        # the data are bytes, one token each: nats per token / ln 2 is bits per byte of text, the scale on
+        # which models with different vocabularies compare
+        EVAL_BITS_PER_BYTE: loss / math.log(2),
         "eval/loss_uncompressed": loss_before,
         "eval/loss_delta": (loss - loss_before) / loss_before,
         MODEL_SIZE: after.size_bytes,

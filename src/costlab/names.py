@@ -5,6 +5,7 @@ from __future__ import annotations
 
 TRAIN_LOSS = "train/loss"
 EVAL_LOSS = "eval/loss"
+EVAL_BITS_PER_BYTE = "eval/bits_per_byte"  # eval/loss in bits per byte of text: one scale for every vocabulary
 PERF_TOKENS_PER_S = "perf/tokens_per_s"
 MEM_PEAK = "mem/peak_bytes"
 MEM_PARAMS = "mem/params_bytes_per_rank"

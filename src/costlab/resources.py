@@ -13,6 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from costlab.errors import ConfigError
+from costlab.hf_config import TARGET as HF_TARGET
+from costlab.hf_config import read_config
 
 GIB = 2**30
 WARN_FRACTION = 0.8  # of the available memory: a prediction above it fits, but only just
@@ -136,8 +138,20 @@ def rough_upper_bound(cfg: DictConfig) -> float:
     model counts per token (fp32 everywhere, the whole batch on one rank). Only decides whether the exact
     prediction (:func:`costlab.memory.predict_state`) is worth making."""
     m, t = cfg.model, cfg.trainer
-    d, v = int(m.n_embd), int(m.vocab_size)
     tokens = int(t.batch_size) * int(m.block_size)
+    if m.get("_target_") == HF_TARGET:  # the Hugging Face config's own shape keys
+        try:
+            hf = read_config(m)
+        except (OSError, ValueError):  # a hub id: nothing on disk to size it by
+            return 0.0
+        d, v = int(hf.get("hidden_size") or hf["n_embd"]), int(hf["vocab_size"])
+        layers = int(hf.get("num_hidden_layers") or hf["n_layer"])
+        heads = int(hf.get("num_attention_heads") or hf["n_head"])
+        h = float(hf.get("intermediate_size") or hf.get("n_inner") or 4 * d)
+        positions = int(hf.get("max_position_embeddings") or hf.get("n_positions") or 0)
+        weights = layers * (4 * d * d + 3 * h * d + 16 * d) + 2 * v * d + positions * d
+        return 16.0 * weights + tokens * 8 * (layers * (24 * d + 4 * h + heads) + 2 * v + 4 * d)
+    d, v = int(m.n_embd), int(m.vocab_size)
     if "n_layer" not in m:
         weights = (int(m.context) * d + d) * int(m.hidden) + 2 * v * d
         per_token = 8 * (int(m.context) * d + 2 * int(m.hidden) + d + 2 * v)

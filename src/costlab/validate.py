@@ -17,6 +17,8 @@ from costlab.checkpoint import expected_shapes
 from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
 from costlab.files import is_text
 from costlab.hardware import require_gpu, visible_gpus
+from costlab.hf_config import TARGET as HF_TARGET
+from costlab.hf_config import config_file, read_config, shipped_configs
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
 from costlab.validate_compression import check_compression
 
@@ -76,6 +78,9 @@ def _check_checkpointing(cfg: DictConfig) -> None:
 
 def _check_model(cfg: DictConfig) -> None:
     m = cfg.model
+    if is_hf(cfg):
+        _check_hf(cfg)
+        return
     for key in [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "context", "hidden") if k in m]:
         positive_int(cfg, f"model.{key}")
     if "n_head" in m and m.n_embd % m.n_head:
@@ -87,6 +92,64 @@ def _check_model(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key}", m[key], f"choose one of {', '.join(allowed)}")
     if m.vocab_size < 256:
         raise ConfigError("model.vocab_size", m.vocab_size, "byte-level data needs at least 256")
+
+
+def is_hf(cfg: DictConfig) -> bool:
+    """Whether the run's model is a Hugging Face one (``model=hf``)."""
+    return cfg.model.get("_target_") == HF_TARGET
+
+
+def _check_hf(cfg: DictConfig) -> None:
+    """``model=hf``: transformers installed, a config or folder that exists, bytes in the vocabulary, the
+    sequence length within the positions, and only the levers built for these models."""
+    m = cfg.model
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("model", "hf", "needs Hugging Face transformers: pip install 'costlab[hf]'")
+    source = m.get("pretrained")
+    if source:
+        path = Path(str(source)).expanduser()
+        hub_id = not path.exists() and not str(source).startswith((".", "/", "~")) and str(source).count("/") <= 1
+        if hub_id:  # fetched by transformers in the worker, where the machine is online
+            return _check_hf_levers(cfg, None)
+        if not (path / "config.json").is_file():
+            raise ConfigError("model.pretrained", source, "no config.json there: give a folder written by "
+                              "save_pretrained (or a hub id where the machine is online)")
+    else:
+        if not m.get("config"):
+            raise ConfigError("model.config", m.get("config"), "model=hf needs model.pretrained=<folder> or "
+                              f"model.config=<{'|'.join(shipped_configs())} or a config.json>")
+        if not config_file(str(m.config)).is_file():
+            raise ConfigError("model.config", m.config, f"no such config: give one of {', '.join(shipped_configs())} "
+                              "or a config.json (or a folder holding one)")
+    try:
+        hf_config = read_config(m)
+    except ValueError as e:
+        raise ConfigError("model.pretrained" if source else "model.config", source or m.config,
+                          f"config.json is not valid JSON ({e})") from None
+    _check_hf_levers(cfg, hf_config)
+
+
+def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
+    m, p = cfg.model, cfg.parallelism
+    key = "model.pretrained" if m.get("pretrained") else "model.config"
+    value = m.get("pretrained") or m.get("config")
+    positive_int(cfg, "model.block_size")
+    if hf_config is not None:
+        vocab = hf_config.get("vocab_size") or 0
+        if vocab < 256:
+            raise ConfigError(key, value, f"vocab_size={vocab}: byte-level data needs at least 256")
+        positions = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
+        if positions and m.block_size > positions:
+            raise ConfigError("model.block_size", m.block_size, f"the model has {positions} positions "
+                              f"(max_position_embeddings of {value})")
+    if p.get("tp_degree", 1) != 1 or p.get("pp_degree", 1) != 1:
+        raise ConfigError("parallelism", p.name, "model=hf runs with parallelism=single, ddp or fsdp; tensor and "
+                          "pipeline parallel are built for costlab's own models only")
+    if cfg.precision.get("float8", False):
+        raise ConfigError("precision", cfg.precision.name, "model=hf trains in fp32, bf16 or fp16")
+    if cfg.pruning.get("name") == "structured":
+        raise ConfigError("pruning", "structured", "removes costlab GPT channels and heads; for model=hf use "
+                          "ln_structured, wanda or an unstructured option")
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -153,7 +216,8 @@ class _Linears(Mapping):
 
 
 def _has_blocks(linears: Mapping[str, tuple[int, int]]) -> bool:
-    return "blocks.0.mlp.c_fc" in linears  # the GPT family; model=mlp has no transformer blocks
+    # the GPT family and model=hf (its decoder layers); model=mlp has no transformer blocks
+    return "blocks.0.mlp.c_fc" in linears or any(n.startswith("hf.") for n in linears)
 
 
 def _mlp_width(linears: Mapping[str, tuple[int, int]]) -> int:

@@ -1,0 +1,35 @@
+"""What the launcher needs to know of a ``model=hf`` config without importing torch or transformers: where
+its ``config.json`` is and what it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from costlab import ROOT
+
+TARGET = "costlab.hf.HFCausalLM"
+CONFIG_DIR = ROOT / "conf" / "hf_configs"  # the small configs shipped for model.config=<name>
+
+
+def config_file(config: str) -> Path:
+    """The ``config.json`` that ``model.config`` names: a shipped config's name, a file, or a folder holding one."""
+    path = Path(config).expanduser()
+    if not path.suffix and not path.exists() and (CONFIG_DIR / f"{config}.json").is_file():
+        return CONFIG_DIR / f"{config}.json"
+    return path / "config.json" if path.is_dir() else path
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def read_config(model_cfg: Any) -> dict[str, Any]:
+    """The Hugging Face config (as a dict) of ``model.pretrained`` or ``model.config``, read as JSON: no
+    ``transformers`` import, so the launcher can check it cheaply."""
+    source = model_cfg.get("pretrained")
+    path = Path(source).expanduser() / "config.json" if source else config_file(model_cfg.get("config"))
+    return json.loads(path.read_text())
+
+

@@ -1,0 +1,168 @@
+"""``model=hf``: Hugging Face causal LMs built from tiny configs, saved with ``save_pretrained`` and loaded back
+through ``model.pretrained=`` (the path a user's checkpoint takes). Nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from costlab.checkpoint import load_model  # noqa: E402
+from costlab.cost import flops_per_token, matmul_params  # noqa: E402
+from costlab.errors import ConfigError  # noqa: E402
+from costlab.hf import HFCausalLM, decoder_layers  # noqa: E402
+from costlab.hf_config import shipped_configs  # noqa: E402
+from costlab.validate import validate  # noqa: E402
+
+from .conftest import TINY, Cli, compose_config  # noqa: E402
+
+SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def _config(family: str):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    if family == "gpt2":
+        return GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None,
+                          eos_token_id=None)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family](**SMALL)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> dict[str, str]:
+    """One tiny model per family, written by ``save_pretrained`` (a user's local checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    folders = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(f"hf_{family}")
+        AutoModelForCausalLM.from_config(_config(family)).save_pretrained(folder)
+        folders[family] = str(folder)
+    return folders
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_model_loads_back_and_computes_what_transformers_computes(pretrained, family):
+    from transformers import AutoModelForCausalLM
+
+    ours = HFCausalLM(pretrained=pretrained[family], block_size=16)
+    theirs = AutoModelForCausalLM.from_pretrained(pretrained[family])
+    x = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(ours(x), theirs(input_ids=x).logits)
+    # the decoder layers are the blocks FSDP and checkpointing act on, without a second name in the state dict
+    assert list(ours.blocks.values()) == list(decoder_layers(ours.hf))
+    assert all(k.startswith("hf.") for k in ours.state_dict())
+    clone = copy.deepcopy(ours)
+    assert clone.blocks["0"] is decoder_layers(clone.hf)[0] and clone.blocks["0"] is not ours.blocks["0"]
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_builds_on_the_meta_device(name):
+    with torch.device("meta"):
+        model = HFCausalLM(config=name)
+    assert next(model.parameters()).is_meta and len(model.blocks) == model.config.n_layer
+
+
+def test_flops_count_gpt2s_conv1d_layers(pretrained):
+    model = HFCausalLM(pretrained=pretrained["gpt2"], block_size=16)
+    convs = [m for m in model.modules() if type(m).__name__ == "Conv1D"]
+    assert convs and matmul_params(model) == sum(m.weight.numel() for m in convs) + model.hf.lm_head.weight.numel()
+    cfg = model.config
+    assert flops_per_token(model, 16) == 6 * matmul_params(model) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * 16
+
+
+def _hf_cfg(source: str, *overrides: str):
+    return compose_config(["model=hf", f"model.pretrained={source}", "model.block_size=16", "trainer.device=cpu",
+                           *overrides])
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["parallelism=tp"], "parallelism"),
+    (["parallelism=pp"], "parallelism"),
+    (["parallelism=fsdp_tp"], "parallelism"),
+    (["pruning=structured"], "pruning"),
+    (["model.block_size=128"], "model.block_size"),  # the tiny models have 64 positions
+])
+def test_what_does_not_apply_to_hf_models_is_refused_in_one_line(pretrained, overrides, key):
+    with pytest.raises(ConfigError) as e:
+        validate(_hf_cfg(pretrained["llama"], *overrides))
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+def test_hf_configs_that_cannot_run_are_refused_in_one_line(tmp_path):
+    cases = [
+        (compose_config(["model=hf", f"model.pretrained={tmp_path}/nothing"]), "model.pretrained"),
+        (compose_config(["model=hf", "model.config=no_such_family"]), "model.config"),
+    ]
+    small_vocab = tmp_path / "config.json"
+    small_vocab.write_text(json.dumps({"model_type": "llama", "vocab_size": 100, "max_position_embeddings": 64}))
+    cases.append((compose_config(["model=hf", f"model.config={small_vocab}"]), "model.config"))
+    for cfg, key in cases:
+        with pytest.raises(ConfigError) as e:
+            validate(cfg)
+        assert str(e.value).startswith(key) and "\n" not in str(e.value), str(e.value)
+
+
+def test_hf_models_take_ddp_fsdp_and_checkpointing(pretrained):
+    for overrides in (["parallelism=ddp"], ["parallelism=fsdp", "trainer.activation_checkpointing=full"],
+                      ["precision=bf16", "trainer.compile=true"]):
+        validate(_hf_cfg(pretrained["qwen2"], *overrides))
+
+
+HF_RUN = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.block_size=32", "trainer.device=cpu", "trainer.max_steps=6"]
+
+
+@pytest.fixture(scope="module")
+def hf_runs(mlflow_uri, tmp_path_factory, pretrained):
+    """``run.py`` on the tiny Llama (grouped-query attention) once per name, cached."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str, *overrides: str):
+        if name not in cache:
+            cli = Cli(mlflow_uri, tmp_path_factory.mktemp(f"hf_{name}"))
+            proc = cli(*HF_RUN, f"model.pretrained={pretrained['llama']}", *overrides, f"tracking.run_name=hf-{name}",
+                       timeout=900)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            run = cli.run_by_name(f"hf-{name}")
+            assert run.info.status == "FINISHED"
+            cache[name] = (cli, run, cli.loss_curve(run.info.run_id))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.e2e
+def test_an_hf_model_trains_compresses_and_ships_a_file_that_loads_back(hf_runs):
+    cli, run, curve = hf_runs("single", "pruning=wanda", "quantization=int8_dynamic")
+    m = run.data.metrics
+    assert len(curve) == 6 and curve[-1] < curve[0]
+    assert m["eval/bits_per_byte"] == pytest.approx(m["eval/loss"] / math.log(2))
+    # half of the decoder layers' weights; the embedding and the head (half of this tiny model) are not pruned
+    assert 0.15 < m["model/sparsity"] < 0.5 and m["model/size_ratio"] > 1
+    run_dir = cli.out / "run"
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = load_model(cfg.model, run_dir / "model.pt")
+    x = torch.randint(0, 256, (2, 32))
+    assert model(x).shape == (2, 32, 256)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("option", ["ddp", "fsdp"])
+def test_an_hf_model_reproduces_the_single_loss_curve(hf_runs, option):
+    _, ref, ref_curve = hf_runs("single", "pruning=wanda", "quantization=int8_dynamic")
+    _, run, curve = hf_runs(option, f"parallelism={option}")
+    assert len(curve) == len(ref_curve) == 6
+    assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
+    # the full model gathered on rank 0 evaluates like single's before compression
+    assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss_uncompressed"], rel=1e-3)
