@@ -91,3 +91,15 @@ def test_validating_a_config_never_initialises_cuda(extra):
     assert out.strip().splitlines()[-1] == "cuda initialised: False"
     # a config whose checks need no shapes does not even pay for importing torch: sweeps start fast
     assert out.strip().splitlines()[0] == f"torch imported: {bool(extra)}"
+
+
+def test_a_generation_longer_than_the_model_positions_is_refused_in_one_line():
+    cfg = compose_config(["trainer.gen_prompt_len=120", "trainer.gen_tokens=16"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.key == "trainer.gen_tokens" and e.value.value == 16
+    assert "model.block_size=128" in e.value.why and "\n" not in str(e.value)
+    validate(compose_config(["trainer.gen_prompt_len=112", "trainer.gen_tokens=16"]))  # exactly fits
+    validate(compose_config(["model=mlp", "trainer.gen_prompt_len=120", "trainer.gen_tokens=16"]))  # no positions
+    with pytest.raises(ConfigError, match="trainer.gen_tokens=1: must be at least 2"):
+        validate(compose_config(["trainer.gen_tokens=1"]))

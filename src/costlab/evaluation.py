@@ -18,6 +18,7 @@ from torch import nn
 
 from costlab.checkpoint import FINAL, UNCOMPRESSED
 from costlab.data import ByteCorpus, eval_batches
+from costlab.generation import generation_metrics, time_generation
 from costlab.loss import evaluate
 from costlab.metrics import count_params, save_model, sparse_savings, time_inference
 from costlab.names import EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, INFER_TOKENS_PER_S, MODEL_SIZE
@@ -76,6 +77,9 @@ def evaluate_final(
         out.update(pruning.accelerate(model, cfg))  # after saving: sparse kernels are how it runs, not what ships
         loss = evaluate(model, batches, cfg, device)
     seconds = time_inference(models, batch, lambda: autocast(cfg, device), iters=t.infer_iters)
+    prompt = eval_batches(corpus.val, t.gen_prompt_len, t.gen_batch_size, 1)[0][0].to(device)  # trainer.gen_*
+    gen = time_generation(models, prompt, t.gen_tokens, lambda: autocast(cfg, device), iters=t.gen_iters)
+    out.update(generation_metrics(gen["final"], gen.get("uncompressed")))
 
     out.update({
         EVAL_LOSS: loss,

@@ -25,8 +25,12 @@ def validate(cfg: DictConfig) -> None:
     """Every check that needs only the config and the machine, in the order a user reads the config."""
     t = cfg.trainer
     for key in ("batch_size", "grad_accum_steps", "nproc_per_node", "nnodes", "eval_batches",
-                "eval_batch_size", "infer_batch_size", "infer_iters"):
+                "eval_batch_size", "infer_batch_size", "infer_iters", "gen_prompt_len", "gen_tokens",
+                "gen_batch_size", "gen_iters"):
         positive_int(cfg, f"trainer.{key}")
+    if t.gen_tokens < 2:
+        raise ConfigError("trainer.gen_tokens", t.gen_tokens, "must be at least 2: the first token is the prefill's, "
+                          "decoding speed needs at least one more")
     if non_negative_int(cfg, "trainer.max_steps") == 0 and not t.get("init_from"):
         raise ConfigError("trainer.max_steps", 0, "0 is allowed only with trainer.init_from=<model file or run id>")
     for key in ("seed", "warmup_steps", "eval_interval", "timing_warmup_steps", "checkpoint_interval",
@@ -44,6 +48,7 @@ def validate(cfg: DictConfig) -> None:
 
     world = t.nnodes * t.nproc_per_node
     _check_model(cfg)
+    _check_generation(cfg)
     linears = _Linears(cfg.model)
     dims = _check_parallelism(cfg, world, linears)  # the mesh must fit the world before the batch is cut along it
     micro = dims.dp * t.grad_accum_steps
@@ -87,6 +92,16 @@ def _check_model(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key}", m[key], f"choose one of {', '.join(allowed)}")
     if m.vocab_size < 256:
         raise ConfigError("model.vocab_size", m.vocab_size, "byte-level data needs at least 256")
+
+
+def _check_generation(cfg: DictConfig) -> None:
+    """The generated sequence (prompt and new tokens) must fit the model's positions (a learned table or rope
+    tables of model.block_size rows; the mlp model reads a sliding window and has no such limit)."""
+    t, m = cfg.trainer, cfg.model
+    if "block_size" in m and "pos" in m and t.gen_prompt_len + t.gen_tokens > m.block_size:
+        raise ConfigError("trainer.gen_tokens", t.gen_tokens, f"trainer.gen_prompt_len + trainer.gen_tokens = "
+                          f"{t.gen_prompt_len + t.gen_tokens} exceeds model.block_size={m.block_size}, the longest "
+                          "sequence the model has positions for")
 
 
 def _check_data(cfg: DictConfig) -> None:
