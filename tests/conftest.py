@@ -27,6 +27,9 @@ TINY = [
     "trainer.eval_batches=2",
     "trainer.eval_batch_size=8",
     "trainer.infer_iters=2",
+    "trainer.gen_prompt_len=8",  # prompt + generated tokens must fit model.block_size
+    "trainer.gen_tokens=4",
+    "trainer.gen_iters=2",
     "trainer.timing_warmup_steps=1",
 ]
 

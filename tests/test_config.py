@@ -91,3 +91,14 @@ def test_validating_a_config_never_initialises_cuda(extra):
     assert out.strip().splitlines()[-1] == "cuda initialised: False"
     # a config whose checks need no shapes does not even pay for importing torch: sweeps start fast
     assert out.strip().splitlines()[0] == f"torch imported: {bool(extra)}"
+
+
+def test_a_generation_longer_than_the_model_positions_is_cut_down_to_fit():
+    from costlab.generation import generation_lengths
+
+    assert generation_lengths(compose_config(["trainer.gen_prompt_len=112", "trainer.gen_tokens=16"])) == (112, 16)
+    assert generation_lengths(compose_config(["trainer.gen_prompt_len=120", "trainer.gen_tokens=16"])) == (112, 16)
+    assert generation_lengths(compose_config(["model.block_size=16", "trainer.gen_prompt_len=32",
+                                              "trainer.gen_tokens=16"])) == (8, 8)
+    with pytest.raises(ConfigError, match="trainer.gen_tokens=1: must be at least 2"):
+        validate(compose_config(["trainer.gen_tokens=1"]))

@@ -216,7 +216,7 @@ def test_ctrl_c_kills_the_workers_and_marks_the_run_killed(cli):
 
 QUICK = ["model.block_size=32", "trainer.max_steps=3", "trainer.batch_size=4", "trainer.eval_interval=0",
          "trainer.eval_batches=1", "trainer.eval_batch_size=4", "trainer.infer_iters=1",
-         "trainer.timing_warmup_steps=1"]
+         "trainer.timing_warmup_steps=1", "trainer.gen_prompt_len=8", "trainer.gen_tokens=4", "trainer.gen_iters=1"]
 
 
 @pytest.mark.slow

@@ -64,6 +64,18 @@ def test_a_saved_model_loads_back_and_computes_what_transformers_computes(pretra
     assert clone.blocks["0"] is decoder_layers(clone.hf)[0] and clone.blocks["0"] is not ours.blocks["0"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kv_cache_path_computes_what_the_plain_forward_computes(pretrained, family):
+    model = HFCausalLM(pretrained=pretrained[family], block_size=32).eval()
+    seq = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        logits, cache = model.forward_with_cache(seq[:, :8])
+        torch.testing.assert_close(logits, model(seq[:, :8]), atol=1e-5, rtol=1e-5)
+        for t in range(8, 12):
+            logits, cache = model.forward_with_cache(seq[:, t:t + 1], cache)
+            torch.testing.assert_close(logits[:, -1], model(seq[:, :t + 1])[:, -1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", shipped_configs())
 def test_every_shipped_config_builds_on_the_meta_device(name):
     with torch.device("meta"):
@@ -117,7 +129,8 @@ def test_hf_models_take_ddp_fsdp_and_checkpointing(pretrained):
         validate(_hf_cfg(pretrained["qwen2"], *overrides))
 
 
-HF_RUN = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.block_size=32", "trainer.device=cpu", "trainer.max_steps=6"]
+HF_RUN = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.block_size=32", "trainer.device=cpu",
+          "trainer.max_steps=6"]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +160,8 @@ def test_an_hf_model_trains_compresses_and_ships_a_file_that_loads_back(hf_runs)
     assert m["eval/bits_per_byte"] == pytest.approx(m["eval/loss"] / math.log(2))
     # half of the decoder layers' weights; the embedding and the head (half of this tiny model) are not pruned
     assert 0.15 < m["model/sparsity"] < 0.5 and m["model/size_ratio"] > 1
+    assert m["infer/ttft_ms"] > 0 and m["infer/decode_tokens_per_s"] > 0 and m["infer/decode_speedup"] > 0
+    assert run.data.tags["costlab.generation"] == "prompt 8, new tokens 4, batch 1"  # tests' trainer.gen_*
     run_dir = cli.out / "run"
     from omegaconf import OmegaConf
 

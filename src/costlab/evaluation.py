@@ -18,6 +18,7 @@ from torch import nn
 
 from costlab.checkpoint import FINAL, UNCOMPRESSED
 from costlab.data import ByteCorpus, eval_batches
+from costlab.generation import GENERATION_TAG, generation_lengths, generation_metrics, time_generation
 from costlab.loss import evaluate
 from costlab.metrics import count_params, save_model, sparse_savings, time_inference
 from costlab.names import EVAL_BITS_PER_BYTE, EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, INFER_TOKENS_PER_S, MODEL_SIZE
@@ -76,6 +77,10 @@ def evaluate_final(
         out.update(pruning.accelerate(model, cfg))  # after saving: sparse kernels are how it runs, not what ships
         loss = evaluate(model, batches, cfg, device)
     seconds = time_inference(models, batch, lambda: autocast(cfg, device), iters=t.infer_iters)
+    prompt_len, new_tokens = generation_lengths(cfg)  # trainer.gen_*, within model.block_size
+    prompt = eval_batches(corpus.val, prompt_len, t.gen_batch_size, 1)[0][0].to(device)
+    gen = time_generation(models, prompt, new_tokens, lambda: autocast(cfg, device), iters=t.gen_iters)
+    out.update(generation_metrics(gen["final"], gen.get("uncompressed")))
 
     out.update({
         EVAL_LOSS: loss,
@@ -103,4 +108,6 @@ def evaluate_final(
             "infer/tokens_per_s_uncompressed": batch.numel() / ref,
             INFER_SPEEDUP: ref / seconds["final"],
         })
-    return out, dict(quantization.tags)
+    lengths = f"prompt {prompt_len}, new tokens {new_tokens}, batch {t.gen_batch_size}"
+    tags = {**quantization.tags, GENERATION_TAG: lengths}
+    return out, tags

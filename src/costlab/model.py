@@ -18,6 +18,17 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
+KV = tuple[torch.Tensor, torch.Tensor]  # one block's keys and values, (B, H, T, D) each
+
+
+@dataclass
+class KVCache:
+    """What :meth:`GPT.forward_with_cache` carries between calls: each block's keys and values, and how
+    many positions they cover."""
+
+    layers: list[KV]
+    pos: int
+
 
 @dataclass
 class GPTConfig:
@@ -58,10 +69,10 @@ def rope_tables(head_dim: int, block_size: int, base: float = 10000.0) -> tuple[
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); rotate the two halves of each head (GPT-NeoX convention)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    # x: (B, H, T, D) at positions offset … offset+T-1; rotate the two halves of each head (GPT-NeoX convention)
     t = x.size(-2)
-    cos, sin = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
+    cos, sin = cos[offset:offset + t].to(x.dtype), sin[offset:offset + t].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -92,6 +103,30 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.c_proj(y)
 
+    def forward_with_cache(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, past: KV | None, offset: int
+    ) -> tuple[torch.Tensor, KV]:
+        """``x`` holds the tokens at positions ``offset`` … after the ``past`` keys and values (None: none).
+        Returns the output and the keys and values of every position so far."""
+        b, t, _ = x.shape
+        q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope, offset=offset), apply_rope(k, *rope, offset=offset)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        total = k.size(2)
+        if past is None:  # prefill: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif t == 1:  # one new token sees every cached position
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # several new tokens: each sees the cache and the new tokens up to itself
+            mask = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(diagonal=total - t)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.c_proj(y), (k, v)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -121,6 +156,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), rope))
         return x + self.drop(self.mlp(self.ln_2(x)))
+
+    def forward_with_cache(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, past: KV | None, offset: int
+    ) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn.forward_with_cache(self.ln_1(x), rope, past, offset)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.ln_2(x))), kv
 
 
 class GPT(nn.Module):
@@ -180,6 +222,27 @@ class GPT(nn.Module):
             x = self.lm_head(x)
         return x
 
+    def forward_with_cache(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits of the tokens ``idx`` (B, T) and the cache to continue from. ``cache=None`` starts at
+        position 0 (prefill); otherwise ``idx`` holds the token(s) that follow the cached positions.
+        The same submodules as :meth:`forward` run, so compressed (pruned, quantized) layers are used as they are."""
+        if self.wte is None or self.ln_f is None or self.lm_head is None:
+            raise RuntimeError("generation needs the whole model, not a pipeline stage")
+        start = 0 if cache is None else cache.pos
+        t = idx.size(1)
+        if start + t > self.config.block_size:
+            raise ValueError(f"positions up to {start + t} exceed the model's block_size={self.config.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
+        layers = []
+        for i, block in enumerate(self.blocks.values()):
+            x, kv = block.forward_with_cache(x, rope, None if cache is None else cache.layers[i], start)
+            layers.append(kv)
+        return self.lm_head(self.ln_f(x)), KVCache(layers, start + t)
+
 
 class MLPLM(nn.Module):
     """A Bengio-style MLP language model: the next byte from a fixed window of previous bytes.
@@ -204,6 +267,20 @@ class MLPLM(nn.Module):
         windows = x.unfold(1, self.context, 1)  # (B, T, C, context)
         windows = windows.transpose(-1, -2).flatten(2)  # (B, T, context * C), oldest byte first
         return self.lm_head(self.c_proj(F.gelu(self.c_fc(windows))))
+
+    def forward_with_cache(
+        self, idx: torch.Tensor, cache: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the tokens ``idx`` (B, T) and the cache to continue from: the embeddings of the last
+        ``context - 1`` positions (zeros before the first token, as :meth:`forward` pads), from which each
+        new token's window is rebuilt. ``cache=None`` starts a sequence."""
+        x = self.wte(idx)
+        if cache is None:
+            cache = x.new_zeros(x.size(0), self.context - 1, x.size(2))
+        x = torch.cat((cache, x), dim=1)
+        windows = x.unfold(1, self.context, 1).transpose(-1, -2).flatten(2)
+        logits = self.lm_head(self.c_proj(F.gelu(self.c_fc(windows))))
+        return logits, x[:, x.size(1) - (self.context - 1):]
 
 
 def build_model(model_cfg) -> nn.Module:

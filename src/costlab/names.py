@@ -15,6 +15,10 @@ MODEL_SIZE = "model/size_bytes"
 INFER_LATENCY = "infer/latency_ms_p50"
 INFER_TOKENS_PER_S = "infer/tokens_per_s"
 INFER_SPEEDUP = "infer/speedup"  # a compressed model against its own uncompressed one, interleaved in one process
+# generation with a KV cache (trainer.gen_*): the prefill's time to first token and the decode loop's rate
+INFER_TTFT = "infer/ttft_ms"
+INFER_DECODE_TOKENS_PER_S = "infer/decode_tokens_per_s"
+INFER_DECODE_SPEEDUP = "infer/decode_speedup"  # compressed over uncompressed decode rate, interleaved likewise
 
 # Families logged at every step (or every eval interval): curves, not summary figures.
 STEP_FAMILIES = ("train/", "val/")

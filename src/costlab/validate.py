@@ -27,8 +27,12 @@ def validate(cfg: DictConfig) -> None:
     """Every check that needs only the config and the machine, in the order a user reads the config."""
     t = cfg.trainer
     for key in ("batch_size", "grad_accum_steps", "nproc_per_node", "nnodes", "eval_batches",
-                "eval_batch_size", "infer_batch_size", "infer_iters"):
+                "eval_batch_size", "infer_batch_size", "infer_iters", "gen_prompt_len", "gen_tokens",
+                "gen_batch_size", "gen_iters"):
         positive_int(cfg, f"trainer.{key}")
+    if t.gen_tokens < 2:
+        raise ConfigError("trainer.gen_tokens", t.gen_tokens, "must be at least 2: the first token is the prefill's, "
+                          "decoding speed needs at least one more")
     if non_negative_int(cfg, "trainer.max_steps") == 0 and not t.get("init_from"):
         raise ConfigError("trainer.max_steps", 0, "0 is allowed only with trainer.init_from=<model file or run id>")
     for key in ("seed", "warmup_steps", "eval_interval", "timing_warmup_steps", "checkpoint_interval",
