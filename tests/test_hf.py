@@ -49,6 +49,55 @@ def pretrained(tmp_path_factory) -> dict[str, str]:
     return folders
 
 
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 40
+
+
+@pytest.fixture(scope="session")
+def with_tokenizer(tmp_path_factory) -> str:
+    """A tiny Llama with a byte-level BPE tokenizer of its own (512 tokens) in its folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    folder = tmp_path_factory.mktemp("hf_tokenized")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config("llama").__class__(**{**SMALL, "vocab_size": 320})).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_folders_tokenizer_turns_the_corpus_into_its_tokens(with_tokenizer):
+    from omegaconf import OmegaConf
+
+    from costlab.data import ByteCorpus
+    from costlab.tokens import ByteCodec, load_codec, tokenize_corpus
+
+    model_cfg = OmegaConf.create({"pretrained": with_tokenizer, "tokenizer": "auto"})
+    codec = load_codec(model_cfg)
+    assert codec.decode(codec.encode(TEXT)) == TEXT and len(codec.encode(TEXT)) < len(TEXT.encode()) / 2
+    raw = torch.frombuffer(bytearray(TEXT.encode()), dtype=torch.uint8)
+    corpus = tokenize_corpus(ByteCorpus(train=raw, val=raw[:400], entropy_floor=1.0), codec)
+    assert corpus.train.dtype == torch.int32 and int(corpus.train.max()) < codec.vocab_size
+    assert corpus.bytes_per_token > 2 and corpus.entropy_floor is None
+    assert isinstance(load_codec(OmegaConf.create({"pretrained": with_tokenizer, "tokenizer": "bytes"})), ByteCodec)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(with_tokenizer, tmp_path):
+    import shutil
+
+    small = tmp_path / "small"
+    shutil.copytree(with_tokenizer, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
+    with pytest.raises(ConfigError, match="its tokenizer has .* more than the model's vocab_size=256"):
+        validate(_hf_cfg(str(small)))
+    validate(_hf_cfg(str(small), "model.tokenizer=bytes"))  # bytes fit
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_model_loads_back_and_computes_what_transformers_computes(pretrained, family):
     from transformers import AutoModelForCausalLM
@@ -169,6 +218,21 @@ def test_an_hf_model_trains_compresses_and_ships_a_file_that_loads_back(hf_runs)
     model = load_model(cfg.model, run_dir / "model.pt")
     x = torch.randint(0, 256, (2, 32))
     assert model(x).shape == (2, 32, 256)
+
+
+@pytest.mark.e2e
+def test_an_hf_model_trains_on_its_own_tokens_and_reports_bits_per_byte(mlflow_uri, tmp_path, with_tokenizer):
+    cli = Cli(mlflow_uri, tmp_path)
+    (tmp_path / "code.py").write_text(TEXT * 20)
+    args = [o for o in HF_RUN if not o.startswith("data")]
+    proc = cli(*args, f"model.pretrained={with_tokenizer}", "data=textfile", f"data.path={tmp_path / 'code.py'}",
+               "tracking.run_name=hf-tokens")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = cli.run_by_name("hf-tokens")
+    m = run.data.metrics
+    assert run.data.tags["costlab.tokenizer"] == f"tokenizer:{with_tokenizer}"
+    assert m["data/bytes_per_token"] > 1.5  # a BPE trained on Python code, scoring Python code
+    assert m["eval/bits_per_byte"] == pytest.approx(m["eval/loss"] / math.log(2) / m["data/bytes_per_token"])
 
 
 @pytest.mark.slow

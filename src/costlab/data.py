@@ -26,6 +26,7 @@ class ByteCorpus:
     val: torch.Tensor  # uint8, 1-D
     entropy_floor: float | None = None  # nats/byte, when the source is known exactly
     name: str = ""
+    bytes_per_token: float = 1.0  # of the validation text: 1 for bytes, more once a tokenizer has run (see tokens)
 
 
 def _split_documents(docs: list[tuple[str, bytes]], name: str) -> ByteCorpus:

@@ -85,9 +85,9 @@ def evaluate_final(
     out.update({
         EVAL_LOSS: loss,
         "eval/perplexity": math.exp(loss),
-        # the data are bytes, one token each: nats per token / ln 2 is bits per byte of text, the scale on
-        # which models with different vocabularies compare
-        EVAL_BITS_PER_BYTE: loss / math.log(2),
+        # nats per token / ln 2 / bytes per token: bits per byte of text, the scale on which models with
+        # different vocabularies (and costlab's byte-level ones) compare
+        EVAL_BITS_PER_BYTE: loss / math.log(2) / corpus.bytes_per_token,
         "eval/loss_uncompressed": loss_before,
         "eval/loss_delta": (loss - loss_before) / loss_before,
         MODEL_SIZE: after.size_bytes,

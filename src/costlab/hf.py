@@ -52,11 +52,11 @@ def gpt_view(config: dict[str, Any], block_size: int) -> GPTConfig:
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM: ``pretrained`` (a ``save_pretrained`` folder, or a hub id where the
     machine is online; when set, it wins over ``config``) or ``config`` (built with random weights from the
-    run's seed); ``block_size``:
+    run's seed); ``tokenizer`` is the data's business (:mod:`costlab.tokens`); ``block_size``:
     the sequence length costlab trains and evaluates at."""
 
     def __init__(self, pretrained: str | None = None, config: str | None = None, block_size: int = 128,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", tokenizer: str = "auto"):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -10,6 +10,7 @@ from typing import Any
 from costlab import ROOT
 
 TARGET = "costlab.hf.HFCausalLM"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CONFIG_DIR = ROOT / "conf" / "hf_configs"  # the small configs shipped for model.config=<name>
 
 
@@ -33,3 +34,14 @@ def read_config(model_cfg: Any) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def tokenizer_folder(model_cfg: Any) -> Path | None:
+    """The folder whose tokenizer the run uses: ``model.pretrained`` when it is a local folder holding one
+    and ``model.tokenizer`` is ``auto`` (``bytes`` forces bytes); None: bytes."""
+    choice = model_cfg.get("tokenizer", "bytes")
+    source = model_cfg.get("pretrained")
+    if choice == "bytes" or not source:
+        return None
+    folder = Path(str(source)).expanduser()
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return folder
+    return None

@@ -18,7 +18,7 @@ from costlab.errors import ConfigError, non_negative_int, positive_float, positi
 from costlab.files import is_text
 from costlab.hardware import require_gpu, visible_gpus
 from costlab.hf_config import TARGET as HF_TARGET
-from costlab.hf_config import config_file, read_config, shipped_configs
+from costlab.hf_config import config_file, read_config, shipped_configs, tokenizer_folder
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
 from costlab.validate_compression import check_compression
 
@@ -138,10 +138,22 @@ def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
     key = "model.pretrained" if m.get("pretrained") else "model.config"
     value = m.get("pretrained") or m.get("config")
     positive_int(cfg, "model.block_size")
+    if m.get("tokenizer", "auto") not in ("auto", "bytes"):
+        raise ConfigError("model.tokenizer", m.tokenizer, "choose auto (the model folder's tokenizer if it has one, "
+                          "else bytes) or bytes")
     if hf_config is not None:
         vocab = hf_config.get("vocab_size") or 0
-        if vocab < 256:
-            raise ConfigError(key, value, f"vocab_size={vocab}: byte-level data needs at least 256")
+        folder = tokenizer_folder(m)
+        if folder is None and vocab < 256:
+            raise ConfigError(key, value, f"vocab_size={vocab}: byte-level data needs at least 256 (the folder has "
+                              "no tokenizer)")
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer  # what transformers' fast tokenizers are made of: no torch
+
+            size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+            if size > vocab:
+                raise ConfigError(key, value, f"its tokenizer has {size} tokens, more than the model's "
+                                  f"vocab_size={vocab}")
         positions = hf_config.get("max_position_embeddings") or hf_config.get("n_positions")
         if positions and m.block_size > positions:
             raise ConfigError("model.block_size", m.block_size, f"the model has {positions} positions "

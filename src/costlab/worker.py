@@ -44,6 +44,7 @@ from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.resume import latest, restart_count
+from costlab.tokens import TOKENIZER_TAG, load_codec, tokenize_corpus
 from costlab.tracking import FAILURE_TAG, MetricLogger, client
 from costlab.train import build_optimizer, train
 
@@ -65,7 +66,8 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     measured ones; ``stop``: the worker's stop signals (what it flushes if it cannot stop in time)."""
     seed_everything(cfg.trainer.seed)
     say(env, f"loading data ({cfg.data.get('name', 'data')})")
-    corpus = build_corpus(cfg.data)
+    codec = load_codec(cfg.model)  # bytes, or the tokenizer of a Hugging Face model's folder
+    corpus = tokenize_corpus(build_corpus(cfg.data), codec)
     say(env, f"building {cfg.model.get('name', 'the model')} and parallelising it "
              f"({cfg.parallelism.get('name', '')}, {env.world_size} rank(s))")
     model = build_model(cfg.model)
@@ -109,6 +111,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             run_dir = Path(cfg.runtime.run_dir)
             say(env, "compressing (if asked), measuring quality, size and inference speed, saving the model")
             metrics, tags = evaluate_final(final, corpus, cfg, env, run_dir)
+            tags[TOKENIZER_TAG] = codec.name
             summary.update(metrics)
             if counter is not None:
                 summary[ENERGY_INFER] = inference_energy(final, infer_batch(corpus, cfg, env.device), counter,
@@ -118,6 +121,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             store = client(cfg.tracking.uri)
             for key, value in tags.items():
                 store.set_tag(cfg.runtime.run_id, key, value)
+            summary["data/bytes_per_token"] = corpus.bytes_per_token
             if corpus.entropy_floor is not None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
             if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing
