@@ -115,7 +115,7 @@ def test_a_worker_stuck_where_no_signal_reaches_flushes_and_exits_after_its_grac
 def test_a_launcher_signal_whose_exception_python_drops_is_not_lost(monkeypatch):
     # Python drops an exception raised in a __del__ or an at-fork hook (logging's, inside Popen): a Ctrl-C
     # landing there while torchrun was forked used to be lost, and the job trained on
-    monkeypatch.setattr(faults, "_interrupted", None)
+    monkeypatch.setattr(faults, "_INTERRUPTED", [])
     faults.check_interrupted()  # nothing pending: no exception
 
     class Dropped:

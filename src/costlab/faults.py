@@ -34,7 +34,7 @@ LAUNCHER_ENV = "COSTLAB_LAUNCHER"  # "pid:start" of the run.py that launched tor
 PID_DIR = "pids"  # in the run folder: one file per worker, "pid start"
 WORKER_GRACE_S = 10.0  # a stopped worker's main thread has this long to leave before the process exits
 PR_SET_PDEATHSIG = 1
-_interrupted: int | None = None  # the stop signal the launcher got, if any (see interrupt)
+_INTERRUPTED: list[int] = []  # the stop signals the launcher got (see interrupt)
 
 
 class Stopped(KeyboardInterrupt):
@@ -121,14 +121,13 @@ def interrupt(signum: int, frame: object) -> None:
     at-fork hook (logging's, during ``subprocess.Popen``) or a ``__del__``: a Ctrl-C that lands while
     torchrun is forked would otherwise be lost and the job would train on. :func:`check_interrupted`
     raises it again."""
-    global _interrupted
-    _interrupted = signum
+    _INTERRUPTED.append(signum)
     raise KeyboardInterrupt
 
 
 def check_interrupted() -> None:
     """Raise KeyboardInterrupt if :func:`interrupt` ran, even if the exception it raised was dropped."""
-    if _interrupted is not None:
+    if _INTERRUPTED:
         raise KeyboardInterrupt
 
 
