@@ -21,6 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from costlab.hf_config import TARGET as HF_TARGET
+
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the parameter's shape and dtype
@@ -89,7 +91,8 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     for rank in ranks:
         for key, value in _rank_state(cfg, dims, rank, world if sharded else 1).items():
             out[key] = max(out.get(key, 0), value)
-    out[f"{PREDICTED}activations_bytes_per_rank"] = predict_activations(cfg, world)
+    if cfg.model.get("_target_") != HF_TARGET:  # the activation model is written for costlab's own blocks
+        out[f"{PREDICTED}activations_bytes_per_rank"] = predict_activations(cfg, world)
     return out
 
 
