@@ -145,17 +145,17 @@ def _hf_cfg(source: str, *overrides: str):
                            *overrides])
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    (["parallelism=tp"], "parallelism"),
-    (["parallelism=pp"], "parallelism"),
-    (["parallelism=fsdp_tp"], "parallelism"),
-    (["pruning=structured"], "pruning"),
-    (["model.block_size=128"], "model.block_size"),  # the tiny models have 64 positions
+@pytest.mark.parametrize(("family", "overrides", "key"), [
+    ("llama", ["parallelism=pp"], "parallelism"),
+    ("gpt2", ["parallelism=tp"], "parallelism.tp_degree"),  # a fused c_attn Conv1D: no Llama-style split
+    ("llama", ["parallelism=tp", "trainer.nproc_per_node=4"], "parallelism.tp_degree"),  # 2 key/value heads
+    ("llama", ["pruning=structured"], "pruning"),
+    ("llama", ["model.block_size=128"], "model.block_size"),  # the tiny models have 64 positions
 ])
-def test_what_does_not_apply_to_hf_models_is_refused_in_one_line(pretrained, overrides, key):
+def test_what_does_not_apply_to_hf_models_is_refused_in_one_line(pretrained, family, overrides, key):
     with pytest.raises(ConfigError) as e:
-        validate(_hf_cfg(pretrained["llama"], *overrides))
-    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+        validate(_hf_cfg(pretrained[family], *overrides))
+    assert str(e.value).startswith(key) and "\n" not in str(e.value), str(e.value)
 
 
 def test_hf_configs_that_cannot_run_are_refused_in_one_line(tmp_path):
@@ -172,9 +172,9 @@ def test_hf_configs_that_cannot_run_are_refused_in_one_line(tmp_path):
         assert str(e.value).startswith(key) and "\n" not in str(e.value), str(e.value)
 
 
-def test_hf_models_take_ddp_fsdp_and_checkpointing(pretrained):
+def test_hf_models_take_ddp_fsdp_tp_and_checkpointing(pretrained):
     for overrides in (["parallelism=ddp"], ["parallelism=fsdp", "trainer.activation_checkpointing=full"],
-                      ["precision=bf16", "trainer.compile=true"]):
+                      ["precision=bf16", "trainer.compile=true"], ["parallelism=tp"], ["parallelism=fsdp_tp"]):
         validate(_hf_cfg(pretrained["qwen2"], *overrides))
 
 
@@ -237,7 +237,7 @@ def test_an_hf_model_trains_on_its_own_tokens_and_reports_bits_per_byte(mlflow_u
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("option", ["ddp", "fsdp"])
+@pytest.mark.parametrize("option", ["ddp", "fsdp", "tp", "fsdp_tp"])
 def test_an_hf_model_reproduces_the_single_loss_curve(hf_runs, option):
     _, ref, ref_curve = hf_runs("single", "pruning=wanda", "quantization=int8_dynamic")
     _, run, curve = hf_runs(option, f"parallelism={option}")

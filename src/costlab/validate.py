@@ -158,9 +158,9 @@ def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
         if positions and m.block_size > positions:
             raise ConfigError("model.block_size", m.block_size, f"the model has {positions} positions "
                               f"(max_position_embeddings of {value})")
-    if p.get("tp_degree", 1) != 1 or p.get("pp_degree", 1) != 1:
-        raise ConfigError("parallelism", p.name, "model=hf runs with parallelism=single, ddp or fsdp; tensor and "
-                          "pipeline parallel are built for costlab's own models only")
+    if p.get("pp_degree", 1) != 1:
+        raise ConfigError("parallelism", p.name, "model=hf runs with parallelism=single, ddp, fsdp, tp or fsdp_tp; "
+                          "pipeline parallel is built for costlab's own models only")
     if cfg.precision.get("float8", False):
         raise ConfigError("precision", cfg.precision.name, "model=hf trains in fp32, bf16 or fp16")
     if cfg.pruning.get("name") == "structured":
@@ -267,7 +267,7 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
     if (dims.tp_enabled or dims.pp_enabled) and not _has_blocks(linears):
         raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
     if dims.tp_enabled:
-        _check_tp_degree(cfg, dims.tp, linears)
+        (_check_hf_tp_degree if is_hf(cfg) else _check_tp_degree)(cfg, dims.tp, linears)
     mode = t.get("activation_checkpointing", "none")
     if mode not in AC_MODES:
         raise ConfigError("trainer.activation_checkpointing", mode, f"choose one of {', '.join(AC_MODES)}")
@@ -278,6 +278,22 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
     if not isinstance(t.get("compile", False), bool):
         raise ConfigError("trainer.compile", t.compile, "must be true or false")
     return dims
+
+
+def _check_hf_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, int]]) -> None:
+    """model=hf: Llama-style layers only (costlab.parallelism.tp.HF_LAYER_PLAN), split into whole query heads,
+    whole key/value heads, MLP units and vocabulary rows."""
+    layer = next((n.rpartition(".self_attn.q_proj")[0] for n in linears if n.endswith(".self_attn.q_proj")), None)
+    if layer is None or f"{layer}.mlp.gate_proj" not in linears:
+        raise ConfigError("parallelism.tp_degree", tp, "tensor parallel for model=hf needs Llama-style layers "
+                          "(self_attn.q_proj/k_proj/v_proj/o_proj, mlp.gate_proj/up_proj/down_proj); this model has "
+                          f"{', '.join(list(linears)[:2])}, ...")
+    hf = read_config(cfg.model)
+    heads = hf["num_attention_heads"]
+    for size, what in ((heads, "num_attention_heads"), (hf.get("num_key_value_heads") or heads, "num_key_value_heads"),
+                       (linears[f"{layer}.mlp.gate_proj"][0], "intermediate_size"), (hf["vocab_size"], "vocab_size")):
+        if size % tp:
+            raise ConfigError("parallelism.tp_degree", tp, f"must divide the model's {what}={size}")
 
 
 def _check_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, int]]) -> None:

@@ -41,6 +41,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
     are replicated: no sequence parallel, so the loss is the single-device loss up to summation order.
     """
     colwise, rowwise = _styles(float8)
+    if getattr(model, "hf", None) is not None:
+        apply_hf_tp(model, tp_mesh, colwise, rowwise)
+        return
     for block in model.blocks.values():
         plan = {
             "ln_1": _Replicated(),
@@ -70,3 +73,32 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
     if tied:
         # both styles shard the (vocab, n_embd) matrix on dim 0: one DTensor can serve both again
         model.lm_head.weight = model.wte.weight
+
+
+# Llama-style decoder layers (Llama, Qwen2, Mistral and their kin): the same split as costlab's blocks
+HF_LAYER_PLAN = {
+    "input_layernorm": "replicate", "post_attention_layernorm": "replicate",
+    "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
+}
+
+
+def apply_hf_tp(model: nn.Module, tp_mesh: DeviceMesh, colwise=ColwiseParallel, rowwise=RowwiseParallel) -> None:
+    """Tensor parallel for a ``model=hf`` Llama-style model: each rank holds whole query heads and whole
+    key/value groups (their projections column-wise, ``o_proj`` row-wise) and a slice of the MLP (gate
+    and up column-wise, down row-wise). The attention reshapes with ``-1`` heads and repeats each
+    key/value head ``num_attention_heads // num_key_value_heads`` times, a ratio the split keeps.
+    The embedding is split over the vocabulary, the head's logits all-gathered, the final norm replicated."""
+    styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise}
+    for block in model.blocks.values():
+        parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in HF_LAYER_PLAN.items()})
+    base = model.hf.get_decoder()
+    prefix = next(n for n, m in model.hf.named_children() if m is base)  # "model" in these families
+    parallelize_module(model.hf, tp_mesh, {
+        f"{prefix}.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        f"{prefix}.norm": _Replicated(),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    if model.hf.config.tie_word_embeddings:  # both styles shard the (vocab, width) matrix on dim 0
+        model.hf.lm_head.weight = base.embed_tokens.weight
