@@ -140,6 +140,38 @@ def test_flops_count_gpt2s_conv1d_layers(pretrained):
     assert flops_per_token(model, 16) == 6 * matmul_params(model) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * 16
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_structured_pruning_removes_whole_key_value_groups_and_mlp_units_and_the_file_loads_back(
+        pretrained, family, tmp_path):
+    from omegaconf import OmegaConf
+
+    from costlab.compression import DEFAULT_TARGETS, target_layers
+    from costlab.metrics import save_model
+    from costlab.pruning.structured import mask_structured, plan_structured, shrink
+
+    model = HFCausalLM(pretrained=pretrained[family], block_size=32).eval()
+    plan = plan_structured(model, target_layers(model, list(DEFAULT_TARGETS)), 0.5, ("mlp", "attn"))
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    mask_structured(masked, plan)
+    shrink(small, plan)
+    attn = small.hf.model.layers[0].self_attn
+    assert attn.k_proj.out_features == attn.head_dim  # 1 of the 2 key/value heads kept ...
+    assert attn.q_proj.out_features == 2 * attn.head_dim  # ... with both query heads that share it
+    assert small.hf.model.layers[0].mlp.up_proj.out_features == 32  # 64 units: half
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x))  # the removed units were exactly the zeroed ones
+        logits, cache = small.forward_with_cache(x[:, :8])
+        logits, _ = small.forward_with_cache(x[:, 8:9], cache)
+        torch.testing.assert_close(logits[:, -1], small(x[:, :9])[:, -1], atol=1e-5, rtol=1e-5)
+    full, pruned = save_model(model, tmp_path / "full.pt"), save_model(small, tmp_path / "pruned.pt")
+    assert pruned < 0.8 * full  # half the decoder layers' weights; the embedding and head (45 %) stay
+    loaded = load_model(OmegaConf.create({"_target_": "costlab.hf.HFCausalLM", "pretrained": pretrained[family],
+                                          "block_size": 32}), tmp_path / "pruned.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
+
+
 def _hf_cfg(source: str, *overrides: str):
     return compose_config(["model=hf", f"model.pretrained={source}", "model.block_size=16", "trainer.device=cpu",
                            *overrides])
@@ -149,7 +181,6 @@ def _hf_cfg(source: str, *overrides: str):
     ("llama", ["parallelism=pp"], "parallelism"),
     ("gpt2", ["parallelism=tp"], "parallelism.tp_degree"),  # a fused c_attn Conv1D: no Llama-style split
     ("llama", ["parallelism=tp", "trainer.nproc_per_node=4"], "parallelism.tp_degree"),  # 2 key/value heads
-    ("llama", ["pruning=structured"], "pruning"),
     ("llama", ["model.block_size=128"], "model.block_size"),  # the tiny models have 64 positions
 ])
 def test_what_does_not_apply_to_hf_models_is_refused_in_one_line(pretrained, family, overrides, key):

@@ -15,6 +15,7 @@ The data are bytes: the model's vocabulary must hold the 256 byte values (the sh
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,10 @@ class HFCausalLM(nn.Module):
 
     def forward_with_cache(self, idx: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits of ``idx`` and the key/value cache to continue from (``cache=None``: a new sequence)."""
-        out = self.hf(input_ids=idx, past_key_values=cache, use_cache=True)
-        return out.logits, out.past_key_values
+        # transformers 5 names the cache ``cache``; earlier versions ``past_key_values``
+        key = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+        out = self.hf(input_ids=idx, use_cache=True, **{key: cache})
+        return out.logits, out[key]
 
     def save_pretrained(self, folder: str | Path) -> None:
         """The model as ``transformers`` saves it: ``AutoModelForCausalLM.from_pretrained(folder)`` loads it."""

@@ -163,9 +163,6 @@ def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
                           "pipeline parallel is built for costlab's own models only")
     if cfg.precision.get("float8", False):
         raise ConfigError("precision", cfg.precision.name, "model=hf trains in fp32, bf16 or fp16")
-    if cfg.pruning.get("name") == "structured":
-        raise ConfigError("pruning", "structured", "removes costlab GPT channels and heads; for model=hf use "
-                          "ln_structured, wanda or an unstructured option")
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -2,7 +2,9 @@
 the result is a smaller dense model whose parameter count, file size and inference time really drop.
 
 Importance is the magnitude of the unit's path through the layer: ‖row of c_fc‖·‖column of c_proj‖ for a
-neuron (times ‖row of c_fc2‖ for SwiGLU), ‖V rows‖·‖output columns‖ for a head.
+neuron (times ‖row of c_fc2‖ for SwiGLU), ‖V rows‖·‖output columns‖ for a head. ``model=hf`` (Llama-style
+layers): ‖gate row‖·‖up row‖·‖down column‖ for a neuron; under grouped-query attention a key/value head
+goes with the query heads that share it, scored by its V rows and their output columns.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Structured(TargetedPruning):
         if not parts or set(parts) - set(PARTS):
             raise ConfigError("pruning.parts", self.parts, "a list of mlp and/or attn")
         mlp = any(".mlp." in n or n in ("c_fc", "c_proj") for n in layers)
-        attn = any(".attn." in n for n in layers)
+        attn = any(".attn." in n or ".self_attn." in n for n in layers)
         if not (("mlp" in parts and mlp) or ("attn" in parts and attn)):
             raise ConfigError("pruning.parts", self.parts, "none of these parts is among pruning.targets")
 
@@ -66,6 +68,23 @@ def _mlps(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
             if any(f"{pre}{c}" in names for c in ("c_fc", "c_fc2", "c_proj")):
                 out[n] = m
     return out
+
+
+def _with_linears(model: nn.Module, names: set[str], parts: tuple[str, ...], *attrs: str) -> dict[str, nn.Module]:
+    """Modules holding every ``parts`` as an ``nn.Linear`` (and every ``attrs``), one of them targeted."""
+    return {n: m for n, m in model.named_modules()
+            if all(isinstance(getattr(m, p, None), nn.Linear) for p in parts) and all(hasattr(m, a) for a in attrs)
+            and any(f"{n}.{p}" in names for p in parts)}
+
+
+def _gated_mlps(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
+    """Llama-style MLPs (``down_proj(act(gate_proj(x)) * up_proj(x))``): model=hf."""
+    return _with_linears(model, names, ("gate_proj", "up_proj", "down_proj"))
+
+
+def _grouped_attentions(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
+    """Llama-style attentions with ``num_key_value_groups`` query heads per key/value head: model=hf."""
+    return _with_linears(model, names, ("q_proj", "k_proj", "v_proj", "o_proj"), "head_dim", "num_key_value_groups")
 
 
 def _attentions(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
@@ -104,6 +123,17 @@ def plan_structured(
             if getattr(m, "c_fc2", None) is not None:
                 score = score * m.c_fc2.weight.norm(dim=1)
             plan[n] = _keep(score.float(), kept_count(score.numel(), amount, multiple_of))
+    if "mlp" in parts:  # model=hf, Llama-style: gate and up rows with the matching down column
+        for n, m in _gated_mlps(model, names).items():
+            score = m.gate_proj.weight.norm(dim=1) * m.up_proj.weight.norm(dim=1) * m.down_proj.weight.norm(dim=0)
+            plan[n] = _keep(score.float(), kept_count(score.numel(), amount, multiple_of))
+    if "attn" in parts:  # model=hf, grouped-query attention: whole key/value groups go, with their query heads
+        for n, m in _grouped_attentions(model, names).items():
+            d, per_group = m.head_dim, m.num_key_value_groups
+            groups = m.v_proj.out_features // d
+            v = m.v_proj.weight.reshape(groups, d, -1).norm(dim=(1, 2))
+            o = m.o_proj.weight.reshape(-1, groups, per_group * d).norm(dim=(0, 2))
+            plan[n] = _keep((v * o).float(), kept_count(groups, amount, multiple_of // math.gcd(multiple_of, d)))
     if "attn" in parts:
         for n, m in _attentions(model, names).items():
             d = m.head_dim
@@ -119,21 +149,30 @@ def _head_rows(heads: torch.Tensor, d: int) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d, device=heads.device)).flatten()
 
 
-def _units(model: nn.Module, plan: dict[str, torch.Tensor]) -> Iterator[tuple[nn.Module, torch.Tensor, tuple]]:
-    """(module, kept rows of its input projections = kept columns of its c_proj, input projection names)."""
+def _units(model: nn.Module, plan: dict[str, torch.Tensor]) -> Iterator[tuple[nn.Module, dict, str, torch.Tensor]]:
+    """(module, input projection name -> its kept rows, output projection name, its kept columns)."""
     for n, kept in plan.items():
         m = model.get_submodule(n)
-        if hasattr(m, "head_dim"):
-            yield m, _head_rows(kept, m.head_dim), ("c_q", "c_k", "c_v")
+        if hasattr(m, "num_key_value_groups"):  # kept: key/value groups, each with its query heads
+            per_group = m.num_key_value_groups
+            queries = _head_rows((kept[:, None] * per_group + torch.arange(per_group, device=kept.device)).flatten(),
+                                 m.head_dim)
+            kv = _head_rows(kept, m.head_dim)
+            yield m, {"q_proj": queries, "k_proj": kv, "v_proj": kv}, "o_proj", queries
+        elif hasattr(m, "head_dim"):
+            rows = _head_rows(kept, m.head_dim)
+            yield m, {"c_q": rows, "c_k": rows, "c_v": rows}, "c_proj", rows
+        elif hasattr(m, "gate_proj"):
+            yield m, {"gate_proj": kept, "up_proj": kept}, "down_proj", kept
         else:
-            yield m, kept, ("c_fc", "c_fc2")
+            yield m, {"c_fc": kept, "c_fc2": kept}, "c_proj", kept
 
 
 @torch.no_grad()
 def mask_structured(model: nn.Module, plan: dict[str, torch.Tensor]) -> None:
     """Zero the units the plan drops, leaving shapes as they are (the reference ``shrink`` must match)."""
-    for m, rows, inputs in _units(model, plan):
-        for name in inputs:
+    for m, inputs, output, cols in _units(model, plan):
+        for name, rows in inputs.items():
             lin = getattr(m, name, None)
             if lin is None:
                 continue
@@ -142,9 +181,10 @@ def mask_structured(model: nn.Module, plan: dict[str, torch.Tensor]) -> None:
             lin.weight[drop] = 0
             if lin.bias is not None:
                 lin.bias[drop] = 0
-        drop = torch.ones(m.c_proj.in_features, dtype=torch.bool, device=rows.device)
-        drop[rows] = False
-        m.c_proj.weight[:, drop] = 0
+        out = getattr(m, output)
+        drop = torch.ones(out.in_features, dtype=torch.bool, device=cols.device)
+        drop[cols] = False
+        out.weight[:, drop] = 0
 
 
 def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -161,8 +201,8 @@ def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor
 @torch.no_grad()
 def shrink(model: nn.Module, plan: dict[str, torch.Tensor]) -> None:
     """Replace each planned module's projections with smaller dense ones holding only the kept units."""
-    for m, rows, inputs in _units(model, plan):
-        for name in inputs:
+    for m, inputs, output, cols in _units(model, plan):
+        for name, rows in inputs.items():
             if getattr(m, name, None) is not None:
                 setattr(m, name, _sliced(getattr(m, name), rows=rows))
-        m.c_proj = _sliced(m.c_proj, cols=rows)
+        setattr(m, output, _sliced(getattr(m, output), cols=cols))
