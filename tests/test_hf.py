@@ -172,6 +172,30 @@ def test_structured_pruning_removes_whole_key_value_groups_and_mlp_units_and_the
         torch.testing.assert_close(loaded(x), small(x))
 
 
+@pytest.mark.parametrize("backend", ["torchao", "pytorch"])
+def test_int8_dynamic_ships_a_llama_at_least_3x_smaller_and_it_loads_back(tmp_path, backend):
+    from costlab.metrics import save_model
+    from costlab.quantization import build_quantization
+
+    pytest.importorskip("torchao")
+    config = tmp_path / "config.json"  # decoder layers dominate, as in any real model
+    config.write_text(_config("llama").__class__(**{**SMALL, "hidden_size": 256, "intermediate_size": 688,
+                                                    "num_hidden_layers": 4}).to_json_string())
+    cfg = compose_config(["model=hf", f"model.config={config}", "model.block_size=16", "trainer.device=cpu",
+                          "quantization=int8_dynamic", f"quantization.backend={backend}"])
+    torch.manual_seed(0)
+    model = HFCausalLM(config=str(config), block_size=16).eval()
+    dense = save_model(model, tmp_path / "dense.pt")
+    info = build_quantization(cfg).apply(model, cfg)
+    assert info["quantization/layers"] == 4 * 7  # q, k, v, o, gate, up, down of each layer; never the head
+    size = save_model(model, tmp_path / "model.pt")
+    assert dense / size >= 3, dense / size
+    x = torch.randint(0, 256, (2, 16))
+    loaded = load_model(cfg.model, tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 def _hf_cfg(source: str, *overrides: str):
     return compose_config(["model=hf", f"model.pretrained={source}", "model.block_size=16", "trainer.device=cpu",
                            *overrides])
@@ -249,6 +273,17 @@ def test_an_hf_model_trains_compresses_and_ships_a_file_that_loads_back(hf_runs)
     model = load_model(cfg.model, run_dir / "model.pt")
     x = torch.randint(0, 256, (2, 32))
     assert model(x).shape == (2, 32, 256)
+
+
+@pytest.mark.e2e
+def test_init_from_starts_an_hf_compression_study_from_a_trained_run(hf_runs):
+    cli, trained, _ = hf_runs("single", "pruning=wanda", "quantization=int8_dynamic")
+    _, run, curve = hf_runs("init", f"trainer.init_from={cli.out / 'run'}", "trainer.max_steps=0",
+                            "quantization=int8_weight_only")
+    assert curve == []  # nothing trained: the trained (uncompressed) model was loaded and compressed another way
+    m = run.data.metrics
+    assert m["eval/loss_uncompressed"] == pytest.approx(trained.data.metrics["eval/loss_uncompressed"], rel=1e-6)
+    assert m["model/size_ratio"] > 1
 
 
 @pytest.mark.e2e
