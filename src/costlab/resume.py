@@ -216,6 +216,33 @@ RESUME_KEEPS = ("trainer.resume", "trainer.max_restarts", "trainer.checkpoint_in
                 "trainer.checkpoint_async", "tracking.uri")
 
 
+def find_run(value: str, uri: str) -> tuple[Path, str | None]:
+    """The folder and the MLflow run id of the run ``value`` names: a run folder (it holds the ``config.yaml``
+    the launcher writes; the id is the one in it, None for a run that was not tracked) or an MLflow run id in
+    the store ``uri`` (the folder is the run's :data:`RUN_DIR_TAG`). Raises ``ValueError``: why, in a few
+    words (the caller names the key or argument). No torch."""
+    from omegaconf import OmegaConf
+
+    from costlab import tracking
+    from costlab.checkpoint import RUN_ID
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ValueError("the folder holds no config.yaml: it is not a run folder")
+        run_id = (OmegaConf.load(path / "config.yaml").get("runtime") or {}).get("run_id")
+        return path.resolve(), None if run_id is None else str(run_id)
+    if not RUN_ID.match(value):
+        raise ValueError("no such run folder, and not an MLflow run id")
+    try:
+        tags = tracking.client(uri).get_run(value).data.tags
+    except Exception:  # the store says "not found" in several ways across MLflow versions
+        raise ValueError(f"no such folder, and no MLflow run with this id in {uri}") from None
+    if RUN_DIR_TAG not in tags:
+        raise ValueError(f"this run does not say where its folder is (it has no {RUN_DIR_TAG} tag: it is older)")
+    return Path(tags[RUN_DIR_TAG]), value
+
+
 def resume_target(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str]:
     """``trainer.resume=<run id or run folder>``: the config of the run to continue (its own, resolved,
     with the overrides :data:`RESUME_KEEPS` allows) and its MLflow run id. Refuses, with one line, a run
@@ -223,7 +250,6 @@ def resume_target(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, st
     from omegaconf import OmegaConf, open_dict
 
     from costlab import status, tracking
-    from costlab.checkpoint import RUN_ID
     from costlab.errors import ConfigError
 
     value = str(cfg.trainer.resume)
@@ -235,22 +261,13 @@ def resume_target(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, st
                           f"{', '.join(RESUME_KEEPS[1:])})")
     uri = str(cfg.tracking.uri)
     c = tracking.client(uri)
-    path = Path(value).expanduser()
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise ConfigError(key, value, "the folder holds no config.yaml: it is not a run folder")
-        run_dir, run_id = path.resolve(), str(OmegaConf.load(path / "config.yaml").runtime.run_id)
-    elif RUN_ID.match(value):
-        run_id = value
-        try:
-            tags = c.get_run(run_id).data.tags
-        except Exception:
-            raise ConfigError(key, value, f"no such folder, and no MLflow run with this id in {uri}") from None
-        if RUN_DIR_TAG not in tags:
-            raise ConfigError(key, value, "this run does not say where its folder is (it predates resuming)")
-        run_dir = Path(tags[RUN_DIR_TAG])
-    else:
-        raise ConfigError(key, value, "no such run folder, and not an MLflow run id")
+    try:
+        run_dir, found_id = find_run(value, uri)
+    except ValueError as e:
+        raise ConfigError(key, value, str(e)) from None
+    if found_id is None:
+        raise ConfigError(key, value, "the folder's config.yaml names no MLflow run: the run was not tracked")
+    run_id = found_id
     try:
         run = c.get_run(run_id)
     except Exception:

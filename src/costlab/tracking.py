@@ -78,6 +78,13 @@ def client(uri: str) -> MlflowClient:
     return _Retrying(MlflowClient(tracking_uri=uri))  # type: ignore[return-value]
 
 
+def default_uri() -> str:
+    """The store ``tracking.uri`` names by default (``conf/config.yaml``): where ``run.py`` logs unless told."""
+    from costlab import CONF_DIR
+
+    return str(OmegaConf.load(CONF_DIR / "config.yaml").tracking.uri)
+
+
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
