@@ -202,7 +202,8 @@ def _hf_cfg(source: str, *overrides: str):
 
 
 @pytest.mark.parametrize(("family", "overrides", "key"), [
-    ("llama", ["parallelism=pp"], "parallelism"),
+    ("gpt2", ["parallelism=pp"], "parallelism.pp_degree"),  # GPT-2 adds positions to whatever comes in
+    ("llama", ["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.microbatches=4"], "parallelism.pp_degree"),
     ("gpt2", ["parallelism=tp"], "parallelism.tp_degree"),  # a fused c_attn Conv1D: no Llama-style split
     ("llama", ["parallelism=tp", "trainer.nproc_per_node=4"], "parallelism.tp_degree"),  # 2 key/value heads
     ("llama", ["model.block_size=128"], "model.block_size"),  # the tiny models have 64 positions
@@ -229,7 +230,8 @@ def test_hf_configs_that_cannot_run_are_refused_in_one_line(tmp_path):
 
 def test_hf_models_take_ddp_fsdp_tp_and_checkpointing(pretrained):
     for overrides in (["parallelism=ddp"], ["parallelism=fsdp", "trainer.activation_checkpointing=full"],
-                      ["precision=bf16", "trainer.compile=true"], ["parallelism=tp"], ["parallelism=fsdp_tp"]):
+                      ["precision=bf16", "trainer.compile=true"], ["parallelism=tp"], ["parallelism=fsdp_tp"],
+                      ["parallelism=pp"]):
         validate(_hf_cfg(pretrained["qwen2"], *overrides))
 
 
@@ -275,6 +277,7 @@ def test_an_hf_model_trains_compresses_and_ships_a_file_that_loads_back(hf_runs)
     assert model(x).shape == (2, 32, 256)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_init_from_starts_an_hf_compression_study_from_a_trained_run(hf_runs):
     cli, trained, _ = hf_runs("single", "pruning=wanda", "quantization=int8_dynamic")
@@ -286,6 +289,7 @@ def test_init_from_starts_an_hf_compression_study_from_a_trained_run(hf_runs):
     assert m["model/size_ratio"] > 1
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_an_hf_model_trains_on_its_own_tokens_and_reports_bits_per_byte(mlflow_uri, tmp_path, with_tokenizer):
     cli = Cli(mlflow_uri, tmp_path)
@@ -303,7 +307,7 @@ def test_an_hf_model_trains_on_its_own_tokens_and_reports_bits_per_byte(mlflow_u
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("option", ["ddp", "fsdp", "tp", "fsdp_tp"])
+@pytest.mark.parametrize("option", ["ddp", "fsdp", "tp", "fsdp_tp", "pp"])
 def test_an_hf_model_reproduces_the_single_loss_curve(hf_runs, option):
     _, ref, ref_curve = hf_runs("single", "pruning=wanda", "quantization=int8_dynamic")
     _, run, curve = hf_runs(option, f"parallelism={option}")

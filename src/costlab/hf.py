@@ -47,7 +47,8 @@ def gpt_view(config: dict[str, Any], block_size: int) -> GPTConfig:
     n_embd = _get(config, "hidden_size", "n_embd", "d_model")
     n_head = _get(config, "num_attention_heads", "n_head")
     return GPTConfig(vocab_size=_get(config, "vocab_size"), block_size=block_size,
-                     n_layer=_get(config, "num_hidden_layers", "n_layer"), n_head=n_head, n_embd=n_embd)
+                     n_layer=_get(config, "num_hidden_layers", "n_layer"), n_head=n_head, n_embd=n_embd,
+                     tie_weights=bool(config.get("tie_word_embeddings", True)))
 
 
 class HFCausalLM(nn.Module):
@@ -74,6 +75,7 @@ class HFCausalLM(nn.Module):
                                                        attn_implementation=attn_implementation)
         self.hf.config.use_cache = False
         self.config = gpt_view(self.hf.config.to_dict(), block_size)
+        self.stage: tuple[int, int] | None = None  # (stage, stages) once cut into a pipeline stage
         # the decoder layers under the name the parallelism code uses; kept out of the module tree
         self.__dict__["_blocks"] = nn.ModuleDict({str(i): layer for i, layer in enumerate(decoder_layers(self.hf))})
 
@@ -81,8 +83,43 @@ class HFCausalLM(nn.Module):
     def blocks(self) -> nn.ModuleDict:
         return self.__dict__["_blocks"]
 
+    @property
+    def wte(self) -> nn.Module | None:
+        """The token embedding (None on a pipeline stage after the first)."""
+        return self.hf.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """The output head (None on a pipeline stage before the last)."""
+        return self.hf.get_output_embeddings()
+
+    def cut_to_stage(self, stage: int, stages: int) -> None:
+        """Keep, in place, pipeline stage ``stage``'s decoder layers under their own names ("layers.5" stays
+        "layers.5"), the embedding on the first stage only, the final norm and the head on the last only.
+        Llama-style models (``model.embed_tokens``, ``model.layers``, ``model.norm``)."""
+        layers = decoder_layers(self.hf)
+        per_stage = len(layers) // stages
+        keep = {str(i) for i in range(stage * per_stage, (stage + 1) * per_stage)}
+        for name in [n for n in layers._modules if n not in keep]:
+            del layers._modules[name]  # not `del layers[i]`, which would renumber the rest
+        self.__dict__["_blocks"] = nn.ModuleDict(dict(layers._modules))
+        base = self.hf.get_decoder()
+        if stage > 0:
+            base.embed_tokens = None
+        if stage < stages - 1:
+            base.norm = nn.Identity()
+            self.hf.lm_head = None
+        self.stage = (stage, stages)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=idx, use_cache=False).logits
+        if self.stage is None:
+            return self.hf(input_ids=idx, use_cache=False).logits
+        # a pipeline stage: token ids in on the first, the hidden state in on the others
+        base = self.hf.get_decoder()
+        first = base.embed_tokens is not None
+        hidden = base(input_ids=idx if first else None, inputs_embeds=None if first else idx,
+                      use_cache=False).last_hidden_state
+        return hidden if self.hf.lm_head is None else self.hf.lm_head(hidden)
 
     def forward_with_cache(self, idx: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits of ``idx`` and the key/value cache to continue from (``cache=None``: a new sequence)."""

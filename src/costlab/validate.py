@@ -134,7 +134,7 @@ def _check_hf(cfg: DictConfig) -> None:
 
 
 def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
-    m, p = cfg.model, cfg.parallelism
+    m = cfg.model
     key = "model.pretrained" if m.get("pretrained") else "model.config"
     value = m.get("pretrained") or m.get("config")
     positive_int(cfg, "model.block_size")
@@ -158,9 +158,6 @@ def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
         if positions and m.block_size > positions:
             raise ConfigError("model.block_size", m.block_size, f"the model has {positions} positions "
                               f"(max_position_embeddings of {value})")
-    if p.get("pp_degree", 1) != 1:
-        raise ConfigError("parallelism", p.name, "model=hf runs with parallelism=single, ddp, fsdp, tp or fsdp_tp; "
-                          "pipeline parallel is built for costlab's own models only")
     if cfg.precision.get("float8", False):
         raise ConfigError("precision", cfg.precision.name, "model=hf trains in fp32, bf16 or fp16")
 
@@ -263,6 +260,10 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
                           "here; use dp_shard (FSDP) to combine data parallel with tensor or pipeline parallel")
     if (dims.tp_enabled or dims.pp_enabled) and not _has_blocks(linears):
         raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
+    if dims.pp_enabled and is_hf(cfg) and not any(n.startswith("hf.model.layers.") for n in linears):
+        raise ConfigError("parallelism.pp_degree", dims.pp, "pipeline parallel for model=hf needs Llama-style models "
+                          "(model.embed_tokens, model.layers, model.norm); this model has "
+                          f"{', '.join(list(linears)[:2])}, ...")
     if dims.tp_enabled:
         (_check_hf_tp_degree if is_hf(cfg) else _check_tp_degree)(cfg, dims.tp, linears)
     mode = t.get("activation_checkpointing", "none")
@@ -317,7 +318,12 @@ def _check_pipeline(cfg: DictConfig, dims: ParallelDims) -> None:
     micro = positive_int(cfg, "parallelism.microbatches")
     per_rank = positive_int(cfg, "parallelism.stages_per_rank") if p.schedule == "interleaved_1f1b" else 1
     stages = pp * per_rank
-    if m.n_layer % stages:
+    if is_hf(cfg):
+        layers = read_config(m)["num_hidden_layers"]
+        if layers % stages:
+            raise ConfigError("parallelism.pp_degree", pp, f"the model's num_hidden_layers={layers} must split evenly "
+                              f"into {stages} pipeline stages (pp_degree={pp} x stages_per_rank={per_rank})")
+    elif m.n_layer % stages:
         raise ConfigError(
             "model.n_layer", m.n_layer, f"must split evenly into {stages} pipeline stages "
             f"(parallelism.pp_degree={pp} x stages_per_rank={per_rank})",

@@ -36,6 +36,9 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": S
 
 def stage_module(part: nn.Module, stage: int, n_stages: int) -> nn.Module:
     """Cut ``part`` down, in place, to stage ``stage``'s blocks (names kept: "blocks.5" stays "blocks.5")."""
+    if getattr(part, "hf", None) is not None:  # model=hf
+        part.cut_to_stage(stage, n_stages)
+        return part
     per_stage = len(part.blocks) // n_stages
     keep = {str(i) for i in range(stage * per_stage, (stage + 1) * per_stage)}
     for name in list(part.blocks.keys()):
@@ -63,6 +66,7 @@ class PipelineParallel(Parallel):
         self.last_rank = self.last % dims.pp  # the pipeline rank of the last stage
         self.pp_rank = pp_rank
         tied = model.config.tie_weights and model.lm_head.weight is model.wte.weight
+        self.width = model.config.n_embd  # of the hidden state passed between stages
 
         # the last stage of this rank is cut from the model itself (the caller's reference then holds one
         # stage, not the whole model); earlier ones from copies taken before that cut
@@ -149,7 +153,7 @@ class PipelineParallel(Parallel):
         for part in self.parts.values():
             part.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        width = cfg.model.n_embd
+        width = self.width
         for x, y in batches:
             xs, ys = x.tensor_split(self.dp_size)[self.dp_rank], y.tensor_split(self.dp_size)[self.dp_rank]
             empty = xs.size(0) == 0

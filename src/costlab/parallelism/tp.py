@@ -95,10 +95,15 @@ def apply_hf_tp(model: nn.Module, tp_mesh: DeviceMesh, colwise=ColwiseParallel, 
         parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in HF_LAYER_PLAN.items()})
     base = model.hf.get_decoder()
     prefix = next(n for n, m in model.hf.named_children() if m is base)  # "model" in these families
-    parallelize_module(model.hf, tp_mesh, {
-        f"{prefix}.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        f"{prefix}.norm": _Replicated(),
-        "lm_head": ColwiseParallel(output_layouts=Replicate()),
-    })
-    if model.hf.config.tie_word_embeddings:  # both styles shard the (vocab, width) matrix on dim 0
+    plan = {}  # a pipeline stage holds the embedding, or the norm and the head, or neither
+    if base.embed_tokens is not None:
+        plan[f"{prefix}.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if not isinstance(base.norm, nn.Identity):
+        plan[f"{prefix}.norm"] = _Replicated()
+    if model.hf.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    if plan:
+        parallelize_module(model.hf, tp_mesh, plan)
+    tied = model.hf.config.tie_word_embeddings and base.embed_tokens is not None and model.hf.lm_head is not None
+    if tied:  # both styles shard the (vocab, width) matrix on dim 0
         model.hf.lm_head.weight = base.embed_tokens.weight
