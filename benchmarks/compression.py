@@ -3,11 +3,13 @@ applied to one trained gpt_micro, measured against the uncompressed model in thi
 
     python benchmarks/compression.py                       # train gpt_micro briefly, then compress it
     python benchmarks/compression.py --init-from RUN_DIR_OR_MODEL_FILE --batch 8 --iters 30
+    python benchmarks/compression.py --model llama_small --steps 200 --train-batch 8   # a Llama-style model=hf
 
 Every row runs costlab's own final step, ``costlab.evaluation.evaluate_final`` (the code a run executes).
 Sizes are the bytes of the saved state dict; speed-ups come from interleaved forward passes of the
 uncompressed and the compressed model on the same batch after warm-up (costlab.metrics.time_inference);
-loss deltas are relative.
+decode speed-ups from interleaved greedy generations with a KV cache (costlab.generation); loss deltas are
+relative. ``--model`` takes a costlab model option or a shipped ``model=hf`` config (conf/hf_configs/).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from costlab.checkpoint import resolve_init_from  # noqa: E402
 from costlab.data import build_corpus  # noqa: E402
 from costlab.evaluation import evaluate_final  # noqa: E402
 from costlab.hardware import cpu_info  # noqa: E402
+from costlab.hf_config import shipped_configs  # noqa: E402
 from costlab.metrics import count_params, save_model  # noqa: E402
 from costlab.model import build_model  # noqa: E402
 from costlab.parallelism.core import DistEnv, Parallel  # noqa: E402
@@ -60,9 +63,13 @@ GOALS = [("int8_dynamic auto", 3.5, 1.5, 0.02), ("structured 0.5", 1.3, 1.3, Non
 AUTO_SLACK = 1.10  # auto may be at most 10 % slower than the faster fixed backend
 
 
+def model_overrides(name: str) -> list[str]:
+    return ["model=hf", f"model.config={name}"] if name in shipped_configs() else [f"model={name}"]
+
+
 def config(args: argparse.Namespace, extra: list[str]):
     overrides = [
-        "model=gpt_micro", "trainer.device=cpu", f"trainer.max_steps={args.steps}",
+        *model_overrides(args.model), "trainer.device=cpu", f"trainer.max_steps={args.steps}",
         f"trainer.batch_size={args.train_batch}", f"trainer.eval_batch_size={args.eval_batch}",
         f"trainer.eval_batches={args.eval_batches}", f"trainer.infer_batch_size={args.batch}",
         f"trainer.infer_iters={args.iters}",
@@ -81,7 +88,9 @@ def fit(model, corpus, cfg, env, hooks=()) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init-from", help="a saved gpt_micro (model file, run folder); default: train one here")
+    ap.add_argument("--model", default="gpt_micro", help="a model option, or a model=hf config name "
+                    f"({', '.join(shipped_configs())})")
+    ap.add_argument("--init-from", help="a saved model of --model (model file, run folder); default: train one here")
     ap.add_argument("--steps", type=int, default=150, help="training steps when not --init-from")
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--qat-steps", type=int, default=20, help="fine-tuning steps with fake quantization")
@@ -104,14 +113,16 @@ def main() -> None:
         fit(trained, corpus, base, env)
     cpu = cpu_info()
     print(f"CPU: {cpu.model} ({','.join(sorted(cpu.features)) or 'features unknown'}), torch {torch.__version__}")
-    print(f"gpt_micro, {torch.get_num_threads()} threads, {'loaded' if args.init_from else 'trained'} in "
+    params = count_params(trained)[0] / 1e6
+    how = "loaded" if args.init_from else "trained"
+    print(f"{args.model} ({params:.1f}M parameters), {torch.get_num_threads()} threads, {how} in "
           f"{time.perf_counter() - t0:.0f}s; inference batch {args.batch}x{base.model.block_size}, "
           f"{args.iters} timed passes\n", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="costlab-bench-"))
     dense_size = save_model(trained, tmp / "dense" / "model.pt")
 
     header = (f"{'option':<31}{'size MB':>8}{'smaller':>8}{'sparse':>8}{'params':>8}{'speed-up':>9}"
-              f"{'ms p50':>8}{'loss':>8}{'delta':>8}  backend")
+              f"{'decode':>8}{'ms p50':>8}{'loss':>8}{'delta':>8}  backend")
     print(header + "\n" + "-" * len(header))
     results: dict[str, tuple[float, float, float]] = {}
     for i, (name, extra) in enumerate(OPTIONS.items()):
@@ -131,7 +142,8 @@ def main() -> None:
         probe = "  ".join(f"{k.rsplit('_', 1)[-1]} {v:.1f}" for k, v in m.items() if "probe_ms" in k)
         print(f"{name:<31}{m['model/size_bytes'] / 1e6:>8.2f}{m['model/size_ratio']:>7.2f}x"
               f"{m['model/size_bytes_uncompressed'] / m['model/size_bytes_sparse']:>7.2f}x"
-              f"{m['model/params'] / 1e6:>7.2f}M{m['infer/speedup']:>8.2f}x{m['infer/latency_ms_p50']:>8.1f}"
+              f"{m['model/params'] / 1e6:>7.2f}M{m['infer/speedup']:>8.2f}x{m['infer/decode_speedup']:>7.2f}x"
+              f"{m['infer/latency_ms_p50']:>8.1f}"
               f"{m['eval/loss']:>8.3f}{100 * m['eval/loss_delta']:>+7.2f}%  {tags.get(BACKEND_TAG, '')}"
               + (f" (probe ms: {probe})" if probe else ""), flush=True)
         del model

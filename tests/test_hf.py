@@ -241,13 +241,13 @@ HF_RUN = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.b
 
 @pytest.fixture(scope="module")
 def hf_runs(mlflow_uri, tmp_path_factory, pretrained):
-    """``run.py`` on the tiny Llama (grouped-query attention) once per name, cached."""
+    """``run.py`` on a tiny model (default the Llama, with grouped-query attention) once per name, cached."""
     cache: dict[str, tuple] = {}
 
-    def get(name: str, *overrides: str):
+    def get(name: str, *overrides: str, family: str = "llama"):
         if name not in cache:
             cli = Cli(mlflow_uri, tmp_path_factory.mktemp(f"hf_{name}"))
-            proc = cli(*HF_RUN, f"model.pretrained={pretrained['llama']}", *overrides, f"tracking.run_name=hf-{name}",
+            proc = cli(*HF_RUN, f"model.pretrained={pretrained[family]}", *overrides, f"tracking.run_name=hf-{name}",
                        timeout=900)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             run = cli.run_by_name(f"hf-{name}")
@@ -315,3 +315,14 @@ def test_an_hf_model_reproduces_the_single_loss_curve(hf_runs, option):
     assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
     # the full model gathered on rank 0 evaluates like single's before compression
     assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss_uncompressed"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize(("family", "option"), [("qwen2", "tp"), ("gpt2", "fsdp")])
+def test_other_families_reproduce_their_single_loss_curve(hf_runs, family, option):
+    # qwen2: biased q/k/v projections split column-wise; gpt2: Conv1D layers, tied embeddings, sharded per block
+    _, ref, ref_curve = hf_runs(f"{family}-single", family=family)
+    _, run, curve = hf_runs(f"{family}-{option}", f"parallelism={option}", family=family)
+    assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
+    assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss"], rel=1e-3)
