@@ -125,6 +125,23 @@ def test_the_kv_cache_path_computes_what_the_plain_forward_computes(pretrained, 
             torch.testing.assert_close(logits[:, -1], model(seq[:, :t + 1])[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_of_the_decoder_layers_leaves_the_gradients_as_they_were(pretrained, mode):
+    from costlab.parallelism.techniques import apply_ac
+
+    x = torch.randint(0, 256, (2, 16))
+    grads = []
+    for checkpointed in (False, True):
+        model = HFCausalLM(pretrained=pretrained["llama"], block_size=16)
+        if checkpointed:
+            apply_ac(model, mode)
+        model(x).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
 @pytest.mark.parametrize("name", shipped_configs())
 def test_every_shipped_config_builds_on_the_meta_device(name):
     with torch.device("meta"):
