@@ -275,6 +275,7 @@ def hf_runs(mlflow_uri, tmp_path_factory, pretrained):
     return get
 
 
+@pytest.mark.slow  # the default suite trains an hf model in tests/test_use.py
 @pytest.mark.e2e
 def test_an_hf_model_trains_compresses_and_ships_a_file_that_loads_back(hf_runs):
     cli, run, curve = hf_runs("single", "pruning=wanda", "quantization=int8_dynamic")

@@ -85,10 +85,12 @@ def test_the_final_model_loads_by_folder_and_by_run_id_and_evaluates_as_the_run_
     assert by_folder.config.runtime.run_id == run.info.run_id
     logged = run.data.metrics["eval/loss"]
     assert _validation_loss(by_folder) == pytest.approx(logged, rel=1e-4)
+    assert run.data.metrics["eval/bits_per_byte"] == pytest.approx(logged / math.log(2))  # bytes: 1 per token
     by_id = load_run(run.info.run_id, tracking_uri=cli.uri)
     assert by_id.path == by_folder.path
     x = torch.randint(0, 256, (1, 16))
     torch.testing.assert_close(by_id.model(x), by_folder.model(x))
+    assert run.data.metrics["infer/decode_tokens_per_s"] > 0 and run.data.metrics["infer/ttft_ms"] > 0
     if name == "gpt":  # what the run shipped: structurally pruned (narrower) and int8 layers
         c_fc = by_folder.model.blocks["0"].mlp.c_fc
         weight = c_fc.weight() if callable(c_fc.weight) else c_fc.weight  # PyTorch's int8 Linear, or torchao's
