@@ -142,6 +142,18 @@ def test_activation_checkpointing_of_the_decoder_layers_leaves_the_gradients_as_
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
+def test_the_attention_implementation_is_the_one_asked_for_and_computes_the_same(pretrained):
+    validate(_hf_cfg(pretrained["llama"], "model.attn_implementation=eager"))
+    x = torch.randint(0, 256, (2, 16))
+    outs = {}
+    for impl in ("sdpa", "eager"):
+        model = HFCausalLM(pretrained=pretrained["llama"], block_size=16, attn_implementation=impl).eval()
+        assert model.hf.config._attn_implementation == impl
+        with torch.no_grad():
+            outs[impl] = model(x)
+    torch.testing.assert_close(outs["eager"], outs["sdpa"], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", shipped_configs())
 def test_every_shipped_config_builds_on_the_meta_device(name):
     with torch.device("meta"):
@@ -224,6 +236,7 @@ def _hf_cfg(source: str, *overrides: str):
     ("gpt2", ["parallelism=tp"], "parallelism.tp_degree"),  # a fused c_attn Conv1D: no Llama-style split
     ("llama", ["parallelism=tp", "trainer.nproc_per_node=4"], "parallelism.tp_degree"),  # 2 key/value heads
     ("llama", ["model.block_size=128"], "model.block_size"),  # the tiny models have 64 positions
+    ("llama", ["model.attn_implementation=fast"], "model.attn_implementation"),
 ])
 def test_what_does_not_apply_to_hf_models_is_refused_in_one_line(pretrained, family, overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -74,6 +74,8 @@ class HFCausalLM(nn.Module):
             self.hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
                                                        attn_implementation=attn_implementation)
         self.hf.config.use_cache = False
+        # transformers 5 names the cache ``cache``; earlier versions ``past_key_values``
+        self._cache_key = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
         self.config = gpt_view(self.hf.config.to_dict(), block_size)
         self.stage: tuple[int, int] | None = None  # (stage, stages) once cut into a pipeline stage
         # the decoder layers under the name the parallelism code uses; kept out of the module tree
@@ -123,10 +125,8 @@ class HFCausalLM(nn.Module):
 
     def forward_with_cache(self, idx: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits of ``idx`` and the key/value cache to continue from (``cache=None``: a new sequence)."""
-        # transformers 5 names the cache ``cache``; earlier versions ``past_key_values``
-        key = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
-        out = self.hf(input_ids=idx, use_cache=True, **{key: cache})
-        return out.logits, out[key]
+        out = self.hf(input_ids=idx, use_cache=True, **{self._cache_key: cache})
+        return out.logits, out[self._cache_key]
 
     def save_pretrained(self, folder: str | Path) -> None:
         """The model as ``transformers`` saves it: ``AutoModelForCausalLM.from_pretrained(folder)`` loads it."""

@@ -14,6 +14,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CONFIG_DIR = ROOT / "conf" / "hf_configs"  # the small configs shipped for model.config=<name>
 
 
+def is_hf(cfg: Any) -> bool:
+    """Whether the run's model is a Hugging Face one (``model=hf``)."""
+    return cfg.model.get("_target_") == TARGET
+
+
 def config_file(config: str) -> Path:
     """The ``config.json`` that ``model.config`` names: a shipped config's name, a file, or a folder holding one."""
     path = Path(config).expanduser()

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from costlab.hf_config import TARGET as HF_TARGET
+from costlab.hf_config import is_hf
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
@@ -91,7 +91,7 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     for rank in ranks:
         for key, value in _rank_state(cfg, dims, rank, world if sharded else 1).items():
             out[key] = max(out.get(key, 0), value)
-    if cfg.model.get("_target_") != HF_TARGET:  # the activation model is written for costlab's own blocks
+    if not is_hf(cfg):  # the activation model is written for costlab's own blocks
         out[f"{PREDICTED}activations_bytes_per_rank"] = predict_activations(cfg, world)
     return out
 

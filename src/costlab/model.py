@@ -89,14 +89,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.rope = cfg.pos == "rope"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+             offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, H, T, D) of ``x``, at positions ``offset`` … for rotary positions."""
         b, t, _ = x.shape
         # -1 heads: the local head count after tensor-parallel sharding or head pruning
         q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope, offset=offset), apply_rope(k, *rope, offset=offset)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, rope)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
@@ -109,11 +116,7 @@ class CausalSelfAttention(nn.Module):
         """``x`` holds the tokens at positions ``offset`` … after the ``past`` keys and values (None: none).
         Returns the output and the keys and values of every position so far."""
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope, offset=offset), apply_rope(k, *rope, offset=offset)
+        q, k, v = self._qkv(x, rope, offset)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         total = k.size(2)

@@ -13,8 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from costlab.errors import ConfigError
-from costlab.hf_config import TARGET as HF_TARGET
-from costlab.hf_config import read_config
+from costlab.hf_config import is_hf, read_config
 
 GIB = 2**30
 WARN_FRACTION = 0.8  # of the available memory: a prediction above it fits, but only just
@@ -139,7 +138,7 @@ def rough_upper_bound(cfg: DictConfig) -> float:
     prediction (:func:`costlab.memory.predict_state`) is worth making."""
     m, t = cfg.model, cfg.trainer
     tokens = int(t.batch_size) * int(m.block_size)
-    if m.get("_target_") == HF_TARGET:  # the Hugging Face config's own shape keys
+    if is_hf(cfg):  # the Hugging Face config's own shape keys
         try:
             hf = read_config(m)
         except (OSError, ValueError):  # a hub id: nothing on disk to size it by

@@ -17,8 +17,7 @@ from costlab.checkpoint import expected_shapes
 from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
 from costlab.files import is_text
 from costlab.hardware import require_gpu, visible_gpus
-from costlab.hf_config import TARGET as HF_TARGET
-from costlab.hf_config import config_file, read_config, shipped_configs, tokenizer_folder
+from costlab.hf_config import config_file, is_hf, read_config, shipped_configs, tokenizer_folder
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
 from costlab.validate_compression import check_compression
 
@@ -98,11 +97,6 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError("model.vocab_size", m.vocab_size, "byte-level data needs at least 256")
 
 
-def is_hf(cfg: DictConfig) -> bool:
-    """Whether the run's model is a Hugging Face one (``model=hf``)."""
-    return cfg.model.get("_target_") == HF_TARGET
-
-
 def _check_hf(cfg: DictConfig) -> None:
     """``model=hf``: transformers installed, a config or folder that exists, bytes in the vocabulary, the
     sequence length within the positions, and only the levers built for these models."""
@@ -133,11 +127,17 @@ def _check_hf(cfg: DictConfig) -> None:
     _check_hf_levers(cfg, hf_config)
 
 
+HF_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
     m = cfg.model
     key = "model.pretrained" if m.get("pretrained") else "model.config"
     value = m.get("pretrained") or m.get("config")
     positive_int(cfg, "model.block_size")
+    if m.get("attn_implementation", "sdpa") not in HF_ATTENTION:
+        raise ConfigError("model.attn_implementation", m.attn_implementation, f"choose one of "
+                          f"{', '.join(HF_ATTENTION)}")
     if m.get("tokenizer", "auto") not in ("auto", "bytes"):
         raise ConfigError("model.tokenizer", m.tokenizer, "choose auto (the model folder's tokenizer if it has one, "
                           "else bytes) or bytes")
