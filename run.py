@@ -33,11 +33,16 @@ if __name__ == "__main__":
     preflight()
     try:
         main()
+        code = 0
+    except SystemExit as e:  # Hydra's way out, and the verdict of a job or sweep (costlab.tracking)
+        tracking.close_abandoned(FAILED)  # nothing this process opened stays RUNNING
+        code = e.code
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while closing ends run.py outright
         tracking.close_abandoned(KILLED)  # e.g. a sweep's parent, interrupted between two jobs
         print("costlab: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
     except BaseException:
         tracking.close_abandoned(FAILED)
         raise
+    faults.exit_now(code)

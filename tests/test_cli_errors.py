@@ -1,7 +1,9 @@
 """Bad input is refused by run.py before any worker starts: one line naming the key and value, exit 2."""
 
+import json
 import os
 import shlex
+import subprocess
 
 import pytest
 
@@ -70,6 +72,20 @@ def test_a_tracking_store_that_cannot_be_created_is_refused(cli, tmp_path):
     uri = f"sqlite:///{blocker}/sub/mlflow.db"
     proc = cli(*TINY, f"tracking.uri={uri}", timeout=120)
     _assert_refused(proc, f"tracking.uri={uri}")
+
+
+def test_a_store_found_broken_while_the_ranks_start_stops_them_and_is_refused(cli, tmp_path):
+    """A training job opens the store while torchrun starts; a store that only MLflow can find broken (a file
+    that is not a database) stops the ranks, and is refused in one line like any other bad store."""
+    broken = tmp_path / "mlflow.db"
+    broken.write_bytes(b"this is not an SQLite database" * 100)
+    uri = f"sqlite:///{broken}"
+    proc = cli(*TINY, f"tracking.uri={uri}", "trainer.max_steps=100000", timeout=180)
+    _assert_refused(proc, f"tracking.uri={uri}")
+    left = subprocess.run(["pgrep", "-af", f"costlab.worker {cli.out}/run/config.yaml"], capture_output=True,
+                          text=True).stdout
+    assert [line for line in left.splitlines() if "pgrep" not in line] == []
+    assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "FAILED"
 
 
 def test_a_sweep_with_a_bad_job_leaves_no_run_running(cli):

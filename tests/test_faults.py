@@ -127,6 +127,42 @@ def test_a_launcher_signal_whose_exception_python_drops_is_not_lost(monkeypatch)
         faults.check_interrupted()
 
 
+@pytest.mark.parametrize("code, rc", [(0, 0), (3, 3), (None, 0), ("costlab: bye", 1)])
+def test_exit_now_runs_atexit_flushes_and_keeps_the_exit_code(code, rc):
+    script = textwrap.dedent(f"""
+        import atexit, sys
+        from costlab.faults import exit_now
+        atexit.register(lambda: print("atexit ran", file=sys.stderr))
+        sys.stdout.write("unflushed")
+        exit_now({code!r})
+        print("never")
+    """)
+    proc = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc
+    assert proc.stdout == "unflushed"
+    assert "atexit ran" in proc.stderr
+    assert ("costlab: bye" in proc.stderr) == isinstance(code, str)
+
+
+def test_ranks_wait_for_the_run_id_run_py_records_once_the_run_is_open(tmp_path):
+    from omegaconf import OmegaConf
+
+    from costlab import status
+    from costlab.resume import job_run_id
+
+    status.write(tmp_path, status.RUNNING, node_rank=0)  # run.py, before torchrun starts: no run yet
+    assert status.run_id_of(tmp_path) is None
+    threading.Timer(0.5, lambda: status.write(tmp_path, status.RUNNING, node_rank=0, run_id="abc")).start()
+    cfg = OmegaConf.create({"runtime": {"run_id": None, "run_dir": str(tmp_path)}, "trainer": {"node_rank": 0}})
+    t0 = time.monotonic()
+    assert job_run_id(cfg) == "abc"
+    assert time.monotonic() - t0 >= 0.4
+    cfg.runtime.run_id = "resumed"  # a resumed run's id is in its config
+    assert job_run_id(cfg) == "resumed"
+    cfg.runtime.run_id, cfg.trainer.node_rank = None, 1  # another node opens no run
+    assert job_run_id(cfg) is None
+
+
 def test_reaping_kills_recorded_workers_that_outlive_torchrun(tmp_path):
     ignoring = subprocess.Popen([PY, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                                  "time.sleep(60)"])

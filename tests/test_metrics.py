@@ -3,6 +3,7 @@ import time
 import pytest
 import torch
 
+from costlab.events import MetricLogger
 from costlab.metrics import (
     StepStats,
     count_params,
@@ -12,7 +13,7 @@ from costlab.metrics import (
     time_inference,
 )
 from costlab.model import GPT
-from costlab.tracking import MetricLogger, flatten
+from costlab.tracking import flatten
 from costlab.train import lr_at
 from tests.conftest import compose_config
 
@@ -90,21 +91,56 @@ def test_flatten_makes_dotted_params():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
 
 
-def test_metric_logger_writes_in_the_background_to_a_real_store(mlflow_uri):
+def test_metrics_reach_a_real_store_through_the_run_folder_each_step_once(mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from costlab.tracking import experiment_id
+    from costlab.tracking import Relay, experiment_id
 
     client = MlflowClient(mlflow_uri)
-    run = client.create_run(experiment_id(mlflow_uri, "costlab"))
-    logger = MetricLogger(mlflow_uri, run.info.run_id, flush_every_s=0.2)
+    run_id = client.create_run(experiment_id(mlflow_uri, "costlab")).info.run_id
+    relay = Relay(mlflow_uri, run_id, tmp_path, poll_s=0.1)
+    logger = MetricLogger(tmp_path, flush_every_s=0.2)
     t0 = time.perf_counter()
     for step in range(200):
         logger.log({"train/loss": 1.0 / (step + 1)}, step)
     hot_path = time.perf_counter() - t0
+    logger.set_tags({"costlab.x": "1"})
     logger.close()
-    history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert len(history) == 200
-    assert sorted(m.step for m in history) == list(range(200))
     assert logger.time_spent_s <= hot_path
-    client.set_terminated(run.info.run_id)
+    # a restarted attempt (torchrun --max-restarts) re-runs steps 150..249 from its checkpoint
+    again = MetricLogger(tmp_path, flush_every_s=0.2)
+    for step in range(150, 250):
+        again.log({"train/loss": -1.0}, step)
+    again.close()
+    assert relay.close() is None
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(250))  # each step once
+    assert {m.step: m.value for m in history}[199] == pytest.approx(1 / 200)  # the first attempt's value kept
+    assert {m.step: m.value for m in history}[200] == -1.0
+    assert client.get_run(run_id).data.tags["costlab.x"] == "1"
+    # a resumed run (trainer.resume): a new launcher relays only what is new, each step once
+    resumed = Relay(mlflow_uri, run_id, tmp_path, resumed=True, poll_s=0.1)
+    third = MetricLogger(tmp_path)
+    third.log({"train/loss": -2.0}, 249)
+    third.log({"train/loss": -2.0}, 250)
+    third.close()
+    assert resumed.close() is None
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(251))
+    client.set_terminated(run_id)
+
+
+def test_a_relay_that_cannot_write_reports_it(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from costlab.tracking import Relay, experiment_id
+
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(experiment_id(mlflow_uri, "costlab")).info.run_id
+    client.set_terminated(run_id)
+    client.delete_run(run_id)  # a deleted run takes no metrics
+    relay = Relay(mlflow_uri, run_id, tmp_path, poll_s=0.1)
+    logger = MetricLogger(tmp_path)
+    logger.log({"train/loss": 1.0}, 0)
+    logger.close()
+    assert relay.close() is not None

@@ -14,9 +14,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from costlab import faults, status, tracking
 from costlab.cost import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.errors import ConfigError
+from costlab.events import events_path
 from costlab.hardware import cpu_info, resolve_device
 from costlab.plan import check_plan
 from costlab.probes import slow_precision_warning
@@ -156,13 +157,10 @@ def run_job(cfg: DictConfig) -> Objective:
             for line in check_resources(cfg):
                 print(f"costlab: warning: {line}", file=sys.stderr, flush=True)
         if cfg.trainer.node_rank == 0:  # other nodes never touch the store
-            check_tracking(cfg)
+            # a training job checks the store here and opens it while its ranks start (see open_store)
+            check_tracking(cfg, store_only=not planning and resumed_id is None)
     except ConfigError as e:
-        node = cfg.trainer.node_rank
-        if multirun and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
-            tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
-            return refuse_trial(cfg, e, run_dir, parent_id, tags, hc)
-        fail(e, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
+        return refuse(cfg, e, run_dir, parent_id, hc)
 
     warning = None if planning else slow_precision_warning(cfg, cpu_info())
     if warning:
@@ -175,64 +173,111 @@ def run_job(cfg: DictConfig) -> Objective:
     t0 = time.time()
     if cfg.trainer.node_rank > 0:
         return objective(cfg, run_follower(cfg, run_dir, parent_id), None, directions(hc))
-    # written before anything can fail, so a job killed outright still leaves a trace that it did not finish
+    # written before anything can fail, so a job killed outright still leaves a trace that it did not finish;
+    # it also clears the run id a previous job in this folder recorded (the ranks read it from here)
     status.write(run_dir, status.RUNNING, node_rank=0, parent_run_id=parent_id)
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
-    tags = _tags(cfg, dict(hc.runtime.choices), world_size)
-    sweep = tracking.sweep_info(hc.sweep.dir) if multirun else {}
-    name = cfg.tracking.run_name or default_run_name(tags, list(hc.overrides.task), sweep.get("varied", []))
-    tags[RUN_DIR_TAG] = str(run_dir)
-    if resumed_id:
-        run_id = tracking.reopen_run(cfg.tracking.uri, resumed_id)
-        name = tracking.client(cfg.tracking.uri).get_run(run_id).info.run_name
-    else:
-        run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
-    status.write(run_dir, status.RUNNING, node_rank=0, run_id=run_id, parent_run_id=parent_id)
-
     with open_dict(cfg):
         ended_at = cfg.get("runtime", {}).get("ended_at") if resumed_id else None
-        cfg.runtime = {"run_id": run_id, "run_dir": str(run_dir), "world_size": world_size, "ended_at": ended_at}
+        cfg.runtime = {"run_id": resumed_id, "run_dir": str(run_dir), "world_size": world_size, "ended_at": ended_at}
     config_path = run_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    client = tracking.client(cfg.tracking.uri)
-    client.log_artifact(run_id, str(config_path))
-
+    write_config(config_path, cfg)
     log_path = run_dir / "worker.log"
-    # said before the ranks start, so the run can be found (and watched in MLflow) while it trains
-    print(f"costlab: run {run_id} '{name}' starting {world_size} rank(s) in {run_dir}", file=sys.stderr, flush=True)
+    events_offset = events_path(run_dir).stat().st_size if events_path(run_dir).exists() else 0
+    job: dict[str, Any] = {}  # the run and its relay, once open_store has opened them
+
+    def open_store() -> None:
+        """The launcher's MLflow work, done while torchrun and the ranks start: importing MLflow and opening
+        the store take seconds, as do torch's imports in the ranks, and a 2-core machine does both at once."""
+        if resumed_id is None:
+            check_tracking(cfg)
+        tags = _tags(cfg, dict(hc.runtime.choices), world_size)
+        sweep = tracking.sweep_info(hc.sweep.dir) if multirun else {}
+        name = cfg.tracking.run_name or default_run_name(tags, list(hc.overrides.task), sweep.get("varied", []))
+        tags[RUN_DIR_TAG] = str(run_dir)
+        if resumed_id:
+            run_id = tracking.reopen_run(cfg.tracking.uri, resumed_id)
+            name = tracking.client(cfg.tracking.uri).get_run(run_id).info.run_name
+        else:
+            run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
+        job["run_id"] = run_id
+        status.write(run_dir, status.RUNNING, node_rank=0, run_id=run_id, parent_run_id=parent_id)  # the ranks read it
+        with open_dict(cfg):
+            cfg.runtime.run_id = run_id
+        write_config(config_path, cfg)  # a rank torchrun restarts reads it from here
+        job["relay"] = tracking.Relay(cfg.tracking.uri, run_id, run_dir, resumed=bool(resumed_id), offset=events_offset)
+        tracking.client(cfg.tracking.uri).log_artifact(run_id, str(config_path))
+        # said as soon as the run exists, so it can be found (and watched in MLflow) while it trains
+        print(f"costlab: run {run_id} '{name}' starting {world_size} rank(s) in {run_dir}", file=sys.stderr, flush=True)
+
     outcome = status.FAILED
     ooms = oom_kill_count()
     try:
-        rc = launch_torchrun(cfg, config_path, log_path, job_prefix(hc))
+        rc = launch_torchrun(cfg, config_path, log_path, job_prefix(hc), while_starting=open_store)
         outcome = status.FINISHED if rc == 0 else status.FAILED
+    except ConfigError as e:  # the store, checked fully while the ranks started (which are stopped)
+        return refuse(cfg, e, run_dir, parent_id, hc)
     except KeyboardInterrupt:
         outcome = status.KILLED
     finally:
-        try:
-            oom = describe_kill(ooms, oom_kill_count()) if outcome == status.FAILED else None
-            if oom:
-                print(f"costlab: run {run_id}: {oom}", file=sys.stderr, flush=True)
-                client.set_tag(run_id, tracking.FAILURE_TAG, "oom")
-                client.set_tag(run_id, tracking.ERROR_TAG, oom)
-            seconds = time.time() - t0
-            client.log_metric(run_id, "time/total_s", seconds)
-            for key, value in run_cost(cfg, seconds).items():
-                client.log_metric(run_id, key, value)
-            if log_path.exists():
-                client.log_artifact(run_id, str(log_path))
-            if outcome != status.FINISHED and log_path.exists():
-                tail = run_dir / "error_tail.txt"
-                tail.write_text("".join(deque(log_path.open(errors="replace"), maxlen=ERROR_TAIL_LINES)))
-                client.log_artifact(run_id, str(tail))
-        finally:
-            client.set_terminated(run_id, outcome)
-            status.write(run_dir, outcome, node_rank=0, run_id=run_id, parent_run_id=parent_id)
-            if outcome == status.KILLED and parent_id:
-                client.set_terminated(parent_id, status.KILLED)
+        if "run_id" in job:
+            outcome = close_run(cfg, job, outcome, t0, ooms, log_path, parent_id)
+        else:  # stopped before the run existed: only the status file has anything to say
+            status.write(run_dir, outcome, node_rank=0, parent_run_id=parent_id)
     if outcome == status.KILLED:
         raise KeyboardInterrupt
-    print(f"costlab: run {run_id} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
-    return objective(cfg, outcome, run_id, directions(hc))
+    print(f"costlab: run {job['run_id']} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
+    return objective(cfg, outcome, job["run_id"], directions(hc))
+
+
+def write_config(path: Path, cfg: DictConfig) -> None:
+    """The resolved config the ranks read, replaced whole: a rank starting meanwhile reads one or the other."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
+def refuse(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, hc: DictConfig) -> Objective:
+    """A refused config: a trial of a search fails and the search goes on; anything else exits 2."""
+    node = cfg.trainer.node_rank
+    if hc.mode == RunMode.MULTIRUN and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
+        tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
+        return refuse_trial(cfg, error, run_dir, parent_id, tags, hc)
+    fail(error, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
+
+
+def close_run(cfg: DictConfig, job: dict[str, Any], outcome: str, t0: float, ooms: int | None, log_path: Path,
+              parent_id: str | None) -> str:
+    """Relay the last of what rank 0 recorded, log the job's wall time, cost and log, and close the run with
+    its outcome (FAILED when part of its record could not be written). Returns the outcome."""
+    run_id, run_dir = job["run_id"], log_path.parent
+    client = tracking.client(cfg.tracking.uri)
+    try:
+        lost = job["relay"].close() if "relay" in job else None
+        if lost is not None:
+            print(f"costlab: run {run_id}: metric logging failed: {lost}", file=sys.stderr, flush=True)
+            client.set_tag(run_id, tracking.ERROR_TAG, f"metric logging failed: {lost}"[:5000])
+            if outcome == status.FINISHED:
+                outcome = status.FAILED  # a run whose record is incomplete did not finish as recorded
+        oom = describe_kill(ooms, oom_kill_count()) if outcome == status.FAILED else None
+        if oom:
+            print(f"costlab: run {run_id}: {oom}", file=sys.stderr, flush=True)
+            client.set_tag(run_id, tracking.FAILURE_TAG, "oom")
+            client.set_tag(run_id, tracking.ERROR_TAG, oom)
+        seconds = time.time() - t0
+        client.log_batch(run_id, metrics=tracking.metrics_at({"time/total_s": seconds, **run_cost(cfg, seconds)}))
+        if log_path.exists():
+            client.log_artifact(run_id, str(log_path))
+        if outcome != status.FINISHED and log_path.exists():
+            tail = run_dir / "error_tail.txt"
+            tail.write_text("".join(deque(log_path.open(errors="replace"), maxlen=ERROR_TAIL_LINES)))
+            client.log_artifact(run_id, str(tail))
+    finally:
+        client.set_terminated(run_id, outcome)
+        status.write(run_dir, outcome, node_rank=0, run_id=run_id, parent_run_id=parent_id)
+        if outcome == status.KILLED and parent_id:
+            client.set_terminated(parent_id, status.KILLED)
+    return outcome
 
 
 def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, hc: DictConfig) -> tuple[str, str]:
@@ -361,9 +406,11 @@ def job_prefix(hc: DictConfig) -> bytes:
     return f"[job {hc.job.num}] ".encode()
 
 
-def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: bytes = b"") -> int:
+def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: bytes = b"",
+                    while_starting: Callable[[], None] | None = None) -> int:
     """Run torchrun in its own process group, tee its output to ``log_path`` (and to the console, each line
-    after ``prefix``); return its exit code.
+    after ``prefix``); return its exit code. ``while_starting`` runs once torchrun has started: if it raises,
+    torchrun and its workers are stopped as on Ctrl-C and the exception is raised here.
 
     No worker outlives this call (see :mod:`costlab.faults`): on Ctrl-C (or SIGTERM to this process)
     torchrun's group and each worker get SIGTERM, then SIGKILL after a grace period; however torchrun
@@ -414,6 +461,8 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
     reader.start()
     previous = faults.handle_stop_signals()
     try:
+        if while_starting is not None:
+            while_starting()
         while True:  # short waits: the main thread returns to Python often enough to act on a signal
             faults.check_interrupted()  # a signal whose exception Python dropped (e.g. during the fork)
             try:
@@ -421,7 +470,7 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
                 break
             except subprocess.TimeoutExpired:
                 continue
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM, or while_starting failed: no worker runs on
         faults.signal_workers(run_dir, node, signal.SIGTERM)
         _terminate_group(proc)
         raise

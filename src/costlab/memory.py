@@ -17,6 +17,8 @@ the training step (:func:`predict_activations`), from the config's shapes alone.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig
@@ -30,15 +32,31 @@ STEP_BYTES = 4  # AdamW's step counter: a float32 scalar tensor per parameter
 
 
 def _stage_parts(model: Any, cfg: DictConfig, dims: Any, mesh: Any) -> list[Any]:
-    from costlab.parallelism.pp import stage_module
-
     if not dims.pp_enabled:
         return [model]
+    from costlab.parallelism.pp import stage_module
+
     p = cfg.parallelism
     looped = p.get("schedule") == "interleaved_1f1b"
     n_stages = dims.pp * (int(p.stages_per_rank) if looped else 1)
     pp_rank = mesh["pp"].get_local_rank()
     return [stage_module(copy.deepcopy(model), s, n_stages) for s in range(pp_rank, n_stages, dims.pp)]
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """``torch.nn.init``'s fills as no-ops while a model is built on the meta device: a meta tensor has no
+    values to fill, and the meta kernels of the fills import ``torch._dynamo`` (~2 s of a job's start)."""
+    from torch.nn import init
+
+    fills = {n: f for n, f in vars(init).items() if n.endswith("_") and not n.startswith("_") and callable(f)}
+    try:
+        for name in fills:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fill in fills.items():
+            setattr(init, name, fill)
 
 
 def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, float]:
@@ -49,7 +67,7 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     from costlab.model import build_model
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = build_model(cfg.model)
     params: dict[int, torch.Tensor] = {id(p): p for p in model.parameters()}
     if world > 1:  # sharded: lay the model out as this rank will

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from costlab import status
+
 if TYPE_CHECKING:  # the launcher reads checkpoint folders without importing torch
     import torch
 
@@ -47,6 +49,23 @@ class Resumed:
     lost_s: float  # wall time lost to faults so far, this resume's included (up to the load)
     resumes: int  # how many times the run was continued, this one included
     path: Path
+
+
+RUN_ID_WAIT_S = 600.0  # how long a rank waits for run.py to open the run (a slow or remote store)
+
+
+def job_run_id(cfg: DictConfig) -> str | None:
+    """The MLflow run this job's checkpoints belong to: in the config when ``run.py`` knew it before starting
+    the ranks (a resumed run), else the id it records in the job's status file once it has opened the run,
+    which it does while the ranks start. Nodes other than node 0 open no run: None."""
+    if cfg.runtime.get("run_id"):
+        return str(cfg.runtime.run_id)
+    if int(cfg.trainer.get("node_rank", 0)) != 0:
+        return None
+    found = status.run_id_of(Path(cfg.runtime.run_dir), RUN_ID_WAIT_S)
+    if found is None:
+        raise RuntimeError(f"run.py recorded no MLflow run id in {cfg.runtime.run_dir} within {RUN_ID_WAIT_S:.0f} s")
+    return found
 
 
 def folder(run_dir: Path) -> Path:
@@ -95,7 +114,7 @@ class Checkpointer:
 
     def __init__(self, cfg: DictConfig, env: DistEnv, resumed: Resumed | None = None):
         self.cfg, self.env, self.resumed = cfg, env, resumed
-        self.run_dir, self.run_id = Path(cfg.runtime.run_dir), cfg.runtime.get("run_id")
+        self.run_dir, self.run_id = Path(cfg.runtime.run_dir), job_run_id(cfg)
         self.asynchronous = bool(cfg.trainer.get("checkpoint_async", False))
         self.waits: list[float] = []
         self.last_bytes = 0
@@ -166,7 +185,7 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    found = latest(cfg.runtime.run_dir, cfg.runtime.get("run_id"))
+    found = latest(cfg.runtime.run_dir, job_run_id(cfg))
     if found is None:
         return None
     step, path = found

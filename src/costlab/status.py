@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,19 @@ def read(path: Path) -> JobRecord | None:
         return JobRecord(path, str(data["status"]), int(data["node_rank"]), data["run_id"], data["parent_run_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def run_id_of(job_dir: Path, wait_s: float = 0.0) -> str | None:
+    """The MLflow run id node 0's ``run.py`` recorded for the job in ``job_dir``, waiting up to ``wait_s`` for
+    it: a fresh run is opened while the ranks start, and its id recorded as soon as it exists."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        record = read(status_path(job_dir, 0))
+        if record is not None and record.run_id:
+            return record.run_id
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def sweep_records(sweep_dir: Path, parent_run_id: str) -> list[JobRecord]:

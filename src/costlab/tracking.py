@@ -1,8 +1,8 @@
-"""MLflow bookkeeping: the run a job owns, the parent run of a sweep, and a non-blocking metric logger.
+"""MLflow bookkeeping: the run a job owns, the parent run of a sweep, and the relay of what workers record.
 
-Only the launcher (``run.py``) opens and closes runs; workers log metrics into the run whose id they
-are handed, from rank 0, through :class:`MetricLogger`, which batches writes in a background thread
-so the training loop never waits on the database.
+Only the launcher (``run.py``) touches the store for a job: it opens and closes the run, and relays into
+it (:class:`Relay`) the metrics and tags rank 0 writes into the run folder (:mod:`costlab.events`).
+Workers never import MLflow.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import queue
 import socket
 import sys
 import threading
@@ -43,6 +42,7 @@ ERROR_TAG = "costlab.error"  # why a run was refused
 FAILURE_TAG = "costlab.failure"  # why a run failed, where it is known: oom, launcher_died
 OWNER_TAG = "costlab.owner"  # host:pid:start of the process that opened the run (costlab.faults.owner)
 LOCKED_RETRY_S = 60.0  # how long a write waits out "database is locked" (SQLite, several writers)
+RELAYED_FILE = "events.relayed"  # how many bytes of the run folder's events.jsonl the store holds
 CONNECT_TIMEOUT_S = 3.0  # a tracking server that does not accept a connection within this is refused
 
 
@@ -281,71 +281,126 @@ def sweep_info(sweep_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-class MetricLogger:
-    """Buffers ``(key, value, step)`` and writes them with ``log_batch`` from a background thread."""
+def relay_rest(uri: str, run_id: str, run_dir: str | Path) -> BaseException | None:
+    """Relay what the launcher had not relayed when it died (it records how far it got): rank 0's last act
+    for a run whose ``run.py`` was killed outright."""
+    done = Path(run_dir) / RELAYED_FILE
+    try:
+        offset = int(done.read_text())
+    except (OSError, ValueError):
+        offset = 0
+    return Relay(uri, run_id, run_dir, resumed=True, offset=offset).close()
 
-    def __init__(self, uri: str, run_id: str, flush_every_s: float = 2.0, max_batch: int = 1000):
+
+def metrics_at(values: dict[str, float], step: int = 0) -> list:
+    """MLflow ``Metric`` entities for one ``log_batch``, stamped now."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(key, float(value), ts, step) for key, value in values.items()]
+
+
+class Relay:
+    """Writes what rank 0 records in the run folder (:mod:`costlab.events`) into the MLflow run, from a
+    background thread of the launcher, every ``poll_s`` while the workers run and once more at
+    :meth:`close`.
+
+    Each (metric, step) reaches the store once: a worker attempt that starts again (torchrun restarted
+    it, or ``trainer.resume`` reopened the run) re-runs the steps since its checkpoint, and those steps'
+    metrics, already logged, are dropped.
+    """
+
+    def __init__(self, uri: str, run_id: str, run_dir: str | Path, resumed: bool = False, offset: int | None = None,
+                 poll_s: float = 0.5, max_batch: int = 1000):
+        """``offset``: where this job's lines start in the events file (by default its end now: lines before
+        are earlier jobs'); ``resumed``: the run already holds metrics, and steps it holds are not logged again."""
+        from costlab.events import events_path
+
         self._client = client(uri)
         self._run_id = run_id
-        self._queue: queue.Queue = queue.Queue()
-        self._flush_every_s = flush_every_s
-        self._max_batch = max_batch
+        self._path = events_path(run_dir)
+        self._done = self._path.with_name(RELAYED_FILE)
+        if offset is None:
+            offset = self._path.stat().st_size if self._path.exists() else 0
+        self._offset = offset
+        self._pending = b""
+        self._poll_s, self._max_batch = poll_s, max_batch
+        self._logged: dict[str, int] = {}  # key -> last step in the store
+        self._skip: dict[str, int] = {}  # key -> last step an earlier attempt logged
+        if resumed:
+            for key in self._client.get_run(run_id).data.metrics:
+                history = self._client.get_metric_history(run_id, key)
+                self._logged[key] = max((m.step for m in history), default=-1)
+            self._skip = dict(self._logged)
         self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self.time_spent_s = 0.0  # time the caller spent in log(): what logging costs the hot path
-        self.flush_time_s = 0.0  # time the background thread spent writing to the store
-        self._logged: dict[str, int] = {}  # key -> last step already in the store (a resumed run)
-        self._thread = threading.Thread(target=self._loop, name="costlab-metrics", daemon=True)
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.flush_time_s = 0.0  # time spent writing to the store
+        self._thread = threading.Thread(target=self._loop, name="costlab-relay", daemon=True)
         self._thread.start()
 
-    def skip_logged(self) -> None:
-        """Drop, from now on, every (key, step) the run already holds: a run that resumes from a checkpoint
-        re-runs the steps after it, and each step must appear once in its history."""
-        run = self._client.get_run(self._run_id)
-        for key in run.data.metrics:
-            history = self._client.get_metric_history(self._run_id, key)
-            self._logged[key] = max((m.step for m in history), default=-1)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        t0 = time.perf_counter()
-        ts = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if step > self._logged.get(key, -1):
-                self._queue.put((key, float(value), ts, step))
-        self.time_spent_s += time.perf_counter() - t0
-
-    def _drain(self) -> None:
-        from mlflow.entities import Metric
-
-        t0 = time.perf_counter()
-        batch = []
-        while True:
-            try:
-                key, value, ts, step = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            batch.append(Metric(key, value, ts, step))
-        for i in range(0, len(batch), self._max_batch):
-            self._client.log_batch(self._run_id, metrics=batch[i : i + self._max_batch])
-        self.flush_time_s += time.perf_counter() - t0
-
     def _loop(self) -> None:
-        while not self._stop.wait(self._flush_every_s):
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # signals are the main thread's
+        while not self._stop.wait(self._poll_s):
             try:
-                self._drain()
-            except Exception as e:  # surface on close(), never kill training for a logging hiccup
-                self._error = e
+                self.pump()
+            except Exception as e:  # reported by close(); the run goes on
+                self.error = e
+                return
 
-    def flush(self) -> None:
-        """Write what is buffered now (from any thread: the queue is thread-safe)."""
-        self._drain()
+    def pump(self) -> None:
+        """Relay every complete line written since the last call."""
+        from mlflow.entities import Metric, RunTag
 
-    def close(self) -> None:
+        with self._lock:
+            if not self._path.exists():
+                return
+            t0 = time.perf_counter()
+            with self._path.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+            self._offset += len(chunk)
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
+            metrics: list[Metric] = []
+            for line in lines:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if "start" in event:
+                    self._skip = dict(self._logged)
+                for key, value, ts, step in event.get("m", []):
+                    if step > self._skip.get(key, -1):
+                        metrics.append(Metric(key, value, ts, step))
+                        self._logged[key] = max(step, self._logged.get(key, -1))
+                if event.get("t"):
+                    self._flush(metrics)
+                    metrics = []
+                    self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in event["t"].items()])
+            self._flush(metrics)
+            self.flush_time_s += time.perf_counter() - t0
+            if chunk:  # how far the store holds the file: the rest is rank 0's to relay if run.py dies
+                done = self._offset - len(self._pending)
+                tmp = self._done.with_name(f".{RELAYED_FILE}.{os.getpid()}")
+                tmp.write_text(f"{done}\n")
+                os.replace(tmp, self._done)
+
+    def _flush(self, metrics: list) -> None:
+        for i in range(0, len(metrics), self._max_batch):
+            self._client.log_batch(self._run_id, metrics=metrics[i : i + self._max_batch])
+
+    def close(self) -> BaseException | None:
+        """Stop the thread and relay what is left; return the first error met (the run lacks some of what
+        its workers recorded), or None."""
         self._stop.set()
         self._thread.join()
-        self._drain()
-        if self._error is not None:
-            raise RuntimeError(f"metric logging failed: {self._error}") from self._error
+        if self.error is None:
+            try:
+                self.pump()
+            except Exception as e:
+                self.error = e
+        return self.error
 
 
 class SweepParentRun(Callback):
@@ -434,14 +489,20 @@ def sweep_outcome(c: MlflowClient, parent_id: str, sweep_dir: Path) -> dict[str,
     return jobs
 
 
-def check_tracking(cfg: DictConfig) -> None:
-    """The tracking store must exist or be creatable; otherwise refuse before anything starts."""
+def check_tracking(cfg: DictConfig, store_only: bool = False) -> None:
+    """The tracking store must exist or be creatable; otherwise refuse before anything starts.
+
+    ``store_only``: check the store as far as that needs no MLflow (a new SQLite store is still created):
+    a path that cannot hold it, a wrong scheme, a server that does not answer. A training job checks the
+    rest (the experiment, runs left RUNNING) while its ranks start."""
     uri = str(cfg.tracking.uri)
     name = cfg.tracking.experiment_name
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("tracking.experiment_name", repr(name), "must be a non-empty name")
     try:
         prepare_store(uri)
+        if store_only:
+            return
         exp = experiment_id(uri, name)
     except Exception as e:  # any failure to reach or create the store is the user's tracking.uri
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

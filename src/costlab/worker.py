@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from costlab import status
 from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.cost import MFU, NO_MFU_TAG, PEAK_SOURCE_TAG, TFLOPS_PER_DEVICE, cost_metrics, device_peak, flops_per_token
 from costlab.data import build_corpus
@@ -33,7 +34,8 @@ from costlab.energy import (
     inference_energy,
 )
 from costlab.evaluation import evaluate_final, infer_batch
-from costlab.faults import LAUNCHER_ENV, Stopped, StopWatcher, alive, die_with_parent, record_worker
+from costlab.events import MetricLogger, record_tags
+from costlab.faults import LAUNCHER_ENV, Stopped, StopWatcher, alive, die_with_parent, exit_now, record_worker
 from costlab.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
 from costlab.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
 from costlab.model import build_model
@@ -43,9 +45,8 @@ from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
-from costlab.resume import latest, restart_count
 from costlab.tokens import TOKENIZER_TAG, load_codec, tokenize_corpus
-from costlab.tracking import FAILURE_TAG, MetricLogger, client
+from costlab.tracking import FAILURE_TAG
 from costlab.train import build_optimizer, train
 
 
@@ -85,11 +86,11 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     hooks.append(energy)
     parallel = parallelize(model, cfg, env)
     optimizer = build_optimizer(parallel.model, cfg)
-    logger = MetricLogger(cfg.tracking.uri, cfg.runtime.run_id) if env.is_main else None
+    # into the run folder, which run.py relays into MLflow; a restarted or resumed attempt re-runs some
+    # steps, and the relay logs each step once
+    logger = MetricLogger(cfg.runtime.run_dir) if env.is_main else None
     if logger is not None and stop is not None:
         stop.on_timeout.append(logger.flush)
-    if logger is not None and (restart_count() or latest(cfg.runtime.run_dir, cfg.runtime.run_id)):
-        logger.skip_logged()  # a restarted or resumed run re-runs some steps: each step is logged once
     try:
         say(env, f"training {cfg.trainer.max_steps} steps")
         result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks, stop=stop, resumable=True)
@@ -118,9 +119,6 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
                                                          lambda: autocast(cfg, env.device))
             # what trainer.init_from=<this run id> starts from
             tags[CHECKPOINT_TAG] = str(trained_model_file(run_dir))
-            store = client(cfg.tracking.uri)
-            for key, value in tags.items():
-                store.set_tag(cfg.runtime.run_id, key, value)
             summary["data/bytes_per_token"] = corpus.bytes_per_token
             if corpus.entropy_floor is not None:
                 summary["data/entropy_floor"] = corpus.entropy_floor
@@ -129,24 +127,25 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             timed_tokens = result.stats.tokens_per_step * len(result.stats.times_s)
             if counter is not None and joules > 0 and timed_tokens:
                 summary.update({ENERGY_JOULES: joules, ENERGY_TRAIN: joules / timed_tokens})
-                store.set_tag(cfg.runtime.run_id, ENERGY_SOURCE_TAG, energy_source)
+                tags[ENERGY_SOURCE_TAG] = energy_source
             else:
                 why = energy_source if counter is None else "no timed training steps to read it over"
-                store.set_tag(cfg.runtime.run_id, NO_ENERGY_TAG, why)
+                tags[NO_ENERGY_TAG] = why
             # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
             peak, source = device_peak(cfg, env.local_world_size)
             summary.update(predicted or {})
             summary.update(cost_metrics(cfg, flops, peak, summary.get(PERF_TOKENS_PER_S),
                                         summary.get(INFER_TOKENS_PER_S)))
             if MFU in summary:
-                store.set_tag(cfg.runtime.run_id, PEAK_SOURCE_TAG, source)
+                tags[PEAK_SOURCE_TAG] = source
             elif peak is None:
-                store.set_tag(cfg.runtime.run_id, NO_MFU_TAG, source)
+                tags[NO_MFU_TAG] = source
             elif TFLOPS_PER_DEVICE in summary:
-                store.set_tag(cfg.runtime.run_id, NO_MFU_TAG, f"the run exceeded the peak ({source}): probes "
-                              "under load underestimate it; later runs keep the best probe")
+                tags[NO_MFU_TAG] = (f"the run exceeded the peak ({source}): probes under load underestimate it; "
+                                    "later runs keep the best probe")
             else:
-                store.set_tag(cfg.runtime.run_id, NO_MFU_TAG, "no timed training steps")
+                tags[NO_MFU_TAG] = "no timed training steps"
+            logger.set_tags(tags)
         summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
         summary.update(peak_reserved_memory(env.device))
         if logger is not None:
@@ -162,16 +161,23 @@ def close_if_orphaned(cfg: DictConfig) -> None:
     """Rank 0, stopping: if the run.py that owns the run is gone (killed outright), nobody else will close
     the run, so close it FAILED here, with the reason."""
     launcher = os.environ.get(LAUNCHER_ENV)
-    if not launcher or alive(launcher):
+    run_id = cfg.runtime.get("run_id") or status.run_id_of(Path(cfg.runtime.run_dir))
+    if not launcher or alive(launcher) or not run_id:
         return
+    from costlab.tracking import client, relay_rest  # the launcher is gone: the store is written from here
+
     try:
+        lost = relay_rest(cfg.tracking.uri, run_id, cfg.runtime.run_dir)  # the metrics it had not relayed
+        if lost is not None:
+            print(f"costlab: some metrics of run {run_id} are only in events.jsonl: {lost}", file=sys.stderr,
+                  flush=True)
         store = client(cfg.tracking.uri)
-        store.set_tag(cfg.runtime.run_id, FAILURE_TAG, "launcher_died")
-        store.set_terminated(cfg.runtime.run_id, "FAILED")
+        store.set_tag(run_id, FAILURE_TAG, "launcher_died")
+        store.set_terminated(run_id, "FAILED")
     except Exception as e:  # run.py's next start closes it (costlab.tracking.close_orphans)
-        print(f"costlab: could not close run {cfg.runtime.run_id}: {e}", file=sys.stderr, flush=True)
+        print(f"costlab: could not close run {run_id}: {e}", file=sys.stderr, flush=True)
         return
-    print(f"costlab: run.py (pid {launcher.split(':')[0]}) is gone; run {cfg.runtime.run_id} closed FAILED",
+    print(f"costlab: run.py (pid {launcher.split(':')[0]}) is gone; run {run_id} closed FAILED",
           file=sys.stderr, flush=True)
 
 
@@ -189,22 +195,23 @@ def main(argv: list[str] | None = None) -> None:
         env = init_distributed(cfg)
         run(cfg, env, predicted, stop)
     except Stopped as e:
-        if main_rank and cfg.runtime.get("run_id"):
+        if main_rank:
             close_if_orphaned(cfg)
         raise SystemExit(128 + e.signum) from None
     except torch.cuda.OutOfMemoryError:
         # "does not fit" is a result a sweep can show: the run ends FAILED with the reason as a tag
-        if cfg.runtime.get("run_id"):
-            client(cfg.tracking.uri).set_tag(cfg.runtime.run_id, FAILURE_TAG, "oom")
+        if cfg.trainer.node_rank == 0:  # run.py relays it from this node's run folder
+            record_tags(cfg.runtime.run_dir, {FAILURE_TAG: "oom"})
         raise
     except BaseException:
-        if main_rank and cfg.runtime.get("run_id"):
+        if main_rank:
             close_if_orphaned(cfg)
         raise
     if dist.is_initialized():
         # leave together: a gloo rank that tears down while its peer is still connected can abort
         dist.barrier()
         dist.destroy_process_group()
+    exit_now(0)  # the interpreter's teardown of torch and the rest takes seconds and does nothing a run needs
 
 
 def predict(cfg: DictConfig) -> dict[str, float]:

@@ -9,9 +9,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from costlab.parallelism.dims import ParallelDims
-from costlab.parallelism.fsdp import apply_fsdp
 from costlab.parallelism.techniques import apply_ac, apply_compile, apply_fp8
-from costlab.parallelism.tp import apply_tp
 from costlab.precision import autocast_dtype
 
 
@@ -33,13 +31,19 @@ def apply_parallelisms(
     compile_ = bool(cfg.trainer.get("compile", False))
     if fp8:
         apply_fp8(model, cfg.precision.get("recipe", "tensorwise"))
+    # FSDP, TP and the pipeline are imported where they are used: their modules (DTensor, FSDP2,
+    # pipelining) take seconds to import, which a single-rank job would pay on every start
     if dims.tp_enabled:
+        from costlab.parallelism.tp import apply_tp
+
         apply_tp(model, mesh["tp"], float8=fp8)
     if ac != "none":
         apply_ac(model, ac)
     if compile_:
         apply_compile(model)
     if dims.fsdp_enabled:
+        from costlab.parallelism.fsdp import apply_fsdp
+
         reshard = bool(cfg.parallelism.get("reshard_after_forward", True))
         apply_fsdp(model, mesh["dp_shard"], autocast_dtype(cfg), torch.float32, reshard)
     return fp8 or ac != "none" or compile_

@@ -9,7 +9,6 @@ from costlab.parallelism.apply import apply_parallelisms, build_mesh
 from costlab.parallelism.core import DistEnv, Parallel, ShardedParallel
 from costlab.parallelism.ddp import DataParallel, apply_ddp
 from costlab.parallelism.dims import parallel_dims
-from costlab.parallelism.pp import PipelineParallel
 
 
 def parallelize(model: nn.Module, cfg: DictConfig, env: DistEnv) -> Parallel:
@@ -17,6 +16,8 @@ def parallelize(model: nn.Module, cfg: DictConfig, env: DistEnv) -> Parallel:
     dims = parallel_dims(cfg.parallelism, env.world_size)
     mesh = build_mesh(dims, env.device.type)
     if dims.pp_enabled:
+        from costlab.parallelism.pp import PipelineParallel  # imported when used (see apply.py)
+
         return PipelineParallel(model, cfg, env, dims, mesh)
     rebuild = apply_parallelisms(model, cfg, dims, mesh, env.device)
     if dims.ddp_enabled:
