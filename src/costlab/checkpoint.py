@@ -11,8 +11,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from costlab.tracking import client
-
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -86,6 +84,8 @@ def resolve_init_from(value: Any, tracking_uri: str) -> Path:
         return path
     if not RUN_ID.match(text):
         raise ValueError("no such file or folder, and not an MLflow run id")
+    from costlab.tracking import client  # only for a run id: the ranks never import it otherwise
+
     try:
         run = client(tracking_uri).get_run(text)
     except Exception:  # the store says "not found" in several ways across MLflow versions

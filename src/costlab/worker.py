@@ -46,7 +46,6 @@ from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.tokens import TOKENIZER_TAG, load_codec, tokenize_corpus
-from costlab.tracking import FAILURE_TAG
 from costlab.train import build_optimizer, train
 
 
@@ -164,7 +163,7 @@ def close_if_orphaned(cfg: DictConfig) -> None:
     run_id = cfg.runtime.get("run_id") or status.run_id_of(Path(cfg.runtime.run_dir))
     if not launcher or alive(launcher) or not run_id:
         return
-    from costlab.tracking import client, relay_rest  # the launcher is gone: the store is written from here
+    from costlab.tracking import FAILURE_TAG, client, relay_rest  # the launcher is gone: the store is written here
 
     try:
         lost = relay_rest(cfg.tracking.uri, run_id, cfg.runtime.run_dir)  # the metrics it had not relayed
@@ -201,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     except torch.cuda.OutOfMemoryError:
         # "does not fit" is a result a sweep can show: the run ends FAILED with the reason as a tag
         if cfg.trainer.node_rank == 0:  # run.py relays it from this node's run folder
+            from costlab.tracking import FAILURE_TAG
+
             record_tags(cfg.runtime.run_dir, {FAILURE_TAG: "oom"})
         raise
     except BaseException:
