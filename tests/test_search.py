@@ -9,7 +9,7 @@ import pytest
 from mlflow.entities import Metric
 from omegaconf import OmegaConf
 
-from costlab import data, launch
+from costlab import ROOT, data, launch
 from costlab.cli import preflight
 from costlab.files import corpus_digest, corpus_files, pysource_files
 from costlab.tracking import client, experiment_id, swept_keys
@@ -107,3 +107,18 @@ def test_the_pareto_search_preset_composes():
     cfg = compose_config(["+experiment=pareto_search"])
     assert list(cfg.optimized_metric) == ["eval/loss", "model/size_bytes"]
     assert cfg.report.baseline == "pruning.amount=0.0,quantization=none,precision=fp32"
+
+
+def test_the_narrowing_the_pareto_search_preset_documents_composes():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[search]'")
+    from hydra import compose, initialize_config_dir
+
+    from costlab import CONF_DIR
+
+    header = (ROOT / "experiments" / "pareto_search.yaml").read_text()
+    narrowing = "'hydra.sweeper.params.precision=\"choice(fp32)\"'"
+    assert narrowing in header
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=pareto_search", narrowing.strip("'")],
+                      return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.precision == "choice(fp32)"
