@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from costlab import ROOT
+from costlab import ROOT, status
 from costlab.hardware import cpu_info
 from tests.conftest import TINY
 
@@ -198,10 +198,43 @@ def test_a_worker_crash_fails_the_run_and_keeps_the_error_tail(cli):
     assert _alive(workers) == [], "no worker may outlive the launcher"
 
 
+def _wait_for_the_run(cli, proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The MLflow run id run.py records in the job's status file once it has opened the run (which it does
+    while the ranks start)."""
+    run_id = status.run_id_of(cli.out / "run", wait_s=timeout)
+    if run_id is None:
+        proc.kill()
+        raise AssertionError("run.py never opened the run")
+    return run_id
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_run_is_open_kills_the_workers_and_leaves_nothing_running(cli):
+    """run.py opens the MLflow run while torchrun and the ranks start: a Ctrl-C as soon as the ranks exist
+    (before or while the run opens) stops them, exits 130 and leaves the job KILLED, and no run RUNNING."""
+    proc = _start(cli, *TINY, "parallelism=ddp", "trainer.max_steps=100000", "tracking.run_name=early")
+    deadline = time.time() + 120
+    while len(_workers(proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _workers(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "KILLED"
+    assert all(r.info.status == "KILLED" for r in cli.runs(filter_string="tags.mlflow.runName = 'early'"))
+    time.sleep(1)
+    assert _alive(workers) == []
+
+
 @pytest.mark.slow
 def test_ctrl_c_kills_the_workers_and_marks_the_run_killed(cli):
     proc = _start(cli, *TINY, "parallelism=ddp", "trainer.max_steps=100000", "tracking.run_name=interrupted")
     workers = _wait_for_workers(proc, 2)
+    _wait_for_the_run(cli, proc)
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=120)
