@@ -208,6 +208,17 @@ def _wait_for_the_run(cli, proc: subprocess.Popen, timeout: float = 120) -> str:
     return run_id
 
 
+def _interrupt(proc: subprocess.Popen) -> str:
+    """Ctrl-C to run.py; it must exit 130. Returns what it said on stderr."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    return err
+
+
 @pytest.mark.slow
 def test_ctrl_c_before_the_run_is_open_kills_the_workers_and_leaves_nothing_running(cli):
     """run.py opens the MLflow run while torchrun and the ranks start: a Ctrl-C as soon as the ranks exist
@@ -217,12 +228,7 @@ def test_ctrl_c_before_the_run_is_open_kills_the_workers_and_leaves_nothing_runn
     while len(_workers(proc.pid)) < 2 and time.time() < deadline:
         time.sleep(0.05)
     workers = _workers(proc.pid)
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    err = _interrupt(proc)
     assert "Traceback" not in err, err[-3000:]
     assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "KILLED"
     assert all(r.info.status == "KILLED" for r in cli.runs(filter_string="tags.mlflow.runName = 'early'"))
@@ -235,12 +241,7 @@ def test_ctrl_c_kills_the_workers_and_marks_the_run_killed(cli):
     proc = _start(cli, *TINY, "parallelism=ddp", "trainer.max_steps=100000", "tracking.run_name=interrupted")
     workers = _wait_for_workers(proc, 2)
     _wait_for_the_run(cli, proc)
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    _interrupt(proc)
     assert cli.run_by_name("interrupted").info.status == "KILLED"
     assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "KILLED"
     time.sleep(1)

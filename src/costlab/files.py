@@ -1,14 +1,23 @@
 """Which files a corpus reads, and which files are text: shared by the data group and the launcher's checks
-and provenance (so no torch import here)."""
+and provenance (so no torch import here); and files replaced whole, for readers in other processes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a file of its own renamed into place: a reader in another process
+    sees the old content or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def pysource_files(pattern: str = "*.py") -> tuple[Path, list[Path]]:

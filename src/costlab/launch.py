@@ -26,6 +26,7 @@ from costlab import faults, status, tracking
 from costlab.cost import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.errors import ConfigError
 from costlab.events import events_path
+from costlab.files import write_whole
 from costlab.hardware import cpu_info, resolve_device
 from costlab.plan import check_plan
 from costlab.probes import slow_precision_warning
@@ -232,9 +233,7 @@ def run_job(cfg: DictConfig) -> Objective:
 
 def write_config(path: Path, cfg: DictConfig) -> None:
     """The resolved config the ranks read, replaced whole: a rank starting meanwhile reads one or the other."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    write_whole(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def refuse(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, hc: DictConfig) -> Objective:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from costlab import status
+from costlab.files import write_whole
 
 if TYPE_CHECKING:  # the launcher reads checkpoint folders without importing torch
     import torch
@@ -161,9 +162,7 @@ class Checkpointer:
             meta = {"step": step, "saved_at": saved_at, "run_id": self.run_id, "scaler": scaler_state,
                     "lost_s": self.resumed.lost_s if self.resumed else 0.0,
                     "resumes": self.resumed.resumes if self.resumed else 0}
-            tmp = path / f".{META}"
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, path / META)
+            write_whole(path / META, json.dumps(meta))
             for _, old in complete(self.run_dir, self.run_id)[: -int(self.cfg.trainer.checkpoint_keep)]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(self.env)

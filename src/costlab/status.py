@@ -11,7 +11,6 @@ as failed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from costlab.errors import ConfigError
+from costlab.files import write_whole
 
 STATUS_FILE = "job_status"
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
@@ -46,9 +46,7 @@ def write(
     """Record ``status`` for this node of the job; the file is replaced whole, so a reader never sees half."""
     path = status_path(job_dir, node_rank)
     record = {"status": status, "node_rank": node_rank, "run_id": run_id, "parent_run_id": parent_run_id}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    write_whole(path, json.dumps(record) + "\n")
     return path
 
 

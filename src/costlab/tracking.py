@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from costlab import faults, status
 from costlab.errors import ConfigError
-from costlab.files import corpus_digest, corpus_files
+from costlab.files import corpus_digest, corpus_files, write_whole
 
 if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to import
     from mlflow.entities import Run
@@ -292,12 +292,12 @@ def relay_rest(uri: str, run_id: str, run_dir: str | Path) -> BaseException | No
     return Relay(uri, run_id, run_dir, resumed=True, offset=offset).close()
 
 
-def metrics_at(values: dict[str, float], step: int = 0) -> list:
-    """MLflow ``Metric`` entities for one ``log_batch``, stamped now."""
+def metrics_at(values: dict[str, float]) -> list:
+    """MLflow ``Metric`` entities (step 0) for one ``log_batch``, stamped now."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    return [Metric(key, float(value), ts, step) for key, value in values.items()]
+    return [Metric(key, float(value), ts, 0) for key, value in values.items()]
 
 
 class Relay:
@@ -381,10 +381,7 @@ class Relay:
             self._flush(metrics)
             self.flush_time_s += time.perf_counter() - t0
             if chunk:  # how far the store holds the file: the rest is rank 0's to relay if run.py dies
-                done = self._offset - len(self._pending)
-                tmp = self._done.with_name(f".{RELAYED_FILE}.{os.getpid()}")
-                tmp.write_text(f"{done}\n")
-                os.replace(tmp, self._done)
+                write_whole(self._done, f"{self._offset - len(self._pending)}\n")
 
     def _flush(self, metrics: list) -> None:
         for i in range(0, len(metrics), self._max_batch):
