@@ -7,7 +7,7 @@
     python run.py -m hydra/sweeper=optuna hydra.sweeper.n_trials=10 'trainer.lr=interval(1e-4,1e-2)'
 
 Exit codes: 0 when the job (every job of a sweep) finished, 1 when one failed, 2 when a config was
-refused, 130 on Ctrl-C. A job's or sweep's code is set by ``costlab.tracking.SweepParentRun`` from
+refused, 130 on Ctrl-C. A job's or sweep's code is set by ``costlab.tracking.sweep.SweepParentRun`` from
 the jobs' own records, so it is right whichever Hydra launcher ran them.
 """
 
@@ -17,15 +17,29 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from costlab import faults, launch, tracking
-from costlab.cli import preflight
-from costlab.status import EXIT_INTERRUPTED, FAILED, KILLED
+from costlab import faults, tracking
+from costlab.launcher.job import run_job
+from costlab.launcher.preflight import preflight, tracking_uri
+from costlab.status import EXIT_INTERRUPTED, EXIT_REFUSED, FAILED, KILLED
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
     """One job; returns its ``optimized_metric`` (default eval/loss), so search sweepers such as Optuna work."""
-    return launch.run_job(cfg)
+    return run_job(cfg)
+
+
+def close_abandoned(outcome: str) -> None:
+    """Nothing this process opened stays RUNNING: the store knows which runs are this process's. A process
+    that never imported MLflow opened none, and spares itself the import."""
+    if "mlflow" not in sys.modules:
+        return
+    uri = tracking_uri(sys.argv[1:])
+    try:
+        tracking.close_abandoned(uri, outcome)
+    except Exception as e:  # on the way out, a store that cannot be read: nothing more can be closed in it
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"costlab: could not close this process's runs in {uri}: {why}", file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -35,14 +49,15 @@ if __name__ == "__main__":
         main()
         code = 0
     except SystemExit as e:  # Hydra's way out, and the verdict of a job or sweep (costlab.tracking)
-        tracking.close_abandoned(FAILED)  # nothing this process opened stays RUNNING
+        if e.code != EXIT_REFUSED:  # a refused job has closed what it opened, and said why in one line
+            close_abandoned(FAILED)
         code = e.code
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while closing ends run.py outright
-        tracking.close_abandoned(KILLED)  # e.g. a sweep's parent, interrupted between two jobs
+        close_abandoned(KILLED)  # e.g. a sweep's parent, interrupted between two jobs
         print("costlab: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except BaseException:
-        tracking.close_abandoned(FAILED)
+        close_abandoned(FAILED)
         raise
     faults.exit_now(code)

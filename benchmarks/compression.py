@@ -5,9 +5,9 @@ applied to one trained gpt_micro, measured against the uncompressed model in thi
     python benchmarks/compression.py --init-from RUN_DIR_OR_MODEL_FILE --batch 8 --iters 30
     python benchmarks/compression.py --model llama_small --steps 200 --train-batch 8   # a Llama-style model=hf
 
-Every row runs costlab's own final step, ``costlab.evaluation.evaluate_final`` (the code a run executes).
+Every row runs costlab's own final step, ``costlab.training.evaluation.evaluate_final`` (the code a run executes).
 Sizes are the bytes of the saved state dict; speed-ups come from interleaved forward passes of the
-uncompressed and the compressed model on the same batch after warm-up (costlab.metrics.time_inference);
+uncompressed and the compressed model on the same batch after warm-up (costlab.measure.metrics.time_inference);
 decode speed-ups from interleaved greedy generations with a KV cache (costlab.generation); loss deltas are
 relative. ``--model`` takes a costlab model option or a shipped ``model=hf`` config (conf/hf_configs/).
 """
@@ -29,18 +29,18 @@ sys.path.insert(0, str(ROOT / "src"))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from costlab import CONF_DIR  # noqa: E402
-from costlab.checkpoint import resolve_init_from  # noqa: E402
-from costlab.data import build_corpus  # noqa: E402
-from costlab.evaluation import evaluate_final  # noqa: E402
-from costlab.hardware import cpu_info  # noqa: E402
-from costlab.hf_config import shipped_configs  # noqa: E402
-from costlab.metrics import count_params, save_model  # noqa: E402
-from costlab.model import build_model  # noqa: E402
+from costlab.launcher.validate import validate  # noqa: E402
+from costlab.measure.machine import cpu_info  # noqa: E402
+from costlab.measure.metrics import count_params, save_model  # noqa: E402
+from costlab.models.gpt import build_model  # noqa: E402
+from costlab.models.hf_config import shipped_configs  # noqa: E402
 from costlab.parallelism.core import DistEnv, Parallel  # noqa: E402
 from costlab.quantization import build_quantization  # noqa: E402
 from costlab.quantization.base import BACKEND_TAG  # noqa: E402
-from costlab.train import build_optimizer, train  # noqa: E402
-from costlab.validate import validate  # noqa: E402
+from costlab.tracking.find import resolve_init_from  # noqa: E402
+from costlab.training.data import build_corpus  # noqa: E402
+from costlab.training.evaluation import evaluate_final  # noqa: E402
+from costlab.training.trainer import build_optimizer, train  # noqa: E402
 
 OPTIONS: dict[str, list[str]] = {
     "l1_unstructured 0.5": ["pruning=l1_unstructured", "pruning.amount=0.5"],

@@ -30,7 +30,7 @@ What the figures mean
   kernel runs, not what it would buy on a large model.
 
 Without a CUDA GPU every case is recorded as skipped and the script exits 0; ``--cpu-dry-run`` instead
-validates each case's config for CPU in this process (``costlab.validate.validate``) and records
+validates each case's config for CPU in this process (``costlab.launcher.validate.validate``) and records
 "valid on CPU" or the refusal, which shows which paths need a GPU.
 """
 
@@ -206,7 +206,7 @@ def non_embedding_params(model_cfg: Any) -> int:
     import torch
     from torch import nn
 
-    from costlab.model import build_model
+    from costlab.models.gpt import build_model
 
     with torch.device("meta"):
         model = build_model(model_cfg)
@@ -334,9 +334,9 @@ def run_case(case: Case, out: Path, timeout_s: float, env: dict[str, Any]) -> Re
 
 def dry_run_case(case: Case) -> Result:
     """Validate the case's config for CPU, in this process, as run.py would before starting workers."""
-    from costlab.cli import compose_config
     from costlab.errors import ConfigError
-    from costlab.validate import validate
+    from costlab.launcher.preflight import compose_config
+    from costlab.launcher.validate import validate
 
     result = Result(case.name, case.overrides, case.note)
     try:
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="validate every case's config for CPU here instead of running it")
     args = parser.parse_args(argv)
 
-    from costlab.hardware import visible_gpus
+    from costlab.measure.machine import visible_gpus
 
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from costlab.hardware import cpu_info
+from costlab.measure.machine import cpu_info
 from costlab.quantization.pytorch_int8 import quantize_linear
 
 SHAPES = {"gpt_nano": (128, 512), "gpt_micro": (384, 1536)}  # (n_embd, MLP hidden)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from costlab.hardware import cpu_info  # noqa: E402  (torch-free)
+from costlab.measure.machine import cpu_info  # noqa: E402  (torch-free)
 
 GOAL_S = 5.0
 HELLO = """import torch.distributed as dist

@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
-from costlab.cli import compose_config
-from costlab.data import BatchSampler, build_corpus
 from costlab.events import MetricLogger
-from costlab.metrics import now
-from costlab.model import build_model
+from costlab.launcher.preflight import compose_config
+from costlab.measure.metrics import now
+from costlab.models.gpt import build_model
 from costlab.parallelism.core import DistEnv
 from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
-from costlab.tracking import Relay, experiment_id
-from costlab.train import build_optimizer, train
+from costlab.tracking.relay import Relay
+from costlab.tracking.store import experiment_id
+from costlab.training.data import BatchSampler, build_corpus
+from costlab.training.trainer import build_optimizer, train
 
 
 def plain_loop(cfg, corpus, steps: int, warmup: int) -> float:
@@ -57,7 +58,7 @@ def plain_loop(cfg, corpus, steps: int, warmup: int) -> float:
 
 def costlab_loop(cfg, corpus, uri: str) -> tuple[float, float, float, float]:
     """costlab's ``train()`` logging every step to a real SQLite store: into a run folder, relayed into
-    the store by a :class:`~costlab.tracking.Relay` (in ``run.py`` it runs in the launcher's process; here
+    the store by a :class:`~costlab.tracking.relay.Relay` (in ``run.py`` it runs in the launcher's process; here
     in this one, which only makes the comparison harder on costlab).
 
     Returns (tokens/s after warm-up, hot-path logging seconds, relay seconds writing the store, loop seconds).

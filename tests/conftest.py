@@ -11,7 +11,7 @@ import pytest
 
 import costlab  # noqa: F401  (registers the ${costlab.root:} resolver)
 from costlab import ROOT
-from costlab.cli import compose_config  # noqa: F401  (re-exported for the tests)
+from costlab.launcher.preflight import compose_config  # noqa: F401  (re-exported for the tests)
 
 # A model and data small enough that a run.py job costs a few seconds on 2 cores.
 TINY = [
@@ -37,7 +37,7 @@ TINY = [
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One real SQLite store for the session (creating its schema takes seconds, so it is shared)."""
-    from costlab.tracking import experiment_id
+    from costlab.tracking.store import experiment_id
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     experiment_id(uri, "costlab")
@@ -91,7 +91,7 @@ def cli(mlflow_uri: str, tmp_path: Path) -> Cli:
 
 
 def has_cuda() -> bool:
-    from costlab.hardware import visible_gpus
+    from costlab.measure.machine import visible_gpus
 
     return bool(visible_gpus())
 

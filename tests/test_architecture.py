@@ -1,5 +1,6 @@
-"""The shape of the code base, checked from its source: no import cycles, no process-global state, every
-option of every config group one jump away from its code, every metric name written in one place."""
+"""The shape of the code base, checked from its source: who runs where (the launcher's folders never import
+torch at module level, the rank's folders never import MLflow), no import cycles, no process-global state,
+every option of every config group one jump away from its code, every metric name written in one place."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hydra.utils import get_object
 
 from costlab import CONF_DIR, ROOT
-from costlab.cli import compose_config
+from costlab.launcher.preflight import compose_config
 
 SRC = ROOT / "src" / "costlab"
 MODULES = {
@@ -67,6 +68,99 @@ def test_no_import_cycles_inside_the_package():
         if m not in index:
             visit(m)
     assert not cycles, cycles
+
+
+LAUNCHER_SIDE = ("launcher", "tracking", "report")  # run.py's process: never torch at module level, never CUDA
+RANK_SIDE = ("training", "models", "parallelism", "precision", "pruning", "quantization")  # never MLflow
+TOP_LEVEL_MAX = 9  # the few shared pieces beside the folders (the package's face included)
+
+
+def _folder(module: str) -> str:
+    return module.split(".")[1] if module.count(".") >= 1 else ""
+
+
+def test_the_top_of_the_package_holds_only_the_few_shared_pieces():
+    top = sorted(p.name for p in SRC.glob("*.py"))
+    assert len(top) <= TOP_LEVEL_MAX, top
+    folders = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert {*LAUNCHER_SIDE, *RANK_SIDE, "measure"} - {"precision"} <= folders
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every module name ``path`` imports, at any depth, costlab's or not."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_the_ranks_side_never_imports_mlflow():
+    """Not even inside a function: rank 0 writes events and run.py relays them (a rank whose launcher died
+    starts ``python -m costlab.tracking.relay``, a launcher-side process, to close the run)."""
+    def mlflow_side(name: str) -> bool:
+        return name.split(".")[0] == "mlflow" or name.startswith("costlab.tracking")
+
+    offenders = {m: sorted(filter(mlflow_side, _all_imports(p))) for m, p in MODULES.items() if _folder(m) in RANK_SIDE}
+    assert not {m: v for m, v in offenders.items() if v}
+
+
+def test_the_launchers_side_imports_no_torch_when_loaded():
+    """Every module of the launcher's folders loaded in one fresh interpreter: torch is not among what they
+    pulled in (a check may import it inside a function, as the meta-device shapes do)."""
+    import subprocess
+    import sys
+
+    mods = sorted(m for m in MODULES if _folder(m) in LAUNCHER_SIDE and not m.endswith("__main__"))
+    code = f"import sys\nfor m in {mods!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert len(mods) > 15 and out.strip() == "[]", out
+
+
+MUTABLE_CALLS = {"list", "dict", "set", "defaultdict", "deque", "OrderedDict", "Counter", "bytearray"}
+MUTATORS = {"append", "extend", "insert", "update", "add", "pop", "popitem", "clear", "remove", "discard",
+            "setdefault", "appendleft", "extendleft", "sort", "reverse"}
+
+
+def _module_containers(tree: ast.Module) -> dict[str, int]:
+    """Names bound at module level to a mutable container (a list, dict or set display or constructor)."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            v = node.value
+            mutable = isinstance(v, ast.List | ast.Dict | ast.Set | ast.ListComp | ast.DictComp | ast.SetComp) or (
+                isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id in MUTABLE_CALLS)
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name) and mutable:
+                        found[name.id] = node.lineno
+    return found
+
+
+def test_no_module_level_mutable_state():
+    """A module-level container is a constant: named in capitals (or ``__all__``) and never changed by the
+    code (no mutating call, item assignment or deletion on it anywhere in the module)."""
+    offenders = []
+    for path in MODULES.values():
+        tree = ast.parse(path.read_text())
+        containers = _module_containers(tree)
+        for name, line in containers.items():
+            if name != "__all__" and name.lstrip("_") != name.lstrip("_").upper():
+                offenders.append(f"{path.relative_to(ROOT)}:{line} {name} (state, not a constant)")
+        for node in ast.walk(tree):
+            changed = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+                changed = node.func.value
+            elif isinstance(node, ast.Assign | ast.AugAssign | ast.Delete):
+                for target in node.targets if isinstance(node, ast.Assign | ast.Delete) else [node.target]:
+                    if isinstance(target, ast.Subscript):
+                        changed = target.value
+            if isinstance(changed, ast.Name) and changed.id in containers:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} changes {changed.id}")
+    assert not offenders, offenders
 
 
 def test_no_global_statements():

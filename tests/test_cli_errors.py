@@ -82,7 +82,7 @@ def test_a_store_found_broken_while_the_ranks_start_stops_them_and_is_refused(cl
     uri = f"sqlite:///{broken}"
     proc = cli(*TINY, f"tracking.uri={uri}", "trainer.max_steps=100000", timeout=180)
     _assert_refused(proc, f"tracking.uri={uri}")
-    left = subprocess.run(["pgrep", "-af", f"costlab.worker {cli.out}/run/config.yaml"], capture_output=True,
+    left = subprocess.run(["pgrep", "-af", f"costlab.training {cli.out}/run/config.yaml"], capture_output=True,
                           text=True).stdout
     assert [line for line in left.splitlines() if "pgrep" not in line] == []
     assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "FAILED"
@@ -112,7 +112,7 @@ def test_textfile_without_a_path_is_refused_with_one_line(cli):
 @pytest.mark.parametrize("kind", ["character device", "FIFO"])
 def test_a_data_path_that_is_neither_file_nor_folder_says_what_it_is(tmp_path, kind):
     from costlab.errors import ConfigError
-    from costlab.validate import validate
+    from costlab.launcher.validate import validate
     from tests.conftest import compose_config
 
     path = "/dev/zero"
@@ -128,7 +128,7 @@ def test_a_data_path_that_is_neither_file_nor_folder_says_what_it_is(tmp_path, k
 def test_an_unparsable_override_is_named_alone_with_a_hint_hydra_accepts(capsys):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from costlab.cli import preflight
+    from costlab.launcher.preflight import preflight
 
     bad = "data.path=/tmp/données"
     with pytest.raises(SystemExit) as e:
@@ -142,8 +142,8 @@ def test_an_unparsable_override_is_named_alone_with_a_hint_hydra_accepts(capsys)
 
 
 def test_spaces_and_non_ascii_paths_reach_validation(tmp_path):
-    from costlab.cli import preflight
-    from costlab.validate import validate
+    from costlab.launcher.preflight import preflight
+    from costlab.launcher.validate import validate
     from tests.conftest import compose_config
 
     folder = tmp_path / "mes données" / "é t é"

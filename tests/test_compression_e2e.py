@@ -11,8 +11,8 @@ from hydra.errors import ConfigCompositionException
 
 from costlab import CONF_DIR
 from costlab.errors import ConfigError
-from costlab.model import GPT
-from costlab.validate import validate
+from costlab.launcher.validate import validate
+from costlab.models.gpt import GPT
 from tests.conftest import TINY, compose_config
 
 COMPRESSION_METRICS = (

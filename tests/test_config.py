@@ -6,10 +6,10 @@ import pytest
 from omegaconf import open_dict
 
 from costlab import CONF_DIR, ROOT
-from costlab.cli import options
 from costlab.errors import ConfigError
-from costlab.hardware import resolve_device
-from costlab.validate import validate
+from costlab.launcher.preflight import options
+from costlab.launcher.validate import validate
+from costlab.measure.machine import resolve_device
 from tests.conftest import compose_config
 
 GROUPS = ["model", "data", "parallelism", "precision", "pruning", "quantization"]
@@ -75,10 +75,10 @@ def test_validating_a_config_never_initialises_cuda(extra):
     code = (
         "import sys\n"
         "from omegaconf import open_dict\n"
-        "import costlab.launch\n"
-        "from costlab.cli import compose_config\n"
-        "from costlab.validate import validate\n"
-        "from costlab.hardware import resolve_device\n"
+        "import costlab.launcher.job\n"
+        "from costlab.launcher.preflight import compose_config\n"
+        "from costlab.launcher.validate import validate\n"
+        "from costlab.measure.machine import resolve_device\n"
         f"cfg = compose_config(['data=textfile', 'data.path={ROOT / 'pyproject.toml'}', *{extra!r}])\n"
         "with open_dict(cfg):\n"
         "    cfg.trainer.device = resolve_device('auto')\n"
@@ -94,7 +94,7 @@ def test_validating_a_config_never_initialises_cuda(extra):
 
 
 def test_a_generation_longer_than_the_model_positions_is_cut_down_to_fit():
-    from costlab.generation import generation_lengths
+    from costlab.measure.generation import generation_lengths
 
     assert generation_lengths(compose_config(["trainer.gen_prompt_len=112", "trainer.gen_tokens=16"])) == (112, 16)
     assert generation_lengths(compose_config(["trainer.gen_prompt_len=120", "trainer.gen_tokens=16"])) == (112, 16)

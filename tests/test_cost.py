@@ -11,7 +11,8 @@ from omegaconf import open_dict
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from costlab.cost import (
+from costlab.errors import ConfigError
+from costlab.measure.hardware import (
     USD_INFER,
     USD_RUN,
     USD_TRAIN,
@@ -22,10 +23,9 @@ from costlab.cost import (
     resolve_hardware,
     run_cost,
 )
-from costlab.errors import ConfigError
-from costlab.hardware import cpu_info
-from costlab.model import build_model
-from costlab.probes import cpu_peak_tflops
+from costlab.measure.machine import cpu_info
+from costlab.measure.probes import cpu_peak_tflops
+from costlab.models.gpt import build_model
 from tests.conftest import TINY, compose_config
 
 CPU = [*TINY, "trainer.device=cpu"]

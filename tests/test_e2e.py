@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from costlab import ROOT, status
-from costlab.hardware import cpu_info
+from costlab.measure.machine import cpu_info
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.e2e
@@ -139,7 +139,7 @@ def _workers(pid: int) -> list[int]:
             cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
         except FileNotFoundError:
             continue
-        if b"costlab.worker" in cmd and b"torch.distributed.run" not in cmd:
+        if b"costlab.training" in cmd and b"torch.distributed.run" not in cmd:
             procs.append(child)
     return procs
 

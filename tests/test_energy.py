@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from costlab.energy import TrainingEnergy, energy_counter, rapl_packages
+from costlab.measure.energy import TrainingEnergy, energy_counter, rapl_packages
 
 
 def _domain(root: Path, name: str, uj: int, max_uj: int = 1_000_000_000) -> Path:
@@ -56,7 +56,7 @@ def test_inference_energy_divides_the_counter_by_the_tokens_of_the_timed_passes(
 
     import torch
 
-    from costlab.energy import inference_energy
+    from costlab.measure.energy import inference_energy
 
     watts = 25.0  # a counter of constant power: joules = watts x seconds
     calls = []

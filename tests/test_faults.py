@@ -19,7 +19,8 @@ import pytest
 
 from costlab import ROOT, faults, tracking
 from costlab.errors import ConfigError
-from costlab.tracking import FAILURE_TAG, OWNER_TAG, check_tracking
+from costlab.events import FAILURE_TAG
+from costlab.tracking.runs import OWNER_TAG, check_tracking
 
 from .conftest import TINY, compose_config
 
@@ -112,19 +113,25 @@ def test_a_worker_stuck_where_no_signal_reaches_flushes_and_exits_after_its_grac
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
-def test_a_launcher_signal_whose_exception_python_drops_is_not_lost(monkeypatch):
+def test_a_launcher_signal_whose_exception_python_drops_is_not_lost():
     # Python drops an exception raised in a __del__ or an at-fork hook (logging's, inside Popen): a Ctrl-C
     # landing there while torchrun was forked used to be lost, and the job trained on
-    monkeypatch.setattr(faults, "_INTERRUPTED", [])
-    faults.check_interrupted()  # nothing pending: no exception
+    previous = faults.handle_stop_signals()
+    try:
+        faults.check_interrupted()  # nothing pending: no exception
+        handler = signal.getsignal(signal.SIGINT)
 
-    class Dropped:
-        def __del__(self):
-            faults.interrupt(signal.SIGINT, None)
+        class Dropped:
+            def __del__(self):
+                handler(signal.SIGINT, None)
 
-    Dropped()  # "Exception ignored in ... __del__": the KeyboardInterrupt goes nowhere
-    with pytest.raises(KeyboardInterrupt):
-        faults.check_interrupted()
+        Dropped()  # "Exception ignored in ... __del__": the KeyboardInterrupt goes nowhere
+        faults.handle_stop_signals()  # launch_torchrun installs the handler again: what it remembers stays
+        with pytest.raises(KeyboardInterrupt):
+            faults.check_interrupted()
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 @pytest.mark.parametrize("code, rc", [(0, 0), (3, 3), (None, 0), ("costlab: bye", 1)])
@@ -148,7 +155,7 @@ def test_ranks_wait_for_the_run_id_run_py_records_once_the_run_is_open(tmp_path)
     from omegaconf import OmegaConf
 
     from costlab import status
-    from costlab.resume import job_run_id
+    from costlab.training.checkpoint import job_run_id
 
     status.write(tmp_path, status.RUNNING, node_rank=0)  # run.py, before torchrun starts: no run yet
     assert status.run_id_of(tmp_path) is None
@@ -204,7 +211,7 @@ def test_runs_this_process_opened_are_closed_on_the_way_out(tmp_path):
     open_id = tracking.create_run(c, uri, exp, "left open", {})
     done_id = tracking.create_run(c, uri, exp, "closed", {})
     c.set_terminated(done_id, "FINISHED")
-    assert open_id in tracking.close_abandoned("KILLED")
+    assert tracking.close_abandoned(uri, "KILLED") == [open_id]
     assert c.get_run(open_id).info.status == "KILLED"
     assert c.get_run(done_id).info.status == "FINISHED"
     assert c.get_run(open_id).data.tags[OWNER_TAG] == faults.owner()
@@ -293,7 +300,7 @@ class Job:
 
     def strays(self) -> list[str]:
         """Every process still running this job's torchrun or workers, recorded or not."""
-        out = subprocess.run(["pgrep", "-af", f"costlab.worker {self.run_dir}/config.yaml"], capture_output=True,
+        out = subprocess.run(["pgrep", "-af", f"costlab.training {self.run_dir}/config.yaml"], capture_output=True,
                              text=True).stdout
         return [line for line in out.splitlines() if "pgrep" not in line]
 
@@ -403,7 +410,8 @@ def test_a_signal_in_a_sweep_closes_the_sweep(cli, sig, when):
     assert runs and all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     parent = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == tracking.SWEEP_ROLE]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
-    out = subprocess.run(["pgrep", "-af", f"costlab.worker {cli.out}/multirun"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-af", f"costlab.training {cli.out}/multirun"], capture_output=True,
+                         text=True).stdout
     assert [line for line in out.splitlines() if "pgrep" not in line] == []
 
 

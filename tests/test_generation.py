@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from costlab.generation import DECODE_TOKENS_PER_S, TTFT, generation_metrics, time_generation
-from costlab.model import GPT, MLPLM
-from costlab.names import INFER_DECODE_SPEEDUP, INFER_DECODE_TOKENS_PER_S, INFER_TTFT
+from costlab.measure.generation import DECODE_TOKENS_PER_S, TTFT, generation_metrics, time_generation
+from costlab.measure.names import INFER_DECODE_SPEEDUP, INFER_DECODE_TOKENS_PER_S, INFER_TTFT
+from costlab.models.gpt import GPT, MLPLM
 from costlab.pruning.structured import plan_structured, shrink
 
 TINY_GPT = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 32}
@@ -110,11 +110,11 @@ def test_time_generation_refuses_a_model_without_a_cache_path_by_name():
 
 @pytest.mark.parametrize("overrides", [[], ["model=llama_nano", "pruning=structured", "quantization=int8_dynamic"]])
 def test_the_final_evaluation_logs_generation_speed(overrides, tmp_path):
-    from costlab.data import build_corpus
-    from costlab.evaluation import evaluate_final
-    from costlab.model import build_model
+    from costlab.launcher.validate import validate
+    from costlab.models.gpt import build_model
     from costlab.parallelism.core import DistEnv
-    from costlab.validate import validate
+    from costlab.training.data import build_corpus
+    from costlab.training.evaluation import evaluate_final
     from tests.conftest import TINY, compose_config
 
     cfg = compose_config([*overrides, *TINY, "trainer.device=cpu"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from costlab import ROOT
-from costlab.metrics import peak_reserved_memory
+from costlab.measure.metrics import peak_reserved_memory
 from tests.conftest import has_cuda, requires_cuda
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from costlab.hardware import Cpu, cpu_info, parse_cpuinfo
-from costlab.probes import matmul_gflops, slow_precision_warning
+from costlab.measure.machine import Cpu, cpu_info, parse_cpuinfo
+from costlab.measure.probes import matmul_gflops, slow_precision_warning
 from tests.conftest import TINY, compose_config
 
 AVX2_EPYC = """processor\t: 0

@@ -12,12 +12,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from costlab.checkpoint import load_model  # noqa: E402
-from costlab.cost import flops_per_token, matmul_params  # noqa: E402
 from costlab.errors import ConfigError  # noqa: E402
-from costlab.hf import HFCausalLM, decoder_layers  # noqa: E402
-from costlab.hf_config import shipped_configs  # noqa: E402
-from costlab.validate import validate  # noqa: E402
+from costlab.launcher.validate import validate  # noqa: E402
+from costlab.measure.hardware import flops_per_token, matmul_params  # noqa: E402
+from costlab.models.hf import HFCausalLM, decoder_layers  # noqa: E402
+from costlab.models.hf_config import shipped_configs  # noqa: E402
+from costlab.models.saved import load_model  # noqa: E402
 
 from .conftest import TINY, Cli, compose_config  # noqa: E402
 
@@ -73,8 +73,8 @@ def with_tokenizer(tmp_path_factory) -> str:
 def test_a_folders_tokenizer_turns_the_corpus_into_its_tokens(with_tokenizer):
     from omegaconf import OmegaConf
 
-    from costlab.data import ByteCorpus
-    from costlab.tokens import ByteCodec, load_codec, tokenize_corpus
+    from costlab.training.data import ByteCorpus
+    from costlab.training.tokens import ByteCodec, load_codec, tokenize_corpus
 
     model_cfg = OmegaConf.create({"pretrained": with_tokenizer, "tokenizer": "auto"})
     codec = load_codec(model_cfg)
@@ -175,7 +175,7 @@ def test_structured_pruning_removes_whole_key_value_groups_and_mlp_units_and_the
     from omegaconf import OmegaConf
 
     from costlab.compression import DEFAULT_TARGETS, target_layers
-    from costlab.metrics import save_model
+    from costlab.measure.metrics import save_model
     from costlab.pruning.structured import mask_structured, plan_structured, shrink
 
     model = HFCausalLM(pretrained=pretrained[family], block_size=32).eval()
@@ -195,7 +195,7 @@ def test_structured_pruning_removes_whole_key_value_groups_and_mlp_units_and_the
         torch.testing.assert_close(logits[:, -1], small(x[:, :9])[:, -1], atol=1e-5, rtol=1e-5)
     full, pruned = save_model(model, tmp_path / "full.pt"), save_model(small, tmp_path / "pruned.pt")
     assert pruned < 0.8 * full  # half the decoder layers' weights; the embedding and head (45 %) stay
-    loaded = load_model(OmegaConf.create({"_target_": "costlab.hf.HFCausalLM", "pretrained": pretrained[family],
+    loaded = load_model(OmegaConf.create({"_target_": "costlab.models.hf.HFCausalLM", "pretrained": pretrained[family],
                                           "block_size": 32}), tmp_path / "pruned.pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x))
@@ -203,7 +203,7 @@ def test_structured_pruning_removes_whole_key_value_groups_and_mlp_units_and_the
 
 @pytest.mark.parametrize("backend", ["torchao", "pytorch"])
 def test_int8_dynamic_ships_a_llama_at_least_3x_smaller_and_it_loads_back(tmp_path, backend):
-    from costlab.metrics import save_model
+    from costlab.measure.metrics import save_model
     from costlab.quantization import build_quantization
 
     pytest.importorskip("torchao")

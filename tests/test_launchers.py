@@ -92,7 +92,8 @@ def test_a_sweeps_verdict_counts_followers_and_jobs_that_died(mlflow_uri, tmp_pa
     """A follower node opens no MLflow run, so only its status file can fail the sweep; a job killed
     outright leaves its child RUNNING and its file RUNNING: both count as failed, and the child is closed."""
     from costlab import status
-    from costlab.tracking import client, experiment_id, sweep_outcome
+    from costlab.tracking.store import client, experiment_id
+    from costlab.tracking.sweep import sweep_outcome
 
     c = client(mlflow_uri)
     exp = experiment_id(mlflow_uri, "verdicts")

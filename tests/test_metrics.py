@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from costlab.events import MetricLogger
-from costlab.metrics import (
+from costlab.measure.metrics import (
     StepStats,
     count_params,
     peak_memory_bytes,
@@ -12,9 +12,9 @@ from costlab.metrics import (
     state_bytes_per_rank,
     time_inference,
 )
-from costlab.model import GPT
-from costlab.tracking import flatten
-from costlab.train import lr_at
+from costlab.models.gpt import GPT
+from costlab.tracking.runs import flatten
+from costlab.training.trainer import lr_at
 from tests.conftest import compose_config
 
 
@@ -94,7 +94,8 @@ def test_flatten_makes_dotted_params():
 def test_metrics_reach_a_real_store_through_the_run_folder_each_step_once(mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from costlab.tracking import Relay, experiment_id
+    from costlab.tracking.relay import Relay
+    from costlab.tracking.store import experiment_id
 
     client = MlflowClient(mlflow_uri)
     run_id = client.create_run(experiment_id(mlflow_uri, "costlab")).info.run_id
@@ -133,7 +134,8 @@ def test_metrics_reach_a_real_store_through_the_run_folder_each_step_once(mlflow
 def test_a_relay_that_cannot_write_reports_it(mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from costlab.tracking import Relay, experiment_id
+    from costlab.tracking.relay import Relay
+    from costlab.tracking.store import experiment_id
 
     client = MlflowClient(mlflow_uri)
     run_id = client.create_run(experiment_id(mlflow_uri, "costlab")).info.run_id

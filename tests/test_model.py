@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from costlab.model import GPT, MLPLM, build_model
+from costlab.models.gpt import GPT, MLPLM, build_model
 from tests.conftest import compose_config
 
 EXPECTED_PARAMS = {  # (low, high): the sizes the model group promises

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from costlab import CONF_DIR, ROOT
 from costlab.errors import ConfigError
-from costlab.launch import first_slurm_host, from_slurm
+from costlab.launcher.torchrun import first_slurm_host, from_slurm
 from tests.conftest import TINY, compose_config
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from costlab.errors import ConfigError
-from costlab.validate import validate
+from costlab.launcher.validate import validate
 from tests.conftest import TINY, Cli, compose_config, requires_cuda
 
 # 4 blocks so that interleaved 1F1B has 2 stages per rank; eval every 3 steps exercises the
@@ -219,7 +219,7 @@ def test_fsdp_bf16_mixed_precision_policy_trains(runs):
 @pytest.mark.gpu
 @requires_cuda
 def test_fp8_trains_on_an_sm89_gpu(cli):
-    from costlab.hardware import visible_gpus
+    from costlab.measure.machine import visible_gpus
 
     if min(g.capability for g in visible_gpus()) < (8, 9):
         pytest.skip("float8 training needs SM89+")
@@ -232,7 +232,7 @@ def test_fp8_trains_on_an_sm89_gpu(cli):
 @requires_cuda
 @pytest.mark.parametrize("option", ["fsdp", "tp", "pp"])
 def test_options_run_with_nccl(cli, option):
-    from costlab.hardware import visible_gpus
+    from costlab.measure.machine import visible_gpus
 
     if len(visible_gpus()) < 2:
         pytest.skip("needs 2 GPUs")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from costlab.memory import predict_state
+from costlab.measure.memory import predict_state
 from tests.conftest import TINY, compose_config
 
 

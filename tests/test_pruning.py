@@ -10,18 +10,18 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from costlab.checkpoint import expected_shapes
-from costlab.cli import options
 from costlab.compression import target_layers
-from costlab.data import build_corpus
 from costlab.errors import ConfigError
-from costlab.model import build_model
+from costlab.launcher.preflight import options
+from costlab.launcher.validate import validate
+from costlab.models.gpt import build_model
+from costlab.models.saved import expected_shapes
 from costlab.pruning import Pruning, build_pruning
 from costlab.pruning.semi_structured import two_four_mask
 from costlab.pruning.structured import kept_count, mask_structured, plan_structured, shrink
 from costlab.pruning.unstructured import cubic_sparsity
 from costlab.pruning.wanda import wanda_masks
-from costlab.validate import validate
+from costlab.training.data import build_corpus
 from tests.conftest import TINY, compose_config
 
 CPU = [*TINY, "trainer.device=cpu"]

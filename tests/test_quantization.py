@@ -9,21 +9,21 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from costlab.checkpoint import load_model
-from costlab.cli import options
 from costlab.compression import target_layers
-from costlab.data import build_corpus, eval_batches
 from costlab.errors import ConfigError
-from costlab.evaluation import evaluate_final
-from costlab.loss import evaluate
-from costlab.metrics import count_params, save_model, sparse_savings
-from costlab.model import build_model
+from costlab.launcher.preflight import options
+from costlab.launcher.validate import validate
+from costlab.measure.metrics import count_params, save_model, sparse_savings
+from costlab.models.gpt import build_model
+from costlab.models.saved import load_model
 from costlab.parallelism.core import DistEnv
 from costlab.quantization import Quantization, build_quantization
 from costlab.quantization.base import BACKEND_TAG
 from costlab.quantization.pytorch_int8 import dynamic_linear
 from costlab.quantization.qat import strip_fake_quant
-from costlab.validate import validate
+from costlab.training.data import build_corpus, eval_batches
+from costlab.training.evaluation import evaluate_final
+from costlab.training.loss import evaluate
 from tests.conftest import TINY, compose_config, requires_cuda
 
 CPU = [*TINY, "trainer.device=cpu"]
@@ -213,7 +213,7 @@ def test_gpu_only_quantization_is_refused_on_cpu(option):
 @requires_cuda
 @pytest.mark.parametrize("option", ["int8_dynamic", "int4_weight_only", "fp8", "semi_structured"])
 def test_gpu_compression_round_trip(option, tmp_path):
-    from costlab.hardware import visible_gpus
+    from costlab.measure.machine import visible_gpus
 
     need = {"fp8": (8, 9), "int4_weight_only": (8, 0), "semi_structured": (8, 0)}.get(option, (0, 0))
     if min(g.capability for g in visible_gpus()) < need:

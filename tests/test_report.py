@@ -13,7 +13,8 @@ from mlflow.entities import Metric, Param, RunTag
 from omegaconf import OmegaConf
 
 from costlab import ROOT, report
-from costlab.tracking import SWEEP_DIR_TAG, client, experiment_id
+from costlab.tracking.store import client, experiment_id
+from costlab.tracking.sweep import SWEEP_DIR_TAG
 
 LEVERS = {"model": "gpt_nano", "data": "synthetic", "parallelism": "single", "precision": "fp32",
           "pruning": "none", "quantization": "none", "world_size": "1", "device": "cpu"}

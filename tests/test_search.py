@@ -9,10 +9,13 @@ import pytest
 from mlflow.entities import Metric
 from omegaconf import OmegaConf
 
-from costlab import ROOT, data, launch
-from costlab.cli import preflight
+from costlab import ROOT
 from costlab.files import corpus_digest, corpus_files, pysource_files
-from costlab.tracking import client, experiment_id, swept_keys
+from costlab.launcher import job, objective
+from costlab.launcher.preflight import preflight
+from costlab.tracking.store import client, experiment_id
+from costlab.tracking.sweep import swept_keys
+from costlab.training import data
 from tests.conftest import compose_config
 
 TAGS = {"model": "gpt_nano", "data": "synthetic", "parallelism": "single", "precision": "fp32", "pruning": "none",
@@ -22,9 +25,9 @@ TAGS = {"model": "gpt_nano", "data": "synthetic", "parallelism": "single", "prec
 def test_default_run_names_carry_the_overrides_a_sweep_varies():
     overrides = ["trainer.max_steps=4", "trainer.lr=0.0021", "precision=fp32", "+model.dropout=0.1"]
     varied = ["trainer.lr", "precision", "model.dropout"]
-    name = launch.default_run_name(TAGS, overrides, varied)
+    name = job.default_run_name(TAGS, overrides, varied)
     assert name == "gpt_nano single fp32 x1 trainer.lr=0.0021 model.dropout=0.1"
-    assert launch.default_run_name({**TAGS, "pruning": "wanda"}) == "gpt_nano single fp32 x1 wanda"
+    assert job.default_run_name({**TAGS, "pruning": "wanda"}) == "gpt_nano single fp32 x1 wanda"
 
 
 def test_the_keys_a_sweep_varies_come_from_the_command_line_and_the_sweeper():
@@ -55,34 +58,34 @@ def test_the_task_returns_the_optimized_metric_from_mlflow(mlflow_uri):
     run_id = c.create_run(experiment_id(mlflow_uri, "objective")).info.run_id
     c.log_batch(run_id, metrics=[Metric("eval/loss", 1.5, 0, 0), Metric("model/size_bytes", 1e6, 0, 0)])
     cfg = OmegaConf.create({"tracking": {"uri": mlflow_uri}, "optimized_metric": "eval/loss"})
-    assert launch.objective(cfg, "FINISHED", run_id) == 1.5
+    assert objective.objective(cfg, "FINISHED", run_id) == 1.5
     cfg.optimized_metric = ["eval/loss", "model/size_bytes"]
-    assert launch.objective(cfg, "FINISHED", run_id) == [1.5, 1e6]
+    assert objective.objective(cfg, "FINISHED", run_id) == [1.5, 1e6]
     # a failed job is the worst trial of the study, whatever the directions, rather than the end of it
-    assert launch.objective(cfg, "FAILED", run_id, ["minimize", "maximize"]) == [math.inf, -math.inf]
+    assert objective.objective(cfg, "FAILED", run_id, ["minimize", "maximize"]) == [math.inf, -math.inf]
     cfg.optimized_metric = "infer/ttft_ms"  # not logged
-    assert launch.objective(cfg, "FINISHED", run_id) == math.inf
+    assert objective.objective(cfg, "FINISHED", run_id) == math.inf
 
 
 @pytest.mark.parametrize("direction, expected", [
     (None, []), ("maximize", ["maximize"]), (["minimize", "maximize"], ["minimize", "maximize"]),
 ])
 def test_the_search_directions_are_read_whatever_their_form(direction, expected):
-    assert launch.directions(OmegaConf.create({"sweeper": {"direction": direction}})) == expected
+    assert objective.directions(OmegaConf.create({"sweeper": {"direction": direction}})) == expected
 
 
 def test_optunas_default_direction_is_an_enum():
     optuna = pytest.importorskip("hydra_plugins.hydra_optuna_sweeper.config")
     hc = OmegaConf.structured({"sweeper": optuna.OptunaSweeperConf})
-    assert launch.directions(hc) == ["Direction.minimize"]
+    assert objective.directions(hc) == ["Direction.minimize"]
     cfg = OmegaConf.create({"optimized_metric": "eval/loss", "tracking": {"uri": "unused"}})
-    assert launch.objective(cfg, "FAILED", None, launch.directions(hc)) == math.inf
+    assert objective.objective(cfg, "FAILED", None, objective.directions(hc)) == math.inf
 
 
 def test_the_corpus_digest_follows_the_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "b.txt").write_text("world")
-    cfg = {"_target_": "costlab.data.textfile", "name": "textfile", "path": str(tmp_path)}
+    cfg = {"_target_": "costlab.training.data.textfile", "name": "textfile", "path": str(tmp_path)}
     source, files = corpus_files(cfg)
     first = corpus_digest(source, files)
     assert source == str(tmp_path) and [f.name for f in files] == ["a.txt", "b.txt"]

@@ -1,7 +1,7 @@
 import pytest
 
-from costlab.energy import energy_counter
-from costlab.hardware import cpu_info
+from costlab.measure.energy import energy_counter
+from costlab.measure.machine import cpu_info
 from tests.conftest import TINY
 
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from costlab.checkpoint import match_targets
 from costlab.errors import ConfigError
+from costlab.models.saved import match_targets
 from costlab.parallelism.dims import parallel_dims
 
 if TYPE_CHECKING:

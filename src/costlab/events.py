@@ -1,7 +1,7 @@
 """What rank 0 records for its MLflow run, written as JSON lines into the run folder (``events.jsonl``).
 
 The launcher (``run.py``) owns the run, already has the store open and otherwise only waits on torchrun:
-it relays these lines into MLflow as they arrive (:class:`costlab.tracking.Relay`). A worker therefore
+it relays these lines into MLflow as they arrive (:class:`costlab.tracking.relay.Relay`). A worker therefore
 never imports MLflow nor opens the store, which cost every job ~4.5 s of start-up on a 2-core CPU, and
 the training loop only ever appends to a local file.
 
@@ -17,6 +17,8 @@ import queue
 import threading
 import time
 from pathlib import Path
+
+FAILURE_TAG = "costlab.failure"  # why a run failed, where it is known: oom, launcher_died
 
 EVENTS_FILE = "events.jsonl"
 

@@ -35,7 +35,6 @@ LAUNCHER_ENV = "COSTLAB_LAUNCHER"  # "pid:start" of the run.py that launched tor
 PID_DIR = "pids"  # in the run folder: one file per worker, "pid start"
 WORKER_GRACE_S = 10.0  # a stopped worker's main thread has this long to leave before the process exits
 PR_SET_PDEATHSIG = 1
-_INTERRUPTED: list[int] = []  # the stop signals the launcher got (see interrupt)
 
 
 class Stopped(KeyboardInterrupt):
@@ -115,26 +114,36 @@ def owner_alive(owner_tag: str) -> bool | None:
 # --- the launcher's side ------------------------------------------------------------------------------
 
 
-def interrupt(signum: int, frame: object) -> None:
+class LauncherSignals:
     """The launcher's handler for SIGINT and SIGTERM: both end ``run.py`` as Ctrl-C does.
 
-    The signal is also remembered, because Python drops the exception when the handler runs inside an
-    at-fork hook (logging's, during ``subprocess.Popen``) or a ``__del__``: a Ctrl-C that lands while
-    torchrun is forked would otherwise be lost and the job would train on. :func:`check_interrupted`
-    raises it again."""
-    _INTERRUPTED.append(signum)
-    raise KeyboardInterrupt
+    Each signal is also remembered (in the handler, which the signal table holds for the process), because
+    Python drops the exception when the handler runs inside an at-fork hook (logging's, during
+    ``subprocess.Popen``) or a ``__del__``: a Ctrl-C that lands while torchrun is forked would otherwise be
+    lost and the job would train on. :func:`check_interrupted` raises it again."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+        raise KeyboardInterrupt
 
 
 def check_interrupted() -> None:
-    """Raise KeyboardInterrupt if :func:`interrupt` ran, even if the exception it raised was dropped."""
-    if _INTERRUPTED:
+    """Raise KeyboardInterrupt if the installed :class:`LauncherSignals` got a signal, even if the exception
+    it raised was dropped."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, LauncherSignals) and handler.received:
         raise KeyboardInterrupt
 
 
 def handle_stop_signals() -> dict[int, object]:
-    """Install :func:`interrupt` for SIGINT and SIGTERM; return the handlers it replaced."""
-    return {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    """Install a :class:`LauncherSignals` for SIGINT and SIGTERM (the one installed already, if any, so
+    what it remembers carries over); return the handlers it replaced."""
+    current = signal.getsignal(signal.SIGINT)
+    handler = current if isinstance(current, LauncherSignals) else LauncherSignals()
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
 
 def worker_pid_file(run_dir: Path, node_rank: int, rank: int) -> Path:

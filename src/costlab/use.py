@@ -23,7 +23,7 @@ trained on (a learned position table ends there):
 - :func:`score` cuts the text's tokens into non-overlapping windows of ``block_size`` predicted tokens
   (consecutive windows share one token: the last target of one is the first input of the next), so every
   token but the first is predicted exactly once, from the context since its window's start; the last
-  window may be shorter. The windows are scored with costlab's own :func:`costlab.loss.evaluate`.
+  window may be shorter. The windows are scored with costlab's own :func:`costlab.training.loss.evaluate`.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from costlab.checkpoint import FINAL, RUN_ID, UNCOMPRESSED
 from costlab.errors import ConfigError
-from costlab.tokens import Codec, load_codec
+from costlab.models.saved import FINAL, RUN_ID, UNCOMPRESSED
+from costlab.training.tokens import Codec, load_codec
 
 WHICH = ("final", "uncompressed")
 SCORE_BATCH = 16  # full windows per forward pass in score()
@@ -81,8 +81,8 @@ def _short(value: object, limit: int = 40) -> str:
 def run_folder(run: str | Path, tracking_uri: str | None = None) -> Path:
     """The folder of ``run``: a run folder, or an MLflow run id looked up in ``tracking_uri`` (default: the
     store ``tracking.uri`` names by default, ``outputs/mlflow.db``) through its ``costlab.run_dir`` tag."""
-    from costlab.resume import find_run
-    from costlab.tracking import default_uri, sqlite_path
+    from costlab.tracking.find import find_run
+    from costlab.tracking.store import default_uri, sqlite_path
 
     text = str(run)
     uri = tracking_uri or default_uri()
@@ -118,7 +118,7 @@ def model_file(folder: Path, config: DictConfig, which: str = "final") -> Path:
 
 
 def _compressed(config: DictConfig) -> bool:
-    """Whether the run compressed its trained model (as :func:`costlab.evaluation.evaluate_final` decides)."""
+    """Whether the run compressed its trained model (as :func:`costlab.training.evaluation.evaluate_final` decides)."""
     from costlab.pruning import build_pruning
     from costlab.quantization import build_quantization
 
@@ -134,7 +134,7 @@ def load_run(run: str | Path, which: str = "final", device: str = "cpu", trackin
     ``uncompressed`` (the trained model before compression; ``model.pt`` when there was none).
     Raises ``ValueError`` (``argument=value: why``, one line) for a run or file that is not there.
     """
-    from costlab.checkpoint import load_model
+    from costlab.models.saved import load_model
 
     folder = run_folder(run, tracking_uri)
     config = OmegaConf.load(folder / "config.yaml")
@@ -235,7 +235,7 @@ def score(loaded: Loaded, text: str) -> dict[str, float]:
     """How well the model predicts ``text``: ``loss``, mean nats per predicted token; ``tokens``, how many
     tokens were predicted (all but the first); ``bits_per_byte``, the total nats / ln 2 / the UTF-8 bytes
     of ``text`` (one scale for every vocabulary). The windows are described in the module's notes."""
-    from costlab.loss import evaluate
+    from costlab.training.loss import evaluate
 
     if not isinstance(text, str):
         raise ConfigError("text", _short(text), "must be a str")

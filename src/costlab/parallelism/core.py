@@ -19,9 +19,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from costlab.loss import evaluate, loss_fn
-from costlab.model import build_model
+from costlab.models.gpt import build_model
 from costlab.precision import autocast
+from costlab.training.loss import evaluate, loss_fn
 
 
 @dataclass

@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from costlab.model import has_blocks
+from costlab.models.gpt import has_blocks
 
 
 def apply_fsdp(

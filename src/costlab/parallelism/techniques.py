@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from costlab.model import has_blocks
+from costlab.models.gpt import has_blocks
 
 
 def apply_fp8(model: nn.Module, recipe: str) -> None:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from costlab.data import ByteCorpus
+    from costlab.training.data import ByteCorpus
 
 # what share of the targeted weights is gone (zeroed, or removed by a structured prune)
 TARGET_SPARSITY = "pruning/target_sparsity"
@@ -89,7 +89,7 @@ class TargetedPruning(Pruning):
             return {}
         # imported here: the launcher imports this module to check configs, and must not pay for these
         from costlab.parallelism.core import DistEnv, Parallel
-        from costlab.train import build_optimizer, train
+        from costlab.training.trainer import build_optimizer, train
 
         rcfg = copy.deepcopy(cfg)
         with open_dict(rcfg):

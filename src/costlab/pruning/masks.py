@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
-from costlab.data import ByteCorpus
 from costlab.pruning.base import TARGET_SPARSITY, TargetedPruning
+from costlab.training.data import ByteCorpus
 
 
 class MaskPruning(TargetedPruning):

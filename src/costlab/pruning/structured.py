@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from costlab.data import ByteCorpus
 from costlab.errors import ConfigError, positive_int
 from costlab.pruning.base import DEFAULT_TARGETS, TARGET_SPARSITY, TargetedPruning
+from costlab.training.data import ByteCorpus
 
 PARTS = ("mlp", "attn")
 # Kept MLP widths are rounded to a multiple of this: on an AVX2 EPYC (benchmarks/pruned_widths.py, gpt_nano

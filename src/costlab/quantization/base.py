@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from costlab.compression import DEFAULT_TARGETS, check_targets, target_layers
 from costlab.errors import ConfigError
-from costlab.hardware import require_gpu
+from costlab.measure.machine import require_gpu
 
 if TYPE_CHECKING:
     from torch import nn

@@ -13,13 +13,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from costlab import resume
-from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.faults import Stopped, StopWatcher
-from costlab.metrics import StepStats, now, state_bytes_per_rank
-from costlab.names import TRAIN_LOSS
+from costlab.measure.metrics import StepStats, now, state_bytes_per_rank
+from costlab.measure.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
 from costlab.precision import grad_scaler
+from costlab.training import checkpoint
+from costlab.training.data import BatchSampler, ByteCorpus, eval_batches
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
@@ -85,16 +85,16 @@ def train(
 
     interval = int(t.get("checkpoint_interval", 0) or 0) if resumable else 0
     first = 0
-    resumed = resume.load(parallel.model, optimizer, scaler, cfg, env) if resumable else None
+    resumed = checkpoint.load(parallel.model, optimizer, scaler, cfg, env) if resumable else None
     if resumed is not None:
         first = resumed.step
-        result.fault = {resume.LOST_S: resumed.lost_s, resume.RESUMES: resumed.resumes}
+        result.fault = {checkpoint.LOST_S: resumed.lost_s, checkpoint.RESUMES: resumed.resumes}
         if env.is_main:
             print(f"resumed from {resumed.path.name} (step {first}); {resumed.lost_s:.1f}s lost to faults so far",
                   flush=True)
     if resumable:
-        result.fault[resume.RESTARTS] = resume.restart_count()
-    checkpoints = resume.Checkpointer(cfg, env, resumed) if interval else None
+        result.fault[checkpoint.RESTARTS] = checkpoint.restart_count()
+    checkpoints = checkpoint.Checkpointer(cfg, env, resumed) if interval else None
     if stop is not None and interval:
         stop.defer = True  # a stop signal is acted on at a step boundary: checkpoint, then stop
     started = printed = time.perf_counter()
@@ -156,7 +156,7 @@ def train(
         saved = (step + 1) % interval == 0
         if saved:
             checkpoints.save(parallel.model, optimizer, scaler, step + 1)
-        if stop is not None and resume.stop_agreed(stop.requested, env):
+        if stop is not None and checkpoint.stop_agreed(stop.requested, env):
             if not saved:
                 checkpoints.save(parallel.model, optimizer, scaler, step + 1)
             checkpoints.finish()

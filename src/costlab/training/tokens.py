@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
-from costlab.data import ByteCorpus
-from costlab.hf_config import tokenizer_folder
+from costlab.models.hf_config import tokenizer_folder
+from costlab.training.data import ByteCorpus
 
 TOKENIZER_TAG = "costlab.tokenizer"  # "bytes", or "tokenizer:<folder>"
 

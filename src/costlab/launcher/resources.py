@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from costlab.errors import ConfigError
-from costlab.hf_config import is_hf, read_config
+from costlab.models.hf_config import is_hf, read_config
 
 GIB = 2**30
 WARN_FRACTION = 0.8  # of the available memory: a prediction above it fits, but only just
@@ -135,7 +135,7 @@ def rough_upper_bound(cfg: DictConfig) -> float:
     """A generous upper bound of one rank's training bytes, from the config alone (no torch): every weight
     unsharded with its gradient and AdamW state (16 bytes), and at least twice the activations the memory
     model counts per token (fp32 everywhere, the whole batch on one rank). Only decides whether the exact
-    prediction (:func:`costlab.memory.predict_state`) is worth making."""
+    prediction (:func:`costlab.measure.memory.predict_state`) is worth making."""
     m, t = cfg.model, cfg.trainer
     tokens = int(t.batch_size) * int(m.block_size)
     if is_hf(cfg):  # the Hugging Face config's own shape keys
@@ -162,7 +162,7 @@ def rough_upper_bound(cfg: DictConfig) -> float:
 
 
 def _check_memory(cfg: DictConfig) -> list[str]:
-    from costlab.memory import PREDICTED, predict_state
+    from costlab.measure.memory import PREDICTED, predict_state
 
     t = cfg.trainer
     if t.device == "cpu":

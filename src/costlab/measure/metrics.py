@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from costlab.names import MEM_GRADS, MEM_OPTIMIZER, MEM_PARAMS, PERF_TOKENS_PER_S
+from costlab.measure.names import MEM_GRADS, MEM_OPTIMIZER, MEM_PARAMS, PERF_TOKENS_PER_S
 from costlab.quantization.pytorch_int8 import packed_tensors
 
 

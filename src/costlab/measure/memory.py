@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from costlab.hf_config import is_hf
+from costlab.models.hf_config import is_hf
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
@@ -64,7 +64,7 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from costlab.model import build_model
+    from costlab.models.gpt import build_model
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
 
     with torch.device("meta"), _no_init():
@@ -219,6 +219,6 @@ def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
 
 
 def _gpt_config(cfg: DictConfig) -> Any:
-    from costlab.model import GPTConfig
+    from costlab.models.gpt import GPTConfig
 
     return GPTConfig(**{k: v for k, v in cfg.model.items() if k in GPTConfig.__dataclass_fields__})

@@ -1,6 +1,6 @@
 """The worker: one per rank, started by torchrun with the resolved config file.
 
-    python -m torch.distributed.run --standalone --nproc-per-node=N -m costlab.worker run_dir/config.yaml
+    python -m torch.distributed.run --standalone --nproc-per-node=N -m costlab.training run_dir/config.yaml
 
 It reads like the flow of a run: build → parallelize → train → compress → evaluate → log.
 """
@@ -20,10 +20,18 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from costlab import status
-from costlab.checkpoint import CHECKPOINT_TAG, load_init, trained_model_file
-from costlab.cost import MFU, NO_MFU_TAG, PEAK_SOURCE_TAG, TFLOPS_PER_DEVICE, cost_metrics, device_peak, flops_per_token
-from costlab.data import build_corpus
-from costlab.energy import (
+from costlab.events import MetricLogger, record_tags
+from costlab.faults import (
+    LAUNCHER_ENV,
+    WORKER_GRACE_S,
+    Stopped,
+    StopWatcher,
+    alive,
+    die_with_parent,
+    exit_now,
+    record_worker,
+)
+from costlab.measure.energy import (
     ENERGY_INFER,
     ENERGY_JOULES,
     ENERGY_SOURCE_TAG,
@@ -33,20 +41,29 @@ from costlab.energy import (
     energy_counter,
     inference_energy,
 )
-from costlab.evaluation import evaluate_final, infer_batch
-from costlab.events import MetricLogger, record_tags
-from costlab.faults import LAUNCHER_ENV, Stopped, StopWatcher, alive, die_with_parent, exit_now, record_worker
-from costlab.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
-from costlab.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
-from costlab.model import build_model
-from costlab.names import INFER_TOKENS_PER_S, MEM_PEAK, PERF_TOKENS_PER_S
+from costlab.measure.hardware import (
+    MFU,
+    NO_MFU_TAG,
+    PEAK_SOURCE_TAG,
+    TFLOPS_PER_DEVICE,
+    cost_metrics,
+    device_peak,
+    flops_per_token,
+)
+from costlab.measure.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
+from costlab.measure.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
+from costlab.measure.names import INFER_TOKENS_PER_S, MEM_PEAK, PERF_TOKENS_PER_S
+from costlab.models.gpt import build_model
+from costlab.models.saved import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
-from costlab.tokens import TOKENIZER_TAG, load_codec, tokenize_corpus
-from costlab.train import build_optimizer, train
+from costlab.training.data import build_corpus
+from costlab.training.evaluation import evaluate_final, infer_batch
+from costlab.training.tokens import TOKENIZER_TAG, load_codec, tokenize_corpus
+from costlab.training.trainer import build_optimizer, train
 
 
 def seed_everything(seed: int) -> None:
@@ -158,22 +175,18 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
 
 def close_if_orphaned(cfg: DictConfig) -> None:
     """Rank 0, stopping: if the run.py that owns the run is gone (killed outright), nobody else will close
-    the run, so close it FAILED here, with the reason."""
+    the run, so it is closed FAILED now, with the reason, by a launcher-side process (the ranks never
+    import MLflow): ``python -m costlab.tracking.relay`` relays what run.py had not, then closes the run."""
     launcher = os.environ.get(LAUNCHER_ENV)
     run_id = cfg.runtime.get("run_id") or status.run_id_of(Path(cfg.runtime.run_dir))
     if not launcher or alive(launcher) or not run_id:
         return
-    from costlab.tracking import FAILURE_TAG, client, relay_rest  # the launcher is gone: the store is written here
+    import subprocess
 
+    cmd = [sys.executable, "-m", "costlab.tracking.relay", str(cfg.tracking.uri), str(run_id), str(cfg.runtime.run_dir)]
     try:
-        lost = relay_rest(cfg.tracking.uri, run_id, cfg.runtime.run_dir)  # the metrics it had not relayed
-        if lost is not None:
-            print(f"costlab: some metrics of run {run_id} are only in events.jsonl: {lost}", file=sys.stderr,
-                  flush=True)
-        store = client(cfg.tracking.uri)
-        store.set_tag(run_id, FAILURE_TAG, "launcher_died")
-        store.set_terminated(run_id, "FAILED")
-    except Exception as e:  # run.py's next start closes it (costlab.tracking.close_orphans)
+        subprocess.run(cmd, stdin=subprocess.DEVNULL, timeout=WORKER_GRACE_S - 1, check=True)
+    except (OSError, subprocess.SubprocessError) as e:  # run.py's next start closes it (tracking.close_orphans)
         print(f"costlab: could not close run {run_id}: {e}", file=sys.stderr, flush=True)
         return
     print(f"costlab: run.py (pid {launcher.split(':')[0]}) is gone; run {run_id} closed FAILED",
@@ -183,7 +196,7 @@ def close_if_orphaned(cfg: DictConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m costlab.worker RUN_DIR/config.yaml")
+        raise SystemExit("usage: python -m costlab.training RUN_DIR/config.yaml")
     cfg = OmegaConf.load(argv[0])
     die_with_parent()  # torchrun killed outright: this worker gets SIGTERM rather than running on
     stop = StopWatcher().start()
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     except torch.cuda.OutOfMemoryError:
         # "does not fit" is a result a sweep can show: the run ends FAILED with the reason as a tag
         if cfg.trainer.node_rank == 0:  # run.py relays it from this node's run folder
-            from costlab.tracking import FAILURE_TAG
+            from costlab.events import FAILURE_TAG
 
             record_tags(cfg.runtime.run_dir, {FAILURE_TAG: "oom"})
         raise
@@ -225,6 +238,3 @@ def predict(cfg: DictConfig) -> dict[str, float]:
         if dist.is_initialized():
             dist.destroy_process_group()
         return {}
-
-if __name__ == "__main__":
-    main()

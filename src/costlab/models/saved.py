@@ -1,4 +1,5 @@
-"""``trainer.init_from``: find a saved model, check it fits the configured model, load it.
+"""Saved-model files: the model a run ships (``model.pt``) and its uncompressed twin, their shapes, whether one
+fits a configured model (``trainer.init_from``), and loading them back.
 
 The launcher's checks import torch but never initialise CUDA: the expected shapes come from the model
 built on the meta device, and a checkpoint's shapes from ``torch.load(mmap=True, weights_only=True)``.
@@ -15,11 +16,18 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+
 CHECKPOINT_TAG = "costlab.checkpoint"  # MLflow tag: the trained, uncompressed model file of a run
+
+
 # the same file name in a subfolder: torch.save names its zip entries after the file, so equal names
 # keep the two sizes comparable to the byte
 UNCOMPRESSED = "uncompressed/model.pt"
+
+
 FINAL = "model.pt"
+
+
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -29,7 +37,7 @@ def expected_shapes(model_cfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[st
     import torch  # only configs whose checks need shapes pay for torch in the launcher
     from torch import nn
 
-    from costlab.model import build_model
+    from costlab.models.gpt import build_model
 
     with torch.device("meta"):
         model = build_model(model_cfg)
@@ -62,40 +70,10 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
     return {k: tuple(v.shape) if type(v) in (torch.Tensor, torch.nn.Parameter) else None for k, v in state.items()}
 
 
-# --- trainer.init_from ------------------------------------------------------------------------------
-
-
 def trained_model_file(run_dir: Path) -> Path | None:
     """The trained, uncompressed model a run folder holds: what ``trainer.init_from=<run>`` starts from."""
     found = [run_dir / f for f in (UNCOMPRESSED, FINAL) if (run_dir / f).is_file()]
     return found[0] if found else None
-
-
-def resolve_init_from(value: Any, tracking_uri: str) -> Path:
-    """A checkpoint file, a run folder holding one, or an MLflow run id in ``tracking_uri``."""
-    text = str(value)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        found = trained_model_file(path)
-        if found is None:
-            raise ValueError(f"the folder holds neither {UNCOMPRESSED} nor {FINAL}")
-        return found
-    if path.is_file():
-        return path
-    if not RUN_ID.match(text):
-        raise ValueError("no such file or folder, and not an MLflow run id")
-    from costlab.tracking import client  # only for a run id: the ranks never import it otherwise
-
-    try:
-        run = client(tracking_uri).get_run(text)
-    except Exception:  # the store says "not found" in several ways across MLflow versions
-        raise ValueError(f"no such file, and no MLflow run with this id in {tracking_uri}") from None
-    saved = run.data.tags.get(CHECKPOINT_TAG)
-    if not saved:
-        raise ValueError(f"MLflow run {text} saved no model (status {run.info.status})")
-    if not Path(saved).is_file():
-        raise ValueError(f"the model MLflow run {text} saved, {saved}, is gone")
-    return Path(saved)
 
 
 def check_fits(path: Path, model_cfg: Any) -> None:
@@ -116,10 +94,11 @@ def check_fits(path: Path, model_cfg: Any) -> None:
 
 
 def load_init(model: Any, cfg: Any) -> Path:
-    """Load ``trainer.init_from`` into a freshly built ``model`` (the worker's side); return the file."""
+    """Load ``trainer.init_from`` into a freshly built ``model`` (the worker's side); return the file. The
+    launcher has resolved a run id or folder into the file (``runtime.init_from``): ranks never ask MLflow."""
     import torch
 
-    path = resolve_init_from(cfg.trainer.init_from, cfg.tracking.uri)
+    path = Path(cfg.runtime.init_from)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return path
 
@@ -132,7 +111,7 @@ def load_model(model_cfg: Any, path: Path, device: str | torch.device = "cpu", e
     import torch
     from torch import nn
 
-    from costlab.model import build_model
+    from costlab.models.gpt import build_model
     from costlab.quantization.pytorch_int8 import rebuild as rebuild_int8
 
     try:

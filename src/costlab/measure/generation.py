@@ -15,8 +15,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from costlab.metrics import now
-from costlab.names import INFER_DECODE_SPEEDUP, INFER_DECODE_TOKENS_PER_S, INFER_TTFT
+from costlab.measure.metrics import now
+from costlab.measure.names import INFER_DECODE_SPEEDUP, INFER_DECODE_TOKENS_PER_S, INFER_TTFT
 
 GENERATION_TAG = "costlab.generation"  # the lengths timed: trainer.gen_*, cut down to fit model.block_size
 TTFT = "ttft_s"
@@ -59,7 +59,7 @@ def time_generation(
     seconds of the decode loop that yields the rest. Warm-up generations are left out.
 
     With several models the generations are interleaved, in an order that alternates every iteration (as
-    :func:`costlab.metrics.time_inference` does), so load from elsewhere falls on all of them alike.
+    :func:`costlab.measure.metrics.time_inference` does), so load from elsewhere falls on all of them alike.
     """
     check_generates(models)
     if new_tokens < 2:

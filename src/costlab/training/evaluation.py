@@ -16,16 +16,23 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from costlab.checkpoint import FINAL, UNCOMPRESSED
-from costlab.data import ByteCorpus, eval_batches
-from costlab.generation import GENERATION_TAG, generation_lengths, generation_metrics, time_generation
-from costlab.loss import evaluate
-from costlab.metrics import count_params, save_model, sparse_savings, time_inference
-from costlab.names import EVAL_BITS_PER_BYTE, EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, INFER_TOKENS_PER_S, MODEL_SIZE
+from costlab.measure.generation import GENERATION_TAG, generation_lengths, generation_metrics, time_generation
+from costlab.measure.metrics import count_params, save_model, sparse_savings, time_inference
+from costlab.measure.names import (
+    EVAL_BITS_PER_BYTE,
+    EVAL_LOSS,
+    INFER_LATENCY,
+    INFER_SPEEDUP,
+    INFER_TOKENS_PER_S,
+    MODEL_SIZE,
+)
+from costlab.models.saved import FINAL, UNCOMPRESSED
 from costlab.parallelism.core import DistEnv
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
+from costlab.training.data import ByteCorpus, eval_batches
+from costlab.training.loss import evaluate
 
 
 @dataclass

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from costlab.checkpoint import expected_shapes
 from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
 from costlab.files import is_text
-from costlab.hardware import require_gpu, visible_gpus
-from costlab.hf_config import config_file, is_hf, read_config, shipped_configs, tokenizer_folder
+from costlab.launcher.validate_compression import check_compression
+from costlab.measure.machine import require_gpu, visible_gpus
+from costlab.models.hf_config import config_file, is_hf, read_config, shipped_configs, tokenizer_folder
+from costlab.models.saved import expected_shapes
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
-from costlab.validate_compression import check_compression
 
 
 def validate(cfg: DictConfig) -> None:

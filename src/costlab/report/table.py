@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from costlab import status, tracking
-from costlab.names import (
+from costlab.measure.names import (
     EVAL_LOSS,
     INFER_LATENCY,
     MEM_GRADS,
@@ -106,13 +106,7 @@ def swept_keys(c: MlflowClient, parent: str) -> list[str]:
 
 
 def _all_runs(c: MlflowClient, experiment_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = c.search_runs([experiment_id], page_token=token)
-        runs += page
-        token = page.token
-        if not token:
-            return runs
+    return list(tracking.pages(c.search_runs, [experiment_id]))
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -259,7 +253,7 @@ def compare(value: float | None, base: float | None, how: str) -> float | None:
 
 
 def build_table(rows: list[RunRecord], baseline: str | None = None, swept: Sequence[str] = ()) -> Report:
-    """The comparison of ``rows`` against their baseline; the summary is left to :mod:`costlab.report_text`."""
+    """The comparison of ``rows`` against their baseline; the summary is left to :mod:`costlab.report.text`."""
     base = choose_baseline(rows, baseline)
     label_runs(rows, base, swept)
     others = sorted(

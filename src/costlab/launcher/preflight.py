@@ -89,15 +89,22 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 raise ConfigError(group, value, f"unknown option; choose one of {', '.join(known)}")
 
 
+def first_values(argv: list[str]) -> list[tuple[Override, str]]:
+    """Each override of the command line (not Hydra's own) with the first value it names: a sweep's first job."""
+    parsed = parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
+    return [(o, f"{o.get_key_element()}={values(o)[0]}") for o in parsed
+            if not o.key_or_group.startswith("hydra") and o.package is None]
+
+
+def tracking_uri(argv: list[str]) -> str:
+    """The MLflow store the command line's (first) job logs to."""
+    return str(compose_config([text for _, text in first_values(argv)]).tracking.uri)
+
+
 def check_keys(argv: list[str]) -> None:
     """Refuse ``section.key=value`` for a key the composed config does not have (Hydra's own refusal is
     several lines). A sweep is checked with the first value of each swept key."""
-    parsed = parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
-    first = []
-    for o in parsed:
-        if o.key_or_group.startswith("hydra") or o.package is not None:
-            continue  # Hydra's own settings and packages are Hydra's to check
-        first.append((o, f"{o.get_key_element()}={values(o)[0]}"))
+    first = first_values(argv)
     if not any(o.type == OverrideType.CHANGE and "." in o.key_or_group for o, _ in first):
         return  # only a plain dotted override can name a missing key: spare every other start a compose
     try:

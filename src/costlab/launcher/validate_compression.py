@@ -12,7 +12,8 @@ from costlab.quantization import build_quantization
 
 
 def check_compression(cfg: DictConfig) -> None:
-    from costlab.checkpoint import check_fits, expected_shapes, resolve_init_from
+    from costlab.models.saved import check_fits, expected_shapes
+    from costlab.tracking.find import resolve_init_from
 
     init_from = cfg.trainer.get("init_from")
     if init_from:

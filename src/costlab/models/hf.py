@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from costlab.hf_config import config_file
-from costlab.model import GPTConfig
+from costlab.models.gpt import GPTConfig
+from costlab.models.hf_config import config_file
 
 
 def decoder_layers(hf: nn.Module) -> nn.ModuleList:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from costlab.hardware import Cpu
+from costlab.measure.machine import Cpu
 
 PROBE_SIZE = 256  # n of the n x n x n matmul: ~34 MFLOP, milliseconds in fp32, well under a second when emulated
 PROBE_MIN_S = 0.05  # each dtype is timed for at least this long after one warm-up call

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,28 @@ if TYPE_CHECKING:  # the launcher reads checkpoint folders without importing tor
 
     from costlab.parallelism.core import DistEnv
 
+
 CHECKPOINTS = "checkpoints"
+
+
 META = "trainer.json"
+
+
 RESTARTS = "fault/restarts"  # how many times torchrun restarted the workers (trainer.max_restarts)
+
+
 RESUMES = "fault/resumes"  # how many times the run was continued from a checkpoint (restart or trainer.resume)
+
+
 LOST_S = "fault/lost_s"  # wall time lost to faults: from the checkpoint resumed from to the resumed first step
+
+
 CKPT_SAVE_S = "checkpoint/save_s"  # the mean seconds training waited per checkpoint (all ranks, synchronised)
+
+
 CKPT_BYTES = "checkpoint/bytes"  # the size of the last checkpoint on disk, all ranks' shards together
+
+
 CKPT_COUNT = "checkpoint/count"
 
 
@@ -224,86 +238,3 @@ def stop_agreed(requested: bool, env: DistEnv) -> bool:
 def restart_count() -> int:
     """How many times torchrun has restarted this job's workers (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-
-# --- the launcher's side: trainer.resume ---------------------------------------------------------------------
-
-RUN_DIR_TAG = "costlab.run_dir"  # where a run's folder (config, log, checkpoints) is: what trainer.resume finds
-# the only overrides a resumed run takes: the rest is the run's own config
-RESUME_KEEPS = ("trainer.resume", "trainer.max_restarts", "trainer.checkpoint_interval", "trainer.checkpoint_keep",
-                "trainer.checkpoint_async", "tracking.uri")
-
-
-def find_run(value: str, uri: str) -> tuple[Path, str | None]:
-    """The folder and the MLflow run id of the run ``value`` names: a run folder (it holds the ``config.yaml``
-    the launcher writes; the id is the one in it, None for a run that was not tracked) or an MLflow run id in
-    the store ``uri`` (the folder is the run's :data:`RUN_DIR_TAG`). Raises ``ValueError``: why, in a few
-    words (the caller names the key or argument). No torch."""
-    from omegaconf import OmegaConf
-
-    from costlab import tracking
-    from costlab.checkpoint import RUN_ID
-
-    path = Path(value).expanduser()
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise ValueError("the folder holds no config.yaml: it is not a run folder")
-        run_id = (OmegaConf.load(path / "config.yaml").get("runtime") or {}).get("run_id")
-        return path.resolve(), None if run_id is None else str(run_id)
-    if not RUN_ID.match(value):
-        raise ValueError("no such run folder, and not an MLflow run id")
-    try:
-        tags = tracking.client(uri).get_run(value).data.tags
-    except Exception:  # the store says "not found" in several ways across MLflow versions
-        raise ValueError(f"no such folder, and no MLflow run with this id in {uri}") from None
-    if RUN_DIR_TAG not in tags:
-        raise ValueError(f"this run does not say where its folder is (it has no {RUN_DIR_TAG} tag: it is older)")
-    return Path(tags[RUN_DIR_TAG]), value
-
-
-def resume_target(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str]:
-    """``trainer.resume=<run id or run folder>``: the config of the run to continue (its own, resolved,
-    with the overrides :data:`RESUME_KEEPS` allows) and its MLflow run id. Refuses, with one line, a run
-    that finished, still runs, or has no checkpoint. No torch: it runs in the launcher."""
-    from omegaconf import OmegaConf, open_dict
-
-    from costlab import status, tracking
-    from costlab.errors import ConfigError
-
-    value = str(cfg.trainer.resume)
-    key = "trainer.resume"
-    given = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
-    extra = [o for k, o in given.items() if k not in RESUME_KEEPS]
-    if extra:
-        raise ConfigError(key, value, f"continues the run with its own config; drop {extra[0]} (a resume takes only "
-                          f"{', '.join(RESUME_KEEPS[1:])})")
-    uri = str(cfg.tracking.uri)
-    c = tracking.client(uri)
-    try:
-        run_dir, found_id = find_run(value, uri)
-    except ValueError as e:
-        raise ConfigError(key, value, str(e)) from None
-    if found_id is None:
-        raise ConfigError(key, value, "the folder's config.yaml names no MLflow run: the run was not tracked")
-    run_id = found_id
-    try:
-        run = c.get_run(run_id)
-    except Exception:
-        raise ConfigError(key, value, f"MLflow run {run_id} is not in {uri}") from None
-    if run.info.status == status.FINISHED:
-        raise ConfigError(key, value, "the run FINISHED: there is nothing to resume")
-    if run.info.status == status.RUNNING:
-        raise ConfigError(key, value, "the run is still RUNNING (its launcher is alive)")
-    found = latest(run_dir, run_id)
-    if found is None:
-        raise ConfigError(key, value, f"{run_dir} holds no checkpoint (the run had trainer.checkpoint_interval=0)")
-    old = OmegaConf.load(run_dir / "config.yaml")
-    with open_dict(old):
-        for k in RESUME_KEEPS:
-            section, _, name = k.partition(".")
-            if k in given or k == key:
-                old[section][name] = cfg[section][name]
-        old.runtime.ended_at = (run.info.end_time or 0) / 1000 or None
-    print(f"costlab: resuming run {run_id} ({run.info.status}) from {found[1].name} in {run_dir}", file=sys.stderr,
-          flush=True)
-    return old, run_id

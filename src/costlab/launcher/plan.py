@@ -15,9 +15,9 @@ import sys
 
 from omegaconf import DictConfig
 
-from costlab.cost import device_peak, flops_per_token, matmul_dtype, usd_per_hour
 from costlab.errors import ConfigError
-from costlab.memory import PREDICTED, predict_state
+from costlab.measure.hardware import device_peak, flops_per_token, matmul_dtype, usd_per_hour
+from costlab.measure.memory import PREDICTED, predict_state
 
 PLAN = "plan/"  # + the figures below: a plan's metrics, never mixed with measured ones
 GB = 1e9
@@ -33,7 +33,7 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
     """The plan's metrics and the lines that tell it."""
     import torch
 
-    from costlab.model import build_model
+    from costlab.models.gpt import build_model
 
     t, hw = cfg.trainer, cfg.hardware
     world = int(t.nnodes * t.nproc_per_node)

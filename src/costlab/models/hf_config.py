@@ -9,7 +9,7 @@ from typing import Any
 
 from costlab import ROOT
 
-TARGET = "costlab.hf.HFCausalLM"
+TARGET = "costlab.models.hf.HFCausalLM"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CONFIG_DIR = ROOT / "conf" / "hf_configs"  # the small configs shipped for model.config=<name>
 

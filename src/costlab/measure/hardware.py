@@ -19,7 +19,7 @@ is model FLOPs, not hardware FLOPs.
 A "device" is a GPU; on CPU it is one rank (its share of the cores), and a node's price is
 ``usd_per_core_hour`` times the cores the run uses. GPU peaks and prices are datasheet and list
 figures (``conf/hardware/<option>.yaml`` names their sources); a CPU's peak is measured on the machine
-(:func:`costlab.probes.cpu_peak_tflops`).
+(:func:`costlab.measure.probes.cpu_peak_tflops`).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def resolve_hardware(cfg: DictConfig, planning: bool = False) -> DictConfig:
     GPU nvidia-smi names on a CUDA run, ``cpu`` on a CPU run; a price set on ``auto`` is kept. A datasheet
     option that is not the machine the run is on is refused (unless ``planning``: a plan is for the
     machine it names): its peak would say nothing about this run."""
-    from costlab.hardware import visible_gpus
+    from costlab.measure.machine import visible_gpus
 
     hw = cfg.hardware
     for key in ("usd_per_hour", "usd_per_core_hour"):
@@ -177,8 +177,8 @@ def device_peak(cfg: DictConfig, local_ranks: int) -> tuple[float | None, str]:
             return None, "no fp8 matmuls on CPU"
         from pathlib import Path
 
-        from costlab.hardware import cpu_info
-        from costlab.probes import cpu_peak_tflops
+        from costlab.measure.machine import cpu_info
+        from costlab.measure.probes import cpu_peak_tflops
 
         cache = hw.get("probe_cache")
         tflops, source = cpu_peak_tflops(dtype, Path(cache) if cache else None, cpu_info())

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from costlab import status
-from costlab.names import EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, MODEL_SIZE, PERF_TOKENS_PER_S
-from costlab.report_table import (
+from costlab.measure.names import EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, MODEL_SIZE, PERF_TOKENS_PER_S
+from costlab.report.table import (
     BYTES_TOLERANCE,
     COMPRESSION,
     LEVERS,

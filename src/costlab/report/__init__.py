@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from costlab import ROOT, tracking
-from costlab.names import (
+from costlab.measure.names import (
     EVAL_LOSS,
     INFER_LATENCY,
     MEM_GRADS,
@@ -34,18 +34,18 @@ from costlab.names import (
     PERF_TOKENS_PER_S,
     TRAIN_LOSS,
 )
-from costlab.report_table import (  # noqa: F401  (the comparison's API, used through this module)
+from costlab.report.table import (
     BaselineNotFound,
     Report,
     RunRecord,
     build_table,
-    choose_baseline,
+    choose_baseline,  # noqa: F401  (the report's API, used by the tests and notebooks)
     load_runs,
     pareto_front,
     swept_keys,
-    trains_like,
+    trains_like,  # noqa: F401
 )
-from costlab.report_text import markdown, summarize, write_csv
+from costlab.report.text import markdown, summarize, write_csv
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -96,12 +96,12 @@ def write_report(rep: Report, out: Path, c: MlflowClient | None = None, parent_i
 
 
 def _figures(rep: Report, histories: dict[str, tuple[list[int], list[float]]]) -> dict[str, Any]:
-    from costlab import report_plots
+    from costlab.report import plots
 
-    figures = {stem: report_plots.pareto(rep.rows, metric, xlabel, bigger, EVAL_LOSS, pareto_front)
+    figures = {stem: plots.pareto(rep.rows, metric, xlabel, bigger, EVAL_LOSS, pareto_front)
                for stem, (metric, xlabel, bigger) in FIGURES.items()}
-    figures["loss_curves"] = report_plots.loss_curves(histories, TRAIN_LOSS)
-    figures["memory"] = report_plots.memory_bars(rep.rows, (MEM_PARAMS, MEM_GRADS, MEM_OPTIMIZER), MEM_PEAK)
+    figures["loss_curves"] = plots.loss_curves(histories, TRAIN_LOSS)
+    figures["memory"] = plots.memory_bars(rep.rows, (MEM_PARAMS, MEM_GRADS, MEM_OPTIMIZER), MEM_PEAK)
     return figures
 
 
@@ -144,7 +144,7 @@ def report_sweep(uri: str, parent_id: str, out: Path, baseline: str | None = Non
 
 class SweepReport(Callback):
     """At the end of a multirun, builds the report of its parent run into ``<sweep dir>/report`` and logs
-    it on the parent. Listed after :class:`costlab.tracking.SweepParentRun`, so it runs before the
+    it on the parent. Listed after :class:`costlab.tracking.sweep.SweepParentRun`, so it runs before the
     parent is closed. A report that cannot be built is one warning line; the sweep's verdict and exit
     code stay those of its jobs."""
 
@@ -192,6 +192,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"costlab: report: {path}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,39 +6,34 @@ It never imports torch: starting a sweep must stay cheap and must never initiali
 
 from __future__ import annotations
 
-import math
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from costlab import faults, status, tracking
-from costlab.cost import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.errors import ConfigError
 from costlab.events import events_path
 from costlab.files import write_whole
-from costlab.hardware import cpu_info, resolve_device
-from costlab.plan import check_plan
-from costlab.probes import slow_precision_warning
-from costlab.resources import check_resources, describe_kill, oom_kill_count
-from costlab.resume import RUN_DIR_TAG, resume_target
-from costlab.tracking import check_tracking
-from costlab.validate import validate
-
-__all__ = ["run_job", "run_follower", "fail"]
+from costlab.launcher.objective import BASIC_SWEEPER, Objective, directions, objective, refuse_trial
+from costlab.launcher.plan import check_plan
+from costlab.launcher.resources import check_resources, describe_kill, oom_kill_count
+from costlab.launcher.resume import resume_target
+from costlab.launcher.torchrun import from_slurm, job_prefix, launch_torchrun
+from costlab.launcher.validate import validate
+from costlab.measure.hardware import HARDWARE_TAG, resolve_hardware, run_cost
+from costlab.measure.machine import cpu_info, resolve_device
+from costlab.measure.probes import slow_precision_warning
+from costlab.tracking.find import RUN_DIR_TAG, resolve_init_from
+from costlab.tracking.runs import check_tracking
 
 ERROR_TAIL_LINES = 80
-TERM_GRACE_S = 15.0
 
 
 def fail(error: ConfigError, run_dir: Path, node_rank: int, parent_id: str | None, uri: str | None) -> NoReturn:
@@ -68,61 +63,6 @@ def default_run_name(tags: dict[str, str], overrides: list[str] = (), varied: li
         if key in varied and key not in ("model", "parallelism", "precision", "pruning", "quantization"):
             parts.append(override.lstrip("+~"))
     return " ".join(parts)
-
-
-Objective = float | list[float]
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-
-
-def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Sequence[str] = ()) -> Objective:
-    """What the Hydra task returns, for sweepers that search (Optuna): the run's ``optimized_metric`` (a
-    float, or a list for several objectives) as logged in MLflow.
-
-    A job that did not finish, or did not log the metric, gets the worst value of each objective (+inf when
-    minimised, -inf when maximised, per ``directions``): the study goes on, its best value and Pareto front
-    are those of the jobs that ran, and the sampler learns to avoid what failed. (NaN would be Optuna's
-    "failed trial", but the Optuna 2 that hydra-optuna-sweeper installs ends the whole study on it.)
-    """
-    names = cfg.get("optimized_metric") or []
-    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
-    finished = run_id is not None and outcome == status.FINISHED
-    metrics = tracking.client(cfg.tracking.uri).get_run(run_id).data.metrics if finished else {}
-    missing = [n for n in names if n not in metrics]
-    if finished and missing:
-        print(f"costlab: warning: run {run_id} logged no {', '.join(missing)} (optimized_metric): "
-              "returning the worst value", file=sys.stderr)
-    worst = [-math.inf if i < len(directions) and "max" in str(directions[i]) else math.inf for i in range(len(names))]
-    values = [float(metrics[n]) if n in metrics else w for n, w in zip(names, worst, strict=True)]
-    return values[0] if len(values) == 1 else values
-
-
-def directions(hc: DictConfig) -> list[str]:
-    """The search's directions (Optuna's ``hydra.sweeper.direction``: one, or a list), or none."""
-    d = hc.sweeper.get("direction")  # a string, an enum (Optuna's default) or a list of either
-    if d is None:
-        return []
-    return [str(x) for x in d] if isinstance(d, list | tuple | ListConfig) else [str(d)]
-
-
-def refuse_trial(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, tags: dict[str, str],
-                 hc: DictConfig) -> Objective:
-    """A search proposed a configuration this machine cannot run: this trial fails, the search goes on.
-    One line says why; the trial's run is recorded FAILED with the reason, never left RUNNING."""
-    print(f"costlab: error: {error} (this trial fails; the search goes on)", file=sys.stderr)
-    status.write(run_dir, status.FAILED, node_rank=0, parent_run_id=parent_id)
-    run_id = None
-    if parent_id:
-        c = tracking.client(cfg.tracking.uri)
-        tags = {**tags, "mlflow.parentRunId": parent_id, tracking.SWEEP_ID_TAG: parent_id,
-                tracking.ERROR_TAG: str(error)}
-        sweep_name = tracking.sweep_info(hc.sweep.dir).get("name")
-        if sweep_name:
-            tags[tracking.SWEEP_NAME_TAG] = sweep_name
-        run_id = tracking.create_run(c, cfg.tracking.uri, c.get_run(parent_id).info.experiment_id,
-                                     f"refused {error.key}={error.value}", tags)
-        c.set_terminated(run_id, status.FAILED)
-        status.write(run_dir, status.FAILED, node_rank=0, run_id=run_id, parent_run_id=parent_id)
-    return objective(cfg, status.FAILED, run_id, directions(hc))
 
 
 def run_job(cfg: DictConfig) -> Objective:
@@ -180,7 +120,7 @@ def run_job(cfg: DictConfig) -> Objective:
     world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     with open_dict(cfg):
         ended_at = cfg.get("runtime", {}).get("ended_at") if resumed_id else None
-        cfg.runtime = {"run_id": resumed_id, "run_dir": str(run_dir), "world_size": world_size, "ended_at": ended_at}
+        cfg.runtime = runtime(cfg, run_dir, resumed_id, ended_at)
     config_path = run_dir / "config.yaml"
     write_config(config_path, cfg)
     log_path = run_dir / "worker.log"
@@ -229,6 +169,16 @@ def run_job(cfg: DictConfig) -> Objective:
         raise KeyboardInterrupt
     print(f"costlab: run {job['run_id']} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
     return objective(cfg, outcome, job["run_id"], directions(hc))
+
+
+def runtime(cfg: DictConfig, run_dir: Path, run_id: str | None, ended_at: float | None = None) -> dict[str, Any]:
+    """What the ranks need beyond the config: where the run lives, its MLflow run (when known), the world
+    size, and ``trainer.init_from`` resolved into the file to load (a run id is looked up here, so the
+    ranks never ask MLflow)."""
+    init_from = cfg.trainer.get("init_from")
+    return {"run_id": run_id, "run_dir": str(run_dir), "world_size": cfg.trainer.nnodes * cfg.trainer.nproc_per_node,
+            "ended_at": ended_at,
+            "init_from": str(resolve_init_from(init_from, cfg.tracking.uri)) if init_from else None}
 
 
 def write_config(path: Path, cfg: DictConfig) -> None:
@@ -282,7 +232,7 @@ def close_run(cfg: DictConfig, job: dict[str, Any], outcome: str, t0: float, oom
 def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, hc: DictConfig) -> tuple[str, str]:
     """``mode=plan``: predict, print, and log the plan as a FINISHED run tagged ``mode=plan``; no worker.
     Returns the outcome and the run's id."""
-    from costlab.plan import make_plan, print_plan
+    from costlab.launcher.plan import make_plan, print_plan
 
     world = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     tags = {**_tags(cfg, dict(hc.runtime.choices), world), "mode": "plan"}
@@ -315,9 +265,8 @@ def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:
     """
     t0 = time.time()
     node = cfg.trainer.node_rank
-    world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
     with open_dict(cfg):
-        cfg.runtime = {"run_id": None, "run_dir": str(run_dir), "world_size": world_size}
+        cfg.runtime = runtime(cfg, run_dir, None)
     config_path = run_dir / f"config.node{node}.yaml"
     config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     status.write(run_dir, status.RUNNING, node_rank=node, parent_run_id=parent_id)
@@ -332,170 +281,3 @@ def run_follower(cfg: DictConfig, run_dir: Path, parent_id: str | None) -> str:
         status.write(run_dir, outcome, node_rank=node, parent_run_id=parent_id)
     print(f"costlab: node {node} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
     return outcome
-
-
-SLURM_PORT_BASE = 20000  # rendezvous port = base + job id mod 20000: concurrent jobs do not collide
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[003-004,007],cpu1" -> "gpu003"."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, ranges = head[:-1].split("[", 1)
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def from_slurm(cfg: DictConfig, env: Mapping[str, str]) -> None:
-    """Inside a SLURM allocation of several nodes, one run.py per node (Hydra's submitit launcher
-    with ``tasks_per_node=1``): take this node's rank and node 0's host from the allocation.
-
-    ``trainer.nnodes`` must still be given (it matches ``hydra.launcher.nodes``); an explicit
-    ``trainer.rdzv_endpoint`` wins over the derived one.
-    """
-    t = cfg.trainer
-    if t.nnodes <= 1 or "SLURM_JOB_ID" not in env or "SLURM_NODEID" not in env:
-        return
-    if int(env.get("SLURM_NNODES", t.nnodes)) != t.nnodes:
-        raise ConfigError("trainer.nnodes", t.nnodes, f"the SLURM allocation has {env['SLURM_NNODES']} nodes")
-    t.node_rank = int(env["SLURM_NODEID"])
-    job = env["SLURM_JOB_ID"]
-    if not t.rdzv_endpoint:
-        port = SLURM_PORT_BASE + int(job.split("_")[0]) % 20000
-        t.rdzv_endpoint = f"{first_slurm_host(env['SLURM_JOB_NODELIST'])}:{port}"
-    t.rdzv_id = f"costlab-{job}"
-
-
-def torchrun_command(cfg: DictConfig, config_path: Path) -> list[str]:
-    t = cfg.trainer
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={t.nproc_per_node}"]
-    if t.get("max_restarts"):
-        cmd.append(f"--max-restarts={t.max_restarts}")  # each restart resumes from the latest checkpoint
-    if t.nnodes == 1:
-        cmd.append("--standalone")  # c10d rendezvous on a free port: concurrent jobs never collide
-    else:
-        cmd += [
-            f"--nnodes={t.nnodes}",
-            f"--node-rank={t.node_rank}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={t.rdzv_endpoint}",
-            f"--rdzv-id={t.rdzv_id}",
-        ]
-    return cmd + ["-m", "costlab.worker", str(config_path)]
-
-
-def worker_env(cfg: DictConfig) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    if cfg.trainer.nnodes == 1:
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: loopback is always right
-    # each local rank gets an equal share of the cores, so world sizes compare on the same hardware
-    threads = max(1, (os.cpu_count() or 1) // cfg.trainer.nproc_per_node)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    return env
-
-
-BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-
-
-def job_prefix(hc: DictConfig) -> bytes:
-    """Under a launcher that runs jobs side by side, each console line of a job names it."""
-    if hc.mode != RunMode.MULTIRUN or hc.launcher.get("_target_") == BASIC_LAUNCHER:
-        return b""
-    return f"[job {hc.job.num}] ".encode()
-
-
-def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: bytes = b"",
-                    while_starting: Callable[[], None] | None = None) -> int:
-    """Run torchrun in its own process group, tee its output to ``log_path`` (and to the console, each line
-    after ``prefix``); return its exit code. ``while_starting`` runs once torchrun has started: if it raises,
-    torchrun and its workers are stopped as on Ctrl-C and the exception is raised here.
-
-    No worker outlives this call (see :mod:`costlab.faults`): on Ctrl-C (or SIGTERM to this process)
-    torchrun's group and each worker get SIGTERM, then SIGKILL after a grace period; however torchrun
-    ended, workers still alive are ended before this returns; and if this process is killed outright,
-    torchrun gets SIGTERM from the kernel and stops its workers.
-    """
-    run_dir, node = Path(cfg.runtime.run_dir), int(cfg.trainer.node_rank)
-    env = worker_env(cfg)
-    env[faults.LAUNCHER_ENV] = faults.token()
-    offset = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends to its log
-    # torchrun writes into the log file itself, not into a pipe to this process: if this process dies,
-    # the workers' output (and their last words about it) still has somewhere to go
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            torchrun_command(cfg, config_path),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            preexec_fn=faults.die_with_parent,
-        )
-
-    def tee() -> None:
-        # signals go to the main thread: one delivered here would leave the main thread waiting on torchrun
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        with log_path.open("rb") as f:
-            f.seek(offset)
-            pending = b""
-            while True:
-                done = proc.poll() is not None  # read once more after torchrun exits: nothing is missed
-                chunk = f.read()
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    sys.stdout.buffer.write(prefix + line + b"\n")
-                if lines:
-                    sys.stdout.flush()
-                if done and not chunk:
-                    break
-                if not chunk:
-                    time.sleep(0.1)
-            if pending:
-                sys.stdout.buffer.write(prefix + pending + b"\n")
-                sys.stdout.flush()
-
-    reader = threading.Thread(target=tee, daemon=True)
-    reader.start()
-    previous = faults.handle_stop_signals()
-    try:
-        if while_starting is not None:
-            while_starting()
-        while True:  # short waits: the main thread returns to Python often enough to act on a signal
-            faults.check_interrupted()  # a signal whose exception Python dropped (e.g. during the fork)
-            try:
-                rc = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    except BaseException:  # Ctrl-C, SIGTERM, or while_starting failed: no worker runs on
-        faults.signal_workers(run_dir, node, signal.SIGTERM)
-        _terminate_group(proc)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        killed = faults.reap_workers(run_dir, node)
-        if killed:
-            print(f"costlab: {killed} worker(s) outlived torchrun and were killed", file=sys.stderr, flush=True)
-        reader.join(timeout=10)
-    return rc
-
-
-
-def _terminate_group(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            # torchrun has exited; make sure no worker of its group lingers
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        return

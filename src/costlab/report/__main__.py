@@ -1,0 +1,7 @@
+"""``python -m costlab.report``: rebuild a sweep's report from MLflow alone."""
+
+import sys
+
+from costlab.report import main
+
+sys.exit(main())
