@@ -8,7 +8,7 @@ applied to one trained gpt_micro, measured against the uncompressed model in thi
 Every row runs costlab's own final step, ``costlab.training.evaluation.evaluate_final`` (the code a run executes).
 Sizes are the bytes of the saved state dict; speed-ups come from interleaved forward passes of the
 uncompressed and the compressed model on the same batch after warm-up (costlab.measure.metrics.time_inference);
-decode speed-ups from interleaved greedy generations with a KV cache (costlab.generation); loss deltas are
+decode speed-ups from interleaved greedy generations with a KV cache (costlab.measure.generation); loss deltas are
 relative. ``--model`` takes a costlab model option or a shipped ``model=hf`` config (conf/hf_configs/).
 """
 

@@ -334,9 +334,9 @@ def run_case(case: Case, out: Path, timeout_s: float, env: dict[str, Any]) -> Re
 
 def dry_run_case(case: Case) -> Result:
     """Validate the case's config for CPU, in this process, as run.py would before starting workers."""
-    from costlab.errors import ConfigError
     from costlab.launcher.preflight import compose_config
     from costlab.launcher.validate import validate
+    from costlab.schema import ConfigError
 
     result = Result(case.name, case.overrides, case.note)
     try:

@@ -97,3 +97,21 @@ def has_cuda() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
+
+
+def refusal(*overrides: str):
+    """The error ``run.py`` refuses these overrides with before any rank starts, found in-process: the
+    command line's checks, the composed config's schema, the device and hardware, validation and resources
+    (``costlab.launcher.job.check_job``). One subprocess per refusal path checks the real exit; the cases
+    are cheap here."""
+    from costlab.launcher.job import check_job
+    from costlab.launcher.preflight import check_group_choices, check_keys
+    from costlab.schema import ConfigError
+
+    argv = [o for o in overrides if o != "-m"]
+    with pytest.raises(ConfigError) as e:
+        check_group_choices(argv)
+        check_keys(argv)
+        cfg = compose_config(argv)
+        check_job(cfg, cfg.mode == "plan")
+    return e.value

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import TINY, has_cuda
+from tests.conftest import TINY, has_cuda, refusal
 
 CASES = {
     "unknown-option": (["parallelism=warp"], "parallelism=warp"),
@@ -40,7 +40,14 @@ def _assert_refused(proc, needle):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_refused_with_one_line(cli, name):
+def test_bad_input_is_refused_naming_the_key(name):
+    overrides, needle = CASES[name]
+    assert needle in str(refusal(*overrides))
+
+
+@pytest.mark.parametrize("name", ["unknown-option-in-sweep", "batch-not-dividing-ranks"])
+def test_bad_input_is_refused_by_run_py_with_one_line(cli, name):
+    """The real path, once for the command line's checks and once for validation: exit 2, one line, no run."""
     overrides, needle = CASES[name]
     before = len(cli.runs())
     proc = cli(*overrides, timeout=120)
@@ -111,8 +118,8 @@ def test_textfile_without_a_path_is_refused_with_one_line(cli):
 
 @pytest.mark.parametrize("kind", ["character device", "FIFO"])
 def test_a_data_path_that_is_neither_file_nor_folder_says_what_it_is(tmp_path, kind):
-    from costlab.errors import ConfigError
     from costlab.launcher.validate import validate
+    from costlab.schema import ConfigError
     from tests.conftest import compose_config
 
     path = "/dev/zero"

@@ -10,10 +10,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from costlab import CONF_DIR
-from costlab.errors import ConfigError
 from costlab.launcher.validate import validate
 from costlab.models.gpt import GPT
-from tests.conftest import TINY, compose_config
+from costlab.schema import ConfigError
+from tests.conftest import TINY, compose_config, refusal
 
 COMPRESSION_METRICS = (
     "eval/loss", "eval/loss_uncompressed", "eval/loss_delta", "model/params", "model/nonzero_params",
@@ -47,9 +47,14 @@ def refused(cli, *overrides: str) -> str:
         (["trainer.max_steps=0"], "trainer.max_steps=0"),
     ],
 )
-def test_bad_compression_input_is_refused_before_any_worker(cli, overrides, key):
-    line = refused(cli, "trainer.device=cpu", *overrides)
-    assert key in line
+def test_bad_compression_input_is_refused_naming_the_key(tmp_path, overrides, key):
+    store = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"  # where a run id is looked up
+    assert key in str(refusal(*TINY, "trainer.device=cpu", store, *overrides))
+
+
+@pytest.mark.e2e
+def test_a_compression_refusal_stops_run_py_before_torchrun(cli):
+    assert "pruning.amount=1.0" in refused(cli, "trainer.device=cpu", "pruning=l1_unstructured", "pruning.amount=1.0")
 
 
 @pytest.mark.parametrize(
@@ -118,6 +123,7 @@ def test_pruned_and_quantized_run_logs_every_compression_metric(cli):
                                                  / m["eval/loss_uncompressed"], rel=1e-6)
     assert run.data.tags["pruning"] == "l1_unstructured" and run.data.tags["quantization"] == "int8_dynamic"
     assert run.data.tags["costlab.checkpoint"].endswith("uncompressed/model.pt")
+    assert run.data.tags["costlab.compresses_in_training"] == "false"  # one-shot, after training
 
 
 @pytest.mark.e2e
@@ -131,12 +137,14 @@ def test_train_time_compression_then_init_from_the_run_without_retraining(cli):
     first = cli.run_by_name("qat")
     assert first.data.metrics["pruning/target_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert first.data.metrics["quantization/qat_steps"] == 2
+    assert first.data.tags["costlab.compresses_in_training"] == "true"  # the options said so: a report knows
     proc = cli(*TINY, "trainer.device=cpu", "trainer.max_steps=0", f"trainer.init_from={first.info.run_id}",
                "pruning=structured", "quantization=int8_weight_only", "tracking.run_name=again")
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = cli.run_by_name("again").data.metrics
     assert again["eval/loss_uncompressed"] == first.data.metrics["eval/loss_uncompressed"]
     assert again["model/params"] < again["model/params_uncompressed"]
+    assert cli.run_by_name("again").data.tags["costlab.compresses_in_training"] == "false"
 
 
 @pytest.mark.e2e

@@ -6,10 +6,10 @@ import pytest
 from omegaconf import open_dict
 
 from costlab import CONF_DIR, ROOT
-from costlab.errors import ConfigError
 from costlab.launcher.preflight import options
 from costlab.launcher.validate import validate
 from costlab.measure.machine import resolve_device
+from costlab.schema import ConfigError
 from tests.conftest import compose_config
 
 GROUPS = ["model", "data", "parallelism", "precision", "pruning", "quantization"]

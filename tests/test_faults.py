@@ -18,8 +18,8 @@ import time
 import pytest
 
 from costlab import ROOT, faults, tracking
-from costlab.errors import ConfigError
 from costlab.events import FAILURE_TAG
+from costlab.schema import ConfigError
 from costlab.tracking.runs import OWNER_TAG, check_tracking
 
 from .conftest import TINY, compose_config

@@ -12,12 +12,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from costlab.errors import ConfigError  # noqa: E402
 from costlab.launcher.validate import validate  # noqa: E402
 from costlab.measure.hardware import flops_per_token, matmul_params  # noqa: E402
 from costlab.models.hf import HFCausalLM, decoder_layers  # noqa: E402
 from costlab.models.hf_config import shipped_configs  # noqa: E402
 from costlab.models.saved import load_model  # noqa: E402
+from costlab.schema import ConfigError  # noqa: E402
 
 from .conftest import TINY, Cli, compose_config  # noqa: E402
 

@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from costlab import CONF_DIR, ROOT
-from costlab.errors import ConfigError
-from costlab.launcher.torchrun import first_slurm_host, from_slurm
+from costlab.launcher.torchrun import from_slurm
+from costlab.schema import ConfigError
 from tests.conftest import TINY, compose_config
 
 
@@ -79,26 +79,52 @@ def test_slurm_launcher_composes():
     assert cfg.trainer.nnodes == 2 and cfg.parallelism.name == "fsdp"
 
 
+SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_NODEID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2",
+              "SLURM_JOB_NODELIST": "gpu[003-004]"}  # what SLURM sets in the task of node 1 of a 2-node job
+
+
+def _in_slurm_task(monkeypatch, **env: str) -> None:
+    pytest.importorskip("submitit", reason="pip install 'costlab[slurm]'")
+    for key, value in {**SLURM_TASK, **env}.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize(("nodelist", "host"), [
     ("gpu017", "gpu017"), ("a1,a2", "a1"), ("gpu[003-004,007]", "gpu003"), ("gpu[12,14],cpu1", "gpu12"),
     ("rack-2-[08-09]", "rack-2-08"),
 ])
-def test_first_host_of_a_slurm_node_list(nodelist, host):
-    assert first_slurm_host(nodelist) == host
-
-
-def test_each_slurm_task_takes_its_node_rank_and_node_0s_endpoint():
-    env = {"SLURM_JOB_ID": "4242", "SLURM_NODEID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[003-004]"}
+def test_node_0_is_the_first_host_of_the_slurm_node_list(monkeypatch, nodelist, host):
+    _in_slurm_task(monkeypatch, SLURM_JOB_NODELIST=nodelist)
     cfg = compose_config(["trainer.nnodes=2", "parallelism=ddp"])
-    from_slurm(cfg, env)
+    from_slurm(cfg)
+    assert cfg.trainer.rdzv_endpoint == f"{host}:24242"
+
+
+def test_each_slurm_task_takes_its_node_rank_and_node_0s_endpoint(monkeypatch):
+    _in_slurm_task(monkeypatch)
+    cfg = compose_config(["trainer.nnodes=2", "parallelism=ddp"])
+    from_slurm(cfg)
     t = cfg.trainer
     assert (t.node_rank, t.rdzv_endpoint, t.rdzv_id) == (1, "gpu003:24242", "costlab-4242")
 
     single = compose_config()
-    from_slurm(single, env)  # one node: nothing to coordinate, the config is left alone
+    from_slurm(single)  # one node: nothing to coordinate, the config is left alone
     assert single.trainer.node_rank == 0 and single.trainer.rdzv_endpoint is None
 
     wrong = compose_config(["trainer.nnodes=3", "trainer.rdzv_endpoint=h:1"])
     with pytest.raises(ConfigError, match="trainer.nnodes=3"):
-        from_slurm(wrong, env)
+        from_slurm(wrong)
 
+
+def test_a_task_of_a_slurm_job_array_rendezvous_on_its_own_port(monkeypatch):
+    # each task of an array has its own SLURM_JOB_ID; the array's id is shared by all of them
+    _in_slurm_task(monkeypatch, SLURM_JOB_ID="4243", SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID="1")
+    cfg = compose_config(["trainer.nnodes=2", "parallelism=ddp"])
+    from_slurm(cfg)
+    assert (cfg.trainer.rdzv_endpoint, cfg.trainer.rdzv_id) == ("gpu003:24243", "costlab-4243")
+
+
+def test_an_unreadable_slurm_node_list_asks_for_the_endpoint(monkeypatch):
+    _in_slurm_task(monkeypatch, SLURM_JOB_NODELIST="gpu[003-004")
+    with pytest.raises(ConfigError, match="trainer.rdzv_endpoint"):
+        from_slurm(compose_config(["trainer.nnodes=2", "parallelism=ddp"]))

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from costlab.errors import ConfigError
 from costlab.launcher.validate import validate
-from tests.conftest import TINY, Cli, compose_config, requires_cuda
+from costlab.schema import ConfigError
+from tests.conftest import TINY, Cli, compose_config, refusal, requires_cuda
 
 # 4 blocks so that interleaved 1F1B has 2 stages per rank; eval every 3 steps exercises the
 # evaluate hooks; the learning rate and clipping (grad norm > 1 here) are as in a real run
@@ -37,8 +37,13 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CLI_CASES))
-def test_bad_parallel_input_is_refused_before_any_worker(cli, name):
+def test_bad_parallel_input_is_refused_naming_the_key(name):
     overrides, key = CLI_CASES[name]
+    assert key in str(refusal(*TINY, "trainer.device=cpu", *overrides))
+
+
+def test_a_parallel_refusal_stops_run_py_before_any_worker(cli):
+    overrides, key = CLI_CASES["tp-heads"]
     before = len(cli.runs())
     proc = cli(*TINY, "trainer.device=cpu", *overrides, timeout=120)
     _refused(proc, key)

@@ -17,8 +17,9 @@ from tests.conftest import TINY, compose_config
 def test_a_7b_plan_on_8_h100s_predicts_without_allocating(cli):
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.time()
-    proc = cli("mode=plan", "model=llama_7b", "hardware=h100_sxm", "parallelism=fsdp", "trainer.nproc_per_node=8",
-               "precision=bf16", "trainer.activation_checkpointing=full", "tracking.run_name=plan7b")
+    overrides = ["mode=plan", "model=llama_7b", "hardware=h100_sxm", "parallelism=fsdp", "trainer.nproc_per_node=8",
+                 "precision=bf16", "trainer.activation_checkpointing=full", "tracking.run_name=plan7b"]
+    proc = cli(*overrides)
     seconds = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert seconds < 30
@@ -31,12 +32,15 @@ def test_a_7b_plan_on_8_h100s_predicts_without_allocating(cli):
     # FSDP over 8: fp32 parameters, gradients and two AdamW states, one eighth each
     assert m["plan/state_bytes_per_device"] == pytest.approx(16 * params / 8, rel=0.01)
     assert m["plan/memory_bytes_per_device"] > m["plan/state_bytes_per_device"]  # activations on top
-    assert m["plan/memory_margin_bytes"] == pytest.approx(80e9 - m["plan/memory_bytes_per_device"])
-    tokens = 250 * 32 * 4096  # the default steps and global batch, at the model's context
-    assert m["plan/tokens_per_s_assumed"] == pytest.approx(0.4 * 989.5e12 * 8 / m["plan/flops_per_token"])
+    cfg = compose_config(overrides)  # the figures the plan was given, read as run.py composed them
+    hw, t = cfg.hardware, cfg.trainer
+    assert m["plan/memory_margin_bytes"] == pytest.approx(hw.memory_gb * 1e9 - m["plan/memory_bytes_per_device"])
+    tokens = t.max_steps * t.batch_size * cfg.model.block_size  # the steps and global batch, at the context
+    assumed = cfg.plan.mfu * hw.peak_tflops.bf16 * 1e12 * 8 / m["plan/flops_per_token"]
+    assert m["plan/tokens_per_s_assumed"] == pytest.approx(assumed)
     assert m["plan/hours"] == pytest.approx(tokens / m["plan/tokens_per_s_assumed"] / 3600)
-    assert m["plan/usd"] == pytest.approx(3.0 * 8 * m["plan/hours"])
-    assert "ASSUMED MFU of 40%" in proc.stderr and "fits" in proc.stderr
+    assert m["plan/usd"] == pytest.approx(hw.usd_per_hour * 8 * m["plan/hours"])
+    assert f"ASSUMED MFU of {cfg.plan.mfu:.0%}" in proc.stderr and "fits" in proc.stderr
     assert not (cli.out / "run" / "worker.log").exists()  # no worker was started
 
 

@@ -11,7 +11,6 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from costlab.compression import target_layers
-from costlab.errors import ConfigError
 from costlab.launcher.preflight import options
 from costlab.launcher.validate import validate
 from costlab.models.gpt import build_model
@@ -21,6 +20,7 @@ from costlab.pruning.semi_structured import two_four_mask
 from costlab.pruning.structured import kept_count, mask_structured, plan_structured, shrink
 from costlab.pruning.unstructured import cubic_sparsity
 from costlab.pruning.wanda import wanda_masks
+from costlab.schema import ConfigError
 from costlab.training.data import build_corpus
 from tests.conftest import TINY, compose_config
 
@@ -269,7 +269,7 @@ def test_scope_is_a_key_only_where_it_means_something(option):
     extra = ["pruning.allow_mask_only=true"] if option == "semi_structured" else []
     with pytest.raises(ConfigError) as e:
         validate(compose_config([*CPU, f"pruning={option}", "+pruning.scope=global", *extra]))
-    assert e.value.key == "pruning.scope" and f"not a key of pruning={option}" in e.value.why
+    assert e.value.key == "pruning.scope" and f"no such key in pruning={option}" in e.value.why
 
 
 def test_global_scope_ranks_weights_across_layers():

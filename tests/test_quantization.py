@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from costlab.compression import target_layers
-from costlab.errors import ConfigError
 from costlab.launcher.preflight import options
 from costlab.launcher.validate import validate
 from costlab.measure.metrics import count_params, save_model, sparse_savings
@@ -21,6 +20,7 @@ from costlab.quantization import Quantization, build_quantization
 from costlab.quantization.base import BACKEND_TAG
 from costlab.quantization.pytorch_int8 import dynamic_linear
 from costlab.quantization.qat import strip_fake_quant
+from costlab.schema import ConfigError
 from costlab.training.data import build_corpus, eval_batches
 from costlab.training.evaluation import evaluate_final
 from costlab.training.loss import evaluate

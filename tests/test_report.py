@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param, RunTag
 from omegaconf import OmegaConf
 
 from costlab import ROOT, report
+from costlab.measure.names import COMPRESSES_IN_TRAINING
 from costlab.tracking.store import client, experiment_id
 from costlab.tracking.sweep import SWEEP_DIR_TAG
 
@@ -24,8 +25,9 @@ BASE = {"eval/loss": 2.0, "eval/perplexity": 7.389, "perf/tokens_per_s": 10_000.
 
 
 
-def _run(c, exp, name, parent=None, status="FINISHED", levers=None, metrics=None, params=None, curve=(3.0, 2.5, 2.2)):
-    tags = {**LEVERS, **(levers or {})}
+def _run(c, exp, name, parent=None, status="FINISHED", levers=None, metrics=None, params=None, curve=(3.0, 2.5, 2.2),
+         tags=None):
+    tags = {**LEVERS, **(levers or {}), **(tags or {})}
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = c.create_run(exp, run_name=name, tags=tags)
@@ -205,7 +207,7 @@ def test_only_runs_that_trained_differently_are_compared_on_training_speed(sweep
     assert report.trains_like(rows[ids["l1"]], base)  # pruned after training
     assert not report.trains_like(rows[ids["bf16"]], base)
     gradual = _run(c, exp, "gradual", pid, levers={"pruning": "l1_unstructured"},
-                   params={"pruning.schedule": "gradual"})
+                   params={"pruning.schedule": "gradual"}, tags={COMPRESSES_IN_TRAINING: "true"})
     lr = _run(c, exp, "lr", pid, params={"trainer.lr": "0.001"})
     rows = {r.run_id: r for r in _rows(c, pid)}
     assert not report.trains_like(rows[gradual], base) and not report.trains_like(rows[lr], base)

@@ -10,12 +10,12 @@ from omegaconf import open_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from costlab.errors import ConfigError
 from costlab.launcher.resources import cgroup_dir, check_resources, cpu_memory_available, describe_kill, oom_kill_count
 from costlab.measure.memory import PREDICTED, activation_parts, predict_activations, predict_state
 from costlab.models.gpt import build_model
 from costlab.parallelism.techniques import apply_ac
 from costlab.precision import autocast
+from costlab.schema import ConfigError
 from costlab.training.loss import loss_fn
 from tests.conftest import compose_config
 

@@ -10,7 +10,7 @@ from mlflow.entities import Metric
 from omegaconf import OmegaConf
 
 from costlab import ROOT
-from costlab.files import corpus_digest, corpus_files, pysource_files
+from costlab.files import corpus_digest, pysource_files
 from costlab.launcher import job, objective
 from costlab.launcher.preflight import preflight
 from costlab.tracking.store import client, experiment_id
@@ -86,15 +86,15 @@ def test_the_corpus_digest_follows_the_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "b.txt").write_text("world")
     cfg = {"_target_": "costlab.training.data.textfile", "name": "textfile", "path": str(tmp_path)}
-    source, files = corpus_files(cfg)
+    source, files = _corpus_files(cfg)
     first = corpus_digest(source, files)
     assert source == str(tmp_path) and [f.name for f in files] == ["a.txt", "b.txt"]
-    assert corpus_digest(*corpus_files(cfg)) == first
+    assert corpus_digest(*_corpus_files(cfg)) == first
     (tmp_path / "b.txt").write_text("world!")
-    assert corpus_digest(*corpus_files(cfg)) != first
+    assert corpus_digest(*_corpus_files(cfg)) != first
     synthetic = compose_config(["data=synthetic"]).data
-    a = corpus_digest(*corpus_files(OmegaConf.to_container(synthetic)))
-    b = corpus_digest(*corpus_files({**OmegaConf.to_container(synthetic), "seed": 7}))
+    a = corpus_digest(*_corpus_files(OmegaConf.to_container(synthetic)))
+    b = corpus_digest(*_corpus_files({**OmegaConf.to_container(synthetic), "seed": 7}))
     assert a != b and len(a) == 32
 
 
@@ -125,3 +125,9 @@ def test_the_narrowing_the_pareto_search_preset_documents_composes():
         cfg = compose("config", overrides=["+experiment=pareto_search", narrowing.strip("'")],
                       return_hydra_config=True)
     assert cfg.hydra.sweeper.params.precision == "choice(fp32)"
+
+
+def _corpus_files(data):
+    from costlab.schema import option
+
+    return option("data", data).corpus_files()

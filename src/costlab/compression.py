@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from costlab.errors import ConfigError
 from costlab.models.saved import match_targets
 from costlab.parallelism.dims import parallel_dims
+from costlab.schema import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn

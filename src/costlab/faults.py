@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import psutil
+
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 LAUNCHER_ENV = "COSTLAB_LAUNCHER"  # "pid:start" of the run.py that launched torchrun
 PID_DIR = "pids"  # in the run folder: one file per worker, "pid start"
@@ -60,14 +62,16 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
 
+START_TOLERANCE_S = 1.5  # see alive()
+
+
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22): with the pid it
-    names a process uniquely, so a reused pid is never mistaken for the one recorded."""
+    """When the process started, in seconds since the epoch to the clock tick (10 ms): with the pid it names
+    a process uniquely, so a reused pid is never mistaken for the one recorded. None if there is none."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def token(pid: int | None = None) -> str:
@@ -77,25 +81,22 @@ def token(pid: int | None = None) -> str:
 
 
 def alive(tok: str) -> bool:
-    """Whether the process a :func:`token` names still runs (a zombie counts as gone)."""
+    """Whether the process a :func:`token` names still runs (a zombie counts as gone).
+
+    The start time is the kernel's ticks since boot plus the boot time, which moves when the clock is
+    stepped (NTP): a start within :data:`START_TOLERANCE_S` of the recorded one is the same process; a pid
+    reused by a process started so close to the first one would have to go round the whole pid range."""
     try:
         pid_s, start = tok.split(":", 1)
-        pid = int(pid_s)
-    except ValueError:
+        recorded = float(start)
+        proc = psutil.Process(int(pid_s))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return recorded == 0 or abs(proc.create_time() - recorded) < START_TOLERANCE_S
+    except (ValueError, psutil.NoSuchProcess):  # a zombie psutil cannot read is a NoSuchProcess too
         return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        if not Path("/proc/self/stat").exists():  # no procfs: fall back on the pid alone
-            try:
-                os.kill(pid, 0)
-                return True
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-        return False
-    return state != "Z" and (start == "0" or start_time(pid) == start)
+    except psutil.AccessDenied:  # there, but not ours to inspect: the pid alone answers
+        return True
 
 
 def owner() -> str:
@@ -200,7 +201,10 @@ def exit_now(code: int | str | None = 0) -> NoReturn:
         code = 1
     # what the interpreter does first on its way out: join the threads that are not daemons and run the
     # threading atexit hooks (concurrent.futures and joblib's loky shut their executors down there; without
-    # them, multiprocessing's atexit hook would wait forever for the executors' worker processes)
+    # them, multiprocessing's atexit hook would wait forever for the executors' worker processes), then the
+    # atexit handlers. No public API does either: joining threading.enumerate() by hand would skip the
+    # threading hooks, which only threading._shutdown runs; the atexit module can register and unregister
+    # handlers but not run them; and sys.exit runs both only on its way into the teardown avoided here.
     threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

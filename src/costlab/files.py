@@ -4,12 +4,9 @@ and provenance (so no torch import here); and files replaced whole, for readers 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sysconfig
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -24,20 +21,6 @@ def pysource_files(pattern: str = "*.py") -> tuple[Path, list[Path]]:
     """The installed Python standard library's folder and its top-level files matching ``pattern``."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return root, sorted(root.glob(pattern))
-
-
-def corpus_files(data: Mapping[str, Any]) -> tuple[str, list[Path]]:
-    """Where a ``data`` option reads its text (a path or a description) and the files, if any."""
-    target = str(data.get("_target_", ""))
-    if target.endswith(".pysource"):
-        root, files = pysource_files(data.get("pattern", "*.py"))
-        return f"{root}/{data.get('pattern', '*.py')}", files
-    if target.endswith(".textfile"):
-        root = Path(str(data["path"])).expanduser()
-        return str(root.resolve()), text_files(root)
-    # generated text: the source is the generator and its settings
-    settings = {k: v for k, v in data.items() if k != "name"}
-    return f"{target}({json.dumps(settings, sort_keys=True, default=str)})", []
 
 
 def corpus_digest(source: str, files: list[Path]) -> str:

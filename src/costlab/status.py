@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from costlab.errors import ConfigError
 from costlab.files import write_whole
+from costlab.schema import ConfigError
 
 STATUS_FILE = "job_status"
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"

@@ -1,28 +1,25 @@
-"""The launcher side of a run: validate, write the resolved config, open the MLflow run, start
-torchrun, wait, and close the run with the status the workers earned.
+"""The launcher side of a run: validate, write the resolved config, start torchrun and open the MLflow run
+meanwhile, wait, and close the run with the status the workers earned.
 
 It never imports torch: starting a sweep must stay cheap and must never initialise CUDA.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from costlab import faults, status, tracking
-from costlab.errors import ConfigError
-from costlab.events import events_path
+from costlab.events import FAILURE_TAG, events_path
 from costlab.files import write_whole
 from costlab.launcher.objective import BASIC_SWEEPER, Objective, directions, objective, refuse_trial
-from costlab.launcher.plan import check_plan
 from costlab.launcher.resources import check_resources, describe_kill, oom_kill_count
 from costlab.launcher.resume import resume_target
 from costlab.launcher.torchrun import from_slurm, job_prefix, launch_torchrun
@@ -30,10 +27,217 @@ from costlab.launcher.validate import validate
 from costlab.measure.hardware import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.measure.machine import cpu_info, resolve_device
 from costlab.measure.probes import slow_precision_warning
+from costlab.schema import ConfigError, check_config
 from costlab.tracking.find import RUN_DIR_TAG, resolve_init_from
 from costlab.tracking.runs import check_tracking
 
+if TYPE_CHECKING:  # mlflow is imported only once a store is used: it is slow to import
+    from mlflow.tracking import MlflowClient
+
 ERROR_TAIL_LINES = 80
+
+
+def run_job(cfg: DictConfig) -> Objective:
+    """The Hydra task: one job of a run or of a sweep. Returns its ``optimized_metric`` (see :func:`objective`).
+
+    The job's status is written into its folder (:mod:`costlab.status`), where the sweep's parent and
+    ``run.py``'s exit code read it back whichever process or machine the launcher ran this job on.
+    """
+    faults.check_interrupted()  # a stop signal whose exception Python dropped ends the sweep here
+    job = Job(cfg, HydraConfig.get())
+    try:
+        job.validate()
+    except ConfigError as e:
+        return job.refuse(e)
+    if job.planning:
+        outcome, run_id = run_plan(job.cfg, job.run_dir, job.parent_id, job.hc)
+        return job.objective(outcome, run_id)
+    job.warn_if_slow()
+    if job.cfg.trainer.node_rank > 0:
+        return job.objective(run_follower(job.cfg, job.run_dir, job.parent_id), None)
+    return job.train()
+
+
+def check_job(cfg: DictConfig, planning: bool) -> list[str]:
+    """What ``run.py`` checks before any rank starts that needs neither the store nor a resumed run: every
+    key's type and range, the device and hardware it resolves (in ``cfg``), this node's rank inside SLURM,
+    the relations between keys, and (a training job) the machine's memory. Raises :class:`ConfigError`;
+    returns the warnings to print."""
+    check_config(cfg)
+    with open_dict(cfg):
+        # a plan runs nothing here: it is checked as a CPU job, and priced on the hardware it names
+        cfg.trainer.device = "cpu" if planning else resolve_device(cfg.trainer.device)
+        cfg.hardware = resolve_hardware(cfg, planning)
+        from_slurm(cfg)
+    validate(cfg)
+    return [] if planning else check_resources(cfg)
+
+
+class Job:
+    """One job as its launcher sees it: its config, its folder, its sweep's parent run, and on node 0 the
+    MLflow run it owns and the relay that feeds that run what rank 0 records.
+
+    :meth:`validate` refuses what cannot run; :meth:`train` writes the resolved config (:meth:`prepare`),
+    starts the ranks and opens the run meanwhile (:meth:`open_run`), waits, and closes the run (:meth:`close`).
+    """
+
+    def __init__(self, cfg: DictConfig, hc: DictConfig) -> None:
+        self.cfg = cfg
+        self.hc = hc
+        self.multirun = hc.mode == RunMode.MULTIRUN
+        self.parent_id: str | None = tracking.parent_run_id(hc.sweep.dir) if self.multirun else None
+        self.run_dir = Path(hc.runtime.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.planning = cfg.get("mode", "train") == "plan"
+        self.resumed_id: str | None = None  # the run a resumed job goes on with (trainer.resume)
+        self.run_id: str | None = None  # set by open_run
+        self.relay: tracking.Relay | None = None  # set by open_run
+        self.t0 = time.time()
+        self.events_offset = 0  # what events.jsonl held before this job: a resumed run's relay starts after it
+        self.ooms_before: int | None = None  # the OOM killer's counter when the ranks started
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "worker.log"
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg.trainer.nnodes * self.cfg.trainer.nproc_per_node
+
+    def objective(self, outcome: str, run_id: str | None) -> Objective:
+        return objective(self.cfg, outcome, run_id, directions(self.hc))
+
+    def refuse(self, error: ConfigError) -> Objective:
+        return refuse(self.cfg, error, self.run_dir, self.parent_id, self.hc)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a job that cannot run here, before anything starts. Resolves the
+        resumed run (and its folder), the device, the hardware and, inside SLURM, this node's rank."""
+        check_config(self.cfg)  # every key's type and range (costlab.schema), before anything reads them
+        if self.cfg.trainer.resume and not self.planning:
+            check_tracking(self.cfg)
+            self.cfg, self.resumed_id = resume_target(self.cfg, list(self.hc.overrides.task))
+            self.run_dir = Path(self.cfg.runtime.run_dir)  # the run goes on in its own folder
+        cfg = self.cfg
+        for line in check_job(cfg, self.planning):
+            print(f"costlab: warning: {line}", file=sys.stderr, flush=True)
+        if cfg.trainer.node_rank == 0:  # other nodes never touch the store
+            # a training job checks the store here and opens it while its ranks start (see open_run)
+            check_tracking(cfg, store_only=not self.planning and self.resumed_id is None)
+
+    def warn_if_slow(self) -> None:
+        warning = slow_precision_warning(self.cfg, cpu_info())
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+
+    def train(self) -> Objective:
+        """Node 0: write the config, start the ranks and open the run meanwhile, wait, close the run."""
+        self.t0 = time.time()
+        self.prepare()
+        outcome = status.FAILED
+        try:
+            rc = launch_torchrun(self.cfg, self.config_path, self.log_path, job_prefix(self.hc),
+                                 while_starting=self.open_run)
+            outcome = status.FINISHED if rc == 0 else status.FAILED
+        except ConfigError as e:  # the store, checked fully while the ranks started (which are stopped)
+            return self.refuse(e)
+        except KeyboardInterrupt:
+            outcome = status.KILLED
+        finally:
+            outcome = self.close(outcome)
+        if outcome == status.KILLED:
+            raise KeyboardInterrupt
+        print(f"costlab: run {self.run_id} {outcome} in {time.time() - self.t0:.1f}s ({self.run_dir})", file=sys.stderr)
+        return self.objective(outcome, self.run_id)
+
+    def prepare(self) -> None:
+        """Write the job's status (RUNNING) and the resolved config the ranks read, with what they need beyond
+        it (:func:`runtime`); note what the run folder and the OOM killer's counter hold before the ranks."""
+        # written before anything can fail, so a job killed outright still leaves a trace that it did not finish;
+        # it also clears the run id a previous job in this folder recorded (the ranks read it from here)
+        status.write(self.run_dir, status.RUNNING, node_rank=0, parent_run_id=self.parent_id)
+        with open_dict(self.cfg):
+            ended_at = self.cfg.get("runtime", {}).get("ended_at") if self.resumed_id else None
+            self.cfg.runtime = runtime(self.cfg, self.run_dir, self.resumed_id, ended_at)
+        write_config(self.config_path, self.cfg)
+        events = events_path(self.run_dir)
+        self.events_offset = events.stat().st_size if events.exists() else 0
+        self.ooms_before = oom_kill_count()
+
+    def open_run(self) -> None:
+        """The launcher's MLflow work, done while torchrun and the ranks start: importing MLflow and opening
+        the store take seconds, as do torch's imports in the ranks, and a 2-core machine does both at once."""
+        cfg = self.cfg
+        if self.resumed_id is None:
+            check_tracking(cfg)
+        tags = _tags(cfg, dict(self.hc.runtime.choices), self.world_size)
+        sweep = tracking.sweep_info(self.hc.sweep.dir) if self.multirun else {}
+        name = cfg.tracking.run_name or default_run_name(tags, list(self.hc.overrides.task), sweep.get("varied", []))
+        tags[RUN_DIR_TAG] = str(self.run_dir)
+        if self.resumed_id:
+            self.run_id = tracking.reopen_run(cfg.tracking.uri, self.resumed_id)
+            name = tracking.client(cfg.tracking.uri).get_run(self.run_id).info.run_name
+        else:
+            self.run_id = tracking.open_run(cfg, tags, name, self.parent_id, sweep.get("name"))
+        # the ranks read the run id from the status file, and a rank torchrun restarts from the config too
+        status.write(self.run_dir, status.RUNNING, node_rank=0, run_id=self.run_id, parent_run_id=self.parent_id)
+        with open_dict(cfg):
+            cfg.runtime.run_id = self.run_id
+        write_config(self.config_path, cfg)
+        self.relay = tracking.Relay(cfg.tracking.uri, self.run_id, self.run_dir, resumed=bool(self.resumed_id),
+                                    offset=self.events_offset)
+        tracking.client(cfg.tracking.uri).log_artifact(self.run_id, str(self.config_path))
+        # said as soon as the run exists, so it can be found (and watched in MLflow) while it trains
+        print(f"costlab: run {self.run_id} '{name}' starting {self.world_size} rank(s) in {self.run_dir}",
+              file=sys.stderr, flush=True)
+
+    def close(self, outcome: str) -> str:
+        """Relay the last of what rank 0 recorded, log the job's wall time, cost and log, and close the run with
+        its outcome (FAILED when part of its record could not be written). A job stopped before its run
+        existed only writes its status file. Returns the outcome."""
+        if self.run_id is None:
+            status.write(self.run_dir, outcome, node_rank=0, parent_run_id=self.parent_id)
+            return outcome
+        client = tracking.client(self.cfg.tracking.uri)
+        try:
+            outcome = self._relay_rest(client, outcome)
+            self._log_end(client, outcome)
+        finally:
+            client.set_terminated(self.run_id, outcome)
+            status.write(self.run_dir, outcome, node_rank=0, run_id=self.run_id, parent_run_id=self.parent_id)
+            if outcome == status.KILLED and self.parent_id:
+                client.set_terminated(self.parent_id, status.KILLED)
+        return outcome
+
+    def _relay_rest(self, client: MlflowClient, outcome: str) -> str:
+        lost = self.relay.close() if self.relay is not None else None
+        if lost is None:
+            return outcome
+        print(f"costlab: run {self.run_id}: metric logging failed: {lost}", file=sys.stderr, flush=True)
+        client.set_tag(self.run_id, tracking.ERROR_TAG, f"metric logging failed: {lost}"[:5000])
+        # a run whose record is incomplete did not finish as recorded
+        return status.FAILED if outcome == status.FINISHED else outcome
+
+    def _log_end(self, client: MlflowClient, outcome: str) -> None:
+        oom = describe_kill(self.ooms_before, oom_kill_count()) if outcome == status.FAILED else None
+        if oom:
+            print(f"costlab: run {self.run_id}: {oom}", file=sys.stderr, flush=True)
+            client.set_tag(self.run_id, FAILURE_TAG, "oom")
+            client.set_tag(self.run_id, tracking.ERROR_TAG, oom)
+        seconds = time.time() - self.t0
+        client.log_batch(self.run_id, metrics=tracking.metrics_at({"time/total_s": seconds,
+                                                                   **run_cost(self.cfg, seconds)}))
+        if not self.log_path.exists():
+            return
+        client.log_artifact(self.run_id, str(self.log_path))
+        if outcome != status.FINISHED:
+            tail = self.run_dir / "error_tail.txt"
+            tail.write_text("".join(deque(self.log_path.open(errors="replace"), maxlen=ERROR_TAIL_LINES)))
+            client.log_artifact(self.run_id, str(tail))
 
 
 def fail(error: ConfigError, run_dir: Path, node_rank: int, parent_id: str | None, uri: str | None) -> NoReturn:
@@ -43,6 +247,15 @@ def fail(error: ConfigError, run_dir: Path, node_rank: int, parent_id: str | Non
     if parent_id and uri:
         tracking.client(uri).set_terminated(parent_id, status.FAILED)
     status.refuse(error)
+
+
+def refuse(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, hc: DictConfig) -> Objective:
+    """A refused config: a trial of a search fails and the search goes on; anything else exits 2."""
+    node = cfg.trainer.node_rank
+    if hc.mode == RunMode.MULTIRUN and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
+        tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
+        return refuse_trial(cfg, error, run_dir, parent_id, tags, hc)
+    fail(error, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
 
 
 def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str, str]:
@@ -65,112 +278,6 @@ def default_run_name(tags: dict[str, str], overrides: list[str] = (), varied: li
     return " ".join(parts)
 
 
-def run_job(cfg: DictConfig) -> Objective:
-    """The Hydra task: one job of a run or of a sweep. Returns its ``optimized_metric`` (see :func:`objective`).
-
-    The job's status is written into its folder (:mod:`costlab.status`), where the sweep's parent and
-    ``run.py``'s exit code read it back whichever process or machine the launcher ran this job on.
-    """
-    faults.check_interrupted()  # a stop signal whose exception Python dropped ends the sweep here
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    parent_id = tracking.parent_run_id(hc.sweep.dir) if multirun else None
-    run_dir = Path(hc.runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    planning = cfg.get("mode", "train") == "plan"
-    resumed_id = None
-    try:
-        if cfg.get("mode", "train") not in ("train", "plan"):
-            raise ConfigError("mode", cfg.mode, "choose train or plan")
-        if cfg.trainer.get("resume") and not planning:
-            check_tracking(cfg)
-            cfg, resumed_id = resume_target(cfg, list(hc.overrides.task))
-            run_dir = Path(cfg.runtime.run_dir)  # the run goes on in its own folder
-        with open_dict(cfg):
-            # a plan runs nothing here: it is checked as a CPU job, and priced on the hardware it names
-            cfg.trainer.device = "cpu" if planning else resolve_device(cfg.trainer.device)
-            cfg.hardware = resolve_hardware(cfg, planning)
-            from_slurm(cfg, os.environ)
-        validate(cfg)
-        if planning:
-            check_plan(cfg)
-        else:
-            for line in check_resources(cfg):
-                print(f"costlab: warning: {line}", file=sys.stderr, flush=True)
-        if cfg.trainer.node_rank == 0:  # other nodes never touch the store
-            # a training job checks the store here and opens it while its ranks start (see open_store)
-            check_tracking(cfg, store_only=not planning and resumed_id is None)
-    except ConfigError as e:
-        return refuse(cfg, e, run_dir, parent_id, hc)
-
-    warning = None if planning else slow_precision_warning(cfg, cpu_info())
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-
-    if planning:
-        outcome, run_id = run_plan(cfg, run_dir, parent_id, hc)
-        return objective(cfg, outcome, run_id, directions(hc))
-
-    t0 = time.time()
-    if cfg.trainer.node_rank > 0:
-        return objective(cfg, run_follower(cfg, run_dir, parent_id), None, directions(hc))
-    # written before anything can fail, so a job killed outright still leaves a trace that it did not finish;
-    # it also clears the run id a previous job in this folder recorded (the ranks read it from here)
-    status.write(run_dir, status.RUNNING, node_rank=0, parent_run_id=parent_id)
-    world_size = cfg.trainer.nnodes * cfg.trainer.nproc_per_node
-    with open_dict(cfg):
-        ended_at = cfg.get("runtime", {}).get("ended_at") if resumed_id else None
-        cfg.runtime = runtime(cfg, run_dir, resumed_id, ended_at)
-    config_path = run_dir / "config.yaml"
-    write_config(config_path, cfg)
-    log_path = run_dir / "worker.log"
-    events_offset = events_path(run_dir).stat().st_size if events_path(run_dir).exists() else 0
-    job: dict[str, Any] = {}  # the run and its relay, once open_store has opened them
-
-    def open_store() -> None:
-        """The launcher's MLflow work, done while torchrun and the ranks start: importing MLflow and opening
-        the store take seconds, as do torch's imports in the ranks, and a 2-core machine does both at once."""
-        if resumed_id is None:
-            check_tracking(cfg)
-        tags = _tags(cfg, dict(hc.runtime.choices), world_size)
-        sweep = tracking.sweep_info(hc.sweep.dir) if multirun else {}
-        name = cfg.tracking.run_name or default_run_name(tags, list(hc.overrides.task), sweep.get("varied", []))
-        tags[RUN_DIR_TAG] = str(run_dir)
-        if resumed_id:
-            run_id = tracking.reopen_run(cfg.tracking.uri, resumed_id)
-            name = tracking.client(cfg.tracking.uri).get_run(run_id).info.run_name
-        else:
-            run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
-        job["run_id"] = run_id
-        status.write(run_dir, status.RUNNING, node_rank=0, run_id=run_id, parent_run_id=parent_id)  # the ranks read it
-        with open_dict(cfg):
-            cfg.runtime.run_id = run_id
-        write_config(config_path, cfg)  # a rank torchrun restarts reads it from here
-        job["relay"] = tracking.Relay(cfg.tracking.uri, run_id, run_dir, resumed=bool(resumed_id), offset=events_offset)
-        tracking.client(cfg.tracking.uri).log_artifact(run_id, str(config_path))
-        # said as soon as the run exists, so it can be found (and watched in MLflow) while it trains
-        print(f"costlab: run {run_id} '{name}' starting {world_size} rank(s) in {run_dir}", file=sys.stderr, flush=True)
-
-    outcome = status.FAILED
-    ooms = oom_kill_count()
-    try:
-        rc = launch_torchrun(cfg, config_path, log_path, job_prefix(hc), while_starting=open_store)
-        outcome = status.FINISHED if rc == 0 else status.FAILED
-    except ConfigError as e:  # the store, checked fully while the ranks started (which are stopped)
-        return refuse(cfg, e, run_dir, parent_id, hc)
-    except KeyboardInterrupt:
-        outcome = status.KILLED
-    finally:
-        if "run_id" in job:
-            outcome = close_run(cfg, job, outcome, t0, ooms, log_path, parent_id)
-        else:  # stopped before the run existed: only the status file has anything to say
-            status.write(run_dir, outcome, node_rank=0, parent_run_id=parent_id)
-    if outcome == status.KILLED:
-        raise KeyboardInterrupt
-    print(f"costlab: run {job['run_id']} {outcome} in {time.time() - t0:.1f}s ({run_dir})", file=sys.stderr)
-    return objective(cfg, outcome, job["run_id"], directions(hc))
-
-
 def runtime(cfg: DictConfig, run_dir: Path, run_id: str | None, ended_at: float | None = None) -> dict[str, Any]:
     """What the ranks need beyond the config: where the run lives, its MLflow run (when known), the world
     size, and ``trainer.init_from`` resolved into the file to load (a run id is looked up here, so the
@@ -184,49 +291,6 @@ def runtime(cfg: DictConfig, run_dir: Path, run_id: str | None, ended_at: float 
 def write_config(path: Path, cfg: DictConfig) -> None:
     """The resolved config the ranks read, replaced whole: a rank starting meanwhile reads one or the other."""
     write_whole(path, OmegaConf.to_yaml(cfg, resolve=True))
-
-
-def refuse(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, hc: DictConfig) -> Objective:
-    """A refused config: a trial of a search fails and the search goes on; anything else exits 2."""
-    node = cfg.trainer.node_rank
-    if hc.mode == RunMode.MULTIRUN and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
-        tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
-        return refuse_trial(cfg, error, run_dir, parent_id, tags, hc)
-    fail(error, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)
-
-
-def close_run(cfg: DictConfig, job: dict[str, Any], outcome: str, t0: float, ooms: int | None, log_path: Path,
-              parent_id: str | None) -> str:
-    """Relay the last of what rank 0 recorded, log the job's wall time, cost and log, and close the run with
-    its outcome (FAILED when part of its record could not be written). Returns the outcome."""
-    run_id, run_dir = job["run_id"], log_path.parent
-    client = tracking.client(cfg.tracking.uri)
-    try:
-        lost = job["relay"].close() if "relay" in job else None
-        if lost is not None:
-            print(f"costlab: run {run_id}: metric logging failed: {lost}", file=sys.stderr, flush=True)
-            client.set_tag(run_id, tracking.ERROR_TAG, f"metric logging failed: {lost}"[:5000])
-            if outcome == status.FINISHED:
-                outcome = status.FAILED  # a run whose record is incomplete did not finish as recorded
-        oom = describe_kill(ooms, oom_kill_count()) if outcome == status.FAILED else None
-        if oom:
-            print(f"costlab: run {run_id}: {oom}", file=sys.stderr, flush=True)
-            client.set_tag(run_id, tracking.FAILURE_TAG, "oom")
-            client.set_tag(run_id, tracking.ERROR_TAG, oom)
-        seconds = time.time() - t0
-        client.log_batch(run_id, metrics=tracking.metrics_at({"time/total_s": seconds, **run_cost(cfg, seconds)}))
-        if log_path.exists():
-            client.log_artifact(run_id, str(log_path))
-        if outcome != status.FINISHED and log_path.exists():
-            tail = run_dir / "error_tail.txt"
-            tail.write_text("".join(deque(log_path.open(errors="replace"), maxlen=ERROR_TAIL_LINES)))
-            client.log_artifact(run_id, str(tail))
-    finally:
-        client.set_terminated(run_id, outcome)
-        status.write(run_dir, outcome, node_rank=0, run_id=run_id, parent_run_id=parent_id)
-        if outcome == status.KILLED and parent_id:
-            client.set_terminated(parent_id, status.KILLED)
-    return outcome
 
 
 def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, hc: DictConfig) -> tuple[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from costlab import status, tracking
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 
 Objective = float | list[float]
 

@@ -1,8 +1,8 @@
 """``mode=plan``: what a configuration would need and cost on the hardware it names, before renting it.
 
 Nothing is trained and nothing is allocated: the model is built on the meta device, laid out per rank
-by the memory model (:mod:`costlab.memory`), and its FLOPs counted by the cost model
-(:mod:`costlab.cost`). The throughput is an *assumption* (``plan.mfu`` of the datasheet peak), and
+by the memory model (:mod:`costlab.measure.memory`), and its FLOPs counted by the cost model
+(:mod:`costlab.measure.hardware`). The throughput is an *assumption* (``plan.mfu`` of the datasheet peak), and
 every figure derived from it is labelled so.
 
     python run.py mode=plan model=llama_7b hardware=h100_sxm parallelism=fsdp trainer.nproc_per_node=8
@@ -15,18 +15,12 @@ import sys
 
 from omegaconf import DictConfig
 
-from costlab.errors import ConfigError
-from costlab.measure.hardware import device_peak, flops_per_token, matmul_dtype, usd_per_hour
+from costlab.measure.hardware import device_peak, flops_per_token, usd_per_hour
 from costlab.measure.memory import PREDICTED, predict_state
+from costlab.precision import matmul_dtype
 
 PLAN = "plan/"  # + the figures below: a plan's metrics, never mixed with measured ones
 GB = 1e9
-
-
-def check_plan(cfg: DictConfig) -> None:
-    mfu = cfg.plan.get("mfu")
-    if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
-        raise ConfigError("plan.mfu", mfu, "the assumed model FLOPs utilisation: a number in (0, 1]")
 
 
 def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from costlab import CONF_DIR
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:

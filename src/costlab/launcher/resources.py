@@ -1,8 +1,9 @@
 """What the machine can give a run, checked before launch: memory for the node's ranks, cores for its
 processes; and, after a run, whether the kernel's OOM killer ended one of them.
 
-Memory is read from Linux: ``MemAvailable`` in ``/proc/meminfo``, lowered by the cgroup v2 limit of this
-process's cgroup and its ancestors (``memory.max - memory.current``) where one is set and readable.
+Memory is the machine's available memory (``MemAvailable`` on Linux, through psutil), lowered by the cgroup v2
+limit of this process's cgroup and its ancestors (``memory.max - memory.current``) where one is set and readable:
+psutil has no cgroup API, so those files, and the OOM killer's counters, are read here.
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import psutil
 from omegaconf import DictConfig
 
-from costlab.errors import ConfigError
 from costlab.models.hf_config import is_hf, read_config
+from costlab.schema import ConfigError
 
 GIB = 2**30
 WARN_FRACTION = 0.8  # of the available memory: a prediction above it fits, but only just
 RANKS_PER_CORE_REFUSED = 4  # more gloo ranks per core than this time-slices into uselessness
-MEMINFO = Path("/proc/meminfo")
 SELF_CGROUP = Path("/proc/self/cgroup")
 MOUNTS = Path("/proc/self/mounts")
 
@@ -56,13 +57,13 @@ def _cgroup_headroom(folder: Path | None) -> int | None:
     return best
 
 
-def cpu_memory_available(meminfo: Path = MEMINFO) -> int | None:
-    """Bytes this process could still allocate: ``MemAvailable``, or the cgroup's headroom when lower;
-    None where neither is readable."""
-    available = None
-    for line in (_read(meminfo) or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            available = int(line.split()[1]) * 1024  # kB
+def cpu_memory_available() -> int | None:
+    """Bytes this process could still allocate: the machine's available memory (``MemAvailable`` on Linux,
+    as psutil reads it), or the cgroup's headroom when lower; None where neither is readable."""
+    try:
+        available: int | None = psutil.virtual_memory().available
+    except (OSError, RuntimeError):  # no /proc/meminfo (or no psutil support) here
+        available = None
     room = _cgroup_headroom(cgroup_dir())
     if room is not None and (available is None or room < available):
         return room
@@ -175,10 +176,7 @@ def _check_memory(cfg: DictConfig) -> list[str]:
         return []
     if ranks * rough_upper_bound(cfg) < SKIP_BELOW * available:
         return []  # far from the limit: spare the launcher the exact prediction (and importing torch)
-    try:
-        state = predict_state(cfg, int(t.nnodes * t.nproc_per_node))
-    except Exception:  # a layout the memory model cannot lay out is the worker's to report, not a refusal
-        return []
+    state = predict_state(cfg, int(t.nnodes * t.nproc_per_node))  # a validated layout: a failure here is a bug
     acts = state.get(f"{PREDICTED}activations_bytes_per_rank", 0.0)
     need = ranks * sum(state.values())
     who = f"{ranks} rank(s) x " if ranks > 1 else ""

@@ -7,7 +7,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from costlab import status
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 from costlab.tracking.find import find_run, get_run
 from costlab.training.checkpoint import latest
 

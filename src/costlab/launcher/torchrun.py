@@ -8,14 +8,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from costlab import faults
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 
 TERM_GRACE_S = 15.0
 
@@ -23,32 +23,37 @@ TERM_GRACE_S = 15.0
 SLURM_PORT_BASE = 20000  # rendezvous port = base + job id mod 20000: concurrent jobs do not collide
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[003-004,007],cpu1" -> "gpu003"."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, ranges = head[:-1].split("[", 1)
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def from_slurm(cfg: DictConfig, env: Mapping[str, str]) -> None:
+def from_slurm(cfg: DictConfig) -> None:
     """Inside a SLURM allocation of several nodes, one run.py per node (Hydra's submitit launcher
-    with ``tasks_per_node=1``): take this node's rank and node 0's host from the allocation.
+    with ``tasks_per_node=1``): take this node's rank and node 0's host from the allocation, as
+    submitit's :class:`~submitit.slurm.slurm.SlurmJobEnvironment` reads them from SLURM's variables
+    (the node list is expanded in Python: no ``scontrol`` needed).
 
     ``trainer.nnodes`` must still be given (it matches ``hydra.launcher.nodes``); an explicit
     ``trainer.rdzv_endpoint`` wins over the derived one.
     """
     t = cfg.trainer
-    if t.nnodes <= 1 or "SLURM_JOB_ID" not in env or "SLURM_NODEID" not in env:
+    # a SLURM task (sbatch, srun, or submitit's own): submitit's activated() would also want SUBMITIT_EXECUTOR
+    if t.nnodes <= 1 or "SLURM_JOB_ID" not in os.environ or "SLURM_NODEID" not in os.environ:
         return
-    if int(env.get("SLURM_NNODES", t.nnodes)) != t.nnodes:
-        raise ConfigError("trainer.nnodes", t.nnodes, f"the SLURM allocation has {env['SLURM_NNODES']} nodes")
-    t.node_rank = int(env["SLURM_NODEID"])
-    job = env["SLURM_JOB_ID"]
+    try:
+        from submitit.slurm.slurm import SlurmJobEnvironment, SlurmParseException
+    except ImportError:
+        raise ConfigError("trainer.nnodes", t.nnodes, "a job on several SLURM nodes reads its allocation through "
+                          "submitit: pip install 'costlab[slurm]'") from None
+    slurm = SlurmJobEnvironment()
+    if slurm.num_nodes != t.nnodes:
+        raise ConfigError("trainer.nnodes", t.nnodes, f"the SLURM allocation has {slurm.num_nodes} nodes")
+    t.node_rank = slurm.node
+    # SLURM_JOB_ID: each task of an array has its own (submitit's job_id, "<array>_<task>", shares its number)
+    job = slurm.raw_job_id
     if not t.rdzv_endpoint:
-        port = SLURM_PORT_BASE + int(job.split("_")[0]) % 20000
-        t.rdzv_endpoint = f"{first_slurm_host(env['SLURM_JOB_NODELIST'])}:{port}"
+        try:
+            host = slurm.hostnames[0]
+        except SlurmParseException:
+            raise ConfigError("trainer.rdzv_endpoint", None, f"SLURM_JOB_NODELIST={os.environ['SLURM_JOB_NODELIST']}"
+                              " cannot be read; set trainer.rdzv_endpoint=<node 0's host>:<port>") from None
+        t.rdzv_endpoint = f"{host}:{SLURM_PORT_BASE + int(job.split('_')[0]) % 20000}"
     t.rdzv_id = f"costlab-{job}"
 
 
@@ -103,58 +108,15 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
     torchrun gets SIGTERM from the kernel and stops its workers.
     """
     run_dir, node = Path(cfg.runtime.run_dir), int(cfg.trainer.node_rank)
-    env = worker_env(cfg)
-    env[faults.LAUNCHER_ENV] = faults.token()
     offset = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends to its log
-    # torchrun writes into the log file itself, not into a pipe to this process: if this process dies,
-    # the workers' output (and their last words about it) still has somewhere to go
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            torchrun_command(cfg, config_path),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            preexec_fn=faults.die_with_parent,
-        )
-
-    def tee() -> None:
-        # signals go to the main thread: one delivered here would leave the main thread waiting on torchrun
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        with log_path.open("rb") as f:
-            f.seek(offset)
-            pending = b""
-            while True:
-                done = proc.poll() is not None  # read once more after torchrun exits: nothing is missed
-                chunk = f.read()
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    sys.stdout.buffer.write(prefix + line + b"\n")
-                if lines:
-                    sys.stdout.flush()
-                if done and not chunk:
-                    break
-                if not chunk:
-                    time.sleep(0.1)
-            if pending:
-                sys.stdout.buffer.write(prefix + pending + b"\n")
-                sys.stdout.flush()
-
-    reader = threading.Thread(target=tee, daemon=True)
-    reader.start()
+    proc = _start(cfg, config_path, log_path)
+    tee = LogTee(proc, log_path, offset, prefix)
+    tee.start()
     previous = faults.handle_stop_signals()
     try:
         if while_starting is not None:
             while_starting()
-        while True:  # short waits: the main thread returns to Python often enough to act on a signal
-            faults.check_interrupted()  # a signal whose exception Python dropped (e.g. during the fork)
-            try:
-                rc = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        return _wait(proc)
     except BaseException:  # Ctrl-C, SIGTERM, or while_starting failed: no worker runs on
         faults.signal_workers(run_dir, node, signal.SIGTERM)
         _terminate_group(proc)
@@ -165,8 +127,67 @@ def launch_torchrun(cfg: DictConfig, config_path: Path, log_path: Path, prefix: 
         killed = faults.reap_workers(run_dir, node)
         if killed:
             print(f"costlab: {killed} worker(s) outlived torchrun and were killed", file=sys.stderr, flush=True)
-        reader.join(timeout=10)
-    return rc
+        tee.join(timeout=10)
+
+
+def _start(cfg: DictConfig, config_path: Path, log_path: Path) -> subprocess.Popen:
+    env = worker_env(cfg)
+    env[faults.LAUNCHER_ENV] = faults.token()
+    # torchrun writes into the log file itself, not into a pipe to this process: if this process dies,
+    # the workers' output (and their last words about it) still has somewhere to go
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            torchrun_command(cfg, config_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=faults.die_with_parent,
+        )
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    while True:  # short waits: the main thread returns to Python often enough to act on a signal
+        faults.check_interrupted()  # a signal whose exception Python dropped (e.g. during the fork)
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class LogTee(threading.Thread):
+    """Copies what torchrun appends to its log (from ``offset`` on) to this process's stdout, whole lines each
+    after ``prefix``, until torchrun has exited and the log is read to its end."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path, offset: int, prefix: bytes) -> None:
+        super().__init__(name="costlab-tee", daemon=True)
+        self.proc, self.log_path, self.offset, self.prefix = proc, log_path, offset, prefix
+
+    def run(self) -> None:
+        # signals go to the main thread: one delivered here would leave the main thread waiting on torchrun
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        with self.log_path.open("rb") as f:
+            f.seek(self.offset)
+            pending = b""
+            while True:
+                done = self.proc.poll() is not None  # read once more after torchrun exits: nothing is missed
+                chunk = f.read()
+                *lines, pending = (pending + chunk).split(b"\n")
+                self._write(lines)
+                if done and not chunk:
+                    break
+                if not chunk:
+                    time.sleep(0.1)
+        if pending:
+            self._write([pending])
+
+    def _write(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        for line in lines:
+            sys.stdout.buffer.write(self.prefix + line + b"\n")
+        sys.stdout.flush()
 
 
 def _terminate_group(proc: subprocess.Popen) -> None:

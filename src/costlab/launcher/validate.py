@@ -7,43 +7,29 @@ when a check needs them) and CUDA is never initialised; GPU facts come from ``nv
 from __future__ import annotations
 
 import importlib.util
-import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
-from costlab.files import is_text
+from costlab import precision
 from costlab.launcher.validate_compression import check_compression
-from costlab.measure.machine import require_gpu, visible_gpus
+from costlab.measure.machine import visible_gpus
 from costlab.models.hf_config import config_file, is_hf, read_config, shipped_configs, tokenizer_folder
 from costlab.models.saved import expected_shapes
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
+from costlab.pruning import build_pruning
+from costlab.quantization import build_quantization
+from costlab.schema import ConfigError, check_config, option
 
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs only the config and the machine, in the order a user reads the config."""
+    check_config(cfg)  # every key's type and range (costlab.schema); what follows relates keys to each other
     t = cfg.trainer
-    for key in ("batch_size", "grad_accum_steps", "nproc_per_node", "nnodes", "eval_batches",
-                "eval_batch_size", "infer_batch_size", "infer_iters", "gen_prompt_len", "gen_tokens",
-                "gen_batch_size", "gen_iters"):
-        positive_int(cfg, f"trainer.{key}")
-    if t.gen_tokens < 2:
-        raise ConfigError("trainer.gen_tokens", t.gen_tokens, "must be at least 2: the first token is the prefill's, "
-                          "decoding speed needs at least one more")
-    if non_negative_int(cfg, "trainer.max_steps") == 0 and not t.get("init_from"):
+    if t.max_steps == 0 and not t.get("init_from"):
         raise ConfigError("trainer.max_steps", 0, "0 is allowed only with trainer.init_from=<model file or run id>")
-    for key in ("seed", "warmup_steps", "eval_interval", "timing_warmup_steps", "checkpoint_interval",
-                "max_restarts"):
-        non_negative_int(cfg, f"trainer.{key}")
-    positive_int(cfg, "trainer.checkpoint_keep")
-    if not isinstance(t.get("checkpoint_async", False), bool):
-        raise ConfigError("trainer.checkpoint_async", t.checkpoint_async, "must be true or false")
     _check_checkpointing(cfg)
-    positive_float(cfg, "trainer.lr")
-    if t.grad_clip is not None and not (isinstance(t.grad_clip, (int, float)) and t.grad_clip > 0):
-        raise ConfigError("trainer.grad_clip", t.grad_clip, "must be a positive number or null")
     if t.nnodes > 1 and not t.rdzv_endpoint:
         raise ConfigError("trainer.nnodes", t.nnodes, "several nodes need trainer.rdzv_endpoint=HOST:PORT")
 
@@ -60,7 +46,10 @@ def validate(cfg: DictConfig) -> None:
     if dims.pp_enabled:
         _check_pipeline(cfg, dims)
     _check_data(cfg)
-    _check_precision(cfg, dims, linears)
+    def block_widths() -> tuple[int, int] | None:  # read from the model's shapes only when fp8 asks
+        return (cfg.model.n_embd, _mlp_width(linears)) if _has_blocks(linears) and not is_hf(cfg) else None
+
+    precision.check(cfg, dims.tp, dims.pp_enabled, block_widths, is_hf(cfg))
     check_compression(cfg)
 
 
@@ -71,12 +60,10 @@ def _check_checkpointing(cfg: DictConfig) -> None:
     if not (t.checkpoint_interval or t.max_restarts or t.get("resume")):
         return
     key = next((k for k in ("checkpoint_interval", "max_restarts", "resume") if t.get(k)), "checkpoint_interval")
-    if cfg.pruning.get("schedule") == "gradual":
-        raise ConfigError(f"trainer.{key}", t[key], "cannot resume gradual pruning (its masks are not checkpointed); "
-                          "use pruning.schedule=oneshot")
-    if cfg.quantization.get("qat_steps") is not None:
-        raise ConfigError(f"trainer.{key}", t[key], f"cannot resume quantization={cfg.quantization.name} "
-                          "(its fake-quantization state is not checkpointed)")
+    for group, lever in (("pruning", build_pruning(cfg)), ("quantization", build_quantization(cfg))):
+        if lever.acts_during_training:
+            raise ConfigError(f"trainer.{key}", t[key], f"cannot resume {group}={lever.name}: it acts during "
+                              "training, and a checkpoint does not hold what it did (its masks or fake quantization)")
 
 
 def _check_model(cfg: DictConfig) -> None:
@@ -84,17 +71,10 @@ def _check_model(cfg: DictConfig) -> None:
     if is_hf(cfg):
         _check_hf(cfg)
         return
-    for key in [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "context", "hidden") if k in m]:
-        positive_int(cfg, f"model.{key}")
     if "n_head" in m and m.n_embd % m.n_head:
         raise ConfigError("model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
     if m.get("pos") == "rope" and (m.n_embd // m.n_head) % 2:
         raise ConfigError("model.pos", m.pos, f"rotary positions need an even head size, got {m.n_embd // m.n_head}")
-    for key, allowed in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope")), ("mlp", ("gelu", "swiglu"))):
-        if key in m and m[key] not in allowed:
-            raise ConfigError(f"model.{key}", m[key], f"choose one of {', '.join(allowed)}")
-    if m.vocab_size < 256:
-        raise ConfigError("model.vocab_size", m.vocab_size, "byte-level data needs at least 256")
 
 
 def _check_hf(cfg: DictConfig) -> None:
@@ -127,20 +107,10 @@ def _check_hf(cfg: DictConfig) -> None:
     _check_hf_levers(cfg, hf_config)
 
 
-HF_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
-
-
 def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
     m = cfg.model
     key = "model.pretrained" if m.get("pretrained") else "model.config"
     value = m.get("pretrained") or m.get("config")
-    positive_int(cfg, "model.block_size")
-    if m.get("attn_implementation", "sdpa") not in HF_ATTENTION:
-        raise ConfigError("model.attn_implementation", m.attn_implementation, f"choose one of "
-                          f"{', '.join(HF_ATTENTION)}")
-    if m.get("tokenizer", "auto") not in ("auto", "bytes"):
-        raise ConfigError("model.tokenizer", m.tokenizer, "choose auto (the model folder's tokenizer if it has one, "
-                          "else bytes) or bytes")
     if hf_config is not None:
         vocab = hf_config.get("vocab_size") or 0
         folder = tokenizer_folder(m)
@@ -158,48 +128,13 @@ def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
         if positions and m.block_size > positions:
             raise ConfigError("model.block_size", m.block_size, f"the model has {positions} positions "
                               f"(max_position_embeddings of {value})")
-    if cfg.precision.get("float8", False):
-        raise ConfigError("precision", cfg.precision.name, "model=hf trains in fp32, bf16 or fp16")
 
 
 def _check_data(cfg: DictConfig) -> None:
-    d = cfg.data
-    if OmegaConf.is_missing(d, "path"):  # `"path" in d` is False for ???
-        raise ConfigError("data.path", "???", f"required: data={d.name} reads data.path=/path/to/text (a file or a "
-                          "folder of UTF-8 text)")
-    if "path" in d:  # data from the user's files
-        path = Path(str(d.path)).expanduser()
-        if not path.exists():
-            raise ConfigError("data.path", d.path, "no such file or folder")
-        if not path.is_file() and not path.is_dir():
-            raise ConfigError("data.path", d.path, f"not a regular file or folder but a {_file_kind(path)}; give "
-                              "a text file or a folder of them")
-        if path.is_file():
-            if path.stat().st_size == 0:
-                raise ConfigError("data.path", d.path, "the file is empty")
-            if not is_text(path):
-                raise ConfigError("data.path", d.path, "not a UTF-8 text file")
-        else:
-            files = [p for p in path.rglob("*") if p.is_file()]
-            if not files:
-                raise ConfigError("data.path", d.path, "the folder holds no files")
-            if not any(is_text(f) for f in files):
-                raise ConfigError("data.path", d.path, "the folder holds no UTF-8 text files")
-    if "alphabet" in d:  # generated data
-        positive_int(cfg, "data.n_bytes")
-        if not 2 <= d.alphabet <= 256:
-            raise ConfigError("data.alphabet", d.alphabet, "must be between 2 and 256")
+    """What the data option itself checks beyond its keys' types (a textfile's path holds text)."""
+    option("data", cfg.data).check()
 
 
-def _file_kind(path: Path) -> str:
-    mode = path.stat().st_mode
-    kinds = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO (named pipe)"),
-             (stat.S_ISSOCK, "socket"))
-    return next((name for test, name in kinds if test(mode)), "special file")
-
-
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-AC_MODES = ("none", "full", "selective")
 
 
 class _Linears(Mapping):
@@ -244,7 +179,7 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
         gpus = len(visible_gpus())
         if n > gpus:
             raise ConfigError("trainer.nproc_per_node", n, f"only {gpus} GPU(s) visible; one process per GPU")
-    if non_negative_int(cfg, "trainer.node_rank") >= t.nnodes:
+    if t.node_rank >= t.nnodes:
         raise ConfigError("trainer.node_rank", t.node_rank, f"must be below trainer.nnodes={t.nnodes} (0-based)")
     if p.get("tp_degree", 1) != 1 or p.get("pp_degree", 1) != 1:  # the model itself is split
         if world < 2:
@@ -266,15 +201,11 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
                           f"{', '.join(list(linears)[:2])}, ...")
     if dims.tp_enabled:
         (_check_hf_tp_degree if is_hf(cfg) else _check_tp_degree)(cfg, dims.tp, linears)
-    mode = t.get("activation_checkpointing", "none")
-    if mode not in AC_MODES:
-        raise ConfigError("trainer.activation_checkpointing", mode, f"choose one of {', '.join(AC_MODES)}")
+    mode = t.activation_checkpointing
     if mode != "none" and not _has_blocks(linears):
         raise ConfigError(
             "trainer.activation_checkpointing", mode, f"checkpoints transformer blocks; model={m.name} has none"
         )
-    if not isinstance(t.get("compile", False), bool):
-        raise ConfigError("trainer.compile", t.compile, "must be true or false")
     return dims
 
 
@@ -313,10 +244,8 @@ def _check_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, 
 def _check_pipeline(cfg: DictConfig, dims: ParallelDims) -> None:
     p, t, m = cfg.parallelism, cfg.trainer, cfg.model
     pp = dims.pp
-    if p.schedule not in PP_SCHEDULES:
-        raise ConfigError("parallelism.schedule", p.schedule, f"choose one of {', '.join(PP_SCHEDULES)}")
-    micro = positive_int(cfg, "parallelism.microbatches")
-    per_rank = positive_int(cfg, "parallelism.stages_per_rank") if p.schedule == "interleaved_1f1b" else 1
+    micro = p.microbatches
+    per_rank = p.stages_per_rank if p.schedule == "interleaved_1f1b" else 1
     stages = pp * per_rank
     if is_hf(cfg):
         layers = read_config(m)["num_hidden_layers"]
@@ -340,24 +269,3 @@ def _check_pipeline(cfg: DictConfig, dims: ParallelDims) -> None:
         )
     if p.schedule == "interleaved_1f1b" and micro % max(1, micro // pp):
         raise ConfigError("parallelism.microbatches", micro, f"interleaved_1f1b needs a multiple of pp_degree={pp}")
-
-
-def _check_precision(cfg: DictConfig, dims: ParallelDims, linears: Mapping[str, tuple[int, int]]) -> None:
-    pr, m = cfg.precision, cfg.model
-    if pr.get("float8", False):
-        require_gpu("precision", "fp8", cfg, (8, 9), "torchao float8 training")
-        if importlib.util.find_spec("torchao") is None:
-            raise ConfigError("precision", "fp8", "needs torchao: pip install 'costlab[quant]'")
-        if not _has_blocks(linears):
-            raise ConfigError(
-                "precision", "fp8", f"converts the Linear layers of transformer blocks; model={m.name} has none"
-            )
-        for what, width in (("model.n_embd", m.n_embd), ("the MLP width", _mlp_width(linears))):
-            if (width // dims.tp) % 16:
-                raise ConfigError("precision", "fp8", f"float8 matmuls need widths divisible by 16 per rank; {what} "
-                                  f"is {width} over {dims.tp} rank(s)")
-    if pr.get("grad_scaler", False) and dims.pp_enabled:
-        raise ConfigError(
-            "precision", pr.name, "parallelism=pp cannot use fp16's GradScaler: each stage would skip overflowing "
-            "steps on its own and the stages would drift apart; use precision=bf16",
-        )

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from costlab.errors import ConfigError
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
+from costlab.schema import ConfigError
 
 
 def check_compression(cfg: DictConfig) -> None:

@@ -132,3 +132,22 @@ def inference_energy(model: Any, batch: Any, counter: Callable[[], float],
         sync()
         joules = counter() - start
     return joules / (passes * batch.numel())
+
+
+def rank_energy_counter(device_type: str, local_rank: int, is_main: bool,
+                        nnodes: int) -> tuple[Callable[[], float] | None, str]:
+    """The counter one rank reads: each GPU its own; on CPU one RAPL reading for the node, by rank 0 (the
+    other ranks read none, and have nothing to say about it)."""
+    if device_type == "cuda" or is_main:
+        return energy_counter(device_type, local_rank, nnodes)
+    return None, ""
+
+
+def training_energy_metrics(joules: float, timed_tokens: int, counter: Callable[[], float] | None,
+                            source: str) -> tuple[dict[str, float], dict[str, str]]:
+    """``energy/train_joules`` and ``energy/joules_per_token_train`` from all ranks' joules over the timed
+    steps, with the tag naming the counter; or no metric, and the tag saying why."""
+    if counter is not None and joules > 0 and timed_tokens:
+        return {ENERGY_JOULES: joules, ENERGY_TRAIN: joules / timed_tokens}, {ENERGY_SOURCE_TAG: source}
+    why = source if counter is None else "no timed training steps to read it over"
+    return {}, {NO_ENERGY_TAG: why}

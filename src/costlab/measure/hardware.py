@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 
 FLOPS_PER_TOKEN = "perf/flops_per_token"
 TFLOPS_PER_DEVICE = "perf/tflops_per_device"
@@ -42,17 +42,6 @@ USD_PER_HOUR = "cost/usd_per_hour"
 PEAK_SOURCE_TAG = "costlab.peak_source"  # the datasheet option, or the CPU probe
 NO_MFU_TAG = "costlab.mfu_missing"  # why MFU was not logged
 HARDWARE_TAG = "hardware"
-
-DTYPE_OF_PRECISION = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
-
-
-def matmul_dtype(cfg: DictConfig) -> str:
-    """The dtype the run's matmuls mostly run in: fp8 when fp8 training converts the Linears, else the
-    autocast dtype, else fp32."""
-    if cfg.precision.get("float8"):
-        return "fp8"
-    return DTYPE_OF_PRECISION.get(cfg.precision.get("autocast_dtype"), "fp32")
-
 
 def matmul_params(model: Any) -> int:
     """N: the weights of every ``nn.Linear`` (each module once, a tied head included), and of every
@@ -142,11 +131,7 @@ def resolve_hardware(cfg: DictConfig, planning: bool = False) -> DictConfig:
     machine it names): its peak would say nothing about this run."""
     from costlab.measure.machine import visible_gpus
 
-    hw = cfg.hardware
-    for key in ("usd_per_hour", "usd_per_core_hour"):
-        value = hw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ConfigError(f"hardware.{key}", value, "must be a non-negative number (US dollars)")
+    hw = cfg.hardware  # its keys' types and ranges are checked already (costlab.schema)
     on_cpu = cfg.trainer.device == "cpu"
     gpus = visible_gpus()
     if hw.name != "auto":
@@ -171,6 +156,8 @@ def device_peak(cfg: DictConfig, local_ranks: int) -> tuple[float | None, str]:
     """Peak TFLOP/s of one device in the run's matmul dtype, and its source (or None and why not).
     On CPU the probe runs here with this process's threads (the node's cores, at the end of a run), and
     a rank's share is the node's peak divided among the ``local_ranks``."""
+    from costlab.precision import matmul_dtype
+
     dtype, hw = matmul_dtype(cfg), cfg.hardware
     if hw.name == "cpu":
         if dtype == "fp8":
@@ -189,3 +176,24 @@ def device_peak(cfg: DictConfig, local_ranks: int) -> tuple[float | None, str]:
     if peaks.get(dtype) is None:
         return None, f"hardware={hw.name} has no {dtype} peak"
     return float(peaks[dtype]), f"datasheet: hardware={hw.name}"
+
+
+def mfu_tag(cost: dict[str, float], peak_tflops: float | None, source: str) -> dict[str, str]:
+    """Where the peak behind ``perf/mfu`` came from, or why ``cost`` (:func:`cost_metrics`) has no MFU."""
+    if MFU in cost:
+        return {PEAK_SOURCE_TAG: source}
+    if peak_tflops is None:
+        return {NO_MFU_TAG: source}
+    if TFLOPS_PER_DEVICE in cost:
+        return {NO_MFU_TAG: f"the run exceeded the peak ({source}): probes under load underestimate it; "
+                            "later runs keep the best probe"}
+    return {NO_MFU_TAG: "no timed training steps"}
+
+
+def cost_and_mfu(cfg: DictConfig, flops: float, local_ranks: int, train_tps: float | None,
+                 infer_tps: float | None) -> tuple[dict[str, float], dict[str, str]]:
+    """:func:`cost_metrics` at the device's peak (:func:`device_peak`: on CPU its probe runs now), and the
+    tag of :func:`mfu_tag`."""
+    peak, source = device_peak(cfg, local_ranks)
+    cost = cost_metrics(cfg, flops, peak, train_tps, infer_tps)
+    return cost, mfu_tag(cost, peak, source)

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 
 # feature -> the /proc/cpuinfo flags that show it (any of them)
 CPU_FEATURES: dict[str, tuple[str, ...]] = {

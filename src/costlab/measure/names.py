@@ -20,5 +20,9 @@ INFER_TTFT = "infer/ttft_ms"
 INFER_DECODE_TOKENS_PER_S = "infer/decode_tokens_per_s"
 INFER_DECODE_SPEEDUP = "infer/decode_speedup"  # compressed over uncompressed decode rate, interleaved likewise
 
+# a run tag: "true" when its pruning or quantization option acts during training (gradual pruning, QAT), as the
+# option itself says (``acts_during_training``): such a run did not train as its uncompressed twin did
+COMPRESSES_IN_TRAINING = "costlab.compresses_in_training"
+
 # Families logged at every step (or every eval interval): curves, not summary figures.
 STEP_FAMILIES = ("train/", "val/")

@@ -9,8 +9,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from costlab.parallelism.dims import ParallelDims
-from costlab.parallelism.techniques import apply_ac, apply_compile, apply_fp8
-from costlab.precision import autocast_dtype
+from costlab.parallelism.techniques import apply_ac, apply_compile
+from costlab.precision import apply_fp8, autocast_dtype, trains_in_float8
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
@@ -26,11 +26,11 @@ def apply_parallelisms(
     or one pipeline stage), in place. Returns whether the trained module now carries training devices
     that the shipped model must not inherit."""
     model.to(device)
-    fp8 = bool(cfg.precision.get("float8", False))
+    fp8 = trains_in_float8(cfg)
     ac = cfg.trainer.get("activation_checkpointing", "none")
     compile_ = bool(cfg.trainer.get("compile", False))
     if fp8:
-        apply_fp8(model, cfg.precision.get("recipe", "tensorwise"))
+        apply_fp8(model, cfg)
     # FSDP, TP and the pipeline are imported where they are used: their modules (DTensor, FSDP2,
     # pipelining) take seconds to import, which a single-rank job would pay on every start
     if dims.tp_enabled:

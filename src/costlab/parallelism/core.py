@@ -161,8 +161,9 @@ class ShardedParallel(Parallel):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    # a DTensor's shard on this rank (the same storage: in-place scaling reaches the DTensor)
-    return t._local_tensor if hasattr(t, "_local_tensor") else t
+    # a DTensor's shard on this rank: a view of the same storage, so in-place ops (a collective on a tied
+    # weight's gradient) reach the DTensor
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @torch.no_grad()
@@ -174,34 +175,23 @@ def clip_grad_norm_(
 ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for gradients that are spread over ranks.
 
-    The squared norm of each local piece is summed over the mesh dimensions its DTensor is *sharded*
-    on (a replicated piece is counted once), then over ``extra_group`` (pipeline stages, which hold
-    different parameters). ``exclude`` names parameters counted elsewhere (a tied weight's second
-    copy). Every rank returns the same norm and scales its pieces by the same factor.
+    ``get_total_norm`` of DTensor gradients is a DTensor whose norm is partial over the mesh dimensions
+    they are sharded on (a replicated piece counts once); ``full_tensor()`` reduces it. What no torch
+    helper knows is ``extra_group``: pipeline stages hold different parameters, so their squared norms
+    are summed over it here. ``exclude`` names parameters counted elsewhere (a tied weight's second
+    copy): their gradients are clipped, not counted. Every rank returns the same norm and scales its
+    pieces by the same factor.
     """
+    from torch.distributed.tensor import DTensor  # slow to import; only layouts with several ranks get here
+
     params = [p for p in params if p.grad is not None]
     skip = {id(p) for p in exclude}
-    device = _local(params[0].grad).device if params else torch.device("cpu")
-    sums: dict[object, torch.Tensor] = {}
-    for p in params:
-        if id(p) in skip:
-            continue
-        g = p.grad
-        key = (g.device_mesh, tuple(g.placements)) if hasattr(g, "device_mesh") else None
-        sq = _local(g).detach().float().pow(2).sum()
-        sums[key] = sums[key] + sq if key in sums else sq
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for key, sq in sums.items():  # the same keys in the same order on every rank of a mesh
-        if key is not None:
-            mesh, placements = key
-            for dim, placement in enumerate(placements):
-                if not placement.is_replicate():  # Shard or FSDP's _StridedShard (gradients are never Partial)
-                    dist.all_reduce(sq, group=mesh.get_group(dim))
-        total += sq
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in skip])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     if extra_group is not None:
-        dist.all_reduce(total, group=extra_group)
-    norm = total.sqrt()
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for p in params:
-        _local(p.grad).mul_(coef.to(p.grad.dtype))
+        squared = norm.pow(2)
+        dist.all_reduce(squared, group=extra_group)
+        norm = squared.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm

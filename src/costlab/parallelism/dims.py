@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 
 # config key -> field, in mesh order (outermost first): pipeline stages talk least, tensor parallel most
 DEGREE_KEYS = {"pp_degree": "pp", "dp_replicate": "dp_replicate", "dp_shard": "dp_shard", "tp_degree": "tp"}

@@ -1,6 +1,7 @@
 """Per-block training techniques that trade compute for memory or speed, applied by
 :func:`costlab.parallelism.apply.apply_parallelisms` in torchtitan's order: float8 → tensor parallel →
-activation checkpointing → compile → FSDP / DDP (tensor parallel, FSDP and DDP live in their option's module).
+activation checkpointing → compile → FSDP / DDP (float8 lives in :mod:`costlab.precision`; tensor parallel,
+FSDP and DDP in their option's module).
 
 All of them act in place and keep parameter names, so state dicts stay those of a plain model.
 """
@@ -15,18 +16,6 @@ from torch.distributed._composable import checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from costlab.models.gpt import has_blocks
-
-
-def apply_fp8(model: nn.Module, recipe: str) -> None:
-    """Swap the blocks' ``nn.Linear`` layers for torchao ``Float8Linear`` (dynamic scaling).
-
-    Embeddings, norms and the output head stay in high precision, as torchtitan leaves them
-    (validation has refused fp8 without an SM89+ GPU).
-    """
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional: the quant extra
-
-    config = Float8LinearConfig.from_recipe_name(recipe)
-    convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn.startswith("blocks."))
 
 
 def _selective_policy():

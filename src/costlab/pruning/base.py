@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, open_dict
 
 from costlab.compression import DEFAULT_TARGETS, check_targets, target_layers
-from costlab.errors import ConfigError, non_negative_int, positive_float
+from costlab.schema import ConfigError, non_negative_int, positive_float
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +33,12 @@ class Pruning:
 
     def __init__(self, name: str):
         self.name = name
+
+    @property
+    def acts_during_training(self) -> bool:
+        """Whether this option changes the model while it trains (a checkpoint does not hold what it did,
+        and the run does not train as its uncompressed twin does)."""
+        return False
 
     def check(self, cfg: DictConfig, linears: dict[str, tuple[int, int]]) -> None:
         """Refuse, in the launcher, what this option cannot do with ``cfg`` (raises ``ConfigError``).

@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from costlab.errors import ConfigError, positive_int
 from costlab.pruning.base import DEFAULT_TARGETS, TARGET_SPARSITY, TargetedPruning
+from costlab.schema import ConfigError, positive_int
 from costlab.training.data import ByteCorpus
 
 PARTS = ("mlp", "attn")

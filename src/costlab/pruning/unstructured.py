@@ -12,9 +12,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 from costlab.compression import require_train_time
-from costlab.errors import ConfigError, non_negative_int, positive_float, positive_int
 from costlab.pruning.base import DEFAULT_TARGETS
 from costlab.pruning.masks import MaskPruning
+from costlab.schema import ConfigError, non_negative_int, positive_float, positive_int
 from costlab.training.data import ByteCorpus
 
 Scores = Callable[[str, nn.Linear], torch.Tensor]
@@ -35,6 +35,10 @@ class ScheduledPruning(MaskPruning):
                  recovery_lr: float | None = None):
         super().__init__(name, amount, targets, recovery_steps, recovery_lr)
         self.schedule, self.start_step, self.end_step, self.frequency = schedule, start_step, end_step, frequency
+
+    @property
+    def acts_during_training(self) -> bool:
+        return self.schedule == "gradual"
 
     # --- what a subclass says ---
 

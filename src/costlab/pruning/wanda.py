@@ -12,10 +12,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
-from costlab.errors import ConfigError
 from costlab.precision import autocast
 from costlab.pruning.base import DEFAULT_TARGETS
 from costlab.pruning.masks import MaskPruning
+from costlab.schema import ConfigError
 from costlab.training.data import BatchSampler, ByteCorpus
 
 

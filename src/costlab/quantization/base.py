@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from costlab.compression import DEFAULT_TARGETS, check_targets, target_layers
-from costlab.errors import ConfigError
 from costlab.measure.machine import require_gpu
+from costlab.schema import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,6 +33,12 @@ class Quantization:
     def __init__(self, name: str):
         self.name = name
         self.tags: dict[str, str] = {}  # what ``apply`` chose, as the run's tags (the kernels that ran)
+
+    @property
+    def acts_during_training(self) -> bool:
+        """Whether this option changes the model while it trains (a checkpoint does not hold what it did,
+        and the run does not train as its uncompressed twin does)."""
+        return False
 
     def check(self, cfg: DictConfig, linears: dict[str, tuple[int, int]]) -> None:
         """Refuse, in the launcher, what this option cannot do with ``cfg`` (raises ``ConfigError``).

@@ -6,8 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from costlab.errors import ConfigError
 from costlab.quantization.base import TorchaoQuantization
+from costlab.schema import ConfigError
 
 
 class Fp8(TorchaoQuantization):

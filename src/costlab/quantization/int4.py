@@ -7,8 +7,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from costlab.compression import DEFAULT_TARGETS
-from costlab.errors import ConfigError
 from costlab.quantization.base import TorchaoQuantization
+from costlab.schema import ConfigError
 
 GROUP_SIZES = (32, 64, 128, 256)
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from costlab.compression import DEFAULT_TARGETS
-from costlab.errors import ConfigError
 from costlab.quantization.base import BACKEND_TAG, LAYERS, TorchaoQuantization
+from costlab.schema import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn

@@ -12,14 +12,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 from costlab.compression import DEFAULT_TARGETS, require_train_time
-from costlab.errors import ConfigError, positive_int
 from costlab.quantization.base import TorchaoQuantization, only
+from costlab.schema import ConfigError, positive_int
 
 
 class QatInt8(TorchaoQuantization):
     def __init__(self, name: str, targets: Any = DEFAULT_TARGETS, qat_steps: int = 50):
         super().__init__(name, targets)
         self.qat_steps = qat_steps
+
+    @property
+    def acts_during_training(self) -> bool:
+        return True
 
     def check(self, cfg: DictConfig, linears: dict[str, tuple[int, int]]) -> None:
         super().check(cfg, linears)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from costlab import status, tracking
 from costlab.measure.names import (
+    COMPRESSES_IN_TRAINING,
     EVAL_LOSS,
     INFER_LATENCY,
     MEM_GRADS,
@@ -44,6 +45,7 @@ class RunRecord:
     metrics: dict[str, float]
     start_time: int = 0
     label: str = ""
+    compresses_in_training: bool = False  # its compression option acted during training (the run's tag)
 
     @property
     def finished(self) -> bool:
@@ -79,6 +81,7 @@ def record(run: Any) -> RunRecord:
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         start_time=run.info.start_time or 0,
+        compresses_in_training=tags.get(COMPRESSES_IN_TRAINING) == "true",
     )
 
 
@@ -162,9 +165,7 @@ def trains_like(run: RunRecord, base: RunRecord) -> bool:
     keys = {k for k in (*run.params, *base.params) if k.startswith(TRAINING_KEYS)}
     if any(run.params.get(k) != base.params.get(k) for k in keys):
         return False
-    # gradual pruning and quantization-aware training act during training
-    return not any(r.params.get("pruning.schedule") == "gradual" or "quantization.qat_steps" in r.params
-                   for r in (run, base))
+    return not (run.compresses_in_training or base.compresses_in_training)
 
 
 def ratio(value: float | None, base: float | None) -> float | None:

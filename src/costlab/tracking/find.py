@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from costlab.models.saved import CHECKPOINT_TAG, FINAL, RUN_ID, UNCOMPRESSED, trained_model_file
+from costlab.models.saved import FINAL, RUN_ID, UNCOMPRESSED, trained_model_file
 from costlab.tracking.store import client
 
 if TYPE_CHECKING:
@@ -53,24 +53,18 @@ def find_run(value: str, uri: str) -> tuple[Path, str | None]:
 
 
 def resolve_init_from(value: Any, tracking_uri: str) -> Path:
-    """A checkpoint file, a run folder holding one, or an MLflow run id in ``tracking_uri``."""
+    """The model file ``trainer.init_from`` names: a checkpoint file, a folder holding one (a run folder's
+    trained, uncompressed model), or an MLflow run id in ``tracking_uri`` (found as :func:`find_run` finds
+    any run: through its folder). Raises ``ValueError``: why, in a few words."""
     text = str(value)
     path = Path(text).expanduser()
-    if path.is_dir():
-        found = trained_model_file(path)
-        if found is None:
-            raise ValueError(f"the folder holds neither {UNCOMPRESSED} nor {FINAL}")
-        return found
     if path.is_file():
         return path
-    if not RUN_ID.match(text):
+    if not path.is_dir() and not RUN_ID.match(text):
         raise ValueError("no such file or folder, and not an MLflow run id")
-    run = get_run(tracking_uri, text)
-    if run is None:
-        raise ValueError(f"no such file, and no MLflow run with this id in {tracking_uri}")
-    saved = run.data.tags.get(CHECKPOINT_TAG)
-    if not saved:
-        raise ValueError(f"MLflow run {text} saved no model (status {run.info.status})")
-    if not Path(saved).is_file():
-        raise ValueError(f"the model MLflow run {text} saved, {saved}, is gone")
-    return Path(saved)
+    folder = path if path.is_dir() else find_run(text, tracking_uri)[0]
+    found = trained_model_file(folder)
+    if found is None:
+        where = "the folder" if path.is_dir() else f"MLflow run {text}'s folder, {folder},"
+        raise ValueError(f"{where} holds neither {UNCOMPRESSED} nor {FINAL}")
+    return found

@@ -1,8 +1,9 @@
-"""MLflow bookkeeping: the run a job owns, the parent run of a sweep, and the relay of what workers record.
+"""The relay of what rank 0 records: the metrics and tags it appends to the run folder
+(:mod:`costlab.events`) go into the MLflow run from a thread of ``run.py`` (:class:`Relay`).
 
-Only the launcher (``run.py``) touches the store for a job: it opens and closes the run, and relays into
-it (:class:`Relay`) the metrics and tags rank 0 writes into the run folder (:mod:`costlab.events`).
-Workers never import MLflow.
+Only launcher-side processes touch the store; the ranks never import MLflow. When ``run.py`` was killed
+outright, rank 0 starts ``python -m costlab.tracking.relay URI RUN_ID RUN_DIR``, which relays what was left
+and closes the run FAILED (:func:`close_orphaned`).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from costlab import faults, status
-from costlab.errors import ConfigError
 from costlab.events import FAILURE_TAG
-from costlab.files import corpus_digest, corpus_files
+from costlab.files import corpus_digest
+from costlab.schema import ConfigError, option
 from costlab.tracking.store import client, experiment_id, pages, prepare_store
 
 if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to import
@@ -124,7 +124,7 @@ def log_corpus(c: MlflowClient, run_id: str, data_cfg: DictConfig) -> None:
     """The training text as the run's MLflow dataset input: its source and a digest of its bytes."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    source, files = corpus_files(OmegaConf.to_container(data_cfg, resolve=True))
+    source, files = option("data", data_cfg).corpus_files()
     dataset = Dataset(name=str(data_cfg.get("name", "data")), digest=corpus_digest(source, files),
                       source_type="local", source=json.dumps({"uri": source}))
     c.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])

@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from costlab import status
-from costlab.errors import ConfigError
+from costlab.schema import ConfigError
 from costlab.tracking.runs import check_tracking, create_run
 from costlab.tracking.store import client, experiment_id, pages
 

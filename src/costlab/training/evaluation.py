@@ -70,7 +70,6 @@ def evaluate_final(
     pruning, quantization = build_pruning(cfg), build_quantization(cfg)
     compressed = pruning.active or quantization.active
     batches = eval_batches(corpus.val, cfg.model.block_size, t.eval_batch_size, t.eval_batches)
-    batch = infer_batch(corpus, cfg, device)
 
     out: dict[str, float] = dict(quantization.reference(model))  # QAT-trained: the float model is the reference
     before = save_and_count(model, run_dir / (UNCOMPRESSED if compressed else FINAL))
@@ -83,13 +82,39 @@ def evaluate_final(
         after = save_and_count(model, run_dir / FINAL)
         out.update(pruning.accelerate(model, cfg))  # after saving: sparse kernels are how it runs, not what ships
         loss = evaluate(model, batches, cfg, device)
-    seconds = time_inference(models, batch, lambda: autocast(cfg, device), iters=t.infer_iters)
-    prompt_len, new_tokens = generation_lengths(cfg)  # trainer.gen_*, within model.block_size
+
+    seconds, tokens = inference_seconds(models, corpus, cfg, device)
+    generation, lengths = generation_figures(models, corpus, cfg, device)
+    out.update(generation)
+    out.update(quality_metrics(loss, loss_before, corpus))
+    out.update(size_metrics(before, after, compressed))
+    out.update(speed_metrics(seconds, tokens, compressed))
+    return out, {**quantization.tags, GENERATION_TAG: lengths}
+
+
+def inference_seconds(models: dict[str, nn.Module], corpus: ByteCorpus, cfg: DictConfig,
+                      device: torch.device) -> tuple[dict[str, float], int]:
+    """Seconds per forward pass of each model on the inference batch, and the tokens in that batch."""
+    batch = infer_batch(corpus, cfg, device)
+    seconds = time_inference(models, batch, lambda: autocast(cfg, device), iters=cfg.trainer.infer_iters)
+    return seconds, batch.numel()
+
+
+def generation_figures(models: dict[str, nn.Module], corpus: ByteCorpus, cfg: DictConfig,
+                       device: torch.device) -> tuple[dict[str, float], str]:
+    """The generation metrics of each model (``trainer.gen_*``, within ``model.block_size``), and the
+    lengths they were measured at, for the tag."""
+    t = cfg.trainer
+    prompt_len, new_tokens = generation_lengths(cfg)
     prompt = eval_batches(corpus.val, prompt_len, t.gen_batch_size, 1)[0][0].to(device)
     gen = time_generation(models, prompt, new_tokens, lambda: autocast(cfg, device), iters=t.gen_iters)
-    out.update(generation_metrics(gen["final"], gen.get("uncompressed")))
+    lengths = f"prompt {prompt_len}, new tokens {new_tokens}, batch {t.gen_batch_size}"
+    return generation_metrics(gen["final"], gen.get("uncompressed")), lengths
 
-    out.update({
+
+def quality_metrics(loss: float, loss_before: float, corpus: ByteCorpus) -> dict[str, float]:
+    """The validation loss after compression, in the units models compare in, and its change."""
+    return {
         EVAL_LOSS: loss,
         "eval/perplexity": math.exp(loss),
         # nats per token / ln 2 / bytes per token: bits per byte of text, the scale on which models with
@@ -97,24 +122,35 @@ def evaluate_final(
         EVAL_BITS_PER_BYTE: loss / math.log(2) / corpus.bytes_per_token,
         "eval/loss_uncompressed": loss_before,
         "eval/loss_delta": (loss - loss_before) / loss_before,
+    }
+
+
+def size_metrics(before: Saved, after: Saved, compressed: bool) -> dict[str, float]:
+    """The model as shipped, and beside it, when compressed, what compression saved."""
+    out = {
         MODEL_SIZE: after.size_bytes,
         "model/size_bytes_uncompressed": before.size_bytes,
         "model/params": after.params,
         "model/nonzero_params": after.nonzero_params,
         "model/sparsity": 1 - after.nonzero_params / after.params,
-        INFER_LATENCY: 1000 * seconds["final"],
-        INFER_TOKENS_PER_S: batch.numel() / seconds["final"],
-    })
+    }
     if compressed:  # figures of a comparison only where there was one
-        ref = seconds["uncompressed"]
         out.update({
             "model/size_bytes_sparse": after.sparse_size_bytes,
             "model/size_ratio": before.size_bytes / after.size_bytes,
             "model/params_uncompressed": before.params,
+        })
+    return out
+
+
+def speed_metrics(seconds: dict[str, float], tokens: int, compressed: bool) -> dict[str, float]:
+    """Latency and throughput of the final model, and beside it, when compressed, of the uncompressed one."""
+    out = {INFER_LATENCY: 1000 * seconds["final"], INFER_TOKENS_PER_S: tokens / seconds["final"]}
+    if compressed:
+        ref = seconds["uncompressed"]
+        out.update({
             "infer/latency_ms_p50_uncompressed": 1000 * ref,
-            "infer/tokens_per_s_uncompressed": batch.numel() / ref,
+            "infer/tokens_per_s_uncompressed": tokens / ref,
             INFER_SPEEDUP: ref / seconds["final"],
         })
-    lengths = f"prompt {prompt_len}, new tokens {new_tokens}, batch {t.gen_batch_size}"
-    tags = {**quantization.tags, GENERATION_TAG: lengths}
-    return out, tags
+    return out

@@ -55,6 +55,202 @@ class TrainResult:
     fault: dict[str, float] = field(default_factory=dict)  # fault/* and checkpoint/* figures
 
 
+@dataclass
+class Step:
+    """What one training step leaves for its log line."""
+
+    index: int
+    lr: float
+    seconds: float
+    grad_norm: torch.Tensor | None
+    logged: bool  # whether the step's loss was reduced over the ranks (every trainer.log_every steps)
+
+
+class Trainer:
+    """One rank's training: :meth:`train` runs the loop, and each job of a step (the step itself, logging,
+    evaluation, checkpoints, a stop signal) is a method of its own.
+
+    ``step_hooks`` run before each step with its index, and once after the last with ``max_steps``
+    (train-time compression: gradual pruning masks, QAT fake quantization).
+
+    ``resumable`` (the run's own training, not a recovery fine-tune): with ``trainer.checkpoint_interval``,
+    the run starts from its latest checkpoint if it has one (a restart, or ``trainer.resume``), saves one
+    every that many steps, and on a stop signal (``stop``: preemption) saves one at the step boundary every
+    rank agrees on before it stops."""
+
+    def __init__(
+        self,
+        parallel: Parallel,
+        optimizer: torch.optim.Optimizer,
+        corpus: ByteCorpus,
+        cfg: DictConfig,
+        env: DistEnv,
+        logger=None,
+        step_hooks: Sequence[Callable[[int], None]] = (),
+        stop: StopWatcher | None = None,
+        resumable: bool = False,
+    ):
+        t = cfg.trainer
+        self.parallel, self.optimizer, self.cfg, self.env = parallel, optimizer, cfg, env
+        self.logger, self.step_hooks, self.watcher, self.resumable = logger, step_hooks, stop, resumable
+        self.max_steps = t.max_steps
+        self.tokens_per_step = t.batch_size * cfg.model.block_size
+        self.sampler = BatchSampler(corpus.train, cfg.model.block_size, t.batch_size, t.seed)
+        self.val = eval_batches(corpus.val, cfg.model.block_size, t.eval_batch_size, t.eval_batches)
+        self.scaler = grad_scaler(cfg, env.device)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.result = TrainResult(stats=StepStats(t.timing_warmup_steps, self.tokens_per_step))
+        self.interval = int(t.get("checkpoint_interval", 0) or 0) if resumable else 0
+        self.checkpoints: checkpoint.Checkpointer | None = None
+        self.first = 0  # the first step still to run: past 0 when resumed
+        self.started = self.printed = 0.0  # wall clock of the loop's start and of the last progress line
+
+    def train(self) -> TrainResult:
+        self.parallel.model.train()
+        self.resume()
+        self.started = self.printed = time.perf_counter()
+        for step in range(self.first, self.max_steps):
+            self.log(self.train_step(step))
+            self.evaluate(step)
+            saved = self.checkpoint(step)
+            self.stop(step, saved)
+        return self.finish()
+
+    def resume(self) -> None:
+        """A resumable run continues from its latest checkpoint, if it has one, and arms checkpoints."""
+        if not self.resumable:
+            return
+        resumed = checkpoint.load(self.parallel.model, self.optimizer, self.scaler, self.cfg, self.env)
+        if resumed is not None:
+            self.first = resumed.step
+            self.result.fault = {checkpoint.LOST_S: resumed.lost_s, checkpoint.RESUMES: resumed.resumes}
+            if self.env.is_main:
+                print(f"resumed from {resumed.path.name} (step {self.first}); "
+                      f"{resumed.lost_s:.1f}s lost to faults so far", flush=True)
+        self.result.fault[checkpoint.RESTARTS] = checkpoint.restart_count()
+        if self.interval:
+            self.checkpoints = checkpoint.Checkpointer(self.cfg, self.env, resumed)
+            if self.watcher is not None:
+                self.watcher.defer = True  # a stop signal is acted on at a step boundary: checkpoint, then stop
+
+    def train_step(self, step: int) -> Step:
+        """Hooks, learning rate, forward and backward, optimizer step; timed to the end of the loss's
+        reduction over the ranks, which logged steps include."""
+        t0 = now(self.env.device)
+        for hook in self.step_hooks:
+            hook(step)
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.sampler.batch(step, self.parallel.dp_rank, self.parallel.dp_size)
+        device = self.env.device
+        loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
+        grad_norm = self.optimizer_step(step)
+        logged = step % self.cfg.trainer.log_every == 0 or step == self.max_steps - 1
+        if logged:
+            loss = self.parallel.global_loss(loss)
+        seconds = now(device) - t0
+        self.result.stats.add(seconds)
+        if logged and self.env.is_main:  # the only host read of the loss, and only on the rank that reports it
+            self.result.final_loss = loss.item()
+        return Step(step, lr, seconds, grad_norm, logged)
+
+    def optimizer_step(self, step: int) -> torch.Tensor | None:
+        """Unscale, clip and apply the gradients; returns their norm before clipping (None: no clipping)."""
+        scaler, clip = self.scaler, self.cfg.trainer.grad_clip
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        grad_norm = self.parallel.clip_grad_norm(self.params, clip) if clip else None
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        if step == 0:  # gradients and optimizer state exist now; shards are what this rank holds
+            self.result.state_bytes = state_bytes_per_rank(self.parallel.model, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def log(self, step: Step) -> None:
+        """The step's metrics, every ``trainer.log_every`` steps, and a progress line now and then."""
+        if not step.logged or self.logger is None:
+            return
+        metrics = {
+            TRAIN_LOSS: self.result.final_loss,
+            "train/lr": step.lr,
+            "train/step_time_ms": 1000 * step.seconds,
+            "train/tokens_per_s": self.tokens_per_step / step.seconds,
+        }
+        if step.grad_norm is not None:
+            metrics["train/grad_norm"] = float(step.grad_norm)
+        if self.scaler is not None:
+            metrics["train/loss_scale"] = self.scaler.get_scale()
+        self.logger.log(metrics, step.index)
+        self.print_progress(step)
+
+    def print_progress(self, step: Step) -> None:
+        """Every ``trainer.print_every`` steps, the last one, and at least every ``PRINT_AT_LEAST_EVERY_S``."""
+        clock, i = time.perf_counter(), step.index
+        due = i % self.cfg.trainer.print_every == 0 or i == self.max_steps - 1
+        if not due and clock - self.printed < PRINT_AT_LEAST_EVERY_S:
+            return
+        self.printed = clock
+        eta = (clock - self.started) / (i + 1 - self.first) * (self.max_steps - i - 1)
+        print(
+            f"step {i + 1}/{self.max_steps}  loss {self.result.final_loss:.4f}  lr {step.lr:.2e}"
+            f"  {1000 * step.seconds:.0f} ms  {self.tokens_per_step / step.seconds:.0f} tok/s  eta {eta:.0f}s",
+            flush=True,
+        )
+
+    def evaluate(self, step: int) -> None:
+        """Validation loss every ``trainer.eval_interval`` steps; the last step's is the final evaluation's."""
+        done, every = step + 1, self.cfg.trainer.eval_interval
+        if not every or done % every or done >= self.max_steps:
+            return
+        val_loss = self.parallel.evaluate(self.val, self.cfg)  # collective: every rank
+        if self.logger is not None:
+            self.logger.log({"val/loss": val_loss}, done)
+            print(f"step {done}/{self.max_steps}  val/loss {val_loss:.4f}", flush=True)
+
+    def checkpoint(self, step: int) -> bool:
+        """A checkpoint every ``trainer.checkpoint_interval`` steps (none after the last: the run ends
+        there); returns whether it saved one."""
+        done = step + 1
+        if self.checkpoints is None or done == self.max_steps or done % self.interval:
+            return False
+        self.checkpoints.save(self.parallel.model, self.optimizer, self.scaler, done)
+        return True
+
+    def stop(self, step: int, saved: bool) -> None:
+        """On a stop signal every rank agrees on, a checkpoint where this step ends (unless ``saved`` one
+        already), then :class:`Stopped`."""
+        done = step + 1
+        if self.checkpoints is None or done == self.max_steps or self.watcher is None:
+            return
+        if not checkpoint.stop_agreed(self.watcher.requested, self.env):  # collective: every rank
+            return
+        if not saved:
+            self.checkpoints.save(self.parallel.model, self.optimizer, self.scaler, done)
+        self.checkpoints.finish()
+        if self.env.is_main:
+            print(f"stopping at step {done}: checkpoint saved for trainer.resume", flush=True)
+        raise Stopped(self.watcher.signum or signal.SIGTERM)
+
+    def finish(self) -> TrainResult:
+        """After the last step: the checkpoints' figures, a stop signal that came too late to act on at a
+        step boundary, and the hooks' call with ``max_steps``."""
+        if self.checkpoints is not None:
+            self.checkpoints.finish()
+            self.result.fault.update(self.checkpoints.metrics())
+        if self.watcher is not None:
+            self.watcher.defer = False
+            if self.watcher.requested:  # the signal came during the last step: stop now
+                raise Stopped(self.watcher.signum or signal.SIGTERM)
+        for hook in self.step_hooks:
+            hook(self.max_steps)
+        return self.result
+
+
 def train(
     parallel: Parallel,
     optimizer: torch.optim.Optimizer,
@@ -66,110 +262,5 @@ def train(
     stop: StopWatcher | None = None,
     resumable: bool = False,
 ) -> TrainResult:
-    """``step_hooks`` run before each step with its index, and once after the last with ``max_steps``
-    (train-time compression: gradual pruning masks, QAT fake quantization).
-
-    ``resumable`` (the run's own training, not a recovery fine-tune): with ``trainer.checkpoint_interval``,
-    the run starts from its latest checkpoint if it has one (a
-    restart, or ``trainer.resume``), saves one every that many steps, and on a stop signal (``stop``:
-    preemption) saves one at the step boundary every rank agrees on before it stops."""
-    t = cfg.trainer
-    device = env.device
-    block = cfg.model.block_size
-    sampler = BatchSampler(corpus.train, block, t.batch_size, t.seed)
-    val = eval_batches(corpus.val, block, t.eval_batch_size, t.eval_batches)
-    scaler = grad_scaler(cfg, device)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    result = TrainResult(stats=StepStats(t.timing_warmup_steps, t.batch_size * block))
-    parallel.model.train()
-
-    interval = int(t.get("checkpoint_interval", 0) or 0) if resumable else 0
-    first = 0
-    resumed = checkpoint.load(parallel.model, optimizer, scaler, cfg, env) if resumable else None
-    if resumed is not None:
-        first = resumed.step
-        result.fault = {checkpoint.LOST_S: resumed.lost_s, checkpoint.RESUMES: resumed.resumes}
-        if env.is_main:
-            print(f"resumed from {resumed.path.name} (step {first}); {resumed.lost_s:.1f}s lost to faults so far",
-                  flush=True)
-    if resumable:
-        result.fault[checkpoint.RESTARTS] = checkpoint.restart_count()
-    checkpoints = checkpoint.Checkpointer(cfg, env, resumed) if interval else None
-    if stop is not None and interval:
-        stop.defer = True  # a stop signal is acted on at a step boundary: checkpoint, then stop
-    started = printed = time.perf_counter()
-    for step in range(first, t.max_steps):
-        t0 = now(device)
-        for hook in step_hooks:
-            hook(step)
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = sampler.batch(step, parallel.dp_rank, parallel.dp_size)
-        loss = parallel.forward_backward(x.to(device), y.to(device), cfg, scaler)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = parallel.clip_grad_norm(params, t.grad_clip) if t.grad_clip else None
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if step == 0:  # gradients and optimizer state exist now; shards are what this rank holds
-            result.state_bytes = state_bytes_per_rank(parallel.model, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        logged = step % t.log_every == 0 or step == t.max_steps - 1
-        if logged:
-            loss = parallel.global_loss(loss)
-        seconds = now(device) - t0
-        result.stats.add(seconds)
-        if logged and env.is_main:  # the only host read of the loss, and only on the rank that reports it
-            result.final_loss = loss.item()
-        if logged and logger is not None:
-            metrics = {
-                TRAIN_LOSS: result.final_loss,
-                "train/lr": lr,
-                "train/step_time_ms": 1000 * seconds,
-                "train/tokens_per_s": t.batch_size * block / seconds,
-            }
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            if scaler is not None:
-                metrics["train/loss_scale"] = scaler.get_scale()
-            logger.log(metrics, step)
-            clock = time.perf_counter()
-            if step % t.print_every == 0 or step == t.max_steps - 1 or clock - printed >= PRINT_AT_LEAST_EVERY_S:
-                printed = clock
-                eta = (clock - started) / (step + 1 - first) * (t.max_steps - step - 1)
-                print(
-                    f"step {step + 1}/{t.max_steps}  loss {result.final_loss:.4f}  lr {lr:.2e}"
-                    f"  {1000 * seconds:.0f} ms  {t.batch_size * block / seconds:.0f} tok/s  eta {eta:.0f}s",
-                    flush=True,
-                )
-        if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < t.max_steps:
-            val_loss = parallel.evaluate(val, cfg)
-            if logger is not None:
-                logger.log({"val/loss": val_loss}, step + 1)
-                print(f"step {step + 1}/{t.max_steps}  val/loss {val_loss:.4f}", flush=True)
-        if checkpoints is None or step + 1 == t.max_steps:
-            continue
-        saved = (step + 1) % interval == 0
-        if saved:
-            checkpoints.save(parallel.model, optimizer, scaler, step + 1)
-        if stop is not None and checkpoint.stop_agreed(stop.requested, env):
-            if not saved:
-                checkpoints.save(parallel.model, optimizer, scaler, step + 1)
-            checkpoints.finish()
-            if env.is_main:
-                print(f"stopping at step {step + 1}: checkpoint saved for trainer.resume", flush=True)
-            raise Stopped(stop.signum or signal.SIGTERM)
-    if checkpoints is not None:
-        checkpoints.finish()
-        result.fault.update(checkpoints.metrics())
-    if stop is not None:
-        stop.defer = False
-        if stop.requested:  # the signal came during the last step: stop now
-            raise Stopped(stop.signum or signal.SIGTERM)
-    for hook in step_hooks:
-        hook(t.max_steps)
-    return result
+    """Train ``parallel``'s model for ``trainer.max_steps`` steps (see :class:`Trainer`)."""
+    return Trainer(parallel, optimizer, corpus, cfg, env, logger, step_hooks, stop, resumable).train()

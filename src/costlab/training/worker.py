@@ -13,6 +13,7 @@ block_stop_signals()  # before torch starts threads: each thread inherits the ma
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,26 +34,15 @@ from costlab.faults import (
 )
 from costlab.measure.energy import (
     ENERGY_INFER,
-    ENERGY_JOULES,
-    ENERGY_SOURCE_TAG,
-    ENERGY_TRAIN,
-    NO_ENERGY_TAG,
     TrainingEnergy,
-    energy_counter,
     inference_energy,
+    rank_energy_counter,
+    training_energy_metrics,
 )
-from costlab.measure.hardware import (
-    MFU,
-    NO_MFU_TAG,
-    PEAK_SOURCE_TAG,
-    TFLOPS_PER_DEVICE,
-    cost_metrics,
-    device_peak,
-    flops_per_token,
-)
+from costlab.measure.hardware import cost_and_mfu, flops_per_token
 from costlab.measure.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
 from costlab.measure.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
-from costlab.measure.names import INFER_TOKENS_PER_S, MEM_PEAK, PERF_TOKENS_PER_S
+from costlab.measure.names import COMPRESSES_IN_TRAINING, INFER_TOKENS_PER_S, MEM_PEAK, PERF_TOKENS_PER_S
 from costlab.models.gpt import build_model
 from costlab.models.saved import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.parallelism.core import DistEnv, init_distributed
@@ -60,10 +50,10 @@ from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
-from costlab.training.data import build_corpus
+from costlab.training.data import ByteCorpus, build_corpus
 from costlab.training.evaluation import evaluate_final, infer_batch
-from costlab.training.tokens import TOKENIZER_TAG, load_codec, tokenize_corpus
-from costlab.training.trainer import build_optimizer, train
+from costlab.training.tokens import TOKENIZER_TAG, Codec, load_codec, tokenize_corpus
+from costlab.training.trainer import TrainResult, build_optimizer, train
 
 
 def seed_everything(seed: int) -> None:
@@ -82,95 +72,133 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     """One rank's run; ``predicted`` (rank 0): the memory model's per-rank state bytes, logged beside the
     measured ones; ``stop``: the worker's stop signals (what it flushes if it cannot stop in time)."""
     seed_everything(cfg.trainer.seed)
+    codec, corpus = build_data(cfg, env)
+    model, flops = build_model_to_train(cfg, env)
+    hooks = train_time_hooks(model, cfg)
+    counter, energy_source = rank_energy_counter(env.device.type, env.local_rank, env.is_main, cfg.trainer.nnodes)
+    energy = TrainingEnergy(counter, cfg.trainer.timing_warmup_steps, cfg.trainer.max_steps)
+    parallel = parallelize(model, cfg, env)
+    optimizer = build_optimizer(parallel.model, cfg)
+    logger = open_logger(cfg, env, stop)
+    try:
+        say(env, f"training {cfg.trainer.max_steps} steps")
+        result = train(parallel, optimizer, corpus, cfg, env, logger, [*hooks, energy], stop, resumable=True)
+        summary = training_summary(result, predicted, env)  # collectives: every rank takes part
+        joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
+        final = parallel.full_model(cfg)  # collective: every rank takes part
+        tags: dict[str, str] = {}
+        if env.is_main:
+            summary.update(training_metrics(result, corpus, cfg))
+            metrics, tags = compress_and_evaluate(final, corpus, codec, cfg, env, counter)
+            summary.update(metrics)
+            timed_tokens = result.stats.tokens_per_step * len(result.stats.times_s)
+            energy_figures, energy_tag = training_energy_metrics(joules, timed_tokens, counter, energy_source)
+            summary.update(energy_figures)
+            summary.update(predicted or {})
+            # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
+            cost, mfu_tag = cost_and_mfu(cfg, flops, env.local_world_size, summary.get(PERF_TOKENS_PER_S),
+                                         summary.get(INFER_TOKENS_PER_S))
+            summary.update(cost)
+            tags.update({**energy_tag, **mfu_tag})
+        summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
+        summary.update(peak_reserved_memory(env.device))
+        log_summary(logger, summary, tags, cfg)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def build_data(cfg: DictConfig, env: DistEnv) -> tuple[Codec, ByteCorpus]:
+    """The codec (bytes, or the tokenizer of a Hugging Face model's folder) and the tokenized corpus."""
     say(env, f"loading data ({cfg.data.get('name', 'data')})")
-    codec = load_codec(cfg.model)  # bytes, or the tokenizer of a Hugging Face model's folder
-    corpus = tokenize_corpus(build_corpus(cfg.data), codec)
+    codec = load_codec(cfg.model)
+    return codec, tokenize_corpus(build_corpus(cfg.data), codec)
+
+
+def build_model_to_train(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module, float]:
+    """The model, from ``trainer.init_from`` when set, and its training FLOPs per token."""
     say(env, f"building {cfg.model.get('name', 'the model')} and parallelising it "
              f"({cfg.parallelism.get('name', '')}, {env.world_size} rank(s))")
     model = build_model(cfg.model)
     flops = flops_per_token(model, cfg.model.block_size)  # of the whole model, before any sharding
     if cfg.trainer.get("init_from"):
         load_init(model, cfg)
-    # train-time compression acts on the plain module, before any wrapper holds it
+    return model, flops
+
+
+def train_time_hooks(model: torch.nn.Module, cfg: DictConfig) -> list[Callable[[int], None]]:
+    """The step hooks of train-time compression (gradual pruning, QAT); they act on the plain module, so
+    they are made before any wrapper holds it."""
     options = (build_pruning(cfg), build_quantization(cfg))
-    hooks = [h for h in (o.training_hook(model, cfg) for o in options) if h is not None]
-    # energy: each GPU's own counter; on CPU one RAPL reading for the node, by rank 0
-    counter, energy_source = None, ""
-    if env.device.type == "cuda" or env.is_main:
-        counter, energy_source = energy_counter(env.device.type, env.local_rank, cfg.trainer.nnodes)
-    energy = TrainingEnergy(counter, cfg.trainer.timing_warmup_steps, cfg.trainer.max_steps)
-    hooks.append(energy)
-    parallel = parallelize(model, cfg, env)
-    optimizer = build_optimizer(parallel.model, cfg)
-    # into the run folder, which run.py relays into MLflow; a restarted or resumed attempt re-runs some
-    # steps, and the relay logs each step once
+    return [h for h in (o.training_hook(model, cfg) for o in options) if h is not None]
+
+
+def open_logger(cfg: DictConfig, env: DistEnv, stop: StopWatcher | None) -> MetricLogger | None:
+    """Rank 0's logger, into the run folder, which run.py relays into MLflow; a restarted or resumed attempt
+    re-runs some steps, and the relay logs each step once. A stop that cannot wait flushes it."""
     logger = MetricLogger(cfg.runtime.run_dir) if env.is_main else None
     if logger is not None and stop is not None:
         stop.on_timeout.append(logger.flush)
-    try:
-        say(env, f"training {cfg.trainer.max_steps} steps")
-        result = train(parallel, optimizer, corpus, cfg, env, logger, step_hooks=hooks, stop=stop, resumable=True)
-        if env.device.type == "cuda":  # the memory model checked against the allocator's peak in training
-            measured = max_over_ranks(peak_memory_bytes(env.device), env.device)  # collective: every rank
-            total = sum(v for k, v in (predicted or {}).items() if k.startswith(PREDICTED))
-            if total and measured:
-                predicted[PREDICTED_OVER_MEASURED] = total / measured
-        summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
-        summary.update(result.fault)
-        joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
-        final = parallel.full_model(cfg)  # collective: every rank takes part
-        if env.is_main:
-            summary.update(result.stats.summary())
-            if env.device.type == "cpu":
-                # the other ranks now only wait: the final model is measured on the node's whole CPU,
-                # so its inference figures do not depend on the world size it was trained with
-                torch.set_num_threads(os.cpu_count() or 1)
-            run_dir = Path(cfg.runtime.run_dir)
-            say(env, "compressing (if asked), measuring quality, size and inference speed, saving the model")
-            metrics, tags = evaluate_final(final, corpus, cfg, env, run_dir)
-            tags[TOKENIZER_TAG] = codec.name
-            summary.update(metrics)
-            if counter is not None:
-                summary[ENERGY_INFER] = inference_energy(final, infer_batch(corpus, cfg, env.device), counter,
-                                                         lambda: autocast(cfg, env.device))
-            # what trainer.init_from=<this run id> starts from
-            tags[CHECKPOINT_TAG] = str(trained_model_file(run_dir))
-            summary["data/bytes_per_token"] = corpus.bytes_per_token
-            if corpus.entropy_floor is not None:
-                summary["data/entropy_floor"] = corpus.entropy_floor
-            if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing
-                summary["train/final_loss"] = result.final_loss
-            timed_tokens = result.stats.tokens_per_step * len(result.stats.times_s)
-            if counter is not None and joules > 0 and timed_tokens:
-                summary.update({ENERGY_JOULES: joules, ENERGY_TRAIN: joules / timed_tokens})
-                tags[ENERGY_SOURCE_TAG] = energy_source
-            else:
-                why = energy_source if counter is None else "no timed training steps to read it over"
-                tags[NO_ENERGY_TAG] = why
-            # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
-            peak, source = device_peak(cfg, env.local_world_size)
-            summary.update(predicted or {})
-            summary.update(cost_metrics(cfg, flops, peak, summary.get(PERF_TOKENS_PER_S),
-                                        summary.get(INFER_TOKENS_PER_S)))
-            if MFU in summary:
-                tags[PEAK_SOURCE_TAG] = source
-            elif peak is None:
-                tags[NO_MFU_TAG] = source
-            elif TFLOPS_PER_DEVICE in summary:
-                tags[NO_MFU_TAG] = (f"the run exceeded the peak ({source}): probes under load underestimate it; "
-                                    "later runs keep the best probe")
-            else:
-                tags[NO_MFU_TAG] = "no timed training steps"
-            logger.set_tags(tags)
-        summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
-        summary.update(peak_reserved_memory(env.device))
-        if logger is not None:
-            summary["tracking/log_overhead_s"] = logger.time_spent_s
-            logger.log(summary, cfg.trainer.max_steps)
-            print("summary:\n" + "\n".join(f"  {k:<34} {v:.6g}" for k, v in sorted(summary.items())), flush=True)
-    finally:
-        if logger is not None:
-            logger.close()
+    return logger
+
+
+def training_summary(result: TrainResult, predicted: dict[str, float] | None, env: DistEnv) -> dict[str, float]:
+    """The state bytes each rank held (the largest over ranks) and the fault and checkpoint figures; on GPU,
+    the memory model checked against the allocator's peak in training (into ``predicted``). Collectives:
+    every rank calls it."""
+    if env.device.type == "cuda":
+        measured = max_over_ranks(peak_memory_bytes(env.device), env.device)
+        total = sum(v for k, v in (predicted or {}).items() if k.startswith(PREDICTED))
+        if total and measured:
+            predicted[PREDICTED_OVER_MEASURED] = total / measured
+    summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
+    summary.update(result.fault)
+    return summary
+
+
+def training_metrics(result: TrainResult, corpus: ByteCorpus, cfg: DictConfig) -> dict[str, float]:
+    """Rank 0: throughput over the timed steps, the final training loss and the data's figures."""
+    out = result.stats.summary()
+    out["data/bytes_per_token"] = corpus.bytes_per_token
+    if corpus.entropy_floor is not None:
+        out["data/entropy_floor"] = corpus.entropy_floor
+    if cfg.trainer.max_steps > 0:  # a run that only compresses a loaded model trains nothing
+        out["train/final_loss"] = result.final_loss
+    return out
+
+
+def compress_and_evaluate(final: torch.nn.Module, corpus: ByteCorpus, codec: Codec, cfg: DictConfig, env: DistEnv,
+                          counter: Callable[[], float] | None) -> tuple[dict[str, float], dict[str, str]]:
+    """Rank 0, while the other ranks wait: the trained model compressed (if asked), measured and saved
+    (:func:`~costlab.training.evaluation.evaluate_final`), and its inference energy where a counter reads it."""
+    if env.device.type == "cpu":
+        # the final model is measured on the node's whole CPU, so its inference figures do not depend on
+        # the world size it was trained with
+        torch.set_num_threads(os.cpu_count() or 1)
+    run_dir = Path(cfg.runtime.run_dir)
+    say(env, "compressing (if asked), measuring quality, size and inference speed, saving the model")
+    metrics, tags = evaluate_final(final, corpus, cfg, env, run_dir)
+    tags[TOKENIZER_TAG] = codec.name
+    if counter is not None:
+        metrics[ENERGY_INFER] = inference_energy(final, infer_batch(corpus, cfg, env.device), counter,
+                                                 lambda: autocast(cfg, env.device))
+    tags[CHECKPOINT_TAG] = str(trained_model_file(run_dir))  # what trainer.init_from=<this run id> starts from
+    # the options say whether they acted during training: the report then compares this run's training
+    levers = (build_pruning(cfg), build_quantization(cfg))
+    tags[COMPRESSES_IN_TRAINING] = str(any(o.acts_during_training for o in levers)).lower()
+    return metrics, tags
+
+
+def log_summary(logger: MetricLogger | None, summary: dict[str, float], tags: dict[str, str],
+                cfg: DictConfig) -> None:
+    """Rank 0: the run's tags and summary metrics (at the last step) into the run folder, and the summary on
+    the console."""
+    if logger is None:
+        return
+    logger.set_tags(tags)
+    summary["tracking/log_overhead_s"] = logger.time_spent_s
+    logger.log(summary, cfg.trainer.max_steps)
+    print("summary:\n" + "\n".join(f"  {k:<34} {v:.6g}" for k, v in sorted(summary.items())), flush=True)
 
 
 def close_if_orphaned(cfg: DictConfig) -> None:
