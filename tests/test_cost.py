@@ -25,6 +25,7 @@ from costlab.measure.hardware import (
 from costlab.measure.machine import cpu_info
 from costlab.measure.probes import cpu_peak_tflops
 from costlab.models.gpt import build_model
+from costlab.precision import matmul_dtype
 from costlab.schema import ConfigError, check_config
 from tests.conftest import TINY, compose_config
 
@@ -98,13 +99,13 @@ def test_gpu_peaks_come_from_the_datasheet_option_for_the_runs_dtype():
     cfg = compose_config([*CPU, "hardware=h100_sxm", "precision=bf16"])
     with open_dict(cfg):
         cfg.trainer.device = "cuda"  # device_peak only reads the config: no GPU is touched
-    assert device_peak(cfg, 8) == (cfg.hardware.peak_tflops.bf16, "datasheet: hardware=h100_sxm")
+    assert device_peak(cfg, 8, matmul_dtype(cfg)) == (cfg.hardware.peak_tflops.bf16, "datasheet: hardware=h100_sxm")
     with open_dict(cfg):
         cfg.precision.autocast_dtype = None
-    assert device_peak(cfg, 8)[0] == cfg.hardware.peak_tflops.fp32
+    assert device_peak(cfg, 8, matmul_dtype(cfg))[0] == cfg.hardware.peak_tflops.fp32
     with open_dict(cfg):
         cfg.hardware = {"name": "Tesla T4", "peak_tflops": None}
-    peak, why = device_peak(cfg, 1)
+    peak, why = device_peak(cfg, 1, "fp32")
     assert peak is None and "no datasheet peak" in why
 
 

@@ -14,6 +14,7 @@ from costlab.launcher.preflight import options
 from costlab.launcher.validate import validate
 from costlab.measure.metrics import count_params, save_model, sparse_savings
 from costlab.models.gpt import build_model
+from costlab.models.loss import evaluate
 from costlab.models.saved import load_model
 from costlab.parallelism.core import DistEnv
 from costlab.quantization import Quantization, build_quantization
@@ -23,7 +24,6 @@ from costlab.quantization.qat import strip_fake_quant
 from costlab.schema import ConfigError
 from costlab.training.data import build_corpus, eval_batches
 from costlab.training.evaluation import evaluate_final
-from costlab.training.loss import evaluate
 from tests.conftest import TINY, compose_config, requires_cuda
 
 CPU = [*TINY, "trainer.device=cpu"]

@@ -13,10 +13,10 @@ from torch.utils._pytree import tree_leaves
 from costlab.launcher.resources import cgroup_dir, check_resources, cpu_memory_available, describe_kill, oom_kill_count
 from costlab.measure.memory import PREDICTED, activation_parts, predict_activations, predict_state
 from costlab.models.gpt import build_model
+from costlab.models.loss import loss_fn
 from costlab.parallelism.techniques import apply_ac
 from costlab.precision import autocast
 from costlab.schema import ConfigError
-from costlab.training.loss import loss_fn
 from tests.conftest import compose_config
 
 SMALL = ["model.n_layer=2", "model.n_embd=64", "model.block_size=64", "trainer.batch_size=4", "trainer.device=cpu"]

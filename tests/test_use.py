@@ -54,8 +54,8 @@ def runs(mlflow_uri, tmp_path_factory) -> dict[str, tuple[Cli, object, Path]]:
 def _validation_loss(loaded: Loaded) -> float:
     """The run's held-out loss recomputed as the worker computes it: its corpus, tokenized by its codec,
     the same validation windows, costlab's own evaluate."""
+    from costlab.models.loss import evaluate
     from costlab.training.data import build_corpus, eval_batches
-    from costlab.training.loss import evaluate
     from costlab.training.tokens import tokenize_corpus
 
     cfg = loaded.config

@@ -26,7 +26,6 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from costlab.files import is_text, pysource_files, text_files
-from costlab.measure.names import EVAL_LOSS
 
 
 class ConfigError(ValueError):
@@ -100,8 +99,8 @@ def key(default: Any, check: Callable[[Any], str | None] | None = None, why: str
 
 @dataclass
 class Top:
+    optimized_metric: str | list[str]  # a metric name, or a list of them (several objectives)
     mode: str = key("train", one_of("train", "plan"))
-    optimized_metric: str | list[str] = EVAL_LOSS
 
 
 @dataclass

@@ -23,7 +23,7 @@ trained on (a learned position table ends there):
 - :func:`score` cuts the text's tokens into non-overlapping windows of ``block_size`` predicted tokens
   (consecutive windows share one token: the last target of one is the first input of the next), so every
   token but the first is predicted exactly once, from the context since its window's start; the last
-  window may be shorter. The windows are scored with costlab's own :func:`costlab.training.loss.evaluate`.
+  window may be shorter. The windows are scored with costlab's own :func:`costlab.models.loss.evaluate`.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def score(loaded: Loaded, text: str) -> dict[str, float]:
     """How well the model predicts ``text``: ``loss``, mean nats per predicted token; ``tokens``, how many
     tokens were predicted (all but the first); ``bits_per_byte``, the total nats / ln 2 / the UTF-8 bytes
     of ``text`` (one scale for every vocabulary). The windows are described in the module's notes."""
-    from costlab.training.loss import evaluate
+    from costlab.models.loss import evaluate
 
     if not isinstance(text, str):
         raise ConfigError("text", _short(text), "must be a str")

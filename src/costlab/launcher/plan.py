@@ -54,7 +54,7 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
     else:
         lines.append(f"  per-device memory: {parts} = {per_device / GB:.3g} GB (hardware={hw.name} names no capacity)")
     lines.append(f"  training FLOPs per token: {flops:.4g} (6N + attention)")
-    peak, source = device_peak(cfg, int(t.nproc_per_node))
+    peak, source = device_peak(cfg, int(t.nproc_per_node), dtype)
     if peak is None:
         lines.append(f"  no time or cost: {source}")
         return out, lines

@@ -152,13 +152,12 @@ def resolve_hardware(cfg: DictConfig, planning: bool = False) -> DictConfig:
     return chosen
 
 
-def device_peak(cfg: DictConfig, local_ranks: int) -> tuple[float | None, str]:
-    """Peak TFLOP/s of one device in the run's matmul dtype, and its source (or None and why not).
-    On CPU the probe runs here with this process's threads (the node's cores, at the end of a run), and
-    a rank's share is the node's peak divided among the ``local_ranks``."""
-    from costlab.precision import matmul_dtype
-
-    dtype, hw = matmul_dtype(cfg), cfg.hardware
+def device_peak(cfg: DictConfig, local_ranks: int, dtype: str) -> tuple[float | None, str]:
+    """Peak TFLOP/s of one device in ``dtype`` (the run's matmul dtype, as the precision option says:
+    :func:`costlab.precision.matmul_dtype`), and its source (or None and why not). On CPU the probe runs here
+    with this process's threads (the node's cores, at the end of a run), and a rank's share is the node's
+    peak divided among the ``local_ranks``."""
+    hw = cfg.hardware
     if hw.name == "cpu":
         if dtype == "fp8":
             return None, "no fp8 matmuls on CPU"
@@ -190,10 +189,10 @@ def mfu_tag(cost: dict[str, float], peak_tflops: float | None, source: str) -> d
     return {NO_MFU_TAG: "no timed training steps"}
 
 
-def cost_and_mfu(cfg: DictConfig, flops: float, local_ranks: int, train_tps: float | None,
+def cost_and_mfu(cfg: DictConfig, flops: float, local_ranks: int, dtype: str, train_tps: float | None,
                  infer_tps: float | None) -> tuple[dict[str, float], dict[str, str]]:
-    """:func:`cost_metrics` at the device's peak (:func:`device_peak`: on CPU its probe runs now), and the
-    tag of :func:`mfu_tag`."""
-    peak, source = device_peak(cfg, local_ranks)
+    """:func:`cost_metrics` at the device's peak in ``dtype`` (:func:`device_peak`: on CPU its probe runs
+    now), and the tag of :func:`mfu_tag`."""
+    peak, source = device_peak(cfg, local_ranks, dtype)
     cost = cost_metrics(cfg, flops, peak, train_tps, infer_tps)
     return cost, mfu_tag(cost, peak, source)

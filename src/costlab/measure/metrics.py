@@ -12,6 +12,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 
 from costlab.measure.names import MEM_GRADS, MEM_OPTIMIZER, MEM_PARAMS, PERF_TOKENS_PER_S
-from costlab.quantization.pytorch_int8 import packed_tensors
 
 
 def sync(device: torch.device) -> None:
@@ -139,6 +139,21 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         nonzero += int(torch.count_nonzero(_dense(p)).item())
     return total, nonzero
+
+
+def packed_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The weights and biases PyTorch's dynamic int8 Linears hold outside ``parameters()`` (weights
+    dequantized): counted like any parameter."""
+    with warnings.catch_warnings():  # the eager-workflow deprecation notice: these modules are the kernels
+        warnings.simplefilter("ignore")
+        from torch.ao.nn.quantized.dynamic import Linear
+    out = []
+    for m in model.modules():
+        if isinstance(m, Linear):
+            out.append(m.weight().dequantize())
+            if m.bias() is not None:
+                out.append(m.bias().detach())
+    return out
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:

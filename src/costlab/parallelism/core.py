@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from costlab.models.gpt import build_model
+from costlab.models.loss import evaluate, loss_fn
 from costlab.precision import autocast
-from costlab.training.loss import evaluate, loss_fn
 
 
 @dataclass

@@ -25,11 +25,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from costlab.models.loss import loss_fn
 from costlab.parallelism.apply import apply_parallelisms
 from costlab.parallelism.core import DistEnv, Parallel, _local, clip_grad_norm_, load_full_state
 from costlab.parallelism.dims import ParallelDims
 from costlab.precision import autocast
-from costlab.training.loss import loss_fn
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -149,7 +149,7 @@ class PipelineParallel(Parallel):
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: DictConfig) -> float:
         """A plain sequential pass through the stages (activations sent rank to rank): evaluation
         shapes differ from training's micro-batches, which the schedule's stages have fixed. Each
-        data-parallel rank takes its rows of every batch, as :func:`costlab.training.loss.evaluate` does."""
+        data-parallel rank takes its rows of every batch, as :func:`costlab.models.loss.evaluate` does."""
         for part in self.parts.values():
             part.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)

@@ -78,17 +78,6 @@ def rebuild(model: nn.Module, state: dict, engine: str | None = None) -> None:
         _replace(model, name, q)
 
 
-def packed_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The weights and biases dynamic int8 Linears hold outside ``parameters()`` (weights dequantized)."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, dynamic_linear()):
-            out.append(m.weight().dequantize())
-            if m.bias() is not None:
-                out.append(m.bias().detach())
-    return out
-
-
 def _median_ms(fn: Callable[[], object], budget_s: float, reps: int) -> float:
     fn()  # warm-up: packing caches, first-call dispatch
     times: list[float] = []

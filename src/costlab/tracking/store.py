@@ -125,10 +125,12 @@ def experiment_id(uri: str, name: str) -> str:
     artifacts = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the working directory
         artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.create_experiment(name, artifact_location=artifacts)
-    except Exception:  # another process created it first
-        exp = c.get_experiment_by_name(name)
+    except MlflowException as e:  # another process created it first; anything else is the store's to say
+        exp = c.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
         if exp is None:
             raise
         return exp.experiment_id

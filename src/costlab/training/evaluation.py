@@ -26,13 +26,13 @@ from costlab.measure.names import (
     INFER_TOKENS_PER_S,
     MODEL_SIZE,
 )
+from costlab.models.loss import evaluate
 from costlab.models.saved import FINAL, UNCOMPRESSED
 from costlab.parallelism.core import DistEnv
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.training.data import ByteCorpus, eval_batches
-from costlab.training.loss import evaluate
 
 
 @dataclass

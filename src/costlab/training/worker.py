@@ -47,7 +47,7 @@ from costlab.models.gpt import build_model
 from costlab.models.saved import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.parallelism.core import DistEnv, init_distributed
 from costlab.parallelism.parallelize import parallelize
-from costlab.precision import autocast
+from costlab.precision import autocast, matmul_dtype
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.training.data import ByteCorpus, build_corpus
@@ -96,8 +96,8 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             summary.update(energy_figures)
             summary.update(predicted or {})
             # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
-            cost, mfu_tag = cost_and_mfu(cfg, flops, env.local_world_size, summary.get(PERF_TOKENS_PER_S),
-                                         summary.get(INFER_TOKENS_PER_S))
+            cost, mfu_tag = cost_and_mfu(cfg, flops, env.local_world_size, matmul_dtype(cfg),
+                                         summary.get(PERF_TOKENS_PER_S), summary.get(INFER_TOKENS_PER_S))
             summary.update(cost)
             tags.update({**energy_tag, **mfu_tag})
         summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
