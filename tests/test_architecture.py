@@ -71,7 +71,7 @@ def test_no_import_cycles_inside_the_package():
 
 
 LAUNCHER_SIDE = ("launcher", "tracking", "report")  # run.py's process: never torch at module level, never CUDA
-RANK_SIDE = ("training", "models", "parallelism", "precision", "pruning", "quantization")  # never MLflow
+RANK_SIDE = ("training", "data", "models", "parallelism", "precision", "pruning", "quantization")  # never MLflow
 TOP_LEVEL_MAX = 9  # the few shared pieces beside the folders (the package's face included)
 
 
@@ -161,6 +161,14 @@ def test_no_module_level_mutable_state():
             if isinstance(changed, ast.Name) and changed.id in containers:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} changes {changed.id}")
     assert not offenders, offenders
+
+
+def test_no_folder_imports_one_that_imports_it_back():
+    """The folders stack: a lever may use measure/ and models/, training/ may use the levers, but never both
+    ways round (a lever that needs the trainer's loop is handed it, as pruning's recovery is)."""
+    edges = {(_folder(m), _folder(n)) for m, p in MODULES.items() for n in _imports(p)}
+    edges = {(a, b) for a, b in edges if a != b}
+    assert not sorted((a, b) for a, b in edges if (b, a) in edges)
 
 
 def test_no_global_statements():

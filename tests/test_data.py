@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from costlab.training.data import BatchSampler, eval_batches, is_text, pysource, synthetic, text_files, textfile
+from costlab.data import BatchSampler, eval_batches, is_text, pysource, synthetic, text_files, textfile
 
 
 def test_pysource_is_real_text_with_a_deterministic_split():

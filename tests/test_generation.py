@@ -110,10 +110,10 @@ def test_time_generation_refuses_a_model_without_a_cache_path_by_name():
 
 @pytest.mark.parametrize("overrides", [[], ["model=llama_nano", "pruning=structured", "quantization=int8_dynamic"]])
 def test_the_final_evaluation_logs_generation_speed(overrides, tmp_path):
+    from costlab.data import build_corpus
     from costlab.launcher.validate import validate
     from costlab.models.gpt import build_model
     from costlab.parallelism.core import DistEnv
-    from costlab.training.data import build_corpus
     from costlab.training.evaluation import evaluate_final
     from tests.conftest import TINY, compose_config
 

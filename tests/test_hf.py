@@ -73,8 +73,8 @@ def with_tokenizer(tmp_path_factory) -> str:
 def test_a_folders_tokenizer_turns_the_corpus_into_its_tokens(with_tokenizer):
     from omegaconf import OmegaConf
 
-    from costlab.training.data import ByteCorpus
-    from costlab.training.tokens import ByteCodec, load_codec, tokenize_corpus
+    from costlab.data import ByteCorpus
+    from costlab.data.tokens import ByteCodec, load_codec, tokenize_corpus
 
     model_cfg = OmegaConf.create({"pretrained": with_tokenizer, "tokenizer": "auto"})
     codec = load_codec(model_cfg)

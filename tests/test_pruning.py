@@ -3,6 +3,8 @@ exact, masks hold through recovery, and every option composes and validates."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -11,6 +13,7 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from costlab.compression import target_layers
+from costlab.data import build_corpus
 from costlab.launcher.preflight import options
 from costlab.launcher.validate import validate
 from costlab.models.gpt import build_model
@@ -21,7 +24,7 @@ from costlab.pruning.structured import kept_count, mask_structured, plan_structu
 from costlab.pruning.unstructured import cubic_sparsity
 from costlab.pruning.wanda import wanda_masks
 from costlab.schema import ConfigError
-from costlab.training.data import build_corpus
+from costlab.training.trainer import finetune_alone
 from tests.conftest import TINY, compose_config
 
 CPU = [*TINY, "trainer.device=cpu"]
@@ -39,7 +42,9 @@ def tiny(*overrides: str):
 
 
 def apply(model: nn.Module, corpus, cfg) -> dict[str, float]:
-    return build_pruning(cfg).apply(model, corpus, cfg, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    recover = functools.partial(finetune_alone, corpus=corpus, device=cpu)  # as the trainer hands it over
+    return build_pruning(cfg).apply(model, corpus, cfg, cpu, finetune=recover)
 
 
 def training_hook(model: nn.Module, cfg):

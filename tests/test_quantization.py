@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from costlab.compression import target_layers
+from costlab.data import build_corpus, eval_batches
 from costlab.launcher.preflight import options
 from costlab.launcher.validate import validate
 from costlab.measure.metrics import count_params, save_model, sparse_savings
@@ -22,7 +23,6 @@ from costlab.quantization.base import BACKEND_TAG
 from costlab.quantization.pytorch_int8 import dynamic_linear
 from costlab.quantization.qat import strip_fake_quant
 from costlab.schema import ConfigError
-from costlab.training.data import build_corpus, eval_batches
 from costlab.training.evaluation import evaluate_final
 from tests.conftest import TINY, compose_config, requires_cuda
 

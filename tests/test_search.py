@@ -9,13 +9,12 @@ import pytest
 from mlflow.entities import Metric
 from omegaconf import OmegaConf
 
-from costlab import ROOT
+from costlab import ROOT, data
 from costlab.files import corpus_digest, pysource_files
 from costlab.launcher import job, objective
 from costlab.launcher.preflight import preflight
 from costlab.tracking.store import client, experiment_id
 from costlab.tracking.sweep import swept_keys
-from costlab.training import data
 from tests.conftest import compose_config
 
 TAGS = {"model": "gpt_nano", "data": "synthetic", "parallelism": "single", "precision": "fp32", "pruning": "none",
@@ -85,7 +84,7 @@ def test_optunas_default_direction_is_an_enum():
 def test_the_corpus_digest_follows_the_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "b.txt").write_text("world")
-    cfg = {"_target_": "costlab.training.data.textfile", "name": "textfile", "path": str(tmp_path)}
+    cfg = {"_target_": "costlab.data.textfile", "name": "textfile", "path": str(tmp_path)}
     source, files = _corpus_files(cfg)
     first = corpus_digest(source, files)
     assert source == str(tmp_path) and [f.name for f in files] == ["a.txt", "b.txt"]

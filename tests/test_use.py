@@ -54,9 +54,9 @@ def runs(mlflow_uri, tmp_path_factory) -> dict[str, tuple[Cli, object, Path]]:
 def _validation_loss(loaded: Loaded) -> float:
     """The run's held-out loss recomputed as the worker computes it: its corpus, tokenized by its codec,
     the same validation windows, costlab's own evaluate."""
+    from costlab.data import build_corpus, eval_batches
+    from costlab.data.tokens import tokenize_corpus
     from costlab.models.loss import evaluate
-    from costlab.training.data import build_corpus, eval_batches
-    from costlab.training.tokens import tokenize_corpus
 
     cfg = loaded.config
     corpus = tokenize_corpus(build_corpus(cfg.data), loaded.codec)

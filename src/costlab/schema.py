@@ -257,7 +257,7 @@ class DataOption:
 
 @dataclass
 class Pysource(DataOption):
-    """``costlab.training.data.pysource``: the installed Python standard library's ``.py`` files."""
+    """``costlab.data.pysource``: the installed Python standard library's ``.py`` files."""
 
     name: str
     pattern: str = key("*.py", non_empty)
@@ -269,7 +269,7 @@ class Pysource(DataOption):
 
 @dataclass
 class Textfile(DataOption):
-    """``costlab.training.data.textfile``: any local UTF-8 file or folder of them."""
+    """``costlab.data.textfile``: any local UTF-8 file or folder of them."""
 
     name: str
     path: str = key("???", non_empty, "data=textfile reads data.path=/path/to/text (a file or a folder of UTF-8 text)")
@@ -284,7 +284,7 @@ class Textfile(DataOption):
 
 @dataclass
 class Synthetic(DataOption):
-    """``costlab.training.data.synthetic``: a Markov language with a known entropy floor."""
+    """``costlab.data.synthetic``: a Markov language with a known entropy floor."""
 
     name: str
     n_bytes: int = key(1_000_000, POSITIVE)
@@ -294,7 +294,7 @@ class Synthetic(DataOption):
 
     def corpus_files(self) -> tuple[str, list[Path]]:
         # generated text: the source is the generator and its settings
-        target = "costlab.training.data.synthetic"
+        target = "costlab.data.synthetic"
         settings = {"_target_": target, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         del settings["name"]
         return f"{target}({json.dumps(settings, sort_keys=True, default=str)})", []
@@ -334,9 +334,9 @@ TARGETS: dict[str, type] = {
     "costlab.models.gpt.GPT": GPT,
     "costlab.models.gpt.MLPLM": MLPLM,
     "costlab.models.hf.HFCausalLM": HFCausalLM,
-    "costlab.training.data.pysource": Pysource,
-    "costlab.training.data.textfile": Textfile,
-    "costlab.training.data.synthetic": Synthetic,
+    "costlab.data.pysource": Pysource,
+    "costlab.data.textfile": Textfile,
+    "costlab.data.synthetic": Synthetic,
 }
 LEVERS = ("pruning", "quantization")  # their _target_ classes' signatures are their schema
 NOT_USER_KEYS = ("runtime", "hydra")  # what the launcher writes for the ranks, and Hydra's own

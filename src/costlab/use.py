@@ -11,7 +11,7 @@
 The model is the one the run saved, as it was saved: ``model.pt`` (pruned and/or quantized when the run
 compressed) or, with ``which="uncompressed"``, ``uncompressed/model.pt`` (the trained model before
 compression; ``model.pt`` itself when the run compressed nothing). Text becomes token ids as in training:
-bytes, or the tokenizer of a Hugging Face model's folder (:mod:`costlab.training.tokens`). The forward passes run under
+bytes, or the tokenizer of a Hugging Face model's folder (:mod:`costlab.data.tokens`). The forward passes run under
 the run's precision (autocast), as its evaluation did.
 
 Neither generation nor scoring goes beyond ``model.block_size`` positions, the longest sequence the run
@@ -39,9 +39,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from costlab.data.tokens import Codec, load_codec
 from costlab.models.saved import FINAL, RUN_ID, UNCOMPRESSED
 from costlab.schema import ConfigError
-from costlab.training.tokens import Codec, load_codec
 
 WHICH = ("final", "uncompressed")
 SCORE_BATCH = 16  # full windows per forward pass in score()

@@ -54,7 +54,7 @@ def gpt_view(config: dict[str, Any], block_size: int) -> GPTConfig:
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM: ``pretrained`` (a ``save_pretrained`` folder, or a hub id where the
     machine is online; when set, it wins over ``config``) or ``config`` (built with random weights from the
-    run's seed); ``tokenizer`` is the data's business (:mod:`costlab.training.tokens`); ``block_size``:
+    run's seed); ``tokenizer`` is the data's business (:mod:`costlab.data.tokens`); ``block_size``:
     the sequence length costlab trains and evaluates at."""
 
     def __init__(self, pretrained: str | None = None, config: str | None = None, block_size: int = 128,

@@ -20,10 +20,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from costlab.training.data import ByteCorpus
+    from costlab.data import ByteCorpus
 
 # what share of the targeted weights is gone (zeroed, or removed by a structured prune)
 TARGET_SPARSITY = "pruning/target_sparsity"
+# fine-tunes a model alone, as a config says (its trainer section); returns the final training loss. The
+# trainer hands it over (costlab.training.evaluation): a lever does not reach into the training side
+Finetune = Callable[["nn.Module", DictConfig], float]
 
 
 class Pruning:
@@ -48,8 +51,10 @@ class Pruning:
         """A hook the trainer calls before each step and once after the last, or None."""
         return None
 
-    def apply(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device) -> dict[str, float]:
-        """Prune ``model`` in place (→ recover → make permanent); return what it did, measured."""
+    def apply(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device,
+              finetune: Finetune | None = None) -> dict[str, float]:
+        """Prune ``model`` in place (→ recover with ``finetune``, the trainer's loop the caller hands over →
+        make permanent); return what it did, measured."""
         return {}
 
     def accelerate(self, model: nn.Module, cfg: DictConfig) -> dict[str, float]:
@@ -89,21 +94,19 @@ class TargetedPruning(Pruning):
     def layers(self, model: nn.Module) -> dict[str, nn.Linear]:
         return target_layers(model, self.targets)
 
-    def recover(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device) -> dict[str, float]:
-        """Fine-tune on rank 0 alone with the trainer's loop; masks hold through the reparametrisation."""
+    def recover(self, model: nn.Module, cfg: DictConfig, finetune: Finetune | None) -> dict[str, float]:
+        """Fine-tune on rank 0 alone with the trainer's loop (``finetune``); masks hold through the
+        reparametrisation."""
         if not self.recovery_steps:
             return {}
-        # imported here: the launcher imports this module to check configs, and must not pay for these
-        from costlab.parallelism.core import DistEnv, Parallel
-        from costlab.training.trainer import build_optimizer, train
-
+        if finetune is None:
+            raise ValueError("pruning.recovery_steps needs the trainer's loop: pass finetune to apply")
         rcfg = copy.deepcopy(cfg)
         with open_dict(rcfg):
             t = rcfg.trainer
             t.lr = float(self.recovery_lr if self.recovery_lr is not None else t.lr * t.min_lr_ratio)
             t.max_steps, t.warmup_steps, t.eval_interval, t.grad_accum_steps = int(self.recovery_steps), 0, 0, 1
             t.seed = t.seed + 1  # batches the main run did not start with
-        env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=device)
-        result = train(Parallel(model=model), build_optimizer(model, rcfg), corpus, rcfg, env)
+        final_loss = finetune(model, rcfg)
         model.eval()
-        return {"pruning/recovery_final_loss": result.final_loss}
+        return {"pruning/recovery_final_loss": final_loss}

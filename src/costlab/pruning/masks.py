@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
-from costlab.pruning.base import TARGET_SPARSITY, TargetedPruning
-from costlab.training.data import ByteCorpus
+from costlab.data import ByteCorpus
+from costlab.pruning.base import TARGET_SPARSITY, Finetune, TargetedPruning
 
 
 class MaskPruning(TargetedPruning):
@@ -25,11 +25,12 @@ class MaskPruning(TargetedPruning):
         """Reparametrise each of ``layers`` with its mask (``prune.custom_from_mask`` or a ``prune`` method)."""
         raise NotImplementedError
 
-    def apply(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    def apply(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device,
+              finetune: Finetune | None = None) -> dict[str, float]:
         layers = self.layers(model)
         torch.manual_seed(cfg.trainer.seed)
         self.mask(model, layers, corpus, cfg, device)
-        out = self.recover(model, corpus, cfg, device)
+        out = self.recover(model, cfg, finetune)
         for m in layers.values():
             prune.remove(m, "weight")
         zeros = sum(int((m.weight == 0).sum()) for m in layers.values())

@@ -13,13 +13,13 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.sparse import to_sparse_semi_structured
 
+from costlab.data import ByteCorpus
 from costlab.measure.machine import require_gpu
 from costlab.precision import autocast_dtype
 from costlab.pruning.base import DEFAULT_TARGETS
 from costlab.pruning.masks import MaskPruning
 from costlab.quantization import build_quantization
 from costlab.schema import ConfigError
-from costlab.training.data import ByteCorpus
 
 
 def two_four_mask(weight: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from costlab.pruning.base import DEFAULT_TARGETS, TARGET_SPARSITY, TargetedPruning
+from costlab.data import ByteCorpus
+from costlab.pruning.base import DEFAULT_TARGETS, TARGET_SPARSITY, Finetune, TargetedPruning
 from costlab.schema import ConfigError, positive_int
-from costlab.training.data import ByteCorpus
 
 PARTS = ("mlp", "attn")
 # Kept MLP widths are rounded to a multiple of this: on an AVX2 EPYC (benchmarks/pruned_widths.py, gpt_nano
@@ -48,13 +48,14 @@ class Structured(TargetedPruning):
         if not (("mlp" in parts and mlp) or ("attn" in parts and attn)):
             raise ConfigError("pruning.parts", self.parts, "none of these parts is among pruning.targets")
 
-    def apply(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    def apply(self, model: nn.Module, corpus: ByteCorpus, cfg: DictConfig, device: torch.device,
+              finetune: Finetune | None = None) -> dict[str, float]:
         layers = self.layers(model)
         before = sum(m.weight.numel() for m in layers.values())
         torch.manual_seed(cfg.trainer.seed)
         shrink(model, plan_structured(model, layers, float(self.amount), self.parts, int(self.multiple_of)))
         after = sum(m.weight.numel() for m in self.layers(model).values())
-        out = self.recover(model, corpus, cfg, device)
+        out = self.recover(model, cfg, finetune)
         out[TARGET_SPARSITY] = 1 - after / before  # removed, not zeroed
         return out
 

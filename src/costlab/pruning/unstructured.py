@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 from costlab.compression import require_train_time
+from costlab.data import ByteCorpus
 from costlab.pruning.base import DEFAULT_TARGETS
 from costlab.pruning.masks import MaskPruning
 from costlab.schema import ConfigError, non_negative_int, positive_float, positive_int
-from costlab.training.data import ByteCorpus
 
 Scores = Callable[[str, nn.Linear], torch.Tensor]
 

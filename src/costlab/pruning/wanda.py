@@ -12,11 +12,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
+from costlab.data import BatchSampler, ByteCorpus
 from costlab.precision import autocast
 from costlab.pruning.base import DEFAULT_TARGETS
 from costlab.pruning.masks import MaskPruning
 from costlab.schema import ConfigError
-from costlab.training.data import BatchSampler, ByteCorpus
 
 
 class Wanda(MaskPruning):

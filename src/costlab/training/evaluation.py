@@ -8,6 +8,7 @@ is the worker's bookkeeping. This module only measures, and names what it measur
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from costlab.data import ByteCorpus, eval_batches
 from costlab.measure.generation import GENERATION_TAG, generation_lengths, generation_metrics, time_generation
 from costlab.measure.metrics import count_params, save_model, sparse_savings, time_inference
 from costlab.measure.names import (
@@ -32,7 +34,7 @@ from costlab.parallelism.core import DistEnv
 from costlab.precision import autocast
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
-from costlab.training.data import ByteCorpus, eval_batches
+from costlab.training.trainer import finetune_alone
 
 
 @dataclass
@@ -77,7 +79,8 @@ def evaluate_final(
     after, loss, models = before, loss_before, {"final": model}
     if compressed:
         models["uncompressed"] = copy.deepcopy(model).eval()  # kept only to time it beside the compressed model
-        out.update(pruning.apply(model, corpus, cfg, device))
+        recover = functools.partial(finetune_alone, corpus=corpus, device=device)  # the lever's recovery
+        out.update(pruning.apply(model, corpus, cfg, device, finetune=recover))
         out.update(quantization.apply(model, cfg))
         after = save_and_count(model, run_dir / FINAL)
         out.update(pruning.accelerate(model, cfg))  # after saving: sparse kernels are how it runs, not what ships

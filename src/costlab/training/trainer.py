@@ -13,13 +13,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.faults import Stopped, StopWatcher
 from costlab.measure.metrics import StepStats, now, state_bytes_per_rank
 from costlab.measure.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
 from costlab.precision import grad_scaler
 from costlab.training import checkpoint
-from costlab.training.data import BatchSampler, ByteCorpus, eval_batches
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
@@ -33,6 +33,12 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
 
 
 PRINT_AT_LEAST_EVERY_S = 10.0  # a progress line at least this often, whatever trainer.print_every says
+
+
+def finetune_alone(model: nn.Module, cfg: DictConfig, corpus: ByteCorpus, device: torch.device) -> float:
+    """Fine-tune ``model`` on this rank alone as ``cfg`` says (a pruned model's recovery); the final loss."""
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=device)
+    return train(Parallel(model=model), build_optimizer(model, cfg), corpus, cfg, env).final_loss
 
 
 def lr_at(step: int, cfg: DictConfig) -> float:

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from costlab import status
+from costlab.data import ByteCorpus, build_corpus
+from costlab.data.tokens import TOKENIZER_TAG, Codec, load_codec, tokenize_corpus
 from costlab.events import MetricLogger, record_tags
 from costlab.faults import (
     LAUNCHER_ENV,
@@ -50,9 +52,7 @@ from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast, matmul_dtype
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
-from costlab.training.data import ByteCorpus, build_corpus
 from costlab.training.evaluation import evaluate_final, infer_batch
-from costlab.training.tokens import TOKENIZER_TAG, Codec, load_codec, tokenize_corpus
 from costlab.training.trainer import TrainResult, build_optimizer, train
 
 

@@ -1,7 +1,7 @@
 """Text to token ids and back: bytes (costlab's own models, and any model without a tokenizer), or the
 tokenizer a Hugging Face model folder ships (``model.tokenizer=auto``, the default of ``model=hf``).
 
-The corpora are bytes (:mod:`costlab.training.data`); a tokenizer turns them into token ids once, in every rank
+The corpora are bytes (:mod:`costlab.data`); a tokenizer turns them into token ids once, in every rank
 alike, and records how many bytes of text a token stands for, so that quality is also reported in bits
 per byte (``eval/bits_per_byte``): one scale for byte-level models and for any vocabulary.
 """
@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from costlab.data import ByteCorpus
 from costlab.models.hf_config import tokenizer_folder
-from costlab.training.data import ByteCorpus
 
 TOKENIZER_TAG = "costlab.tokenizer"  # "bytes", or "tokenizer:<folder>"
 
