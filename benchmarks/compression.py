@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from costlab import CONF_DIR  # noqa: E402
+from costlab.data import build_corpus  # noqa: E402
 from costlab.launcher.validate import validate  # noqa: E402
 from costlab.measure.machine import cpu_info  # noqa: E402
 from costlab.measure.metrics import count_params, save_model  # noqa: E402
@@ -38,7 +39,6 @@ from costlab.parallelism.core import DistEnv, Parallel  # noqa: E402
 from costlab.quantization import build_quantization  # noqa: E402
 from costlab.quantization.base import BACKEND_TAG  # noqa: E402
 from costlab.tracking.find import resolve_init_from  # noqa: E402
-from costlab.training.data import build_corpus  # noqa: E402
 from costlab.training.evaluation import evaluate_final  # noqa: E402
 from costlab.training.trainer import build_optimizer, train  # noqa: E402
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
+from costlab.data import BatchSampler, build_corpus
 from costlab.events import MetricLogger
 from costlab.launcher.preflight import compose_config
 from costlab.measure.metrics import now
@@ -27,7 +28,6 @@ from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
 from costlab.tracking.relay import Relay
 from costlab.tracking.store import experiment_id
-from costlab.training.data import BatchSampler, build_corpus
 from costlab.training.trainer import build_optimizer, train
 
 
