@@ -40,7 +40,7 @@ from costlab.quantization import build_quantization  # noqa: E402
 from costlab.quantization.base import BACKEND_TAG  # noqa: E402
 from costlab.tracking.find import resolve_init_from  # noqa: E402
 from costlab.training.evaluation import evaluate_final  # noqa: E402
-from costlab.training.trainer import build_optimizer, train  # noqa: E402
+from costlab.training.trainer import Trainer, build_optimizer  # noqa: E402
 
 OPTIONS: dict[str, list[str]] = {
     "l1_unstructured 0.5": ["pruning=l1_unstructured", "pruning.amount=0.5"],
@@ -82,7 +82,7 @@ def config(args: argparse.Namespace, extra: list[str]):
 
 
 def fit(model, corpus, cfg, env, hooks=()) -> None:
-    train(Parallel(model=model), build_optimizer(model, cfg), corpus, cfg, env, step_hooks=hooks)
+    Trainer(Parallel(model=model), build_optimizer(model, cfg), corpus, cfg, env, step_hooks=hooks).train()
     model.eval()
 
 

@@ -28,7 +28,7 @@ from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
 from costlab.tracking.relay import Relay
 from costlab.tracking.store import experiment_id
-from costlab.training.trainer import build_optimizer, train
+from costlab.training.trainer import Trainer, build_optimizer
 
 
 def plain_loop(cfg, corpus, steps: int, warmup: int) -> float:
@@ -76,7 +76,7 @@ def costlab_loop(cfg, corpus, uri: str) -> tuple[float, float, float, float]:
         relay = Relay(uri, run_id, run_dir)
         logger = MetricLogger(run_dir)
         t0 = time.perf_counter()
-        result = train(parallel, opt, corpus, cfg, env, logger)
+        result = Trainer(parallel, opt, corpus, cfg, env, logger).train()
         loop_s = time.perf_counter() - t0
         logger.close()
         if relay.close() is not None:

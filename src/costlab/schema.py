@@ -200,12 +200,18 @@ class Hardware:
 
 
 @dataclass
-class GPT:
-    """``costlab.models.gpt.GPT``: costlab's GPT family (``GPTConfig``'s fields)."""
+class ByteLM:
+    """What costlab's own models share: a byte vocabulary (at least) and a context length."""
 
     name: str
     vocab_size: int = key(256, Range(256), "byte-level data needs at least 256")
     block_size: int = key(128, POSITIVE)
+
+
+@dataclass
+class GPT(ByteLM):
+    """``costlab.models.gpt.GPT``: costlab's GPT family (``GPTConfig``'s fields)."""
+
     n_layer: int = key(4, POSITIVE)
     n_head: int = key(4, POSITIVE)
     n_embd: int = key(128, POSITIVE)
@@ -219,12 +225,9 @@ class GPT:
 
 
 @dataclass
-class MLPLM:
+class MLPLM(ByteLM):
     """``costlab.models.gpt.MLPLM``: the no-attention baseline."""
 
-    name: str
-    vocab_size: int = key(256, Range(256), "byte-level data needs at least 256")
-    block_size: int = key(128, POSITIVE)
     context: int = key(8, POSITIVE)
     n_embd: int = key(64, POSITIVE)
     hidden: int = key(512, POSITIVE)

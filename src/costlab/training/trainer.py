@@ -38,7 +38,7 @@ PRINT_AT_LEAST_EVERY_S = 10.0  # a progress line at least this often, whatever t
 def finetune_alone(model: nn.Module, cfg: DictConfig, corpus: ByteCorpus, device: torch.device) -> float:
     """Fine-tune ``model`` on this rank alone as ``cfg`` says (a pruned model's recovery); the final loss."""
     env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=device)
-    return train(Parallel(model=model), build_optimizer(model, cfg), corpus, cfg, env).final_loss
+    return Trainer(Parallel(model=model), build_optimizer(model, cfg), corpus, cfg, env).train().final_loss
 
 
 def lr_at(step: int, cfg: DictConfig) -> float:
@@ -255,18 +255,3 @@ class Trainer:
         for hook in self.step_hooks:
             hook(self.max_steps)
         return self.result
-
-
-def train(
-    parallel: Parallel,
-    optimizer: torch.optim.Optimizer,
-    corpus: ByteCorpus,
-    cfg: DictConfig,
-    env: DistEnv,
-    logger=None,
-    step_hooks: Sequence[Callable[[int], None]] = (),
-    stop: StopWatcher | None = None,
-    resumable: bool = False,
-) -> TrainResult:
-    """Train ``parallel``'s model for ``trainer.max_steps`` steps (see :class:`Trainer`)."""
-    return Trainer(parallel, optimizer, corpus, cfg, env, logger, step_hooks, stop, resumable).train()

@@ -53,7 +53,7 @@ from costlab.precision import autocast, matmul_dtype
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.training.evaluation import evaluate_final, infer_batch
-from costlab.training.trainer import TrainResult, build_optimizer, train
+from costlab.training.trainer import Trainer, TrainResult, build_optimizer
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +82,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     logger = open_logger(cfg, env, stop)
     try:
         say(env, f"training {cfg.trainer.max_steps} steps")
-        result = train(parallel, optimizer, corpus, cfg, env, logger, [*hooks, energy], stop, resumable=True)
+        result = Trainer(parallel, optimizer, corpus, cfg, env, logger, [*hooks, energy], stop, resumable=True).train()
         summary = training_summary(result, predicted, env)  # collectives: every rank takes part
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
         final = parallel.full_model(cfg)  # collective: every rank takes part
