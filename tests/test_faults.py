@@ -76,8 +76,8 @@ sys.path.insert(0, {src!r})
 from costlab.faults import StopWatcher, Stopped
 stop = StopWatcher(grace_s=1.5).start()
 stop.on_timeout.append(lambda: open({flushed!r}, "w").write("flushed"))
-print("ready", flush=True)
 try:
+    print("ready", flush=True)  # inside the try: the signal may land as soon as the parent reads this line
     if {stuck}:
         r, w = os.pipe()
         os.read(r, 1)  # blocked in a system call that no signal interrupts (they are all blocked here)
