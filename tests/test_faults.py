@@ -134,6 +134,64 @@ def test_a_launcher_signal_whose_exception_python_drops_is_not_lost():
             signal.signal(sig, h)
 
 
+def test_a_shielded_block_holds_the_first_signal_until_it_ends_and_not_a_second():
+    previous = faults.handle_stop_signals()
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with faults.shielded():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now: it held the signal
+                done.append(1)
+        assert done == [1]
+        with pytest.raises(KeyboardInterrupt):  # a second signal in the block is raised at once
+            with faults.shielded():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                done.append(2)
+        assert done == [1]
+        with faults.shielded():  # nothing pending from before: the block ends quietly
+            done.append(3)
+        assert done == [1, 3]
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def test_a_signal_during_a_store_write_lets_the_write_finish_and_the_store_stay_writable(tmp_path):
+    # A KeyboardInterrupt inside SQLAlchemy's commit could leave this process's connection in an open write
+    # transaction: SQLite stayed locked and closing the runs KILLED on the way out failed (a sweep's parent
+    # stayed RUNNING). The signal is sent from inside the commit itself.
+    from sqlalchemy import event
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    c = tracking.client(uri)
+    run_id = c.create_run(c.create_experiment("shield")).info.run_id
+    engine = c._inner._tracking_client.store.engine
+
+    def signal_in_commit(conn):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, in the middle of the commit
+
+    previous = faults.handle_stop_signals()
+    event.listen(engine, "commit", signal_in_commit)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            c.set_tag(run_id, "written", "yes")
+    finally:
+        event.remove(engine, "commit", signal_in_commit)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    t0 = time.monotonic()
+    c.set_terminated(run_id, "KILLED")
+    assert time.monotonic() - t0 < 2  # no lock left behind to wait out
+    run = c.get_run(run_id)
+    assert run.data.tags["written"] == "yes" and run.info.status == "KILLED"
+
+
 @pytest.mark.parametrize("code, rc", [(0, 0), (3, 3), (None, 0), ("costlab: bye", 1)])
 def test_exit_now_runs_atexit_flushes_and_keeps_the_exit_code(code, rc):
     script = textwrap.dedent(f"""

@@ -26,7 +26,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -121,13 +122,45 @@ class LauncherSignals:
     Each signal is also remembered (in the handler, which the signal table holds for the process), because
     Python drops the exception when the handler runs inside an at-fork hook (logging's, during
     ``subprocess.Popen``) or a ``__del__``: a Ctrl-C that lands while torchrun is forked would otherwise be
-    lost and the job would train on. :func:`check_interrupted` raises it again."""
+    lost and the job would train on. :func:`check_interrupted` raises it again.
+
+    Inside :func:`shielded` the first signal is held and raised as the block ends; a second one is raised at
+    once (the user insists)."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self.shield_depth = 0
+        self.pending = False
 
     def __call__(self, signum: int, frame: object) -> None:
         self.received.append(signum)
+        if self.shield_depth and not self.pending:
+            self.pending = True
+            return
+        self.pending = False
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Hold a stop signal that lands in the block until the block ends, then raise it (KeyboardInterrupt).
+
+    For calls a KeyboardInterrupt must not cut in half: one raised inside SQLAlchemy's commit or its return of a
+    connection to the pool can leave the connection checked out in an open write transaction, and SQLite's lock
+    with it, so every later write of this process — closing its runs KILLED on the way out — waits out
+    "database is locked" and fails. Only the main thread receives signals; elsewhere, and where the launcher's
+    handler is not installed, this does nothing."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not isinstance(handler, LauncherSignals) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler.shield_depth += 1
+    try:
+        yield
+    finally:
+        handler.shield_depth -= 1
+    if handler.shield_depth == 0 and handler.pending:
+        handler.pending = False
         raise KeyboardInterrupt
 
 

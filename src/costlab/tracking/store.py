@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
+from costlab import faults
+
 if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to import
     from mlflow.tracking import MlflowClient
 
@@ -40,7 +42,8 @@ class _Retrying:
             delay, deadline = 0.05, time.monotonic() + LOCKED_RETRY_S
             while True:
                 try:
-                    return attr(*args, **kwargs)
+                    with faults.shielded():  # a Ctrl-C waits for the call: cut in half, it can keep SQLite locked
+                        return attr(*args, **kwargs)
                 except Exception as e:
                     if "database is locked" not in str(e) or time.monotonic() > deadline:
                         raise
