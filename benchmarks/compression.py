@@ -40,7 +40,8 @@ from costlab.quantization import build_quantization  # noqa: E402
 from costlab.quantization.base import BACKEND_TAG  # noqa: E402
 from costlab.tracking.find import resolve_init_from  # noqa: E402
 from costlab.training.evaluation import evaluate_final  # noqa: E402
-from costlab.training.trainer import Trainer, build_optimizer  # noqa: E402
+from costlab.training.optimizers import build_optimizer  # noqa: E402
+from costlab.training.trainer import Trainer  # noqa: E402
 
 OPTIONS: dict[str, list[str]] = {
     "l1_unstructured 0.5": ["pruning=l1_unstructured", "pruning.amount=0.5"],

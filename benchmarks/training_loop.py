@@ -28,7 +28,8 @@ from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast
 from costlab.tracking.relay import Relay
 from costlab.tracking.store import experiment_id
-from costlab.training.trainer import Trainer, build_optimizer
+from costlab.training.optimizers import build_optimizer
+from costlab.training.trainer import Trainer
 
 
 def plain_loop(cfg, corpus, steps: int, warmup: int) -> float:

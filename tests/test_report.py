@@ -142,7 +142,7 @@ def test_the_report_is_logged_on_the_parent_and_written_to_disk(sweep, tmp_path)
     text = md.read_text()
     assert text.startswith("# Comparison report\n\nAgainst the baseline")
     assert "![pareto_size](pareto_size.png)" in text
-    assert "Every run: model gpt_nano, quantization none, device cpu." in text
+    assert "Every run: model gpt_nano, optimizer adamw, quantization none, device cpu." in text
     with (out / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["run_id"] for r in rows} == set(ids.values())

@@ -13,6 +13,7 @@ No torch here: the launcher checks every job with it, and a sweep must start fas
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import json
 import stat
@@ -21,7 +22,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -303,6 +304,117 @@ class Synthetic(DataOption):
         return f"{target}({json.dumps(settings, sort_keys=True, default=str)})", []
 
 
+# --- the optimizers: options named by the constructor they call -------------------------------------------------
+
+
+FP32_BYTES = 4
+
+
+@dataclass
+class OptimizerOption:
+    """What every ``optimizer`` option says of itself. Its keys are its constructor's arguments beyond those
+    the trainer gives every optimizer: the parameters (matrices decay, vectors do not), ``lr`` (the trainer's
+    warm-up and cosine schedule moves it) and, to the optimizers that take them, ``betas`` and
+    ``weight_decay``."""
+
+    name: str
+
+    needs: ClassVar[str | None] = None  # the package its constructor comes from, beyond torch
+
+    def state_bytes(self, numel: int) -> int:
+        """Bytes of optimizer state this option keeps for a parameter (or a rank's shard of one) of ``numel``
+        elements: the memory model's term, checked against the state tensors a run holds."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse what the keys' types and ranges cannot say."""
+        if self.needs and importlib.util.find_spec(self.needs) is None:
+            raise ConfigError("optimizer", self.name, f"needs {self.needs}: pip install 'costlab[quant]'")
+
+
+@dataclass
+class AdamW(OptimizerOption):
+    """``torch.optim.AdamW``: fp32 ``exp_avg`` and ``exp_avg_sq``, and a float32 step counter per parameter."""
+
+    eps: float = key(1e-8, POSITIVE)
+
+    def state_bytes(self, numel: int) -> int:
+        return 2 * FP32_BYTES * numel + FP32_BYTES
+
+
+@dataclass
+class QuantizedAdamW(OptimizerOption):
+    """torchao's AdamW whose two states are held in ``bits`` per value with one fp32 scale per ``block_size``
+    values and a lookup table of 2^bits fp32 codes per state tensor; the update is computed in fp32
+    (``torch.compile``'d). As bitsandbytes does, only a tensor of at least 4096 values that ``block_size``
+    divides is quantized: smaller ones keep fp32 states."""
+
+    eps: float = key(1e-8, POSITIVE)
+    block_size: int = key(256, POSITIVE)
+    bf16_stochastic_round: bool = False
+
+    needs: ClassVar[str | None] = "torchao"
+    bits: ClassVar[int] = 8
+    MIN_NUMEL: ClassVar[int] = 4096
+
+    def quantized(self, numel: int) -> bool:
+        return numel >= self.MIN_NUMEL and numel % self.block_size == 0
+
+    def state_bytes(self, numel: int) -> int:
+        if not self.quantized(numel):
+            return 2 * FP32_BYTES * numel + FP32_BYTES
+        one = numel * self.bits // 8 + FP32_BYTES * (numel // self.block_size) + FP32_BYTES * 2**self.bits
+        return 2 * one + FP32_BYTES
+
+
+@dataclass
+class AdamW8bit(QuantizedAdamW):
+    """``torchao.optim.AdamW8bit``: 8-bit dynamic-tree codes, 256 values per scale."""
+
+
+@dataclass
+class AdamW4bit(QuantizedAdamW):
+    """``torchao.optim.AdamW4bit``: 4-bit codes (two per byte), 128 values per scale."""
+
+    block_size: int = key(128, POSITIVE)
+
+    bits: ClassVar[int] = 4
+
+
+@dataclass
+class AdamWBf16(OptimizerOption):
+    """``costlab.training.adamw_bf16.AdamWBf16``: torchao's AdamW update (computed in fp32, ``torch.compile``'d)
+    with both states stored in bf16; a tensor under 4096 values keeps fp32 states, as the low-bit options do."""
+
+    eps: float = key(1e-8, POSITIVE)
+    bf16_stochastic_round: bool = False
+
+    needs: ClassVar[str | None] = "torchao"
+
+    def state_bytes(self, numel: int) -> int:
+        per_value = 2 if numel >= QuantizedAdamW.MIN_NUMEL else FP32_BYTES
+        return 2 * per_value * numel + FP32_BYTES
+
+
+@dataclass
+class SGD(OptimizerOption):
+    """``torch.optim.SGD`` with (heavy-ball or Nesterov) momentum: one fp32 buffer per parameter, none
+    without momentum. ``trainer.weight_decay`` is added to the gradient (L2), as SGD does; ``trainer.betas``
+    is not used."""
+
+    momentum: float = key(0.9, BELOW_1)
+    dampening: float = key(0.0, BELOW_1)
+    nesterov: bool = False
+
+    def state_bytes(self, numel: int) -> int:
+        return FP32_BYTES * numel if self.momentum else 0
+
+    def check(self) -> None:
+        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ConfigError("optimizer.nesterov", True, f"Nesterov momentum needs optimizer.momentum > 0 and "
+                              f"optimizer.dampening=0 (they are {self.momentum:g} and {self.dampening:g})")
+
+
 def check_text_path(key: str, value: str) -> None:
     """Refuse, naming ``key``, a path that is not a UTF-8 text file or a folder holding some."""
     path = Path(value).expanduser()
@@ -333,6 +445,13 @@ def _file_kind(path: Path) -> str:
 
 SECTIONS: dict[str, type] = {"trainer": Trainer, "tracking": Tracking, "plan": Plan, "report": Report}
 GROUPS: dict[str, type] = {"precision": Precision, "parallelism": Parallelism, "hardware": Hardware}
+OPTIMIZERS: dict[str, type] = {
+    "torch.optim.AdamW": AdamW,
+    "torchao.optim.AdamW8bit": AdamW8bit,
+    "torchao.optim.AdamW4bit": AdamW4bit,
+    "costlab.training.adamw_bf16.AdamWBf16": AdamWBf16,
+    "torch.optim.SGD": SGD,
+}
 TARGETS: dict[str, type] = {
     "costlab.models.gpt.GPT": GPT,
     "costlab.models.gpt.MLPLM": MLPLM,
@@ -340,6 +459,7 @@ TARGETS: dict[str, type] = {
     "costlab.data.pysource": Pysource,
     "costlab.data.textfile": Textfile,
     "costlab.data.synthetic": Synthetic,
+    **OPTIMIZERS,
 }
 LEVERS = ("pruning", "quantization")  # their _target_ classes' signatures are their schema
 NOT_USER_KEYS = ("runtime", "hydra")  # what the launcher writes for the ranks, and Hydra's own
@@ -366,7 +486,11 @@ def schema_of(section: str, node: Any) -> dict[str, Key]:
         return {"_target_": Key(str), **_dataclass_keys(TARGETS[target])}
     if target and section in LEVERS:
         return {"_target_": Key(str), **_signature_keys(target)}
-    known = ", ".join(TARGETS) if section in ("model", "data") else "a class of costlab's"
+    if section == "optimizer":
+        known = ", ".join(OPTIMIZERS)
+    else:
+        known = ", ".join(t for t in TARGETS if t not in OPTIMIZERS) if section in ("model", "data") else \
+            "a class of costlab's"
     raise ConfigError(f"{section}._target_", target, f"names no option costlab knows ({known})")
 
 

@@ -267,13 +267,15 @@ def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str
 
 
 def default_run_name(tags: dict[str, str], overrides: list[str] = (), varied: list[str] = ()) -> str:
-    """``gpt_nano single fp32 x1``, plus the compression options when there are any, plus the other
+    """``gpt_nano single fp32 x1``, plus the optimizer when it is not AdamW and the compression options when
+    there are any, plus the other
     overrides a sweep varies (``trainer.lr=0.001``), so the jobs of a search are told apart."""
     parts = [tags["model"], tags["parallelism"], tags["precision"], f"x{tags['world_size']}"]
+    parts += [tags["optimizer"]] if tags.get("optimizer", "adamw") != "adamw" else []
     parts += [tags[g] for g in ("pruning", "quantization") if tags[g] != "none"]
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key in varied and key not in ("model", "parallelism", "precision", "pruning", "quantization"):
+        if key in varied and key not in ("model", "parallelism", "precision", "optimizer", "pruning", "quantization"):
             parts.append(override.lstrip("+~"))
     return " ".join(parts)
 

@@ -46,6 +46,8 @@ def validate(cfg: DictConfig) -> None:
     if dims.pp_enabled:
         _check_pipeline(cfg, dims)
     _check_data(cfg)
+    _check_optimizer(cfg)
+
     def block_widths() -> tuple[int, int] | None:  # read from the model's shapes only when fp8 asks
         return (cfg.model.n_embd, _mlp_width(linears)) if _has_blocks(linears) and not is_hf(cfg) else None
 
@@ -128,6 +130,11 @@ def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
         if positions and m.block_size > positions:
             raise ConfigError("model.block_size", m.block_size, f"the model has {positions} positions "
                               f"(max_position_embeddings of {value})")
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    """What the optimizer option checks beyond its keys' types (its package installed, Nesterov's terms)."""
+    option("optimizer", cfg.optimizer).check()
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -8,7 +8,9 @@ local shard shapes are exactly those the run will have. From them:
 
     params     = sum of the local shards' bytes (fp32 master weights; a tied weight once per stage)
     grads      = the same for the parameters that train
-    optimizer  = AdamW: exp_avg + exp_avg_sq (2 x params) + a 4-byte step counter per parameter tensor
+    optimizer  = what the optimizer option keeps per trained tensor (its ``state_bytes``): AdamW's exp_avg and
+                 exp_avg_sq (2 x 4 bytes a value) and a 4-byte step; the low-bit AdamWs' codes, block scales and
+                 code tables; bf16 states; SGD's momentum buffer
 
 each the largest over ranks, as the measured ``mem/*_bytes_per_rank`` are; and the activations of
 the training step (:func:`predict_activations`), from the config's shapes alone.
@@ -27,8 +29,6 @@ from costlab.models.hf_config import is_hf
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
-ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the parameter's shape and dtype
-STEP_BYTES = 4  # AdamW's step counter: a float32 scalar tensor per parameter
 
 
 def _stage_parts(model: Any, cfg: DictConfig, dims: Any, mesh: Any) -> list[Any]:
@@ -81,18 +81,25 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
         finally:
             dist.destroy_process_group()
 
-    def local_bytes(p: torch.Tensor) -> int:
-        t = p.to_local() if hasattr(p, "to_local") else p
-        return t.numel() * t.element_size()
+    def local(p: torch.Tensor) -> torch.Tensor:
+        return p.to_local() if hasattr(p, "to_local") else p
 
-    trained = [p for p in params.values() if p.requires_grad]
-    param_bytes = sum(local_bytes(p) for p in params.values())
-    grad_bytes = sum(local_bytes(p) for p in trained)
+    trained = [local(p) for p in params.values() if p.requires_grad]
+    optimizer = optimizer_option(cfg)
     return {
-        f"{PREDICTED}params_bytes_per_rank": param_bytes,
-        f"{PREDICTED}grads_bytes_per_rank": grad_bytes,
-        f"{PREDICTED}optimizer_bytes_per_rank": ADAM_STATES * grad_bytes + STEP_BYTES * len(trained),
+        f"{PREDICTED}params_bytes_per_rank": sum(local(p).numel() * local(p).element_size() for p in params.values()),
+        f"{PREDICTED}grads_bytes_per_rank": sum(t.numel() * t.element_size() for t in trained),
+        f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }
+
+
+def optimizer_option(cfg: DictConfig) -> Any:
+    """The run's ``optimizer`` option (its schema, :mod:`costlab.schema`), which says how many bytes of state it
+    keeps per parameter; AdamW for a config written before the group existed."""
+    from costlab.schema import option
+
+    node = cfg.get("optimizer") or {"_target_": "torch.optim.AdamW", "name": "adamw"}
+    return option("optimizer", node)
 
 
 def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:

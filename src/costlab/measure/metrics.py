@@ -105,8 +105,10 @@ def max_over_ranks(value: float, device: torch.device) -> float:
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor counts its local shard only
-    return local.numel() * local.element_size()
+    """Bytes of this rank's part of ``t``: a DTensor's local shard; a tensor subclass (torchao's low-bit
+    optimizer states, quantized weights) by the plain tensors it holds (codes, scales, tables)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(local))
 
 
 def state_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:

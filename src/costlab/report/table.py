@@ -25,9 +25,11 @@ from costlab.measure.names import (
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-LEVERS = ("model", "parallelism", "precision", "pruning", "quantization", "world_size", "device")
+LEVERS = ("model", "parallelism", "precision", "optimizer", "pruning", "quantization", "world_size", "device")
+UNTAGGED = {"optimizer": "adamw"}  # what a run made before its group existed used (it has no tag for it)
 COMPRESSION = ("pruning", "quantization")
-DEFAULT_BASELINE = {"parallelism": "single", "precision": "fp32", "pruning": "none", "quantization": "none"}
+DEFAULT_BASELINE = {"parallelism": "single", "precision": "fp32", "optimizer": "adamw", "pruning": "none",
+                    "quantization": "none"}
 STATE = "state_bytes_per_rank"  # parameters + gradients + optimizer state held by one rank
 SPEED_TOLERANCE = 0.03  # timings within 3 % of the baseline count as unchanged (run-to-run noise)
 BYTES_TOLERANCE = 0.01
@@ -77,7 +79,7 @@ def record(run: Any) -> RunRecord:
         run_id=run.info.run_id,
         name=run.info.run_name or run.info.run_id,
         status=run.info.status,
-        levers={k: tags.get(k, "") for k in LEVERS},
+        levers={k: tags.get(k, UNTAGGED.get(k, "")) for k in LEVERS},
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         start_time=run.info.start_time or 0,
@@ -139,7 +141,7 @@ def _matches(run: RunRecord, key: str, value: str) -> bool:
 
 def choose_baseline(rows: list[RunRecord], spec: str | None = None) -> RunRecord:
     """The run named ``spec``, or the first whose levers/params match its overrides; by default the
-    first finished run with no pruning, no quantization, ``single`` and ``fp32``, else the first run."""
+    first finished run with no pruning, no quantization, ``single``, ``fp32`` and ``adamw``, else the first run."""
     candidates = [r for r in rows if r.finished] or rows
     if spec:
         named = [r for r in rows if r.name == spec]
@@ -154,7 +156,7 @@ def choose_baseline(rows: list[RunRecord], spec: str | None = None) -> RunRecord
     return (default or candidates)[0]
 
 
-TRAINING_KEYS = ("trainer.", "model.", "data.", "parallelism.", "precision.")
+TRAINING_KEYS = ("trainer.", "model.", "data.", "parallelism.", "precision.", "optimizer.")
 
 
 def trains_like(run: RunRecord, base: RunRecord) -> bool:

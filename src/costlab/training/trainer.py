@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warm-up + cosine learning rate, gradient accumulation and clipping,
+"""The training loop: the optimizer option, warm-up + cosine learning rate, gradient accumulation and clipping,
 mixed precision, periodic evaluation, and per-step metrics logged from rank 0."""
 
 from __future__ import annotations
@@ -20,17 +20,7 @@ from costlab.measure.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
 from costlab.precision import grad_scaler
 from costlab.training import checkpoint
-
-
-def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms, biases) do not, as in nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    t = cfg.trainer
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
-
+from costlab.training.optimizers import build_optimizer, set_lr
 
 PRINT_AT_LEAST_EVERY_S = 10.0  # a progress line at least this often, whatever trainer.print_every says
 
@@ -146,8 +136,7 @@ class Trainer:
         for hook in self.step_hooks:
             hook(step)
         lr = lr_at(step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         x, y = self.sampler.batch(step, self.parallel.dp_rank, self.parallel.dp_size)
         device = self.env.device
         loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)

@@ -53,7 +53,8 @@ from costlab.precision import autocast, matmul_dtype
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.training.evaluation import evaluate_final, infer_batch
-from costlab.training.trainer import Trainer, TrainResult, build_optimizer
+from costlab.training.optimizers import build_optimizer
+from costlab.training.trainer import Trainer, TrainResult
 
 
 def seed_everything(seed: int) -> None:
