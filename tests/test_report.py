@@ -98,6 +98,24 @@ def test_the_summary_is_built_from_the_numbers_and_says_when_a_lever_saved_nothi
     assert text.count("saved nothing") == 2  # ddp too: slower, same state, larger peak
 
 
+def test_the_summary_speaks_of_fine_tuning_and_optimizer_levers_in_the_same_words(mlflow_uri, request):
+    c = client(mlflow_uri)
+    exp = experiment_id(mlflow_uri, f"report_{request.node.name}")
+    pid = c.create_run(exp, run_name="sweep", tags={"costlab.role": "sweep"}).info.run_id
+    trained = {"model/trainable_params": 1e6}
+    _run(c, exp, "gpt_nano single fp32 x1", pid, levers={"finetune": "full", "optimizer": "adamw"}, metrics=trained)
+    _run(c, exp, "gpt_nano single fp32 x1 lora", pid, levers={"finetune": "lora", "optimizer": "adamw"},
+         metrics={"model/trainable_params": 9e3, "mem/grads_bytes_per_rank": 36e3, "mem/optimizer_bytes_per_rank": 72e3,
+                  "eval/loss": 2.008})
+    _run(c, exp, "gpt_nano single fp32 x1 adamw_8bit", pid, levers={"finetune": "full", "optimizer": "adamw_8bit"},
+         metrics={**trained, "mem/optimizer_bytes_per_rank": 2.1e6, "eval/loss": 1.99})
+    text = report.build_report(_rows(c, pid)).summary
+    assert "lora trains 0.9 % of the parameters the baseline trains" in text
+    assert "holds 0.26x the training state per rank at +0.40 % loss" in text
+    assert "adamw_8bit trains no faster (1.00x), holds 0.63x the training state per rank at -0.50 % loss" in text
+    assert "trains 100 % of the parameters" not in text  # an optimizer does not change what trains
+
+
 def test_the_baseline_can_be_named_by_overrides_or_run_name(sweep):
     c, _, pid, ids = sweep
     rows = _rows(c, pid)
@@ -142,7 +160,7 @@ def test_the_report_is_logged_on_the_parent_and_written_to_disk(sweep, tmp_path)
     text = md.read_text()
     assert text.startswith("# Comparison report\n\nAgainst the baseline")
     assert "![pareto_size](pareto_size.png)" in text
-    assert "Every run: model gpt_nano, optimizer adamw, quantization none, device cpu." in text
+    assert "Every run: model gpt_nano, finetune full, optimizer adamw, quantization none, device cpu." in text
     with (out / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["run_id"] for r in rows} == set(ids.values())

@@ -415,6 +415,46 @@ class SGD(OptimizerOption):
                               f"optimizer.dampening=0 (they are {self.momentum:g} and {self.dampening:g})")
 
 
+# --- fine-tuning: which parameters train ------------------------------------------------------------------------
+
+
+@dataclass
+class FullFinetune:
+    """``costlab.models.adapters.full``: every parameter trains (the default)."""
+
+    name: str
+
+    def check(self) -> None:
+        """Nothing beyond its keys."""
+
+
+LORA_TARGETS = ["c_q", "c_k", "c_v", "c_proj", "c_fc", "c_fc2", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                "up_proj", "down_proj", "c_attn", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+@dataclass
+class LoraFinetune:
+    """``costlab.models.adapters.lora``: PEFT's LoRA adapters (``peft.LoraConfig``: ``r``, ``lora_alpha``,
+    ``lora_dropout``, ``target_modules``) on the Linear layers named by ``targets``; every other parameter is
+    frozen. The shipped model has the adapters merged into its weights."""
+
+    name: str
+    rank: int = key(8, POSITIVE)
+    alpha: float = key(16.0, POSITIVE)
+    dropout: float = key(0.0, BELOW_1)
+    targets: list[str] = key(LORA_TARGETS, non_empty)
+    merge: bool = True
+
+    def check(self) -> None:
+        if not self.targets:
+            raise ConfigError("finetune.targets", [], "must not be empty: name the Linear layers the adapters go on")
+        if not self.merge:
+            raise ConfigError("finetune.merge", False, "shipping the adapter alone is not offered yet: the adapters "
+                              "are merged into the shipped model (finetune.merge=true)")
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("finetune", self.name, "needs PEFT: pip install 'costlab[finetune]'")
+
+
 def check_text_path(key: str, value: str) -> None:
     """Refuse, naming ``key``, a path that is not a UTF-8 text file or a folder holding some."""
     path = Path(value).expanduser()
@@ -460,6 +500,14 @@ TARGETS: dict[str, type] = {
     "costlab.data.textfile": Textfile,
     "costlab.data.synthetic": Synthetic,
     **OPTIMIZERS,
+    "costlab.models.adapters.full": FullFinetune,
+    "costlab.models.adapters.lora": LoraFinetune,
+}
+SECTION_TARGETS = {  # which targets each section's options may name
+    "model": ("costlab.models.gpt.", "costlab.models.hf."),
+    "data": ("costlab.data.",),
+    "optimizer": tuple(OPTIMIZERS),
+    "finetune": ("costlab.models.adapters.",),
 }
 LEVERS = ("pruning", "quantization")  # their _target_ classes' signatures are their schema
 NOT_USER_KEYS = ("runtime", "hydra")  # what the launcher writes for the ranks, and Hydra's own
@@ -482,15 +530,13 @@ def schema_of(section: str, node: Any) -> dict[str, Key]:
     if section in SECTIONS or section in GROUPS:
         return _dataclass_keys(SECTIONS.get(section) or GROUPS[section])
     target = node.get("_target_") if isinstance(node, Mapping | DictConfig) else None
-    if target in TARGETS:
+    prefixes = SECTION_TARGETS.get(section, ("",))
+    if target in TARGETS and str(target).startswith(prefixes):
         return {"_target_": Key(str), **_dataclass_keys(TARGETS[target])}
     if target and section in LEVERS:
         return {"_target_": Key(str), **_signature_keys(target)}
-    if section == "optimizer":
-        known = ", ".join(OPTIMIZERS)
-    else:
-        known = ", ".join(t for t in TARGETS if t not in OPTIMIZERS) if section in ("model", "data") else \
-            "a class of costlab's"
+    known = ", ".join(t for t in TARGETS if t.startswith(prefixes)) if section in SECTION_TARGETS else \
+        "a class of costlab's"
     raise ConfigError(f"{section}._target_", target, f"names no option costlab knows ({known})")
 
 

@@ -23,7 +23,7 @@ from costlab.launcher.objective import BASIC_SWEEPER, Objective, directions, obj
 from costlab.launcher.resources import check_resources, describe_kill, oom_kill_count
 from costlab.launcher.resume import resume_target
 from costlab.launcher.torchrun import from_slurm, job_prefix, launch_torchrun
-from costlab.launcher.validate import validate
+from costlab.launcher.validate import finetune_warnings, validate
 from costlab.measure.hardware import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.measure.machine import cpu_info, resolve_device
 from costlab.measure.probes import slow_precision_warning
@@ -70,7 +70,7 @@ def check_job(cfg: DictConfig, planning: bool) -> list[str]:
         cfg.hardware = resolve_hardware(cfg, planning)
         from_slurm(cfg)
     validate(cfg)
-    return [] if planning else check_resources(cfg)
+    return finetune_warnings(cfg) + ([] if planning else check_resources(cfg))
 
 
 class Job:
@@ -267,15 +267,17 @@ def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str
 
 
 def default_run_name(tags: dict[str, str], overrides: list[str] = (), varied: list[str] = ()) -> str:
-    """``gpt_nano single fp32 x1``, plus the optimizer when it is not AdamW and the compression options when
-    there are any, plus the other
+    """``gpt_nano single fp32 x1``, plus the fine-tuning and optimizer options when they are not the defaults
+    (full, AdamW) and the compression options when there are any, plus the other
     overrides a sweep varies (``trainer.lr=0.001``), so the jobs of a search are told apart."""
     parts = [tags["model"], tags["parallelism"], tags["precision"], f"x{tags['world_size']}"]
-    parts += [tags["optimizer"]] if tags.get("optimizer", "adamw") != "adamw" else []
+    defaults = {"finetune": "full", "optimizer": "adamw"}
+    parts += [tags[g] for g, default in defaults.items() if tags.get(g, default) != default]
     parts += [tags[g] for g in ("pruning", "quantization") if tags[g] != "none"]
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key in varied and key not in ("model", "parallelism", "precision", "optimizer", "pruning", "quantization"):
+        if key in varied and key not in ("model", "parallelism", "precision", "finetune", "optimizer", "pruning",
+                                         "quantization"):
             parts.append(override.lstrip("+~"))
     return " ".join(parts)
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from costlab import precision
 from costlab.launcher.validate_compression import check_compression
 from costlab.measure.machine import visible_gpus
+from costlab.models.adapters import uses_adapters
 from costlab.models.hf_config import config_file, is_hf, read_config, shipped_configs, tokenizer_folder
 from costlab.models.saved import expected_shapes
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
@@ -47,6 +48,7 @@ def validate(cfg: DictConfig) -> None:
         _check_pipeline(cfg, dims)
     _check_data(cfg)
     _check_optimizer(cfg)
+    _check_finetune(cfg, dims)
 
     def block_widths() -> tuple[int, int] | None:  # read from the model's shapes only when fp8 asks
         return (cfg.model.n_embd, _mlp_width(linears)) if _has_blocks(linears) and not is_hf(cfg) else None
@@ -135,6 +137,39 @@ def _check_hf_levers(cfg: DictConfig, hf_config: dict | None) -> None:
 def _check_optimizer(cfg: DictConfig) -> None:
     """What the optimizer option checks beyond its keys' types (its package installed, Nesterov's terms)."""
     option("optimizer", cfg.optimizer).check()
+
+
+def _check_finetune(cfg: DictConfig, dims: ParallelDims) -> None:
+    """LoRA's adapters replace the targeted Linear layers while training: what lays those layers out by name
+    (tensor-parallel plans, pipeline stages, float8 swaps) or changes them as it trains is refused."""
+    o = option("finetune", cfg.finetune)
+    o.check()
+    if not uses_adapters(cfg):
+        return
+    layouts = "; use parallelism=single, ddp or fsdp"
+    if dims.tp_enabled:
+        why = "tensor parallel shards the targeted Linear layers by name, and the adapters take their place" + layouts
+    elif dims.pp_enabled:
+        why = "pipeline stages are cut from the plain model's blocks, which the adapters change" + layouts
+    elif precision.trains_in_float8(cfg):
+        why = "float8 training swaps the Linear layers the adapters wrap; use precision=bf16"
+    else:
+        acting = [f"{g}={lever.name}" for g, lever in (("pruning", build_pruning(cfg)),
+                                                       ("quantization", build_quantization(cfg)))
+                  if lever.acts_during_training]
+        why = f"{acting[0]} acts on the weights while training, and only the adapters train" if acting else None
+    if why:
+        raise ConfigError("finetune", o.name, why)
+
+
+def finetune_warnings(cfg: DictConfig) -> list[str]:
+    """LoRA from random weights trains, but is rarely what was meant."""
+    if not uses_adapters(cfg):
+        return []
+    if cfg.trainer.get("init_from") or cfg.model.get("pretrained") or cfg.trainer.get("resume"):
+        return []
+    return ["finetune=lora starts from random weights: only the adapters train; give trainer.init_from=<run id, "
+            "run folder or model file> (or model.pretrained=<folder> for model=hf) to fine-tune a trained model"]
 
 
 def _check_data(cfg: DictConfig) -> None:

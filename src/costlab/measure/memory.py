@@ -64,11 +64,12 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from costlab.models.adapters import apply_finetune
     from costlab.models.gpt import build_model
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
 
     with torch.device("meta"), _no_init():
-        model = build_model(cfg.model)
+        model = apply_finetune(build_model(cfg.model), cfg)
     params: dict[int, torch.Tensor] = {id(p): p for p in model.parameters()}
     if world > 1:  # sharded: lay the model out as this rank will
         params = {}

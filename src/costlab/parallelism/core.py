@@ -19,6 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from costlab.models.adapters import apply_finetune, merge_adapters, uses_adapters
 from costlab.models.gpt import build_model
 from costlab.models.loss import evaluate, loss_fn
 from costlab.precision import autocast
@@ -75,16 +76,18 @@ def init_distributed(cfg: DictConfig) -> DistEnv:
     return DistEnv(rank, local_rank, world, local_world, device)
 
 
-def plain_copy(model: nn.Module, model_cfg: DictConfig, device: torch.device) -> nn.Module:
-    """A fresh, unwrapped model holding ``model``'s weights: float8 linears, compiled blocks and
-    checkpoint hooks are training devices the shipped model must not carry."""
-    return load_full_state(model.state_dict(), model_cfg, device)
+def plain_copy(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+    """A fresh, unwrapped model holding ``model``'s weights: float8 linears, compiled blocks, checkpoint hooks
+    and LoRA adapters (merged into the weights) are training devices the shipped model must not carry."""
+    return load_full_state(model.state_dict(), cfg, device)
 
 
-def load_full_state(state: dict[str, torch.Tensor], model_cfg: DictConfig, device: torch.device) -> nn.Module:
-    fresh = build_model(model_cfg)
+def load_full_state(state: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device) -> nn.Module:
+    """A fresh model of ``cfg.model`` as the ``finetune`` option trained it, holding ``state``; its adapters,
+    if any, merged into its weights."""
+    fresh = apply_finetune(build_model(cfg.model), cfg)
     fresh.load_state_dict(state)
-    return fresh.to(device)
+    return merge_adapters(fresh).to(device) if uses_adapters(cfg) else fresh.to(device)
 
 
 class Parallel:
@@ -141,7 +144,7 @@ class Parallel:
         """The whole trained model as one plain module on rank 0 (None elsewhere); every rank calls it."""
         if dist.is_initialized() and dist.get_rank() != 0:
             return None
-        return plain_copy(self.model, cfg.model, self.device) if self.rebuild else self.model
+        return plain_copy(self.model, cfg, self.device) if self.rebuild else self.model
 
 
 class ShardedParallel(Parallel):
@@ -157,7 +160,7 @@ class ShardedParallel(Parallel):
 
         # collective: DTensors are gathered whole; with cpu_offload only rank 0 keeps the result
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return load_full_state(state, cfg.model, self.device) if dist.get_rank() == 0 else None
+        return load_full_state(state, cfg, self.device) if dist.get_rank() == 0 else None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -37,4 +37,4 @@ class DataParallel(Parallel):
     def full_model(self, cfg) -> nn.Module | None:
         if dist.get_rank() != 0:
             return None
-        return plain_copy(self.inner, cfg.model, self.device) if self.rebuild else self.inner
+        return plain_copy(self.inner, cfg, self.device) if self.rebuild else self.inner

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
+from costlab.models.adapters import uses_adapters
 from costlab.parallelism.apply import apply_parallelisms, build_mesh
 from costlab.parallelism.core import DistEnv, Parallel, ShardedParallel
 from costlab.parallelism.ddp import DataParallel, apply_ddp
@@ -19,7 +20,8 @@ def parallelize(model: nn.Module, cfg: DictConfig, env: DistEnv) -> Parallel:
         from costlab.parallelism.pp import PipelineParallel  # imported when used (see apply.py)
 
         return PipelineParallel(model, cfg, env, dims, mesh)
-    rebuild = apply_parallelisms(model, cfg, dims, mesh, env.device)
+    # adapters are a training device too: the shipped model has them merged (costlab.models.adapters)
+    rebuild = apply_parallelisms(model, cfg, dims, mesh, env.device) or uses_adapters(cfg)
     if dims.ddp_enabled:
         dp = mesh["dp_replicate"]
         ddp = apply_ddp(model, dp.get_group(), env.device, cfg.parallelism.get("bucket_cap_mb", 25))

@@ -196,4 +196,4 @@ class PipelineParallel(Parallel):
         merged: dict[str, torch.Tensor] = {}
         for piece in gathered:
             merged.update(piece)
-        return load_full_state(merged, cfg.model, self.device)
+        return load_full_state(merged, cfg, self.device)

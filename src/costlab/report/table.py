@@ -25,11 +25,12 @@ from costlab.measure.names import (
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-LEVERS = ("model", "parallelism", "precision", "optimizer", "pruning", "quantization", "world_size", "device")
-UNTAGGED = {"optimizer": "adamw"}  # what a run made before its group existed used (it has no tag for it)
+LEVERS = ("model", "parallelism", "precision", "finetune", "optimizer", "pruning", "quantization", "world_size",
+          "device")
+UNTAGGED = {"optimizer": "adamw", "finetune": "full"}  # what a run made before these groups existed used
 COMPRESSION = ("pruning", "quantization")
-DEFAULT_BASELINE = {"parallelism": "single", "precision": "fp32", "optimizer": "adamw", "pruning": "none",
-                    "quantization": "none"}
+DEFAULT_BASELINE = {"parallelism": "single", "precision": "fp32", "finetune": "full", "optimizer": "adamw",
+                    "pruning": "none", "quantization": "none"}
 STATE = "state_bytes_per_rank"  # parameters + gradients + optimizer state held by one rank
 SPEED_TOLERANCE = 0.03  # timings within 3 % of the baseline count as unchanged (run-to-run noise)
 BYTES_TOLERANCE = 0.01
@@ -141,7 +142,8 @@ def _matches(run: RunRecord, key: str, value: str) -> bool:
 
 def choose_baseline(rows: list[RunRecord], spec: str | None = None) -> RunRecord:
     """The run named ``spec``, or the first whose levers/params match its overrides; by default the
-    first finished run with no pruning, no quantization, ``single``, ``fp32`` and ``adamw``, else the first run."""
+    first finished run with no pruning, no quantization, ``single``, ``fp32``, ``full`` and ``adamw``, else the
+    first run."""
     candidates = [r for r in rows if r.finished] or rows
     if spec:
         named = [r for r in rows if r.name == spec]
@@ -156,7 +158,7 @@ def choose_baseline(rows: list[RunRecord], spec: str | None = None) -> RunRecord
     return (default or candidates)[0]
 
 
-TRAINING_KEYS = ("trainer.", "model.", "data.", "parallelism.", "precision.", "optimizer.")
+TRAINING_KEYS = ("trainer.", "model.", "data.", "parallelism.", "precision.", "optimizer.", "finetune.")
 
 
 def trains_like(run: RunRecord, base: RunRecord) -> bool:

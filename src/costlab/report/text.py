@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from costlab import status
-from costlab.measure.names import EVAL_LOSS, INFER_LATENCY, INFER_SPEEDUP, MODEL_SIZE, PERF_TOKENS_PER_S
+from costlab.measure.names import (
+    EVAL_LOSS,
+    INFER_LATENCY,
+    INFER_SPEEDUP,
+    MODEL_SIZE,
+    MODEL_TRAINABLE,
+    PERF_TOKENS_PER_S,
+)
 from costlab.report.table import (
     BYTES_TOLERANCE,
     COMPRESSION,
@@ -32,6 +39,9 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
     if not r.finished:
         return f"{r.label} {r.status}, so it has no figures"
     said, saved = [], False
+    trains = ratio(r.get(MODEL_TRAINABLE), base.get(MODEL_TRAINABLE))
+    if trains is not None and r.levers.get("finetune") != base.levers.get("finetune"):
+        said.append(f"trains {100 * trains:.2g} % of the parameters the baseline trains")
     # a run that trained as the baseline did has the same training cost: its timings differ only by noise
     speed = None if trains_like(r, base) else ratio(r.get(PERF_TOKENS_PER_S), base.get(PERF_TOKENS_PER_S))
     if speed is not None:

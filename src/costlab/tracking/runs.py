@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # mlflow is imported only when a store is used: it is slow to
 
 
 SWEEP_ID_TAG, SWEEP_NAME_TAG = "costlab.sweep.id", "costlab.sweep.name"  # on every child: filter a sweep in the UI
-CONTRACT_TAGS = ("model", "data", "parallelism", "precision", "optimizer", "pruning", "quantization")
+CONTRACT_TAGS = ("model", "data", "parallelism", "precision", "optimizer", "finetune", "pruning", "quantization")
 
 
 ERROR_TAG = "costlab.error"  # why a run was refused

@@ -44,7 +44,14 @@ from costlab.measure.energy import (
 from costlab.measure.hardware import cost_and_mfu, flops_per_token
 from costlab.measure.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
 from costlab.measure.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
-from costlab.measure.names import COMPRESSES_IN_TRAINING, INFER_TOKENS_PER_S, MEM_PEAK, PERF_TOKENS_PER_S
+from costlab.measure.names import (
+    COMPRESSES_IN_TRAINING,
+    INFER_TOKENS_PER_S,
+    MEM_PEAK,
+    MODEL_TRAINABLE,
+    PERF_TOKENS_PER_S,
+)
+from costlab.models.adapters import apply_finetune, trainable_params
 from costlab.models.gpt import build_model
 from costlab.models.saved import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.parallelism.core import DistEnv, init_distributed
@@ -78,6 +85,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
     hooks = train_time_hooks(model, cfg)
     counter, energy_source = rank_energy_counter(env.device.type, env.local_rank, env.is_main, cfg.trainer.nnodes)
     energy = TrainingEnergy(counter, cfg.trainer.timing_warmup_steps, cfg.trainer.max_steps)
+    trainable = trainable_params(model)  # of the whole model, before any layout splits it
     parallel = parallelize(model, cfg, env)
     optimizer = build_optimizer(parallel.model, cfg)
     logger = open_logger(cfg, env, stop)
@@ -90,6 +98,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
         tags: dict[str, str] = {}
         if env.is_main:
             summary.update(training_metrics(result, corpus, cfg))
+            summary[MODEL_TRAINABLE] = trainable
             metrics, tags = compress_and_evaluate(final, corpus, codec, cfg, env, counter)
             summary.update(metrics)
             timed_tokens = result.stats.tokens_per_step * len(result.stats.times_s)
@@ -117,14 +126,15 @@ def build_data(cfg: DictConfig, env: DistEnv) -> tuple[Codec, ByteCorpus]:
 
 
 def build_model_to_train(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module, float]:
-    """The model, from ``trainer.init_from`` when set, and its training FLOPs per token."""
+    """The model, from ``trainer.init_from`` when set, as the ``finetune`` option trains it (LoRA: adapters
+    injected, the rest frozen), and its training FLOPs per token (of the base model's forward and backward)."""
     say(env, f"building {cfg.model.get('name', 'the model')} and parallelising it "
              f"({cfg.parallelism.get('name', '')}, {env.world_size} rank(s))")
     model = build_model(cfg.model)
     flops = flops_per_token(model, cfg.model.block_size)  # of the whole model, before any sharding
     if cfg.trainer.get("init_from"):
         load_init(model, cfg)
-    return model, flops
+    return apply_finetune(model, cfg), flops
 
 
 def train_time_hooks(model: torch.nn.Module, cfg: DictConfig) -> list[Callable[[int], None]]:
