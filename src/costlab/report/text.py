@@ -63,7 +63,12 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
     # fairer than two latencies from two jobs, so it speaks for compression
     own = r.get(INFER_SPEEDUP) if compressed else None
     speedup = own if own is not None else compare(r.get(INFER_LATENCY), base.get(INFER_LATENCY), "speedup")
-    if speedup is not None and (compressed or abs(speedup - 1) > SPEED_TOLERANCE):
+    # an uncompressed model of the baseline's architecture, precision and size infers as the baseline's does:
+    # a difference between two jobs' latencies is noise (the fine-tuning and optimizer levers ship such models)
+    same_model = not compressed and not any(base.levers.get(k, "none") != "none" for k in COMPRESSION) and all(
+        r.levers.get(k) == base.levers.get(k) for k in ("model", "precision")) and size is not None and \
+        abs(size - 1) <= BYTES_TOLERANCE
+    if speedup is not None and not same_model and (compressed or abs(speedup - 1) > SPEED_TOLERANCE):
         said.append(_speed("infers", speedup, " than uncompressed" if own is not None else ""))
         saved |= speedup > 1 + SPEED_TOLERANCE
     delta = compare(r.get(EVAL_LOSS), base.get(EVAL_LOSS), "delta")
