@@ -509,6 +509,18 @@ SECTION_TARGETS = {  # which targets each section's options may name
     "optimizer": tuple(OPTIMIZERS),
     "finetune": ("costlab.models.adapters.",),
 }
+# what a config (or a run's tags) written before the optimizer and finetune groups existed used
+BEFORE_GROUPS: dict[str, dict[str, str]] = {
+    "optimizer": {"_target_": "torch.optim.AdamW", "name": "adamw"},
+    "finetune": {"_target_": "costlab.models.adapters.full", "name": "full"},
+}
+
+
+def group_node(cfg: Any, group: str) -> Any:
+    """``cfg``'s option for ``group``, or the one a config written before the group existed implies."""
+    return cfg.get(group) or BEFORE_GROUPS[group]
+
+
 LEVERS = ("pruning", "quantization")  # their _target_ classes' signatures are their schema
 NOT_USER_KEYS = ("runtime", "hydra")  # what the launcher writes for the ranks, and Hydra's own
 

@@ -27,7 +27,7 @@ from costlab.launcher.validate import finetune_warnings, validate
 from costlab.measure.hardware import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.measure.machine import cpu_info, resolve_device
 from costlab.measure.probes import slow_precision_warning
-from costlab.schema import ConfigError, check_config
+from costlab.schema import BEFORE_GROUPS, ConfigError, check_config
 from costlab.tracking.find import RUN_DIR_TAG, resolve_init_from
 from costlab.tracking.runs import check_tracking
 
@@ -271,8 +271,7 @@ def default_run_name(tags: dict[str, str], overrides: list[str] = (), varied: li
     (full, AdamW) and the compression options when there are any, plus the other
     overrides a sweep varies (``trainer.lr=0.001``), so the jobs of a search are told apart."""
     parts = [tags["model"], tags["parallelism"], tags["precision"], f"x{tags['world_size']}"]
-    defaults = {"finetune": "full", "optimizer": "adamw"}
-    parts += [tags[g] for g, default in defaults.items() if tags.get(g, default) != default]
+    parts += [tags[g] for g, node in BEFORE_GROUPS.items() if tags.get(g, node["name"]) != node["name"]]
     parts += [tags[g] for g in ("pruning", "quantization") if tags[g] != "none"]
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")

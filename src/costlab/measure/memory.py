@@ -82,13 +82,11 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
         finally:
             dist.destroy_process_group()
 
-    def local(p: torch.Tensor) -> torch.Tensor:
-        return p.to_local() if hasattr(p, "to_local") else p
-
-    trained = [local(p) for p in params.values() if p.requires_grad]
+    shards = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad) for p in params.values()]
+    trained = [t for t, trains in shards if trains]
     optimizer = optimizer_option(cfg)
     return {
-        f"{PREDICTED}params_bytes_per_rank": sum(local(p).numel() * local(p).element_size() for p in params.values()),
+        f"{PREDICTED}params_bytes_per_rank": sum(t.numel() * t.element_size() for t, _ in shards),
         f"{PREDICTED}grads_bytes_per_rank": sum(t.numel() * t.element_size() for t in trained),
         f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }
@@ -97,10 +95,9 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
 def optimizer_option(cfg: DictConfig) -> Any:
     """The run's ``optimizer`` option (its schema, :mod:`costlab.schema`), which says how many bytes of state it
     keeps per parameter; AdamW for a config written before the group existed."""
-    from costlab.schema import option
+    from costlab.schema import group_node, option
 
-    node = cfg.get("optimizer") or {"_target_": "torch.optim.AdamW", "name": "adamw"}
-    return option("optimizer", node)
+    return option("optimizer", group_node(cfg, "optimizer"))
 
 
 def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:

@@ -9,27 +9,20 @@ take as they take any other.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
+
+from costlab.schema import group_node
 
 if TYPE_CHECKING:  # torch is imported by the ranks; the launcher asks uses_adapters() without it
     from torch import nn
 
-FULL, LORA = "costlab.models.adapters.full", "costlab.models.adapters.lora"
-
-
-def finetune_option(cfg: DictConfig) -> Any:
-    """The run's ``finetune`` option (its schema, :mod:`costlab.schema`); ``full`` for a config written before
-    the group existed."""
-    from costlab.schema import option
-
-    node = cfg.get("finetune") or {"_target_": FULL, "name": "full"}
-    return option("finetune", node)
+LORA = "costlab.models.adapters.lora"
 
 
 def uses_adapters(cfg: DictConfig) -> bool:
-    return bool(cfg.get("finetune")) and cfg.finetune.get("_target_") == LORA
+    return group_node(cfg, "finetune").get("_target_") == LORA
 
 
 def apply_finetune(model: nn.Module, cfg: DictConfig) -> nn.Module:
@@ -38,7 +31,8 @@ def apply_finetune(model: nn.Module, cfg: DictConfig) -> nn.Module:
     from hydra.utils import get_object
     from omegaconf import OmegaConf
 
-    node = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else {"_target_": FULL}
+    node = group_node(cfg, "finetune")
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     assert isinstance(node, dict)
     kwargs = {k: v for k, v in node.items() if k not in ("_target_", "name")}
     return get_object(str(node["_target_"]))(model, **kwargs)

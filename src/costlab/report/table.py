@@ -21,13 +21,14 @@ from costlab.measure.names import (
     PERF_TOKENS_PER_S,
     STEP_FAMILIES,
 )
+from costlab.schema import BEFORE_GROUPS
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 LEVERS = ("model", "parallelism", "precision", "finetune", "optimizer", "pruning", "quantization", "world_size",
           "device")
-UNTAGGED = {"optimizer": "adamw", "finetune": "full"}  # what a run made before these groups existed used
+UNTAGGED = {group: node["name"] for group, node in BEFORE_GROUPS.items()}  # runs made before these groups
 COMPRESSION = ("pruning", "quantization")
 DEFAULT_BASELINE = {"parallelism": "single", "precision": "fp32", "finetune": "full", "optimizer": "adamw",
                     "pruning": "none", "quantization": "none"}

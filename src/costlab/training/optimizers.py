@@ -11,7 +11,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-DEFAULT = {"_target_": "torch.optim.AdamW", "name": "adamw"}  # a config written before the group existed
+from costlab.schema import group_node
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -20,7 +20,8 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     constructor has those arguments (SGD has no betas)."""
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.trainer
-    option = OmegaConf.to_container(cfg.optimizer, resolve=True) if "optimizer" in cfg else dict(DEFAULT)
+    node = group_node(cfg, "optimizer")
+    option = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     assert isinstance(option, dict)
     cls = get_class(str(option.pop("_target_")))
     option.pop("name", None)
