@@ -1,17 +1,29 @@
-"""The ``finetune`` group: LoRA adapters (PEFT) train while the rest is frozen, the memory model predicts the
-smaller state exactly, the shipped model has the adapters merged (a plain model of the run's config, which
-``costlab.use`` loads), and what cannot carry adapters is refused before any rank starts."""
+"""The ``finetune`` group: LoRA adapters (PEFT) train while the rest is frozen (QLoRA: on a base held in NF4 by
+torchao or bitsandbytes), the memory model predicts the smaller state exactly, the shipped model has the
+adapters merged (a plain model of the run's config, which ``costlab.use`` loads), and what cannot carry adapters
+is refused before any rank starts."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 
 from costlab.launcher.job import check_job
 from costlab.measure.memory import PREDICTED, predict_state
-from costlab.measure.metrics import state_bytes_per_rank
+from costlab.measure.metrics import _local_bytes, state_bytes_per_rank
 from costlab.measure.names import MEM_OPTIMIZER, MEM_PARAMS
-from costlab.models.adapters import apply_finetune, merge_adapters, trainable_params
+from costlab.models.adapters import (
+    _bnb_linear,
+    _torchao_nf4,
+    apply_finetune,
+    dequantized,
+    is_nf4,
+    merge_adapters,
+    nf4_bytes,
+    trainable_params,
+)
 from costlab.models.gpt import build_model
 from costlab.models.loss import loss_fn
 from costlab.parallelism.core import load_full_state
@@ -88,10 +100,73 @@ def test_the_shipped_model_has_the_adapters_merged_and_predicts_as_the_adapted_o
     (["finetune.merge=false"], "finetune.merge", "merged"),
     (["finetune.rank=0"], "finetune.rank", "positive"),
     (["finetune.targets=[]"], "finetune.targets", "empty"),
+    (["finetune=qlora", "finetune.backend=bitsandbytes", "parallelism=fsdp"], "finetune.backend", "FSDP2"),
+    (["finetune=qlora", "parallelism=tp"], "finetune", "tensor parallel"),
+    (["finetune=qlora", "finetune.backend=nf8"], "finetune.backend", "nf8"),
 ])
 def test_what_cannot_carry_adapters_is_refused_naming_the_key(overrides, key, says):
     e = refusal(*TINY, "finetune=lora", *overrides)
     assert e.key == key and says in str(e), str(e)
+
+
+NF4_BACKENDS = ["torchao", pytest.param("bitsandbytes", marks=pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed"))]
+
+
+@pytest.mark.parametrize("backend", NF4_BACKENDS)
+def test_qlora_holds_the_base_in_nf4_trains_the_adapters_and_ships_them_merged(backend):
+    pytest.importorskip("torchao")
+    cfg, plain, model = _lora("finetune=qlora", f"finetune.backend={backend}")
+    base = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    assert base and all(is_nf4(p) and not p.requires_grad for p in base.values())
+    dense = dict(plain.named_parameters())
+    held = sum(_local_bytes(p) for p in base.values())
+    assert held == sum(nf4_bytes(dense[n].numel(), backend) for n in base)
+    # a weight's code tables are a fixed cost (~1 KiB with bitsandbytes): these 32-wide layers pay it, ...
+    assert held <= 0.3 * sum(dense[n].numel() * 4 for n in base)
+    layer = torch.nn.Linear(1024, 1024, bias=False)  # ... a model's layers do not: the goal, <= 0.16x of fp32
+    layer = _bnb_linear(layer, None) if backend == "bitsandbytes" else (_torchao_nf4(layer) or layer)
+    assert _local_bytes(layer.weight) <= 0.16 * 1024 * 1024 * 4
+    torch.manual_seed(0)
+    build_model(cfg.model)
+    built = build_model(cfg.model).state_dict()  # the weights _lora's second build quantized, from the same seed
+    # NF4 keeps them to within ~9 % (mean absolute error over mean magnitude); bitsandbytes to within ~16-25 % on
+    # these few-block weights (its 8-bit block scales are coarse there), ~9 % on a 1024 x 1024 one
+    for name, p in base.items():
+        err = (dequantized(p) - built[name]).abs().mean() / built[name].abs().mean()
+        assert 0 < err < 0.3, (name, err)
+    opt = build_optimizer(model, cfg)
+    x = torch.randint(0, 256, (4, cfg.model.block_size + 1))
+    for _ in range(3):
+        loss_fn(model(x[:, :-1]), x[:, 1:]).backward()
+        opt.step()
+        measured = state_bytes_per_rank(model, opt)
+        opt.zero_grad(set_to_none=True)
+    predicted = predict_state(cfg, 1)
+    for part in ("params", "grads", "optimizer"):
+        assert predicted[f"{PREDICTED}{part}_bytes_per_rank"] == measured[f"mem/{part}_bytes_per_rank"], part
+    with torch.no_grad():
+        adapted = model(x[:, :-1])
+        shipped = load_full_state(model.state_dict(), cfg, torch.device("cpu"))
+        merged = shipped(x[:, :-1])
+    assert type(shipped) is type(plain) and shipped.state_dict().keys() == plain.state_dict().keys()
+    assert not any(is_nf4(p) for p in shipped.parameters())
+    assert torch.allclose(adapted, merged, atol=1e-4)
+
+
+def test_qlora_backend_auto_is_timed_here_and_fsdp_takes_torchao():
+    pytest.importorskip("torchao")
+    cfg = compose_config([*TINY, "finetune=qlora", "parallelism=ddp"])
+    check_job(cfg, planning=True)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert cfg.finetune.backend == "torchao"
+    else:  # both timed; the faster chosen
+        times = dict(cfg.finetune.probe_ms)
+        assert set(times) == {"torchao", "bitsandbytes"} and all(t > 0 for t in times.values())
+        assert cfg.finetune.backend == min(times, key=times.__getitem__)
+    cfg = compose_config([*TINY, "finetune=qlora", "parallelism=fsdp"])
+    check_job(cfg, planning=True)
+    assert cfg.finetune.backend == "torchao" and cfg.finetune.get("probe_ms") is None
 
 
 def test_lora_from_random_weights_is_warned_and_from_a_trained_model_is_not(tmp_path):
@@ -103,35 +178,49 @@ def test_lora_from_random_weights_is_warned_and_from_a_trained_model_is_not(tmp_
     assert not any("random weights" in w for w in check_job(cfg, planning=True))
 
 
-def test_a_lora_run_fine_tunes_a_trained_run_and_ships_a_plain_model(cli):
+def test_lora_and_qlora_runs_fine_tune_a_trained_run_and_ship_a_plain_model(cli):
     from costlab.use import load_run
 
     assert cli(*TINY, "tracking.run_name=ft-base", "hydra.run.dir=" + str(cli.out / "base")).returncode == 0
     base = cli.run_by_name("ft-base")
-    proc = cli(*TINY, *LORA, f"trainer.init_from={base.info.run_id}", "tracking.run_name=ft-lora",
-               "hydra.run.dir=" + str(cli.out / "lora"))
-    assert proc.returncode == 0 and "random weights" not in proc.stderr, proc.stderr[-3000:]
-    run = cli.run_by_name("ft-lora")
-    m = run.data.metrics
-    assert run.data.tags["finetune"] == "lora" and run.data.tags["mlflow.runName"] == "ft-lora"
-    assert 0 < m["model/trainable_params"] < 0.2 * m["model/params"]
-    assert m[MEM_OPTIMIZER] == m[f"{PREDICTED}optimizer_bytes_per_rank"]
-    assert m[MEM_OPTIMIZER] < 0.2 * base.data.metrics[MEM_OPTIMIZER]
-    loaded = load_run(cli.out / "lora")  # a plain model of the run's config: the adapters were merged
-    assert type(loaded.model) is type(build_model(loaded.config.model))
-    assert not any("lora" in k for k in loaded.model.state_dict())
+    for finetune in ("lora", "qlora") if importlib.util.find_spec("torchao") else ("lora",):
+        proc = cli(*TINY, *LORA, f"finetune={finetune}", f"trainer.init_from={base.info.run_id}",
+                   f"tracking.run_name=ft-{finetune}", "hydra.run.dir=" + str(cli.out / finetune))
+        assert proc.returncode == 0 and "random weights" not in proc.stderr, proc.stderr[-3000:]
+        run = cli.run_by_name(f"ft-{finetune}")
+        m = run.data.metrics
+        assert run.data.tags["finetune"] == finetune and run.data.tags["mlflow.runName"] == f"ft-{finetune}"
+        assert 0 < m["model/trainable_params"] < 0.2 * m["model/params"]
+        assert m[MEM_OPTIMIZER] == m[f"{PREDICTED}optimizer_bytes_per_rank"]
+        assert m[MEM_PARAMS] == m[f"{PREDICTED}params_bytes_per_rank"]
+        assert m[MEM_OPTIMIZER] < 0.2 * base.data.metrics[MEM_OPTIMIZER]
+        if finetune == "qlora":
+            assert m[MEM_PARAMS] < 0.75 * base.data.metrics[MEM_PARAMS]  # the NF4 base, beside fp32 embeddings
+        loaded = load_run(cli.out / finetune)  # a plain model of the run's config: the adapters were merged
+        assert type(loaded.model) is type(build_model(loaded.config.model))
+        assert not any("lora" in k or "quant" in k for k in loaded.model.state_dict())
+        assert not any(is_nf4(p) for p in loaded.model.parameters())
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("parallelism, family", [("ddp", "gpt"), ("fsdp", "gpt"), ("fsdp", "hf")])
-def test_lora_runs_with_data_parallel_layouts(cli, parallelism, family):
-    name = f"lora-{parallelism}-{family}"
-    proc = cli(*(HF_TINY if family == "hf" else TINY), *LORA, f"parallelism={parallelism}", f"tracking.run_name={name}",
-               timeout=900)
+@pytest.mark.parametrize("finetune, parallelism, family", [
+    ("lora", "ddp", "gpt"), ("lora", "fsdp", "gpt"), ("lora", "fsdp", "hf"),
+    ("qlora", "ddp", "gpt"), ("qlora", "fsdp", "gpt"), ("qlora", "ddp", "hf"), ("qlora", "fsdp", "hf"),
+])
+def test_adapters_run_with_data_parallel_layouts(cli, finetune, parallelism, family):
+    if finetune == "qlora":
+        pytest.importorskip("torchao")
+    name = f"{finetune}-{parallelism}-{family}"
+    proc = cli(*(HF_TINY if family == "hf" else TINY), *LORA, f"finetune={finetune}", f"parallelism={parallelism}",
+               f"tracking.run_name={name}", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = cli.run_by_name(name)
     m = run.data.metrics
     assert run.info.status == "FINISHED"
-    assert m[MEM_OPTIMIZER] == m[f"{PREDICTED}optimizer_bytes_per_rank"]
+    for part in ("params", "grads", "optimizer"):  # measured on the ranks, predicted from the shapes
+        assert m[f"mem/{part}_bytes_per_rank"] == m[f"{PREDICTED}{part}_bytes_per_rank"], part
     assert 0 < m["model/trainable_params"] < 0.2 * m["model/params"]
+    if finetune == "qlora":  # the NF4 base beside the fp32 embeddings, norms and adapters
+        assert run.data.tags["nf4_backend"] == run.data.params["finetune.backend"] != "auto"
+        assert m[MEM_PARAMS] < 0.75 * 4 * m["model/params"] / (2 if parallelism == "fsdp" else 1)

@@ -455,6 +455,28 @@ class LoraFinetune:
             raise ConfigError("finetune", self.name, "needs PEFT: pip install 'costlab[finetune]'")
 
 
+NF4_BACKENDS = ("torchao", "bitsandbytes")
+
+
+@dataclass
+class QloraFinetune(LoraFinetune):
+    """``costlab.models.adapters.qlora``: LoRA's adapters on a frozen base whose adapted Linear weights are held
+    in 4-bit NF4 (64-value blocks, their scales quantized again), by torchao's ``NF4Tensor`` or bitsandbytes'
+    ``Linear4bit``. ``backend=auto``: the faster of the two on this machine, measured before the ranks start
+    (torchao's under FSDP, the one FSDP2 shards)."""
+
+    backend: str = key("auto", one_of("auto", *NF4_BACKENDS))
+    probe_ms: dict[str, float] | None = None  # written by the launcher when it resolves backend=auto
+
+
+    def check(self) -> None:
+        super().check()
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("finetune", self.name, "needs torchao (NF4): pip install 'costlab[finetune]'")
+        if self.backend == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("finetune.backend", self.backend, "needs bitsandbytes: pip install bitsandbytes")
+
+
 def check_text_path(key: str, value: str) -> None:
     """Refuse, naming ``key``, a path that is not a UTF-8 text file or a folder holding some."""
     path = Path(value).expanduser()
@@ -502,6 +524,7 @@ TARGETS: dict[str, type] = {
     **OPTIMIZERS,
     "costlab.models.adapters.full": FullFinetune,
     "costlab.models.adapters.lora": LoraFinetune,
+    "costlab.models.adapters.qlora": QloraFinetune,
 }
 SECTION_TARGETS = {  # which targets each section's options may name
     "model": ("costlab.models.gpt.", "costlab.models.hf."),

@@ -23,10 +23,11 @@ from costlab.launcher.objective import BASIC_SWEEPER, Objective, directions, obj
 from costlab.launcher.resources import check_resources, describe_kill, oom_kill_count
 from costlab.launcher.resume import resume_target
 from costlab.launcher.torchrun import from_slurm, job_prefix, launch_torchrun
-from costlab.launcher.validate import finetune_warnings, validate
+from costlab.launcher.validate import finetune_warnings, resolve_nf4_backend, validate
 from costlab.measure.hardware import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.measure.machine import cpu_info, resolve_device
 from costlab.measure.probes import slow_precision_warning
+from costlab.models.adapters import holds_nf4
 from costlab.schema import BEFORE_GROUPS, ConfigError, check_config
 from costlab.tracking.find import RUN_DIR_TAG, resolve_init_from
 from costlab.tracking.runs import check_tracking
@@ -70,6 +71,8 @@ def check_job(cfg: DictConfig, planning: bool) -> list[str]:
         cfg.hardware = resolve_hardware(cfg, planning)
         from_slurm(cfg)
     validate(cfg)
+    with open_dict(cfg):
+        resolve_nf4_backend(cfg)
     return finetune_warnings(cfg) + ([] if planning else check_resources(cfg))
 
 
@@ -262,6 +265,8 @@ def _tags(cfg: DictConfig, choices: dict[str, str], world_size: int) -> dict[str
     tags = {group: str(choices.get(group, cfg[group].get("name", ""))) for group in tracking.CONTRACT_TAGS}
     tags.update(world_size=str(world_size), device=cfg.trainer.device)
     tags[HARDWARE_TAG] = str(cfg.hardware.name)
+    if holds_nf4(cfg):  # which library held the frozen base in NF4 (finetune.probe_ms: why, when it was timed)
+        tags["nf4_backend"] = str(cfg.finetune.backend)
     tags.update(cpu_info().tags())  # which CPU levers pay depends on these features
     return tags
 

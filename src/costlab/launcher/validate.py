@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from costlab import precision
 from costlab.launcher.validate_compression import check_compression
 from costlab.measure.machine import visible_gpus
-from costlab.models.adapters import uses_adapters
+from costlab.models.adapters import holds_nf4, uses_adapters
 from costlab.models.hf_config import config_file, is_hf, read_config, shipped_configs, tokenizer_folder
 from costlab.models.saved import expected_shapes
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
@@ -147,6 +147,9 @@ def _check_finetune(cfg: DictConfig, dims: ParallelDims) -> None:
     if not uses_adapters(cfg):
         return
     layouts = "; use parallelism=single, ddp or fsdp"
+    if dims.fsdp_enabled and holds_nf4(cfg) and cfg.finetune.get("backend") == "bitsandbytes":
+        raise ConfigError("finetune.backend", "bitsandbytes", "FSDP2 cannot shard bitsandbytes' packed 4-bit weights; "
+                          "use finetune.backend=torchao (or auto) with parallelism=fsdp")
     if dims.tp_enabled:
         why = "tensor parallel shards the targeted Linear layers by name, and the adapters take their place" + layouts
     elif dims.pp_enabled:
@@ -162,14 +165,34 @@ def _check_finetune(cfg: DictConfig, dims: ParallelDims) -> None:
         raise ConfigError("finetune", o.name, why)
 
 
+def resolve_nf4_backend(cfg: DictConfig) -> None:
+    """``finetune=qlora backend=auto``: the NF4 backend the run uses, in ``cfg`` before any rank starts.
+    Under FSDP torchao's (FSDP2 shards its ``NF4Tensor``; bitsandbytes' packed weights it cannot); on a GPU
+    bitsandbytes' when installed (its CUDA kernels are QLoRA's own; the launcher never touches the GPU to time
+    them); on a CPU the faster of those installed, timed here (``finetune.probe_ms``)."""
+    if not holds_nf4(cfg) or cfg.finetune.get("backend", "auto") != "auto":
+        return
+    dims = parallel_dims(cfg.parallelism, cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if dims.fsdp_enabled or not has_bnb:
+        cfg.finetune.backend = "torchao"
+    elif cfg.trainer.device == "cuda":
+        cfg.finetune.backend = "bitsandbytes"
+    else:
+        from costlab.measure.probes import choose_nf4_backend
+
+        cfg.finetune.backend, cfg.finetune.probe_ms = choose_nf4_backend(("torchao", "bitsandbytes"))
+
+
 def finetune_warnings(cfg: DictConfig) -> list[str]:
     """LoRA from random weights trains, but is rarely what was meant."""
     if not uses_adapters(cfg):
         return []
     if cfg.trainer.get("init_from") or cfg.model.get("pretrained") or cfg.trainer.get("resume"):
         return []
-    return ["finetune=lora starts from random weights: only the adapters train; give trainer.init_from=<run id, "
-            "run folder or model file> (or model.pretrained=<folder> for model=hf) to fine-tune a trained model"]
+    return [f"finetune={cfg.finetune.name} starts from random weights: only the adapters train; give "
+            "trainer.init_from=<run id, run folder or model file> (or model.pretrained=<folder> for model=hf) "
+            "to fine-tune a trained model"]
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -6,7 +6,8 @@ The model is built on the meta device and laid out by the run's own parallelism 
 for every rank in turn, under PyTorch's fake process group (no peers, no communication), so the
 local shard shapes are exactly those the run will have. From them:
 
-    params     = sum of the local shards' bytes (fp32 master weights; a tied weight once per stage)
+    params     = sum of the local shards' bytes (fp32 master weights; a tied weight once per stage; a qlora run's
+                 NF4 base weights as their codes, scales and tables, :func:`costlab.models.adapters.nf4_bytes`)
     grads      = the same for the parameters that train
     optimizer  = what the optimizer option keeps per trained tensor (its ``state_bytes``): AdamW's exp_avg and
                  exp_avg_sq (2 x 4 bytes a value) and a 4-byte step; the low-bit AdamWs' codes, block scales and
@@ -64,13 +65,13 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from costlab.models.adapters import apply_finetune
+    from costlab.models.adapters import apply_finetune, holds_nf4, nf4_backend, nf4_bytes
     from costlab.models.gpt import build_model
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
 
     with torch.device("meta"), _no_init():
-        model = apply_finetune(build_model(cfg.model), cfg)
-    params: dict[int, torch.Tensor] = {id(p): p for p in model.parameters()}
+        model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard if dims.fsdp_enabled else 1)
+    params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
     if world > 1:  # sharded: lay the model out as this rank will
         params = {}
         dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
@@ -78,15 +79,22 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
             mesh = build_mesh(dims, "cpu")
             for part in _stage_parts(model, cfg, dims, mesh):
                 apply_parallelisms(part, cfg, dims, mesh, torch.device("meta"))
-                params.update({id(p): p for p in part.parameters()})
+                params.update({id(p): (n, p) for n, p in part.named_parameters()})
         finally:
             dist.destroy_process_group()
 
-    shards = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad) for p in params.values()]
-    trained = [t for t, trains in shards if trains]
+    # finetune=qlora: the adapted Linears' frozen weights are held in NF4 (built here in full precision, on meta)
+    backend, shards = (nf4_backend(cfg), dims.dp_shard if dims.fsdp_enabled else 1) if holds_nf4(cfg) else (None, 1)
+
+    def held(name: str, p: torch.Tensor, local: torch.Tensor) -> int:
+        nf4 = nf4_bytes(p.numel(), backend, shards) if backend and name.endswith("base_layer.weight") else None
+        return local.numel() * local.element_size() if nf4 is None else nf4
+
+    shards_held = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad, n, p) for n, p in params.values()]
+    trained = [t for t, trains, _, _ in shards_held if trains]
     optimizer = optimizer_option(cfg)
     return {
-        f"{PREDICTED}params_bytes_per_rank": sum(t.numel() * t.element_size() for t, _ in shards),
+        f"{PREDICTED}params_bytes_per_rank": sum(held(n, p, t) for t, _, n, p in shards_held),
         f"{PREDICTED}grads_bytes_per_rank": sum(t.numel() * t.element_size() for t in trained),
         f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }

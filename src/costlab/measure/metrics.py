@@ -166,7 +166,8 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 def _leaves(t: object) -> list[torch.Tensor]:
     """The plain tensors a state-dict entry is stored as (a torchao tensor: its data and scales; a packed
-    int8 Linear's (weight, bias): its int8 values, scales and bias; not a tensor: none)."""
+    int8 Linear's (weight, bias): its int8 values, scales and bias; a bitsandbytes 4-bit weight: its packed codes
+    and quantization state; not a tensor: none)."""
     if isinstance(t, (tuple, list)):
         return [leaf for x in t for leaf in _leaves(x)]
     if not isinstance(t, torch.Tensor):
@@ -174,6 +175,11 @@ def _leaves(t: object) -> list[torch.Tensor]:
     if t.is_quantized:
         scales = t.q_per_channel_scales() if t.qscheme() == torch.per_channel_affine else torch.tensor([t.q_scale()])
         return [t.int_repr(), scales]
+    quant = getattr(t, "quant_state", None)  # bitsandbytes' Params4bit: packed codes, the rest beside them
+    if quant is not None:
+        nested = getattr(quant, "state2", None)
+        parts = (quant.absmax, quant.code, quant.offset, *((nested.absmax, nested.code) if nested else ()))
+        return [t.detach(), *(x for x in parts if isinstance(x, torch.Tensor))]
     if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
         return [t.detach()]
     names, _ = t.__tensor_flatten__()

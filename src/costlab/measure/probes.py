@@ -114,3 +114,51 @@ def cpu_peak_tflops(dtype: str, cache: Path | None, cpu: Cpu) -> tuple[float, st
         except OSError:
             pass  # an unwritable cache only loses the history of probes
     return float(best["tflops"]), f"cpu probe (best of {best['probes']}: {best['n']}^3 {dtype} matmul)"
+
+
+NF4_PROBE_SHAPE = (1024, 1024, 256)  # out, in features and rows of the Linear each NF4 backend is timed on
+
+
+NF4_PROBE_MIN_S = 0.15
+
+
+def nf4_linear_ms(backend: str, min_s: float = NF4_PROBE_MIN_S) -> float:
+    """Milliseconds of a forward and backward (to the input: the base is frozen) through a Linear whose weight
+    an NF4 ``backend`` holds (:data:`NF4_PROBE_SHAPE`): the fastest of the calls within ``min_s`` after two
+    warm-up calls (load from other processes only slows a call down)."""
+    import torch
+
+    from costlab.models.adapters import _bnb_linear, _torchao_nf4
+
+    out_f, in_f, rows = NF4_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.02)
+    if backend == "bitsandbytes":
+        linear = _bnb_linear(linear, None)
+    else:
+        _torchao_nf4(linear)
+    x = torch.randn(rows, in_f, generator=g, requires_grad=True)
+
+    def call() -> None:
+        x.grad = None
+        linear(x).sum().backward()
+
+    call()
+    call()
+    best, start, calls = float("inf"), time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        call()
+        best, calls = min(best, time.perf_counter() - t0), calls + 1
+    return 1000 * best
+
+
+def choose_nf4_backend(candidates: tuple[str, ...]) -> tuple[str, dict[str, float]]:
+    """The NF4 backend among ``candidates`` (those installed and able to run the layout) whose Linear is the
+    fastest here, and each one's time (:func:`nf4_linear_ms`); the only candidate without timing."""
+    if len(candidates) == 1:
+        return candidates[0], {}
+    times = {b: nf4_linear_ms(b) for b in candidates}
+    return min(times, key=times.__getitem__), times

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from costlab.models.adapters import apply_finetune, merge_adapters, uses_adapters
+from costlab.models.adapters import apply_finetune, dense_state, merge_adapters, uses_adapters
 from costlab.models.gpt import build_model
 from costlab.models.loss import evaluate, loss_fn
 from costlab.precision import autocast
@@ -84,9 +84,9 @@ def plain_copy(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Mo
 
 def load_full_state(state: dict[str, torch.Tensor], cfg: DictConfig, device: torch.device) -> nn.Module:
     """A fresh model of ``cfg.model`` as the ``finetune`` option trained it, holding ``state``; its adapters,
-    if any, merged into its weights."""
-    fresh = apply_finetune(build_model(cfg.model), cfg)
-    fresh.load_state_dict(state)
+    if any, merged into its weights (a base held in NF4 dequantized first)."""
+    fresh = apply_finetune(build_model(cfg.model), cfg, quantize=False)  # an NF4 base comes back dense
+    fresh.load_state_dict(dense_state(state))
     return merge_adapters(fresh).to(device) if uses_adapters(cfg) else fresh.to(device)
 
 

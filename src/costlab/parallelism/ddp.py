@@ -9,12 +9,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from costlab.models.adapters import is_nf4
 from costlab.parallelism.core import Parallel, plain_copy
 
 
 def apply_ddp(
     model: nn.Module, dp_group: dist.ProcessGroup, device: torch.device, bucket_cap_mb: float
 ) -> DistributedDataParallel:
+    # a frozen NF4 base (finetune=qlora) is built alike on every rank and never changes: DDP neither broadcasts
+    # nor reduces it (its packed codes are no tensors a collective can take whole)
+    model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if is_nf4(p)]
     return DistributedDataParallel(
         model,
         process_group=dp_group,

@@ -55,6 +55,7 @@ from costlab.models.adapters import apply_finetune, trainable_params
 from costlab.models.gpt import build_model
 from costlab.models.saved import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.parallelism.core import DistEnv, init_distributed
+from costlab.parallelism.dims import parallel_dims
 from costlab.parallelism.parallelize import parallelize
 from costlab.precision import autocast, matmul_dtype
 from costlab.pruning import build_pruning
@@ -127,14 +128,16 @@ def build_data(cfg: DictConfig, env: DistEnv) -> tuple[Codec, ByteCorpus]:
 
 def build_model_to_train(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module, float]:
     """The model, from ``trainer.init_from`` when set, as the ``finetune`` option trains it (LoRA: adapters
-    injected, the rest frozen), and its training FLOPs per token (of the base model's forward and backward)."""
+    injected, the rest frozen; QLoRA: the adapted weights in NF4 too), and its training FLOPs per token (of the
+    base model's forward and backward)."""
     say(env, f"building {cfg.model.get('name', 'the model')} and parallelising it "
              f"({cfg.parallelism.get('name', '')}, {env.world_size} rank(s))")
     model = build_model(cfg.model)
     flops = flops_per_token(model, cfg.model.block_size)  # of the whole model, before any sharding
     if cfg.trainer.get("init_from"):
         load_init(model, cfg)
-    return apply_finetune(model, cfg), flops
+    dims = parallel_dims(cfg.parallelism, env.world_size)  # an NF4 base is cut for FSDP's shards
+    return apply_finetune(model, cfg, shards=dims.dp_shard if dims.fsdp_enabled else 1), flops
 
 
 def train_time_hooks(model: torch.nn.Module, cfg: DictConfig) -> list[Callable[[int], None]]:
