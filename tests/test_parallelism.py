@@ -33,6 +33,8 @@ CLI_CASES = {
     "mesh-vs-world": (["parallelism=fsdp_tp", "trainer.nproc_per_node=2"], "parallelism.dp_shard=2"),
     "nodes-without-endpoint": (["parallelism=ddp", "trainer.nnodes=2"], "trainer.nnodes=2"),
     "fp8-on-cpu": (["precision=fp8"], "precision=fp8"),
+    "offload-on-cpu": (["parallelism=fsdp", "parallelism.offload=cpu"], "parallelism.offload=cpu: moves shards"),
+    "offload-without-shards": (["parallelism=ddp", "+parallelism.offload=cpu"], "parallelism.offload=cpu: offloads"),
 }
 
 
@@ -231,6 +233,21 @@ def test_fp8_trains_on_an_sm89_gpu(cli):
     proc = cli(*TINY, "model.n_embd=64", "precision=fp8", "trainer.device=cuda", "tracking.run_name=fp8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cli.run_by_name("fp8").data.metrics["eval/loss"] > 0
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_fsdp_offloads_its_shards_to_host_memory(cli):
+    from costlab.measure.machine import visible_gpus
+
+    if len(visible_gpus()) < 2:
+        pytest.skip("needs 2 GPUs")
+    proc = cli(*BASE, "parallelism=fsdp", "parallelism.offload=cpu", "trainer.device=cuda", "tracking.run_name=offload")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    on_gpu = cli(*BASE, "parallelism=fsdp", "trainer.device=cuda", "tracking.run_name=on-gpu")
+    assert on_gpu.returncode == 0, on_gpu.stderr[-3000:]
+    offloaded, resident = (cli.run_by_name(n).data.metrics for n in ("offload", "on-gpu"))
+    assert offloaded["mem/peak_bytes"] < resident["mem/peak_bytes"]  # GPU memory: the shards live on the host
 
 
 @pytest.mark.gpu

@@ -179,6 +179,7 @@ class Parallelism:
     dp_shard: int = key(1, degree)
     tp_degree: int = key(1, degree)
     reshard_after_forward: bool = True
+    offload: str = key("none", one_of("none", "cpu"))
     bucket_cap_mb: float = key(25, POSITIVE)
     schedule: str = key("1f1b", one_of("gpipe", "1f1b", "interleaved_1f1b"))
     microbatches: int = key(4, POSITIVE)

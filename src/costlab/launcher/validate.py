@@ -266,6 +266,13 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
                           f"{', '.join(list(linears)[:2])}, ...")
     if dims.tp_enabled:
         (_check_hf_tp_degree if is_hf(cfg) else _check_tp_degree)(cfg, dims.tp, linears)
+    if p.get("offload", "none") == "cpu":
+        if not dims.fsdp_enabled:
+            raise ConfigError("parallelism.offload", "cpu", "offloads FSDP2's shards; it needs sharding "
+                              "(parallelism=fsdp or dp_shard > 1)")
+        if t.device != "cuda":
+            raise ConfigError("parallelism.offload", "cpu", "moves shards from GPU memory to host memory; on a CPU "
+                              "run they are in host memory already, so it saves nothing (use trainer.device=cuda)")
     mode = t.activation_checkpointing
     if mode != "none" and not _has_blocks(linears):
         raise ConfigError(

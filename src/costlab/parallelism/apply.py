@@ -45,5 +45,6 @@ def apply_parallelisms(
         from costlab.parallelism.fsdp import apply_fsdp
 
         reshard = bool(cfg.parallelism.get("reshard_after_forward", True))
-        apply_fsdp(model, mesh["dp_shard"], autocast_dtype(cfg), torch.float32, reshard)
+        apply_fsdp(model, mesh["dp_shard"], autocast_dtype(cfg), torch.float32, reshard,
+                   str(cfg.parallelism.get("offload", "none")))
     return fp8 or ac != "none" or compile_

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from costlab.models.gpt import has_blocks
 
@@ -17,16 +17,21 @@ def apply_fsdp(
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype,
     reshard_after_forward: bool,
+    offload: str = "none",
 ) -> None:
     """FSDP2 on each block (its own all-gather / reduce-scatter unit, so communication overlaps the
     neighbouring block's compute), then on the root for the embeddings, final norm and head.
 
     The precision group becomes the mixed-precision policy: parameters all-gathered and computed in
-    ``param_dtype`` (bf16 or fp16; None keeps fp32), gradients reduced in ``reduce_dtype``.
+    ``param_dtype`` (bf16 or fp16; None keeps fp32), gradients reduced in ``reduce_dtype``. ``offload="cpu"``:
+    FSDP2's ``CPUOffloadPolicy``, the shards (and so the optimizer's state and step) in host memory, each block's
+    parameters copied to the GPU when gathered.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
+    where = CPUOffloadPolicy() if offload == "cpu" else OffloadPolicy()
     if has_blocks(model):
         for block in model.blocks.values():
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
+                        offload_policy=where)
     # the root keeps FSDP's default: not resharded, since backward needs its head first
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, offload_policy=where)
