@@ -1,12 +1,13 @@
-"""What LoRA and the low-bit optimizers buy when fine-tuning: trainable parameters, training state, speed and
-quality, against full fine-tuning with AdamW from the same start.
+"""What LoRA, QLoRA and the low-bit optimizers buy when fine-tuning: trainable parameters, training state, speed
+and quality, against full fine-tuning with AdamW from the same start.
 
 A base model is trained first (full, AdamW); every variant then fine-tunes a copy of it for the same steps on
 the same batches, in this one process, with costlab's trainer: full fine-tuning with AdamW is the baseline
 measured in the same run. Prints, per variant: trainable parameters (and their share), the training state one
 rank holds (parameters + gradients + optimizer state, measured from the tensors) and its ratio to the
-baseline's, the optimizer state alone, tokens/s after warm-up and its ratio, and the eval loss after the
-fine-tune and its difference from the baseline's.
+baseline's, the optimizer state alone, the bytes the adapted Linears' frozen weights take against their fp32
+bytes (QLoRA: NF4, by each backend), tokens/s after warm-up and its ratio, and the eval loss after the
+fine-tune and its difference from the baseline's (QLoRA: and from LoRA's).
 
     python benchmarks/finetune.py                                          # llama_small (Hugging Face)
     python benchmarks/finetune.py --targets q_proj v_proj --base-steps 200 --steps 100
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 
 import torch
 from omegaconf import open_dict
@@ -24,6 +26,7 @@ from costlab.data import build_corpus, eval_batches
 from costlab.data.tokens import load_codec, tokenize_corpus
 from costlab.launcher.preflight import compose_config
 from costlab.measure.machine import cpu_info
+from costlab.measure.metrics import local_bytes
 from costlab.measure.names import MEM_GRADS, MEM_OPTIMIZER, MEM_PARAMS
 from costlab.models.adapters import apply_finetune, trainable_params
 from costlab.models.gpt import build_model
@@ -31,18 +34,23 @@ from costlab.parallelism.core import DistEnv, Parallel
 from costlab.training.optimizers import build_optimizer
 from costlab.training.trainer import Trainer
 
-VARIANTS = [("full", "adamw"), ("full", "adamw_8bit"), ("lora", "adamw"), ("lora", "adamw_8bit")]
+VARIANTS = [("full", "adamw", None), ("full", "adamw_8bit", None), ("lora", "adamw", None),
+            ("lora", "adamw_8bit", None), ("qlora", "adamw", "torchao"), ("qlora", "adamw", "bitsandbytes"),
+            ("qlora", "adamw_8bit", "torchao")]
 
 
-def configure(args: argparse.Namespace, finetune: str, optimizer: str, steps: int, lr: float):
-    overrides = [*args.model, f"finetune={finetune}", f"optimizer={optimizer}", "trainer.device=cpu",
-                 f"finetune.rank={args.rank}"] if finetune == "lora" else [*args.model, f"optimizer={optimizer}",
-                                                                           "trainer.device=cpu"]
+def configure(args: argparse.Namespace, finetune: str, optimizer: str, steps: int, lr: float,
+              backend: str | None = None):
+    overrides = [*args.model, f"finetune={finetune}", f"optimizer={optimizer}", "trainer.device=cpu"]
+    if finetune != "full":
+        overrides.append(f"finetune.rank={args.rank}")
+    if backend:
+        overrides.append(f"finetune.backend={backend}")
     cfg = compose_config(overrides)
     with open_dict(cfg):
         cfg.trainer.update(max_steps=steps, timing_warmup_steps=args.warmup, eval_interval=0, print_every=10**9,
                            batch_size=args.batch, lr=lr, warmup_steps=min(10, steps // 5))
-        if finetune == "lora" and args.targets:
+        if finetune != "full" and args.targets:
             cfg.finetune.targets = list(args.targets)
     return cfg
 
@@ -74,16 +82,25 @@ def main() -> None:
     torch.manual_seed(base_cfg.trainer.seed)
     base = build_model(base_cfg.model)
     train(base, base_cfg, corpus)
+    dense = dict(base.named_parameters())
     rows = {}
-    for finetune, optimizer in VARIANTS:
-        cfg = configure(args, finetune, optimizer, args.steps, args.lora_lr if finetune == "lora" else args.lr)
+    for finetune, optimizer, backend in VARIANTS:
+        if backend == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+            continue
+        cfg = configure(args, finetune, optimizer, args.steps, args.lr if finetune == "full" else args.lora_lr,
+                        backend)
         torch.manual_seed(cfg.trainer.seed)
         model = apply_finetune(copy.deepcopy(base), cfg)
+        frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters()
+                  if n.endswith("base_layer.weight")}
         figures, _ = train(model, cfg, corpus)
         figures["trainable"] = trainable_params(model)
-        figures["params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        rows[f"{finetune} {optimizer}"] = figures
+        figures["params"] = sum(p.numel() for p in dense.values())
+        figures["base_ratio"] = (sum(local_bytes(p) for p in frozen.values())
+                                 / sum(4 * dense[n].numel() for n in frozen)) if frozen else None
+        rows[f"{finetune} {optimizer}" + (f" ({backend})" if backend else "")] = figures
     ref = rows["full adamw"]
+    lora = rows.get("lora adamw")
 
     def state(r: dict[str, float]) -> float:
         return r[MEM_PARAMS] + r[MEM_GRADS] + r[MEM_OPTIMIZER]
@@ -93,14 +110,16 @@ def main() -> None:
           f"(batch {args.batch}, warm-up {args.warmup} excluded from tokens/s); LoRA rank {args.rank}, targets "
           f"{args.targets or 'the option default'}; threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"machine: {cpu.model} (features: {cpu.tags()['costlab.cpu.features']})\n")
-    print("| variant | trainable | training state | vs full adamw | optimizer state | tokens/s | vs full adamw | "
-          "eval loss | vs full adamw |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | trainable | training state | vs full adamw | optimizer state | adapted weights vs fp32 | "
+          "tokens/s | vs full adamw | eval loss | vs full adamw | vs lora adamw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
+        base_ratio = f"{r['base_ratio']:.3f}x" if r["base_ratio"] is not None else "-"
+        vs_lora = f"{100 * (r['eval_loss'] / lora['eval_loss'] - 1):+.2f} %" if lora and "lora" in name else "-"
         print(f"| {name} | {r['trainable']:,} ({100 * r['trainable'] / r['params']:.2f} %) | "
               f"{state(r) / 2**20:.2f} MiB | {state(r) / state(ref):.3f}x | {r[MEM_OPTIMIZER] / 2**20:.2f} MiB | "
-              f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | {r['eval_loss']:.4f} | "
-              f"{100 * (r['eval_loss'] / ref['eval_loss'] - 1):+.2f} % |")
+              f"{base_ratio} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | "
+              f"{r['eval_loss']:.4f} | {100 * (r['eval_loss'] / ref['eval_loss'] - 1):+.2f} % | {vs_lora} |")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,17 @@ import torch
 
 from costlab.launcher.job import check_job
 from costlab.measure.memory import PREDICTED, predict_state
-from costlab.measure.metrics import _local_bytes, state_bytes_per_rank
+from costlab.measure.metrics import local_bytes, state_bytes_per_rank
 from costlab.measure.names import MEM_OPTIMIZER, MEM_PARAMS
 from costlab.models.adapters import (
+    ADAPTER_DIR,
+    ADAPTER_TAG,
     _bnb_linear,
     _torchao_nf4,
     apply_finetune,
     dequantized,
     is_nf4,
+    load_adapter,
     merge_adapters,
     nf4_bytes,
     trainable_params,
@@ -97,7 +100,7 @@ def test_the_shipped_model_has_the_adapters_merged_and_predicts_as_the_adapted_o
     (["parallelism=tp"], "finetune", "tensor parallel"),
     (["parallelism=pp"], "finetune", "pipeline"),
     (["quantization=qat_int8"], "finetune", "acts on the weights while training"),
-    (["finetune.merge=false"], "finetune.merge", "merged"),
+    (["finetune.merge=false"], "finetune.merge", "the base it was trained on"),
     (["finetune.rank=0"], "finetune.rank", "positive"),
     (["finetune.targets=[]"], "finetune.targets", "empty"),
     (["finetune=qlora", "finetune.backend=bitsandbytes", "parallelism=fsdp"], "finetune.backend", "FSDP2"),
@@ -120,13 +123,13 @@ def test_qlora_holds_the_base_in_nf4_trains_the_adapters_and_ships_them_merged(b
     base = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
     assert base and all(is_nf4(p) and not p.requires_grad for p in base.values())
     dense = dict(plain.named_parameters())
-    held = sum(_local_bytes(p) for p in base.values())
+    held = sum(local_bytes(p) for p in base.values())
     assert held == sum(nf4_bytes(dense[n].numel(), backend) for n in base)
     # a weight's code tables are a fixed cost (~1 KiB with bitsandbytes): these 32-wide layers pay it, ...
     assert held <= 0.3 * sum(dense[n].numel() * 4 for n in base)
     layer = torch.nn.Linear(1024, 1024, bias=False)  # ... a model's layers do not: the goal, <= 0.16x of fp32
     layer = _bnb_linear(layer, None) if backend == "bitsandbytes" else (_torchao_nf4(layer) or layer)
-    assert _local_bytes(layer.weight) <= 0.16 * 1024 * 1024 * 4
+    assert local_bytes(layer.weight) <= 0.16 * 1024 * 1024 * 4
     torch.manual_seed(0)
     build_model(cfg.model)
     built = build_model(cfg.model).state_dict()  # the weights _lora's second build quantized, from the same seed
@@ -169,6 +172,13 @@ def test_qlora_backend_auto_is_timed_here_and_fsdp_takes_torchao():
     assert cfg.finetune.backend == "torchao" and cfg.finetune.get("probe_ms") is None
 
 
+def test_an_adapter_shipped_alone_is_refused_with_compression(tmp_path):
+    model_file = tmp_path / "model.pt"
+    torch.save(build_model(compose_config(TINY).model).state_dict(), model_file)
+    e = refusal(*TINY, *LORA, "finetune.merge=false", f"trainer.init_from={model_file}", "quantization=int8_dynamic")
+    assert e.key == "finetune.merge" and "quantization=int8_dynamic compresses a dense model" in str(e), str(e)
+
+
 def test_lora_from_random_weights_is_warned_and_from_a_trained_model_is_not(tmp_path):
     cfg = compose_config([*TINY, "finetune=lora"])
     assert any("random weights" in w for w in check_job(cfg, planning=True))
@@ -200,6 +210,19 @@ def test_lora_and_qlora_runs_fine_tune_a_trained_run_and_ship_a_plain_model(cli)
         assert type(loaded.model) is type(build_model(loaded.config.model))
         assert not any("lora" in k or "quant" in k for k in loaded.model.state_dict())
         assert not any(is_nf4(p) for p in loaded.model.parameters())
+    # finetune.merge=false: the adapter ships alone too, and on the base it was trained on it is the run's model
+    proc = cli(*TINY, *LORA, "finetune.merge=false", f"trainer.init_from={base.info.run_id}",
+               "tracking.run_name=ft-alone", "hydra.run.dir=" + str(cli.out / "alone"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = cli.run_by_name("ft-alone")
+    folder = cli.out / "alone" / ADAPTER_DIR
+    assert run.data.tags[ADAPTER_TAG] == str(folder)
+    on_disk = sum(f.stat().st_size for f in folder.iterdir())
+    assert run.data.metrics["model/adapter_bytes"] == on_disk < 0.2 * run.data.metrics["model/size_bytes"]
+    shipped = load_run(cli.out / "alone").model
+    rebuilt = load_adapter(load_run(cli.out / "base").model, folder)
+    assert rebuilt.state_dict().keys() == shipped.state_dict().keys()
+    assert all(torch.allclose(v, shipped.state_dict()[k], atol=1e-6) for k, v in rebuilt.state_dict().items())
 
 
 @pytest.mark.slow
@@ -224,3 +247,31 @@ def test_adapters_run_with_data_parallel_layouts(cli, finetune, parallelism, fam
     if finetune == "qlora":  # the NF4 base beside the fp32 embeddings, norms and adapters
         assert run.data.tags["nf4_backend"] == run.data.params["finetune.backend"] != "auto"
         assert m[MEM_PARAMS] < 0.75 * 4 * m["model/params"] / (2 if parallelism == "fsdp" else 1)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_an_adapter_shipped_alone_by_fsdp_loads_with_peft_onto_its_hugging_face_base(cli, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from costlab.use import load_run
+
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None,
+                         eos_token_id=None)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    proc = cli(*HF_TINY, *LORA, "finetune.merge=false", f"model.pretrained={folder}", "parallelism=fsdp",
+               "tracking.run_name=alone-fsdp", "hydra.run.dir=" + str(cli.out / "alone"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    adapter = cli.out / "alone" / ADAPTER_DIR
+    # what a PEFT user does with it: the base from its folder, the adapter on it, merged
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(adapter))
+    merged = peft_model.merge_and_unload().state_dict()
+    shipped = {k.removeprefix("hf."): v for k, v in load_run(cli.out / "alone").model.state_dict().items()}
+    assert merged.keys() == shipped.keys()
+    assert all(torch.allclose(v, shipped[k], atol=1e-6) for k, v in merged.items())
+    assert any(not torch.equal(v, w) for v, w in zip(merged.values(), AutoModelForCausalLM.from_pretrained(folder)
+                                                      .state_dict().values(), strict=True))  # it did train

@@ -437,7 +437,8 @@ LORA_TARGETS = ["c_q", "c_k", "c_v", "c_proj", "c_fc", "c_fc2", "q_proj", "k_pro
 class LoraFinetune:
     """``costlab.models.adapters.lora``: PEFT's LoRA adapters (``peft.LoraConfig``: ``r``, ``lora_alpha``,
     ``lora_dropout``, ``target_modules``) on the Linear layers named by ``targets``; every other parameter is
-    frozen. The shipped model has the adapters merged into its weights."""
+    frozen. ``merge``: the shipped model has the adapters merged into its weights; false: the adapter also ships
+    alone, in PEFT's format (``adapter/`` in the run folder)."""
 
     name: str
     rank: int = key(8, POSITIVE)
@@ -449,9 +450,6 @@ class LoraFinetune:
     def check(self) -> None:
         if not self.targets:
             raise ConfigError("finetune.targets", [], "must not be empty: name the Linear layers the adapters go on")
-        if not self.merge:
-            raise ConfigError("finetune.merge", False, "shipping the adapter alone is not offered yet: the adapters "
-                              "are merged into the shipped model (finetune.merge=true)")
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("finetune", self.name, "needs PEFT: pip install 'costlab[finetune]'")
 

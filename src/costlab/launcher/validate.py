@@ -163,6 +163,15 @@ def _check_finetune(cfg: DictConfig, dims: ParallelDims) -> None:
         why = f"{acting[0]} acts on the weights while training, and only the adapters train" if acting else None
     if why:
         raise ConfigError("finetune", o.name, why)
+    if not bool(cfg.finetune.get("merge", True)):  # the adapter ships alone
+        if not (cfg.trainer.get("init_from") or cfg.model.get("pretrained")):
+            raise ConfigError("finetune.merge", False, "an adapter shipped alone needs the base it was trained on: "
+                              "give trainer.init_from=<run id, run folder or model file> or model.pretrained=<folder>")
+        compressing = [f"{g}={cfg[g].name}" for g in ("pruning", "quantization")
+                       if cfg[g].get("name", "none") != "none"]
+        if compressing:
+            raise ConfigError("finetune.merge", False, f"{compressing[0]} compresses a dense model, and an adapter "
+                              "shipped alone is not one; use finetune.merge=true to compress the merged model")
 
 
 def resolve_nf4_backend(cfg: DictConfig) -> None:

@@ -104,7 +104,7 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def _local_bytes(t: torch.Tensor) -> int:
+def local_bytes(t: torch.Tensor) -> int:
     """Bytes of this rank's part of ``t``: a DTensor's local shard; a tensor subclass (torchao's low-bit
     optimizer states, quantized weights) by the plain tensors it holds (codes, scales, tables)."""
     local = t.to_local() if hasattr(t, "to_local") else t
@@ -115,12 +115,12 @@ def state_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | No
     """Bytes this rank holds for parameters, gradients and optimizer state (local shards only)."""
     params = list(model.parameters())
     out = {
-        MEM_PARAMS: sum(_local_bytes(p) for p in params),
-        MEM_GRADS: sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        MEM_PARAMS: sum(local_bytes(p) for p in params),
+        MEM_GRADS: sum(local_bytes(p.grad) for p in params if p.grad is not None),
     }
     if optimizer is not None:
         out[MEM_OPTIMIZER] = sum(
-            _local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+            local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
         )
     return out
 

@@ -13,6 +13,7 @@ MEM_GRADS = "mem/grads_bytes_per_rank"
 MEM_OPTIMIZER = "mem/optimizer_bytes_per_rank"
 MODEL_SIZE = "model/size_bytes"
 MODEL_TRAINABLE = "model/trainable_params"  # parameters the optimizer updates (LoRA: the adapters')
+MODEL_ADAPTER_BYTES = "model/adapter_bytes"  # finetune.merge=false: the adapter shipped alone, bytes on disk
 INFER_LATENCY = "infer/latency_ms_p50"
 INFER_TOKENS_PER_S = "infer/tokens_per_s"
 INFER_SPEEDUP = "infer/speedup"  # a compressed model against its own uncompressed one, interleaved in one process

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
@@ -232,6 +233,72 @@ def dense_state(state: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+ADAPTER_DIR = "adapter"  # in the run folder: the adapter shipped alone (finetune.merge=false), PEFT's format
+ADAPTER_TAG = "costlab.adapter"  # MLflow tag: that folder
+WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing's and compile's, in names
+
+
+def ships_adapter(cfg: DictConfig) -> bool:
+    """Whether the run ships its adapter alone beside the merged model (``finetune.merge=false``)."""
+    return uses_adapters(cfg) and not bool(group_node(cfg, "finetune").get("merge", True))
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained adapters' weights, whole, by their names in the plain model (``blocks.0.attn.c_q.lora_A.
+    default.weight``; DDP's, checkpointing's and compile's wrappers taken out of the names). A collective where
+    the adapters are sharded (FSDP's DTensors are gathered): every rank calls it."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_" not in name:
+            continue
+        name = name.removeprefix("module.")  # DDP's
+        for wrapper in WRAPPERS:
+            name = name.replace(wrapper, "")
+        out[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+    return out
+
+
+def save_adapter(state: dict[str, torch.Tensor], cfg: DictConfig, folder: Path) -> int:
+    """Write the adapter in PEFT's format, as ``PeftModel.save_pretrained`` does (``adapter_model.safetensors``,
+    keys ``base_model.model.<module>.lora_A.weight``; ``adapter_config.json``, the ``LoraConfig`` with the base it
+    was trained on), so ``PeftModel.from_pretrained`` puts it on that base (a Hugging Face model's names are
+    those of the ``transformers`` model costlab wraps). Returns the bytes written."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    node = group_node(cfg, "finetune")
+    hf = str(group_node(cfg, "model").get("_target_", "")).startswith("costlab.models.hf.")
+    tensors = {}
+    for name, t in state.items():
+        name = name.replace(".default.", ".")
+        tensors["base_model.model." + (name.removeprefix("hf.") if hf else name)] = t.contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    base = cfg.model.get("pretrained") or cfg.get("runtime", {}).get("init_from")
+    LoraConfig(r=int(node.rank), lora_alpha=float(node.alpha), lora_dropout=float(node.dropout), bias="none",
+               target_modules=list(node.targets), base_model_name_or_path=str(base) if base else None,
+               ).save_pretrained(str(folder))
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def load_adapter(model: nn.Module, folder: Path, merge: bool = True) -> nn.Module:
+    """Put an adapter saved by :func:`save_adapter` on ``model`` (the base it was trained on, a plain model of
+    the run's config), merged into its weights unless ``merge=False``."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(folder))
+    model = inject_adapter_in_model(config, model)
+    hf = hasattr(model, "hf")
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    state = {("hf." if hf else "") + k.removeprefix("base_model.model."): v for k, v in saved.items()}
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if missing:
+        raise ValueError(f"{folder}: adapter weights that fit no layer of the model: {missing[:3]}")
+    return merge_adapters(model) if merge else model
 
 
 def trainable_params(model: nn.Module) -> int:

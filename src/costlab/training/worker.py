@@ -48,10 +48,19 @@ from costlab.measure.names import (
     COMPRESSES_IN_TRAINING,
     INFER_TOKENS_PER_S,
     MEM_PEAK,
+    MODEL_ADAPTER_BYTES,
     MODEL_TRAINABLE,
     PERF_TOKENS_PER_S,
 )
-from costlab.models.adapters import apply_finetune, trainable_params
+from costlab.models.adapters import (
+    ADAPTER_DIR,
+    ADAPTER_TAG,
+    adapter_state,
+    apply_finetune,
+    save_adapter,
+    ships_adapter,
+    trainable_params,
+)
 from costlab.models.gpt import build_model
 from costlab.models.saved import CHECKPOINT_TAG, load_init, trained_model_file
 from costlab.parallelism.core import DistEnv, init_distributed
@@ -95,6 +104,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
         result = Trainer(parallel, optimizer, corpus, cfg, env, logger, [*hooks, energy], stop, resumable=True).train()
         summary = training_summary(result, predicted, env)  # collectives: every rank takes part
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
+        adapter = adapter_state(parallel.model) if ships_adapter(cfg) else None  # collective where sharded
         final = parallel.full_model(cfg)  # collective: every rank takes part
         tags: dict[str, str] = {}
         if env.is_main:
@@ -102,6 +112,10 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             summary[MODEL_TRAINABLE] = trainable
             metrics, tags = compress_and_evaluate(final, corpus, codec, cfg, env, counter)
             summary.update(metrics)
+            if adapter is not None:  # finetune.merge=false: the adapter ships alone too, in PEFT's format
+                folder = Path(cfg.runtime.run_dir) / ADAPTER_DIR
+                summary[MODEL_ADAPTER_BYTES] = save_adapter(adapter, cfg, folder)
+                tags[ADAPTER_TAG] = str(folder)
             timed_tokens = result.stats.tokens_per_step * len(result.stats.times_s)
             energy_figures, energy_tag = training_energy_metrics(joules, timed_tokens, counter, energy_source)
             summary.update(energy_figures)
