@@ -110,6 +110,9 @@ def main() -> None:
           f"(batch {args.batch}, warm-up {args.warmup} excluded from tokens/s); LoRA rank {args.rank}, targets "
           f"{args.targets or 'the option default'}; threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"machine: {cpu.model} (features: {cpu.tags()['costlab.cpu.features']})\n")
+    trainable, total = share_at_scale(args.rank, args.targets)
+    print(f"LoRA rank {args.rank} at Llama-3.2-1B's shapes (built on the meta device, counted): {trainable:,} of "
+          f"{total:,} parameters train ({100 * trainable / total:.2f} %)\n")
     print("| variant | trainable | training state | vs full adamw | optimizer state | adapted weights vs fp32 | "
           "tokens/s | vs full adamw | eval loss | vs full adamw | vs lora adamw |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -120,6 +123,27 @@ def main() -> None:
               f"{state(r) / 2**20:.2f} MiB | {state(r) / state(ref):.3f}x | {r[MEM_OPTIMIZER] / 2**20:.2f} MiB | "
               f"{base_ratio} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | "
               f"{r['eval_loss']:.4f} | {100 * (r['eval_loss'] / ref['eval_loss'] - 1):+.2f} % | {vs_lora} |")
+
+
+# Llama-3.2-1B's shapes (its config.json), for the trainable share at a deployed model's widths
+LLAMA_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": True}
+
+
+def share_at_scale(rank: int, targets: list[str] | None) -> tuple[int, int]:
+    """(trainable, total) parameters of LoRA at ``rank`` on a model of Llama-3.2-1B's shapes, built on the meta
+    device (no memory, no weights) and counted, the adapters injected by the same code as a run's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = compose_config(["model=hf", "finetune=lora", f"finetune.rank={rank}"])
+    if targets:
+        with open_dict(cfg):
+            cfg.finetune.targets = list(targets)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_1B))
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        model = apply_finetune(model, cfg)
+    return trainable_params(model), total
 
 
 if __name__ == "__main__":

@@ -275,3 +275,16 @@ def test_an_adapter_shipped_alone_by_fsdp_loads_with_peft_onto_its_hugging_face_
     assert all(torch.allclose(v, shipped[k], atol=1e-6) for k, v in merged.items())
     assert any(not torch.equal(v, w) for v, w in zip(merged.values(), AutoModelForCausalLM.from_pretrained(folder)
                                                       .state_dict().values(), strict=True))  # it did train
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", NF4_BACKENDS)
+def test_qlora_composes_with_bf16_and_activation_checkpointing(cli, backend):
+    pytest.importorskip("torchao")
+    name = f"qlora-bf16-ac-{backend}"
+    proc = cli(*TINY, *LORA, "finetune=qlora", f"finetune.backend={backend}", "precision=bf16",
+               "trainer.activation_checkpointing=full", f"tracking.run_name={name}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = cli.run_by_name(name).data.metrics
+    assert m[MEM_PARAMS] == m[f"{PREDICTED}params_bytes_per_rank"] and m["eval/loss"] > 0
