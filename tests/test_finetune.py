@@ -288,3 +288,24 @@ def test_qlora_composes_with_bf16_and_activation_checkpointing(cli, backend):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = cli.run_by_name(name).data.metrics
     assert m[MEM_PARAMS] == m[f"{PREDICTED}params_bytes_per_rank"] and m["eval/loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", NF4_BACKENDS)
+def test_a_qlora_run_resumes_from_a_checkpoint_of_what_trains(cli, backend):
+    """A checkpoint holds the adapters and their optimizer state, not the frozen NF4 base (rebuilt as the first
+    attempt built it): the resumed run ends where an uninterrupted one does."""
+    pytest.importorskip("torchao")
+    args = [*TINY, *LORA, "finetune=qlora", f"finetune.backend={backend}", "parallelism=ddp", "trainer.max_steps=6",
+            "trainer.checkpoint_interval=2"]
+    assert cli(*args, f"tracking.run_name=whole-{backend}", "hydra.run.dir=" + str(cli.out / "whole")).returncode == 0
+    assert cli(*args, f"tracking.run_name=cut-{backend}", "hydra.run.dir=" + str(cli.out / "cut")).returncode == 0
+    cut = cli.run_by_name(f"cut-{backend}")
+    cli.client().set_terminated(cut.info.run_id, "KILLED")  # as if it had died after its step-4 checkpoint
+    proc = cli(f"trainer.resume={cut.info.run_id}")
+    assert proc.returncode == 0 and "resumed from step_4" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    resumed = cli.client().get_run(cut.info.run_id).data.metrics
+    whole = cli.run_by_name(f"whole-{backend}").data.metrics
+    assert resumed["fault/resumes"] == 1
+    assert resumed["eval/loss"] == pytest.approx(whole["eval/loss"], abs=1e-5)

@@ -110,10 +110,21 @@ def latest(run_dir: Path, run_id: str | None = None) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
+def _options(loading: bool = False) -> Any:
+    """What a checkpoint holds: the parameters that train and the optimizer's state. Frozen parameters (a
+    LoRA or QLoRA run's base) are left out: the resumed run rebuilds them as the first attempt did (the same
+    seed, ``trainer.init_from``, NF4 quantization), and an NF4 base has no state dict DCP can load back. On
+    loading, the model's frozen parameters are then absent from the state (``strict=False``); ``dcp.load``
+    has already refused a checkpoint that lacks any parameter that trains."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
+
+
 def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -205,7 +216,8 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, 
     ended_at = cfg.runtime.get("ended_at")
     states = _states(model, optimizer)
     dcp.load(states, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
+    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"],
+                   options=_options(loading=True))
     meta = json.loads((path / META).read_text())
     rng = path / f"rng.rank{env.rank}.pt"
     if rng.is_file():
