@@ -41,7 +41,8 @@ class DistEnv:
 
 
 def init_distributed(cfg: DictConfig) -> DistEnv:
-    """Join the process group torchrun set up: gloo on CPU, nccl on GPU."""
+    """Join the process group torchrun set up: gloo on CPU, nccl on GPU (and gloo for the CPU tensors of
+    ``parallelism.offload=cpu``)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if "RANK" in os.environ and cfg.trainer.nnodes > 1:
@@ -53,7 +54,9 @@ def init_distributed(cfg: DictConfig) -> DistEnv:
     if cfg.trainer.device == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        backend = "nccl"
+        # FSDP2's CPU offload keeps gradients on the host, where the gradient norm's all-reduce then runs:
+        # gloo beside nccl for CPU tensors (as torchtitan does for CPU offload)
+        backend = "cuda:nccl,cpu:gloo" if cfg.parallelism.get("offload", "none") == "cpu" else "nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -70,7 +73,7 @@ def init_distributed(cfg: DictConfig) -> DistEnv:
                                   timeout=timeout)
             store = dist.PrefixStore(f"costlab/attempt_{attempt}", agent)
         dist.init_process_group(
-            backend, timeout=timeout, device_id=device if backend == "nccl" else None, store=store,
+            backend, timeout=timeout, device_id=device if "nccl" in backend else None, store=store,
             rank=rank if store is not None else -1, world_size=world if store is not None else -1,
         )
     return DistEnv(rank, local_rank, world, local_world, device)
