@@ -64,3 +64,19 @@ def test_predicted_state_shrinks_with_the_shards():
     params = single["mem/predicted_params_bytes_per_rank"]
     assert single["mem/predicted_grads_bytes_per_rank"] == params
     assert fsdp["mem/predicted_params_bytes_per_rank"] == pytest.approx(params / 2, rel=0.02)
+
+
+def test_a_plan_of_several_nodes_needs_no_rendezvous_endpoint():
+    """A plan launches nothing, so it plans ``trainer.nnodes`` nodes without an endpoint; a training job is refused."""
+    from costlab.launcher.job import check_job
+    from costlab.schema import ConfigError
+
+    plan = compose_config(["mode=plan", "model=gpt2_small", "hardware=h100_sxm", "parallelism=fsdp",
+                           "trainer.nnodes=4", "trainer.nproc_per_node=8"])
+    check_job(plan, planning=True)
+    one_node = predict_state(compose_config(["model=gpt2_small", "parallelism=fsdp", "trainer.nproc_per_node=8"]), 8)
+    four_nodes = predict_state(plan, 32)  # the plan's world: nodes x processes per node
+    key = "mem/predicted_params_bytes_per_rank"
+    assert four_nodes[key] == pytest.approx(one_node[key] / 4, rel=0.01)
+    with pytest.raises(ConfigError, match="trainer.nnodes=4"):
+        check_job(compose_config(["parallelism=fsdp", "trainer.nnodes=4", "trainer.nproc_per_node=8"]), planning=False)

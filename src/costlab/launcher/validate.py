@@ -31,7 +31,7 @@ def validate(cfg: DictConfig) -> None:
     if t.max_steps == 0 and not t.get("init_from"):
         raise ConfigError("trainer.max_steps", 0, "0 is allowed only with trainer.init_from=<model file or run id>")
     _check_checkpointing(cfg)
-    if t.nnodes > 1 and not t.rdzv_endpoint:
+    if t.nnodes > 1 and not t.rdzv_endpoint and cfg.get("mode", "train") != "plan":  # a plan launches nothing
         raise ConfigError("trainer.nnodes", t.nnodes, "several nodes need trainer.rdzv_endpoint=HOST:PORT")
 
     world = t.nnodes * t.nproc_per_node
