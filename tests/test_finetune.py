@@ -49,6 +49,25 @@ def _lora(*extra: str, base: list[str] = TINY):
     return cfg, plain, apply_finetune(build_model(cfg.model), cfg)
 
 
+def _adapted_base(cfg):
+    """The model :func:`_lora` put the adapters on (its second build from the seed), built again plain."""
+    torch.manual_seed(0)
+    build_model(cfg.model)
+    return build_model(cfg.model)
+
+
+def _train(model, cfg) -> dict[str, float]:
+    """Three steps on one random batch; the state bytes measured after the last."""
+    opt = build_optimizer(model, cfg)
+    x = torch.randint(0, 256, (4, cfg.model.block_size + 1))
+    for _ in range(3):
+        loss_fn(model(x[:, :-1]), x[:, 1:]).backward()
+        opt.step()
+        measured = state_bytes_per_rank(model, opt)
+        opt.zero_grad(set_to_none=True)
+    return measured
+
+
 @pytest.mark.parametrize("family, optimizer", [
     ("gpt", "adamw"), ("hf", "adamw"), ("gpt", "sgd"), ("gpt", "adamw_bf16"),
     pytest.param("gpt", "adamw_8bit", marks=pytest.mark.slow),  # its update compiles for ~20 s on 2 cores
@@ -66,13 +85,7 @@ def test_lora_trains_only_its_adapters_and_holds_the_predicted_state(family, opt
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     assert 0 < trainable_params(model) < (0.6 if wide else 0.2) * trainable_params(plain)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = build_optimizer(model, cfg)
-    x = torch.randint(0, 256, (4, cfg.model.block_size + 1))
-    for _ in range(3):
-        loss_fn(model(x[:, :-1]), x[:, 1:]).backward()
-        opt.step()
-        measured = state_bytes_per_rank(model, opt)
-        opt.zero_grad(set_to_none=True)
+    measured = _train(model, cfg)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     predicted = predict_state(cfg, 1)
     assert predicted[f"{PREDICTED}optimizer_bytes_per_rank"] == measured[MEM_OPTIMIZER]
@@ -131,28 +144,21 @@ def test_qlora_holds_the_base_in_nf4_trains_the_adapters_and_ships_them_merged(b
     layer = torch.nn.Linear(1024, 1024, bias=False)  # ... a model's layers do not: the goal, <= 0.16x of fp32
     layer = _bnb_linear(layer, None) if backend == "bitsandbytes" else (_torchao_nf4(layer) or layer)
     assert local_bytes(layer.weight) <= 0.16 * 1024 * 1024 * 4
-    torch.manual_seed(0)
-    build_model(cfg.model)
-    built = build_model(cfg.model).state_dict()  # the weights _lora's second build quantized, from the same seed
+    built = _adapted_base(cfg).state_dict()  # the weights the NF4 base was quantized from
     # NF4 keeps them to within ~9 % (mean absolute error over mean magnitude); bitsandbytes to within ~16-25 % on
     # these few-block weights (its 8-bit block scales are coarse there), ~9 % on a 1024 x 1024 one
     for name, p in base.items():
         err = (dequantized(p) - built[name]).abs().mean() / built[name].abs().mean()
         assert 0 < err < 0.3, (name, err)
-    opt = build_optimizer(model, cfg)
-    x = torch.randint(0, 256, (4, cfg.model.block_size + 1))
-    for _ in range(3):
-        loss_fn(model(x[:, :-1]), x[:, 1:]).backward()
-        opt.step()
-        measured = state_bytes_per_rank(model, opt)
-        opt.zero_grad(set_to_none=True)
+    measured = _train(model, cfg)
     predicted = predict_state(cfg, 1)
     for part in ("params", "grads", "optimizer"):
         assert predicted[f"{PREDICTED}{part}_bytes_per_rank"] == measured[f"mem/{part}_bytes_per_rank"], part
+    x = torch.randint(0, 256, (4, cfg.model.block_size))
     with torch.no_grad():
-        adapted = model(x[:, :-1])
+        adapted = model(x)
         shipped = load_full_state(model.state_dict(), cfg, torch.device("cpu"))
-        merged = shipped(x[:, :-1])
+        merged = shipped(x)
     assert type(shipped) is type(plain) and shipped.state_dict().keys() == plain.state_dict().keys()
     assert not any(is_nf4(p) for p in shipped.parameters())
     assert torch.allclose(adapted, merged, atol=1e-4)
@@ -162,9 +168,7 @@ def test_an_adapter_saved_alone_goes_back_on_its_base_as_the_merged_model(tmp_pa
     """``finetune.merge=false`` on costlab's own model: the adapter written in PEFT's format, put back on the base
     it was trained on, gives the merged model (the run's ``model.pt``)."""
     cfg, _, model = _lora("finetune.merge=false")
-    torch.manual_seed(0)
-    build_model(cfg.model)
-    base = build_model(cfg.model)  # _lora's second build: the base the adapters went on
+    base = _adapted_base(cfg)
     for name, p in model.named_parameters():
         if ".lora_B." in name:
             torch.nn.init.normal_(p, std=0.05)

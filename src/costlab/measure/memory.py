@@ -70,7 +70,7 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
 
     with torch.device("meta"), _no_init():
-        model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard if dims.fsdp_enabled else 1)
+        model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard)
     params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
     if world > 1:  # sharded: lay the model out as this rank will
         params = {}
@@ -83,18 +83,20 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
         finally:
             dist.destroy_process_group()
 
+    def local(p: torch.Tensor) -> torch.Tensor:
+        return p.to_local() if hasattr(p, "to_local") else p
+
     # finetune=qlora: the adapted Linears' frozen weights are held in NF4 (built here in full precision, on meta)
-    backend, shards = (nf4_backend(cfg), dims.dp_shard if dims.fsdp_enabled else 1) if holds_nf4(cfg) else (None, 1)
+    backend = nf4_backend(cfg) if holds_nf4(cfg) else None
 
-    def held(name: str, p: torch.Tensor, local: torch.Tensor) -> int:
-        nf4 = nf4_bytes(p.numel(), backend, shards) if backend and name.endswith("base_layer.weight") else None
-        return local.numel() * local.element_size() if nf4 is None else nf4
+    def held(name: str, p: torch.Tensor) -> int:
+        nf4 = nf4_bytes(p.numel(), backend, dims.dp_shard) if backend and name.endswith("base_layer.weight") else None
+        return local(p).numel() * local(p).element_size() if nf4 is None else nf4
 
-    shards_held = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad, n, p) for n, p in params.values()]
-    trained = [t for t, trains, _, _ in shards_held if trains]
+    trained = [local(p) for _, p in params.values() if p.requires_grad]
     optimizer = optimizer_option(cfg)
     return {
-        f"{PREDICTED}params_bytes_per_rank": sum(held(n, p, t) for t, _, n, p in shards_held),
+        f"{PREDICTED}params_bytes_per_rank": sum(held(n, p) for n, p in params.values()),
         f"{PREDICTED}grads_bytes_per_rank": sum(t.numel() * t.element_size() for t in trained),
         f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }

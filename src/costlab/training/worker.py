@@ -150,8 +150,8 @@ def build_model_to_train(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module
     flops = flops_per_token(model, cfg.model.block_size)  # of the whole model, before any sharding
     if cfg.trainer.get("init_from"):
         load_init(model, cfg)
-    dims = parallel_dims(cfg.parallelism, env.world_size)  # an NF4 base is cut for FSDP's shards
-    return apply_finetune(model, cfg, shards=dims.dp_shard if dims.fsdp_enabled else 1), flops
+    shards = parallel_dims(cfg.parallelism, env.world_size).dp_shard  # an NF4 base is cut for FSDP's shards
+    return apply_finetune(model, cfg, shards=shards), flops
 
 
 def train_time_hooks(model: torch.nn.Module, cfg: DictConfig) -> list[Callable[[int], None]]:
