@@ -31,6 +31,10 @@ TINY = [
     "trainer.gen_tokens=4",
     "trainer.gen_iters=2",
     "trainer.timing_warmup_steps=1",
+    "serve.max_concurrency=2",  # the serving ladder: rungs 1 and 2 of short requests
+    "serve.requests=4",
+    "serve.prompt_len=[4,8]",
+    "serve.output_len=[2,4]",
 ]
 
 

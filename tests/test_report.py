@@ -118,6 +118,34 @@ def test_the_summary_speaks_of_fine_tuning_and_optimizer_levers_in_the_same_word
     assert "infers" not in text
 
 
+def test_the_report_ranks_the_levers_by_output_tokens_served_at_the_latency_target(mlflow_uri, request):
+    c = client(mlflow_uri)
+    exp = experiment_id(mlflow_uri, f"report_{request.node.name}")
+    pid = c.create_run(exp, run_name="sweep", tags={"costlab.role": "sweep"}).info.run_id
+    target = {"serve.tpot_ms_p99": "50", "serve.ttft_ms_p99": "1000"}
+
+    def served(tps: float, **more: float) -> dict[str, float]:
+        return {"serve/target_output_tokens_per_s": tps, "serve/usd_per_1m_output_tokens": 0.66 * 1000 / tps,
+                "serve/max_concurrency": 64, **more}
+
+    _run(c, exp, "base", pid, metrics=served(1000.0), params=target)
+    _run(c, exp, "int8", pid, levers={"quantization": "int8_dynamic"}, params=target,
+         metrics={**served(1600.0, **{"serve/target_speedup": 1.6}), "model/size_bytes": 1.1e6,
+                  "eval/loss": 2.01})
+    _run(c, exp, "pruned", pid, levers={"pruning": "structured"}, params=target,
+         metrics={"serve/max_concurrency": 64, "model/size_bytes": 3e6})  # no rung met the target
+    rep = report.build_report(_rows(c, pid))
+    by_label = {row["label"]: row for row in rep.table}
+    assert by_label["int8_dynamic"]["serve/target_output_tokens_per_s ratio"] == pytest.approx(1.6)
+    assert by_label["int8_dynamic"]["serve/usd_per_1m_output_tokens ratio"] == pytest.approx(1 / 1.6)
+    text = rep.summary
+    assert "serves 1.60x the output tokens/s than uncompressed at p99 TPOT <= 50 ms, p99 TTFT <= 1000 ms, " \
+           "$0.412 vs $0.66 per 1M output tokens at +0.50 % loss" in text
+    assert "misses p99 TPOT <= 50 ms, p99 TTFT <= 1000 ms at every concurrency" in text
+    assert text.endswith("Served at p99 TPOT <= 50 ms, p99 TTFT <= 1000 ms, fastest first (output tokens/s): "
+                         "int8_dynamic 1,600 ($0.412/1M), baseline 1,000 ($0.66/1M).")
+
+
 def test_the_baseline_can_be_named_by_overrides_or_run_name(sweep):
     c, _, pid, ids = sweep
     rows = _rows(c, pid)

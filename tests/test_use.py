@@ -4,6 +4,7 @@ generating and scoring text, in Python and from the command line. The run folder
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from costlab import ROOT
-from costlab.use import Loaded, generate, generate_ids, load_run, main, score, windows
+from costlab.use import Loaded, generate, generate_ids, load_run, main, score, serve, windows
 
 from .conftest import TINY, Cli
 
@@ -215,6 +216,50 @@ def test_the_command_prints_text_and_scores(runs, tmp_path, capsys):
     assert printed["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], abs=1e-6)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["gpt", "hf"])
+def test_every_run_serves_its_final_model_and_logs_the_ladder_table_figure_and_price(runs, name, capsys,
+                                                                                      tmp_path):
+    """The run's serving ladder in MLflow: each rung's figures at the step of its concurrency (beside them the
+    uncompressed model's, when the run compressed), the KV cache predicted as measured, the ladder as a table
+    and a figure, and the price per million output tokens from the rung on target; then measured again from
+    the saved model, here, through ``costlab.use``."""
+    cli, run, folder = runs[name]
+    c, m = cli.client(), run.data.metrics
+    cap = int(run.data.params["serve.max_concurrency"])
+    history = c.get_metric_history(run.info.run_id, "serve/tpot_ms_p99")
+    assert sorted(h.step for h in history) == [2 ** k for k in range(cap.bit_length())]
+    assert m["serve/kv_bytes_per_token"] == pytest.approx(m["serve/predicted_kv_bytes_per_token"], rel=0.02)
+    target = int(m["serve/target_concurrency"])
+    at_target = [h.value for h in c.get_metric_history(run.info.run_id, "serve/output_tokens_per_s")
+                 if h.step == target]
+    assert m["serve/target_output_tokens_per_s"] == pytest.approx(at_target[0])
+    # on CPU one device is the node: its price per hour over the tokens it served in an hour
+    assert m["serve/usd_per_1m_output_tokens"] == pytest.approx(
+        m["cost/usd_per_hour"] / (m["serve/target_output_tokens_per_s"] * 3600) * 1e6)
+    engine = {"gpt": "continuous batching", "hf": "static batching"}[name]
+    assert run.data.tags["costlab.serve"].startswith(engine)
+    compressed = name == "gpt"
+    assert ("serve/target_speedup" in m) == compressed
+    assert bool(c.get_metric_history(run.info.run_id, "serve/tpot_ms_p99_uncompressed")) == compressed
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "serve")}
+    assert artifacts == {"serve/ladder.json", "serve/ladder.png"}
+    table = json.loads(Path(c.download_artifacts(run.info.run_id, "serve/ladder.json", str(tmp_path))).read_text())
+    assert {"model", "concurrency", "output_tokens_per_s", "tpot_ms_p99", "meets_target"} <= set(table["columns"])
+    models = [row[table["columns"].index("model")] for row in table["data"]]
+    assert len(models) == len(history) * (2 if compressed else 1)
+    assert set(models) == ({"final", "uncompressed"} if compressed else {"final"})
+    tags = json.loads(c.get_run(run.info.run_id).data.tags["mlflow.loggedArtifacts"])
+    assert {"path": "serve/ladder.json", "type": "table"} in tags  # the UI's table view finds it
+    # measured again from the shipped model: the same ladder's rungs and KV cache
+    assert main([str(folder), "--serve", "--max-concurrency", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(engine) and "at the target" in printed
+    again = serve(load_run(folder), max_concurrency=2)
+    assert list(again.rungs["final"]) == [1, 2]
+    assert again.summary["serve/kv_bytes_per_token"] == m["serve/kv_bytes_per_token"]
+
+
 def test_the_command_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
     proc = _use(str(tmp_path / "nowhere"), "--prompt", "x")
     assert proc.returncode == 2 and proc.stdout == ""
@@ -228,4 +273,5 @@ def test_the_command_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
         main([str(tmp_path)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("costlab: error: one of the arguments --prompt --score is required")
+    assert "\n" not in err
+    assert err.startswith("costlab: error: one of the arguments --prompt --score --serve is required")

@@ -162,6 +162,26 @@ class Report:
 
 
 @dataclass
+class Serve:
+    enabled: bool = True
+    max_concurrency: int = key(32, POSITIVE, "the ladder 1, 2, 4, … ends here, or at what fits serve.memory_gb")
+    requests: int = key(16, POSITIVE)
+    prompt_len: tuple[int, int] = key([8, 48], POSITIVE, "[shortest, longest] prompt tokens")
+    output_len: tuple[int, int] = key([8, 32], Range(2), "[shortest, longest] output tokens: a time per output "
+                                      "token needs two")
+    seed: int = key(0, AT_LEAST_0)
+    tpot_ms_p99: float = key(50.0, POSITIVE, "the latency target's p99 time per output token")
+    ttft_ms_p99: float = key(1000.0, POSITIVE, "the latency target's p99 time to first token")
+    memory_gb: float | None = key(None, POSITIVE, "what weights and KV cache may take; null: the device's memory")
+
+    def check(self) -> None:
+        for name in ("prompt_len", "output_len"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ConfigError(f"serve.{name}", [lo, hi], "[shortest, longest]: the shortest exceeds the longest")
+
+
+@dataclass
 class Precision:
     name: str
     autocast_dtype: str | None = key(None, one_of(None, "float16", "bfloat16"))
@@ -504,7 +524,8 @@ def _file_kind(path: Path) -> str:
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
-SECTIONS: dict[str, type] = {"trainer": Trainer, "tracking": Tracking, "plan": Plan, "report": Report}
+SECTIONS: dict[str, type] = {"trainer": Trainer, "tracking": Tracking, "plan": Plan, "report": Report,
+                             "serve": Serve}
 GROUPS: dict[str, type] = {"precision": Precision, "parallelism": Parallelism, "hardware": Hardware}
 OPTIMIZERS: dict[str, type] = {
     "torch.optim.AdamW": AdamW,

@@ -4,9 +4,11 @@
     loaded = load_run("outputs/runs/2026-01-31/12-00-00-000000")   # a run folder, or an MLflow run id
     print(generate(loaded, "def main(", max_new_tokens=64))
     print(score(loaded, open("some_file.py").read()))   # {"loss": ..., "bits_per_byte": ..., "tokens": ...}
+    print(serve(loaded, max_concurrency=64).rungs)   # the serving ladder measured again, on this machine
 
     python -m costlab.use RUN --prompt "def main(" [--max-new-tokens N] [--temperature T] [--uncompressed]
     python -m costlab.use RUN --score FILE [--uncompressed]
+    python -m costlab.use RUN --serve [--max-concurrency N] [--memory-gb G] [--device cuda] [--uncompressed]
 
 The model is the one the run saved, as it was saved: ``model.pt`` (pruned and/or quantized when the run
 compressed) or, with ``which="uncompressed"``, ``uncompressed/model.pt`` (the trained model before
@@ -33,15 +35,18 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from costlab.data.tokens import Codec, load_codec
 from costlab.models.saved import FINAL, RUN_ID, UNCOMPRESSED
 from costlab.schema import ConfigError
+
+if TYPE_CHECKING:
+    from costlab.measure.serving import Ladder
 
 WHICH = ("final", "uncompressed")
 SCORE_BATCH = 16  # full windows per forward pass in score()
@@ -250,6 +255,33 @@ def score(loaded: Loaded, text: str) -> dict[str, float]:
             "tokens": tokens}
 
 
+def serve(loaded: Loaded, max_concurrency: int | None = None, memory_gb: float | None = None) -> Ladder:
+    """The run's serving ladder measured again, here, on ``loaded.device``: the model serves requests drawn
+    from the run's held-out text as the run drew them, at its ``serve.*`` settings (the defaults for a run made
+    before they existed), with ``max_concurrency`` and ``memory_gb`` overridden when given. A model family
+    without a batched KV-cache path (the MLP baseline) is refused (``ConfigError``)."""
+    from costlab.data import build_corpus
+    from costlab.data.tokens import tokenize_corpus
+    from costlab.measure.serving import serve_ladder
+    from costlab.precision import autocast_dtype
+    from costlab.schema import Serve, option
+
+    config = loaded.config.copy()
+    with open_dict(config):
+        config.serve = OmegaConf.merge(OmegaConf.structured(Serve), config.get("serve") or {})
+        if max_concurrency is not None:
+            config.serve.max_concurrency = max_concurrency
+        if memory_gb is not None:
+            config.serve.memory_gb = memory_gb
+    option("serve", config.serve).check()
+    corpus = tokenize_corpus(build_corpus(config.data), loaded.codec)
+    dtype = autocast_dtype(config) or torch.float32
+    ladder = serve_ladder({"final": loaded.model}, corpus.val, config, loaded.device, lambda: _autocast(loaded), dtype)
+    if ladder is None:
+        raise ConfigError("run", loaded.path.parent, f"{type(loaded.model).__name__} has no batched KV-cache path")
+    return ladder
+
+
 # --- python -m costlab.use ---------------------------------------------------------------------------------
 
 
@@ -277,6 +309,14 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", metavar="TEXT", help="print the text the model writes after TEXT")
     what.add_argument("--score", metavar="FILE", type=Path,
                       help="print the model's loss (nats/token), bits per byte and scored tokens on FILE (UTF-8)")
+    what.add_argument("--serve", action="store_true",
+                      help="measure the serving ladder again here (the run's serve.* settings): output tokens/s, "
+                           "TTFT and TPOT per concurrency, and the best rung that meets the latency target")
+    p.add_argument("--max-concurrency", type=int, metavar="N",
+                   help="--serve: the top of the ladder (default: the run's)")
+    p.add_argument("--memory-gb", type=float, metavar="G",
+                   help="--serve: what weights and KV cache may take (default: the run's, else the device's "
+                        "memory)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate at most (default: 64; fewer where model.block_size ends)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -291,6 +331,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_ladder(ladder: Ladder, config: DictConfig) -> None:
+    from costlab.measure.names import SERVE_TARGET_CONCURRENCY, SERVE_TARGET_TOKENS_PER_S
+
+    print(ladder.tag)
+    print(f"{'concurrency':>11} {'tokens/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9}  (ms)")
+    for c, f in ladder.rungs["final"].items():
+        print(f"{c:>11} {f['serve/output_tokens_per_s']:>10.1f} {f['serve/ttft_ms_p50']:>9.2f} "
+              f"{f['serve/ttft_ms_p99']:>9.2f} {f['serve/tpot_ms_p50']:>9.2f} {f['serve/tpot_ms_p99']:>9.2f}")
+    s = ladder.summary
+    if SERVE_TARGET_CONCURRENCY in s:
+        print(f"at the target: {s[SERVE_TARGET_TOKENS_PER_S]:.1f} output tokens/s at concurrency "
+              f"{s[SERVE_TARGET_CONCURRENCY]:g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -302,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                 why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__)
                 raise ConfigError("--score", args.score, why) from None
         loaded = load_run(args.run, "uncompressed" if args.uncompressed else "final", args.device, args.tracking_uri)
-        if text is not None:
+        if args.serve:
+            _print_ladder(serve(loaded, args.max_concurrency, args.memory_gb), loaded.config)
+        elif text is not None:
             result = score(loaded, text)
             print(f"loss           {result['loss']:.6f} nats/token")
             print(f"bits_per_byte  {result['bits_per_byte']:.6f}")

@@ -26,8 +26,10 @@ from costlab.launcher.torchrun import from_slurm, job_prefix, launch_torchrun
 from costlab.launcher.validate import finetune_warnings, resolve_nf4_backend, validate
 from costlab.measure.hardware import HARDWARE_TAG, resolve_hardware, run_cost
 from costlab.measure.machine import cpu_info, resolve_device
+from costlab.measure.names import LADDER_FILE
 from costlab.measure.probes import slow_precision_warning
 from costlab.models.adapters import holds_nf4
+from costlab.report.serving import log_ladder
 from costlab.schema import BEFORE_GROUPS, ConfigError, check_config
 from costlab.tracking.find import RUN_DIR_TAG, resolve_init_from
 from costlab.tracking.runs import check_tracking
@@ -234,6 +236,8 @@ class Job:
         seconds = time.time() - self.t0
         client.log_batch(self.run_id, metrics=tracking.metrics_at({"time/total_s": seconds,
                                                                    **run_cost(self.cfg, seconds)}))
+        if (self.run_dir / LADDER_FILE).exists():  # the serving ladder rank 0 measured
+            log_ladder(client, self.run_id, self.run_dir / LADDER_FILE)
         if not self.log_path.exists():
             return
         client.log_artifact(self.run_id, str(self.log_path))

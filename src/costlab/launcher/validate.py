@@ -47,6 +47,8 @@ def validate(cfg: DictConfig) -> None:
     if dims.pp_enabled:
         _check_pipeline(cfg, dims)
     _check_data(cfg)
+    if "serve" in cfg:  # configs written before serving was measured have none
+        option("serve", cfg.serve).check()
     _check_optimizer(cfg)
     _check_finetune(cfg, dims)
 

@@ -6,6 +6,7 @@ tokens cost, from the run's measured throughputs and the ``hardware`` option's p
     perf/mfu                   = perf/tflops_per_device / peak TFLOP/s of the run's matmul dtype
     cost/usd_per_1m_train_tokens = usd_per_hour * devices / (perf/tokens_per_s * 3600) * 1e6
     cost/usd_per_1m_infer_tokens = usd_per_hour * 1 device / (infer/tokens_per_s * 3600) * 1e6
+    serve/usd_per_1m_output_tokens = usd_per_hour * 1 device / (serve/target_output_tokens_per_s * 3600) * 1e6
     cost/usd_run               = usd_per_hour * devices * time/total_s / 3600
 
 N is the number of weights the forward pass multiplies with: every ``nn.Linear``'s weight, the output
@@ -29,6 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from costlab.measure.names import SERVE_USD
 from costlab.schema import ConfigError
 
 FLOPS_PER_TOKEN = "perf/flops_per_token"
@@ -79,10 +81,11 @@ def usd_per_hour(cfg: DictConfig) -> float | None:
 
 
 def cost_metrics(cfg: DictConfig, flops: float, peak_tflops: float | None, train_tps: float | None,
-                 infer_tps: float | None) -> dict[str, float]:
+                 infer_tps: float | None, serve_tps: float | None = None) -> dict[str, float]:
     """The cost model's metrics from a run's training FLOPs per token, the peak per device of its matmul
-    dtype (None: unknown) and its measured throughputs: training tokens/s of all ranks together and
-    inference tokens/s of the final model on one device (None: not measured)."""
+    dtype (None: unknown) and its measured throughputs: training tokens/s of all ranks together,
+    inference tokens/s of the final model on one device, and the output tokens/s it served on one device
+    at the latency target (None: not measured)."""
     out = {FLOPS_PER_TOKEN: flops}
     n = devices(cfg)
     if train_tps:
@@ -96,9 +99,12 @@ def cost_metrics(cfg: DictConfig, flops: float, peak_tflops: float | None, train
         out[USD_PER_HOUR] = per_hour
         if train_tps:
             out[USD_TRAIN] = per_hour / (train_tps * 3600) * 1e6
-        if infer_tps:  # inference ran on one device (on CPU: rank 0 with the node's cores)
-            one = per_hour / n if cfg.trainer.device != "cpu" else per_hour / cfg.trainer.nnodes
+        # inference and serving ran on one device (on CPU: rank 0 with the node's cores)
+        one = per_hour / n if cfg.trainer.device != "cpu" else per_hour / cfg.trainer.nnodes
+        if infer_tps:
             out[USD_INFER] = one / (infer_tps * 3600) * 1e6
+        if serve_tps:
+            out[SERVE_USD] = one / (serve_tps * 3600) * 1e6
     return out
 
 
@@ -190,9 +196,9 @@ def mfu_tag(cost: dict[str, float], peak_tflops: float | None, source: str) -> d
 
 
 def cost_and_mfu(cfg: DictConfig, flops: float, local_ranks: int, dtype: str, train_tps: float | None,
-                 infer_tps: float | None) -> tuple[dict[str, float], dict[str, str]]:
+                 infer_tps: float | None, serve_tps: float | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """:func:`cost_metrics` at the device's peak in ``dtype`` (:func:`device_peak`: on CPU its probe runs
     now), and the tag of :func:`mfu_tag`."""
     peak, source = device_peak(cfg, local_ranks, dtype)
-    cost = cost_metrics(cfg, flops, peak, train_tps, infer_tps)
+    cost = cost_metrics(cfg, flops, peak, train_tps, infer_tps, serve_tps)
     return cost, mfu_tag(cost, peak, source)

@@ -108,7 +108,7 @@ def local_bytes(t: torch.Tensor) -> int:
     """Bytes of this rank's part of ``t``: a DTensor's local shard; a tensor subclass (torchao's low-bit
     optimizer states, quantized weights) by the plain tensors it holds (codes, scales, tables)."""
     local = t.to_local() if hasattr(t, "to_local") else t
-    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(local))
+    return sum(leaf.numel() * leaf.element_size() for leaf in leaves(local))
 
 
 def state_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
@@ -164,12 +164,12 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
 
 
-def _leaves(t: object) -> list[torch.Tensor]:
+def leaves(t: object) -> list[torch.Tensor]:
     """The plain tensors a state-dict entry is stored as (a torchao tensor: its data and scales; a packed
     int8 Linear's (weight, bias): its int8 values, scales and bias; a bitsandbytes 4-bit weight: its packed codes
     and quantization state; not a tensor: none)."""
     if isinstance(t, (tuple, list)):
-        return [leaf for x in t for leaf in _leaves(x)]
+        return [leaf for x in t for leaf in leaves(x)]
     if not isinstance(t, torch.Tensor):
         return []
     if t.is_quantized:
@@ -183,7 +183,7 @@ def _leaves(t: object) -> list[torch.Tensor]:
     if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
         return [t.detach()]
     names, _ = t.__tensor_flatten__()
-    return [leaf for n in names if (x := getattr(t, n)) is not None for leaf in _leaves(x)]
+    return [leaf for n in names if (x := getattr(t, n)) is not None for leaf in leaves(x)]
 
 
 def _nonzero(t: torch.Tensor) -> int:
@@ -199,7 +199,7 @@ def sparse_savings(state: dict[str, Any]) -> int:
     values plus 2-bit indices). Tied tensors are counted once, as ``torch.save`` stores them."""
     seen, saved = set(), 0
     for t in state.values():
-        for leaf in _leaves(t):
+        for leaf in leaves(t):
             key = (leaf.untyped_storage().data_ptr(), leaf.storage_offset(), leaf.numel())
             if key in seen or leaf.numel() == 0:
                 continue

@@ -22,9 +22,27 @@ INFER_TTFT = "infer/ttft_ms"
 INFER_DECODE_TOKENS_PER_S = "infer/decode_tokens_per_s"
 INFER_DECODE_SPEEDUP = "infer/decode_speedup"  # compressed over uncompressed decode rate, interleaved likewise
 
+# serving (serve.*, costlab/measure/serving.py). Per rung, logged with the concurrency as the step (the MLflow UI
+# draws them as curves against it):
+SERVE_TOKENS_PER_S = "serve/output_tokens_per_s"
+SERVE_TTFT_P50, SERVE_TTFT_P99 = "serve/ttft_ms_p50", "serve/ttft_ms_p99"
+SERVE_TPOT_P50, SERVE_TPOT_P99 = "serve/tpot_ms_p50", "serve/tpot_ms_p99"
+RUNG_METRICS = (SERVE_TOKENS_PER_S, SERVE_TTFT_P50, SERVE_TTFT_P99, SERVE_TPOT_P50, SERVE_TPOT_P99)
+UNCOMPRESSED_SUFFIX = "_uncompressed"  # the same figure of the uncompressed model, served beside the final one
+# once per run:
+SERVE_KV_BYTES = "serve/kv_bytes_per_token"
+SERVE_KV_BYTES_PREDICTED = "serve/predicted_kv_bytes_per_token"
+SERVE_MAX_CONCURRENCY = "serve/max_concurrency"  # the most sequences whose KV cache fits serve.memory_gb
+SERVE_TARGET_TOKENS_PER_S = "serve/target_output_tokens_per_s"  # the best rung that meets the latency target
+SERVE_TARGET_CONCURRENCY = "serve/target_concurrency"
+SERVE_TARGET_SPEEDUP = "serve/target_speedup"  # over the uncompressed model at its own best rung on target
+SERVE_USD = "serve/usd_per_1m_output_tokens"  # one device's price at serve/target_output_tokens_per_s
+SERVE_TAG = "costlab.serve"  # what was served: engine, lengths, memory budget, and why a figure is missing
+LADDER_FILE = "serve_ladder.json"  # the ladder a worker measured, which the launcher logs (metrics, table, figure)
+
 # a run tag: "true" when its pruning or quantization option acts during training (gradual pruning, QAT), as the
 # option itself says (``acts_during_training``): such a run did not train as its uncompressed twin did
 COMPRESSES_IN_TRAINING = "costlab.compresses_in_training"
 
 # Families logged at every step (or every eval interval): curves, not summary figures.
-STEP_FAMILIES = ("train/", "val/")
+STEP_FAMILIES = ("train/", "val/", *RUNG_METRICS)

@@ -11,7 +11,7 @@ change the weights, never the module's attributes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,34 @@ class KVCache:
 
     layers: list[KV]
     pos: int
+
+
+@dataclass
+class SlotCache:
+    """The keys and values of a fixed number of sequence slots, for serving many sequences at once
+    (:meth:`GPT.forward_slots`): per block a ``(slots, H, length, D)`` pair, allocated at the block's first
+    write (a pruned block may have fewer heads), and each slot's filled length. A slot is reused by
+    resetting its length to 0; its stale keys and values are masked out, never read."""
+
+    slots: int
+    length: int
+    dtype: torch.dtype | None = None  # None: the dtype the keys are computed in
+    layers: list[KV | None] = field(default_factory=list)
+    lengths: torch.Tensor | None = None  # (slots,) int64
+
+    def layer(self, i: int, like: torch.Tensor) -> KV:
+        """Block ``i``'s keys and values, allocated like ``like`` (B, H, T, D) on first use."""
+        while len(self.layers) <= i:
+            self.layers.append(None)
+        if self.layers[i] is None:
+            shape = (self.slots, like.size(1), self.length, like.size(3))
+            dtype = self.dtype or like.dtype
+            self.layers[i] = (like.new_zeros(shape, dtype=dtype), like.new_zeros(shape, dtype=dtype))
+        return self.layers[i]  # type: ignore[return-value]
+
+    def bytes(self) -> int:
+        """Bytes the allocated keys and values take."""
+        return sum(t.numel() * t.element_size() for kv in self.layers if kv is not None for t in kv)
 
 
 @dataclass
@@ -69,10 +97,14 @@ def rope_tables(head_dim: int, block_size: int, base: float = 10000.0) -> tuple[
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    # x: (B, H, T, D) at positions offset … offset+T-1; rotate the two halves of each head (GPT-NeoX convention)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    # x: (B, H, T, D) at positions offset … offset+T-1, or at the (B, T) positions ``offset`` holds; rotate the
+    # two halves of each head (GPT-NeoX convention)
     t = x.size(-2)
-    cos, sin = cos[offset:offset + t].to(x.dtype), sin[offset:offset + t].to(x.dtype)
+    if isinstance(offset, torch.Tensor):
+        cos, sin = cos[offset].unsqueeze(1).to(x.dtype), sin[offset].unsqueeze(1).to(x.dtype)  # (B, 1, T, D/2)
+    else:
+        cos, sin = cos[offset:offset + t].to(x.dtype), sin[offset:offset + t].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -90,8 +122,9 @@ class CausalSelfAttention(nn.Module):
         self.rope = cfg.pos == "rope"
 
     def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-             offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values (B, H, T, D) of ``x``, at positions ``offset`` … for rotary positions."""
+             offset: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, H, T, D) of ``x``, at positions ``offset`` … (or at the (B, T)
+        positions a tensor ``offset`` holds) for rotary positions."""
         b, t, _ = x.shape
         # -1 heads: the local head count after tensor-parallel sharding or head pruning
         q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -130,6 +163,23 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.c_proj(y), (k, v)
 
+    def forward_slots(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KV,
+                      slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T) holds the tokens at ``positions`` (B, T) of the sequences in ``slots`` (B,): their keys
+        and values are written into ``cache`` there, and each token attends to its own slot's positions up
+        to itself (a slot's positions beyond its length are masked out)."""
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, rope, positions)
+        cache_k, cache_v = cache
+        rows = slots[:, None]
+        cache_k[rows, :, positions] = k.transpose(1, 2).to(cache_k.dtype)  # (B, T, H, D) into (slots, H, L, D)
+        cache_v[rows, :, positions] = v.transpose(1, 2).to(cache_v.dtype)
+        seen = int(positions.max()) + 1
+        keys, values = cache_k[slots, :, :seen].to(q.dtype), cache_v[slots, :, :seen].to(q.dtype)
+        mask = torch.arange(seen, device=x.device) <= positions[:, :, None]  # (B, T, seen)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -166,6 +216,11 @@ class Block(nn.Module):
         a, kv = self.attn.forward_with_cache(self.ln_1(x), rope, past, offset)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln_2(x))), kv
+
+    def forward_slots(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KV,
+                      slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn.forward_slots(self.ln_1(x), rope, cache, slots, positions))
+        return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -245,6 +300,31 @@ class GPT(nn.Module):
             x, kv = block.forward_with_cache(x, rope, None if cache is None else cache.layers[i], start)
             layers.append(kv)
         return self.lm_head(self.ln_f(x)), KVCache(layers, start + t)
+
+    def forward_slots(self, idx: torch.Tensor, cache: SlotCache, slots: torch.Tensor) -> torch.Tensor:
+        """Logits of the tokens ``idx`` (B, T) that follow what ``cache`` holds for the sequences in ``slots``
+        (B,), whose lengths grow by T: a prefill of one slot (B=1, T=prompt) or a decode step of several
+        (T=1), each sequence at its own position. What continuous batching runs (:mod:`costlab.measure.serving`)."""
+        if self.wte is None or self.ln_f is None or self.lm_head is None:
+            raise RuntimeError("serving needs the whole model, not a pipeline stage")
+        if cache.lengths is None:
+            cache.lengths = torch.zeros(cache.slots, dtype=torch.long, device=idx.device)
+        positions = cache.lengths[slots][:, None] + torch.arange(idx.size(1), device=idx.device)
+        if int(positions.max()) >= min(cache.length, self.config.block_size):
+            raise ValueError(f"positions up to {int(positions.max()) + 1} exceed the cache's length {cache.length} "
+                             f"or the model's block_size={self.config.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
+        for i, block in enumerate(self.blocks.values()):
+            kv = cache.layers[i] if i < len(cache.layers) and cache.layers[i] is not None else None
+            if kv is None:  # allocated from the block's own key shape (a pruned block may have fewer heads)
+                kv = cache.layer(i, block.attn.c_k(x[:1, :1]).view(1, 1, -1, block.attn.head_dim).transpose(1, 2))
+            x = block.forward_slots(x, rope, kv, slots, positions)
+        cache.lengths[slots] += idx.size(1)
+        return self.lm_head(self.ln_f(x))
 
 
 class MLPLM(nn.Module):

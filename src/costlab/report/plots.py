@@ -99,3 +99,26 @@ def memory_bars(rows: Sequence[RunRecord], parts: tuple[str, str, str], peak: st
     ax.set_title("per-rank memory")
     ax.legend(fontsize=8)
     return fig
+
+
+def serving_ladder(table: dict[str, list], tpot_ms_p99: float) -> Figure | None:
+    """Output tokens/s against p99 time per output token, one line per model through its concurrencies
+    (each point labelled with its concurrency), the latency target drawn."""
+    if not table.get("concurrency"):
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for model in dict.fromkeys(table["model"]):
+        rows = [i for i, m in enumerate(table["model"]) if m == model]
+        x = [table["tpot_ms_p99"][i] for i in rows]
+        y = [table["output_tokens_per_s"][i] for i in rows]
+        ax.plot(x, y, marker="o", label=f"{model} model")
+        for i, xi, yi in zip(rows, x, y, strict=True):
+            ax.annotate(f"c={table['concurrency'][i]}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(tpot_ms_p99, color="tab:red", ls="--", lw=1, label=f"target: p99 TPOT <= {tpot_ms_p99:g} ms")
+    ax.set_xlabel("p99 time per output token (ms)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("serving: throughput against latency, by concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

@@ -19,6 +19,8 @@ from costlab.measure.names import (
     MEM_PEAK,
     MODEL_SIZE,
     PERF_TOKENS_PER_S,
+    SERVE_TARGET_TOKENS_PER_S,
+    SERVE_USD,
     STEP_FAMILIES,
 )
 from costlab.schema import BEFORE_GROUPS
@@ -243,6 +245,8 @@ MAIN_COLUMNS = (  # (column, metric, how it compares to the baseline)
     (MEM_PEAK, MEM_PEAK, "ratio"),
     (MODEL_SIZE, MODEL_SIZE, "ratio"),
     (INFER_LATENCY, INFER_LATENCY, "speedup"),
+    (SERVE_TARGET_TOKENS_PER_S, SERVE_TARGET_TOKENS_PER_S, "ratio"),  # served at the latency target
+    (SERVE_USD, SERVE_USD, "ratio"),
 )
 COMPARE_SUFFIX = {"delta": "delta", "ratio": "ratio", "speedup": "speed-up"}
 MAIN_TABLE = [x for col, _, how in MAIN_COLUMNS for x in (col, f"{col} {COMPARE_SUFFIX[how]}")]

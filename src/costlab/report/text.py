@@ -15,6 +15,10 @@ from costlab.measure.names import (
     MODEL_SIZE,
     MODEL_TRAINABLE,
     PERF_TOKENS_PER_S,
+    SERVE_MAX_CONCURRENCY,
+    SERVE_TARGET_SPEEDUP,
+    SERVE_TARGET_TOKENS_PER_S,
+    SERVE_USD,
 )
 from costlab.report.table import (
     BYTES_TOLERANCE,
@@ -71,6 +75,9 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
     if speedup is not None and not same_model and (compressed or abs(speedup - 1) > SPEED_TOLERANCE):
         said.append(_speed("infers", speedup, " than uncompressed" if own is not None else ""))
         saved |= speedup > 1 + SPEED_TOLERANCE
+    serving, serves_more = _serving(r, base, compressed, same_model)
+    said += serving
+    saved |= serves_more
     delta = compare(r.get(EVAL_LOSS), base.get(EVAL_LOSS), "delta")
     text = f"{r.label} " + (", ".join(said) if said else "has none of the baseline's cost figures")
     if delta is not None:
@@ -78,6 +85,43 @@ def _sentence(r: RunRecord, base: RunRecord) -> str:
     if not saved:
         text += f": it saved nothing on this hardware ({r.levers.get('device') or 'unknown device'})"
     return text
+
+
+def _target(r: RunRecord) -> str:
+    tpot, ttft = r.params.get("serve.tpot_ms_p99"), r.params.get("serve.ttft_ms_p99")
+    return f"p99 TPOT <= {float(tpot):g} ms" + (f", p99 TTFT <= {float(ttft):g} ms" if ttft else "") if tpot \
+        else "the latency target"
+
+
+def _serving(r: RunRecord, base: RunRecord, compressed: bool, same_model: bool) -> tuple[list[str], bool]:
+    """What serving the run's model buys: output tokens/s at the latency target against the baseline's (a
+    compressed model's own ratio to its uncompressed model, served interleaved in one process, where it has
+    one), and the price per million output tokens beside the baseline's."""
+    mine, theirs = r.get(SERVE_TARGET_TOKENS_PER_S), base.get(SERVE_TARGET_TOKENS_PER_S)
+    if mine is None:
+        return ([f"misses {_target(r)} at every concurrency"] if theirs is not None and r.get(SERVE_MAX_CONCURRENCY)
+                else []), False
+    own = r.get(SERVE_TARGET_SPEEDUP) if compressed else None
+    served = own if own is not None else ratio(mine, theirs)
+    if served is None or same_model or not (compressed or abs(served - 1) > SPEED_TOLERANCE):
+        return [], False
+    than = " than uncompressed" if own is not None else ""
+    text = f"serves {_times(served)} the output tokens/s{than} at {_target(r)}"
+    usd, base_usd = r.get(SERVE_USD), base.get(SERVE_USD)
+    if usd is not None and base_usd is not None:
+        text += f", ${usd:.3g} vs ${base_usd:.3g} per 1M output tokens"
+    return [text], served > 1 + SPEED_TOLERANCE
+
+
+def served_ranking(rep: Report) -> str:
+    """The runs ranked by the output tokens/s they served at the latency target ("" when none served)."""
+    runs = sorted((r for r in rep.rows if r.finished and r.get(SERVE_TARGET_TOKENS_PER_S) is not None),
+                  key=lambda r: -r.get(SERVE_TARGET_TOKENS_PER_S))
+    if not runs:
+        return ""
+    ranked = ", ".join(f"{r.label} {r.get(SERVE_TARGET_TOKENS_PER_S):,.0f}" + (
+        f" (${r.get(SERVE_USD):.3g}/1M)" if r.get(SERVE_USD) is not None else "") for r in runs)
+    return f"Served at {_target(runs[0])}, fastest first (output tokens/s): {ranked}."
 
 
 def summarize(rep: Report) -> str:
@@ -89,9 +133,10 @@ def summarize(rep: Report) -> str:
         head += f", {b.get(PERF_TOKENS_PER_S):,.0f} training tokens/s"
     head += f" on {b.levers.get('device') or 'an unknown device'})"
     sentences = [_sentence(r, b) for r in rep.rows if r is not b]
+    ranking = served_ranking(rep)
     if not sentences:
-        return head + ": it is the only run."
-    return head + ": " + "; ".join(sentences) + "."
+        return head + ": it is the only run." + (f" {ranking}" if ranking else "")
+    return head + ": " + "; ".join(sentences) + "." + (f" {ranking}" if ranking else "")
 
 
 # --------------------------------------------------------------------------- writing

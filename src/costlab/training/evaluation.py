@@ -26,12 +26,15 @@ from costlab.measure.names import (
     INFER_LATENCY,
     INFER_SPEEDUP,
     INFER_TOKENS_PER_S,
+    LADDER_FILE,
     MODEL_SIZE,
+    SERVE_TAG,
 )
+from costlab.measure.serving import serve_ladder, write_ladder
 from costlab.models.loss import evaluate
 from costlab.models.saved import FINAL, UNCOMPRESSED
 from costlab.parallelism.core import DistEnv
-from costlab.precision import autocast
+from costlab.precision import autocast, autocast_dtype
 from costlab.pruning import build_pruning
 from costlab.quantization import build_quantization
 from costlab.training.trainer import finetune_alone
@@ -89,10 +92,14 @@ def evaluate_final(
     seconds, tokens = inference_seconds(models, corpus, cfg, device)
     generation, lengths = generation_figures(models, corpus, cfg, device)
     out.update(generation)
+    tags = {**quantization.tags, GENERATION_TAG: lengths}
+    if cfg.get("serve") is not None and cfg.serve.enabled:
+        serving, tags[SERVE_TAG] = serving_figures(models, corpus, cfg, device, run_dir)
+        out.update(serving)
     out.update(quality_metrics(loss, loss_before, corpus))
     out.update(size_metrics(before, after, compressed))
     out.update(speed_metrics(seconds, tokens, compressed))
-    return out, {**quantization.tags, GENERATION_TAG: lengths}
+    return out, tags
 
 
 def inference_seconds(models: dict[str, nn.Module], corpus: ByteCorpus, cfg: DictConfig,
@@ -113,6 +120,19 @@ def generation_figures(models: dict[str, nn.Module], corpus: ByteCorpus, cfg: Di
     gen = time_generation(models, prompt, new_tokens, lambda: autocast(cfg, device), iters=t.gen_iters)
     lengths = f"prompt {prompt_len}, new tokens {new_tokens}, batch {t.gen_batch_size}"
     return generation_metrics(gen["final"], gen.get("uncompressed")), lengths
+
+
+def serving_figures(models: dict[str, nn.Module], corpus: ByteCorpus, cfg: DictConfig, device: torch.device,
+                    run_dir: Path) -> tuple[dict[str, float], str]:
+    """The serving ladder of each model (``serve.*``) on the held-out text: its summary figures, and the tag that
+    says how it was served. The per-rung figures go to ``<run dir>/serve_ladder.json`` for the launcher."""
+    dtype = autocast_dtype(cfg) or next((p.dtype for p in models["final"].parameters() if p.is_floating_point()),
+                                        torch.float32)
+    ladder = serve_ladder(models, corpus.val, cfg, device, lambda: autocast(cfg, device), dtype)
+    if ladder is None:
+        return {}, f"not served: {type(models['final']).__name__} has no batched KV-cache path"
+    write_ladder(run_dir / LADDER_FILE, ladder, cfg)
+    return ladder.summary, ladder.tag
 
 
 def quality_metrics(loss: float, loss_before: float, corpus: ByteCorpus) -> dict[str, float]:

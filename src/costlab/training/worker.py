@@ -51,6 +51,7 @@ from costlab.measure.names import (
     MODEL_ADAPTER_BYTES,
     MODEL_TRAINABLE,
     PERF_TOKENS_PER_S,
+    SERVE_TARGET_TOKENS_PER_S,
 )
 from costlab.models.adapters import (
     ADAPTER_DIR,
@@ -122,7 +123,8 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             summary.update(predicted or {})
             # the peak last: on CPU its probe runs now, on the node's cores, while the other ranks wait
             cost, mfu_tag = cost_and_mfu(cfg, flops, env.local_world_size, matmul_dtype(cfg),
-                                         summary.get(PERF_TOKENS_PER_S), summary.get(INFER_TOKENS_PER_S))
+                                         summary.get(PERF_TOKENS_PER_S), summary.get(INFER_TOKENS_PER_S),
+                                         summary.get(SERVE_TARGET_TOKENS_PER_S))
             summary.update(cost)
             tags.update({**energy_tag, **mfu_tag})
         summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
