@@ -35,6 +35,7 @@ TINY = [
     "serve.requests=4",
     "serve.prompt_len=[4,8]",
     "serve.output_len=[2,4]",
+    "tracking.log_model=false",  # the MLflow model's tests ask for it (tests/test_use.py)
 ]
 
 

@@ -122,7 +122,7 @@ def test_the_report_ranks_the_levers_by_output_tokens_served_at_the_latency_targ
     c = client(mlflow_uri)
     exp = experiment_id(mlflow_uri, f"report_{request.node.name}")
     pid = c.create_run(exp, run_name="sweep", tags={"costlab.role": "sweep"}).info.run_id
-    target = {"serve.tpot_ms_p99": "50", "serve.ttft_ms_p99": "1000"}
+    target = {"serve.tpot_ms_p99": "50", "serve.ttft_ms_p99": "1000", "serve.kv_cache_dtype": "auto"}
 
     def served(tps: float, **more: float) -> dict[str, float]:
         return {"serve/target_output_tokens_per_s": tps, "serve/usd_per_1m_output_tokens": 0.66 * 1000 / tps,
@@ -134,6 +134,8 @@ def test_the_report_ranks_the_levers_by_output_tokens_served_at_the_latency_targ
                   "eval/loss": 2.01})
     _run(c, exp, "pruned", pid, levers={"pruning": "structured"}, params=target,
          metrics={"serve/max_concurrency": 64, "model/size_bytes": 3e6})  # no rung met the target
+    _run(c, exp, "kv", pid, params={**target, "serve.kv_cache_dtype": "int8"},
+         metrics=served(1200.0, **{"serve/kv_eval_loss_delta": 0.002}))
     rep = report.build_report(_rows(c, pid))
     by_label = {row["label"]: row for row in rep.table}
     assert by_label["int8_dynamic"]["serve/target_output_tokens_per_s ratio"] == pytest.approx(1.6)
@@ -142,8 +144,12 @@ def test_the_report_ranks_the_levers_by_output_tokens_served_at_the_latency_targ
     assert "serves 1.60x the output tokens/s than uncompressed at p99 TPOT <= 50 ms, p99 TTFT <= 1000 ms, " \
            "$0.412 vs $0.66 per 1M output tokens at +0.50 % loss" in text
     assert "misses p99 TPOT <= 50 ms, p99 TTFT <= 1000 ms at every concurrency" in text
+    # the same model, its KV cache in int8: what it serves, and what the cache's dtype cost in loss
+    assert "kv_cache_dtype=int8 serves 1.20x the output tokens/s at p99 TPOT <= 50 ms, p99 TTFT <= 1000 ms, " \
+           "$0.55 vs $0.66 per 1M output tokens (its int8 KV cache: +0.20 % loss)" in text
     assert text.endswith("Served at p99 TPOT <= 50 ms, p99 TTFT <= 1000 ms, fastest first (output tokens/s): "
-                         "int8_dynamic 1,600 ($0.412/1M), baseline 1,000 ($0.66/1M).")
+                         "int8_dynamic 1,600 ($0.412/1M), kv_cache_dtype=int8 1,200 ($0.55/1M), "
+                         "kv_cache_dtype=auto 1,000 ($0.66/1M).")
 
 
 def test_the_baseline_can_be_named_by_overrides_or_run_name(sweep):

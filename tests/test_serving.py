@@ -238,3 +238,60 @@ def test_an_int8_model_serves_and_its_weights_are_counted_as_stored(backend):
     # the blocks' Linears (72 % of this tiny model's weights; the tied embedding and head stay fp32) shrink ~4x
     assert stored < 0.6 * dense
     assert [len(s.tokens) for s in served] == [r.output_len for r in _requests(4)]
+
+
+@pytest.mark.parametrize(("family", "kv_dtype", "element"), [
+    ("gpt", "bf16", 2), ("gpt", "fp8", 1), ("gpt", "int8", 1), ("llama", "int8", 1), ("hf-llama", "fp8", 1)])
+def test_a_smaller_kv_cache_dtype_takes_the_bytes_predicted_for_it(family, kv_dtype, element):
+    model = _hf(family[3:]) if family.startswith("hf-") else _gpt(family)
+    engine = make_engine(model, 20, kv_dtype=kv_dtype)
+    with torch.inference_mode():
+        engine.serve(_requests(3), 2, CPU)
+    predicted = predicted_kv_bytes_per_token(model, torch.float32, kv_dtype)
+    assert engine.kv_bytes_per_token == pytest.approx(predicted, rel=0.02)
+    kv_heads, head_dim = (2 if family == "hf-llama" else 4), 8
+    # costlab's cache keeps a 4-byte scale per token and head with fp8 and int8; transformers' fp8 one per layer
+    scales = 4 * kv_heads if kv_dtype in ("fp8", "int8") and not family.startswith("hf-") else 0
+    assert predicted == 2 * 2 * (kv_heads * head_dim * element + scales)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama", "hf-llama"])
+def test_the_loss_through_the_cache_is_the_models_loss_and_a_quantized_cache_costs_little(family):
+    from costlab.measure.serving import kv_cache_loss
+
+    model = _hf(family[3:]) if family.startswith("hf-") else _gpt(family)
+    torch.manual_seed(3)
+    text = torch.randint(0, 256, (400,), dtype=torch.uint8)
+    block = 32
+    through = kv_cache_loss(make_engine(model, 20), text, block, windows=3)
+    # the same windows' second halves, by the plain forward pass: the cache path computes the model's loss
+    starts = torch.linspace(0, text.numel() - block - 1, 3).long().tolist()
+    total = count = 0
+    with torch.inference_mode():
+        for s in starts:
+            window = text[s:s + block].long()
+            logits = model(window[None])[0]
+            total += float(torch.nn.functional.cross_entropy(logits[block // 2:-1], window[block // 2 + 1:],
+                                                             reduction="sum"))
+            count += block - block // 2 - 1
+    assert through == pytest.approx(total / count, rel=1e-5)
+    for kv_dtype in ("fp8",) if family.startswith("hf-") else ("bf16", "fp8", "int8"):
+        quantized = kv_cache_loss(make_engine(model, 20, kv_dtype=kv_dtype), text, block, windows=3)
+        assert quantized != through and quantized == pytest.approx(through, rel=0.01), kv_dtype
+
+
+def test_a_quantized_slot_cache_scales_each_token_alone_so_batching_changes_no_token():
+    model = _gpt("llama")
+    with torch.inference_mode():
+        alone, _ = make_engine(model, 20, kv_dtype="int8").serve(_requests(), 1, CPU)
+        batched, _ = make_engine(model, 20, kv_dtype="int8").serve(_requests(), 3, CPU)
+    assert [s.tokens for s in batched] == [s.tokens for s in alone]
+
+
+def test_the_serve_keys_are_checked_before_any_rank_starts():
+    from .conftest import refusal
+
+    assert "shortest exceeds the longest" in str(refusal("serve.prompt_len=[9,3]"))
+    assert str(refusal("serve.kv_cache_dtype=int4")).startswith("serve.kv_cache_dtype=int4: choose one of")
+    error = refusal("model=hf", "model.config=llama_tiny", "serve.kv_cache_dtype=int8")
+    assert str(error).startswith("serve.kv_cache_dtype=int8: model=hf serves with transformers' caches")

@@ -24,10 +24,10 @@ from .conftest import TINY, Cli
 
 pytest.importorskip("transformers")
 
-RUNS = {
-    "gpt": [*TINY, "pruning=structured", "quantization=int8_dynamic"],
+RUNS = {  # both also logged as MLflow models
+    "gpt": [*TINY, "pruning=structured", "quantization=int8_dynamic", "tracking.log_model=true"],
     "hf": [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.config=llama_tiny",
-           "model.block_size=32"],
+           "model.block_size=32", "tracking.log_model=true"],
 }
 TEXT = "def add(a, b):\n    return a + b\n\n# a comment with a non-ASCII character: é\n" * 3
 PROMPT = "def main("
@@ -258,6 +258,59 @@ def test_every_run_serves_its_final_model_and_logs_the_ladder_table_figure_and_p
     again = serve(load_run(folder), max_concurrency=2)
     assert list(again.rungs["final"]) == [1, 2]
     assert again.summary["serve/kv_bytes_per_token"] == m["serve/kv_bytes_per_token"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["gpt", "hf"])
+def test_the_final_model_is_an_mlflow_model_that_generates_in_a_fresh_process(runs, name, tmp_path):
+    """``runs:/<run id>/model`` is a pyfunc model: loaded by MLflow in a fresh process started elsewhere, from
+    the store alone, it continues a prompt as ``costlab.use`` does with the run's folder."""
+    cli, run, folder = runs[name]
+    uri = run.data.tags["costlab.mlflow_model"]
+    assert uri == f"runs:/{run.info.run_id}/model"
+    code = ("import json, sys, mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(json.dumps(list(m.predict(pd.DataFrame({'prompt': [sys.argv[2]]}), "
+            "params={'max_new_tokens': 6}))))")
+    proc = subprocess.run([sys.executable, "-c", code, uri, PROMPT], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": cli.uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [load_run(folder).generate(PROMPT, 6)]
+    model = {a.path for a in cli.client().list_artifacts(run.info.run_id, "model")}
+    assert {"model/MLmodel", "model/serving_input_example.json", "model/code", "model/conf"} <= model
+
+
+@pytest.mark.e2e
+def test_a_sweeps_pareto_front_models_are_registered_once(runs):
+    import mlflow.pyfunc
+
+    from costlab import report
+    from costlab.report.deploy import front_runs, register_front
+
+    cli, run, _ = runs["gpt"]
+    c = cli.client()
+    parent = c.create_run(run.info.experiment_id, run_name="a sweep", tags={"costlab.role": "sweep"}).info.run_id
+    rep = report.build_report(report.load_runs(c, run_ids=[runs[n][1].info.run_id for n in RUNS]))
+    fronts = {"size": ("model/size_bytes", False), "serving": ("serve/target_output_tokens_per_s", True)}
+    front = front_runs(rep, fronts)
+    registered = register_front(c, rep, parent, fronts)
+    name = c.get_experiment(run.info.experiment_id).name
+    versions = c.search_model_versions(f"name='{name}'")
+    assert len(registered) == len(front) >= 1 and {v.run_id for v in versions} == set(front)
+    assert c.get_run(parent).data.tags["costlab.registered"] == "; ".join(registered)
+    assert all(v.tags["pareto"] and v.tags["sweep"] == parent for v in versions)
+    assert register_front(c, rep, parent, fronts) == []  # a rebuilt report registers nothing twice
+    # what the registry holds loads as the model it came from
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(cli.uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}/{versions[0].version}")
+    finally:
+        mlflow.set_tracking_uri(before)
+    folder = next(f for _, r, f in runs.values() if r.info.run_id == versions[0].run_id)
+    import pandas as pd
+
+    said = loaded.predict(pd.DataFrame({"prompt": [PROMPT]}), params={"max_new_tokens": 4})
+    assert list(said) == [load_run(folder).generate(PROMPT, 4)]
 
 
 def test_the_command_refuses_a_missing_folder_in_one_line(tmp_path, capsys):

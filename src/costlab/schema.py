@@ -149,6 +149,7 @@ class Tracking:
     uri: str = key("sqlite:///outputs/mlflow.db", non_empty)
     experiment_name: str = key("costlab", non_empty)
     run_name: str | None = None
+    log_model: bool = True
 
 
 @dataclass
@@ -173,6 +174,7 @@ class Serve:
     tpot_ms_p99: float = key(50.0, POSITIVE, "the latency target's p99 time per output token")
     ttft_ms_p99: float = key(1000.0, POSITIVE, "the latency target's p99 time to first token")
     memory_gb: float | None = key(None, POSITIVE, "what weights and KV cache may take; null: the device's memory")
+    kv_cache_dtype: str = key("auto", one_of("auto", "bf16", "fp8", "int8"))
 
     def check(self) -> None:
         for name in ("prompt_len", "output_len"):

@@ -90,6 +90,8 @@ def run_folder(run: str | Path, tracking_uri: str | None = None) -> Path:
     from costlab.tracking.store import default_uri, sqlite_path
 
     text = str(run)
+    if (Path(text).expanduser() / "config.yaml").is_file():  # a run folder: no store needed
+        return Path(text).expanduser().resolve()
     uri = tracking_uri or default_uri()
     db = sqlite_path(uri)
     if RUN_ID.match(text) and not Path(text).expanduser().is_dir() and db is not None and not db.is_file():

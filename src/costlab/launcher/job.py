@@ -227,6 +227,17 @@ class Job:
         # a run whose record is incomplete did not finish as recorded
         return status.FAILED if outcome == status.FINISHED else outcome
 
+    def _log_model(self, client: MlflowClient) -> None:
+        """The shipped model as an MLflow model; a failure is a warning and a tag, not a failed run."""
+        from costlab.report.deploy import MODEL_TAG, log_final_model
+
+        try:
+            said = log_final_model(client, self.run_id, self.run_dir, self.cfg)
+        except Exception as e:  # the run trained and shipped its model.pt: it finished as recorded
+            said = f"not logged: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:500]
+            print(f"costlab: warning: run {self.run_id}: the MLflow model was {said}", file=sys.stderr, flush=True)
+        client.set_tag(self.run_id, MODEL_TAG, said)
+
     def _log_end(self, client: MlflowClient, outcome: str) -> None:
         oom = describe_kill(self.ooms_before, oom_kill_count()) if outcome == status.FAILED else None
         if oom:
@@ -238,6 +249,8 @@ class Job:
                                                                    **run_cost(self.cfg, seconds)}))
         if (self.run_dir / LADDER_FILE).exists():  # the serving ladder rank 0 measured
             log_ladder(client, self.run_id, self.run_dir / LADDER_FILE)
+        if outcome == status.FINISHED and self.cfg.tracking.get("log_model", False):
+            self._log_model(client)
         if not self.log_path.exists():
             return
         client.log_artifact(self.run_id, str(self.log_path))

@@ -48,7 +48,7 @@ def validate(cfg: DictConfig) -> None:
         _check_pipeline(cfg, dims)
     _check_data(cfg)
     if "serve" in cfg:  # configs written before serving was measured have none
-        option("serve", cfg.serve).check()
+        _check_serve(cfg)
     _check_optimizer(cfg)
     _check_finetune(cfg, dims)
 
@@ -204,6 +204,14 @@ def finetune_warnings(cfg: DictConfig) -> list[str]:
     return [f"finetune={cfg.finetune.name} starts from random weights: only the adapters train; give "
             "trainer.init_from=<run id, run folder or model file> (or model.pretrained=<folder> for model=hf) "
             "to fine-tune a trained model"]
+
+
+def _check_serve(cfg: DictConfig) -> None:
+    option("serve", cfg.serve).check()
+    kv = cfg.serve.kv_cache_dtype
+    if cfg.serve.enabled and is_hf(cfg) and kv not in ("auto", "fp8"):
+        raise ConfigError("serve.kv_cache_dtype", kv, "model=hf serves with transformers' caches: auto "
+                          "(DynamicCache) or fp8 (QuantizedCache); its int8 backend needs the hqq package")
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -32,6 +32,10 @@ UNCOMPRESSED_SUFFIX = "_uncompressed"  # the same figure of the uncompressed mod
 # once per run:
 SERVE_KV_BYTES = "serve/kv_bytes_per_token"
 SERVE_KV_BYTES_PREDICTED = "serve/predicted_kv_bytes_per_token"
+# serve.kv_cache_dtype other than auto: the held-out loss through that cache, and its change from a cache in the
+# model's own dtype (the same windows)
+SERVE_KV_LOSS = "serve/kv_eval_loss"
+SERVE_KV_LOSS_DELTA = "serve/kv_eval_loss_delta"
 SERVE_MAX_CONCURRENCY = "serve/max_concurrency"  # the most sequences whose KV cache fits serve.memory_gb
 SERVE_TARGET_TOKENS_PER_S = "serve/target_output_tokens_per_s"  # the best rung that meets the latency target
 SERVE_TARGET_CONCURRENCY = "serve/target_concurrency"

@@ -27,6 +27,10 @@ from the model's shapes (2 x the key width of every layer x the bytes of the dty
 in). The largest concurrency that fits ``serve.memory_gb`` is the memory left after the weights over the
 KV cache of one sequence at the longest prompt and output; activations of a step are not counted (a
 stated omission: they are a few sequences' hidden states, small beside the cache at serving lengths).
+
+``serve.kv_cache_dtype`` is a lever: costlab's cache stores keys and values as computed (``auto``), in bf16, or
+in fp8/int8 with a scale per token and head; Hugging Face models take transformers' fp8 ``QuantizedCache``. The
+loss through the cache on held-out windows (:func:`kv_cache_loss`) says what it costs in quality.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from costlab.measure.metrics import now
 from costlab.measure.names import (
     SERVE_KV_BYTES,
     SERVE_KV_BYTES_PREDICTED,
+    SERVE_KV_LOSS,
+    SERVE_KV_LOSS_DELTA,
     SERVE_MAX_CONCURRENCY,
     SERVE_TARGET_CONCURRENCY,
     SERVE_TARGET_SPEEDUP,
@@ -98,8 +104,7 @@ def fit_lengths(prompt: Span, output: Span, block: int) -> tuple[Span, Span]:
     return (min(p_lo, p_hi), p_hi), (o_lo, o_hi)
 
 
-def draw_requests(text: torch.Tensor, n: int, prompt: tuple[int, int], output: tuple[int, int],
-                  seed: int) -> list[Request]:
+def draw_requests(text: torch.Tensor, n: int, prompt: Span, output: Span, seed: int) -> list[Request]:
     """``n`` requests whose prompts are spans of the held-out token stream ``text`` (1-D), lengths uniform in
     the ``prompt`` and ``output`` ranges (inclusive), the same for a given ``seed``."""
     rng = random.Random(seed)
@@ -143,15 +148,29 @@ class SlotEngine:
 
     name = "continuous batching (costlab's slot cache)"
 
-    def __init__(self, model: nn.Module, length: int, autocast: Callable[[], AbstractContextManager] = nullcontext):
-        self.model, self.length, self.autocast = model, length, autocast
+    def __init__(self, model: nn.Module, length: int, autocast: Callable[[], AbstractContextManager] = nullcontext,
+                 kv_dtype: str = "auto"):
+        self.model, self.length, self.autocast, self.kv_dtype = model, length, autocast, kv_dtype
         self.kv_bytes_per_token: float | None = None
 
-    def serve(self, requests: list[Request], concurrency: int, device: torch.device) -> tuple[list[Served], float]:
+    def new_cache(self, slots: int, device: torch.device, length: int | None = None) -> Any:
         from costlab.models.gpt import SlotCache
 
-        cache = SlotCache(concurrency, self.length)
-        cache.lengths = torch.zeros(concurrency, dtype=torch.long, device=device)
+        cache = SlotCache(slots, length or self.length, self.kv_dtype)
+        cache.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        return cache
+
+    def teacher_forced(self, window: torch.Tensor, split: int) -> torch.Tensor:
+        """Logits of ``window[split:]`` (1-D) fed in one call after a prefill of ``window[:split]``, so that every
+        position they attend to is read back from the cache as it stores it."""
+        cache = self.new_cache(1, window.device, window.numel())
+        slot = torch.zeros(1, dtype=torch.long, device=window.device)
+        with self.autocast():
+            self.model.forward_slots(window[None, :split], cache, slot)
+            return self.model.forward_slots(window[None, split:], cache, slot)[0]
+
+    def serve(self, requests: list[Request], concurrency: int, device: torch.device) -> tuple[list[Served], float]:
+        cache = self.new_cache(concurrency, device)
         pending = deque(enumerate(requests))
         served: list[Served] = [Served(math.nan) for _ in requests]
         active: dict[int, int] = {}  # slot -> request index
@@ -194,25 +213,59 @@ class SlotEngine:
         return served, start
 
 
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
 def cache_bytes(cache: Any) -> int:
-    """Bytes of the key and value tensors a ``transformers`` cache holds."""
+    """Bytes of every tensor a ``transformers`` cache's layers hold: keys and values, and a quantized layer's
+    codes, scales and full-precision residual (each storage once)."""
     layers = getattr(cache, "layers", None)
-    if layers is not None:
-        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
-    else:  # caches of transformers 4
-        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
-    return sum(t.numel() * t.element_size() for pair in pairs for t in pair if isinstance(t, torch.Tensor))
+    if layers is None:  # caches of transformers 4
+        layers = [{"k": k, "v": v} for k, v in zip(cache.key_cache, cache.value_cache, strict=True)]
+    seen: dict[tuple[int, int], int] = {}
+    for layer in layers:
+        for t in _tensors(list((layer if isinstance(layer, dict) else vars(layer)).values())):
+            seen[(t.data_ptr(), t.numel() * t.element_size())] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+HF_KV_CACHE_DTYPES = ("auto", "fp8")  # transformers' DynamicCache, and its QuantizedCache's fp8 backend
 
 
 class WaveEngine:
-    """Static batching for Hugging Face models (:class:`costlab.models.hf.HFCausalLM`), with the cache class
-    of ``transformers`` (``DynamicCache``) and left padding."""
+    """Static batching for Hugging Face models (:class:`costlab.models.hf.HFCausalLM`), with the cache classes
+    of ``transformers`` (``DynamicCache``; ``QuantizedCache`` with its fp8 backend) and left padding."""
 
-    name = "static batching (transformers DynamicCache, left-padded)"
-
-    def __init__(self, model: nn.Module, autocast: Callable[[], AbstractContextManager] = nullcontext):
-        self.model, self.autocast = model, autocast
+    def __init__(self, model: nn.Module, autocast: Callable[[], AbstractContextManager] = nullcontext,
+                 kv_dtype: str = "auto"):
+        if kv_dtype not in HF_KV_CACHE_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r}: transformers' caches here take {', '.join(HF_KV_CACHE_DTYPES)}")
+        self.model, self.autocast, self.kv_dtype = model, autocast, kv_dtype
         self.kv_bytes_per_token: float | None = None
+        self.name = "static batching (transformers " + ("QuantizedCache fp8" if kv_dtype == "fp8" else "DynamicCache") \
+            + ", left-padded)"
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache, QuantizedCache
+
+        config = self.model.hf.config
+        return QuantizedCache("fp8", config) if self.kv_dtype == "fp8" else DynamicCache(config=config)
+
+    def teacher_forced(self, window: torch.Tensor, split: int) -> torch.Tensor:
+        """As :meth:`SlotEngine.teacher_forced` (transformers' fp8 cache stores the prefill and returns it
+        unquantized once; what follows reads it back quantized)."""
+        cache = self.new_cache()
+        ids = window[None]
+        positions = torch.arange(ids.size(1), device=ids.device)[None]
+        mask = torch.ones_like(ids)
+        out = self._forward(ids[:, :split], mask[:, :split], positions[:, :split], cache)
+        cache = out[self.model._cache_key] if self.model._cache_key in out else out.past_key_values
+        return self._forward(ids[:, split:], mask, positions[:, split:], cache).logits[0]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
         hf = self.model.hf
@@ -221,8 +274,6 @@ class WaveEngine:
                       **{self.model._cache_key: cache})
 
     def serve(self, requests: list[Request], concurrency: int, device: torch.device) -> tuple[list[Served], float]:
-        from transformers import DynamicCache
-
         served: list[Served] = [Served(math.nan) for _ in requests]
         start = now(device)
         client_free = [start] * concurrency  # when each client's previous request had its last token
@@ -238,17 +289,17 @@ class WaveEngine:
                 ids[row, longest - p.numel():], mask[row, longest - p.numel():] = p, 1
                 served[i].issued = client_free[clients[row]]
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = self._forward(ids, mask, positions, DynamicCache(config=self.model.hf.config))
+            out = self._forward(ids, mask, positions, self.new_cache())
             cache = out[self.model._cache_key] if self.model._cache_key in out else out.past_key_values
-            if self.kv_bytes_per_token is None:
-                self.kv_bytes_per_token = cache_bytes(cache) / ids.numel()
+            prefilled = cache_bytes(cache) if self.kv_bytes_per_token is None else None
             t = now(device)
             for row, (i, token) in enumerate(zip(wave, _argmax(out.logits), strict=True)):
                 served[i].tokens, served[i].first = [token], t
                 if requests[i].output_len == 1:
                     served[i].done = client_free[clients[row]] = t
             last = positions[:, -1:]
-            for _ in range(max(requests[i].output_len for i in wave) - 1):
+            steps = max(requests[i].output_len for i in wave) - 1
+            for _ in range(steps):
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
                 last = last + 1
                 idx = torch.tensor([[served[i].tokens[-1]] for i in wave], device=device)
@@ -259,16 +310,20 @@ class WaveEngine:
                         served[i].tokens.append(token)
                         if len(served[i].tokens) == requests[i].output_len:
                             served[i].done = client_free[clients[row]] = t
+            if prefilled is not None:  # what each decoded position added (a layer's fixed scales left out)
+                self.kv_bytes_per_token = (cache_bytes(cache) - prefilled) / (len(wave) * steps) if steps \
+                    else prefilled / ids.numel()
         return served, start
 
 
-def make_engine(model: nn.Module, length: int,
-                autocast: Callable[[], AbstractContextManager] = nullcontext) -> SlotEngine | WaveEngine | None:
-    """The engine that serves ``model`` (None: its family has no batched KV-cache path, e.g. the MLP baseline)."""
+def make_engine(model: nn.Module, length: int, autocast: Callable[[], AbstractContextManager] = nullcontext,
+                kv_dtype: str = "auto") -> SlotEngine | WaveEngine | None:
+    """The engine that serves ``model`` with its KV cache in ``kv_dtype`` (None: its family has no batched
+    KV-cache path, e.g. the MLP baseline)."""
     if callable(getattr(model, "forward_slots", None)):
-        return SlotEngine(model, length, autocast)
+        return SlotEngine(model, length, autocast, kv_dtype)
     if hasattr(model, "hf") and getattr(model, "stage", None) is None:
-        return WaveEngine(model, autocast)
+        return WaveEngine(model, autocast, kv_dtype)
     return None
 
 
@@ -280,13 +335,20 @@ def _width(linear: nn.Module) -> int:
     return int(width) if width is not None else int(linear.weight.shape[0])
 
 
-def predicted_kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> float:
-    """2 (keys and values) x the key width summed over layers x the bytes of ``dtype``: from each layer's key
-    projection where the model has one (costlab's ``c_k``, Llama-style ``k_proj``; pruned layers
-    included), else from the config (heads x head size x layers, with grouped-query attention's
-    key/value heads)."""
-    item = torch.empty((), dtype=dtype).element_size()
-    keys = [m for name, m in model.named_modules() if name.endswith((".c_k", ".k_proj"))]
+def predicted_kv_bytes_per_token(model: nn.Module, dtype: torch.dtype, kv_dtype: str = "auto") -> float:
+    """2 (keys and values) x the key width summed over layers x the bytes of an element: from each layer's key
+    projection where the model has one (costlab's ``c_k``, Llama-style ``k_proj``; pruned layers included),
+    else from the config (heads x head size x layers, with grouped-query attention's key/value heads).
+    An element is ``dtype`` (what the keys are computed in) for ``kv_dtype=auto``, 2 bytes for bf16, 1 for
+    fp8 and int8, which costlab's cache adds a 4-byte scale to per token and head (transformers' fp8 cache
+    keeps one per layer: nothing per token)."""
+    item = {"auto": torch.empty((), dtype=dtype).element_size(), "bf16": 2}.get(kv_dtype, 1)
+    attentions = [m for m in model.modules() if isinstance(getattr(m, "c_k", None), nn.Module)]
+    if attentions:  # costlab's GPTs
+        widths = [_width(m.c_k) for m in attentions]
+        heads = sum(w // m.head_dim for w, m in zip(widths, attentions, strict=True))
+        return 2.0 * (sum(widths) * item + (4 * heads if kv_dtype in ("fp8", "int8") else 0))
+    keys = [m for name, m in model.named_modules() if name.endswith(".k_proj")]
     if keys:
         return 2.0 * sum(map(_width, keys)) * item
     c = model.hf.config
@@ -324,6 +386,25 @@ def ladder(cap: int, fit: int) -> list[int]:
     if rungs and rungs[-1] != top:
         rungs.append(top)
     return rungs
+
+
+def kv_cache_loss(engine: SlotEngine | WaveEngine, text: torch.Tensor, block: int, windows: int = 8) -> float:
+    """Mean next-token loss (nats) on ``windows`` evenly spaced spans of ``block`` tokens of ``text``, each fed
+    as a prefill of its first half and then its second half in one call, so that the second half's tokens
+    attend to keys and values read back from ``engine``'s cache as it stores them: the quality a cache dtype
+    costs. The loss is over the second halves' predictions."""
+    import torch.nn.functional as F
+
+    text = text.long()
+    split, total, count = block // 2, 0.0, 0
+    starts = torch.linspace(0, text.numel() - block - 1, windows).long().tolist()
+    with torch.inference_mode():
+        for start in starts:
+            window = text[start:start + block]
+            logits = engine.teacher_forced(window, split).float()
+            total += float(F.cross_entropy(logits[:-1], window[split + 1:], reduction="sum"))
+            count += window.numel() - split - 1
+    return total / count
 
 
 def meets(figures: dict[str, float], tpot_ms_p99: float, ttft_ms_p99: float) -> bool:
@@ -389,14 +470,15 @@ def serve_ladder(models: dict[str, nn.Module], text: torch.Tensor, cfg: Any, dev
     keys are computed in (the autocast dtype, else the weights'). None when the final model's family has no
     batched KV-cache path."""
     s = cfg.serve
+    kv_dtype = str(s.get("kv_cache_dtype", "auto"))
     prompt, output = fit_lengths(tuple(s.prompt_len), tuple(s.output_len), int(cfg.model.block_size))
     length = prompt[1] + output[1]
-    engines = {name: make_engine(m, length, autocast) for name, m in models.items()}
+    engines = {name: make_engine(m, length, autocast, kv_dtype) for name, m in models.items()}
     if engines["final"] is None:
         return None
     for m in models.values():
         m.eval()
-    predicted = predicted_kv_bytes_per_token(models["final"], dtype)
+    predicted = predicted_kv_bytes_per_token(models["final"], dtype, kv_dtype)
     budget, source = memory_budget(s, device)
     fit = fits(budget, model_bytes(models["final"]), predicted, length)
     rungs_c = ladder(int(s.max_concurrency), fit)
@@ -411,11 +493,16 @@ def serve_ladder(models: dict[str, nn.Module], text: torch.Tensor, cfg: Any, dev
                 served, start = engine.serve(reqs, c, device)
                 results[name][c] = rung_figures(served, start)
     summary = {SERVE_KV_BYTES_PREDICTED: predicted, SERVE_MAX_CONCURRENCY: fit}
+    if kv_dtype != "auto":  # what the cache's dtype costs in quality, beside the capacity it buys
+        block = int(cfg.model.block_size)
+        loss = kv_cache_loss(engines["final"], text, block)
+        reference = kv_cache_loss(make_engine(models["final"], length, autocast), text, block)
+        summary.update({SERVE_KV_LOSS: loss, SERVE_KV_LOSS_DELTA: (loss - reference) / reference})
     if engines["final"].kv_bytes_per_token is not None:
         summary[SERVE_KV_BYTES] = engines["final"].kv_bytes_per_token
-    tag = (f"{engines['final'].name}; prompts of {prompt[0]}-{prompt[1]} and outputs of {output[0]}-{output[1]} "
-           f"tokens from the held-out text (seed {s.seed}), at least {s.requests} requests per rung; memory budget "
-           f"{budget / 1e9:.3g} GB ({source}); target p99 TPOT <= {s.tpot_ms_p99:g} ms, "
+    tag = (f"{engines['final'].name}, KV cache {kv_dtype}; prompts of {prompt[0]}-{prompt[1]} and outputs of "
+           f"{output[0]}-{output[1]} tokens from the held-out text (seed {s.seed}), at least {s.requests} requests "
+           f"per rung; memory budget {budget / 1e9:.3g} GB ({source}); target p99 TPOT <= {s.tpot_ms_p99:g} ms, "
            f"p99 TTFT <= {s.ttft_ms_p99:g} ms")
     if not rungs_c:
         return Ladder(results, summary, tag + "; not served: not one sequence's KV cache fits beside the weights")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,32 +31,91 @@ class KVCache:
     pos: int
 
 
+KV_CACHE_DTYPES = ("auto", "bf16", "fp8", "int8")  # serve.kv_cache_dtype for costlab's slot cache
+_SCALED = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}  # storage dtype, its largest value
+
+
 @dataclass
 class SlotCache:
     """The keys and values of a fixed number of sequence slots, for serving many sequences at once
     (:meth:`GPT.forward_slots`): per block a ``(slots, H, length, D)`` pair, allocated at the block's first
     write (a pruned block may have fewer heads), and each slot's filled length. A slot is reused by
-    resetting its length to 0; its stale keys and values are masked out, never read."""
+    resetting its length to 0; its stale keys and values are masked out, never read.
+
+    ``kv_dtype``: ``auto`` stores keys and values as computed; ``bf16`` in bfloat16; ``fp8`` (e4m3) and
+    ``int8`` with one fp32 scale per token and head (its absolute maximum over the head's channels maps to
+    the type's largest value), dequantized when read."""
 
     slots: int
     length: int
-    dtype: torch.dtype | None = None  # None: the dtype the keys are computed in
-    layers: list[KV | None] = field(default_factory=list)
+    kv_dtype: str = "auto"
+    layers: list[tuple[torch.Tensor, ...] | None] = field(default_factory=list)  # K, V (, K scales, V scales)
     lengths: torch.Tensor | None = None  # (slots,) int64
 
-    def layer(self, i: int, like: torch.Tensor) -> KV:
-        """Block ``i``'s keys and values, allocated like ``like`` (B, H, T, D) on first use."""
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+
+    def _allocate(self, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shape = (self.slots, k.size(2), self.length, k.size(3))  # k: (B, T, H, D) as written
+        dtype = {"auto": k.dtype, "bf16": torch.bfloat16}.get(self.kv_dtype) or _SCALED[self.kv_dtype][0]
+        if dtype == torch.float8_e4m3fn:  # indexed writes want a byte type: fp8 is kept as its bytes
+            dtype = torch.uint8
+        out = (k.new_zeros(shape, dtype=dtype), k.new_zeros(shape, dtype=dtype))
+        if self.kv_dtype in _SCALED:  # one scale per slot, head and position, for keys and for values
+            scales = shape[:3] + (1,)
+            out += (k.new_zeros(scales, dtype=torch.float32), k.new_zeros(scales, dtype=torch.float32))
+        return out
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.kv_dtype not in _SCALED:
+            return x, None
+        dtype, top = _SCALED[self.kv_dtype]
+        scale = (x.float().abs().amax(dim=-1, keepdim=True) / top).clamp(min=torch.finfo(torch.float32).tiny)
+        q = x.float() / scale
+        q = q.round().clamp(-top, top).to(dtype) if dtype == torch.int8 else q.to(dtype).view(torch.uint8)
+        return q, scale
+
+    def _decode(self, q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        if scale is None:
+            return q.to(dtype)
+        stored = q.view(torch.float8_e4m3fn) if self.kv_dtype == "fp8" else q
+        return (stored.float() * scale).to(dtype)
+
+    def write(self, i: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Block ``i``'s keys and values ``(B, H, T, D)`` of the sequences in ``slots``, at their ``positions``
+        (B, T)."""
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D): the layout the indexing below gives
         while len(self.layers) <= i:
             self.layers.append(None)
         if self.layers[i] is None:
-            shape = (self.slots, like.size(1), self.length, like.size(3))
-            dtype = self.dtype or like.dtype
-            self.layers[i] = (like.new_zeros(shape, dtype=dtype), like.new_zeros(shape, dtype=dtype))
-        return self.layers[i]  # type: ignore[return-value]
+            self.layers[i] = self._allocate(k)
+        layer, rows = self.layers[i], slots[:, None]
+        for n, x in enumerate((k, v)):
+            q, scale = self._encode(x)
+            layer[n][rows, :, positions] = q.to(layer[n].dtype)
+            if scale is not None:
+                layer[2 + n][rows, :, positions] = scale
+
+    def read(self, i: int, slots: torch.Tensor, seen: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``i``'s keys and values ``(B, H, seen, D)`` of ``slots``' first ``seen`` positions, in ``dtype``."""
+        layer = self.layers[i]
+        scales = (layer[2][slots, :, :seen], layer[3][slots, :, :seen]) if len(layer) > 2 else (None, None)
+        return (self._decode(layer[0][slots, :, :seen], scales[0], dtype),
+                self._decode(layer[1][slots, :, :seen], scales[1], dtype))
 
     def bytes(self) -> int:
-        """Bytes the allocated keys and values take."""
-        return sum(t.numel() * t.element_size() for kv in self.layers if kv is not None for t in kv)
+        """Bytes the allocated keys, values and scales take."""
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer is not None for t in layer)
+
+
+class SlotStep(NamedTuple):
+    """One :meth:`GPT.forward_slots` call's tokens: their sequences' ``slots`` (B,), their ``positions`` (B, T),
+    and which cached positions each may attend to, ``mask`` (B, 1, T, positions seen)."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
 
 
 @dataclass
@@ -163,21 +223,16 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.c_proj(y), (k, v)
 
-    def forward_slots(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KV,
-                      slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, T) holds the tokens at ``positions`` (B, T) of the sequences in ``slots`` (B,): their keys
-        and values are written into ``cache`` there, and each token attends to its own slot's positions up
-        to itself (a slot's positions beyond its length are masked out)."""
+    def forward_slots(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: SlotCache,
+                      layer: int, step: SlotStep) -> torch.Tensor:
+        """``x`` holds the tokens of ``step``: their keys and values are written into ``cache`` (as block
+        ``layer``'s), and each token attends to its own slot's positions up to itself, read back from the cache
+        (a slot's positions beyond its length are masked out)."""
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, rope, positions)
-        cache_k, cache_v = cache
-        rows = slots[:, None]
-        cache_k[rows, :, positions] = k.transpose(1, 2).to(cache_k.dtype)  # (B, T, H, D) into (slots, H, L, D)
-        cache_v[rows, :, positions] = v.transpose(1, 2).to(cache_v.dtype)
-        seen = int(positions.max()) + 1
-        keys, values = cache_k[slots, :, :seen].to(q.dtype), cache_v[slots, :, :seen].to(q.dtype)
-        mask = torch.arange(seen, device=x.device) <= positions[:, :, None]  # (B, T, seen)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        q, k, v = self._qkv(x, rope, step.positions)
+        cache.write(layer, step.slots, step.positions, k, v)
+        keys, values = cache.read(layer, step.slots, step.mask.size(-1), q.dtype)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -217,9 +272,9 @@ class Block(nn.Module):
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln_2(x))), kv
 
-    def forward_slots(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KV,
-                      slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn.forward_slots(self.ln_1(x), rope, cache, slots, positions))
+    def forward_slots(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: SlotCache,
+                      layer: int, step: SlotStep) -> torch.Tensor:
+        x = x + self.drop(self.attn.forward_slots(self.ln_1(x), rope, cache, layer, step))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -310,19 +365,19 @@ class GPT(nn.Module):
         if cache.lengths is None:
             cache.lengths = torch.zeros(cache.slots, dtype=torch.long, device=idx.device)
         positions = cache.lengths[slots][:, None] + torch.arange(idx.size(1), device=idx.device)
-        if int(positions.max()) >= min(cache.length, self.config.block_size):
-            raise ValueError(f"positions up to {int(positions.max()) + 1} exceed the cache's length {cache.length} "
+        seen = int(positions.max()) + 1  # the one host sync of a step
+        if seen > min(cache.length, self.config.block_size):
+            raise ValueError(f"positions up to {seen} exceed the cache's length {cache.length} "
                              f"or the model's block_size={self.config.block_size}")
+        mask = torch.arange(seen, device=idx.device) <= positions[:, :, None]  # (B, T, seen)
+        step = SlotStep(slots, positions, mask[:, None])
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
         for i, block in enumerate(self.blocks.values()):
-            kv = cache.layers[i] if i < len(cache.layers) and cache.layers[i] is not None else None
-            if kv is None:  # allocated from the block's own key shape (a pruned block may have fewer heads)
-                kv = cache.layer(i, block.attn.c_k(x[:1, :1]).view(1, 1, -1, block.attn.head_dim).transpose(1, 2))
-            x = block.forward_slots(x, rope, kv, slots, positions)
+            x = block.forward_slots(x, rope, cache, i, step)
         cache.lengths[slots] += idx.size(1)
         return self.lm_head(self.ln_f(x))
 

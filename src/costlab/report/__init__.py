@@ -32,8 +32,10 @@ from costlab.measure.names import (
     MEM_PEAK,
     MODEL_SIZE,
     PERF_TOKENS_PER_S,
+    SERVE_TARGET_TOKENS_PER_S,
     TRAIN_LOSS,
 )
+from costlab.report.deploy import register_front
 from costlab.report.table import (
     BaselineNotFound,
     Report,
@@ -55,6 +57,8 @@ FIGURES = {  # file stem: (x metric, x label, bigger x is better)
     "pareto_throughput": (PERF_TOKENS_PER_S, "training throughput (tokens/s, higher is better)", True),
     "pareto_size": (MODEL_SIZE, "shipped model size (MiB, lower is better)", False),
     "pareto_latency": (INFER_LATENCY, "inference latency p50 (ms, lower is better)", False),
+    "pareto_serving": (SERVE_TARGET_TOKENS_PER_S, "output tokens/s served at the latency target (higher is better)",
+                       True),
 }
 
 
@@ -139,7 +143,11 @@ def report_sweep(uri: str, parent_id: str, out: Path, baseline: str | None = Non
     except BaselineNotFound as e:
         print(f"costlab: warning: {e}; using the default baseline", file=sys.stderr)
         rep = build_report(rows, swept=swept)
-    return write_report(rep, out, c, parent_id)
+    path = write_report(rep, out, c, parent_id)
+    fronts = {stem.removeprefix("pareto_"): (metric, bigger) for stem, (metric, _, bigger) in FIGURES.items()}
+    for model in register_front(c, rep, parent_id, fronts):
+        print(f"costlab: registered {model}", file=sys.stderr)
+    return path
 
 
 class SweepReport(Callback):

@@ -15,6 +15,7 @@ from costlab.measure.names import (
     MODEL_SIZE,
     MODEL_TRAINABLE,
     PERF_TOKENS_PER_S,
+    SERVE_KV_LOSS_DELTA,
     SERVE_MAX_CONCURRENCY,
     SERVE_TARGET_SPEEDUP,
     SERVE_TARGET_TOKENS_PER_S,
@@ -96,20 +97,25 @@ def _target(r: RunRecord) -> str:
 def _serving(r: RunRecord, base: RunRecord, compressed: bool, same_model: bool) -> tuple[list[str], bool]:
     """What serving the run's model buys: output tokens/s at the latency target against the baseline's (a
     compressed model's own ratio to its uncompressed model, served interleaved in one process, where it has
-    one), and the price per million output tokens beside the baseline's."""
+    one), the price per million output tokens beside the baseline's, and what a smaller KV cache cost in
+    loss. The same model served the same way as the baseline differs from it only by noise."""
+    kv, base_kv = r.params.get("serve.kv_cache_dtype", "auto"), base.params.get("serve.kv_cache_dtype", "auto")
     mine, theirs = r.get(SERVE_TARGET_TOKENS_PER_S), base.get(SERVE_TARGET_TOKENS_PER_S)
     if mine is None:
         return ([f"misses {_target(r)} at every concurrency"] if theirs is not None and r.get(SERVE_MAX_CONCURRENCY)
                 else []), False
     own = r.get(SERVE_TARGET_SPEEDUP) if compressed else None
     served = own if own is not None else ratio(mine, theirs)
-    if served is None or same_model or not (compressed or abs(served - 1) > SPEED_TOLERANCE):
+    if served is None or (same_model and kv == base_kv) or not (compressed or kv != base_kv
+                                                                 or abs(served - 1) > SPEED_TOLERANCE):
         return [], False
     than = " than uncompressed" if own is not None else ""
     text = f"serves {_times(served)} the output tokens/s{than} at {_target(r)}"
     usd, base_usd = r.get(SERVE_USD), base.get(SERVE_USD)
     if usd is not None and base_usd is not None:
         text += f", ${usd:.3g} vs ${base_usd:.3g} per 1M output tokens"
+    if r.get(SERVE_KV_LOSS_DELTA) is not None:
+        text += f" (its {kv} KV cache: {100 * r.get(SERVE_KV_LOSS_DELTA):+.2f} % loss)"
     return [text], served > 1 + SPEED_TOLERANCE
 
 
