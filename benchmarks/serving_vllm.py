@@ -127,8 +127,9 @@ def main() -> None:
     text = build_corpus(cfg.data).val
     requests = draw_requests(text, max([args.requests, *(2 * c for c in rungs)]), tuple(s.prompt_len),
                              tuple(s.output_len), int(s.seed))
-    info = cpu_info()
-    print(f"machine: {info.get('model', 'cpu')} ({os.cpu_count()} cores), torch {torch.__version__}; llama_small "
+    cpu = cpu_info()
+    print(f"machine: {cpu.model} ({os.cpu_count()} cores; {cpu.tags()['costlab.cpu.features']}), torch "
+          f"{torch.__version__}; llama_small "
           f"(random weights), prompts {list(s.prompt_len)}, outputs {list(s.output_len)} tokens")
     engine = make_engine(model, s.prompt_len[1] + s.output_len[1])
     ours: dict[int, dict[str, float]] = {}
@@ -151,7 +152,11 @@ def main() -> None:
                     for c in rungs:
                         reqs = requests[:max(args.requests, 2 * c)]
                         drive(port, str(folder), reqs[:c], c)  # warm-up
-                        theirs[c] = rung_figures(*drive(port, str(folder), reqs, c))
+                        served, start = drive(port, str(folder), reqs, c)
+                        short = sum(len(x.tokens) != r.output_len for x, r in zip(served, reqs, strict=True))
+                        if short:  # the figures would count other work than costlab's
+                            raise RuntimeError(f"vLLM returned other token counts for {short} request(s)")
+                        theirs[c] = rung_figures(served, start)
                 finally:
                     server.terminate()
                     server.wait(60)

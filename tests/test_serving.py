@@ -295,3 +295,16 @@ def test_the_serve_keys_are_checked_before_any_rank_starts():
     assert str(refusal("serve.kv_cache_dtype=int4")).startswith("serve.kv_cache_dtype=int4: choose one of")
     error = refusal("model=hf", "model.config=llama_tiny", "serve.kv_cache_dtype=int8")
     assert str(error).startswith("serve.kv_cache_dtype=int8: model=hf serves with transformers' caches")
+
+
+def test_the_serving_study_preset_serves_one_saved_model_eight_ways():
+    from hydra import compose, initialize_config_dir
+
+    from costlab import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", ["+experiment=serving_study"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.trainer.max_steps == 0
+    params = cfg.hydra.sweeper.params
+    assert [len(str(params[k]).split(",")) for k in ("pruning", "quantization", "serve.kv_cache_dtype")] == [2, 2, 2]
+    assert cfg.serve.enabled and cfg.tracking.log_model
