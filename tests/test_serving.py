@@ -297,6 +297,24 @@ def test_the_serve_keys_are_checked_before_any_rank_starts():
     assert str(error).startswith("serve.kv_cache_dtype=int8: model=hf serves with transformers' caches")
 
 
+def test_transformers_fp8_cache_is_refused_for_sliding_window_models_before_any_rank_starts(tmp_path):
+    import json
+
+    from costlab import CONF_DIR
+    from costlab.launcher.job import check_job
+
+    from .conftest import compose_config, refusal
+
+    config = json.loads((CONF_DIR / "hf_configs" / "mistral_tiny.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    error = refusal("model=hf", f"model.config={tmp_path}", "serve.kv_cache_dtype=fp8")
+    assert "this config has sliding-window layers" in str(error)
+    # the same family without a window (the shipped tiny Mistral) takes it, and so does a window when not serving
+    check_job(compose_config(["model=hf", "model.config=mistral_tiny", "serve.kv_cache_dtype=fp8"]), False)
+    check_job(compose_config(["model=hf", f"model.config={tmp_path}", "serve.kv_cache_dtype=fp8",
+                              "serve.enabled=false"]), False)
+
+
 def test_the_serving_study_preset_serves_one_saved_model_eight_ways():
     from hydra import compose, initialize_config_dir
 

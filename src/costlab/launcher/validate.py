@@ -209,9 +209,19 @@ def finetune_warnings(cfg: DictConfig) -> list[str]:
 def _check_serve(cfg: DictConfig) -> None:
     option("serve", cfg.serve).check()
     kv = cfg.serve.kv_cache_dtype
-    if cfg.serve.enabled and is_hf(cfg) and kv not in ("auto", "fp8"):
+    if not (cfg.serve.enabled and is_hf(cfg)) or kv == "auto":
+        return
+    if kv != "fp8":
         raise ConfigError("serve.kv_cache_dtype", kv, "model=hf serves with transformers' caches: auto "
                           "(DynamicCache) or fp8 (QuantizedCache); its int8 backend needs the hqq package")
+    try:
+        hf = read_config(cfg.model)
+    except (OSError, ValueError):  # a hub id, or a config the model checks refuse in their own words
+        return
+    local = hf.get("sliding_window") is not None and hf.get("use_sliding_window", True)
+    if local or set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+        raise ConfigError("serve.kv_cache_dtype", kv, "transformers' QuantizedCache takes models whose every "
+                          "layer attends to the full sequence; this config has sliding-window layers")
 
 
 def _check_data(cfg: DictConfig) -> None:
