@@ -53,12 +53,17 @@ def _gpt(kind: str) -> nn.Module:
 
 
 def _hf(family: str) -> nn.Module:
-    """A tiny Hugging Face model as ``model=hf model.config=<config.json>`` builds it."""
+    """A tiny Hugging Face model as ``model=hf model.config=<config.json>`` builds it (``qwen2`` and ``mistral``:
+    the shipped tiny configs)."""
     import tempfile
 
     from transformers import GPT2Config, LlamaConfig
 
     from costlab.models.hf import HFCausalLM
+
+    if family in ("qwen2", "mistral"):
+        torch.manual_seed(0)
+        return HFCausalLM(config=f"{family}_tiny", block_size=48).eval()
 
     if family == "gpt2":
         config = GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64)
@@ -88,7 +93,7 @@ def _one_at_a_time(model: nn.Module, req: Request) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama", "hf-llama", "hf-gpt2"])
+@pytest.mark.parametrize("family", ["gpt", "llama", "hf-llama", "hf-gpt2", "hf-qwen2", "hf-mistral"])
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_batched_serving_produces_exactly_the_tokens_of_one_at_a_time_generation(family, concurrency):
     model = _hf(family[3:]) if family.startswith("hf-") else _gpt(family)
