@@ -36,6 +36,7 @@ TINY = [
     "serve.prompt_len=[4,8]",
     "serve.output_len=[2,4]",
     "tracking.log_model=false",  # the MLflow model's tests ask for it (tests/test_use.py)
+    "tracking.system_metrics_s=0",  # likewise MLflow's system metrics
 ]
 
 

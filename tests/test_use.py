@@ -24,10 +24,11 @@ from .conftest import TINY, Cli
 
 pytest.importorskip("transformers")
 
-RUNS = {  # both also logged as MLflow models
-    "gpt": [*TINY, "pruning=structured", "quantization=int8_dynamic", "tracking.log_model=true"],
+TRACKED = ["tracking.log_model=true", "tracking.system_metrics_s=1"]  # the MLflow model, the system metrics
+RUNS = {
+    "gpt": [*TINY, "pruning=structured", "quantization=int8_dynamic", *TRACKED],
     "hf": [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.config=llama_tiny",
-           "model.block_size=32", "tracking.log_model=true"],
+           "model.block_size=32", *TRACKED],
 }
 TEXT = "def add(a, b):\n    return a + b\n\n# a comment with a non-ASCII character: é\n" * 3
 PROMPT = "def main("
@@ -277,6 +278,15 @@ def test_the_final_model_is_an_mlflow_model_that_generates_in_a_fresh_process(ru
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [load_run(folder).generate(PROMPT, 6)]
     model = {a.path for a in cli.client().list_artifacts(run.info.run_id, "model")}
     assert {"model/MLmodel", "model/serving_input_example.json", "model/code", "model/conf"} <= model
+
+
+@pytest.mark.e2e
+def test_a_run_records_mlflows_system_metrics_while_it_runs(runs):
+    cli, run, _ = runs["gpt"]
+    cpu = cli.client().get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    memory = cli.client().get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert cpu and all(0 <= m.value <= 100 for m in cpu) and memory and all(m.value > 0 for m in memory)
+    assert [m.step for m in sorted(cpu, key=lambda m: m.step)] == list(range(len(cpu)))  # one sample a second
 
 
 @pytest.mark.e2e

@@ -150,6 +150,7 @@ class Tracking:
     experiment_name: str = key("costlab", non_empty)
     run_name: str | None = None
     log_model: bool = True
+    system_metrics_s: float = key(10.0, AT_LEAST_0, "seconds between samples of MLflow's system metrics; 0: none")
 
 
 @dataclass

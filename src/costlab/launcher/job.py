@@ -97,6 +97,7 @@ class Job:
         self.resumed_id: str | None = None  # the run a resumed job goes on with (trainer.resume)
         self.run_id: str | None = None  # set by open_run
         self.relay: tracking.Relay | None = None  # set by open_run
+        self.system: Any = None  # MLflow's system metrics monitor, set by open_run
         self.t0 = time.time()
         self.events_offset = 0  # what events.jsonl held before this job: a resumed run's relay starts after it
         self.ooms_before: int | None = None  # the OOM killer's counter when the ranks started
@@ -196,6 +197,8 @@ class Job:
         self.relay = tracking.Relay(cfg.tracking.uri, self.run_id, self.run_dir, resumed=bool(self.resumed_id),
                                     offset=self.events_offset)
         tracking.client(cfg.tracking.uri).log_artifact(self.run_id, str(self.config_path))
+        self.system = tracking.system_metrics(cfg.tracking.uri, self.run_id,
+                                              float(cfg.tracking.get("system_metrics_s", 0)), bool(self.resumed_id))
         # said as soon as the run exists, so it can be found (and watched in MLflow) while it trains
         print(f"costlab: run {self.run_id} '{name}' starting {self.world_size} rank(s) in {self.run_dir}",
               file=sys.stderr, flush=True)
@@ -208,6 +211,8 @@ class Job:
             status.write(self.run_dir, outcome, node_rank=0, parent_run_id=self.parent_id)
             return outcome
         client = tracking.client(self.cfg.tracking.uri)
+        if self.system is not None:
+            self.system.finish()  # its last samples, before the run is closed
         try:
             outcome = self._relay_rest(client, outcome)
             self._log_end(client, outcome)

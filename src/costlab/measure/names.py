@@ -48,5 +48,5 @@ LADDER_FILE = "serve_ladder.json"  # the ladder a worker measured, which the lau
 # option itself says (``acts_during_training``): such a run did not train as its uncompressed twin did
 COMPRESSES_IN_TRAINING = "costlab.compresses_in_training"
 
-# Families logged at every step (or every eval interval): curves, not summary figures.
-STEP_FAMILIES = ("train/", "val/", *RUNG_METRICS)
+# Families logged at every step (or every eval interval, sample or rung): curves, not summary figures.
+STEP_FAMILIES = ("train/", "val/", "system/", *RUNG_METRICS)

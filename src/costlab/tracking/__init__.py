@@ -20,6 +20,7 @@ from costlab.tracking.runs import (
     metrics_at,
     open_run,
     reopen_run,
+    system_metrics,
 )
 from costlab.tracking.store import client, default_uri, experiment_id, pages, prepare_store, sqlite_path
 from costlab.tracking.sweep import (
@@ -41,5 +42,5 @@ __all__ = [
     "SWEEP_ID_TAG", "SWEEP_NAME_TAG", "SWEEP_ROLE", "SWEPT_TAG", "Relay", "SweepParentRun", "check_tracking",
     "child_runs", "client", "close_abandoned", "close_orphans", "create_run", "default_uri", "experiment_id",
     "find_run", "flatten", "get_run", "metrics_at", "open_run", "pages", "parent_run_id", "prepare_store", "relay_rest",
-    "reopen_run", "resolve_init_from", "sqlite_path", "sweep_info", "sweep_outcome", "swept_keys",
+    "reopen_run", "resolve_init_from", "sqlite_path", "sweep_info", "sweep_outcome", "swept_keys", "system_metrics",
 ]

@@ -138,6 +138,24 @@ def metrics_at(values: dict[str, float]) -> list:
     return [Metric(key, float(value), ts, 0) for key, value in values.items()]
 
 
+def system_metrics(uri: str, run_id: str, interval_s: float, resumed: bool = False) -> Any:
+    """MLflow's system metrics monitor for ``run_id`` (``system/*``: CPU and memory utilisation, disk, network,
+    and GPU utilisation, memory and power where NVML reads them), sampling this machine every ``interval_s``
+    seconds from a thread of the launcher that owns the run, until its ``finish()``; None when ``interval_s``
+    is 0. A sample still being taken when the run ends is not logged; a resumed run's samples continue its
+    steps."""
+    if interval_s <= 0:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop notes
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resumed, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 def check_tracking(cfg: DictConfig, store_only: bool = False) -> None:
     """The tracking store must exist or be creatable; otherwise refuse before anything starts.
 
