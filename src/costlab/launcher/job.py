@@ -211,8 +211,7 @@ class Job:
             status.write(self.run_dir, outcome, node_rank=0, parent_run_id=self.parent_id)
             return outcome
         client = tracking.client(self.cfg.tracking.uri)
-        if self.system is not None:
-            self.system.finish()  # its last samples, before the run is closed
+        self._stop_system_metrics()
         try:
             outcome = self._relay_rest(client, outcome)
             self._log_end(client, outcome)
@@ -222,6 +221,16 @@ class Job:
             if outcome == status.KILLED and self.parent_id:
                 client.set_terminated(self.parent_id, status.KILLED)
         return outcome
+
+    def _stop_system_metrics(self) -> None:
+        """The system metrics' last samples, before the run is closed; a failure there costs only them."""
+        if self.system is None:
+            return
+        try:
+            self.system.finish()
+        except Exception as e:  # context for the run's figures, never a reason to lose its record
+            print(f"costlab: warning: run {self.run_id}: system metrics stopped badly ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
 
     def _relay_rest(self, client: MlflowClient, outcome: str) -> str:
         lost = self.relay.close() if self.relay is not None else None
