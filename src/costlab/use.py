@@ -277,8 +277,8 @@ def serve(loaded: Loaded, max_concurrency: int | None = None, memory_gb: float |
             config.serve.memory_gb = memory_gb
     option("serve", config.serve).check()
     corpus = tokenize_corpus(build_corpus(config.data), loaded.codec)
-    dtype = autocast_dtype(config) or torch.float32
-    ladder = serve_ladder({"final": loaded.model}, corpus.val, config, loaded.device, lambda: _autocast(loaded), dtype)
+    ladder = serve_ladder({"final": loaded.model}, corpus.val, config, loaded.device, lambda: _autocast(loaded),
+                          autocast_dtype(config))
     if ladder is None:
         raise ConfigError("run", loaded.path.parent, f"{type(loaded.model).__name__} has no batched KV-cache path")
     return ladder

@@ -29,7 +29,6 @@ from costlab.measure.machine import cpu_info, resolve_device
 from costlab.measure.names import LADDER_FILE
 from costlab.measure.probes import slow_precision_warning
 from costlab.models.adapters import holds_nf4
-from costlab.report.serving import log_ladder
 from costlab.schema import BEFORE_GROUPS, ConfigError, check_config
 from costlab.tracking.find import RUN_DIR_TAG, resolve_init_from
 from costlab.tracking.runs import check_tracking
@@ -262,6 +261,8 @@ class Job:
         client.log_batch(self.run_id, metrics=tracking.metrics_at({"time/total_s": seconds,
                                                                    **run_cost(self.cfg, seconds)}))
         if (self.run_dir / LADDER_FILE).exists():  # the serving ladder rank 0 measured
+            from costlab.report.serving import log_ladder
+
             log_ladder(client, self.run_id, self.run_dir / LADDER_FILE)
         if outcome == status.FINISHED and self.cfg.tracking.get("log_model", False):
             self._log_model(client)

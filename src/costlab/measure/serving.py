@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -263,15 +264,13 @@ class WaveEngine:
         ids = window[None]
         positions = torch.arange(ids.size(1), device=ids.device)[None]
         mask = torch.ones_like(ids)
-        out = self._forward(ids[:, :split], mask[:, :split], positions[:, :split], cache)
-        cache = out[self.model._cache_key] if self.model._cache_key in out else out.past_key_values
-        return self._forward(ids[:, split:], mask, positions[:, split:], cache).logits[0]
+        _, cache = self._forward(ids[:, :split], mask[:, :split], positions[:, :split], cache)
+        return self._forward(ids[:, split:], mask, positions[:, split:], cache)[0][0]
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
-        hf = self.model.hf
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
         with self.autocast():
-            return hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                      **{self.model._cache_key: cache})
+            return self.model.forward_padded(ids, mask, positions, cache)
 
     def serve(self, requests: list[Request], concurrency: int, device: torch.device) -> tuple[list[Served], float]:
         served: list[Served] = [Served(math.nan) for _ in requests]
@@ -289,11 +288,10 @@ class WaveEngine:
                 ids[row, longest - p.numel():], mask[row, longest - p.numel():] = p, 1
                 served[i].issued = client_free[clients[row]]
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = self._forward(ids, mask, positions, self.new_cache())
-            cache = out[self.model._cache_key] if self.model._cache_key in out else out.past_key_values
+            logits, cache = self._forward(ids, mask, positions, self.new_cache())
             prefilled = cache_bytes(cache) if self.kv_bytes_per_token is None else None
             t = now(device)
-            for row, (i, token) in enumerate(zip(wave, _argmax(out.logits), strict=True)):
+            for row, (i, token) in enumerate(zip(wave, _argmax(logits), strict=True)):
                 served[i].tokens, served[i].first = [token], t
                 if requests[i].output_len == 1:
                     served[i].done = client_free[clients[row]] = t
@@ -303,9 +301,9 @@ class WaveEngine:
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
                 last = last + 1
                 idx = torch.tensor([[served[i].tokens[-1]] for i in wave], device=device)
-                out = self._forward(idx, mask, last, cache)
+                logits, cache = self._forward(idx, mask, last, cache)
                 t = now(device)
-                for row, (i, token) in enumerate(zip(wave, _argmax(out.logits), strict=True)):
+                for row, (i, token) in enumerate(zip(wave, _argmax(logits), strict=True)):
                     if len(served[i].tokens) < requests[i].output_len:
                         served[i].tokens.append(token)
                         if len(served[i].tokens) == requests[i].output_len:
@@ -322,7 +320,7 @@ def make_engine(model: nn.Module, length: int, autocast: Callable[[], AbstractCo
     KV-cache path, e.g. the MLP baseline)."""
     if callable(getattr(model, "forward_slots", None)):
         return SlotEngine(model, length, autocast, kv_dtype)
-    if hasattr(model, "hf") and getattr(model, "stage", None) is None:
+    if callable(getattr(model, "forward_padded", None)) and getattr(model, "stage", None) is None:
         return WaveEngine(model, autocast, kv_dtype)
     return None
 
@@ -464,11 +462,11 @@ class Ladder:
 
 def serve_ladder(models: dict[str, nn.Module], text: torch.Tensor, cfg: Any, device: torch.device,
                  autocast: Callable[[], AbstractContextManager] = nullcontext,
-                 dtype: torch.dtype = torch.float32) -> Ladder | None:
+                 autocast_dtype: torch.dtype | None = None) -> Ladder | None:
     """Serve each model (``final``, and ``uncompressed`` when there is one) at the ladder of concurrencies
-    ``serve.*`` asks for, on requests drawn from ``text`` (the held-out token stream); ``dtype``: what the
-    keys are computed in (the autocast dtype, else the weights'). None when the final model's family has no
-    batched KV-cache path."""
+    ``serve.*`` asks for, on requests drawn from ``text`` (the held-out token stream), under ``autocast``,
+    whose dtype (None: no autocast) the keys are computed in, else the weights'. None when the final model's
+    family has no batched KV-cache path."""
     s = cfg.serve
     kv_dtype = str(s.get("kv_cache_dtype", "auto"))
     prompt, output = fit_lengths(tuple(s.prompt_len), tuple(s.output_len), int(cfg.model.block_size))
@@ -478,6 +476,8 @@ def serve_ladder(models: dict[str, nn.Module], text: torch.Tensor, cfg: Any, dev
         return None
     for m in models.values():
         m.eval()
+    dtype = autocast_dtype or next((p.dtype for p in models["final"].parameters() if p.is_floating_point()),
+                                   torch.float32)
     predicted = predicted_kv_bytes_per_token(models["final"], dtype, kv_dtype)
     budget, source = memory_budget(s, device)
     fit = fits(budget, model_bytes(models["final"]), predicted, length)
@@ -520,7 +520,7 @@ def serve_ladder(models: dict[str, nn.Module], text: torch.Tensor, cfg: Any, dev
     return Ladder(results, summary, tag)
 
 
-def write_ladder(path: Any, ladder: Ladder, cfg: Any) -> None:
+def write_ladder(path: Path, ladder: Ladder, cfg: Any) -> None:
     """The ladder for the launcher to log: per-rung metrics by concurrency, the table, and the target."""
     import json
 

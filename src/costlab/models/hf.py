@@ -128,6 +128,15 @@ class HFCausalLM(nn.Module):
         out = self.hf(input_ids=idx, use_cache=True, **{self._cache_key: cache})
         return out.logits, out[self._cache_key]
 
+    def forward_padded(self, idx: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       cache: Any) -> tuple[torch.Tensor, Any]:
+        """:meth:`forward_with_cache` for a batch of sequences of different lengths, left-padded: the mask says
+        which of the positions so far (cached and new) each sequence has, the position ids where each new
+        token stands in its own sequence (what serving runs, :mod:`costlab.measure.serving`)."""
+        out = self.hf(input_ids=idx, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      **{self._cache_key: cache})
+        return out.logits, out[self._cache_key]
+
     def save_pretrained(self, folder: str | Path) -> None:
         """The model as ``transformers`` saves it: ``AutoModelForCausalLM.from_pretrained(folder)`` loads it."""
         self.hf.save_pretrained(str(folder))

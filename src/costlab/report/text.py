@@ -106,8 +106,8 @@ def _serving(r: RunRecord, base: RunRecord, compressed: bool, same_model: bool) 
                 else []), False
     own = r.get(SERVE_TARGET_SPEEDUP) if compressed else None
     served = own if own is not None else ratio(mine, theirs)
-    if served is None or (same_model and kv == base_kv) or not (compressed or kv != base_kv
-                                                                 or abs(served - 1) > SPEED_TOLERANCE):
+    lever = compressed or kv != base_kv  # a lever that changes how the model serves
+    if served is None or not (lever or (not same_model and abs(served - 1) > SPEED_TOLERANCE)):
         return [], False
     than = " than uncompressed" if own is not None else ""
     text = f"serves {_times(served)} the output tokens/s{than} at {_target(r)}"

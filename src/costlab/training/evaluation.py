@@ -126,9 +126,7 @@ def serving_figures(models: dict[str, nn.Module], corpus: ByteCorpus, cfg: DictC
                     run_dir: Path) -> tuple[dict[str, float], str]:
     """The serving ladder of each model (``serve.*``) on the held-out text: its summary figures, and the tag that
     says how it was served. The per-rung figures go to ``<run dir>/serve_ladder.json`` for the launcher."""
-    dtype = autocast_dtype(cfg) or next((p.dtype for p in models["final"].parameters() if p.is_floating_point()),
-                                        torch.float32)
-    ladder = serve_ladder(models, corpus.val, cfg, device, lambda: autocast(cfg, device), dtype)
+    ladder = serve_ladder(models, corpus.val, cfg, device, lambda: autocast(cfg, device), autocast_dtype(cfg))
     if ladder is None:
         return {}, f"not served: {type(models['final']).__name__} has no batched KV-cache path"
     write_ladder(run_dir / LADDER_FILE, ladder, cfg)
