@@ -14,7 +14,7 @@ import pytest
 
 from costlab import ROOT, status
 from costlab.measure.machine import cpu_info
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_activations_predicted
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +51,7 @@ def test_default_experiment_learns_and_logs_the_whole_contract(cli, tmp_path):
     model_file = tmp_path / "run" / "model.pt"
     assert model_file.stat().st_size == m["model/size_bytes"]
     assert m["mem/peak_bytes"] > m["mem/params_bytes_per_rank"] > 0
+    assert_activations_predicted(m)
     assert m["time/total_s"] > 0 and m["perf/tokens_per_s"] > 0 and m["infer/tokens_per_s"] > 0
     # params: the flattened resolved config; the YAML as an artifact
     assert run.data.params["model.n_layer"] == "4" and run.data.params["trainer.max_steps"] == "60"
@@ -81,7 +82,9 @@ def test_ddp_reproduces_single_loss_curve_in_fp32(cli):
     _ok(cli(*TINY, *steps, "parallelism=single", "tracking.run_name=parity_single"))
     _ok(cli(*TINY, *steps, "parallelism=ddp", "tracking.run_name=parity_ddp"))
     single = cli.loss_curve(cli.run_by_name("parity_single").info.run_id)
-    ddp = cli.loss_curve(cli.run_by_name("parity_ddp").info.run_id)
+    ddp_run = cli.run_by_name("parity_ddp")
+    ddp = cli.loss_curve(ddp_run.info.run_id)
+    assert_activations_predicted(ddp_run.data.metrics)  # each rank holds half the batch's activations
     assert len(single) == len(ddp) == 6
     worst = max(abs(a - b) / abs(a) for a, b in zip(single, ddp, strict=True))
     assert worst < 1e-4, (single, ddp)

@@ -19,7 +19,7 @@ from costlab.models.hf_config import shipped_configs  # noqa: E402
 from costlab.models.saved import load_model  # noqa: E402
 from costlab.schema import ConfigError  # noqa: E402
 
-from .conftest import TINY, Cli, compose_config  # noqa: E402
+from .conftest import TINY, Cli, assert_activations_predicted, compose_config  # noqa: E402
 
 SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
@@ -346,6 +346,8 @@ def test_an_hf_model_reproduces_the_single_loss_curve(hf_runs, option):
     assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
     # the full model gathered on rank 0 evaluates like single's before compression
     assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss_uncompressed"], rel=1e-3)
+    assert_activations_predicted(ref.data.metrics)
+    assert_activations_predicted(run.data.metrics)  # traced on fake tensors for this layout
 
 
 @pytest.mark.slow
@@ -357,3 +359,4 @@ def test_other_families_reproduce_their_single_loss_curve(hf_runs, family, optio
     _, run, curve = hf_runs(f"{family}-{option}", f"parallelism={option}", family=family)
     assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
     assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss"], rel=1e-3)
+    assert_activations_predicted(run.data.metrics)

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from costlab.launcher.resources import cgroup_dir, check_resources, cpu_memory_available, describe_kill, oom_kill_count
+from costlab.measure.activations import SavedActivations
 from costlab.measure.memory import PREDICTED, activation_parts, predict_activations, predict_state
 from costlab.models.gpt import build_model
 from costlab.models.loss import loss_fn
@@ -196,3 +197,25 @@ def test_a_rising_oom_kill_counter_is_described():
     assert describe_kill(None, 3) is None and describe_kill(3, None) is None
     text = describe_kill(1, 3)
     assert text.startswith("out of memory:") and "2 kill(s)" in text
+
+
+@pytest.mark.parametrize("extra", [[], ["precision=bf16"], ["trainer.activation_checkpointing=full"],
+                                   ["trainer.activation_checkpointing=selective", "precision=bf16"],
+                                   ["model=llama_nano", "trainer.activation_checkpointing=selective"]],
+                         ids=["fp32", "bf16", "full", "selective-bf16", "llama-selective"])
+def test_the_runs_activation_meter_reads_what_stays_alive_for_backward(extra):
+    """What every run logs as mem/activations_bytes_per_rank (SavedActivations, around a real step) equals the
+    bytes this test finds alive when backward starts, each storage counted once, weights left out."""
+    cfg = compose_config([*SMALL, *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    if cfg.trainer.activation_checkpointing != "none":
+        apply_ac(model, cfg.trainer.activation_checkpointing)
+    x, y = torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64))
+    with SavedActivations(model) as meter:
+        with autocast(cfg, torch.device("cpu")):
+            logits = model(x)
+        loss_fn(logits, y).backward()
+    assert meter.held == pytest.approx(_measure(cfg)[1], rel=0.001)
+    assert meter.held == pytest.approx(activation_parts(cfg, 1)[0], rel=0.03)
+    assert not any(p.grad is None for p in model.parameters())  # the step ran whole under the meter

@@ -37,7 +37,7 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
     flops = flops_per_token(model, cfg.model.block_size)
     state = predict_state(cfg, world)
     per_device = sum(state.values())  # parameters, gradients, optimizer state and activations
-    held = sum(v for k, v in state.items() if "activations" not in k)
+    held = sum(v for k, v in state.items() if "activations" not in k and "recompute" not in k)
     out: dict[str, float] = {f"{PLAN}params": params, f"{PLAN}flops_per_token": flops,
                              f"{PLAN}state_bytes_per_device": held,
                              f"{PLAN}memory_bytes_per_device": per_device, **state}

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from costlab.models.hf_config import is_hf
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
+RECOMPUTE = PREDICTED + "recompute_bytes_per_rank"  # activation checkpointing's transient: one block rebuilt
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
 
 
@@ -124,8 +125,10 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     for rank in ranks:
         for key, value in _rank_state(cfg, dims, rank, world if sharded else 1).items():
             out[key] = max(out.get(key, 0), value)
-    if not is_hf(cfg):  # the activation model is written for costlab's own blocks
-        out[f"{PREDICTED}activations_bytes_per_rank"] = predict_activations(cfg, world)
+    held, rebuilt = activation_parts(cfg, world)
+    out[f"{PREDICTED}activations_bytes_per_rank"] = held  # beside the measured mem/activations_bytes_per_rank
+    if rebuilt:
+        out[RECOMPUTE] = rebuilt
     return out
 
 
@@ -184,9 +187,12 @@ def predict_activations(cfg: DictConfig, world: int) -> float:
 
     On a tiny GPT on CPU this matches the bytes autograd holds after the forward within 0.3 % for every
     mode, norm, position, MLP and precision option (tests/test_resources.py measures it).
-    Pipeline stages hold their layers for every micro-batch in flight (gpipe: all; 1F1B: up to pp_degree on
-    the first stage, the last one holding the logits for one). Dropout masks are not counted (the configs
-    train without dropout). ``model=mlp`` has no blocks: its window copy, hidden layer twice, output and logits.
+    Pipeline ranks hold their stages' layers for every chunk in flight (:func:`in_flight`: gpipe all
+    micro-batches; 1F1B up to pp_degree on the first stage; interleaved 1F1B more, each of fewer layers), the
+    outputs they sent, the logits on the last stage, and the schedule's receive buffers (:func:`_stage_held`).
+    Dropout masks are not counted (the configs train without dropout). A Hugging Face model's per-layer and
+    outside terms are traced from its own code on fake tensors instead (:mod:`costlab.measure.traced`).
+    ``model=mlp`` has no blocks: its window copy, hidden layer twice, output and logits.
     """
     held, rebuilt = activation_parts(cfg, world)
     return held + rebuilt
@@ -202,6 +208,8 @@ def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
     a = _autocast_bytes(cfg)
     copies = a < FP32 and not dims.fsdp_enabled  # FSDP's mixed precision gathers weights in the autocast dtype
     tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
+    if is_hf(cfg):
+        return _hf_parts(cfg, dims, tokens)
     logits = m.vocab_size * (a + FP32) + 2 * INDEX
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
         per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + logits
@@ -214,11 +222,8 @@ def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
     block, rebuilt = terms[mode], terms.get(f"{mode}_recompute", 0.0)
     layers = m.n_layer / dims.pp
     if dims.pp_enabled:
-        micro = int(p.microbatches)
-        tokens /= micro
-        first = micro if p.schedule == "gpipe" else min(micro, dims.pp)
-        last = micro if p.schedule == "gpipe" else 1
-        per_token = max(first * layers * block, last * (layers * block + outside))
+        tokens /= int(p.microbatches)
+        per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside) for r in range(dims.pp))
     else:
         per_token = layers * block + outside
     held, rebuilt = tokens * per_token, tokens * rebuilt
@@ -231,6 +236,64 @@ def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
         else:  # cast again when the block is rebuilt; not kept
             rebuilt += a * block_w
     return held, rebuilt
+
+
+def in_flight(schedule: str, microbatches: int, pp: int, pp_rank: int, stages_per_rank: int = 1) -> int:
+    """Forward chunks (one micro-batch through one of the rank's stages) whose activations pipeline rank
+    ``pp_rank`` holds at its peak: the schedule's warm-up forwards plus the one before its first backward, as
+    PyTorch's schedules order them (gpipe: every micro-batch; 1F1B: ``pp - pp_rank``; interleaved 1F1B:
+    ``(v - 1) pp + 2 (pp - 1 - pp_rank) + 1`` of its ``v`` stages' chunks), at most all of them."""
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "interleaved_1f1b":
+        v = stages_per_rank
+        return min(microbatches * v, (v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1)
+    return min(microbatches, pp - pp_rank)
+
+
+def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, outside: float,
+                block_const: float = 0.0, outside_const: float = 0.0, tokens: float = 1.0) -> float:
+    """Bytes per token of a micro-batch that pipeline rank ``pp_rank`` holds when its peak backward starts: its
+    chunks in flight (each its stage's layers, and the output it sent, kept for backward), the logits of the last
+    stage (every micro-batch under gpipe, else the one about to run backward), and the schedule's receive buffers
+    (one per micro-batch and stage: activations into every stage but the first, gradients into every stage but
+    the last; fp32, as the residual stream is). ``m``: the model's shapes; ``*_const``: bytes per forward (a
+    traced model's autocast copies of weights, held once), over ``tokens`` per micro-batch."""
+    p = cfg.parallelism
+    micro = int(p.microbatches)
+    v = int(p.stages_per_rank) if p.schedule == "interleaved_1f1b" else 1
+    n_stages = pp * v
+    stages = range(pp_rank, n_stages, pp)
+    residual = FP32 * m.n_embd
+    chunks = in_flight(p.schedule, micro, pp, pp_rank, v)
+    owns_last = n_stages - 1 in stages
+    logits = (micro if p.schedule == "gpipe" else 1) if owns_last else 0
+    sent = chunks - (logits if owns_last and v == 1 else 0)  # a non-final chunk's output is kept for its backward
+    buffers = sum((s > 0) + (s < n_stages - 1) for s in stages) * micro * residual
+    layers = m.n_layer / n_stages * len(stages)
+    const = (layers * block_const + (outside_const if owns_last else 0.0)) / tokens
+    return chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const
+
+
+def _hf_parts(cfg: DictConfig, dims: Any, tokens: float) -> tuple[float, float]:
+    """:func:`activation_parts` of a Hugging Face model, from its traced terms (:mod:`costlab.measure.traced`)."""
+    from costlab.measure.traced import hf_shapes, hf_terms
+
+    m = hf_shapes(cfg)
+    terms = hf_terms(cfg, dims.tp, dims.fsdp_enabled)
+    a = _autocast_bytes(cfg)
+    if dims.tp > 1 and a < FP32 and not dims.fsdp_enabled:  # the head's cast copy is of this rank's shard only
+        terms["outside_const"] -= a * m.vocab_size * m.n_embd * (1 - 1 / dims.tp)
+    checkpointed = cfg.trainer.get("activation_checkpointing", "none") != "none"
+    rebuilt_tok = max(0.0, terms["none"] - terms["block"]) if checkpointed else 0.0
+    rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0
+    if dims.pp_enabled:
+        tokens /= int(cfg.parallelism.microbatches)
+        per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], terms["outside"], terms["block_const"],
+                                    terms["outside_const"], tokens) for r in range(dims.pp))
+        return tokens * per_token, tokens * rebuilt_tok + rebuilt_const
+    held = tokens * (m.n_layer * terms["block"] + terms["outside"])
+    return held + m.n_layer * terms["block_const"] + terms["outside_const"], tokens * rebuilt_tok + rebuilt_const
 
 
 def _gpt_config(cfg: DictConfig) -> Any:

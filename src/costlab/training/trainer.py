@@ -15,6 +15,7 @@ from torch import nn
 
 from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.faults import Stopped, StopWatcher
+from costlab.measure.activations import SavedActivations, unmeasured_reason
 from costlab.measure.metrics import StepStats, now, state_bytes_per_rank
 from costlab.measure.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
@@ -49,6 +50,7 @@ class TrainResult:
     state_bytes: dict[str, float] = field(default_factory=dict)
     log_time_s: float = 0.0
     fault: dict[str, float] = field(default_factory=dict)  # fault/* and checkpoint/* figures
+    activations_bytes: float | None = None  # held for backward at the first step's peak (SavedActivations)
 
 
 @dataclass
@@ -139,7 +141,13 @@ class Trainer:
         set_lr(self.optimizer, lr)
         x, y = self.sampler.batch(step, self.parallel.dp_rank, self.parallel.dp_size)
         device = self.env.device
-        loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
+        if step == self.first and unmeasured_reason(self.cfg) is None:  # a warm-up step: left out of timings
+            modules = [self.parallel.model, *getattr(self.parallel, "parts", {}).values()]
+            with SavedActivations(*modules) as meter:
+                loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
+            self.result.activations_bytes = float(meter.held)
+        else:
+            loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
         grad_norm = self.optimizer_step(step)
         logged = step % self.cfg.trainer.log_every == 0 or step == self.max_steps - 1
         if logged:

@@ -34,6 +34,7 @@ from costlab.faults import (
     exit_now,
     record_worker,
 )
+from costlab.measure.activations import MEM_ACTIVATIONS, UNMEASURED_TAG, unmeasured_reason
 from costlab.measure.energy import (
     ENERGY_INFER,
     TrainingEnergy,
@@ -127,6 +128,8 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
                                          summary.get(SERVE_TARGET_TOKENS_PER_S))
             summary.update(cost)
             tags.update({**energy_tag, **mfu_tag})
+            if MEM_ACTIVATIONS not in summary and cfg.trainer.max_steps > 0:
+                tags[UNMEASURED_TAG] = unmeasured_reason(cfg) or "no training step ran"
         summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
         summary.update(peak_reserved_memory(env.device))
         log_summary(logger, summary, tags, cfg)
@@ -182,6 +185,8 @@ def training_summary(result: TrainResult, predicted: dict[str, float] | None, en
         if total and measured:
             predicted[PREDICTED_OVER_MEASURED] = total / measured
     summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
+    if result.activations_bytes is not None:  # measured on every rank or on none (unmeasured_reason)
+        summary[MEM_ACTIVATIONS] = max_over_ranks(result.activations_bytes, env.device)
     summary.update(result.fault)
     return summary
 

@@ -1,0 +1,114 @@
+"""Receipts for the memory model: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each one's
+predicted per-rank bytes against what its ranks measured.
+
+    python benchmarks/predictions.py                 # every configuration below (~25 runs, ~10 min on 2 cores)
+    python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
+
+For each configuration it prints the measured and predicted activation bytes held for backward
+(``mem/activations_bytes_per_rank`` beside ``mem/predicted_activations_bytes_per_rank``) and the measured and
+predicted state (parameters + gradients + optimizer state per rank), then the median and 95th-percentile
+relative error of each over every configuration. Run it alone: it starts up to four ranks on the machine's cores.
+
+A peak-memory column needs a GPU (``torch.cuda.max_memory_allocated`` against the predicted total); on CPU the
+peak a run logs is the process's RSS, which holds the Python and PyTorch runtime besides the model, so it is not
+compared here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+from costlab.measure.machine import cpu_info  # noqa: E402
+from tests.conftest import TINY, Cli  # noqa: E402
+
+SMALL = [o for o in TINY if not o.startswith(("model.", "trainer.max_steps"))]
+GPT = ["model.n_layer=4", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]
+MICRO = ["model=gpt_micro", "model.block_size=64", "trainer.batch_size=4"]
+LLAMA = ["model=llama_nano", "model.n_layer=4", "model.block_size=32"]
+HF = ["model=hf", "model.config=llama_tiny", "model.block_size=32"]
+GPT2 = ["model=hf", "model.config=gpt2_tiny", "model.block_size=32"]
+
+CONFIGS: dict[str, list[str]] = {
+    "gpt single fp32": [*GPT, "parallelism=single"],
+    "gpt single bf16": [*GPT, "parallelism=single", "precision=bf16"],
+    "gpt ddp": [*GPT, "parallelism=ddp"],
+    "gpt fsdp": [*GPT, "parallelism=fsdp"],
+    "gpt fsdp bf16 full-ckpt accum2": [*GPT, "parallelism=fsdp", "precision=bf16",
+                                       "trainer.activation_checkpointing=full", "trainer.grad_accum_steps=2"],
+    "gpt tp": [*GPT, "parallelism=tp"],
+    "gpt tp selective": [*GPT, "parallelism=tp", "trainer.activation_checkpointing=selective"],
+    "gpt fsdp_tp (4 ranks)": [*GPT, "parallelism=fsdp_tp"],
+    "gpt pp gpipe": [*GPT, "parallelism=pp", "parallelism.schedule=gpipe"],
+    "gpt pp 1f1b": [*GPT, "parallelism=pp", "parallelism.schedule=1f1b"],
+    "gpt pp interleaved": [*GPT, "parallelism=pp", "parallelism.schedule=interleaved_1f1b"],
+    "gpt pp x fsdp (4 ranks)": [*GPT, "parallelism=pp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2",
+                                "parallelism.dp_shard=2", "parallelism.microbatches=2"],
+    "gpt pp x tp (4 ranks)": [*GPT, "parallelism=pp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2",
+                              "parallelism.tp_degree=2"],
+    "gpt_micro single": [*MICRO, "parallelism=single"],
+    "gpt_micro ddp bf16": [*MICRO, "parallelism=ddp", "precision=bf16"],
+    "gpt_micro fsdp full-ckpt": [*MICRO, "parallelism=fsdp", "trainer.activation_checkpointing=full"],
+    "llama single selective": [*LLAMA, "parallelism=single", "trainer.activation_checkpointing=selective"],
+    "llama ddp fp16": [*LLAMA, "parallelism=ddp", "precision=fp16"],
+    "hf llama single": [*HF, "parallelism=single"],
+    "hf llama single bf16 accum2": [*HF, "parallelism=single", "precision=bf16", "trainer.grad_accum_steps=2"],
+    "hf llama fsdp bf16 full-ckpt": [*HF, "parallelism=fsdp", "precision=bf16", "trainer.activation_checkpointing=full"],
+    "hf llama tp": [*HF, "parallelism=tp"],
+    "hf llama pp 1f1b": [*HF, "parallelism=pp"],
+    "hf llama ddp selective": [*HF, "parallelism=ddp", "trainer.activation_checkpointing=selective"],
+    "hf gpt2 single": [*GPT2, "parallelism=single"],
+    "hf gpt2 fsdp bf16": [*GPT2, "parallelism=fsdp", "precision=bf16"],
+}
+
+STATE = ("params", "grads", "optimizer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the configurations whose name contains this")
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="costlab-predictions-"))
+    cli = Cli(f"sqlite:///{root / 'mlflow.db'}", root)
+    cpu = cpu_info()
+    print(f"machine: {cpu.model}, {os.cpu_count()} cores, features {','.join(sorted(cpu.features)) or 'unknown'}",
+          flush=True)
+    print(f"{'configuration':34s} {'acts measured':>14s} {'predicted':>12s} {'error':>7s}   "
+          f"{'state measured':>14s} {'predicted':>12s} {'error':>7s}", flush=True)
+    errors: dict[str, list[float]] = {"activations": [], "state": []}
+    for name, overrides in CONFIGS.items():
+        if args.only not in name:
+            continue
+        run_name = name.replace(" ", "-").replace("(", "").replace(")", "")
+        proc = cli(*SMALL, *overrides, f"trainer.max_steps={args.steps}", "serve.enabled=false",
+                   "trainer.eval_interval=0", f"tracking.run_name={run_name}", timeout=900)
+        if proc.returncode:
+            print(f"{name:34s} FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        m = cli.run_by_name(run_name).data.metrics
+        acts, acts_pred = m["mem/activations_bytes_per_rank"], m["mem/predicted_activations_bytes_per_rank"]
+        state = sum(m[f"mem/{p}_bytes_per_rank"] for p in STATE)
+        state_pred = sum(m[f"mem/predicted_{p}_bytes_per_rank"] for p in STATE)
+        errors["activations"].append(acts_pred / acts - 1)
+        errors["state"].append(state_pred / state - 1)
+        print(f"{name:34s} {acts:14,.0f} {acts_pred:12,.0f} {acts_pred / acts - 1:+7.1%}   "
+              f"{state:14,.0f} {state_pred:12,.0f} {state_pred / state - 1:+7.1%}", flush=True)
+    for part, errs in errors.items():
+        if errs:
+            absolute = sorted(abs(e) for e in errs)
+            p95 = absolute[min(len(absolute) - 1, round(0.95 * (len(absolute) - 1)))]
+            print(f"{part}: {len(errs)} configurations, median |error| {statistics.median(absolute):.2%}, "
+                  f"95th percentile {p95:.2%}, worst {absolute[-1]:.2%}")
+
+
+if __name__ == "__main__":
+    main()

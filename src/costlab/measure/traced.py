@@ -1,0 +1,167 @@
+"""Activation terms of a Hugging Face model, read from its own forward pass run on fake tensors.
+
+``transformers`` families differ in what their layers save for backward (how a norm upcasts, how rotary
+positions are applied, a parallel residual, an MLP's activation), so rather than a formula per family the memory
+model runs the model's real code on :class:`torch._subclasses.fake_tensor.FakeTensorMode` tensors: shapes and
+dtypes without data, no memory and next to no time, a 70B-parameter layer as cheaply as a tiny one. The bytes
+the forward leaves alive for backward are counted as a run counts them
+(:class:`costlab.measure.activations.SavedActivations`), for one sequence of ``model.block_size`` tokens:
+
+    per layer = alive(2 layers) - alive(1 layer)        (a layer under the run's checkpointing mode)
+    outside   = alive(1 layer) - per layer              (embedding, final norm, logits and the loss)
+
+each traced at two and at three sequences, which splits it into bytes per token and bytes per forward (autocast's
+copies of the weights, which do not grow with the batch),
+
+each under the run's autocast dtype, with the weights in the dtype the run multiplies them in (FSDP's mixed
+precision gathers them in the autocast dtype, so autocast copies none), and tensor parallel's shards as the
+layer's heads and MLP width divided by its degree.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from omegaconf import DictConfig
+
+# the config keys a tensor-parallel shard divides: attention heads (query and key/value) and the MLP width
+TP_SHARDED = ("num_attention_heads", "num_key_value_heads", "n_head", "intermediate_size", "n_inner")
+
+
+def hf_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
+    """Bytes per token and per forward (``_const``) of: ``block`` (a layer under
+    ``trainer.activation_checkpointing``), ``none`` (a layer without checkpointing: what a checkpointed layer
+    rebuilds in backward) and ``outside``."""
+    m, t = cfg.model, cfg.trainer
+    autocast = cfg.precision.get("autocast_dtype")
+    weights = autocast if fsdp and autocast else "float32"
+    attn = str(m.get("attn_implementation", "sdpa"))
+    key = (hf_source(cfg), int(tp), str(autocast), weights, int(m.block_size), attn)
+    mode = t.get("activation_checkpointing", "none")
+    out: dict[str, float] = {}
+    for name, layer_mode in (("block", mode), ("none", "none")):
+        (one_tok, one_const), (two_tok, two_const) = (_split(key, n, layer_mode) for n in (1, 2))
+        out[name], out[f"{name}_const"] = two_tok - one_tok, two_const - one_const
+        if name == "block":
+            out["outside"], out["outside_const"] = one_tok - out[name], one_const - out[f"{name}_const"]
+    return out
+
+
+def hf_source(cfg: DictConfig) -> str:
+    """The config a ``model=hf`` run's architecture comes from: ``model.config``'s file or ``model.pretrained``."""
+    from costlab.models.hf_config import config_file
+
+    m = cfg.model
+    return str(config_file(m.config)) if m.get("config") and not m.get("pretrained") else str(m.pretrained)
+
+
+def hf_shapes(cfg: DictConfig) -> Any:
+    """Layers, width, heads and vocabulary of a ``model=hf`` run's model, from its config alone."""
+    from transformers import AutoConfig
+
+    from costlab.models.hf import gpt_view
+
+    return gpt_view(AutoConfig.from_pretrained(hf_source(cfg)).to_dict(), int(cfg.model.block_size))
+
+
+def _split(key: tuple, layers: int, mode: str) -> tuple[float, float]:
+    """(bytes per token, bytes per forward) from traces of two and of three sequences (not one: a batch of one
+    makes some of a layer's copies free, as a transpose of a size-1 dimension needs none)."""
+    two, three = _alive(*key, layers, mode, 2), _alive(*key, layers, mode, 3)
+    per_row = three - two
+    return per_row / key[4], two - 2 * per_row
+
+
+@functools.lru_cache(maxsize=64)
+def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn: str, layers: int,
+           mode: str, rows: int) -> float:
+    """Bytes alive for backward after the forward and loss of ``rows`` sequences (see the module)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from costlab.measure.activations import SavedActivations
+    from costlab.models.loss import loss_fn
+    from costlab.parallelism.techniques import apply_ac
+
+    config = _config(source, tp, layers)
+    dtype = getattr(torch, weights)
+    with FakeTensorMode(), _quiet(), _whole_rows():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        model.train()
+        if mode != "none":
+            from costlab.models.hf import decoder_layers
+
+            apply_ac(_Blocks(decoder_layers(model)), mode)
+        ids = torch.zeros(rows, tokens, dtype=torch.long)
+        with SavedActivations(model) as meter:
+            if autocast != "None":
+                with torch.autocast("cpu", dtype=getattr(torch, autocast)):
+                    logits = model(input_ids=ids, use_cache=False).logits
+            else:
+                logits = model(input_ids=ids, use_cache=False).logits
+            loss = loss_fn(logits, ids)
+            held = meter.alive()
+        del loss, logits, model
+    return float(held)
+
+
+class _Blocks:
+    """What :func:`costlab.parallelism.techniques.apply_ac` reads: the decoder layers as ``blocks``."""
+
+    def __init__(self, layers: Any):
+        from torch import nn
+
+        self.blocks = nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)})
+
+
+def _config(source: str, tp: int, layers: int) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    if tp > 1:
+        if getattr(config, "head_dim", None) is None and hasattr(config, "num_attention_heads"):
+            config.head_dim = config.hidden_size // config.num_attention_heads  # kept while heads are divided
+        for key in TP_SHARDED:
+            if getattr(config, key, None):
+                setattr(config, key, getattr(config, key) // tp)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):  # sliding-window families name each layer's kind
+        config.layer_types = config.layer_types[:layers]
+    config.use_cache = False
+    return config
+
+
+def _whole_rows() -> Any:
+    """``transformers`` looks for packed sequences in the position ids; on fake tensors it cannot read them, so it
+    builds an explicit attention mask that the run never builds. costlab's rows are whole windows, never packed:
+    the trace is told so, as the run finds."""
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        import contextlib
+
+        return contextlib.nullcontext()
+    return mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+def _quiet() -> Any:
+    """``transformers``' warnings about weights it initialises are not this trace's business."""
+    import contextlib
+
+    from transformers.utils import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            logging.set_verbosity(level)
+
+    return quiet()

@@ -1,0 +1,62 @@
+"""The activation bytes a run measures (``SavedActivations``) against the memory model's prediction for Hugging
+Face models, which runs each family's own code on fake tensors (``costlab.measure.traced``): one real training
+step per family, checkpointing mode and precision, in process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from costlab.measure.activations import SavedActivations  # noqa: E402
+from costlab.measure.memory import PREDICTED, RECOMPUTE, predict_state  # noqa: E402
+from costlab.models.gpt import build_model  # noqa: E402
+from costlab.models.loss import loss_fn  # noqa: E402
+from costlab.parallelism.techniques import apply_ac  # noqa: E402
+from costlab.precision import autocast  # noqa: E402
+
+from .conftest import compose_config  # noqa: E402
+
+NEOX = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256, "rotary_pct": 0.25,
+        "max_position_embeddings": 128, "use_parallel_residual": True, "bos_token_id": None, "eos_token_id": None}
+CASES = {
+    "llama": ("llama_tiny", []),
+    "llama-bf16-selective": ("llama_tiny", ["precision=bf16", "trainer.activation_checkpointing=selective"]),
+    "qwen2-full": ("qwen2_tiny", ["trainer.activation_checkpointing=full"]),
+    "mistral-bf16": ("mistral_tiny", ["precision=bf16"]),
+    "gpt2": ("gpt2_tiny", []),  # gelu_new, Conv1D, tied head, dropout in training
+    "gpt2-accum-bf16": ("gpt2_tiny", ["precision=bf16", "trainer.grad_accum_steps=2"]),
+    "neox": ("neox", []),  # parallel residual, partial rotary
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_traced_prediction_matches_a_real_step_for_every_family(name, tmp_path):
+    family, extra = CASES[name]
+    if family == "neox":
+        (tmp_path / "config.json").write_text(json.dumps(NEOX))
+        family = str(tmp_path / "config.json")
+    cfg = compose_config(["model=hf", f"model.config={family}", "model.block_size=32", "trainer.batch_size=4",
+                          "trainer.device=cpu", *extra])
+    predicted = predict_state(cfg, 1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.train()
+    mode = cfg.trainer.activation_checkpointing
+    if mode != "none":
+        apply_ac(model, mode)
+    accum = cfg.trainer.grad_accum_steps
+    x = torch.randint(0, 256, (cfg.trainer.batch_size, 32))
+    with SavedActivations(model) as meter:
+        for xm in x.chunk(accum):
+            with autocast(cfg, torch.device("cpu")):
+                logits = model(xm)
+            loss_fn(logits, xm).backward()
+    held = predicted[f"{PREDICTED}activations_bytes_per_rank"]
+    assert held / meter.held == pytest.approx(1, abs=0.01), (held, meter.held)
+    assert (RECOMPUTE in predicted) == (mode != "none")  # checkpointing's transient: one layer rebuilt at a time
