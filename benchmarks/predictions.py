@@ -1,5 +1,5 @@
-"""Receipts for the memory model: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each one's
-predicted per-rank bytes against what its ranks measured.
+"""Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
+one's predicted per-rank bytes and tokens/s against what it measured.
 
     python benchmarks/predictions.py                 # every configuration below (~25 runs, ~10 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
@@ -7,7 +7,9 @@ predicted per-rank bytes against what its ranks measured.
 For each configuration it prints the measured and predicted activation bytes held for backward
 (``mem/activations_bytes_per_rank`` beside ``mem/predicted_activations_bytes_per_rank``) and the measured and
 predicted state (parameters + gradients + optimizer state per rank), then the median and 95th-percentile
-relative error of each over every configuration. Run it alone: it starts up to four ranks on the machine's cores.
+relative error of each over every configuration; then the measured and predicted training tokens/s
+(``perf/tokens_per_s`` beside ``perf/predicted_tokens_per_s``), their errors, and Kendall's tau between the two
+rankings. Run it alone: it starts up to four ranks on the machine's cores, and tokens/s is timed.
 
 A peak-memory column needs a GPU (``torch.cuda.max_memory_allocated`` against the predicted total); on CPU the
 peak a run logs is the process's RSS, which holds the Python and PyTorch runtime besides the model, so it is not
@@ -42,6 +44,7 @@ CONFIGS: dict[str, list[str]] = {
     "gpt single bf16": [*GPT, "parallelism=single", "precision=bf16"],
     "gpt ddp": [*GPT, "parallelism=ddp"],
     "gpt fsdp": [*GPT, "parallelism=fsdp"],
+    "gpt fsdp bf16": [*GPT, "parallelism=fsdp", "precision=bf16"],
     "gpt fsdp bf16 full-ckpt accum2": [*GPT, "parallelism=fsdp", "precision=bf16",
                                        "trainer.activation_checkpointing=full", "trainer.grad_accum_steps=2"],
     "gpt tp": [*GPT, "parallelism=tp"],
@@ -59,9 +62,11 @@ CONFIGS: dict[str, list[str]] = {
     "gpt_micro fsdp full-ckpt": [*MICRO, "parallelism=fsdp", "trainer.activation_checkpointing=full"],
     "llama single selective": [*LLAMA, "parallelism=single", "trainer.activation_checkpointing=selective"],
     "llama ddp fp16": [*LLAMA, "parallelism=ddp", "precision=fp16"],
+    "llama fsdp bf16": [*LLAMA, "parallelism=fsdp", "precision=bf16"],
     "hf llama single": [*HF, "parallelism=single"],
     "hf llama single bf16 accum2": [*HF, "parallelism=single", "precision=bf16", "trainer.grad_accum_steps=2"],
-    "hf llama fsdp bf16 full-ckpt": [*HF, "parallelism=fsdp", "precision=bf16", "trainer.activation_checkpointing=full"],
+    "hf llama fsdp bf16 full-ckpt": [*HF, "parallelism=fsdp", "precision=bf16",
+                                     "trainer.activation_checkpointing=full"],
     "hf llama tp": [*HF, "parallelism=tp"],
     "hf llama pp 1f1b": [*HF, "parallelism=pp"],
     "hf llama ddp selective": [*HF, "parallelism=ddp", "trainer.activation_checkpointing=selective"],
@@ -75,7 +80,7 @@ STATE = ("params", "grads", "optimizer")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the configurations whose name contains this")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="costlab-predictions-"))
     cli = Cli(f"sqlite:///{root / 'mlflow.db'}", root)
@@ -84,13 +89,15 @@ def main() -> None:
           flush=True)
     print(f"{'configuration':34s} {'acts measured':>14s} {'predicted':>12s} {'error':>7s}   "
           f"{'state measured':>14s} {'predicted':>12s} {'error':>7s}", flush=True)
-    errors: dict[str, list[float]] = {"activations": [], "state": []}
+    errors: dict[str, list[float]] = {"activations": [], "state": [], "tokens/s": []}
+    speeds: list[tuple[str, float, float]] = []
     for name, overrides in CONFIGS.items():
         if args.only not in name:
             continue
         run_name = name.replace(" ", "-").replace("(", "").replace(")", "")
         proc = cli(*SMALL, *overrides, f"trainer.max_steps={args.steps}", "serve.enabled=false",
-                   "trainer.eval_interval=0", f"tracking.run_name={run_name}", timeout=900)
+                   "trainer.eval_interval=0", "trainer.timing_warmup_steps=5", f"tracking.run_name={run_name}",
+                   timeout=900)
         if proc.returncode:
             print(f"{name:34s} FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
             continue
@@ -100,14 +107,28 @@ def main() -> None:
         state_pred = sum(m[f"mem/predicted_{p}_bytes_per_rank"] for p in STATE)
         errors["activations"].append(acts_pred / acts - 1)
         errors["state"].append(state_pred / state - 1)
+        tps, tps_pred = m["perf/tokens_per_s"], m.get("perf/predicted_tokens_per_s", float("nan"))
+        errors["tokens/s"].append(tps_pred / tps - 1)
+        speeds.append((name, tps, tps_pred))
         print(f"{name:34s} {acts:14,.0f} {acts_pred:12,.0f} {acts_pred / acts - 1:+7.1%}   "
-              f"{state:14,.0f} {state_pred:12,.0f} {state_pred / state - 1:+7.1%}", flush=True)
+              f"{state:14,.0f} {state_pred:12,.0f} {state_pred / state - 1:+7.1%}   "
+              f"tokens/s {tps:9,.0f} predicted {tps_pred:9,.0f} {tps_pred / tps - 1:+7.1%}", flush=True)
     for part, errs in errors.items():
         if errs:
             absolute = sorted(abs(e) for e in errs)
             p95 = absolute[min(len(absolute) - 1, round(0.95 * (len(absolute) - 1)))]
             print(f"{part}: {len(errs)} configurations, median |error| {statistics.median(absolute):.2%}, "
                   f"95th percentile {p95:.2%}, worst {absolute[-1]:.2%}")
+    if len(speeds) > 1:
+        print(f"Kendall's tau between measured and predicted tokens/s rankings: {kendall_tau(speeds):.2f}")
+
+
+def kendall_tau(rows: list[tuple[str, float, float]]) -> float:
+    """Kendall's tau-a of (measured, predicted) pairs: concordant minus discordant pairs over all pairs."""
+    pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
+    score = sum((a[1] - b[1]) * (a[2] - b[2]) > 0 for a, b in pairs) - sum(
+        (a[1] - b[1]) * (a[2] - b[2]) < 0 for a, b in pairs)
+    return score / len(pairs)
 
 
 if __name__ == "__main__":

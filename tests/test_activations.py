@@ -60,3 +60,34 @@ def test_traced_prediction_matches_a_real_step_for_every_family(name, tmp_path):
     held = predicted[f"{PREDICTED}activations_bytes_per_rank"]
     assert held / meter.held == pytest.approx(1, abs=0.01), (held, meter.held)
     assert (RECOMPUTE in predicted) == (mode != "none")  # checkpointing's transient: one layer rebuilt at a time
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_a_gpt_under_fsdp_mixed_precision_is_traced_as_it_runs(mode, tmp_path):
+    """FSDP's bf16 mixed precision runs the residual stream in bf16 and autocast casts each norm's input back to
+    fp32: the prediction traces that on fake tensors; the truth is one real FSDP step (one rank, gloo) holding
+    the rows each of the two planned ranks would."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from costlab.parallelism.fsdp import apply_fsdp
+
+    cfg = compose_config(["model.n_layer=3", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+                          "trainer.batch_size=8", "trainer.device=cpu", "parallelism=fsdp", "precision=bf16",
+                          f"trainer.activation_checkpointing={mode}"])
+    predicted = predict_state(cfg, 2)[f"{PREDICTED}activations_bytes_per_rank"]
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        if mode != "none":
+            apply_ac(model, mode)
+        apply_fsdp(model, init_device_mesh("cpu", (1,)), torch.bfloat16, torch.float32, True, "none")
+        x = torch.randint(0, 256, (4, 32))
+        with SavedActivations(model) as meter:
+            with autocast(cfg, torch.device("cpu")):
+                logits = model(x)
+            loss_fn(logits, x).backward()
+    finally:
+        dist.destroy_process_group()
+    assert predicted / meter.held == pytest.approx(1, abs=0.02), (predicted, meter.held)

@@ -52,6 +52,9 @@ def test_default_experiment_learns_and_logs_the_whole_contract(cli, tmp_path):
     assert model_file.stat().st_size == m["model/size_bytes"]
     assert m["mem/peak_bytes"] > m["mem/params_bytes_per_rank"] > 0
     assert_activations_predicted(m)
+    # the time model's prediction beside the measured throughput, with the rates and parts it rests on
+    assert m["perf/predicted_tokens_per_s"] > 0 and "us per op" in run.data.tags["costlab.time_model"]
+    assert m["perf/predicted_step_time_ms"] > 0
     assert m["time/total_s"] > 0 and m["perf/tokens_per_s"] > 0 and m["infer/tokens_per_s"] > 0
     # params: the flattened resolved config; the YAML as an artifact
     assert run.data.params["model.n_layer"] == "4" and run.data.params["trainer.max_steps"] == "60"
@@ -85,6 +88,7 @@ def test_ddp_reproduces_single_loss_curve_in_fp32(cli):
     ddp_run = cli.run_by_name("parity_ddp")
     ddp = cli.loss_curve(ddp_run.info.run_id)
     assert_activations_predicted(ddp_run.data.metrics)  # each rank holds half the batch's activations
+    assert "all_reduce" in ddp_run.data.tags["costlab.time_model"]  # its link probed on the run's two ranks
     assert len(single) == len(ddp) == 6
     worst = max(abs(a - b) / abs(a) for a, b in zip(single, ddp, strict=True))
     assert worst < 1e-4, (single, ddp)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from costlab.measure.memory import predict_state
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, refusal
 
 
 @pytest.mark.slow
@@ -80,3 +80,37 @@ def test_a_plan_of_several_nodes_needs_no_rendezvous_endpoint():
     assert four_nodes[key] == pytest.approx(one_node[key] / 4, rel=0.01)
     with pytest.raises(ConfigError, match="trainer.nnodes=4"):
         check_job(compose_config(["parallelism=fsdp", "trainer.nnodes=4", "trainer.nproc_per_node=8"]), planning=False)
+
+
+def test_a_plan_takes_fp8_for_an_hf_model_on_a_card_that_has_fp8():
+    """A plan is for the card it names: fp8 is planned for a Hugging Face model on an H100 (its activations traced,
+    its time at the fp8 peak); a card without fp8 is refused, and so is fp8 training of an hf model."""
+    from costlab.launcher.job import check_job
+    from costlab.launcher.plan import make_plan
+
+    overrides = ["mode=plan", "model=hf", "model.config=llama_tiny", "model.block_size=64", "hardware=h100_sxm",
+                 "parallelism=fsdp", "trainer.nproc_per_node=8", "precision=fp8"]
+    cfg = compose_config(overrides)
+    check_job(cfg, planning=True)
+    out, lines = make_plan(cfg)
+    assert "fp8 matmuls" in lines[0]
+    assert out["mem/predicted_activations_bytes_per_rank"] > 0 and "activations" in lines[1]
+    bf16 = make_plan(compose_config([*overrides[:-1], "precision=bf16"]))[0]
+    # the same memory (fp8 is planned with bf16 autocast around the float8 Linears); twice the peak, half the time
+    assert out["plan/memory_bytes_per_device"] == bf16["plan/memory_bytes_per_device"]
+    assert out["plan/hours"] == pytest.approx(bf16["plan/hours"] / 2, rel=0.01)
+    assert refusal(*overrides[:4], "hardware=a100_80gb", "precision=fp8").key == "precision"
+    assert "a100_80gb" in str(refusal(*overrides[:4], "hardware=a100_80gb", "precision=fp8"))
+    assert "model=hf" in str(refusal("model=hf", "model.config=llama_tiny", "precision=fp8"))
+
+
+def test_a_plan_times_and_prices_the_tokens_it_is_given():
+    from costlab.launcher.plan import make_plan
+
+    base = ["mode=plan", "model=gpt2_small", "hardware=h100_sxm", "parallelism=fsdp", "trainer.nproc_per_node=8"]
+    steps, _ = make_plan(compose_config(base))
+    out, lines = make_plan(compose_config([*base, "plan.tokens=1e12"]))
+    assert out["plan/tokens"] == 1e12 and "(plan.tokens)" in lines[-1] and "days" in lines[-1]
+    assert out["plan/hours"] == pytest.approx(steps["plan/hours"] * 1e12 / steps["plan/tokens"])
+    assert out["plan/usd"] == pytest.approx(out["plan/hours"] * 8 * compose_config(base).hardware.usd_per_hour)
+    assert refusal(*base, "plan.tokens=-5").key == "plan.tokens"

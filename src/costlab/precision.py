@@ -56,11 +56,20 @@ def check(cfg: DictConfig, tp: int, pp_enabled: bool, block_widths: Callable[[],
 def _check_fp8(cfg: DictConfig, tp: int, block_widths: Callable[[], tuple[int, int] | None], hf: bool) -> None:
     from costlab.measure.machine import require_gpu
 
-    if hf:
-        raise ConfigError("precision", cfg.precision.name, "model=hf trains in fp32, bf16 or fp16")
-    require_gpu("precision", "fp8", cfg, FP8_CAPABILITY, "torchao float8 training")
-    if importlib.util.find_spec("torchao") is None:
-        raise ConfigError("precision", "fp8", "needs torchao: pip install 'costlab[quant]'")
+    if cfg.get("mode", "train") == "plan":  # a plan runs nothing here: the card it names must have fp8 matmuls
+        peaks = cfg.hardware.get("peak_tflops") or {}
+        if peaks.get("fp8") is None:
+            raise ConfigError("precision", "fp8", f"hardware={cfg.hardware.name} names no fp8 peak to plan with "
+                              "(fp8 matmuls need SM89+: l4, h100_sxm, h100_pcie, h200)")
+        if hf:  # planned as torchao float8 training of every decoder layer's Linears would run
+            return
+    elif hf:
+        raise ConfigError("precision", cfg.precision.name, "model=hf trains in fp32, bf16 or fp16 "
+                          "(mode=plan plans fp8 for it on a card that has fp8)")
+    else:
+        require_gpu("precision", "fp8", cfg, FP8_CAPABILITY, "torchao float8 training")
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("precision", "fp8", "needs torchao: pip install 'costlab[quant]'")
     widths = block_widths()
     if widths is None:
         raise ConfigError("precision", "fp8", f"converts the Linear layers of transformer blocks; "

@@ -156,6 +156,7 @@ class Tracking:
 @dataclass
 class Plan:
     mfu: float = key(0.4, UNIT_OPEN, "the assumed model FLOPs utilisation")
+    tokens: float | None = key(None, POSITIVE, "the training tokens to price (default: trainer.max_steps' tokens)")
 
 
 @dataclass

@@ -21,6 +21,12 @@ from costlab.precision import matmul_dtype
 
 PLAN = "plan/"  # + the figures below: a plan's metrics, never mixed with measured ones
 GB = 1e9
+# On a GPU, beside what the memory model counts: the CUDA context, cuBLAS' and NCCL's workspaces, and the blocks the
+# caching allocator holds but has not handed out. An ASSUMED allowance, said as such in every plan: a fixed part
+# (PyTorch's CUDA context alone is ~0.5 GB on recent cards) and a share of the counted bytes (the allocator's
+# reserved-over-allocated overhead, which runs log as mem/peak_reserved_bytes beside mem/peak_bytes)
+GPU_FIXED_ALLOWANCE = 1.5e9
+GPU_ALLOWANCE_SHARE = 0.10
 
 
 def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
@@ -36,15 +42,23 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     flops = flops_per_token(model, cfg.model.block_size)
     state = predict_state(cfg, world)
-    per_device = sum(state.values())  # parameters, gradients, optimizer state and activations
-    held = sum(v for k, v in state.items() if "activations" not in k and "recompute" not in k)
+    per_device = sum(state.values())  # parameters, gradients, optimizer state, activations and recompute
+    if hw.name != "cpu":
+        state[f"{PREDICTED}allowance_bytes_per_rank"] = GPU_FIXED_ALLOWANCE + GPU_ALLOWANCE_SHARE * per_device
+        per_device = sum(state.values())
+    held = sum(state[f"{PREDICTED}{part}_bytes_per_rank"] for part in ("params", "grads", "optimizer"))
     out: dict[str, float] = {f"{PLAN}params": params, f"{PLAN}flops_per_token": flops,
                              f"{PLAN}state_bytes_per_device": held,
                              f"{PLAN}memory_bytes_per_device": per_device, **state}
     dtype = matmul_dtype(cfg)
     lines = [f"costlab plan: model={cfg.model.name} ({params / 1e9:.3g}B parameters), parallelism="
              f"{cfg.parallelism.name} on {world} x {hw.name}, {dtype} matmuls; nothing is trained or allocated"]
-    parts = ", ".join(f"{k[len(PREDICTED):].split('_')[0]} {v / GB:.3g} GB" for k, v in state.items())
+    def label(key: str) -> str:
+        part = key[len(PREDICTED):].split("_")[0]
+        return part if part != "allowance" else (f"allowance (ASSUMED: {GPU_FIXED_ALLOWANCE / GB:.3g} GB + "
+                                                 f"{GPU_ALLOWANCE_SHARE:.0%}: CUDA context, workspaces, allocator)")
+
+    parts = ", ".join(f"{label(k)} {v / GB:.3g} GB" for k, v in state.items())
     capacity = hw.get("memory_gb")
     if capacity:
         margin = capacity * GB - per_device
@@ -59,12 +73,15 @@ def make_plan(cfg: DictConfig) -> tuple[dict[str, float], list[str]]:
         lines.append(f"  no time or cost: {source}")
         return out, lines
     mfu = float(cfg.plan.mfu)
-    tokens = float(t.max_steps) * t.batch_size * cfg.model.block_size
+    given = cfg.plan.get("tokens")
+    tokens = float(given) if given else float(t.max_steps) * t.batch_size * cfg.model.block_size
+    what = "plan.tokens" if given else f"trainer.max_steps={t.max_steps}"
     tokens_per_s = mfu * peak * 1e12 * world / flops
     hours = tokens / tokens_per_s / 3600
-    out.update({f"{PLAN}mfu_assumed": mfu, f"{PLAN}tokens_per_s_assumed": tokens_per_s, f"{PLAN}hours": hours})
+    out.update({f"{PLAN}mfu_assumed": mfu, f"{PLAN}tokens_per_s_assumed": tokens_per_s, f"{PLAN}hours": hours,
+                f"{PLAN}tokens": tokens})
     line = (f"  at an ASSUMED MFU of {mfu:.0%} of {peak:.4g} TFLOP/s per device ({source}): {tokens_per_s:,.0f} "
-            f"tokens/s, {tokens:.3g} tokens (trainer.max_steps={t.max_steps}) in {hours:.3g} h")
+            f"tokens/s, {tokens:.3g} tokens ({what}) in {hours:.3g} h ({hours / 24:.3g} days)")
     price = usd_per_hour(cfg)
     if price is not None:
         out[f"{PLAN}usd"] = price * hours

@@ -140,7 +140,13 @@ def _autocast_bytes(cfg: DictConfig) -> int:
     return 2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else FP32
 
 
-def _block_terms(cfg: DictConfig, tp: int = 1) -> dict[str, float]:
+def _residual_bytes(cfg: DictConfig, fsdp: bool) -> int:
+    """Bytes of one value of the residual stream between blocks: fp32, except where FSDP's mixed precision holds
+    the weights in the autocast dtype and casts the inputs to it (then the whole stream is in that dtype)."""
+    return _autocast_bytes(cfg) if fsdp else FP32
+
+
+def _block_terms(cfg: DictConfig, tp: int = 1, residual: int = FP32) -> dict[str, float]:
     """Bytes per token that one transformer block holds for backward: ``none`` (everything autograd
     saves), ``full`` and ``selective`` (what checkpointing keeps), and the ``recompute`` transient of
     each mode (one block's activations rebuilt at a time in backward). See :func:`predict_activations`."""
@@ -161,7 +167,7 @@ def _block_terms(cfg: DictConfig, tp: int = 1) -> dict[str, float]:
     none = 2 * norm + norm_out + attn + mlp
     # selective keeps every matmul's and the attention's output: q, k, v, attention, both c_proj, c_fc (x2 swiglu)
     kept = a * (4 * c / tp + 2 * c + h * (2 if m.mlp == "swiglu" else 1)) + FP32 * heads
-    return {"none": none, "full": FP32 * c, "selective": FP32 * c + kept,
+    return {"none": none, "full": residual * c, "selective": residual * c + kept,
             "full_recompute": none, "selective_recompute": max(0.0, none - kept)}
 
 
@@ -208,22 +214,23 @@ def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
     a = _autocast_bytes(cfg)
     copies = a < FP32 and not dims.fsdp_enabled  # FSDP's mixed precision gathers weights in the autocast dtype
     tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
-    if is_hf(cfg):
-        return _hf_parts(cfg, dims, tokens)
+    if is_hf(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and not dims.tp_enabled
+                      and "n_layer" in m):
+        return _traced_parts(cfg, dims, tokens)
     logits = m.vocab_size * (a + FP32) + 2 * INDEX
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
         per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + logits
         weights = (m.context * m.n_embd + m.n_embd) * m.hidden + m.n_embd * m.vocab_size
         return tokens * per_token + (a * weights if copies else 0.0), 0.0
     mode = t.get("activation_checkpointing", "none")
-    terms = _block_terms(cfg, dims.tp)
+    terms = _block_terms(cfg, dims.tp, _residual_bytes(cfg, dims.fsdp_enabled))
     rms = m.get("norm", "layernorm") == "rmsnorm"
     outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + logits  # final norm, its output, the logits
     block, rebuilt = terms[mode], terms.get(f"{mode}_recompute", 0.0)
     layers = m.n_layer / dims.pp
     if dims.pp_enabled:
         tokens /= int(p.microbatches)
-        per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside) for r in range(dims.pp))
+        per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled) for r in range(dims.pp))
     else:
         per_token = layers * block + outside
     held, rebuilt = tokens * per_token, tokens * rebuilt
@@ -251,20 +258,20 @@ def in_flight(schedule: str, microbatches: int, pp: int, pp_rank: int, stages_pe
     return min(microbatches, pp - pp_rank)
 
 
-def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, outside: float,
+def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, outside: float, fsdp: bool,
                 block_const: float = 0.0, outside_const: float = 0.0, tokens: float = 1.0) -> float:
     """Bytes per token of a micro-batch that pipeline rank ``pp_rank`` holds when its peak backward starts: its
     chunks in flight (each its stage's layers, and the output it sent, kept for backward), the logits of the last
     stage (every micro-batch under gpipe, else the one about to run backward), and the schedule's receive buffers
     (one per micro-batch and stage: activations into every stage but the first, gradients into every stage but
-    the last; fp32, as the residual stream is). ``m``: the model's shapes; ``*_const``: bytes per forward (a
-    traced model's autocast copies of weights, held once), over ``tokens`` per micro-batch."""
+    the last; in the residual stream's dtype, :func:`_residual_bytes`). ``m``: the model's shapes; ``*_const``:
+    bytes per forward (a traced model's autocast copies of weights, held once), over ``tokens`` per micro-batch."""
     p = cfg.parallelism
     micro = int(p.microbatches)
     v = int(p.stages_per_rank) if p.schedule == "interleaved_1f1b" else 1
     n_stages = pp * v
     stages = range(pp_rank, n_stages, pp)
-    residual = FP32 * m.n_embd
+    residual = _residual_bytes(cfg, fsdp) * m.n_embd
     chunks = in_flight(p.schedule, micro, pp, pp_rank, v)
     owns_last = n_stages - 1 in stages
     logits = (micro if p.schedule == "gpipe" else 1) if owns_last else 0
@@ -275,12 +282,14 @@ def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, ou
     return chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const
 
 
-def _hf_parts(cfg: DictConfig, dims: Any, tokens: float) -> tuple[float, float]:
-    """:func:`activation_parts` of a Hugging Face model, from its traced terms (:mod:`costlab.measure.traced`)."""
-    from costlab.measure.traced import hf_shapes, hf_terms
+def _traced_parts(cfg: DictConfig, dims: Any, tokens: float) -> tuple[float, float]:
+    """:func:`activation_parts` from a model's traced terms (:mod:`costlab.measure.traced`): every Hugging Face
+    model, and costlab's GPTs under FSDP with autocast (its mixed precision runs the residual stream in the
+    autocast dtype, and autocast then casts each norm's input back to fp32: the trace reads what that saves)."""
+    from costlab.measure.traced import hf_shapes, traced_terms
 
-    m = hf_shapes(cfg)
-    terms = hf_terms(cfg, dims.tp, dims.fsdp_enabled)
+    m = hf_shapes(cfg) if is_hf(cfg) else cfg.model
+    terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled)
     a = _autocast_bytes(cfg)
     if dims.tp > 1 and a < FP32 and not dims.fsdp_enabled:  # the head's cast copy is of this rank's shard only
         terms["outside_const"] -= a * m.vocab_size * m.n_embd * (1 - 1 / dims.tp)
@@ -289,8 +298,8 @@ def _hf_parts(cfg: DictConfig, dims: Any, tokens: float) -> tuple[float, float]:
     rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0
     if dims.pp_enabled:
         tokens /= int(cfg.parallelism.microbatches)
-        per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], terms["outside"], terms["block_const"],
-                                    terms["outside_const"], tokens) for r in range(dims.pp))
+        per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], terms["outside"], dims.fsdp_enabled,
+                                    terms["block_const"], terms["outside_const"], tokens) for r in range(dims.pp))
         return tokens * per_token, tokens * rebuilt_tok + rebuilt_const
     held = tokens * (m.n_layer * terms["block"] + terms["outside"])
     return held + m.n_layer * terms["block_const"] + terms["outside_const"], tokens * rebuilt_tok + rebuilt_const

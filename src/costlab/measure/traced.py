@@ -1,4 +1,5 @@
-"""Activation terms of a Hugging Face model, read from its own forward pass run on fake tensors.
+"""Activation terms of a model read from its own forward pass run on fake tensors: every Hugging Face model, and
+costlab's own GPTs where FSDP's mixed precision decides which dtype each tensor is saved in.
 
 ``transformers`` families differ in what their layers save for backward (how a norm upcasts, how rotary
 positions are applied, a parallel residual, an MLP's activation), so rather than a formula per family the memory
@@ -21,15 +22,18 @@ layer's heads and MLP width divided by its degree.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from costlab.models.hf_config import is_hf
 
 # the config keys a tensor-parallel shard divides: attention heads (query and key/value) and the MLP width
 TP_SHARDED = ("num_attention_heads", "num_key_value_heads", "n_head", "intermediate_size", "n_inner")
 
 
-def hf_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
+def traced_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
     """Bytes per token and per forward (``_const``) of: ``block`` (a layer under
     ``trainer.activation_checkpointing``), ``none`` (a layer without checkpointing: what a checkpointed layer
     rebuilds in backward) and ``outside``."""
@@ -37,7 +41,8 @@ def hf_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
     autocast = cfg.precision.get("autocast_dtype")
     weights = autocast if fsdp and autocast else "float32"
     attn = str(m.get("attn_implementation", "sdpa"))
-    key = (hf_source(cfg), int(tp), str(autocast), weights, int(m.block_size), attn)
+    source = hf_source(cfg) if is_hf(cfg) else json.dumps(OmegaConf.to_container(m, resolve=True), sort_keys=True)
+    key = (source, int(tp), str(autocast), weights, int(m.block_size), attn)
     mode = t.get("activation_checkpointing", "none")
     out: dict[str, float] = {}
     for name, layer_mode in (("block", mode), ("none", "none")):
@@ -76,7 +81,8 @@ def _split(key: tuple, layers: int, mode: str) -> tuple[float, float]:
 @functools.lru_cache(maxsize=64)
 def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn: str, layers: int,
            mode: str, rows: int) -> float:
-    """Bytes alive for backward after the forward and loss of ``rows`` sequences (see the module)."""
+    """Bytes alive for backward after the forward and loss of ``rows`` sequences (see the module). ``source``: a
+    Hugging Face config file, or a costlab ``model`` node as JSON (``{...}``)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -84,28 +90,51 @@ def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn:
     from costlab.models.loss import loss_fn
     from costlab.parallelism.techniques import apply_ac
 
-    config = _config(source, tp, layers)
     dtype = getattr(torch, weights)
-    with FakeTensorMode(), _quiet(), _whole_rows():
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    with FakeTensorMode(), _hf_only(source):
+        model, forward = _fake_model(source, tp, layers, dtype, attn)
         model.train()
         if mode != "none":
-            from costlab.models.hf import decoder_layers
-
-            apply_ac(_Blocks(decoder_layers(model)), mode)
+            apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
         ids = torch.zeros(rows, tokens, dtype=torch.long)
         with SavedActivations(model) as meter:
             if autocast != "None":
                 with torch.autocast("cpu", dtype=getattr(torch, autocast)):
-                    logits = model(input_ids=ids, use_cache=False).logits
+                    logits = forward(ids)
             else:
-                logits = model(input_ids=ids, use_cache=False).logits
+                logits = forward(ids)
             loss = loss_fn(logits, ids)
             held = meter.alive()
         del loss, logits, model
     return float(held)
+
+
+def _fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str) -> tuple[Any, Any]:
+    """The model (under the caller's fake mode) with ``layers`` layers, and its forward from token ids to logits."""
+    if source.startswith("{"):  # costlab's own model: its ``model`` node
+        import torch
+
+        from costlab.models.gpt import build_model
+
+        node = OmegaConf.create(json.loads(source))
+        node.n_layer = layers
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # the weights in the dtype FSDP gathers them in
+        try:
+            model = build_model(node)
+        finally:
+            torch.set_default_dtype(default)
+        return model, model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(_config(source, tp, layers), dtype=dtype, attn_implementation=attn)
+    return model, lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+def _layers(model: Any) -> Any:
+    from costlab.models.hf import decoder_layers
+
+    return decoder_layers(model)
 
 
 class _Blocks:
@@ -132,6 +161,19 @@ def _config(source: str, tp: int, layers: int) -> Any:
         config.layer_types = config.layer_types[:layers]
     config.use_cache = False
     return config
+
+
+def _hf_only(source: str) -> Any:
+    """:func:`_quiet` and :func:`_whole_rows` for a Hugging Face model; nothing (no ``transformers`` import) for
+    costlab's own."""
+    import contextlib
+
+    if source.startswith("{"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(_quiet())
+    stack.enter_context(_whole_rows())
+    return stack
 
 
 def _whole_rows() -> Any:

@@ -54,6 +54,7 @@ from costlab.measure.names import (
     PERF_TOKENS_PER_S,
     SERVE_TARGET_TOKENS_PER_S,
 )
+from costlab.measure.steptime import predicted_metrics, probe_ranks
 from costlab.models.adapters import (
     ADAPTER_DIR,
     ADAPTER_TAG,
@@ -105,6 +106,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
         say(env, f"training {cfg.trainer.max_steps} steps")
         result = Trainer(parallel, optimizer, corpus, cfg, env, logger, [*hooks, energy], stop, resumable=True).train()
         summary = training_summary(result, predicted, env)  # collectives: every rank takes part
+        probes = probe_ranks(cfg, env.world_size) if cfg.trainer.max_steps > 0 else None  # collective likewise
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
         adapter = adapter_state(parallel.model) if ships_adapter(cfg) else None  # collective where sharded
         final = parallel.full_model(cfg)  # collective: every rank takes part
@@ -128,6 +130,10 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
                                          summary.get(SERVE_TARGET_TOKENS_PER_S))
             summary.update(cost)
             tags.update({**energy_tag, **mfu_tag})
+            if cfg.trainer.max_steps > 0:  # the time model, beside the measured throughput (its probes run now)
+                time_figures, time_tag = predicted_metrics(cfg, env.world_size, probes, build_optimizer)
+                summary.update(time_figures)
+                tags.update(time_tag)
             if MEM_ACTIVATIONS not in summary and cfg.trainer.max_steps > 0:
                 tags[UNMEASURED_TAG] = unmeasured_reason(cfg) or "no training step ran"
         summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)

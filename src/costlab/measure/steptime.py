@@ -1,0 +1,618 @@
+"""The time model: a training step's seconds predicted from its parts and this machine's measured rates, logged
+as ``perf/predicted_tokens_per_s`` beside the measured ``perf/tokens_per_s``.
+
+The work comes from the run's own code run on fake tensors (shapes, no data: :mod:`costlab.measure.traced`): one
+micro-batch's forward, loss and backward with one and with two layers (so a pipeline stage or a 70B model costs
+the same to trace), under the run's checkpointing mode and precision, counted three ways:
+
+    flops  the matmuls' and attention's FLOPs (PyTorch's FlopCounterMode: recomputed blocks included)
+    ops    every aten op dispatched (each one pays the framework's fixed cost: dispatch, autograd, a kernel launch)
+    bytes  what the other ops write (pointwise work, norms, softmax, casts: bound by memory bandwidth)
+
+and the optimizer's step once, traced with the run's own optimizer. A rank's step is then
+
+    compute(w) = w.flops / matmul rate + w.bytes / memory bandwidth + w.ops x seconds per op
+    step       = micro-batches x compute(one micro-batch on this rank) + compute(optimizer step)
+                 + the pipeline's bubble: (pp - 1) micro-batch slots (/ stages per rank when interleaved)
+                 + each collective: latency + bytes / bandwidth, both probed per kind of collective (all-reduce
+                   moves 2 (n-1)/n of its bytes, all-gather and reduce-scatter (n-1)/n): DDP's gradient all-reduce
+                   once per step, FSDP's all-gathers (forward and backward) per layer and micro-batch and its
+                   reduce-scatters, tensor parallel's two
+                   all-reduces per layer forward and two backward, the pipeline's sends and receives
+
+Tensor parallel divides a layer's FLOPs and bytes by its degree (not its ops: every rank runs every op). Nothing
+overlaps on CPU: gloo's collectives run on the same cores as the compute. FSDP2 adds a fixed cost per sharded
+module and micro-batch, tensor parallel a DTensor's cost for each op on a weight (and its two backward matmuls).
+
+The rates are measured by probes at the end of the run, on every rank at once (:func:`probe_ranks`): the run's own
+matmul shapes in its dtype, the bandwidth of a large copy, the seconds per op of a chain of small autograd ops
+(and of views), each collective at two sizes, FSDP2's cost per group and a DTensor op's. A run on a GPU predicts
+nothing yet: its efficiencies are not calibrated (a tag says so).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PREDICTED_TOKENS_PER_S = "perf/predicted_tokens_per_s"
+PREDICTED_STEP_MS = "perf/predicted_step_time_ms"
+TIME_MODEL_TAG = "costlab.time_model"  # the rates and parts behind the prediction, or why there is none
+
+MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product")  # FLOP-bound: counted as FLOPs, not bytes
+
+
+@dataclass
+class Work:
+    """What one rank computes: matmul FLOPs, aten ops, and bytes written by the other ops."""
+
+    flops: float = 0.0
+    ops: float = 0.0  # ops that compute (a kernel each)
+    bytes: float = 0.0
+    views: float = 0.0  # ops that only make a view (metadata, no kernel)
+    weight_ops: float = 0.0  # forward ops on a weight or its cast or view (DTensors under tensor parallel)
+    forward_ops: float = 0.0  # ops and views outside backward (the forward pass; not checkpointing's recompute)
+
+    def __add__(self, other: Work) -> Work:
+        return Work(*(a + b for a, b in zip(self.fields(), other.fields(), strict=True)))
+
+    def __sub__(self, other: Work) -> Work:
+        return Work(*(a - b for a, b in zip(self.fields(), other.fields(), strict=True)))
+
+    def fields(self) -> tuple[float, ...]:
+        return self.flops, self.ops, self.bytes, self.views, self.weight_ops, self.forward_ops
+
+    def scaled(self, flops: float = 1.0, ops: float = 1.0, data: float = 1.0) -> Work:
+        return Work(self.flops * flops, self.ops * ops, self.bytes * data, self.views * ops, self.weight_ops * ops,
+                    self.forward_ops * ops)
+
+
+@dataclass
+class Rates:
+    """This machine's measured rates, per rank."""
+
+    matmul_flops: float  # FLOP/s
+    bytes_per_s: float  # memory bandwidth
+    op_s: float  # seconds per aten op that computes (dispatch, autograd and a kernel's fixed cost)
+    view_s: float  # seconds per aten op that only makes a view
+    link: dict[str, tuple[float, float]] = field(default_factory=dict)  # collective -> (latency s, bytes/s)
+    source: str = ""
+    fsdp_group_s: float = 0.0  # FSDP2's fixed cost per sharded module and micro-batch
+    dtensor_op_s: float = 0.0  # an op on DTensors (tensor parallel's weights), instead of op_s
+    policy_op_s: float = 0.0  # an op seen by a Python dispatch mode (selective checkpointing's policy)
+
+
+@dataclass
+class Prediction:
+    step_s: float
+    tokens_per_s: float
+    parts: dict[str, float] = field(default_factory=dict)  # seconds by part
+
+    def tag(self, rates: Rates) -> str:
+        parts = ", ".join(f"{k} {v * 1000:.3g} ms" for k, v in self.parts.items() if v)
+        return (f"{parts}; rates: matmul {rates.matmul_flops / 1e9:.3g} GFLOP/s, memory {rates.bytes_per_s / 1e9:.3g}"
+                f" GB/s, {rates.op_s * 1e6:.3g} us per op, {rates.view_s * 1e6:.3g} us per view, "
+                + "".join(f"{k} {lat * 1e6:.3g} us + {bw / 1e9:.3g} GB/s, " for k, (lat, bw) in rates.link.items())
+                + (f"FSDP2 {rates.fsdp_group_s * 1e6:.3g} us per group, " if rates.fsdp_group_s else "")
+                + (f"{rates.dtensor_op_s * 1e6:.3g} us per DTensor op, " if rates.dtensor_op_s else "")
+                + (f"{rates.policy_op_s * 1e6:.3g} us per policed op, " if rates.policy_op_s else "")
+                + f"({rates.source})")
+
+
+class _Counter:
+    """Counts aten ops and the bytes the non-matmul, non-view ones write (a TorchDispatchMode, built lazily)."""
+
+    def __new__(cls, weights: set[int] | None = None) -> Any:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Counter(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.ops, self.views, self.bytes, self.weight_ops, self.forward_ops = 0, 0, 0, 0, 0
+                self.weights = set(weights or ())  # ids of weights and of what was cast or viewed from them
+                self.attention: dict[str, float] = {}  # op -> FLOPs of fused attention kernels, counted here
+
+            def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                forward = torch._C._current_graph_task_id() == -1
+                self.forward_ops += forward
+                if self.weights and forward and any(
+                        id(a) in self.weights for a in tree_leaves(args) if isinstance(a, torch.Tensor)):
+                    self.weight_ops += 1
+                    name = func.__name__.split(".")[0]
+                    if func.is_view or name in ("_to_copy", "t", "clone"):  # still the weight, cast or viewed
+                        self.weights.update(id(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                if func.is_view:
+                    self.views += 1
+                    return out
+                self.ops += 1
+                name = func.__name__.split(".")[0]
+                if name.startswith("_scaled_dot_product"):  # QK^T and AV: 4 b h t s d forward, twice that back
+                    q, k = args[0], args[1]
+                    b, h, t, d = q.shape
+                    flops = 4 * b * h * t * k.shape[-2] * d * (2 if name.endswith("backward") else 1)
+                    self.attention[str(func.overloadpacket)] = self.attention.get(str(func.overloadpacket), 0) + flops
+                if not name.startswith(MATMULS):
+                    self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                                      if isinstance(t, torch.Tensor))
+                return out
+
+        return Counter()
+
+
+@functools.lru_cache(maxsize=64)
+def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, layers: int, mode: str,
+           rows: int) -> tuple[float, float, float, float, float, float]:
+    """(FLOPs, ops, bytes, views, weight ops, forward ops) of one forward, loss and backward of ``rows`` sequences,
+    on fake tensors."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from costlab.measure.traced import _Blocks, _fake_model, _hf_only, _layers
+    from costlab.models.loss import loss_fn
+    from costlab.parallelism.techniques import apply_ac
+
+    with FakeTensorMode(), _hf_only(source):
+        model, forward = _fake_model(source, 1, layers, getattr(torch, weights), attn)
+        model.train()
+        if mode != "none":
+            apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
+        ids = torch.zeros(rows, tokens, dtype=torch.long)
+        counter = _Counter({id(p) for p in model.parameters()})
+        with FlopCounterMode(display=False) as flops, counter:
+            if autocast != "None":
+                with torch.autocast("cpu", dtype=getattr(torch, autocast)):
+                    logits = forward(ids)
+            else:
+                logits = forward(ids)
+            loss_fn(logits, ids).backward()
+    # PyTorch's counter knows some attention kernels (CUDA's) and not others (the CPU's flash kernel): those it
+    # does not know are counted here, as the cost model counts attention (the whole square, as the kernels run)
+    known = {str(op) for op in flops.get_flop_counts().get("Global", {})}
+    attention = sum(v for op, v in counter.attention.items() if op not in known)
+    total = float(flops.get_total_flops() + attention)
+    return (total, float(counter.ops), float(counter.bytes), float(counter.views), float(counter.weight_ops),
+            float(counter.forward_ops))
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer_trace(source: str, optimizer: str, layers: int, build: Any) -> tuple[float, float, float, float]:
+    """(ops, bytes, views, weights) of the run's optimizer step (clipping and zeroing included) over a model of
+    ``layers`` layers, on fake tensors: the second step (the first creates the state)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from costlab.measure.traced import _fake_model, _hf_only
+
+    cfg = OmegaConf.create(json.loads(optimizer))
+    with FakeTensorMode(), _hf_only(source):
+        model, _ = _fake_model(source, 1, layers, torch.float32, "sdpa")
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt = build(model, cfg)
+        opt.step()
+        counter = _Counter()
+        with counter:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return float(counter.ops), float(counter.bytes), float(counter.views), float(sum(p.numel() for p in params))
+
+
+def _source(cfg: DictConfig) -> str:
+    from costlab.measure.traced import hf_source
+    from costlab.models.hf_config import is_hf
+
+    return hf_source(cfg) if is_hf(cfg) else json.dumps(OmegaConf.to_container(cfg.model, resolve=True),
+                                                         sort_keys=True)
+
+
+def layer_work(cfg: DictConfig, rows: int, fsdp: bool, mode: str | None = None) -> tuple[Work, Work]:
+    """(one layer, everything outside the layers) of one micro-batch of ``rows`` sequences, under checkpointing
+    ``mode`` (default the run's)."""
+    m = cfg.model
+    autocast = cfg.precision.get("autocast_dtype")
+    weights = autocast if fsdp and autocast else "float32"
+    key = (_source(cfg), str(autocast), weights, int(m.block_size), str(m.get("attn_implementation", "sdpa")))
+    mode = mode or cfg.trainer.get("activation_checkpointing", "none")
+    one, two = (Work(*_trace(*key, n, mode, rows)) for n in (1, 2))
+    layer = two - one
+    return layer, one - layer
+
+
+def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, float, float]:
+    """The optimizer step's work for one layer and outside the layers (FLOPs none: it is pointwise), and the
+    weights it updates in one layer and outside. ``build(model, cfg)``: the trainer's optimizer constructor
+    (:func:`costlab.training.optimizers.build_optimizer`), handed in: measure/ does not reach into training/."""
+    t = cfg.trainer
+    node = {"optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+            "trainer": {"lr": float(t.lr), "betas": list(t.betas), "weight_decay": float(t.weight_decay)}}
+    key = (_source(cfg), json.dumps(node, sort_keys=True))
+    (ops1, data1, views1, w1), (ops2, data2, views2, w2) = (_optimizer_trace(*key, n, build) for n in (1, 2))
+    one, layer = Work(0.0, ops1, data1, views1), Work(0.0, ops2 - ops1, data2 - data1, views2 - views1)
+    return layer, one - layer, w2 - w1, w1 - (w2 - w1)
+
+
+def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = True) -> float:
+    """Seconds of one ``kind`` collective of ``data`` bytes over ``n`` ranks (a send: an all-gather's latency
+    and bandwidth, one way)."""
+    if n <= 1 or not rates.link:
+        return 0.0
+    share = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+             "p2p": 1.0}[kind]
+    fixed, bandwidth = rates.link["all_gather" if kind == "p2p" else kind]
+    return (fixed if latency else 0.0) + share * data / bandwidth
+
+
+def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any) -> Prediction:
+    """The step's seconds on each rank (the slowest), from the traced work and ``rates`` (see the module);
+    ``build_optimizer``: the trainer's optimizer constructor (:func:`optimizer_work`)."""
+    from costlab.measure.memory import _residual_bytes
+    from costlab.models.hf_config import is_hf
+    from costlab.parallelism.dims import parallel_dims
+
+    t, m, p = cfg.trainer, cfg.model, cfg.parallelism
+    if not is_hf(cfg) and "n_layer" not in m:
+        raise ValueError(f"model={m.name} has no layers to trace")
+    dims = parallel_dims(p, world)
+    micro = int(p.microbatches) if dims.pp_enabled else 1
+    rows = max(1, int(t.batch_size // dims.dp // t.grad_accum_steps // micro))
+    layer, outside = layer_work(cfg, rows, dims.fsdp_enabled)
+    if is_hf(cfg):
+        from costlab.measure.traced import hf_shapes
+
+        shapes = hf_shapes(cfg)
+    else:
+        shapes = m
+    n_layer = int(shapes.n_layer) if hasattr(shapes, "n_layer") and shapes.n_layer is not None else 0
+    v = int(p.stages_per_rank) if dims.pp_enabled and p.schedule == "interleaved_1f1b" else 1
+    layers = n_layer / dims.pp
+    tp = dims.tp
+    per_mb = layer.scaled(flops=layers / tp, ops=layers, data=layers / tp) + outside.scaled(flops=1 / tp)
+
+    def compute(w: Work) -> float:
+        return (w.flops / rates.matmul_flops + w.bytes / rates.bytes_per_s + w.ops * rates.op_s
+                + w.views * rates.view_s)
+
+    n_mb = int(t.grad_accum_steps) * micro
+    parts = {"compute": n_mb * compute(per_mb)}
+    if dims.pp_enabled:
+        parts["bubble"] = (dims.pp - 1) / v * compute(per_mb)
+    opt_layer, opt_outside, layer_weights, outside_weights = optimizer_work(cfg, build_optimizer)
+    opt = opt_layer.scaled(ops=layers, data=layers) + opt_outside  # each rank steps every tensor it holds a part of
+    parts["optimizer"] = compute(opt.scaled(data=1 / (dims.dp_shard * tp)))
+    weights = layer_weights * layers + outside_weights  # this pipeline stage's (the outside: at most all of it)
+    grad_bytes = 4 * weights / tp
+    activation = rows * int(m.block_size) * int(shapes.n_embd) * _residual_bytes(cfg, dims.fsdp_enabled)
+    comm = 0.0
+    if dims.dp_replicate > 1:
+        comm += _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce")
+    if dims.fsdp_enabled:  # one group per layer and one for the rest, each gathered twice and reduced once
+        gathered = grad_bytes * (2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4) / 4
+        groups = layers + 1
+        # the probe's fixed cost per group holds the collectives' latencies and FSDP2's hooks; bytes on top
+        parts["fsdp"] = n_mb * groups * rates.fsdp_group_s
+        comm += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", latency=False)
+        comm += _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", latency=False)
+    if tp > 1:
+        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce")
+        # each forward op on a weight runs on DTensors, as do its two backward matmuls
+        parts["dtensor"] = n_mb * 3 * per_mb.weight_ops * max(0.0, rates.dtensor_op_s - rates.op_s)
+    if cfg.trainer.get("activation_checkpointing", "none") == "selective":
+        # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
+        plain, _ = layer_work(cfg, rows, dims.fsdp_enabled, "none")
+        policed = layer.forward_ops + max(0.0, layer.ops + layer.views - plain.ops - plain.views)
+        parts["selective_checkpointing"] = n_mb * layers * policed * max(0.0, rates.policy_op_s - rates.op_s)
+    if dims.pp_enabled:  # each chunk's activation forward and gradient back
+        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p")
+    parts["communication"] = comm
+    step = sum(parts.values())
+    return Prediction(step, t.batch_size * int(m.block_size) / step, parts)
+
+
+# --------------------------------------------------------------------------- probes of this machine's rates
+
+BANDWIDTH_BYTES = 64 * 2**20  # each buffer of the copy probe: far beyond any cache
+OP_CHAIN = 200  # small autograd ops per timed chain
+
+
+def memory_bandwidth(min_s: float = 0.1) -> float:
+    """Bytes/s of ``torch.add(a, b, out=c)`` on large fp32 buffers (two read, one written), the best of repeats."""
+    import torch
+
+    n = BANDWIDTH_BYTES // 4
+    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
+    torch.add(a, b, out=c)
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        torch.add(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 3 * BANDWIDTH_BYTES / best
+
+
+def seconds_per_view(min_s: float = 0.05) -> float:
+    """The cost of one view op with autograd recording: a chain of transposes of a small tensor, forward and
+    backward, the best of repeats per op."""
+    import torch
+
+    def chain() -> int:
+        x = torch.ones(4, 4, requires_grad=True)
+        y = x
+        for _ in range(OP_CHAIN):
+            y = y.t()
+        y.sum().backward()
+        return 2 * OP_CHAIN + 2
+
+    chain()
+    best, start, ops = float("inf"), time.perf_counter(), 1
+    while time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        ops = chain()
+        best = min(best, time.perf_counter() - t0)
+    return best / ops
+
+
+def seconds_per_policed_op(min_s: float = 0.1) -> float:
+    """:func:`seconds_per_op` with every op passing through a Python dispatch mode that asks a policy function, as
+    selective activation checkpointing's does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Policy(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            _ = func in MATMULS  # a policy's question
+            return func(*args, **(kwargs or {}))
+
+    with Policy():
+        return seconds_per_op(min_s)
+
+
+def seconds_per_op(min_s: float = 0.1) -> float:
+    """The fixed cost of one aten op with autograd recording: a chain of multiplications of a tiny tensor, forward
+    and backward, timed; the best of repeats per op dispatched."""
+    import torch
+
+    def chain() -> int:
+        x = torch.ones(8, requires_grad=True)
+        y = x
+        for _ in range(OP_CHAIN):
+            y = y * 1.0001
+        y.sum().backward()
+        return 2 * OP_CHAIN + 2  # each mul forward and backward, the sum and its backward
+
+    chain()
+    best, start, ops = float("inf"), time.perf_counter(), 1
+    while time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        ops = chain()
+        best = min(best, time.perf_counter() - t0)
+    return best / ops
+
+
+LINK_SIZES = (1024, 4 * 2**20)  # bytes of the two calls of each collective that fit latency and bandwidth
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def link_probe(group: Any = None, repeats: int = 5) -> dict[str, tuple[float, float]]:
+    """Per collective (all-reduce, all-gather into a tensor, reduce-scatter of a tensor): (latency s, bandwidth
+    bytes/s) of the process group's link, from calls at two sizes on every rank of ``group`` (a collective: every
+    rank calls it), the slowest rank's. Each collective's share of its bytes (2 (n-1)/n for an all-reduce, (n-1)/n
+    for the others) is taken out, so the bandwidth is the link's."""
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+
+    def call(kind: str, size: int) -> Any:
+        full = torch.ones(size // 4)
+        part = torch.ones(size // 4 // n)
+        if kind == "all_reduce":
+            return lambda: dist.all_reduce(full, group=group)
+        if kind == "all_gather":
+            return lambda: dist.all_gather_into_tensor(full, part, group=group)
+        return lambda: dist.reduce_scatter_tensor(part, full, group=group)
+
+    out: dict[str, tuple[float, float]] = {}
+    for kind in COLLECTIVES:
+        times = []
+        for size in LINK_SIZES:
+            run = call(kind, size)
+            run()
+            best = float("inf")
+            for _ in range(repeats):
+                dist.barrier(group=group)
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+            times.append(best)
+        share = (2 if kind == "all_reduce" else 1) * (n - 1) / n
+        slope = max((times[1] - times[0]) / (LINK_SIZES[1] - LINK_SIZES[0]), 1e-15)
+        bandwidth = share / slope
+        latency = max(0.0, times[0] - share * LINK_SIZES[0] / bandwidth)
+        t = torch.tensor([latency, 1 / bandwidth], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # the slowest rank's view: every rank agrees
+        out[kind] = (float(t[0]), 1 / float(t[1]))
+    return out
+
+
+def _widths(cfg: DictConfig) -> tuple[int, int]:
+    """(model width, MLP width) of the run's model, from its config."""
+    from costlab.models.hf_config import is_hf
+
+    if is_hf(cfg):
+        from transformers import AutoConfig
+
+        from costlab.measure.traced import hf_source
+
+        c = AutoConfig.from_pretrained(hf_source(cfg))
+        width = int(getattr(c, "hidden_size", None) or c.n_embd)
+        return width, int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width)
+    from costlab.measure.memory import _gpt_config
+
+    g = _gpt_config(cfg)
+    return int(g.n_embd), int(g.hidden_dim)
+
+
+def matmul_rate(m: int, k: int, n: int, dtype_name: str, min_s: float = 0.05) -> float:
+    """FLOP/s of an (m, k) @ (k, n) matmul in ``dtype_name`` with this process's threads, the best of repeats."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
+def run_matmul_rate(cfg: DictConfig, world: int) -> float:
+    """FLOP/s of the run's own matmul shapes on one rank: a micro-batch's tokens through the attention's
+    projections (width x width) and the MLP's (width x MLP width), weighted as a layer does them."""
+    from costlab.parallelism.dims import parallel_dims
+
+    t, p = cfg.trainer, cfg.parallelism
+    dims = parallel_dims(p, world)
+    micro = int(p.microbatches) if dims.pp_enabled else 1
+    tokens = max(1, int(t.batch_size // dims.dp // t.grad_accum_steps // micro)) * int(cfg.model.block_size)
+    width, hidden = _widths(cfg)
+    dtype = cfg.precision.get("autocast_dtype") or "float32"
+    attention, mlp = 4 * width * width, 2 * width * hidden  # per token: q, k, v, out; the MLP's two
+    seconds = (attention / matmul_rate(tokens, width, max(1, width // dims.tp), dtype)
+               + mlp / matmul_rate(tokens, width, max(1, hidden // dims.tp), dtype))
+    return (attention + mlp) / seconds
+
+
+def fsdp_group_seconds(world: int, groups: int = 4, width: int = 64, repeats: int = 5) -> float:
+    """FSDP2's fixed cost per sharded module and micro-batch on the run's ranks: a stack of small Linears timed
+    forward and backward sharded (each one its own group) and plain; the difference per group, which holds its
+    gathers', reduce-scatter's and hooks' fixed costs. A collective: every rank calls it."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def timed(model: nn.Module) -> float:
+        x = torch.randn(4, width)
+        model(x).sum().backward()
+        best = float("inf")
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            model(x).sum().backward()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    plain = nn.Sequential(*(nn.Linear(width, width) for _ in range(groups)))
+    sharded = nn.Sequential(*(nn.Linear(width, width) for _ in range(groups)))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in sharded:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return max(0.0, (timed(sharded) - timed(plain)) / groups)
+
+
+def dtensor_op_seconds(world: int, repeats: int = 3) -> float:
+    """The fixed cost of one op on DTensors (tensor parallel's weights) over the run's ranks: a chain of small
+    replicated matmuls with autograd, forward and backward, per op. A collective: every rank builds the mesh."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = DTensor.from_local(torch.randn(8, 8), mesh, [Replicate()], run_check=False).requires_grad_()
+
+    def chain() -> int:
+        y = DTensor.from_local(torch.ones(2, 8), mesh, [Replicate()], run_check=False)
+        for _ in range(OP_CHAIN // 10):
+            y = y @ w
+        y.sum().backward()
+        return 3 * (OP_CHAIN // 10) + 2  # each matmul forward and its two backward matmuls; the sum
+
+    chain()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ops = chain()
+        best = min(best, (time.perf_counter() - t0) / ops)
+    return best
+
+
+@dataclass
+class RankProbes:
+    """What every rank measured at once (the slowest rank's figures): the run's matmul shapes, ops, views and
+    memory bandwidth under the run's own contention (its ranks share the node's cores and memory), the link
+    between them, and FSDP2's and DTensor's fixed costs where the layout uses them."""
+
+    matmul_flops: float
+    op_s: float
+    view_s: float
+    bytes_per_s: float
+    link: dict[str, tuple[float, float]] | None
+    fsdp_group_s: float = 0.0
+    dtensor_op_s: float = 0.0
+    policy_op_s: float = 0.0
+
+
+def probe_ranks(cfg: DictConfig, world: int) -> RankProbes | None:
+    """:class:`RankProbes` on a CPU run (None on a GPU): a collective, every rank calls it."""
+    if cfg.trainer.device != "cpu":
+        return None
+    import torch
+    import torch.distributed as dist
+
+    from costlab.parallelism.dims import parallel_dims
+
+    if world > 1:
+        dist.barrier()
+    dims = parallel_dims(cfg.parallelism, world)
+    selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
+    times = [1 / run_matmul_rate(cfg, world), seconds_per_op(), seconds_per_view(), 1 / memory_bandwidth(),
+             seconds_per_policed_op() if selective else 0.0]
+    if world > 1:
+        times += [fsdp_group_seconds(world) if dims.fsdp_enabled else 0.0,
+                  dtensor_op_seconds(world) if dims.tp_enabled else 0.0]
+    worst = torch.tensor(times, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    link = link_probe() if world > 1 else None
+    w = [float(v) for v in worst] + [0.0, 0.0]
+    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, w[5], w[6], w[4])
+
+
+def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
+    """The rates of one rank of a CPU run: what the ranks measured at once (:func:`probe_ranks`)."""
+    return Rates(probes.matmul_flops, probes.bytes_per_s, probes.op_s, probes.view_s, probes.link or {},
+                 "probes on every rank at once: the run's matmul shapes, op and view chains, a large copy"
+                 + (", each collective at two sizes" if probes.link else "")
+                 + (", FSDP2 per group" if probes.fsdp_group_s else "")
+                 + (", DTensor ops" if probes.dtensor_op_s else "")
+                 + (", ops under a dispatch-mode policy" if probes.policy_op_s else ""),
+                 probes.fsdp_group_s, probes.dtensor_op_s, probes.policy_op_s)
+
+
+def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None,
+                      build_optimizer: Any) -> tuple[dict[str, float], dict[str, str]]:
+    """``perf/predicted_tokens_per_s`` and ``perf/predicted_step_time_ms`` with the tag that says what they rest
+    on, or only the tag saying why there are none."""
+    if probes is None:
+        return {}, {TIME_MODEL_TAG: "no prediction: the time model's GPU efficiencies are not calibrated yet"}
+    try:
+        rates = cpu_rates(cfg, probes)
+        prediction = predict_step(cfg, world, rates, build_optimizer)
+    except Exception as e:  # a model or optimizer the fake trace cannot run costs the run its prediction only
+        return {}, {TIME_MODEL_TAG: f"no prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return ({PREDICTED_TOKENS_PER_S: prediction.tokens_per_s, PREDICTED_STEP_MS: 1000 * prediction.step_s},
+            {TIME_MODEL_TAG: prediction.tag(rates)})

@@ -1,0 +1,62 @@
+"""The time model's parts: the work it traces on fake tensors against independent counts, and how the layout's
+collectives and bubble enter the step. (How close its tokens/s come to measured ones is a benchmark's business:
+benchmarks/predictions.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from costlab.measure.hardware import flops_per_token
+from costlab.measure.steptime import Rates, layer_work, predict_step
+from costlab.models.gpt import build_model
+from costlab.training.optimizers import build_optimizer
+from tests.conftest import TINY, compose_config
+
+RATES = Rates(matmul_flops=1e11, bytes_per_s=1e10, op_s=4e-6, view_s=2e-6,
+              link={k: (3e-4, 2e9) for k in ("all_reduce", "all_gather", "reduce_scatter")}, source="test")
+
+
+def _cfg(*extra: str):
+    return compose_config([*TINY, "trainer.device=cpu", *extra])
+
+
+@pytest.mark.parametrize("model", ["gpt_nano", "llama_nano"])
+def test_traced_flops_are_the_cost_models_flops_per_token(model):
+    """One micro-batch's forward and backward, composed from the one- and two-layer traces, does the training
+    FLOPs per token the cost model counts (6N + attention) for every token."""
+    cfg = _cfg(f"model={model}", "model.n_layer=3", "model.n_embd=32", "model.n_head=2", "model.block_size=32")
+    rows = 4
+    layer, outside = layer_work(cfg, rows, fsdp=False)
+    with torch.device("meta"):
+        expected = flops_per_token(build_model(cfg.model), 32) * rows * 32
+    assert layer.flops * 3 + outside.flops == pytest.approx(expected, rel=1e-6)
+    assert layer.ops > 50 and layer.bytes > 0
+
+
+def test_full_checkpointing_adds_at_most_the_blocks_forward_again():
+    """The recompute is traced as it runs: PyTorch's checkpoint stops rebuilding a block once the tensors its
+    backward needs are back, so the block's last matmul (whose output nothing saved) is not redone."""
+    base = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32"]
+    plain, _ = layer_work(_cfg(*base), 4, fsdp=False)
+    full, _ = layer_work(_cfg(*base, "trainer.activation_checkpointing=full"), 4, fsdp=False)
+    assert plain.flops * 1.1 < full.flops < plain.flops * 4 / 3  # the forward is a third of forward and backward
+    assert full.ops > plain.ops
+
+
+def test_the_layout_decides_which_collectives_and_bubble_the_step_pays():
+    single = predict_step(_cfg(), 1, RATES, build_optimizer)
+    assert single.parts["communication"] == 0 and "bubble" not in single.parts
+    assert single.step_s == pytest.approx(sum(single.parts.values()))
+    cfg = _cfg()
+    assert single.tokens_per_s == pytest.approx(cfg.trainer.batch_size * cfg.model.block_size / single.step_s)
+    ddp = predict_step(_cfg("parallelism=ddp"), 2, RATES, build_optimizer)
+    with torch.device("meta"):
+        weights = sum(p.numel() for p in build_model(cfg.model).parameters())
+    latency, bandwidth = RATES.link["all_reduce"]
+    assert ddp.parts["communication"] == pytest.approx(latency + 4 * weights / bandwidth, rel=1e-6)  # 2(n-1)/n = 1
+    pp = predict_step(_cfg("parallelism=pp"), 2, RATES, build_optimizer)
+    micro = compose_config([*TINY, "parallelism=pp"]).parallelism.microbatches
+    assert pp.parts["bubble"] == pytest.approx(pp.parts["compute"] / micro)  # (pp - 1) of the micro-batches' slots
+    faster = predict_step(_cfg(), 1, Rates(**{**vars(RATES), "op_s": RATES.op_s / 2}), build_optimizer)
+    assert faster.step_s < single.step_s
