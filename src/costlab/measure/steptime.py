@@ -456,6 +456,9 @@ def _widths(cfg: DictConfig) -> tuple[int, int]:
         c = AutoConfig.from_pretrained(hf_source(cfg))
         width = int(getattr(c, "hidden_size", None) or c.n_embd)
         return width, int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width)
+    m = cfg.model
+    if "n_layer" not in m:  # model=mlp: its window of embeddings into its hidden layer
+        return int(m.context) * int(m.n_embd), int(m.hidden)
     from costlab.measure.memory import _gpt_config
 
     g = _gpt_config(cfg)
