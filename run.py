@@ -46,12 +46,17 @@ if __name__ == "__main__":
     faults.handle_stop_signals()  # SIGTERM (a scheduler, `kill`) ends run.py as Ctrl-C does: nothing left RUNNING
     preflight()
     try:
-        main()
-        code = 0
-    except SystemExit as e:  # Hydra's way out, and the verdict of a job or sweep (costlab.tracking)
-        if e.code != EXIT_REFUSED:  # a refused job has closed what it opened, and said why in one line
-            close_abandoned(FAILED)
-        code = e.code
+        try:
+            main()
+            code = 0
+        except SystemExit as e:  # Hydra's way out, and the verdict of a job or sweep (costlab.tracking)
+            if e.code == 1 and faults.interrupted():
+                # a stop signal that cut through Hydra's composition of the next job, where OmegaConf turned the
+                # KeyboardInterrupt into an error of its own and Hydra into exit 1: still an interruption
+                raise KeyboardInterrupt from None
+            if e.code != EXIT_REFUSED:  # a refused job has closed what it opened, and said why in one line
+                close_abandoned(FAILED)
+            code = e.code
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while closing ends run.py outright
         close_abandoned(KILLED)  # e.g. a sweep's parent, interrupted between two jobs

@@ -164,11 +164,17 @@ def shielded() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def interrupted() -> bool:
+    """Whether the installed :class:`LauncherSignals` got a stop signal, whatever became of the exception it raised
+    (dropped, or turned into another error by code it cut through: OmegaConf wraps what it catches)."""
+    handler = signal.getsignal(signal.SIGINT)
+    return isinstance(handler, LauncherSignals) and bool(handler.received)
+
+
 def check_interrupted() -> None:
     """Raise KeyboardInterrupt if the installed :class:`LauncherSignals` got a signal, even if the exception
     it raised was dropped."""
-    handler = signal.getsignal(signal.SIGINT)
-    if isinstance(handler, LauncherSignals) and handler.received:
+    if interrupted():
         raise KeyboardInterrupt
 
 

@@ -92,6 +92,7 @@ class Prediction:
     step_s: float
     tokens_per_s: float
     parts: dict[str, float] = field(default_factory=dict)  # seconds by part
+    notes: list[str] = field(default_factory=list)  # what stood in for what
 
     def tag(self, rates: Rates) -> str:
         parts = ", ".join(f"{k} {v * 1000:.3g} ms" for k, v in self.parts.items() if v)
@@ -101,7 +102,7 @@ class Prediction:
                 + (f"FSDP2 {rates.fsdp_group_s * 1e6:.3g} us per group, " if rates.fsdp_group_s else "")
                 + (f"{rates.dtensor_op_s * 1e6:.3g} us per DTensor op, " if rates.dtensor_op_s else "")
                 + (f"{rates.policy_op_s * 1e6:.3g} us per policed op, " if rates.policy_op_s else "")
-                + f"({rates.source})")
+                + f"({rates.source})" + "".join(f"; {n}" for n in self.notes))
 
 
 class _Counter:
@@ -229,17 +230,25 @@ def layer_work(cfg: DictConfig, rows: int, fsdp: bool, mode: str | None = None) 
     return layer, one - layer
 
 
-def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, float, float]:
-    """The optimizer step's work for one layer and outside the layers (FLOPs none: it is pointwise), and the
-    weights it updates in one layer and outside. ``build(model, cfg)``: the trainer's optimizer constructor
-    (:func:`costlab.training.optimizers.build_optimizer`), handed in: measure/ does not reach into training/."""
+def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, float, float, str]:
+    """The optimizer step's work for one layer and outside the layers (FLOPs none: it is pointwise), the weights it
+    updates in one layer and outside, and a note when another optimizer stood in for the run's. ``build(model,
+    cfg)``: the trainer's optimizer constructor (:func:`costlab.training.optimizers.build_optimizer`), handed in:
+    measure/ does not reach into training/. An optimizer outside ``torch.optim`` (torchao's low-bit AdamWs,
+    whose step is compiled code that cannot run on fake tensors) is traced as ``torch.optim.AdamW``."""
     t = cfg.trainer
-    node = {"optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+    option = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    note = ""
+    if not str(option.get("_target_", "")).startswith("torch.optim."):
+        note = (f"optimizer={option.get('name')} traced as torch.optim.AdamW (its compiled step cannot run on fake "
+                "tensors)")
+        option = {"_target_": "torch.optim.AdamW", "name": "adamw"}
+    node = {"optimizer": option,
             "trainer": {"lr": float(t.lr), "betas": list(t.betas), "weight_decay": float(t.weight_decay)}}
     key = (_source(cfg), json.dumps(node, sort_keys=True))
     (ops1, data1, views1, w1), (ops2, data2, views2, w2) = (_optimizer_trace(*key, n, build) for n in (1, 2))
     one, layer = Work(0.0, ops1, data1, views1), Work(0.0, ops2 - ops1, data2 - data1, views2 - views1)
-    return layer, one - layer, w2 - w1, w1 - (w2 - w1)
+    return layer, one - layer, w2 - w1, w1 - (w2 - w1), note
 
 
 def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = True) -> float:
@@ -287,7 +296,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     parts = {"compute": n_mb * compute(per_mb)}
     if dims.pp_enabled:
         parts["bubble"] = (dims.pp - 1) / v * compute(per_mb)
-    opt_layer, opt_outside, layer_weights, outside_weights = optimizer_work(cfg, build_optimizer)
+    opt_layer, opt_outside, layer_weights, outside_weights, note = optimizer_work(cfg, build_optimizer)
     opt = opt_layer.scaled(ops=layers, data=layers) + opt_outside  # each rank steps every tensor it holds a part of
     parts["optimizer"] = compute(opt.scaled(data=1 / (dims.dp_shard * tp)))
     weights = layer_weights * layers + outside_weights  # this pipeline stage's (the outside: at most all of it)
@@ -316,7 +325,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p")
     parts["communication"] = comm
     step = sum(parts.values())
-    return Prediction(step, t.batch_size * int(m.block_size) / step, parts)
+    return Prediction(step, t.batch_size * int(m.block_size) / step, parts, [note] if note else [])
 
 
 # --------------------------------------------------------------------------- probes of this machine's rates
