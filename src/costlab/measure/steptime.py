@@ -349,6 +349,18 @@ def memory_bandwidth(min_s: float = 0.1) -> float:
     return 3 * BANDWIDTH_BYTES / best
 
 
+def _best_per_op(chain: Any, min_s: float) -> float:
+    """Seconds per op of ``chain`` (which runs and returns how many ops it dispatched): one warm-up call, then the
+    fastest of the calls within ``min_s``."""
+    chain()
+    best, start, ops = float("inf"), time.perf_counter(), 1
+    while time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        ops = chain()
+        best = min(best, time.perf_counter() - t0)
+    return best / ops
+
+
 def seconds_per_view(min_s: float = 0.05) -> float:
     """The cost of one view op with autograd recording: a chain of transposes of a small tensor, forward and
     backward, the best of repeats per op."""
@@ -362,13 +374,7 @@ def seconds_per_view(min_s: float = 0.05) -> float:
         y.sum().backward()
         return 2 * OP_CHAIN + 2
 
-    chain()
-    best, start, ops = float("inf"), time.perf_counter(), 1
-    while time.perf_counter() - start < min_s:
-        t0 = time.perf_counter()
-        ops = chain()
-        best = min(best, time.perf_counter() - t0)
-    return best / ops
+    return _best_per_op(chain, min_s)
 
 
 def seconds_per_policed_op(min_s: float = 0.1) -> float:
@@ -398,13 +404,7 @@ def seconds_per_op(min_s: float = 0.1) -> float:
         y.sum().backward()
         return 2 * OP_CHAIN + 2  # each mul forward and backward, the sum and its backward
 
-    chain()
-    best, start, ops = float("inf"), time.perf_counter(), 1
-    while time.perf_counter() - start < min_s:
-        t0 = time.perf_counter()
-        ops = chain()
-        best = min(best, time.perf_counter() - t0)
-    return best / ops
+    return _best_per_op(chain, min_s)
 
 
 LINK_SIZES = (1024, 4 * 2**20)  # bytes of the two calls of each collective that fit latency and bandwidth
