@@ -155,8 +155,9 @@ class Tracking:
 
 @dataclass
 class Plan:
-    mfu: float = key(0.4, UNIT_OPEN, "the assumed model FLOPs utilisation")
+    mfu: float | None = key(None, UNIT_OPEN, "an assumed model FLOPs utilisation instead of the time model")
     tokens: float | None = key(None, POSITIVE, "the training tokens to price (default: trainer.max_steps' tokens)")
+    search: bool = key(False, None, "rank every layout of the devices by predicted cost")
 
 
 @dataclass
@@ -216,6 +217,9 @@ class Hardware:
     peak_tflops: dict[str, float] | None = key(None, POSITIVE)
     memory_gb: float | None = key(None, POSITIVE)
     memory_bandwidth_gbps: float | None = key(None, POSITIVE)
+    attainable_tflops: dict[str, float] | None = key(None, POSITIVE, "published maximum achievable matmul TFLOP/s")
+    nvlink_gbps: float | None = key(None, POSITIVE, "GB/s one way between two GPUs of a node")
+    network_gbps: float | None = key(None, POSITIVE, "GB/s one way per GPU between nodes")
     usd_per_hour: float | None = key(None, AT_LEAST_0, "US dollars per device hour")
     usd_per_core_hour: float | None = key(None, AT_LEAST_0, "US dollars per core hour")
     match: list[str] = key([])

@@ -345,11 +345,20 @@ def run_plan(cfg: DictConfig, run_dir: Path, parent_id: str | None, hc: DictConf
     run_id = tracking.open_run(cfg, tags, name, parent_id, sweep.get("name"))
     outcome = status.FAILED
     try:
-        metrics, lines = make_plan(cfg)
+        if cfg.plan.get("search"):
+            from costlab.launcher.planner import run_search
+
+            run_search(cfg, run_id, run_dir, list(hc.overrides.task))
+            outcome = status.FINISHED
+            return outcome, run_id
+        plan_tags: dict[str, str] = {}
+        metrics, lines = make_plan(cfg, plan_tags)
         print_plan(lines)
         client = tracking.client(cfg.tracking.uri)
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
+        for key, value in plan_tags.items():
+            client.set_tag(run_id, key, value)
         (run_dir / "plan.txt").write_text("\n".join(lines) + "\n")
         client.log_artifact(run_id, str(run_dir / "plan.txt"))
         outcome = status.FINISHED

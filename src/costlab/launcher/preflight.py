@@ -17,7 +17,12 @@ from costlab.schema import ConfigError
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/ as run.py does, without launching anything (tests, benchmarks, notebooks)."""
+    """Compose conf/ as run.py does, without launching anything (tests, benchmarks, notebooks), or, inside run.py
+    (Hydra initialized), with its config search path."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides or [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides or [])
 

@@ -6,11 +6,12 @@ when a check needs them) and CUDA is never initialised; GPU facts come from ``nv
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from costlab import precision
 from costlab.launcher.validate_compression import check_compression
@@ -36,6 +37,10 @@ def validate(cfg: DictConfig) -> None:
 
     world = t.nnodes * t.nproc_per_node
     _check_model(cfg)
+    if cfg.get("mode") == "plan" and cfg.plan.get("search"):  # the search checks each layout it tries, whole
+        _check_data(cfg)
+        _check_optimizer(cfg)
+        return
     linears = _Linears(cfg.model)
     dims = _check_parallelism(cfg, world, linears)  # the mesh must fit the world before the batch is cut along it
     micro = dims.dp * t.grad_accum_steps
@@ -231,6 +236,12 @@ def _check_data(cfg: DictConfig) -> None:
 
 
 
+@functools.lru_cache(maxsize=8)
+def _linear_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """A ``model`` node's (YAML) Linear shapes, built once per process: a plan search checks many layouts of one."""
+    return expected_shapes(OmegaConf.create(model))[1]
+
+
 class _Linears(Mapping):
     """Linear layer name -> (out, in) of the configured model, read from the model built on the meta
     device on first use: a config whose checks need no shapes costs the launcher no torch import."""
@@ -241,8 +252,9 @@ class _Linears(Mapping):
 
     def _get(self) -> dict[str, tuple[int, int]]:
         if self._layers is None:
-            self._layers = expected_shapes(self._model_cfg)[1]
+            self._layers = _linear_shapes(OmegaConf.to_yaml(self._model_cfg, resolve=True))
         return self._layers
+
 
     def __getitem__(self, name: str) -> tuple[int, int]:
         return self._get()[name]

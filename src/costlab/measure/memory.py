@@ -20,6 +20,7 @@ the training step (:func:`predict_activations`), from the config's shapes alone.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -112,11 +113,77 @@ def optimizer_option(cfg: DictConfig) -> Any:
 
 
 def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
-    """Predicted per-rank state bytes (largest over ranks) of ``cfg`` at ``world`` ranks. Must run in a
-    process with no process group yet (the launcher, a plan, or a worker before it joins its group)."""
+    """Predicted per-rank state bytes (largest over ranks) of ``cfg`` at ``world`` ranks, and its activations. Must
+    run in a process with no process group yet (the launcher, a plan, or a worker before it joins its group)."""
+    out = predict_layout_state(cfg, world)
+    held, rebuilt = activation_parts(cfg, world)
+    out[f"{PREDICTED}activations_bytes_per_rank"] = held  # beside the measured mem/activations_bytes_per_rank
+    if rebuilt:
+        out[RECOMPUTE] = rebuilt
+    return out
+
+
+DEPTH_SHORTCUT = 2  # layers per pipeline stage above which a layout is read at one and two, and extrapolated
+
+
+def predict_layout_state(cfg: DictConfig, world: int) -> dict[str, float]:
+    """The parameter, gradient and optimizer bytes per rank (largest over ranks) of ``cfg`` laid out on ``world``
+    ranks (:func:`predict_state` without the activations). A deep model is laid out with one and with two layers per
+    pipeline stage and the difference (one layer's shards) scaled to its depth: every layer is laid out alike, so
+    this is exact, and an 80-layer model's many layouts cost a plan search seconds, not minutes."""
     from costlab.parallelism.dims import parallel_dims
 
     dims = parallel_dims(cfg.parallelism, world)
+    p = cfg.parallelism
+    stages = dims.pp * (int(p.stages_per_rank) if dims.pp_enabled and p.get("schedule") == "interleaved_1f1b" else 1)
+    layers = _depth(cfg)
+    if layers and layers % stages == 0 and layers // stages > DEPTH_SHORTCUT:
+        one, two = (_layout_state(_with_depth(cfg, k * stages), dims, world) for k in (1, 2))
+        return {key: one[key] + (layers // stages - 1) * (two[key] - one[key]) for key in one}
+    return _layout_state(cfg, dims, world)
+
+
+def _depth(cfg: DictConfig) -> int | None:
+    if is_hf(cfg):
+        from costlab.measure.traced import hf_shapes
+
+        return int(hf_shapes(cfg).n_layer)
+    return int(cfg.model.n_layer) if "n_layer" in cfg.model else None
+
+
+def _with_depth(cfg: DictConfig, layers: int) -> DictConfig:
+    """``cfg`` with a model of ``layers`` layers (a Hugging Face model's through a config file written for it)."""
+    from omegaconf import OmegaConf, open_dict
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(out):
+        if is_hf(cfg):
+            from costlab.measure.traced import hf_source
+
+            out.model.config, out.model.pretrained = _shallow_config(hf_source(cfg), layers), None
+        else:
+            out.model.n_layer = layers
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _shallow_config(source: str, layers: int) -> str:
+    """A config file of ``source``'s architecture with ``layers`` layers, in a folder removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from costlab.measure.traced import _config, _quiet
+
+    folder = tempfile.mkdtemp(prefix="costlab-depth-")
+    atexit.register(shutil.rmtree, folder, True)
+    with _quiet():
+        _config(source, 1, layers).save_pretrained(folder)
+    return str(Path(folder) / "config.json")
+
+
+def _layout_state(cfg: DictConfig, dims: Any, world: int) -> dict[str, float]:
     sharded = world > 1 and (dims.pp_enabled or dims.fsdp_enabled or dims.tp_enabled)
     # replicas (single, ddp) all hold the whole model; shards are split with the remainder first, so rank 0
     # of each pipeline stage (pp is the outermost mesh dimension) holds the largest
@@ -125,10 +192,6 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     for rank in ranks:
         for key, value in _rank_state(cfg, dims, rank, world if sharded else 1).items():
             out[key] = max(out.get(key, 0), value)
-    held, rebuilt = activation_parts(cfg, world)
-    out[f"{PREDICTED}activations_bytes_per_rank"] = held  # beside the measured mem/activations_bytes_per_rank
-    if rebuilt:
-        out[RECOMPUTE] = rebuilt
     return out
 
 

@@ -57,6 +57,7 @@ class Work:
     views: float = 0.0  # ops that only make a view (metadata, no kernel)
     weight_ops: float = 0.0  # forward ops on a weight or its cast or view (DTensors under tensor parallel)
     forward_ops: float = 0.0  # ops and views outside backward (the forward pass; not checkpointing's recompute)
+    attention: float = 0.0  # the fused attention kernels' FLOPs (the whole square; part of ``flops``)
 
     def __add__(self, other: Work) -> Work:
         return Work(*(a + b for a, b in zip(self.fields(), other.fields(), strict=True)))
@@ -65,11 +66,11 @@ class Work:
         return Work(*(a - b for a, b in zip(self.fields(), other.fields(), strict=True)))
 
     def fields(self) -> tuple[float, ...]:
-        return self.flops, self.ops, self.bytes, self.views, self.weight_ops, self.forward_ops
+        return self.flops, self.ops, self.bytes, self.views, self.weight_ops, self.forward_ops, self.attention
 
     def scaled(self, flops: float = 1.0, ops: float = 1.0, data: float = 1.0) -> Work:
         return Work(self.flops * flops, self.ops * ops, self.bytes * data, self.views * ops, self.weight_ops * ops,
-                    self.forward_ops * ops)
+                    self.forward_ops * ops, self.attention * flops)
 
 
 @dataclass
@@ -85,6 +86,16 @@ class Rates:
     fsdp_group_s: float = 0.0  # FSDP2's fixed cost per sharded module and micro-batch
     dtensor_op_s: float = 0.0  # an op on DTensors (tensor parallel's weights), instead of op_s
     policy_op_s: float = 0.0  # an op seen by a Python dispatch mode (selective checkpointing's policy)
+    # a GPU's (:func:`gpu_rates`): its attention kernels' own rate and the share of the square they compute (a
+    # causal flash kernel skips the masked half), the link between nodes (``per_node`` ranks share one node),
+    # the host's seconds per op (the GPU waits for it when its kernels are shorter), and whether data-parallel
+    # collectives overlap the compute (they run on their own streams)
+    attention_flops: float = 0.0
+    causal_share: float = 1.0
+    inter: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_node: int = 0
+    host_op_s: float = 0.0
+    overlap: bool = False
 
 
 @dataclass
@@ -148,11 +159,11 @@ class _Counter:
         return Counter()
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # a few floats each: a plan search or a benchmark traces many
 def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, layers: int, mode: str,
-           rows: int) -> tuple[float, float, float, float, float, float]:
-    """(FLOPs, ops, bytes, views, weight ops, forward ops) of one forward, loss and backward of ``rows`` sequences,
-    on fake tensors."""
+           rows: int) -> tuple[float, float, float, float, float, float, float]:
+    """(FLOPs, ops, bytes, views, weight ops, forward ops, attention FLOPs) of one forward, loss and backward of
+    ``rows`` sequences, on fake tensors."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -181,10 +192,10 @@ def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, lay
     attention = sum(v for op, v in counter.attention.items() if op not in known)
     total = float(flops.get_total_flops() + attention)
     return (total, float(counter.ops), float(counter.bytes), float(counter.views), float(counter.weight_ops),
-            float(counter.forward_ops))
+            float(counter.forward_ops), float(sum(counter.attention.values())))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=256)
 def _optimizer_trace(source: str, optimizer: str, layers: int, build: Any) -> tuple[float, float, float, float]:
     """(ops, bytes, views, weights) of the run's optimizer step (clipping and zeroing included) over a model of
     ``layers`` layers, on fake tensors: the second step (the first creates the state)."""
@@ -251,20 +262,29 @@ def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, float, floa
     return layer, one - layer, w2 - w1, w1 - (w2 - w1), note
 
 
-def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = True) -> float:
+def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = True, span: int = 0) -> float:
     """Seconds of one ``kind`` collective of ``data`` bytes over ``n`` ranks (a send: an all-gather's latency
-    and bandwidth, one way)."""
+    and bandwidth, one way). ``span``: how many consecutive ranks the group's members range over; a group that
+    spans more than a node crosses the network (``rates.inter``, per GPU) where the rates know one; NCCL then runs a
+    ring per NIC, so the group's members in a node add their NICs' bandwidth, up to NVLink's."""
     if n <= 1 or not rates.link:
         return 0.0
     share = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
              "p2p": 1.0}[kind]
-    fixed, bandwidth = rates.link["all_gather" if kind == "p2p" else kind]
+    crosses = rates.inter and rates.per_node and span > rates.per_node
+    fixed, bandwidth = (rates.inter if crosses else rates.link)["all_gather" if kind == "p2p" else kind]
+    if crosses and kind != "p2p":  # NCCL runs one ring per NIC: a node's members share its NICs' bandwidth
+        members = max(1.0, n * rates.per_node / span)
+        bandwidth = min(rates.link[kind][1], bandwidth * members)
     return (fixed if latency else 0.0) + share * data / bandwidth
 
 
-def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any) -> Prediction:
+def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any,
+                 traced_rows: int | None = None) -> Prediction:
     """The step's seconds on each rank (the slowest), from the traced work and ``rates`` (see the module);
-    ``build_optimizer``: the trainer's optimizer constructor (:func:`optimizer_work`)."""
+    ``build_optimizer``: the trainer's optimizer constructor (:func:`optimizer_work`). ``traced_rows``: trace that
+    many sequences and scale FLOPs and bytes to the micro-batch's (a plan's many micro-batch sizes share one
+    trace; ops do not scale); default: trace the micro-batch itself."""
     from costlab.measure.memory import _residual_bytes
     from costlab.models.hf_config import is_hf
     from costlab.parallelism.dims import parallel_dims
@@ -275,7 +295,9 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     dims = parallel_dims(p, world)
     micro = int(p.microbatches) if dims.pp_enabled else 1
     rows = max(1, int(t.batch_size // dims.dp // t.grad_accum_steps // micro))
-    layer, outside = layer_work(cfg, rows, dims.fsdp_enabled)
+    traced = traced_rows or rows
+    layer, outside = (w.scaled(flops=rows / traced, ops=1.0, data=rows / traced)
+                      for w in layer_work(cfg, traced, dims.fsdp_enabled))
     if is_hf(cfg):
         from costlab.measure.traced import hf_shapes
 
@@ -289,8 +311,10 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     per_mb = layer.scaled(flops=layers / tp, ops=layers, data=layers / tp) + outside.scaled(flops=1 / tp)
 
     def compute(w: Work) -> float:
-        return (w.flops / rates.matmul_flops + w.bytes / rates.bytes_per_s + w.ops * rates.op_s
-                + w.views * rates.view_s)
+        attention = w.attention * rates.causal_share / (rates.attention_flops or rates.matmul_flops)
+        device = ((w.flops - w.attention) / rates.matmul_flops + attention + w.bytes / rates.bytes_per_s
+                  + w.ops * rates.op_s + w.views * rates.view_s)
+        return max(device, (w.ops + w.views) * rates.host_op_s)  # a GPU waits for its host's dispatch
 
     n_mb = int(t.grad_accum_steps) * micro
     parts = {"compute": n_mb * compute(per_mb)}
@@ -302,27 +326,35 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     weights = layer_weights * layers + outside_weights  # this pipeline stage's (the outside: at most all of it)
     grad_bytes = 4 * weights / tp
     activation = rows * int(m.block_size) * int(shapes.n_embd) * _residual_bytes(cfg, dims.fsdp_enabled)
-    comm = 0.0
+    comm, data_parallel = 0.0, 0.0
+    shard_span = dims.dp_shard * tp  # the mesh's inner dimensions: tp innermost, then dp_shard, dp_replicate
     if dims.dp_replicate > 1:
-        comm += _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce")
+        data_parallel += _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
+                                     span=dims.dp_replicate * shard_span)
     if dims.fsdp_enabled:  # one group per layer and one for the rest, each gathered twice and reduced once
         gathered = grad_bytes * (2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4) / 4
         groups = layers + 1
         # the probe's fixed cost per group holds the collectives' latencies and FSDP2's hooks; bytes on top
         parts["fsdp"] = n_mb * groups * rates.fsdp_group_s
-        comm += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", latency=False)
-        comm += _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", latency=False)
+        data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather",
+                                                latency=not rates.fsdp_group_s, span=shard_span)
+        data_parallel += _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter",
+                                     latency=not rates.fsdp_group_s, span=shard_span)
+    if rates.overlap:  # a GPU's data-parallel collectives run on their own streams, beside the compute
+        parts["exposed_data_parallel"] = max(0.0, data_parallel - parts["compute"])
+    else:
+        comm += data_parallel
     if tp > 1:
-        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce")
+        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce", span=tp)
         # each forward op on a weight runs on DTensors, as do its two backward matmuls
         parts["dtensor"] = n_mb * 3 * per_mb.weight_ops * max(0.0, rates.dtensor_op_s - rates.op_s)
     if cfg.trainer.get("activation_checkpointing", "none") == "selective":
         # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
-        plain, _ = layer_work(cfg, rows, dims.fsdp_enabled, "none")
+        plain, _ = layer_work(cfg, traced, dims.fsdp_enabled, "none")
         policed = layer.forward_ops + max(0.0, layer.ops + layer.views - plain.ops - plain.views)
         parts["selective_checkpointing"] = n_mb * layers * policed * max(0.0, rates.policy_op_s - rates.op_s)
     if dims.pp_enabled:  # each chunk's activation forward and gradient back
-        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p")
+        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", span=world // dims.pp + 1)
     parts["communication"] = comm
     step = sum(parts.values())
     return Prediction(step, t.batch_size * int(m.block_size) / step, parts, [note] if note else [])
@@ -492,6 +524,11 @@ def matmul_rate(m: int, k: int, n: int, dtype_name: str, min_s: float = 0.05) ->
 def run_matmul_rate(cfg: DictConfig, world: int) -> float:
     """FLOP/s of the run's own matmul shapes on one rank: a micro-batch's tokens through the attention's
     projections (width x width) and the MLP's (width x MLP width), weighted as a layer does them."""
+    return matmul_mix_rate(*_run_shapes(cfg, world))
+
+
+def _run_shapes(cfg: DictConfig, world: int) -> tuple[int, int, int, int, str]:
+    """(a micro-batch's tokens, width, MLP width, tensor-parallel degree, dtype) of the run's matmuls on one rank."""
     from costlab.parallelism.dims import parallel_dims
 
     t, p = cfg.trainer, cfg.parallelism
@@ -499,10 +536,15 @@ def run_matmul_rate(cfg: DictConfig, world: int) -> float:
     micro = int(p.microbatches) if dims.pp_enabled else 1
     tokens = max(1, int(t.batch_size // dims.dp // t.grad_accum_steps // micro)) * int(cfg.model.block_size)
     width, hidden = _widths(cfg)
-    dtype = cfg.precision.get("autocast_dtype") or "float32"
+    return tokens, width, hidden, dims.tp, str(cfg.precision.get("autocast_dtype") or "float32")
+
+
+def matmul_mix_rate(tokens: int, width: int, hidden: int, tp: int, dtype: str) -> float:
+    """FLOP/s of ``tokens`` through a layer's projections: attention's (width x width / tp) and the MLP's
+    (width x hidden / tp), weighted as a layer does them."""
     attention, mlp = 4 * width * width, 2 * width * hidden  # per token: q, k, v, out; the MLP's two
-    seconds = (attention / matmul_rate(tokens, width, max(1, width // dims.tp), dtype)
-               + mlp / matmul_rate(tokens, width, max(1, hidden // dims.tp), dtype))
+    seconds = (attention / matmul_rate(tokens, width, max(1, width // tp), dtype)
+               + mlp / matmul_rate(tokens, width, max(1, hidden // tp), dtype))
     return (attention + mlp) / seconds
 
 
@@ -604,6 +646,43 @@ def probe_ranks(cfg: DictConfig, world: int) -> RankProbes | None:
     return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, w[5], w[6], w[4])
 
 
+def local_probes(cfg: DictConfig, world: int) -> RankProbes:
+    """:class:`RankProbes` of one process alone, for a plan on this CPU: the run's matmul shapes with this process's
+    share of the cores (``trainer.nproc_per_node`` ranks share them), ops, views and a copy; no link (no peers)."""
+    import os
+
+    share = max(1, (os.cpu_count() or 1) // int(cfg.trainer.nproc_per_node))
+    selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
+    op_s, view_s, bandwidth, policed = _local_rates(share)
+    return RankProbes(_local_matmul(share, *_run_shapes(cfg, world)), op_s, view_s, bandwidth, None,
+                      policy_op_s=policed if selective else 0.0)
+
+
+def _with_threads(threads: int, probe: Any) -> Any:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return probe()
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=4)
+def _local_rates(threads: int) -> tuple[float, float, float, float]:
+    """(s per op, s per view, memory bytes/s, s per policed op) with ``threads`` threads, once per process (a
+    search asks for every candidate)."""
+    return _with_threads(threads, lambda: (seconds_per_op(), seconds_per_view(), memory_bandwidth(),
+                                           seconds_per_policed_op()))
+
+
+@functools.lru_cache(maxsize=64)
+def _local_matmul(threads: int, *shapes: Any) -> float:
+    """:func:`matmul_mix_rate` of ``shapes`` with ``threads`` threads, once per process."""
+    return _with_threads(threads, lambda: matmul_mix_rate(*shapes))
+
+
 def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
     """The rates of one rank of a CPU run: what the ranks measured at once (:func:`probe_ranks`)."""
     return Rates(probes.matmul_flops, probes.bytes_per_s, probes.op_s, probes.view_s, probes.link or {},
@@ -613,6 +692,51 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
                  + (", DTensor ops" if probes.dtensor_op_s else "")
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else ""),
                  probes.fsdp_group_s, probes.dtensor_op_s, probes.policy_op_s)
+
+
+@dataclass(frozen=True)
+class GpuCalibration:
+    """What a GPU reaches of its published rates in training, for cards that are not here to probe. Fitted on
+    llm-foundry's A100 80GB table alone (``python benchmarks/published.py --fit``); its H100 tables and
+    torchtitan's H100 runs are kept for checking (``python benchmarks/published.py``)."""
+
+    matmul: float  # share of the attainable matmul rate (``hardware.attainable_tflops``) training's matmuls reach
+    attention: float  # share of it the fused attention kernels reach
+    memory: float  # share of the datasheet memory bandwidth the memory-bound ops reach
+    link: float = 0.75  # share of NVLink's or the network's bandwidth a collective reaches (ASSUMED)
+    latency_s: float = 20e-6  # a collective's fixed cost inside a node (ASSUMED)
+    inter_latency_s: float = 60e-6  # and across nodes (ASSUMED)
+    host_op_s: float = 10e-6  # the host's cost to dispatch one op with autograd (ASSUMED: eager PyTorch)
+
+
+GPU_CALIBRATION = GpuCalibration(matmul=0.8, attention=0.32, memory=0.33)  # benchmarks/published.py --fit
+CAUSAL_SHARE = 0.5  # a causal flash-attention kernel skips the blocks above the diagonal
+
+
+def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = None) -> Rates:
+    """The rates of one GPU of the ``hardware`` option, for a plan: its datasheet figures (peak in ``dtype``, the
+    run's matmul dtype; memory bandwidth, NVLink and network bandwidth) times :data:`GPU_CALIBRATION`'s shares, the
+    matmul peak first lowered to the published attainable rate where the option names one."""
+    hw = cfg.hardware
+    peak = float(hw.peak_tflops[dtype]) * 1e12
+    attainable = (hw.get("attainable_tflops") or {}).get(dtype)
+    base = float(attainable) * 1e12 if attainable else peak
+    c = calibration or GPU_CALIBRATION
+
+    def link(gbps: float, latency: float) -> dict[str, tuple[float, float]]:
+        return {kind: (latency, gbps * 1e9 * c.link) for kind in COLLECTIVES}
+
+    nvlink, network = hw.get("nvlink_gbps"), hw.get("network_gbps")
+    source = (f"hardware={hw.name}: {dtype} {'attainable' if attainable else 'peak'} {base / 1e12:.4g} TFLOP/s x "
+              f"{c.matmul:.3g} (attention x {c.attention:.3g}, causal half), memory {hw.memory_bandwidth_gbps} GB/s"
+              f" x {c.memory:.3g}" + (f", NVLink {nvlink} GB/s" if nvlink else "")
+              + (f", network {network} GB/s per GPU" if network else "")
+              + f" x {c.link:.3g}; efficiencies fitted on llm-foundry's A100 80GB runs")
+    return Rates(matmul_flops=base * c.matmul, bytes_per_s=float(hw.memory_bandwidth_gbps) * 1e9 * c.memory,
+                 op_s=0.0, view_s=0.0, link=link(float(nvlink or network or 0) or 1.0, c.latency_s),
+                 source=source, attention_flops=base * c.attention, causal_share=CAUSAL_SHARE,
+                 inter=link(float(network), c.inter_latency_s) if network else {},
+                 per_node=int(cfg.trainer.nproc_per_node), host_op_s=c.host_op_s, overlap=True)
 
 
 def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None,

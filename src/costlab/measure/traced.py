@@ -22,6 +22,7 @@ layer's heads and MLP width divided by its degree.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 from typing import Any
 
@@ -78,11 +79,25 @@ def _split(key: tuple, layers: int, mode: str) -> tuple[float, float]:
     return per_row / key[4], two - 2 * per_row
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn: str, layers: int,
            mode: str, rows: int) -> float:
     """Bytes alive for backward after the forward and loss of ``rows`` sequences (see the module). ``source``: a
     Hugging Face config file, or a costlab ``model`` node as JSON (``{...}``)."""
+    import torch
+
+    dtype = getattr(torch, weights)
+    # the meter collects garbage before it reads: only the trace's own objects need scanning, not the process's
+    # heap (a plan search traces dozens of times; a full collection is most of a trace's time)
+    gc.freeze()
+    try:
+        return _alive_traced(source, tp, autocast, dtype, tokens, attn, layers, mode, rows)
+    finally:
+        gc.unfreeze()
+
+
+def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, attn: str, layers: int, mode: str,
+                  rows: int) -> float:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -90,7 +105,6 @@ def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn:
     from costlab.models.loss import loss_fn
     from costlab.parallelism.techniques import apply_ac
 
-    dtype = getattr(torch, weights)
     with FakeTensorMode(), _hf_only(source):
         model, forward = _fake_model(source, tp, layers, dtype, attn)
         model.train()

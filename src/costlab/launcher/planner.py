@@ -1,0 +1,266 @@
+"""``mode=plan plan.search=true``: every layout of the run's devices, predicted and ranked by what it costs.
+
+    python run.py mode=plan plan.search=true model=hf model.config=llama3_70b hardware=h100_sxm \\
+        trainer.nnodes=8 trainer.nproc_per_node=8 plan.tokens=1e12
+
+The candidates are every factorization of the devices into pp x dp_replicate x dp_shard x tp (tensor parallel
+inside a node; degrees the model's heads, MLP width and layers allow), x activation checkpointing (none,
+selective, full) x the micro-batch (the global ``trainer.batch_size`` kept: gradient accumulation or pipeline
+micro-batches make up the rest) x the precisions the card has a peak for (bf16, and fp8 where it has one; fp32
+and bf16 on a CPU). Each one is checked as a run would be (:func:`costlab.launcher.validate.validate`), its
+memory predicted per rank (:mod:`costlab.measure.memory`; the parameter, gradient and optimizer state once per
+sharding layout) and its step timed by the time model (:mod:`costlab.measure.steptime`); those that do not fit
+are dropped. The rest are ranked cheapest first ($ per 1M training tokens, or tokens/s without a price); one is
+*dominated* when another is at least as fast with no more memory per device. Nothing is allocated: models are
+built on the meta device and traced on fake tensors. Each row's overrides run as they are (``python run.py
+<overrides>``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from costlab.schema import ConfigError
+
+CHECKPOINTING = ("none", "selective", "full")
+SEARCHED = ("mode", "plan.search", "parallelism", "precision", "trainer.activation_checkpointing",
+            "trainer.grad_accum_steps")  # the keys a candidate sets: the user's values for them are replaced
+MAX_MICRO_CHOICES = 6  # micro-batch sizes tried per layout: powers of two up to the rank's share of the batch
+
+
+@dataclass
+class Candidate:
+    overrides: list[str]  # what the candidate sets, beside the user's other overrides
+    cfg: DictConfig  # shared by the candidates of one layout and precision
+    mode: str = "none"  # activation checkpointing
+    accum: int = 1  # gradient accumulation steps
+    chunks: int = 1  # pipeline micro-batches
+    rows: int = 1  # sequences per micro-batch
+    metrics: dict[str, float] = field(default_factory=dict)
+    fits: bool = False
+    dominated: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.metrics.get("plan/tokens_per_s", 0.0)
+
+    @property
+    def memory(self) -> float:
+        return self.metrics.get("plan/memory_bytes_per_device", float("inf"))
+
+    def settled(self) -> DictConfig:
+        """The shared config with this candidate's checkpointing and micro-batching set."""
+        self.cfg.trainer.activation_checkpointing = self.mode
+        self.cfg.trainer.grad_accum_steps = self.accum
+        if self.cfg.parallelism.pp_degree > 1:
+            self.cfg.parallelism.microbatches = self.chunks
+        return self.cfg
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _option_name(pp: int, replicate: int, shard: int, tp: int) -> str:
+    if pp > 1:
+        return "pp"
+    if tp > 1:
+        return "fsdp_tp" if shard * replicate > 1 else "tp"
+    if shard > 1:
+        return "fsdp"
+    return "ddp" if replicate > 1 else "single"
+
+
+def precisions(cfg: DictConfig) -> list[str]:
+    """The precision options searched: the card's (bf16, fp8 where its option has an fp8 peak); a CPU's fp32 and
+    bf16."""
+    if cfg.hardware.name == "cpu":
+        return ["fp32", "bf16"]
+    peaks = cfg.hardware.get("peak_tflops") or {}
+    return ["bf16"] + (["fp8"] if peaks.get("fp8") else [])
+
+
+def layouts(world: int, per_node: int) -> list[tuple[int, int, int, int]]:
+    """(pp, dp_replicate, dp_shard, tp) for every factorization of ``world``, tensor parallel inside a node."""
+    out = []
+    for tp in _divisors(min(world, per_node)):
+        if per_node % tp:
+            continue
+        for pp in _divisors(world // tp):
+            dp = world // tp // pp
+            out += [(pp, dp // shard, shard, tp) for shard in _divisors(dp)]
+    return out
+
+
+def _micro_choices(per_rank: int, pp: int) -> list[tuple[int, int, int]]:
+    """(micro-batch rows, gradient accumulation steps, pipeline micro-batches) that cut a rank's ``per_rank``
+    sequences: powers of two (and the whole share), the pipeline's micro-batches at least its degree."""
+    sizes = sorted({s for s in (2**i for i in range(per_rank.bit_length())) if per_rank % s == 0} | {per_rank})
+    out = []
+    for rows in sizes[:MAX_MICRO_CHOICES] if len(sizes) <= MAX_MICRO_CHOICES else sizes[-MAX_MICRO_CHOICES:]:
+        chunks = per_rank // rows
+        if pp > 1:
+            if chunks < pp:
+                continue
+            out.append((rows, 1, chunks))
+        else:
+            out.append((rows, chunks, 1))
+    return out
+
+
+def candidates(cfg: DictConfig, compose: Any) -> list[Candidate]:
+    """Every candidate of ``cfg``'s devices and global batch that passes a run's checks. ``compose(overrides)``
+    composes the user's config with more overrides (each parallelism and precision option once)."""
+    from costlab.launcher.validate import validate
+
+    t = cfg.trainer
+    world, per_node = int(t.nnodes * t.nproc_per_node), int(t.nproc_per_node)
+    options: dict[tuple[str, str], DictConfig] = {}
+    out = []
+    for (pp, replicate, shard, tp), precision in itertools.product(layouts(world, per_node), precisions(cfg)):
+        dp = replicate * shard
+        if t.batch_size % dp:
+            continue
+        name = _option_name(pp, replicate, shard, tp)
+        if (name, precision) not in options:
+            options[name, precision] = compose([f"parallelism={name}", f"precision={precision}"])
+        c = OmegaConf.create(OmegaConf.to_container(options[name, precision], resolve=False))
+        with open_dict(c):
+            c.parallelism.update(pp_degree=pp, dp_replicate=replicate, dp_shard=shard, tp_degree=tp)
+            c.trainer.update(nnodes=int(t.nnodes), nproc_per_node=per_node, device=t.device)
+            c.hardware = cfg.hardware  # as the launcher resolved them (hardware=auto, trainer.device=auto)
+            if pp > 1:
+                c.parallelism.update(schedule="1f1b", microbatches=pp)
+        group: list[Candidate] = []
+        for mode, (rows, accum, chunks) in itertools.product(CHECKPOINTING,
+                                                             _micro_choices(int(t.batch_size) // dp, pp)):
+            sets = [f"parallelism={name}", f"parallelism.pp_degree={pp}", f"parallelism.dp_replicate={replicate}",
+                    f"parallelism.dp_shard={shard}", f"parallelism.tp_degree={tp}", f"precision={precision}",
+                    f"trainer.activation_checkpointing={mode}", f"trainer.grad_accum_steps={accum}"]
+            if pp > 1:
+                sets += ["parallelism.schedule=1f1b", f"parallelism.microbatches={chunks}"]
+            group.append(Candidate(sets, c, mode, accum, chunks, rows))
+        # one check per layout and precision: its first cut has the most pipeline micro-batches (the others pass
+        # where it does) and full checkpointing (the one mode with a check of its own: the model has blocks)
+        first = next((g for g in group if g.mode == "full"), None)
+        try:
+            if first is None:
+                continue
+            validate(first.settled())
+        except (ConfigError, ValueError):
+            continue
+        out += group
+    return out
+
+
+def evaluate(candidate: Candidate, states: dict[tuple, dict[str, float]]) -> None:
+    """Predict ``candidate``'s memory and time (:func:`costlab.launcher.plan.plan_figures`), the state once per
+    sharding layout (``states``)."""
+    from costlab.launcher.plan import plan_figures
+
+    cfg = candidate.settled()
+    p = cfg.parallelism
+    key = (int(p.pp_degree), int(p.dp_shard), int(p.tp_degree))
+    candidate.metrics, _, _ = plan_figures(cfg, states, key)
+    candidate.fits = candidate.metrics.get("plan/memory_margin_bytes", 0.0) >= 0
+
+
+def rank(found: list[Candidate]) -> list[Candidate]:
+    """The fitting candidates, cheapest first (fastest where there is no price), the dominated ones marked."""
+    fitting = [c for c in found if c.fits and c.tokens_per_s > 0]
+    fitting.sort(key=lambda c: (c.metrics.get("plan/usd_per_1m_train_tokens", 0.0), -c.tokens_per_s, c.memory))
+    for c in fitting:
+        c.dominated = any(o is not c and o.tokens_per_s >= c.tokens_per_s and o.memory <= c.memory
+                          and (o.tokens_per_s > c.tokens_per_s or o.memory < c.memory) for o in fitting)
+    return fitting
+
+
+GB = 1e9
+
+
+def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) -> list[str]:
+    """The ranked table's lines (the first ``shown`` rows) and the best row's command."""
+    lines = [f"costlab plan search: {found} candidates, {len(ranked)} fit ({seconds:.1f} s); cheapest first, every "
+             "figure PREDICTED",
+             f"  {'#':>3} {'pp x rep x shard x tp':>21} {'ckpt':9} {'micro':>5} {'accum':>5} {'prec':4} "
+             f"{'GB/dev':>7} {'tokens/s':>12} {'MFU':>6} {'$/1M tok':>9} {'days':>8}  dominated"]
+    for i, c in enumerate(ranked[:shown], 1):
+        p, m = c.cfg.parallelism, c.metrics
+        usd = m.get("plan/usd_per_1m_train_tokens")
+        lines.append(f"  {i:>3} {f'{p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree}':>21} "
+                     f"{c.mode:9} {c.rows:>5} {c.accum:>5} {c.cfg.precision.name:4} "
+                     f"{c.memory / GB:>7.3g} {c.tokens_per_s:>12,.0f} {m.get('plan/mfu', 0):>6.1%} "
+                     f"{'' if usd is None else f'{usd:.4f}':>9} {m.get('plan/hours', 0) / 24:>8.3g}  "
+                     f"{'yes' if c.dominated else ''}")
+    if len(ranked) > shown:
+        lines.append(f"  ... {len(ranked) - shown} more (every candidate is a child run)")
+    return lines
+
+
+def search(cfg: DictConfig, compose: Any) -> tuple[list[Candidate], list[Candidate], float]:
+    """(every candidate, the fitting ones ranked, seconds taken)."""
+    t0 = time.perf_counter()
+    found = candidates(cfg, compose)
+    states: dict[tuple, dict[str, float]] = {}
+    for c in found:
+        evaluate(c, states)
+    return found, rank(found), time.perf_counter() - t0
+
+
+def _runnable(user: list[str], sets: list[str]) -> list[str]:
+    """The user's overrides without the ones a candidate sets (and without plan mode), then the candidate's."""
+    keys = {s.split("=", 1)[0] for s in sets}
+    kept = [o for o in user if o.split("=", 1)[0].lstrip("+~") not in keys and not o.startswith(("mode=", "plan."))]
+    return kept + sets
+
+
+def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> list[Candidate]:
+    """``plan.search=true``: search, print the ranked table, and log it: the plan's run (``run_id``) holds the
+    best candidate's figures and the table as ``plan.txt``; each fitting candidate is a child run with its
+    predicted metrics, its overrides as params and ``costlab.run_command``, the command that runs it."""
+    import sys
+    from pathlib import Path
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    from costlab import tracking
+    from costlab.launcher.preflight import compose_config
+
+    base = [o for o in user if o.split("=", 1)[0].lstrip("+~") not in SEARCHED and not o.startswith("plan.")]
+    base.append("mode=plan")
+    found, ranked, seconds = search(cfg, lambda extra: compose_config(base + extra))
+    lines = table(ranked, len(found), seconds)
+    if ranked:
+        command = "python run.py " + " ".join(_runnable(user, ranked[0].overrides))
+        lines.append(f"  the cheapest runs as: {command}")
+    else:
+        lines.append("  nothing fits: more devices, a card with more memory, or a smaller trainer.batch_size")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    client = tracking.client(cfg.tracking.uri)
+    now = int(time.time() * 1000)
+    summary = {"plan/candidates": float(len(found)), "plan/fitting": float(len(ranked)), "plan/search_s": seconds}
+    if ranked:
+        summary.update(ranked[0].metrics)
+        client.set_tag(run_id, "costlab.run_command", command)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+    Path(run_dir, "plan.txt").write_text("\n".join(lines) + "\n")
+    client.log_artifact(run_id, str(Path(run_dir, "plan.txt")))
+    experiment = client.get_run(run_id).info.experiment_id
+    for i, c in enumerate(ranked, 1):
+        p = c.cfg.parallelism
+        name = (f"plan #{i} pp{p.pp_degree} rep{p.dp_replicate} shard{p.dp_shard} tp{p.tp_degree} "
+                f"{c.mode} micro{c.rows} accum{c.accum} {c.cfg.precision.name}")
+        tags = {"mlflow.parentRunId": run_id, "mode": "plan", "hardware": str(cfg.hardware.name),
+                "costlab.plan_rank": str(i), "costlab.dominated": str(c.dominated).lower(),
+                "costlab.run_command": "python run.py " + " ".join(_runnable(user, c.overrides))}
+        child = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+        params = [Param(s.split("=", 1)[0], s.split("=", 1)[1]) for s in c.overrides]
+        client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in c.metrics.items()], params=params,
+                         tags=[RunTag("mlflow.runName", name)])
+        client.set_terminated(child, "FINISHED")
+    return ranked

@@ -1,0 +1,77 @@
+"""``mode=plan plan.search=true``: every layout of the devices predicted and ranked; the best row runs as it is."""
+
+from __future__ import annotations
+
+import resource
+import shlex
+import time
+
+import pytest
+
+from costlab.launcher.planner import layouts, rank
+from tests.conftest import TINY, compose_config
+
+
+def test_every_factorization_of_the_devices_is_a_layout():
+    found = layouts(16, 8)
+    assert all(pp * rep * shard * tp == 16 for pp, rep, shard, tp in found)
+    assert len(set(found)) == len(found)
+    assert {tp for *_, tp in found} == {1, 2, 4, 8}  # tensor parallel stays inside a node of 8
+    # every ordered factorization of 16 = 2^4 into four factors with tp <= 8: C(7, 3) = 35, less tp = 16's one
+    assert len(found) == 35 - 1
+
+
+def test_the_ranking_marks_what_another_candidate_beats():
+    from costlab.launcher.planner import Candidate
+
+    def made(tps: float, memory: float) -> Candidate:
+        return Candidate([], compose_config(TINY), fits=True,
+                         metrics={"plan/tokens_per_s": tps, "plan/memory_bytes_per_device": memory})
+
+    fast_small, slow_big, fast_big = made(100, 1e9), made(50, 2e9), made(100, 3e9)
+    ranked = rank([slow_big, fast_big, fast_small, Candidate([], fast_small.cfg, fits=False)])
+    assert ranked[0] is fast_small and len(ranked) == 3  # the unfitting one dropped
+    assert not fast_small.dominated and slow_big.dominated and fast_big.dominated
+
+
+@pytest.mark.e2e
+def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):
+    """On this machine's two ranks: the candidates are logged as children of the plan's run, each with its
+    command; the cheapest one, run as printed for a few steps, fits and trains."""
+    user = [*TINY, "hardware=cpu", "trainer.nproc_per_node=2", "trainer.max_steps=3"]
+    proc = cli(*user, "mode=plan", "plan.search=true", "tracking.run_name=search")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = cli.run_by_name("search")
+    m = parent.data.metrics
+    assert parent.info.status == "FINISHED" and m["plan/fitting"] >= 6 and m["plan/candidates"] >= m["plan/fitting"]
+    children = cli.runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == m["plan/fitting"]
+    assert {c.data.params["parallelism"] for c in children} == {"ddp", "fsdp", "tp", "pp"}  # every layout of 2
+    best = next(c for c in children if c.data.tags["costlab.plan_rank"] == "1")
+    assert best.data.metrics["plan/tokens_per_s"] == max(c.data.metrics["plan/tokens_per_s"] for c in children)
+    command = best.data.tags["costlab.run_command"]
+    assert command == parent.data.tags["costlab.run_command"] and command in proc.stderr
+    args = shlex.split(command)[2:]  # python run.py <overrides>
+    assert not any(a.startswith(("mode=", "plan.")) for a in args)
+    run = cli(*args, "tracking.run_name=best")
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained = cli.run_by_name("best")
+    assert trained.info.status == "FINISHED" and trained.data.metrics["train/loss"] > 0
+    assert trained.data.params["parallelism.name"] == best.data.params["parallelism"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_70b_search_on_64_h100s_takes_seconds_and_little_memory(cli):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.time()
+    proc = cli("mode=plan", "plan.search=true", "model=hf", "model.config=llama3_70b", "model.block_size=4096",
+               "hardware=h100_sxm", "trainer.nnodes=8", "trainer.nproc_per_node=8", "trainer.batch_size=256",
+               "plan.tokens=1e12", "tracking.run_name=search70b")
+    seconds = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rss = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+    assert seconds < 60 and rss < 2e9, (seconds, rss)
+    m = cli.run_by_name("search70b").data.metrics
+    assert m["plan/fitting"] > 10 and m["plan/memory_bytes_per_device"] < 80e9 and 0 < m["plan/mfu"] < 1
+    assert "the cheapest runs as: python run.py" in proc.stderr
