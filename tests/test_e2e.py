@@ -55,6 +55,9 @@ def test_default_experiment_learns_and_logs_the_whole_contract(cli, tmp_path):
     # the time model's prediction beside the measured throughput, with the rates and parts it rests on
     assert m["perf/predicted_tokens_per_s"] > 0 and "us per op" in run.data.tags["costlab.time_model"]
     assert m["perf/predicted_step_time_ms"] > 0
+    # and the money it predicts, at the price the measured figure uses
+    measured, predicted = m["cost/usd_per_1m_train_tokens"], m["cost/predicted_usd_per_1m_train_tokens"]
+    assert predicted == pytest.approx(measured * m["perf/tokens_per_s"] / m["perf/predicted_tokens_per_s"])
     assert m["time/total_s"] > 0 and m["perf/tokens_per_s"] > 0 and m["infer/tokens_per_s"] > 0
     # params: the flattened resolved config; the YAML as an artifact
     assert run.data.params["model.n_layer"] == "4" and run.data.params["trainer.max_steps"] == "60"

@@ -21,6 +21,15 @@ def test_every_factorization_of_the_devices_is_a_layout():
     assert len(found) == 35 - 1
 
 
+def test_a_row_runs_with_the_users_overrides_less_what_the_search_chose():
+    from costlab.launcher.planner import _runnable
+
+    user = ["model=hf", "parallelism=fsdp", "parallelism.reshard_after_forward=false", "precision=bf16", "mode=plan",
+            "plan.search=true", "plan.tokens=1e12", "trainer.activation_checkpointing=full", "trainer.max_steps=3"]
+    sets = ["parallelism=ddp", "parallelism.dp_replicate=2", "precision=fp32", "trainer.activation_checkpointing=none"]
+    assert _runnable(user, sets) == ["model=hf", "trainer.max_steps=3", *sets]
+
+
 def test_the_ranking_marks_what_another_candidate_beats():
     from costlab.launcher.planner import Candidate
 
@@ -34,6 +43,7 @@ def test_the_ranking_marks_what_another_candidate_beats():
     assert not fast_small.dominated and slow_big.dominated and fast_big.dominated
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):
     """On this machine's two ranks: the candidates are logged as children of the plan's run, each with its

@@ -212,11 +212,15 @@ def search(cfg: DictConfig, compose: Any) -> tuple[list[Candidate], list[Candida
     return found, rank(found), time.perf_counter() - t0
 
 
+def _searched(override: str) -> bool:
+    """Whether ``override`` sets what the search chooses (a key of :data:`SEARCHED`, or one inside it)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return any(key == k or key.startswith(k + ".") for k in (*SEARCHED, "plan"))
+
+
 def _runnable(user: list[str], sets: list[str]) -> list[str]:
-    """The user's overrides without the ones a candidate sets (and without plan mode), then the candidate's."""
-    keys = {s.split("=", 1)[0] for s in sets}
-    kept = [o for o in user if o.split("=", 1)[0].lstrip("+~") not in keys and not o.startswith(("mode=", "plan."))]
-    return kept + sets
+    """The user's overrides without what the search chose (and without plan mode), then the candidate's."""
+    return [o for o in user if not _searched(o)] + sets
 
 
 def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> list[Candidate]:
@@ -231,8 +235,7 @@ def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> l
     from costlab import tracking
     from costlab.launcher.preflight import compose_config
 
-    base = [o for o in user if o.split("=", 1)[0].lstrip("+~") not in SEARCHED and not o.startswith("plan.")]
-    base.append("mode=plan")
+    base = [o for o in user if not _searched(o)] + ["mode=plan"]
     found, ranked, seconds = search(cfg, lambda extra: compose_config(base + extra))
     lines = table(ranked, len(found), seconds)
     if ranked:
@@ -255,7 +258,8 @@ def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> l
         p = c.cfg.parallelism
         name = (f"plan #{i} pp{p.pp_degree} rep{p.dp_replicate} shard{p.dp_shard} tp{p.tp_degree} "
                 f"{c.mode} micro{c.rows} accum{c.accum} {c.cfg.precision.name}")
-        tags = {"mlflow.parentRunId": run_id, "mode": "plan", "hardware": str(cfg.hardware.name),
+        tags = {"mlflow.parentRunId": run_id, tracking.SWEEP_ID_TAG: run_id, "mode": "plan",
+                "hardware": str(cfg.hardware.name),
                 "costlab.plan_rank": str(i), "costlab.dominated": str(c.dominated).lower(),
                 "costlab.run_command": "python run.py " + " ".join(_runnable(user, c.overrides))}
         child = client.create_run(experiment, run_name=name, tags=tags).info.run_id

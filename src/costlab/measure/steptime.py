@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PREDICTED_TOKENS_PER_S = "perf/predicted_tokens_per_s"
 PREDICTED_STEP_MS = "perf/predicted_step_time_ms"
+PREDICTED_USD_TRAIN = "cost/predicted_usd_per_1m_train_tokens"
 TIME_MODEL_TAG = "costlab.time_model"  # the rates and parts behind the prediction, or why there is none
 
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product")  # FLOP-bound: counted as FLOPs, not bytes
@@ -750,5 +751,10 @@ def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None,
         prediction = predict_step(cfg, world, rates, build_optimizer)
     except Exception as e:  # a model or optimizer the fake trace cannot run costs the run its prediction only
         return {}, {TIME_MODEL_TAG: f"no prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return ({PREDICTED_TOKENS_PER_S: prediction.tokens_per_s, PREDICTED_STEP_MS: 1000 * prediction.step_s},
-            {TIME_MODEL_TAG: prediction.tag(rates)})
+    from costlab.measure.hardware import usd_per_hour
+
+    out = {PREDICTED_TOKENS_PER_S: prediction.tokens_per_s, PREDICTED_STEP_MS: 1000 * prediction.step_s}
+    price = usd_per_hour(cfg)
+    if price is not None:  # beside the measured cost/usd_per_1m_train_tokens, at the same price
+        out[PREDICTED_USD_TRAIN] = price / (prediction.tokens_per_s * 3600) * 1e6
+    return out, {TIME_MODEL_TAG: prediction.tag(rates)}
