@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from costlab.launcher.plan import allowance, predict_time  # noqa: E402
+from costlab.launcher.plan import TRACED_ROWS, allowance, predict_time  # noqa: E402
 from costlab.launcher.preflight import compose_config  # noqa: E402
 from costlab.measure import steptime  # noqa: E402
 from costlab.measure.memory import predict_state  # noqa: E402
@@ -73,12 +73,7 @@ def load() -> list[tuple[dict[str, str], object]]:
 
 def predicted_per_gpu(cfg: object, row: dict[str, str], calibration: steptime.GpuCalibration) -> float:
     gpus = int(row["gpus"])
-    original = steptime.GPU_CALIBRATION
-    steptime.GPU_CALIBRATION = calibration  # what gpu_rates reads when given none
-    try:
-        prediction, why = predict_time(cfg, gpus, traced_rows=2)
-    finally:
-        steptime.GPU_CALIBRATION = original
+    prediction, why = predict_time(cfg, gpus, TRACED_ROWS, calibration)
     if prediction is None:
         raise RuntimeError(why)
     return prediction.tokens_per_s / gpus

@@ -170,9 +170,11 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
     return out, lines, tags
 
 
-def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None) -> tuple[Any, Any]:
+def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
+                 calibration: Any = None) -> tuple[Any, Any]:
     """(:class:`~costlab.measure.steptime.Prediction`, its rates) of the plan's step, or (None, why not). A GPU's
-    rates are its datasheet figures times the calibrated shares (:func:`~costlab.measure.steptime.gpu_rates`);
+    rates are its datasheet figures times the calibrated shares (:func:`~costlab.measure.steptime.gpu_rates`;
+    ``calibration``: other shares than :data:`~costlab.measure.steptime.GPU_CALIBRATION`, as a fit tries them);
     this CPU's are probed here, in this one process (no peers: its collectives are not priced, said in the tag)."""
     from costlab.measure.steptime import cpu_rates, gpu_rates, local_probes, predict_step
     from costlab.training.optimizers import build_optimizer
@@ -181,7 +183,7 @@ def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None) ->
         if cfg.hardware.name == "cpu":
             rates = cpu_rates(cfg, local_probes(cfg, world))
         elif cfg.hardware.get("memory_bandwidth_gbps"):
-            rates = gpu_rates(cfg, matmul_dtype(cfg))
+            rates = gpu_rates(cfg, matmul_dtype(cfg), calibration)
         else:
             return None, f"hardware={cfg.hardware.name} names no memory bandwidth"
         prediction = predict_step(cfg, world, rates, build_optimizer, traced_rows)

@@ -102,7 +102,7 @@ def _micro_choices(per_rank: int, pp: int) -> list[tuple[int, int, int]]:
     sequences: powers of two (and the whole share), the pipeline's micro-batches at least its degree."""
     sizes = sorted({s for s in (2**i for i in range(per_rank.bit_length())) if per_rank % s == 0} | {per_rank})
     out = []
-    for rows in sizes[:MAX_MICRO_CHOICES] if len(sizes) <= MAX_MICRO_CHOICES else sizes[-MAX_MICRO_CHOICES:]:
+    for rows in sizes[-MAX_MICRO_CHOICES:]:  # the largest: a rank's whole share and the powers of two below it
         chunks = per_rank // rows
         if pp > 1:
             if chunks < pp:

@@ -255,7 +255,6 @@ class _Linears(Mapping):
             self._layers = _linear_shapes(OmegaConf.to_yaml(self._model_cfg, resolve=True))
         return self._layers
 
-
     def __getitem__(self, name: str) -> tuple[int, int]:
         return self._get()[name]
 
