@@ -91,3 +91,36 @@ def test_a_gpt_under_fsdp_mixed_precision_is_traced_as_it_runs(mode, tmp_path):
     finally:
         dist.destroy_process_group()
     assert predicted / meter.held == pytest.approx(1, abs=0.02), (predicted, meter.held)
+
+
+def test_a_collectives_buffer_its_worker_lets_go_of_late_is_not_counted(tmp_path):
+    """A process group's worker thread lets go of a collective's buffers a moment after the caller has woken; on
+    a loaded machine a TP run's gathered logits were counted twice that way. A reading that finds a collective's
+    buffer alive waits for it: here a thread that lets go once the reading has begun stands in for the worker."""
+    import threading
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD.group_name
+        with SavedActivations() as meter:
+            kept = torch.ones(256) * 3  # a forward's tensor still referenced: held
+            late = [torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(
+                torch.ones(1024) * 2, "sum", group))]
+            first = meter._bytes(set())
+            began, read = threading.Event(), meter._bytes
+
+            def reading(weights: set[int]) -> int:
+                began.set()
+                return read(weights)
+
+            meter._bytes = reading
+            worker = threading.Thread(target=lambda: began.wait() and late.clear())
+            worker.start()
+            held = meter.alive()
+        worker.join()
+    finally:
+        dist.destroy_process_group()
+    assert first == kept.nbytes + 1024 * 4  # the late buffer was alive when the reading began
+    assert held == kept.nbytes

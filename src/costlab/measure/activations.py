@@ -16,13 +16,17 @@ subclass (a DTensor, a float8 tensor) counts as the plain tensors that hold its 
 - the outputs the step keeps for its loss (the logits) and autocast's cast copies of weights.
 
 Temporaries a forward frees before backward starts are not held and not counted; nor are gradients, nor the
-blocks checkpointing rebuilds in backward. The measurement costs the step it runs in a Python call per op, so the
-trainer takes it on a warm-up step, which throughput figures leave out.
+blocks checkpointing rebuilds in backward. A collective's buffers are one such temporary, but a process group's
+worker thread lets go of them a moment after the collective's waiter has woken: a reading that finds a buffer a
+collective touched still alive pauses (``SETTLE_S``, the GIL released) and reads again, keeping the smallest
+reading, so a loaded machine's late worker is not counted as held for backward. The measurement costs the step it
+runs in a Python call per op, so the trainer takes it on a warm-up step, which throughput figures leave out.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 from typing import Any
 
@@ -33,6 +37,9 @@ from torch.utils._pytree import tree_leaves
 
 MEM_ACTIVATIONS = "mem/activations_bytes_per_rank"  # measured; beside mem/predicted_activations_bytes_per_rank
 UNMEASURED_TAG = "costlab.activations_unmeasured"  # why a run has no measured activation bytes
+# the pauses a reading takes while a collective's buffer is alive, for its worker thread to let go (see the module)
+SETTLE_S = (0.001, 0.004, 0.015, 0.05, 0.1, 0.15)
+COLLECTIVES = ("_c10d_functional", "c10d")  # the op namespaces whose buffers a process group's worker holds
 
 
 def _in_backward() -> bool:
@@ -49,6 +56,7 @@ class SavedActivations(TorchDispatchMode):
         self.modules = modules
         self.skip = self._weights()
         self.forward: dict[int, weakref.ref] = {}  # storage key -> the storage, created by a forward pass
+        self.collective: set[int] = set()  # storage keys a collective op took or gave (its worker may hold them)
         self.backward = False  # whether the last op ran in a backward pass
         self.held = 0
 
@@ -66,18 +74,35 @@ class SavedActivations(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     for plain in _plain(t):
                         self._count(plain.untyped_storage())
+        if func.namespace in COLLECTIVES:
+            self.collective.update(_key(p) for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)
+                                   for p in _plain(t))
         return out
 
     def _count(self, storage: torch.UntypedStorage) -> None:
         key = storage._cdata
         if key not in self.forward and key not in self.skip:
-            self.forward[key] = weakref.ref(storage, lambda _, key=key: self.forward.pop(key, None))
+            self.forward[key] = weakref.ref(storage, lambda _, key=key: self._forget(key))
+
+    def _forget(self, key: int) -> None:
+        self.forward.pop(key, None)
+        self.collective.discard(key)  # a new storage may come to live at the same address
 
     def alive(self) -> int:
         """Bytes of the storages forward passes created that are alive now, weights excluded. Sizes are read
-        now: FSDP frees a gathered parameter by resizing its storage to nothing."""
+        now: FSDP frees a gathered parameter by resizing its storage to nothing. While a storage a collective
+        touched is alive, the reading pauses and reads again (``SETTLE_S``; see the module)."""
         gc.collect()  # a storage only a reference cycle holds is garbage already: freed now, not when gc happens to run
         weights = self._weights()
+        held = self._bytes(weights)
+        for pause in SETTLE_S:
+            if not self.collective.intersection(self.forward):
+                break
+            time.sleep(pause)
+            held = min(held, self._bytes(weights))
+        return held
+
+    def _bytes(self, weights: set[int]) -> int:
         storages = [(key, ref()) for key, ref in list(self.forward.items())]
         return sum(s.nbytes() for key, s in storages if s is not None and key not in weights)
 
