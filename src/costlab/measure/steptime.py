@@ -21,12 +21,15 @@ and the optimizer's step once, traced with the run's own optimizer. A rank's ste
                    all-reduces per layer forward and two backward, the pipeline's sends and receives
 
 Tensor parallel divides a layer's FLOPs and bytes by its degree (not its ops: every rank runs every op). Nothing
-overlaps on CPU: gloo's collectives run on the same cores as the compute. FSDP2 adds a fixed cost per sharded
-module and micro-batch, tensor parallel a DTensor's cost for each op on a weight (and its two backward matmuls).
+overlaps on CPU: gloo's collectives run on the same cores as the compute. FSDP and tensor parallel add what the
+run's own wrapping costs, probed on the run's model (:func:`layout_seconds`: per layer and micro-batch, outside the
+layers, and per step); with a pipeline, FSDP2 a fixed cost per sharded module and micro-batch and tensor parallel a
+DTensor's cost for each op on a weight (and its two backward matmuls).
 
 The rates are measured by probes at the end of the run, on every rank at once (:func:`probe_ranks`): the run's own
 matmul shapes in its dtype, the bandwidth of a large copy, the seconds per op of a chain of small autograd ops
-(and of views), each collective at two sizes, FSDP2's cost per group and a DTensor op's. A run on a GPU predicts
+(and of views), each collective at two sizes, and the layout's wrapping (or FSDP2's cost per group and a DTensor
+op's). A run on a GPU predicts
 nothing yet: its efficiencies are not calibrated (a tag says so).
 """
 
@@ -87,6 +90,11 @@ class Rates:
     fsdp_group_s: float = 0.0  # FSDP2's fixed cost per sharded module and micro-batch
     dtensor_op_s: float = 0.0  # an op on DTensors (tensor parallel's weights), instead of op_s
     policy_op_s: float = 0.0  # an op seen by a Python dispatch mode (selective checkpointing's policy)
+    # what the run's own tensor-parallel and FSDP wrapping adds to a micro-batch, per layer and outside the layers
+    # (:func:`layout_seconds`; in place of ``fsdp_group_s``, ``dtensor_op_s`` and those collectives' latencies)
+    layout_layer_s: float = 0.0
+    layout_outside_s: float = 0.0
+    layout_step_s: float = 0.0  # and to a step's clipping and optimizer step
     # a GPU's (:func:`gpu_rates`): its attention kernels' own rate and the share of the square they compute (a
     # causal flash kernel skips the masked half), the link between nodes (``per_node`` ranks share one node),
     # the host's seconds per op (the GPU waits for it when its kernels are shorter), and whether data-parallel
@@ -114,7 +122,14 @@ class Prediction:
                 + (f"FSDP2 {rates.fsdp_group_s * 1e6:.3g} us per group, " if rates.fsdp_group_s else "")
                 + (f"{rates.dtensor_op_s * 1e6:.3g} us per DTensor op, " if rates.dtensor_op_s else "")
                 + (f"{rates.policy_op_s * 1e6:.3g} us per policed op, " if rates.policy_op_s else "")
+                + (f"the layout's wrapping {rates.layout_layer_s * 1e3:.3g} ms per layer and "
+                   f"{rates.layout_outside_s * 1e3:.3g} ms outside per micro-batch, "
+                   f"{rates.layout_step_s * 1e3:.3g} ms per step, " if _probed_layout(rates) else "")
                 + f"({rates.source})" + "".join(f"; {n}" for n in self.notes))
+
+
+def _probed_layout(rates: Rates) -> bool:
+    return bool(rates.layout_layer_s or rates.layout_outside_s or rates.layout_step_s)
 
 
 class _Counter:
@@ -332,7 +347,10 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     if dims.dp_replicate > 1:
         data_parallel += _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
                                      span=dims.dp_replicate * shard_span)
-    if dims.fsdp_enabled:  # one group per layer and one for the rest, each gathered twice and reduced once
+    probed = _probed_layout(rates)
+    if probed:  # the run's own wrapping, probed: FSDP's gathers and reduce-scatters whole, TP's fixed costs
+        parts["layout"] = n_mb * (layers * rates.layout_layer_s + rates.layout_outside_s) + rates.layout_step_s
+    if dims.fsdp_enabled and not probed:  # one group per layer and one for the rest, gathered twice, reduced once
         gathered = grad_bytes * (2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4) / 4
         groups = layers + 1
         # the probe's fixed cost per group holds the collectives' latencies and FSDP2's hooks; bytes on top
@@ -346,9 +364,10 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     else:
         comm += data_parallel
     if tp > 1:
-        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce", span=tp)
-        # each forward op on a weight runs on DTensors, as do its two backward matmuls
-        parts["dtensor"] = n_mb * 3 * per_mb.weight_ops * max(0.0, rates.dtensor_op_s - rates.op_s)
+        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce", latency=not probed,
+                                                      span=tp)
+        if not probed:  # each forward op on a weight runs on DTensors, as do its two backward matmuls
+            parts["dtensor"] = n_mb * 3 * per_mb.weight_ops * max(0.0, rates.dtensor_op_s - rates.op_s)
     if cfg.trainer.get("activation_checkpointing", "none") == "selective":
         # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
         plain, _ = layer_work(cfg, traced, dims.fsdp_enabled, "none")
@@ -605,6 +624,80 @@ def dtensor_op_seconds(world: int, repeats: int = 3) -> float:
     return best
 
 
+LAYOUT_TOKENS = 8  # the layout probe's input: one row of this many tokens (fixed costs, not bytes of activations)
+LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is their difference over the layers
+
+
+def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats: int = 5) -> tuple[float, float, float]:
+    """The seconds the run's own tensor-parallel and FSDP wrapping adds: per layer and outside the layers of one
+    micro-batch's forward and backward, and to a step's gradient clipping and optimizer step (its sharded
+    parameters are DTensors) for the run's depth. The run's model code at depths ``LAYOUT_DEPTHS`` takes one row of
+    ``LAYOUT_TOKENS`` tokens, wrapped as the run wraps it (:func:`costlab.parallelism.apply.apply_parallelisms` on
+    the run's mesh) and plain, best of ``repeats``; the difference of the differences over the depths is a layer's.
+    That holds FSDP2's hooks, its copies in and out and its gathers and reduce-scatters of the real weights,
+    DTensor's Python per op and the collectives' fixed costs; tensor parallel's activation bytes, which grow with
+    the batch, are left to the link model. ``build_optimizer``: the trainer's (:func:`optimizer_work`). A
+    collective: every rank calls it."""
+    import torch
+    import torch.distributed as dist
+
+    from costlab.measure.memory import _depth, _with_depth
+    from costlab.models.gpt import build_model
+    from costlab.models.loss import loss_fn
+    from costlab.parallelism.apply import apply_parallelisms, build_mesh
+    from costlab.parallelism.core import clip_grad_norm_
+    from costlab.parallelism.dims import ParallelDims, parallel_dims
+
+    dims = parallel_dims(cfg.parallelism, world)
+    mesh, device = build_mesh(dims, "cpu"), torch.device("cpu")
+    low_precision = cfg.precision.get("autocast_dtype")  # as the trainer's autocast (costlab.precision)
+    x = torch.zeros(1, min(LAYOUT_TOKENS, int(cfg.model.block_size)), dtype=torch.long)
+    clip = float(cfg.trainer.grad_clip or 0.0)
+
+    def timed(model: Any, shallow: DictConfig, wrapped: bool) -> tuple[float, float]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(model, shallow)
+
+        def passes() -> None:
+            with torch.autocast("cpu", dtype=getattr(torch, low_precision or "bfloat16"), enabled=bool(low_precision)):
+                logits = model(x)
+            loss_fn(logits, x).backward()
+
+        def update() -> None:
+            if clip:
+                (clip_grad_norm_ if wrapped else torch.nn.utils.clip_grad_norm_)(params, clip)
+            optimizer.step()
+
+        passes()
+        update()
+        best = [float("inf"), float("inf")]
+        for _ in range(repeats):
+            optimizer.zero_grad(set_to_none=True)
+            for i, part in enumerate((passes, update)):
+                dist.barrier()
+                t0 = time.perf_counter()
+                part()
+                best[i] = min(best[i], time.perf_counter() - t0)
+        return best[0], best[1]
+
+    seconds = {}
+    for layers in LAYOUT_DEPTHS:
+        shallow = _with_depth(cfg, layers)
+        shallow.trainer.compile = False  # the wrapping's eager cost: a probe does not wait for a compiler
+        for wrapped in (True, False):
+            torch.manual_seed(0)
+            model = build_model(shallow.model)
+            apply_parallelisms(model, shallow, dims if wrapped else ParallelDims(1, 1, 1, 1),
+                               mesh if wrapped else None, device)
+            model.train()
+            seconds[layers, wrapped] = timed(model, shallow, wrapped)
+    (low, high), span = LAYOUT_DEPTHS, LAYOUT_DEPTHS[1] - LAYOUT_DEPTHS[0]
+    extra = {d: [w - p for w, p in zip(seconds[d, True], seconds[d, False], strict=True)] for d in LAYOUT_DEPTHS}
+    layer, step_layer = (max(0.0, (extra[high][i] - extra[low][i]) / span) for i in (0, 1))
+    outside, step_outside = (max(0.0, extra[low][i] - low * per) for i, per in ((0, layer), (1, step_layer)))
+    return layer, outside, (_depth(cfg) or 0) * step_layer + step_outside
+
+
 @dataclass
 class RankProbes:
     """What every rank measured at once (the slowest rank's figures): the run's matmul shapes, ops, views and
@@ -619,9 +712,12 @@ class RankProbes:
     fsdp_group_s: float = 0.0
     dtensor_op_s: float = 0.0
     policy_op_s: float = 0.0
+    layout_layer_s: float = 0.0
+    layout_outside_s: float = 0.0
+    layout_step_s: float = 0.0
 
 
-def probe_ranks(cfg: DictConfig, world: int) -> RankProbes | None:
+def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes | None:
     """:class:`RankProbes` on a CPU run (None on a GPU): a collective, every rank calls it."""
     if cfg.trainer.device != "cpu":
         return None
@@ -636,15 +732,21 @@ def probe_ranks(cfg: DictConfig, world: int) -> RankProbes | None:
     selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
     times = [1 / run_matmul_rate(cfg, world), seconds_per_op(), seconds_per_view(), 1 / memory_bandwidth(),
              seconds_per_policed_op() if selective else 0.0]
+    # the run's own wrapping where the layout has no pipeline (whose stages the probe does not build); FSDP2's
+    # cost per group and a DTensor op's with the pipeline
+    from costlab.measure.memory import _depth
+
+    whole = (dims.fsdp_enabled or dims.tp_enabled) and not dims.pp_enabled and _depth(cfg) is not None
     if world > 1:
-        times += [fsdp_group_seconds(world) if dims.fsdp_enabled else 0.0,
-                  dtensor_op_seconds(world) if dims.tp_enabled else 0.0]
+        times += [fsdp_group_seconds(world) if dims.fsdp_enabled and not whole else 0.0,
+                  dtensor_op_seconds(world) if dims.tp_enabled and not whole else 0.0,
+                  *(layout_seconds(cfg, world, build_optimizer) if whole else (0.0, 0.0, 0.0))]
     worst = torch.tensor(times, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     link = link_probe() if world > 1 else None
-    w = [float(v) for v in worst] + [0.0, 0.0]
-    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, w[5], w[6], w[4])
+    w = [float(v) for v in worst] + [0.0] * 5
+    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, w[5], w[6], w[4], w[7], w[8], w[9])
 
 
 def local_probes(cfg: DictConfig, world: int) -> RankProbes:
@@ -691,8 +793,11 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
                  + (", each collective at two sizes" if probes.link else "")
                  + (", FSDP2 per group" if probes.fsdp_group_s else "")
                  + (", DTensor ops" if probes.dtensor_op_s else "")
-                 + (", ops under a dispatch-mode policy" if probes.policy_op_s else ""),
-                 probes.fsdp_group_s, probes.dtensor_op_s, probes.policy_op_s)
+                 + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
+                 + (", the run's model wrapped as it runs and plain" if probes.layout_layer_s
+                    or probes.layout_outside_s or probes.layout_step_s else ""),
+                 probes.fsdp_group_s, probes.dtensor_op_s, probes.policy_op_s, probes.layout_layer_s,
+                 probes.layout_outside_s, probes.layout_step_s)
 
 
 @dataclass(frozen=True)
