@@ -165,3 +165,23 @@ def test_a_gpu_plan_prices_its_collectives_on_the_links_they_cross():
                             "trainer.nproc_per_node=8", "trainer.batch_size=32"])
     step, _ = predict_time(small, 32)
     assert step.parts["exposed_data_parallel"] >= 0 and step.step_s >= step.parts["compute"]
+
+
+def test_a_gpu_run_predicts_its_step_with_its_cards_rates_as_its_plan_does():
+    """A run on a GPU logs ``perf/predicted_tokens_per_s`` from its card's calibrated rates, the same figure its
+    plan gives (computed here without a GPU: the prediction needs the card's option, not the card); a card with no
+    memory bandwidth (an unknown GPU) gets a tag that says there is none."""
+    from costlab.launcher.plan import predict_time
+    from costlab.measure.steptime import PREDICTED_TOKENS_PER_S, TIME_MODEL_TAG, predicted_metrics
+    from costlab.training.optimizers import build_optimizer
+
+    overrides = ["model=gpt2_small", "hardware=h100_sxm", "parallelism=fsdp", "trainer.nproc_per_node=8",
+                 "precision=bf16"]
+    run = compose_config([*overrides, "trainer.device=cuda"])
+    figures, tag = predicted_metrics(run, 8, None, build_optimizer, "bf16")
+    planned, _ = predict_time(compose_config(["mode=plan", *overrides]), 8)
+    assert figures[PREDICTED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
+    assert "hardware=h100_sxm" in tag[TIME_MODEL_TAG] and "fitted on llm-foundry's A100 80GB" in tag[TIME_MODEL_TAG]
+    unknown = compose_config([*overrides, "trainer.device=cuda", "hardware.memory_bandwidth_gbps=null"])
+    assert predicted_metrics(unknown, 8, None, build_optimizer, "bf16") == (
+        {}, {TIME_MODEL_TAG: "no prediction: hardware=h100_sxm names no memory bandwidth or bf16 peak"})

@@ -23,14 +23,13 @@ and the optimizer's step once, traced with the run's own optimizer. A rank's ste
 Tensor parallel divides a layer's FLOPs and bytes by its degree (not its ops: every rank runs every op). Nothing
 overlaps on CPU: gloo's collectives run on the same cores as the compute. FSDP and tensor parallel add what the
 run's own wrapping costs, probed on the run's model (:func:`layout_seconds`: per layer and micro-batch, outside the
-layers, and per step); with a pipeline, FSDP2 a fixed cost per sharded module and micro-batch and tensor parallel a
-DTensor's cost for each op on a weight (and its two backward matmuls).
+layers, and per step; a pipeline stage pays it for its own layers).
 
 The rates are measured by probes at the end of the run, on every rank at once (:func:`probe_ranks`): the run's own
 matmul shapes in its dtype, the bandwidth of a large copy, the seconds per op of a chain of small autograd ops
-(and of views), each collective at two sizes, and the layout's wrapping (or FSDP2's cost per group and a DTensor
-op's). A run on a GPU predicts
-nothing yet: its efficiencies are not calibrated (a tag says so).
+(and of views), each collective at two sizes, and the layout's wrapping. A run on a GPU predicts with its card's
+rates as a plan does (:func:`gpu_rates`: the ``hardware`` option's published figures times the efficiencies
+calibrated on published A100 runs), not with probes.
 """
 
 from __future__ import annotations
@@ -87,11 +86,9 @@ class Rates:
     view_s: float  # seconds per aten op that only makes a view
     link: dict[str, tuple[float, float]] = field(default_factory=dict)  # collective -> (latency s, bytes/s)
     source: str = ""
-    fsdp_group_s: float = 0.0  # FSDP2's fixed cost per sharded module and micro-batch
-    dtensor_op_s: float = 0.0  # an op on DTensors (tensor parallel's weights), instead of op_s
     policy_op_s: float = 0.0  # an op seen by a Python dispatch mode (selective checkpointing's policy)
     # what the run's own tensor-parallel and FSDP wrapping adds to a micro-batch, per layer and outside the layers
-    # (:func:`layout_seconds`; in place of ``fsdp_group_s``, ``dtensor_op_s`` and those collectives' latencies)
+    # (:func:`layout_seconds`; it holds those collectives' latencies)
     layout_layer_s: float = 0.0
     layout_outside_s: float = 0.0
     layout_step_s: float = 0.0  # and to a step's clipping and optimizer step
@@ -119,8 +116,6 @@ class Prediction:
         return (f"{parts}; rates: matmul {rates.matmul_flops / 1e9:.3g} GFLOP/s, memory {rates.bytes_per_s / 1e9:.3g}"
                 f" GB/s, {rates.op_s * 1e6:.3g} us per op, {rates.view_s * 1e6:.3g} us per view, "
                 + "".join(f"{k} {lat * 1e6:.3g} us + {bw / 1e9:.3g} GB/s, " for k, (lat, bw) in rates.link.items())
-                + (f"FSDP2 {rates.fsdp_group_s * 1e6:.3g} us per group, " if rates.fsdp_group_s else "")
-                + (f"{rates.dtensor_op_s * 1e6:.3g} us per DTensor op, " if rates.dtensor_op_s else "")
                 + (f"{rates.policy_op_s * 1e6:.3g} us per policed op, " if rates.policy_op_s else "")
                 + (f"the layout's wrapping {rates.layout_layer_s * 1e3:.3g} ms per layer and "
                    f"{rates.layout_outside_s * 1e3:.3g} ms outside per micro-batch, "
@@ -350,15 +345,10 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     probed = _probed_layout(rates)
     if probed:  # the run's own wrapping, probed: FSDP's gathers and reduce-scatters whole, TP's fixed costs
         parts["layout"] = n_mb * (layers * rates.layout_layer_s + rates.layout_outside_s) + rates.layout_step_s
-    if dims.fsdp_enabled and not probed:  # one group per layer and one for the rest, gathered twice, reduced once
+    if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced once
         gathered = grad_bytes * (2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4) / 4
-        groups = layers + 1
-        # the probe's fixed cost per group holds the collectives' latencies and FSDP2's hooks; bytes on top
-        parts["fsdp"] = n_mb * groups * rates.fsdp_group_s
-        data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather",
-                                                latency=not rates.fsdp_group_s, span=shard_span)
-        data_parallel += _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter",
-                                     latency=not rates.fsdp_group_s, span=shard_span)
+        data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span)
+        data_parallel += _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span)
     if rates.overlap:  # a GPU's data-parallel collectives run on their own streams, beside the compute
         parts["exposed_data_parallel"] = max(0.0, data_parallel - parts["compute"])
     else:
@@ -366,8 +356,6 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     if tp > 1:
         comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce", latency=not probed,
                                                       span=tp)
-        if not probed:  # each forward op on a weight runs on DTensors, as do its two backward matmuls
-            parts["dtensor"] = n_mb * 3 * per_mb.weight_ops * max(0.0, rates.dtensor_op_s - rates.op_s)
     if cfg.trainer.get("activation_checkpointing", "none") == "selective":
         # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
         plain, _ = layer_work(cfg, traced, dims.fsdp_enabled, "none")
@@ -527,18 +515,24 @@ def _widths(cfg: DictConfig) -> tuple[int, int]:
 
 
 def matmul_rate(m: int, k: int, n: int, dtype_name: str, min_s: float = 0.05) -> float:
-    """FLOP/s of an (m, k) @ (k, n) matmul in ``dtype_name`` with this process's threads, the best of repeats."""
+    """FLOP/s of a Linear's three matmuls in training, in ``dtype_name`` with this process's threads: the forward's
+    (m, k) @ (n, k)^T, the input's gradient (m, n) @ (n, k) and the weight's (m, n)^T @ (m, k), in the layouts
+    ``F.linear`` and autograd use (the weight transposed, the gradient's reduction over the tokens); each the best
+    of repeats."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    torch.mm(a, b)
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < min_s:
-        t0 = time.perf_counter()
+    x, w, g = (torch.randn(*shape).to(dtype) for shape in ((m, k), (n, k), (m, n)))
+    seconds = 0.0
+    for a, b in ((x, w.t()), (g, w), (g.t(), x)):
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < min_s / 3:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        seconds += best
+    return 3 * 2 * m * k * n / seconds
 
 
 def run_matmul_rate(cfg: DictConfig, world: int) -> float:
@@ -566,62 +560,6 @@ def matmul_mix_rate(tokens: int, width: int, hidden: int, tp: int, dtype: str) -
     seconds = (attention / matmul_rate(tokens, width, max(1, width // tp), dtype)
                + mlp / matmul_rate(tokens, width, max(1, hidden // tp), dtype))
     return (attention + mlp) / seconds
-
-
-def fsdp_group_seconds(world: int, groups: int = 4, width: int = 64, repeats: int = 5) -> float:
-    """FSDP2's fixed cost per sharded module and micro-batch on the run's ranks: a stack of small Linears timed
-    forward and backward sharded (each one its own group) and plain; the difference per group, which holds its
-    gathers', reduce-scatter's and hooks' fixed costs. A collective: every rank calls it."""
-    import torch
-    import torch.distributed as dist
-    from torch import nn
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    def timed(model: nn.Module) -> float:
-        x = torch.randn(4, width)
-        model(x).sum().backward()
-        best = float("inf")
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            model(x).sum().backward()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    plain = nn.Sequential(*(nn.Linear(width, width) for _ in range(groups)))
-    sharded = nn.Sequential(*(nn.Linear(width, width) for _ in range(groups)))
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in sharded:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(sharded, mesh=mesh)
-    return max(0.0, (timed(sharded) - timed(plain)) / groups)
-
-
-def dtensor_op_seconds(world: int, repeats: int = 3) -> float:
-    """The fixed cost of one op on DTensors (tensor parallel's weights) over the run's ranks: a chain of small
-    replicated matmuls with autograd, forward and backward, per op. A collective: every rank builds the mesh."""
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate
-
-    mesh = init_device_mesh("cpu", (world,))
-    w = DTensor.from_local(torch.randn(8, 8), mesh, [Replicate()], run_check=False).requires_grad_()
-
-    def chain() -> int:
-        y = DTensor.from_local(torch.ones(2, 8), mesh, [Replicate()], run_check=False)
-        for _ in range(OP_CHAIN // 10):
-            y = y @ w
-        y.sum().backward()
-        return 3 * (OP_CHAIN // 10) + 2  # each matmul forward and its two backward matmuls; the sum
-
-    chain()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ops = chain()
-        best = min(best, (time.perf_counter() - t0) / ops)
-    return best
 
 
 LAYOUT_TOKENS = 8  # the layout probe's input: one row of this many tokens (fixed costs, not bytes of activations)
@@ -702,15 +640,13 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats: i
 class RankProbes:
     """What every rank measured at once (the slowest rank's figures): the run's matmul shapes, ops, views and
     memory bandwidth under the run's own contention (its ranks share the node's cores and memory), the link
-    between them, and FSDP2's and DTensor's fixed costs where the layout uses them."""
+    between them, and what FSDP's and tensor parallel's wrapping adds where the layout uses them."""
 
     matmul_flops: float
     op_s: float
     view_s: float
     bytes_per_s: float
     link: dict[str, tuple[float, float]] | None
-    fsdp_group_s: float = 0.0
-    dtensor_op_s: float = 0.0
     policy_op_s: float = 0.0
     layout_layer_s: float = 0.0
     layout_outside_s: float = 0.0
@@ -732,21 +668,16 @@ def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes
     selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
     times = [1 / run_matmul_rate(cfg, world), seconds_per_op(), seconds_per_view(), 1 / memory_bandwidth(),
              seconds_per_policed_op() if selective else 0.0]
-    # the run's own wrapping where the layout has no pipeline (whose stages the probe does not build); FSDP2's
-    # cost per group and a DTensor op's with the pipeline
     from costlab.measure.memory import _depth
 
-    whole = (dims.fsdp_enabled or dims.tp_enabled) and not dims.pp_enabled and _depth(cfg) is not None
-    if world > 1:
-        times += [fsdp_group_seconds(world) if dims.fsdp_enabled and not whole else 0.0,
-                  dtensor_op_seconds(world) if dims.tp_enabled and not whole else 0.0,
-                  *(layout_seconds(cfg, world, build_optimizer) if whole else (0.0, 0.0, 0.0))]
+    wrapped = world > 1 and (dims.fsdp_enabled or dims.tp_enabled) and _depth(cfg) is not None
+    times += list(layout_seconds(cfg, world, build_optimizer) if wrapped else (0.0, 0.0, 0.0))
     worst = torch.tensor(times, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     link = link_probe() if world > 1 else None
-    w = [float(v) for v in worst] + [0.0] * 5
-    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, w[5], w[6], w[4], w[7], w[8], w[9])
+    w = [float(v) for v in worst]
+    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:])
 
 
 def local_probes(cfg: DictConfig, world: int) -> RankProbes:
@@ -791,13 +722,10 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
     return Rates(probes.matmul_flops, probes.bytes_per_s, probes.op_s, probes.view_s, probes.link or {},
                  "probes on every rank at once: the run's matmul shapes, op and view chains, a large copy"
                  + (", each collective at two sizes" if probes.link else "")
-                 + (", FSDP2 per group" if probes.fsdp_group_s else "")
-                 + (", DTensor ops" if probes.dtensor_op_s else "")
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
                  + (", the run's model wrapped as it runs and plain" if probes.layout_layer_s
                     or probes.layout_outside_s or probes.layout_step_s else ""),
-                 probes.fsdp_group_s, probes.dtensor_op_s, probes.policy_op_s, probes.layout_layer_s,
-                 probes.layout_outside_s, probes.layout_step_s)
+                 probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s)
 
 
 @dataclass(frozen=True)
@@ -845,14 +773,16 @@ def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = 
                  per_node=int(cfg.trainer.nproc_per_node), host_op_s=c.host_op_s, overlap=True)
 
 
-def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None,
-                      build_optimizer: Any) -> tuple[dict[str, float], dict[str, str]]:
+def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None, build_optimizer: Any,
+                      dtype: str = "fp32") -> tuple[dict[str, float], dict[str, str]]:
     """``perf/predicted_tokens_per_s`` and ``perf/predicted_step_time_ms`` with the tag that says what they rest
-    on, or only the tag saying why there are none."""
-    if probes is None:
-        return {}, {TIME_MODEL_TAG: "no prediction: the time model's GPU efficiencies are not calibrated yet"}
+    on, or only the tag saying why there are none. ``probes``: a CPU run's (:func:`probe_ranks`); None on a GPU,
+    whose rates are its ``hardware`` option's (:func:`gpu_rates`, in the run's matmul ``dtype``)."""
+    hw = cfg.hardware
+    if probes is None and not (hw.get("memory_bandwidth_gbps") and dtype in (hw.get("peak_tflops") or {})):
+        return {}, {TIME_MODEL_TAG: f"no prediction: hardware={hw.name} names no memory bandwidth or {dtype} peak"}
     try:
-        rates = cpu_rates(cfg, probes)
+        rates = cpu_rates(cfg, probes) if probes is not None else gpu_rates(cfg, dtype)
         prediction = predict_step(cfg, world, rates, build_optimizer)
     except Exception as e:  # a model or optimizer the fake trace cannot run costs the run its prediction only
         return {}, {TIME_MODEL_TAG: f"no prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}

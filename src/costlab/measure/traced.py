@@ -171,8 +171,9 @@ def _config(source: str, tp: int, layers: int) -> Any:
             if getattr(config, key, None):
                 setattr(config, key, getattr(config, key) // tp)
     config.num_hidden_layers = layers
-    if isinstance(getattr(config, "layer_types", None), list):  # sliding-window families name each layer's kind
-        config.layer_types = config.layer_types[:layers]
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, list) and kinds:  # sliding-window families name each layer's kind: the pattern repeats
+        config.layer_types = [kinds[i % len(kinds)] for i in range(layers)]
     config.use_cache = False
     return config
 

@@ -132,7 +132,8 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
             summary.update(cost)
             tags.update({**energy_tag, **mfu_tag})
             if cfg.trainer.max_steps > 0:  # the time model, beside the measured throughput (its probes run now)
-                time_figures, time_tag = predicted_metrics(cfg, env.world_size, probes, build_optimizer)
+                time_figures, time_tag = predicted_metrics(cfg, env.world_size, probes, build_optimizer,
+                                                             matmul_dtype(cfg))
                 summary.update(time_figures)
                 tags.update(time_tag)
             if MEM_ACTIVATIONS not in summary and cfg.trainer.max_steps > 0:
