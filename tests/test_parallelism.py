@@ -161,9 +161,11 @@ def _assert_matches_single(runs, name: str, *overrides: str) -> float:
         assert "trainer.compile" in run.data.tags["costlab.activations_unmeasured"]
     else:
         assert_activations_predicted(run.data.metrics)
-    # the time model probed what FSDP's and tensor parallel's wrapping costs on the run's own model (not with pp)
+    # the time model probed what FSDP's and tensor parallel's wrapping costs on the run's own model (a pipeline
+    # stage's too)
     tag = run.data.tags["costlab.time_model"]
-    wrapped = {"parallelism=fsdp", "parallelism=tp", "parallelism=fsdp_tp"} & set(overrides)
+    wrapped = {"parallelism=fsdp", "parallelism=tp", "parallelism=fsdp_tp"} & set(overrides) or any(
+        o.startswith(("parallelism.dp_shard=", "parallelism.tp_degree=")) for o in overrides)
     assert ("the run's model wrapped as it runs" in tag) == bool(wrapped), tag
     assert run.data.metrics["perf/predicted_tokens_per_s"] > 0
     return rel
