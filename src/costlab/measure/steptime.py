@@ -58,7 +58,6 @@ class Work:
     ops: float = 0.0  # ops that compute (a kernel each)
     bytes: float = 0.0
     views: float = 0.0  # ops that only make a view (metadata, no kernel)
-    weight_ops: float = 0.0  # forward ops on a weight or its cast or view (DTensors under tensor parallel)
     forward_ops: float = 0.0  # ops and views outside backward (the forward pass; not checkpointing's recompute)
     attention: float = 0.0  # the fused attention kernels' FLOPs (the whole square; part of ``flops``)
 
@@ -69,11 +68,11 @@ class Work:
         return Work(*(a - b for a, b in zip(self.fields(), other.fields(), strict=True)))
 
     def fields(self) -> tuple[float, ...]:
-        return self.flops, self.ops, self.bytes, self.views, self.weight_ops, self.forward_ops, self.attention
+        return self.flops, self.ops, self.bytes, self.views, self.forward_ops, self.attention
 
     def scaled(self, flops: float = 1.0, ops: float = 1.0, data: float = 1.0) -> Work:
-        return Work(self.flops * flops, self.ops * ops, self.bytes * data, self.views * ops, self.weight_ops * ops,
-                    self.forward_ops * ops, self.attention * flops)
+        return Work(self.flops * flops, self.ops * ops, self.bytes * data, self.views * ops, self.forward_ops * ops,
+                    self.attention * flops)
 
 
 @dataclass
@@ -130,7 +129,7 @@ def _probed_layout(rates: Rates) -> bool:
 class _Counter:
     """Counts aten ops and the bytes the non-matmul, non-view ones write (a TorchDispatchMode, built lazily)."""
 
-    def __new__(cls, weights: set[int] | None = None) -> Any:
+    def __new__(cls) -> Any:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
@@ -138,20 +137,12 @@ class _Counter:
         class Counter(TorchDispatchMode):
             def __init__(self) -> None:
                 super().__init__()
-                self.ops, self.views, self.bytes, self.weight_ops, self.forward_ops = 0, 0, 0, 0, 0
-                self.weights = set(weights or ())  # ids of weights and of what was cast or viewed from them
+                self.ops, self.views, self.bytes, self.forward_ops = 0, 0, 0, 0
                 self.attention: dict[str, float] = {}  # op -> FLOPs of fused attention kernels, counted here
 
             def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
                 out = func(*args, **(kwargs or {}))
-                forward = torch._C._current_graph_task_id() == -1
-                self.forward_ops += forward
-                if self.weights and forward and any(
-                        id(a) in self.weights for a in tree_leaves(args) if isinstance(a, torch.Tensor)):
-                    self.weight_ops += 1
-                    name = func.__name__.split(".")[0]
-                    if func.is_view or name in ("_to_copy", "t", "clone"):  # still the weight, cast or viewed
-                        self.weights.update(id(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                self.forward_ops += torch._C._current_graph_task_id() == -1
                 if func.is_view:
                     self.views += 1
                     return out
@@ -172,8 +163,8 @@ class _Counter:
 
 @functools.lru_cache(maxsize=1024)  # a few floats each: a plan search or a benchmark traces many
 def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, layers: int, mode: str,
-           rows: int) -> tuple[float, float, float, float, float, float, float]:
-    """(FLOPs, ops, bytes, views, weight ops, forward ops, attention FLOPs) of one forward, loss and backward of
+           rows: int) -> tuple[float, float, float, float, float, float]:
+    """(FLOPs, ops, bytes, views, forward ops, attention FLOPs) of one forward, loss and backward of
     ``rows`` sequences, on fake tensors."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -189,7 +180,7 @@ def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, lay
         if mode != "none":
             apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
         ids = torch.zeros(rows, tokens, dtype=torch.long)
-        counter = _Counter({id(p) for p in model.parameters()})
+        counter = _Counter()
         with FlopCounterMode(display=False) as flops, counter:
             if autocast != "None":
                 with torch.autocast("cpu", dtype=getattr(torch, autocast)):
@@ -202,8 +193,8 @@ def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, lay
     known = {str(op) for op in flops.get_flop_counts().get("Global", {})}
     attention = sum(v for op, v in counter.attention.items() if op not in known)
     total = float(flops.get_total_flops() + attention)
-    return (total, float(counter.ops), float(counter.bytes), float(counter.views), float(counter.weight_ops),
-            float(counter.forward_ops), float(sum(counter.attention.values())))
+    return (total, float(counter.ops), float(counter.bytes), float(counter.views), float(counter.forward_ops),
+            float(sum(counter.attention.values())))
 
 
 @functools.lru_cache(maxsize=256)
