@@ -324,3 +324,53 @@ def test_a_qlora_run_resumes_from_a_checkpoint_of_what_trains(cli):
     whole = cli.run_by_name(f"whole-{backend}").data.metrics
     assert resumed["fault/resumes"] == 1
     assert resumed["eval/loss"] == pytest.approx(whole["eval/loss"], abs=1e-5)
+
+
+QLORA_FSDP = [*TINY, *LORA, "finetune=qlora", "finetune.backend=torchao", "parallelism=fsdp", "trainer.device=cpu"]
+
+
+def _ship_qlora_fsdp(rank: int, world: int, folder: str) -> None:
+    """One rank of a QLoRA model under FSDP: rank 0 saves the model it would ship, every rank the number of
+    collectives left unwaited once the gather returned."""
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import _get_work_registry_size
+
+    from costlab.parallelism.core import DistEnv
+    from costlab.parallelism.parallelize import parallelize
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
+    try:
+        cfg = compose_config(QLORA_FSDP)
+        torch.manual_seed(0)
+        model = apply_finetune(build_model(cfg.model), cfg, shards=world)
+        parallel = parallelize(model, cfg, DistEnv(rank, rank, world, world, torch.device("cpu")))
+        final = parallel.full_model(cfg)
+        torch.save({"unwaited": _get_work_registry_size(), "state": final.state_dict() if final else None},
+                   f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_a_qlora_base_sharded_by_fsdp_ships_whole_with_every_gather_waited_on(tmp_path):
+    """The shipped model of a QLoRA run under FSDP is gathered from NF4 shards: it holds exactly the dequantized
+    base and merged adapters one process builds, and no collective is still running when it is handed on
+    (torchao's own NF4 gather through DTensor is never waited on, and 2-rank runs aborted on a corrupted heap)."""
+    pytest.importorskip("torchao")
+    import torch.multiprocessing as mp
+
+    from costlab.parallelism.core import plain_copy
+
+    world = 2
+    mp.spawn(_ship_qlora_fsdp, args=(world, str(tmp_path)), nprocs=world)
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    assert [s["unwaited"] for s in saved] == [0] * world
+    cfg = compose_config(QLORA_FSDP)
+    torch.manual_seed(0)
+    model = apply_finetune(build_model(cfg.model), cfg, shards=world)  # the same NF4 blocks, in one process
+    assert any(is_nf4(p) for p in model.parameters())
+    expected = plain_copy(model, cfg, torch.device("cpu")).state_dict()
+    shipped = saved[0]["state"]
+    assert shipped.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(shipped[name], value), name

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from costlab.models.adapters import apply_finetune, dense_state, merge_adapters, uses_adapters
+from costlab.models.adapters import apply_finetune, dense_state, dequantized, is_nf4, merge_adapters, uses_adapters
 from costlab.models.gpt import build_model
 from costlab.models.loss import evaluate, loss_fn
 from costlab.precision import autocast
@@ -159,11 +159,32 @@ class ShardedParallel(Parallel):
 
     def full_model(self, cfg: DictConfig) -> nn.Module | None:
         # distributed checkpointing is slow to import, and only sharded layouts need it
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.tensor import DTensor
 
-        # collective: DTensors are gathered whole; with cpu_offload only rank 0 keeps the result
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return load_full_state(state, cfg, self.device) if dist.get_rank() == 0 else None
+        # the sharded state under the plain model's names (no collective); each DTensor is gathered whole here
+        # (a collective), and only rank 0 keeps it
+        main = dist.get_rank() == 0
+        state = {}
+        for name, value in get_model_state_dict(self.model).items():
+            whole = gather_whole(value) if isinstance(value, DTensor) else value
+            if main:
+                state[name] = whole.detach().cpu()
+        return load_full_state(state, cfg, self.device) if main else None
+
+
+def gather_whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` gathered whole on every rank (a collective). A shard held in NF4 is dequantized and gathered dense:
+    torchao's gather of an ``NF4Tensor`` through DTensor is never waited on, so its pieces were read before the
+    collective had filled them (and gloo runs that did so aborted, 1 in about 8, with a corrupted heap)."""
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(t, DTensor)
+    local = t.to_local()
+    if is_nf4(local):
+        t = DTensor.from_local(dequantized(local), t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    return t.full_tensor()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
