@@ -17,12 +17,17 @@ when cases hang. A rerun with ``--only`` into the same folder replaces those cas
 
 What the figures mean
 ---------------------
-* costlab has no cost model yet, so achieved FLOP/s is 6 x N x tokens/s with N the non-embedding
-  parameter count (Kaplan et al.'s training estimate). It leaves out attention's sequence-length term
-  and the tied ``lm_head`` matmul, so TFLOP/s and MFU are lower bounds (most so for ``gpt2_small``,
-  whose 50257-row head is nearly a third of its matmul work).
-* MFU divides by the card's dense datasheet peak for the run's training dtype (fp8 for precision=fp8,
-  bf16 for bf16 and every compression case, fp32 without TF32 for fp32, which costlab leaves off).
+* Every figure is the run's own, as a user's run logs it: ``perf/tokens_per_s`` (after warm-up, the device
+  synchronised), ``perf/mfu`` against ``perf/peak_tflops_per_device`` (the dense datasheet peak of the run's
+  matmul dtype from the ``hardware`` option that ``auto`` resolves from the card's name; fp32 is the
+  non-tensor-core figure, costlab leaves TF32 off), and FLOPs from the cost model (``perf/flops_per_token``).
+* Predictions beside measurements: ``perf/predicted_tokens_per_s`` is the time model's forecast from the card's
+  hardware option (its published attainable matmul rate, datasheet bandwidths, and the shares fitted on A100
+  publications; the run's own card is not probed), so its error is what the calibration misses on this card;
+  ``mem/predicted_over_measured`` is the predicted per-rank total (parameters, gradients, optimizer state,
+  activations) over ``torch.cuda.max_memory_allocated``; ``mem/activations_bytes_per_rank`` (measured with
+  saved-tensor accounting on the first step) against ``mem/predicted_activations_bytes_per_rank``.
+  ``trainer.compile=true`` measures no activations (the tag ``costlab.activations_unmeasured`` says so).
 * With one GPU costlab's parallelism degrees are all 1, so ``parallelism=ddp|fsdp`` run unwrapped:
   those rows check the launcher path with nccl at world size 1, not DDP or FSDP themselves.
 * Inference speed-ups come from ``infer/speedup``: the compressed and the uncompressed model timed
@@ -72,8 +77,12 @@ GPT2_SIZE = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.b
 LARGE = ["trainer.max_steps=50", "trainer.warmup_steps=10",
          "trainer.timing_warmup_steps=10", "trainer.eval_batch_size=8", "trainer.eval_batches=2",
          "trainer.infer_batch_size=4", "trainer.infer_iters=5"]
-# every case, unless it says otherwise: no evaluation during training, a short final one, sparse progress lines
-COMMON = ["trainer.eval_interval=0", "trainer.eval_batches=4", "trainer.print_every=25"]
+# every case, unless it says otherwise: no evaluation during training, a short final one, sparse progress lines;
+# the serving ladder and the MLflow model only where a case turns them on (they are not GPU kernels)
+COMMON = ["trainer.eval_interval=0", "trainer.eval_batches=4", "trainer.print_every=25", "serve.enabled=false",
+          "tracking.log_model=false"]
+# the serving ladder and the logged MLflow model, on one case
+SERVE = ["serve.enabled=true", "tracking.log_model=true"]
 SHARED = set(MICRO[1:] + LARGE)  # left out of the table's overrides column, named once in its caption
 
 
@@ -84,10 +93,18 @@ class Case:
     note: str = ""
 
 
-# In order of what matters most if the time budget runs out: the GPU-only kernels first, the large
-# compiled models and the fp32 reference last.
+# In order of what matters most if the time budget runs out: the predictions against measurement on the
+# eager models first (compile measures no activations), then the GPU-only kernels, the large compiled models,
+# and the one-rank launcher paths and the fp32 reference last.
 CASES: list[Case] = [
-    Case("bf16", ["precision=bf16", *MICRO], "bf16 autocast on tensor cores"),
+    Case("bf16", ["precision=bf16", *MICRO, *SERVE], "bf16 autocast on tensor cores; serving ladder, MLflow model"),
+    Case("gpt2_small_eager", ["model=gpt2_small", "precision=bf16", *LARGE], "124M, no compile"),
+    Case("gpt2_small_full_ckpt", ["model=gpt2_small", "precision=bf16", "trainer.activation_checkpointing=full",
+                                  *LARGE], "124M, every block recomputed"),
+    Case("gpt2_small_selective", ["model=gpt2_small", "precision=bf16",
+                                  "trainer.activation_checkpointing=selective", *LARGE], "124M, attention recomputed"),
+    Case("hf_llama", ["model=hf", "model.config=llama_tiny", "precision=bf16", *MICRO[1:]],
+         "a Hugging Face Llama from conf/hf_configs, random weights"),
     Case("fp16", ["precision=fp16", *MICRO], "fp16 autocast + GradScaler"),
     Case("fp8", ["precision=fp8", *MICRO], "torchao float8 training, SM89+"),
     Case("int8_dynamic", ["quantization=int8_dynamic", "precision=bf16", *MICRO], "trained in bf16"),
@@ -96,34 +113,14 @@ CASES: list[Case] = [
     Case("fp8_quant", ["quantization=fp8", "precision=bf16", *MICRO], "float8 weights+activations, SM89+"),
     Case("semi_structured", ["pruning=semi_structured", "precision=bf16", *MICRO], "2:4 sparse kernels, SM80+"),
     Case("compile", ["trainer.compile=true", "precision=bf16", *MICRO], "compare with bf16"),
+    Case("gpt2_small", ["model=gpt2_small", "precision=bf16", "trainer.compile=true", *LARGE], "124M"),
+    Case("llama_gpt2_size", ["model=llama_nano", *GPT2_SIZE, "precision=bf16", "trainer.compile=true", *LARGE],
+         "llama_nano scaled to GPT-2 small's shape"),
     Case("ddp_1rank", ["parallelism=ddp", "trainer.nproc_per_node=1", "precision=bf16", *MICRO],
          "one rank: degrees 1, no DDP wrapper"),
     Case("fsdp_1rank", ["parallelism=fsdp", "trainer.nproc_per_node=1", "precision=bf16", *MICRO],
          "one rank: degrees 1, no FSDP wrapper"),
-    Case("gpt2_small", ["model=gpt2_small", "precision=bf16", "trainer.compile=true", *LARGE], "124M"),
-    Case("llama_gpt2_size", ["model=llama_nano", *GPT2_SIZE, "precision=bf16", "trainer.compile=true", *LARGE],
-         "llama_nano scaled to GPT-2 small's shape"),
     Case("fp32", ["precision=fp32", *MICRO], "reference for the precision rows, no TF32"),
-]
-
-# Dense peaks in TFLOP/s from NVIDIA's datasheets. The tensor-core figures there are quoted with 2:4
-# sparsity; dense is half of that, which is what a dense training step can reach. fp32 is the
-# non-tensor-core figure (costlab does not turn TF32 on). Matched against the nvidia-smi name in order.
-DATASHEETS: list[tuple[str, str, str, dict[str, float]]] = [
-    ("H200 NVL", "NVIDIA H200 NVL", "NVIDIA H200 datasheet, nvidia.com/en-us/data-center/h200",
-     {"fp32": 60, "bf16": 1671 / 2, "fp16": 1671 / 2, "fp8": 3341 / 2}),
-    ("H200", "NVIDIA H200 SXM", "NVIDIA H200 datasheet, nvidia.com/en-us/data-center/h200",
-     {"fp32": 67, "bf16": 1979 / 2, "fp16": 1979 / 2, "fp8": 3958 / 2}),
-    ("H100 NVL", "NVIDIA H100 NVL", "NVIDIA H100 datasheet, nvidia.com/en-us/data-center/h100",
-     {"fp32": 60, "bf16": 1671 / 2, "fp16": 1671 / 2, "fp8": 3341 / 2}),
-    ("H100 PCIe", "NVIDIA H100 PCIe", "NVIDIA H100 datasheet, nvidia.com/en-us/data-center/h100",
-     {"fp32": 51, "bf16": 1513 / 2, "fp16": 1513 / 2, "fp8": 3026 / 2}),
-    ("H100", "NVIDIA H100 SXM", "NVIDIA H100 datasheet, nvidia.com/en-us/data-center/h100",
-     {"fp32": 67, "bf16": 1979 / 2, "fp16": 1979 / 2, "fp8": 3958 / 2}),
-    ("A100", "NVIDIA A100", "NVIDIA A100 datasheet, nvidia.com/en-us/data-center/a100",
-     {"fp32": 19.5, "bf16": 624 / 2, "fp16": 624 / 2}),
-    ("L4", "NVIDIA L4", "NVIDIA L4 datasheet, nvidia.com/en-us/data-center/l4",
-     {"fp32": 30.3, "bf16": 242 / 2, "fp16": 242 / 2, "fp8": 485 / 2}),
 ]
 
 
@@ -138,12 +135,7 @@ class Result:
     wall_s: float | None = None
     mlflow_status: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    dtype: str | None = None
-    world_size: int | None = None
-    non_embedding_params: int | None = None
-    peak_tflops: float | None = None
-    tflops_per_device: float | None = None
-    mfu: float | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # costlab's own tags: what a figure assumed or why it is missing
     error_tail: str = ""
     card: str | None = None  # the card this row was measured on (a rerun may be on another one)
 
@@ -155,14 +147,6 @@ def overrides_for(case: Case, *extra: str) -> list[str]:
     for override in [*COMMON, *case.overrides, *extra]:
         merged[override.split("=", 1)[0]] = override
     return list(merged.values())
-
-
-def datasheet(card: str) -> tuple[str, str, dict[str, float]] | None:
-    """(label, source, dtype -> dense peak TFLOP/s) for an nvidia-smi card name, or None if unknown."""
-    for key, label, source, peaks in DATASHEETS:
-        if key.lower() in card.lower():
-            return label, source, peaks
-    return None
 
 
 def _run(cmd: list[str]) -> str:
@@ -195,23 +179,7 @@ def environment() -> dict[str, Any]:
     env["cuda_driver"] = header.group(1) if header else None
     env["card"] = env["gpus"][0]["name"] if env["gpus"] else None
     env["driver"] = env["gpus"][0].get("driver") if env["gpus"] else None
-    sheet = datasheet(env["card"]) if env["card"] else None
-    if sheet:
-        env["peak_label"], env["peak_source"], env["peak_tflops"] = sheet
     return env
-
-
-def non_embedding_params(model_cfg: Any) -> int:
-    """Parameters outside embedding tables (tied weights once), from the model built on the meta device."""
-    import torch
-    from torch import nn
-
-    from costlab.models.gpt import build_model
-
-    with torch.device("meta"):
-        model = build_model(model_cfg)
-    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embedding)
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -253,27 +221,6 @@ def read_run(uri: str, name: str, since_s: float) -> Any:
     runs = client.search_runs([exp.experiment_id], query,
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
-
-
-def derive(result: Result, run_dir: Path, env: dict[str, Any]) -> None:
-    """Achieved TFLOP/s per device and MFU from the run's tokens/s and its resolved config."""
-    from omegaconf import OmegaConf
-
-    config = run_dir / "config.yaml"
-    if not config.exists():
-        return
-    cfg = OmegaConf.load(config)
-    result.dtype = str(cfg.precision.name)
-    result.world_size = int(cfg.runtime.world_size)
-    result.non_embedding_params = non_embedding_params(cfg.model)
-    tokens_per_s = result.metrics.get("perf/tokens_per_s")
-    if tokens_per_s is None:
-        return
-    result.tflops_per_device = 6 * result.non_embedding_params * tokens_per_s / result.world_size / 1e12
-    peak = (env.get("peak_tflops") or {}).get(result.dtype)
-    if peak:
-        result.peak_tflops = peak
-        result.mfu = result.tflops_per_device / peak
 
 
 def run_case(case: Case, out: Path, timeout_s: float, env: dict[str, Any]) -> Result:
@@ -320,15 +267,11 @@ def run_case(case: Case, out: Path, timeout_s: float, env: dict[str, Any]) -> Re
     if run is not None:
         result.mlflow_status = run.info.status
         result.metrics = dict(run.data.metrics)
+        result.tags = {k: v for k, v in run.data.tags.items() if k.startswith("costlab.")}
     if rc == 0:
         result.status = "ok" if run is not None and "perf/tokens_per_s" in result.metrics else "failed (no metrics)"
     if result.status != "ok" and result.status != "refused":
         result.error_tail = tail(log)
-    try:
-        if run is not None:  # the run folder's config.yaml is this run's only if a run was opened
-            derive(result, run_dir, env)
-    except Exception as e:  # the figures are extras: a config that cannot be read must not stop the check
-        result.detail = (result.detail + f"; no TFLOP/s: {e}").lstrip("; ")
     return result
 
 
@@ -357,27 +300,27 @@ def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") ->
     return "-" if value is None else f"{value / scale:{spec}}{suffix}"
 
 
+def error(predicted: float | None, measured: float | None) -> str:
+    """A prediction's signed relative error against its measurement, or '-' where either is missing."""
+    if predicted is None or not measured:
+        return "-"
+    return f"{(predicted - measured) / measured:+.0%}"
+
+
 def table(results: list[Result], env: dict[str, Any], mode: str) -> str:
-    """One Markdown table, a caption naming the peak and its source, then the failures' tails."""
+    """One Markdown table, a caption naming what each column is, then the failures' tails."""
     card = env.get("card") or "no CUDA GPU"
-    if env.get("peak_tflops"):
-        peaks = ", ".join(f"{k} {v:g}" for k, v in env["peak_tflops"].items())
-        peak_line = (f"MFU against the dense datasheet peak of the run's training dtype for {env['peak_label']} "
-                     f"(TFLOP/s: {peaks}; source: {env['peak_source']}; tensor-core figures are the datasheet's "
-                     "with-sparsity figures halved).")
-    elif env.get("card"):
-        peak_line = f"MFU: no datasheet peak known for {card}, so none is given."
-    else:
-        peak_line = ""
     caption = [
         f"**costlab GPU check** ({mode}): {card}, driver {env.get('driver') or '-'}, "
         f"CUDA {env.get('cuda_driver') or '-'} (torch built for CUDA {env.get('torch_cuda') or '-'}), "
         f"torch {env.get('torch')}, torchao {env.get('torchao') or '-'}.",
-        "TFLOP/s per device = 6 × N × tokens/s / ranks with N the non-embedding parameter count (costlab has no "
-        "cost model yet; attention's sequence term and the tied lm_head are left out, so it is a lower bound). "
-        + peak_line,
-        "Peak memory: `mem/peak_bytes` (max_memory_allocated) and `mem/peak_reserved_bytes` (max_memory_reserved). "
-        "Inference speed-up: `infer/speedup`, the compressed model against the uncompressed one on one batch.",
+        "Every figure is the run's own: tokens/s measured (`perf/tokens_per_s`) and predicted "
+        "(`perf/predicted_tokens_per_s`, from the card's hardware option and the A100-fitted shares) with the "
+        "prediction's error; MFU (`perf/mfu`, the cost model's FLOPs against the datasheet peak of the run's matmul "
+        "dtype); peak memory `mem/peak_bytes` (max_memory_allocated) and `mem/predicted_over_measured` (predicted "
+        "per-rank total over it); activations saved for backward, measured (`mem/activations_bytes_per_rank`) and "
+        "the prediction's error; `mem/peak_reserved_bytes` (max_memory_reserved); `infer/speedup`, the compressed "
+        "model against the uncompressed one on one batch.",
         f"Every gpt_micro case also sets `{' '.join(MICRO[1:])}`; the GPT-2-sized ones `{' '.join(LARGE)}`; "
         f"every case `{' '.join(COMMON)}` (all overrides per case are in gpu_check.json).",
     ]
@@ -386,19 +329,25 @@ def table(results: list[Result], env: dict[str, Any], mode: str) -> str:
         caption.append("Rows from more than one card: " + ", ".join(f"{r.name} on {r.card}" for r in results if r.card)
                        + "; MFU is against each row's own card.")
     caption.append("")
-    head = ["case", "status", "tokens/s", "TFLOP/s per device", "MFU", "peak allocated GiB", "peak reserved GiB",
-            "inference speed-up", "overrides (note)"]
+    head = ["case", "status", "tokens/s", "predicted (error)", "MFU", "peak allocated GiB",
+            "predicted / allocated", "activations MiB (predicted error)", "peak reserved GiB", "inference speed-up",
+            "overrides (note)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         status = r.status + (f": {r.detail}" if r.detail else "")
         if r.error_tail:
             status += " (tail below)"
         m = r.metrics
+        tokens, predicted = m.get("perf/tokens_per_s"), m.get("perf/predicted_tokens_per_s")
+        activations = m.get("mem/activations_bytes_per_rank")
         row = [
-            r.name, status, fmt(m.get("perf/tokens_per_s"), ",.0f"), fmt(r.tflops_per_device, ".1f"),
-            fmt(r.mfu, ".1%") + (f" ({r.dtype})" if r.mfu is not None else ""),
-            fmt(m.get("mem/peak_bytes"), ".2f", 2**30), fmt(m.get("mem/peak_reserved_bytes"), ".2f", 2**30),
-            fmt(m.get("infer/speedup"), ".2f", suffix="x"),
+            r.name, status, fmt(tokens, ",.0f"),
+            "-" if predicted is None else f"{predicted:,.0f} ({error(predicted, tokens)})",
+            fmt(m.get("perf/mfu"), ".1%"),
+            fmt(m.get("mem/peak_bytes"), ".2f", 2**30), fmt(m.get("mem/predicted_over_measured"), ".2f"),
+            "-" if activations is None else
+            f"{activations / 2**20:,.1f} ({error(m.get('mem/predicted_activations_bytes_per_rank'), activations)})",
+            fmt(m.get("mem/peak_reserved_bytes"), ".2f", 2**30), fmt(m.get("infer/speedup"), ".2f", suffix="x"),
             "`" + " ".join(o for o in r.overrides if o not in SHARED) + "`" + (f" ({r.note})" if r.note else ""),
         ]
         lines.append("| " + " | ".join(cell(c) for c in row) + " |")

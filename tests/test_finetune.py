@@ -351,6 +351,7 @@ def _ship_qlora_fsdp(rank: int, world: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_qlora_base_sharded_by_fsdp_ships_whole_with_every_gather_waited_on(tmp_path):
     """The shipped model of a QLoRA run under FSDP is gathered from NF4 shards: it holds exactly the dequantized

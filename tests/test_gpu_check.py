@@ -118,4 +118,4 @@ def test_the_check_runs_a_case_on_the_gpu(tmp_path):
     assert case["status"] == "ok", case["error_tail"]
     m = case["metrics"]
     assert m["mem/peak_reserved_bytes"] >= m["mem/peak_bytes"] > 0
-    assert case["tflops_per_device"] > 0
+    assert m["perf/tflops_per_device"] > 0 and m["perf/predicted_tokens_per_s"] > 0

@@ -162,6 +162,42 @@ def test_count_params_sees_through_quantized_tensors():
     assert total == before[0] and nonzero <= before[1]
 
 
+class LinearOnlyWeight(torch.Tensor):
+    """A weight that computes a linear layer and nothing else, as torchao's int4 tile-packed weights do on a
+    GPU (no ``aten.dequantize``): every other op on it fails."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype, device=data.device)
+
+    def __init__(self, data: torch.Tensor):
+        self.values = data
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            x, w, *rest = args
+            return torch.nn.functional.linear(x, w.values, *rest, **(kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:  # nn.Parameter detaches what it wraps
+            return LinearOnlyWeight(args[0].values)
+        raise NotImplementedError(f"{func} dispatched on a linear-only weight")
+
+
+def test_count_params_reads_a_weight_that_only_computes_linear():
+    values = torch.randn(8, 16)
+    values[:, :4] = 0
+    with pytest.raises(NotImplementedError):
+        LinearOnlyWeight(values).dequantize()
+    layer = nn.Linear(16, 8, bias=False)
+    layer.weight = nn.Parameter(LinearOnlyWeight(values), requires_grad=False)
+    assert count_params(layer) == (8 * 16, int(torch.count_nonzero(values)))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

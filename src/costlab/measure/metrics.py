@@ -159,9 +159,21 @@ def packed_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    if type(t) in (torch.Tensor, nn.Parameter):
+    """The dense values a weight stands for. A tensor subclass that dequantizes (torchao's int8 and float8
+    tensors) or densifies (2:4 sparse) itself does so; one that only computes a linear layer (torchao's int4
+    tile-packed weights and its older dynamic-activation wrapper, which dispatch no ``aten.dequantize``)
+    gives its values as the identity through it."""
+    cls = type(t)
+    if cls in (torch.Tensor, nn.Parameter):
         return t.detach()
-    return t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
+    if cls.dequantize is not torch.Tensor.dequantize:
+        return t.dequantize()
+    if cls.to_dense is not torch.Tensor.to_dense:
+        return t.to_dense()
+    if t.dim() == 2:
+        with torch.no_grad():
+            return nn.functional.linear(torch.eye(t.shape[1], dtype=t.dtype, device=t.device), t).T
+    return t.dequantize()
 
 
 def leaves(t: object) -> list[torch.Tensor]:

@@ -118,7 +118,9 @@ def load_model(model_cfg: Any, path: Path, device: str | torch.device = "cpu", e
         import torchao.quantization  # noqa: F401  (allow-lists torchao's tensor types for weights_only)
     except ImportError:
         pass
-    state = torch.load(path, map_location=device, weights_only=True)
+    # read on the CPU and moved whole afterwards: tensor subclasses mapped straight to a CUDA device (torchao's
+    # float8 weights) come back on 'cuda' beside storages on 'cuda:0', which assign=True refuses
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(model_cfg)
     for name, m in list(model.named_modules()):
         w = state.get(f"{name}.weight")
