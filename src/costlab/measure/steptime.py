@@ -26,10 +26,10 @@ run's own wrapping costs, probed on the run's model (:func:`layout_seconds`: per
 layers, and per step; a pipeline stage pays it for its own layers).
 
 The rates are measured by probes at the end of the run, on every rank at once (:func:`probe_ranks`): the run's own
-matmul shapes in its dtype, the bandwidth of a large copy, the seconds per op of a chain of small autograd ops
-(and of views), each collective at two sizes, and the layout's wrapping. A run on a GPU predicts with its card's
-rates as a plan does (:func:`gpu_rates`: the ``hardware`` option's published figures times the efficiencies
-calibrated on published A100 runs), not with probes.
+matmul shapes in its dtype, the bytes an elementwise add on large buffers writes per second, the seconds per op of
+a chain of small autograd ops (and of views), each collective at two sizes, and the layout's wrapping. A run on a
+GPU predicts with its card's rates as a plan does (:func:`gpu_rates`: the ``hardware`` option's published figures
+times the efficiencies calibrated on published A100 runs), not with probes.
 """
 
 from __future__ import annotations
@@ -361,12 +361,14 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
 
 # --------------------------------------------------------------------------- probes of this machine's rates
 
-BANDWIDTH_BYTES = 64 * 2**20  # each buffer of the copy probe: far beyond any cache
+BANDWIDTH_BYTES = 64 * 2**20  # each buffer of the memory probe: far beyond any cache
 OP_CHAIN = 200  # small autograd ops per timed chain
 
 
 def memory_bandwidth(min_s: float = 0.1) -> float:
-    """Bytes/s of ``torch.add(a, b, out=c)`` on large fp32 buffers (two read, one written), the best of repeats."""
+    """Bytes *written* per second by ``torch.add(a, b, out=c)`` on large fp32 buffers, the best of repeats: the
+    traced work counts what each op writes, and an elementwise op reads one or two bytes for each it writes (a
+    copy's read-and-write bandwidth would price it two to three times too fast)."""
     import torch
 
     n = BANDWIDTH_BYTES // 4
@@ -377,7 +379,7 @@ def memory_bandwidth(min_s: float = 0.1) -> float:
         t0 = time.perf_counter()
         torch.add(a, b, out=c)
         best = min(best, time.perf_counter() - t0)
-    return 3 * BANDWIDTH_BYTES / best
+    return BANDWIDTH_BYTES / best
 
 
 def _best_per_op(chain: Any, min_s: float) -> float:
@@ -711,7 +713,7 @@ def _local_matmul(threads: int, *shapes: Any) -> float:
 def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
     """The rates of one rank of a CPU run: what the ranks measured at once (:func:`probe_ranks`)."""
     return Rates(probes.matmul_flops, probes.bytes_per_s, probes.op_s, probes.view_s, probes.link or {},
-                 "probes on every rank at once: the run's matmul shapes, op and view chains, a large copy"
+                 "probes on every rank at once: the run's matmul shapes, op and view chains, a large add"
                  + (", each collective at two sizes" if probes.link else "")
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
                  + (", the run's model wrapped as it runs and plain" if probes.layout_layer_s
