@@ -118,8 +118,8 @@ def load_model(model_cfg: Any, path: Path, device: str | torch.device = "cpu", e
         import torchao.quantization  # noqa: F401  (allow-lists torchao's tensor types for weights_only)
     except ImportError:
         pass
-    # read on the CPU and moved whole afterwards: tensor subclasses mapped straight to a CUDA device (torchao's
-    # float8 weights) come back on 'cuda' beside storages on 'cuda:0', which assign=True refuses
+    # read on the CPU and moved whole afterwards: a float8 model (torchao 0.17, torch 2.11) mapped straight to
+    # 'cuda' was refused by assign=True ("set the storage of a tensor on device cuda:0 to a storage on cuda")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(model_cfg)
     for name, m in list(model.named_modules()):
