@@ -167,6 +167,7 @@ def _assert_matches_single(runs, name: str, *overrides: str) -> float:
     wrapped = {"parallelism=fsdp", "parallelism=tp", "parallelism=fsdp_tp"} & set(overrides) or any(
         o.startswith(("parallelism.dp_shard=", "parallelism.tp_degree=")) for o in overrides)
     assert ("the run's model wrapped as it runs" in tag) == bool(wrapped), tag
+    assert "the run's model probed plain on its micro-batch" in tag, tag  # every layout: its forward and backward
     assert run.data.metrics["perf/predicted_tokens_per_s"] > 0
     return rel
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from costlab.measure.hardware import flops_per_token
-from costlab.measure.steptime import Rates, layer_work, predict_step
+from costlab.measure.steptime import ModelProbe, Rates, layer_work, predict_step
 from costlab.models.gpt import build_model
 from costlab.training.optimizers import build_optimizer
 from tests.conftest import TINY, compose_config
@@ -80,3 +80,27 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     else:  # gathers and reduce-scatters of the real weights were timed whole
         assert unprobed.parts["communication"] > 0 and probed.parts["communication"] == 0
     assert probed.step_s == pytest.approx(sum(probed.parts.values()))
+
+
+def test_a_probed_model_prices_its_micro_batch_at_the_probes_seconds_and_splits_them_for_tensor_parallel():
+    """With the run's own model probed plain on its micro-batch (:class:`costlab.measure.steptime.ModelProbe`), a
+    single rank's forward and backward cost what the probe measured per layer and outside; tensor parallel divides
+    the matmuls and the bytes by its degree and keeps each op's fixed cost (every rank runs every op)."""
+    cfg = _cfg("trainer.grad_accum_steps=2")
+    rows = cfg.trainer.batch_size // cfg.trainer.grad_accum_steps
+    layer, outside = layer_work(cfg, rows, fsdp=False)
+
+    def seconds(w):  # its matmuls at the probe's rate, its ops' fixed costs, its bytes written at 1 GB/s
+        return w.flops / RATES.matmul_flops + w.ops * RATES.op_s + w.views * RATES.view_s + w.bytes / 1e9
+
+    probe = ModelProbe(seconds(layer), seconds(outside), RATES.matmul_flops)
+    probed = Rates(**{**vars(RATES), "model": probe})
+    single = predict_step(cfg, 1, probed, build_optimizer)
+    assert single.parts["compute"] == pytest.approx(2 * (cfg.model.n_layer * probe.layer_s + probe.outside_s))
+    assert single.step_s != predict_step(cfg, 1, RATES, build_optimizer).step_s  # the probe, not the chain's op cost
+    assert "the run's model probed plain" in single.tag(probed)
+    tp = predict_step(_cfg("trainer.grad_accum_steps=2", "parallelism=tp"), 2, probed, build_optimizer)
+    fixed = 2 * (cfg.model.n_layer * (layer.ops * RATES.op_s + layer.views * RATES.view_s)
+                 + outside.ops * RATES.op_s + outside.views * RATES.view_s)
+    assert tp.parts["compute"] == pytest.approx(fixed + (single.parts["compute"] - fixed) / 2
+                                                + 2 * outside.bytes / 1e9 / 2, rel=1e-6)

@@ -21,13 +21,17 @@ and the optimizer's step once, traced with the run's own optimizer. A rank's ste
                    all-reduces per layer forward and two backward, the pipeline's sends and receives
 
 Tensor parallel divides a layer's FLOPs and bytes by its degree (not its ops: every rank runs every op). Nothing
-overlaps on CPU: gloo's collectives run on the same cores as the compute. FSDP and tensor parallel add what the
+overlaps on CPU: gloo's collectives run on the same cores as the compute. On a CPU run, what a micro-batch costs
+beyond its matmuls is taken from the run's own model probed plain on the run's micro-batch (:class:`ModelProbe`):
+less the ops' fixed costs, its remainder gives the rate its ops write their bytes at (a small model's pointwise
+work is in cache and bound by arithmetic, not by the memory's bandwidth). FSDP and tensor parallel add what the
 run's own wrapping costs, probed on the run's model (:func:`layout_seconds`: per layer and micro-batch, outside the
 layers, and per step; a pipeline stage pays it for its own layers).
 
 The rates are measured by probes at the end of the run, on every rank at once (:func:`probe_ranks`): the run's own
 matmul shapes in its dtype, the bytes an elementwise add on large buffers writes per second, the seconds per op of
-a chain of small autograd ops (and of views), each collective at two sizes, and the layout's wrapping. A run on a
+a chain of small autograd ops (and of views), each collective at two sizes, the run's model plain, and the
+layout's wrapping. A run on a
 GPU predicts with its card's rates as a plan does (:func:`gpu_rates`: the ``hardware`` option's published figures
 times the efficiencies calibrated on published A100 runs), not with probes.
 """
@@ -36,9 +40,10 @@ from __future__ import annotations
 
 import functools
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,6 +106,19 @@ class Rates:
     per_node: int = 0
     host_op_s: float = 0.0
     overlap: bool = False
+    model: ModelProbe | None = None  # the run's own model, probed (None: ops x ``op_s`` and one memory rate)
+
+
+class ModelProbe(NamedTuple):
+    """The run's own model's forward and backward on the run's micro-batch, timed plain at two depths
+    (:func:`depth_seconds`, :func:`per_layer`) on every rank at once, and the FLOP/s of its matmuls' shapes there
+    (without tensor parallel's split): what a CPU run's micro-batch costs beyond its matmuls. The ops of a small
+    model are not bound by the memory's bandwidth (a GELU's or a softmax's arithmetic on tensors in cache, a CPU
+    attention kernel's), nor is their fixed cost a chain of multiplications'."""
+
+    layer_s: float  # per layer
+    outside_s: float  # outside the layers
+    matmul_flops: float
 
 
 @dataclass
@@ -119,6 +137,7 @@ class Prediction:
                 + (f"the layout's wrapping {rates.layout_layer_s * 1e3:.3g} ms per layer and "
                    f"{rates.layout_outside_s * 1e3:.3g} ms outside per micro-batch, "
                    f"{rates.layout_step_s * 1e3:.3g} ms per step, " if _probed_layout(rates) else "")
+
                 + f"({rates.source})" + "".join(f"; {n}" for n in self.notes))
 
 
@@ -230,13 +249,14 @@ def _source(cfg: DictConfig) -> str:
                                                          sort_keys=True)
 
 
-def layer_work(cfg: DictConfig, rows: int, fsdp: bool, mode: str | None = None) -> tuple[Work, Work]:
-    """(one layer, everything outside the layers) of one micro-batch of ``rows`` sequences, under checkpointing
-    ``mode`` (default the run's)."""
+def layer_work(cfg: DictConfig, rows: int, fsdp: bool, mode: str | None = None,
+               tokens: int | None = None) -> tuple[Work, Work]:
+    """(one layer, everything outside the layers) of one micro-batch of ``rows`` sequences of ``tokens`` tokens
+    (default the model's block), under checkpointing ``mode`` (default the run's)."""
     m = cfg.model
     autocast = cfg.precision.get("autocast_dtype")
     weights = autocast if fsdp and autocast else "float32"
-    key = (_source(cfg), str(autocast), weights, int(m.block_size), str(m.get("attn_implementation", "sdpa")))
+    key = (_source(cfg), str(autocast), weights, int(tokens or m.block_size), str(m.get("attn_implementation", "sdpa")))
     mode = mode or cfg.trainer.get("activation_checkpointing", "none")
     one, two = (Work(*_trace(*key, n, mode, rows)) for n in (1, 2))
     layer = two - one
@@ -312,19 +332,37 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     tp = dims.tp
     per_mb = layer.scaled(flops=layers / tp, ops=layers, data=layers / tp) + outside.scaled(flops=1 / tp)
 
+    def matmuls(w: Work, rate: float = rates.matmul_flops) -> float:
+        return (w.flops - w.attention) / rate + w.attention * rates.causal_share / (rates.attention_flops or rate)
+
     def compute(w: Work) -> float:
-        attention = w.attention * rates.causal_share / (rates.attention_flops or rates.matmul_flops)
-        device = ((w.flops - w.attention) / rates.matmul_flops + attention + w.bytes / rates.bytes_per_s
-                  + w.ops * rates.op_s + w.views * rates.view_s)
+        device = matmuls(w) + w.bytes / rates.bytes_per_s + w.ops * rates.op_s + w.views * rates.view_s
         return max(device, (w.ops + w.views) * rates.host_op_s)  # a GPU waits for its host's dispatch
 
     n_mb = int(t.grad_accum_steps) * micro
-    parts = {"compute": n_mb * compute(per_mb)}
-    if dims.pp_enabled:
-        parts["bubble"] = (dims.pp - 1) / v * compute(per_mb)
     opt_layer, opt_outside, layer_weights, outside_weights, note = optimizer_work(cfg, build_optimizer)
     opt = opt_layer.scaled(ops=layers, data=layers) + opt_outside  # each rank steps every tensor it holds a part of
-    parts["optimizer"] = compute(opt.scaled(data=1 / (dims.dp_shard * tp)))
+    notes = [note] if note else []
+    optimizer = compute(opt.scaled(data=1 / (dims.dp_shard * tp)))
+    if rates.model:  # the run's own model's forward and backward, probed plain on the run's micro-batch
+        probe = rates.model
+        plain = layer_work(cfg, rows, False)  # the probe's work: the run's micro-batch, unwrapped
+        fixed, write = [], []
+        for w, seconds in zip(plain, (probe.layer_s, probe.outside_s), strict=True):
+            rest = max(0.0, seconds - matmuls(w, probe.matmul_flops))  # what is not the matmuls: its ops' fixed
+            fixed.append(min(rest, w.ops * rates.op_s + w.views * rates.view_s))  # costs and their bytes' writes
+            write.append(w.bytes / (rest - fixed[-1]) if rest > fixed[-1] and w.bytes else rates.bytes_per_s)
+        one_mb = (matmuls(per_mb) + layers / tp * layer.bytes / write[0] + outside.bytes / write[1]
+                  + layers * fixed[0] + fixed[1])
+        notes.append(f"the run's model probed plain on its micro-batch at depths {LAYOUT_DEPTHS}: "
+                     f"{probe.layer_s * 1e3:.3g} ms per layer and {probe.outside_s * 1e3:.3g} ms outside, its "
+                     f"matmuls there {probe.matmul_flops / 1e9:.3g} GFLOP/s, its other ops write "
+                     f"{write[0] / 1e9:.3g} GB/s in a layer and {write[1] / 1e9:.3g} GB/s outside")
+    else:
+        one_mb = compute(per_mb)
+    parts = {"compute": n_mb * one_mb, "optimizer": optimizer}
+    if dims.pp_enabled:
+        parts["bubble"] = (dims.pp - 1) / v * one_mb
     weights = layer_weights * layers + outside_weights  # this pipeline stage's (the outside: at most all of it)
     grad_bytes = 4 * weights / tp
     activation = rows * int(m.block_size) * int(shapes.n_embd) * _residual_bytes(cfg, dims.fsdp_enabled)
@@ -347,7 +385,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     if tp > 1:
         comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce", latency=not probed,
                                                       span=tp)
-    if cfg.trainer.get("activation_checkpointing", "none") == "selective":
+    if cfg.trainer.get("activation_checkpointing", "none") == "selective" and not rates.model:
         # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
         plain, _ = layer_work(cfg, traced, dims.fsdp_enabled, "none")
         policed = layer.forward_ops + max(0.0, layer.ops + layer.views - plain.ops - plain.views)
@@ -356,7 +394,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", span=world // dims.pp + 1)
     parts["communication"] = comm
     step = sum(parts.values())
-    return Prediction(step, t.batch_size * int(m.block_size) / step, parts, [note] if note else [])
+    return Prediction(step, t.batch_size * int(m.block_size) / step, parts, notes)
 
 
 # --------------------------------------------------------------------------- probes of this machine's rates
@@ -559,33 +597,35 @@ LAYOUT_TOKENS = 8  # the layout probe's input: one row of this many tokens (fixe
 LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is their difference over the layers
 
 
-def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats: int = 5) -> tuple[float, float, float]:
-    """The seconds the run's own tensor-parallel and FSDP wrapping adds: per layer and outside the layers of one
-    micro-batch's forward and backward, and to a step's gradient clipping and optimizer step (its sharded
-    parameters are DTensors) for the run's depth. The run's model code at depths ``LAYOUT_DEPTHS`` takes one row of
-    ``LAYOUT_TOKENS`` tokens, wrapped as the run wraps it (:func:`costlab.parallelism.apply.apply_parallelisms` on
-    the run's mesh) and plain, best of ``repeats``; the difference of the differences over the depths is a layer's.
-    That holds FSDP2's hooks, its copies in and out and its gathers and reduce-scatters of the real weights,
-    DTensor's Python per op and the collectives' fixed costs; tensor parallel's activation bytes, which grow with
-    the batch, are left to the link model. ``build_optimizer``: the trainer's (:func:`optimizer_work`). A
-    collective: every rank calls it."""
+def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bool, rows: int = 1,
+                  tokens: int = LAYOUT_TOKENS, repeats: int = 5,
+                  statistic: Any = min) -> dict[int, tuple[float, float]]:
+    """Per depth of ``LAYOUT_DEPTHS``: the seconds of one micro-batch's forward and backward and of a step's
+    gradient clipping and optimizer step, ``statistic`` (default the best) of ``repeats``, for the run's own model
+    code at that depth on
+    ``rows`` rows of ``tokens`` tokens (at most the block), under the run's checkpointing and autocast, uncompiled;
+    ``wrapped``: laid
+    out as the run lays it out (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh), else
+    plain on this rank. ``build_optimizer``: the trainer's (:func:`optimizer_work`). On a run of several ranks, a
+    collective: every rank calls it, wrapped or not."""
     import torch
     import torch.distributed as dist
 
-    from costlab.measure.memory import _depth, _with_depth
+    from costlab.measure.memory import _with_depth
     from costlab.models.gpt import build_model
     from costlab.models.loss import loss_fn
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
     from costlab.parallelism.core import clip_grad_norm_
     from costlab.parallelism.dims import ParallelDims, parallel_dims
 
-    dims = parallel_dims(cfg.parallelism, world)
-    mesh, device = build_mesh(dims, "cpu"), torch.device("cpu")
+    dims = parallel_dims(cfg.parallelism, world) if wrapped else ParallelDims(1, 1, 1, 1)
+    mesh, device = (build_mesh(dims, "cpu") if wrapped else None), torch.device("cpu")
     low_precision = cfg.precision.get("autocast_dtype")  # as the trainer's autocast (costlab.precision)
-    x = torch.zeros(1, min(LAYOUT_TOKENS, int(cfg.model.block_size)), dtype=torch.long)
+    x = torch.zeros(rows, min(tokens, int(cfg.model.block_size)), dtype=torch.long)
     clip = float(cfg.trainer.grad_clip or 0.0)
+    together = world > 1 and dist.is_available() and dist.is_initialized()  # the ranks run it at once, as they train
 
-    def timed(model: Any, shallow: DictConfig, wrapped: bool) -> tuple[float, float]:
+    def timed(model: Any, shallow: DictConfig) -> tuple[float, float]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, shallow)
 
@@ -601,31 +641,54 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats: i
 
         passes()
         update()
-        best = [float("inf"), float("inf")]
+        times: tuple[list[float], list[float]] = ([], [])
         for _ in range(repeats):
             optimizer.zero_grad(set_to_none=True)
             for i, part in enumerate((passes, update)):
-                dist.barrier()
+                if together:
+                    dist.barrier()
                 t0 = time.perf_counter()
                 part()
-                best[i] = min(best[i], time.perf_counter() - t0)
-        return best[0], best[1]
+                times[i].append(time.perf_counter() - t0)
+        return statistic(times[0]), statistic(times[1])
 
     seconds = {}
     for layers in LAYOUT_DEPTHS:
         shallow = _with_depth(cfg, layers)
-        shallow.trainer.compile = False  # the wrapping's eager cost: a probe does not wait for a compiler
-        for wrapped in (True, False):
-            torch.manual_seed(0)
-            model = build_model(shallow.model)
-            apply_parallelisms(model, shallow, dims if wrapped else ParallelDims(1, 1, 1, 1),
-                               mesh if wrapped else None, device)
-            model.train()
-            seconds[layers, wrapped] = timed(model, shallow, wrapped)
+        shallow.trainer.compile = False  # eager costs: a probe does not wait for a compiler
+        torch.manual_seed(0)
+        model = build_model(shallow.model)
+        apply_parallelisms(model, shallow, dims, mesh, device)
+        model.train()
+        seconds[layers] = timed(model, shallow)
+    return seconds
+
+
+def per_layer(seconds: dict[int, tuple[float, float]]) -> tuple[float, float, float, float]:
+    """(passes per layer, passes outside the layers, step per layer, step outside) from :func:`depth_seconds`'s
+    figures: a layer's is the difference over the depths, the outside's what the shallowest has beyond its layers;
+    none below 0."""
     (low, high), span = LAYOUT_DEPTHS, LAYOUT_DEPTHS[1] - LAYOUT_DEPTHS[0]
-    extra = {d: [w - p for w, p in zip(seconds[d, True], seconds[d, False], strict=True)] for d in LAYOUT_DEPTHS}
-    layer, step_layer = (max(0.0, (extra[high][i] - extra[low][i]) / span) for i in (0, 1))
-    outside, step_outside = (max(0.0, extra[low][i] - low * per) for i, per in ((0, layer), (1, step_layer)))
+    layer, step_layer = (max(0.0, (seconds[high][i] - seconds[low][i]) / span) for i in (0, 1))
+    outside, step_outside = (max(0.0, seconds[low][i] - low * per) for i, per in ((0, layer), (1, step_layer)))
+    return layer, outside, step_layer, step_outside
+
+
+def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any) -> tuple[float, float, float]:
+    """The seconds the run's own tensor-parallel and FSDP wrapping adds: per layer and outside the layers of one
+    micro-batch's forward and backward, and to a step's gradient clipping and optimizer step (its sharded
+    parameters are DTensors) for the run's depth: :func:`depth_seconds` wrapped less plain, on one row of
+    ``LAYOUT_TOKENS`` tokens, medians of repeats. That holds FSDP2's hooks, its copies in and out and its gathers and
+    reduce-scatters of the real weights, DTensor's Python per op and the collectives' fixed costs; tensor
+    parallel's activation bytes, which grow with the batch, are left to the link model. A collective: every rank
+    calls it."""
+    from costlab.measure.memory import _depth
+
+    # medians, as the steps run (the measured tokens/s is their mean, not their best)
+    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True, statistic=statistics.median)
+    plain = depth_seconds(cfg, world, build_optimizer, wrapped=False, statistic=statistics.median)
+    extra = {d: tuple(w - p for w, p in zip(wrapped[d], plain[d], strict=True)) for d in LAYOUT_DEPTHS}
+    layer, outside, step_layer, step_outside = per_layer(extra)
     return layer, outside, (_depth(cfg) or 0) * step_layer + step_outside
 
 
@@ -644,6 +707,7 @@ class RankProbes:
     layout_layer_s: float = 0.0
     layout_outside_s: float = 0.0
     layout_step_s: float = 0.0
+    model: ModelProbe | None = None
 
 
 def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes | None:
@@ -664,13 +728,21 @@ def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes
     from costlab.measure.memory import _depth
 
     wrapped = world > 1 and (dims.fsdp_enabled or dims.tp_enabled) and _depth(cfg) is not None
+    probed_model = _depth(cfg) is not None
     times += list(layout_seconds(cfg, world, build_optimizer) if wrapped else (0.0, 0.0, 0.0))
+    if probed_model:  # the run's own model plain on the run's micro-batch
+        tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
+        block = int(cfg.model.block_size)
+        run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block,
+                                      statistic=statistics.median))  # as steps run, not the best of them
+        times += [*run[:2], 1 / matmul_mix_rate(tokens, width, hidden, 1, dtype)]
     worst = torch.tensor(times, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     link = link_probe() if world > 1 else None
     w = [float(v) for v in worst]
-    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:])
+    model = ModelProbe(w[8], w[9], 1 / w[10]) if probed_model else None
+    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model)
 
 
 def local_probes(cfg: DictConfig, world: int) -> RankProbes:
@@ -717,8 +789,10 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
                  + (", each collective at two sizes" if probes.link else "")
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
                  + (", the run's model wrapped as it runs and plain" if probes.layout_layer_s
-                    or probes.layout_outside_s or probes.layout_step_s else ""),
-                 probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s)
+                    or probes.layout_outside_s or probes.layout_step_s else "")
+                + (", the run's model plain at two depths on its micro-batch" if probes.model else ""),
+                 probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s,
+                 model=probes.model)
 
 
 @dataclass(frozen=True)
