@@ -167,6 +167,28 @@ def test_a_gpu_plan_prices_its_collectives_on_the_links_they_cross():
     assert step.parts["exposed_data_parallel"] >= 0 and step.step_s >= step.parts["compute"]
 
 
+def test_fused_attention_runs_at_the_cards_published_rate_or_says_it_assumed_one():
+    """A card's fused attention is priced at its option's published FlashAttention-2 rate times the calibrated
+    share; a card that names none takes the A100's attention over matmul ratio, and its tag says ASSUMED. Hopper's
+    published attention reaches a smaller share of its matmul rate than Ampere's."""
+    from costlab.measure.steptime import ATTENTION_OVER_MATMUL, GPU_CALIBRATION, gpu_rates
+
+    def rates(card: str):
+        return gpu_rates(compose_config([*TINY, "mode=plan", f"hardware={card}"]), "bf16")
+
+    h100, a100 = rates("h100_sxm"), rates("a100_80gb")
+    hw = compose_config([*TINY, "mode=plan", "hardware=h100_sxm"]).hardware
+    assert h100.attention_flops == pytest.approx(hw.attention_tflops * 1e12 * GPU_CALIBRATION.attention)
+    assert "attention published" in h100.source
+    assert h100.attention_flops / h100.matmul_flops < a100.attention_flops / a100.matmul_flops
+    pcie = compose_config([*TINY, "mode=plan", "hardware=h100_pcie"]).hardware
+    assert "attention_tflops" not in pcie or pcie.attention_tflops is None
+    unnamed = rates("h100_pcie")
+    assert unnamed.attention_flops == pytest.approx(pcie.peak_tflops.bf16 * 1e12 * ATTENTION_OVER_MATMUL
+                                                    * GPU_CALIBRATION.attention)
+    assert "attention ASSUMED" in unnamed.source
+
+
 def test_a_gpu_run_predicts_its_step_with_its_cards_rates_as_its_plan_does():
     """A run on a GPU logs ``perf/predicted_tokens_per_s`` from its card's calibrated rates, the same figure its
     plan gives (computed here without a GPU: the prediction needs the card's option, not the card); a card with no

@@ -218,6 +218,7 @@ class Hardware:
     memory_gb: float | None = key(None, POSITIVE)
     memory_bandwidth_gbps: float | None = key(None, POSITIVE)
     attainable_tflops: dict[str, float] | None = key(None, POSITIVE, "published maximum achievable matmul TFLOP/s")
+    attention_tflops: float | None = key(None, POSITIVE, "published fused attention TFLOP/s, forward and backward")
     nvlink_gbps: float | None = key(None, POSITIVE, "GB/s one way between two GPUs of a node")
     network_gbps: float | None = key(None, POSITIVE, "GB/s one way per GPU between nodes")
     usd_per_hour: float | None = key(None, AT_LEAST_0, "US dollars per device hour")

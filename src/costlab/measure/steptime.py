@@ -802,7 +802,7 @@ class GpuCalibration:
     torchtitan's H100 runs are kept for checking (``python benchmarks/published.py``)."""
 
     matmul: float  # share of the attainable matmul rate (``hardware.attainable_tflops``) training's matmuls reach
-    attention: float  # share of it the fused attention kernels reach
+    attention: float  # share of the published fused attention rate (``hardware.attention_tflops``) training reaches
     memory: float  # share of the datasheet memory bandwidth the memory-bound ops reach
     link: float = 0.75  # share of NVLink's or the network's bandwidth a collective reaches (ASSUMED)
     latency_s: float = 20e-6  # a collective's fixed cost inside a node (ASSUMED)
@@ -810,18 +810,25 @@ class GpuCalibration:
     host_op_s: float = 10e-6  # the host's cost to dispatch one op with autograd (ASSUMED: eager PyTorch)
 
 
-GPU_CALIBRATION = GpuCalibration(matmul=0.8, attention=0.32, memory=0.33)  # benchmarks/published.py --fit
+GPU_CALIBRATION = GpuCalibration(matmul=0.8, attention=0.47, memory=0.33)  # benchmarks/published.py --fit
 CAUSAL_SHARE = 0.5  # a causal flash-attention kernel skips the blocks above the diagonal
+# where a card's option names no published attention rate: the A100's FlashAttention-2 rate over its attainable
+# matmul rate (189 / 271.2, conf/hardware/a100_80gb.yaml) times the card's attainable matmul rate (ASSUMED)
+ATTENTION_OVER_MATMUL = 189 / 271.2
 
 
 def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = None) -> Rates:
     """The rates of one GPU of the ``hardware`` option, for a plan: its datasheet figures (peak in ``dtype``, the
     run's matmul dtype; memory bandwidth, NVLink and network bandwidth) times :data:`GPU_CALIBRATION`'s shares, the
-    matmul peak first lowered to the published attainable rate where the option names one."""
+    matmul peak first lowered to the published attainable rate where the option names one, and fused attention at
+    its published rate (``attention_tflops``; where none is named, :data:`ATTENTION_OVER_MATMUL` of the matmul
+    rate)."""
     hw = cfg.hardware
     peak = float(hw.peak_tflops[dtype]) * 1e12
     attainable = (hw.get("attainable_tflops") or {}).get(dtype)
     base = float(attainable) * 1e12 if attainable else peak
+    published = hw.get("attention_tflops")  # FlashAttention-2's, bf16 (fp8 training keeps attention in bf16)
+    attention = float(published) * 1e12 if published else base * ATTENTION_OVER_MATMUL
     c = calibration or GPU_CALIBRATION
 
     def link(gbps: float, latency: float) -> dict[str, tuple[float, float]]:
@@ -829,13 +836,14 @@ def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = 
 
     nvlink, network = hw.get("nvlink_gbps"), hw.get("network_gbps")
     source = (f"hardware={hw.name}: {dtype} {'attainable' if attainable else 'peak'} {base / 1e12:.4g} TFLOP/s x "
-              f"{c.matmul:.3g} (attention x {c.attention:.3g}, causal half), memory {hw.memory_bandwidth_gbps} GB/s"
+              f"{c.matmul:.3g}, attention {'published' if published else 'ASSUMED'} {attention / 1e12:.4g} TFLOP/s x "
+              f"{c.attention:.3g} (causal half), memory {hw.memory_bandwidth_gbps} GB/s"
               f" x {c.memory:.3g}" + (f", NVLink {nvlink} GB/s" if nvlink else "")
               + (f", network {network} GB/s per GPU" if network else "")
               + f" x {c.link:.3g}; efficiencies fitted on llm-foundry's A100 80GB runs")
     return Rates(matmul_flops=base * c.matmul, bytes_per_s=float(hw.memory_bandwidth_gbps) * 1e9 * c.memory,
                  op_s=0.0, view_s=0.0, link=link(float(nvlink or network or 0) or 1.0, c.latency_s),
-                 source=source, attention_flops=base * c.attention, causal_share=CAUSAL_SHARE,
+                 source=source, attention_flops=attention * c.attention, causal_share=CAUSAL_SHARE,
                  inter=link(float(network), c.inter_latency_s) if network else {},
                  per_node=int(cfg.trainer.nproc_per_node), host_op_s=c.host_op_s, overlap=True)
 
