@@ -137,7 +137,6 @@ class Prediction:
                 + (f"the layout's wrapping {rates.layout_layer_s * 1e3:.3g} ms per layer and "
                    f"{rates.layout_outside_s * 1e3:.3g} ms outside per micro-batch, "
                    f"{rates.layout_step_s * 1e3:.3g} ms per step, " if _probed_layout(rates) else "")
-
                 + f"({rates.source})" + "".join(f"; {n}" for n in self.notes))
 
 
@@ -249,14 +248,13 @@ def _source(cfg: DictConfig) -> str:
                                                          sort_keys=True)
 
 
-def layer_work(cfg: DictConfig, rows: int, fsdp: bool, mode: str | None = None,
-               tokens: int | None = None) -> tuple[Work, Work]:
-    """(one layer, everything outside the layers) of one micro-batch of ``rows`` sequences of ``tokens`` tokens
-    (default the model's block), under checkpointing ``mode`` (default the run's)."""
+def layer_work(cfg: DictConfig, rows: int, fsdp: bool, mode: str | None = None) -> tuple[Work, Work]:
+    """(one layer, everything outside the layers) of one micro-batch of ``rows`` sequences, under checkpointing
+    ``mode`` (default the run's)."""
     m = cfg.model
     autocast = cfg.precision.get("autocast_dtype")
     weights = autocast if fsdp and autocast else "float32"
-    key = (_source(cfg), str(autocast), weights, int(tokens or m.block_size), str(m.get("attn_implementation", "sdpa")))
+    key = (_source(cfg), str(autocast), weights, int(m.block_size), str(m.get("attn_implementation", "sdpa")))
     mode = mode or cfg.trainer.get("activation_checkpointing", "none")
     one, two = (Work(*_trace(*key, n, mode, rows)) for n in (1, 2))
     layer = two - one
@@ -598,16 +596,14 @@ LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is 
 
 
 def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bool, rows: int = 1,
-                  tokens: int = LAYOUT_TOKENS, repeats: int = 5,
-                  statistic: Any = min) -> dict[int, tuple[float, float]]:
+                  tokens: int = LAYOUT_TOKENS, repeats: int = 5) -> dict[int, tuple[float, float]]:
     """Per depth of ``LAYOUT_DEPTHS``: the seconds of one micro-batch's forward and backward and of a step's
-    gradient clipping and optimizer step, ``statistic`` (default the best) of ``repeats``, for the run's own model
-    code at that depth on
-    ``rows`` rows of ``tokens`` tokens (at most the block), under the run's checkpointing and autocast, uncompiled;
-    ``wrapped``: laid
-    out as the run lays it out (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh), else
-    plain on this rank. ``build_optimizer``: the trainer's (:func:`optimizer_work`). On a run of several ranks, a
-    collective: every rank calls it, wrapped or not."""
+    gradient clipping and optimizer step, the median of ``repeats`` (the measured tokens/s is a mean over steps,
+    not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
+    block), under the run's checkpointing and autocast, uncompiled; ``wrapped``: laid out as the run lays it out
+    (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh), else plain on this rank.
+    ``build_optimizer``: the trainer's (:func:`optimizer_work`). On a run of several ranks, a collective: every
+    rank calls it, wrapped or not."""
     import torch
     import torch.distributed as dist
 
@@ -650,7 +646,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
                 t0 = time.perf_counter()
                 part()
                 times[i].append(time.perf_counter() - t0)
-        return statistic(times[0]), statistic(times[1])
+        return statistics.median(times[0]), statistics.median(times[1])
 
     seconds = {}
     for layers in LAYOUT_DEPTHS:
@@ -678,15 +674,14 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any) -> tuple[f
     """The seconds the run's own tensor-parallel and FSDP wrapping adds: per layer and outside the layers of one
     micro-batch's forward and backward, and to a step's gradient clipping and optimizer step (its sharded
     parameters are DTensors) for the run's depth: :func:`depth_seconds` wrapped less plain, on one row of
-    ``LAYOUT_TOKENS`` tokens, medians of repeats. That holds FSDP2's hooks, its copies in and out and its gathers and
+    ``LAYOUT_TOKENS`` tokens. That holds FSDP2's hooks, its copies in and out and its gathers and
     reduce-scatters of the real weights, DTensor's Python per op and the collectives' fixed costs; tensor
     parallel's activation bytes, which grow with the batch, are left to the link model. A collective: every rank
     calls it."""
     from costlab.measure.memory import _depth
 
-    # medians, as the steps run (the measured tokens/s is their mean, not their best)
-    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True, statistic=statistics.median)
-    plain = depth_seconds(cfg, world, build_optimizer, wrapped=False, statistic=statistics.median)
+    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True)
+    plain = depth_seconds(cfg, world, build_optimizer, wrapped=False)
     extra = {d: tuple(w - p for w, p in zip(wrapped[d], plain[d], strict=True)) for d in LAYOUT_DEPTHS}
     layer, outside, step_layer, step_outside = per_layer(extra)
     return layer, outside, (_depth(cfg) or 0) * step_layer + step_outside
@@ -733,8 +728,7 @@ def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes
     if probed_model:  # the run's own model plain on the run's micro-batch
         tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
         block = int(cfg.model.block_size)
-        run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block,
-                                      statistic=statistics.median))  # as steps run, not the best of them
+        run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block))
         times += [*run[:2], 1 / matmul_mix_rate(tokens, width, hidden, 1, dtype)]
     worst = torch.tensor(times, dtype=torch.float64)
     if world > 1:
