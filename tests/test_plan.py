@@ -167,6 +167,29 @@ def test_a_gpu_plan_prices_its_collectives_on_the_links_they_cross():
     assert step.parts["exposed_data_parallel"] >= 0 and step.step_s >= step.parts["compute"]
 
 
+def test_fsdp_reduces_every_accumulated_micro_batch_and_its_hidden_collectives_still_cost_a_share():
+    """FSDP2 reduce-scatters each accumulated micro-batch's gradients (the trainer leaves its gradient sync on), so
+    its collectives grow with the accumulation as its compute does; DDP all-reduces once a step. On a GPU the
+    collectives hidden beside the compute still cost the step the calibrated share of their seconds."""
+    from costlab.launcher.plan import predict_time
+    from costlab.measure.steptime import GPU_CALIBRATION
+
+    base = ["mode=plan", "model=llama_7b", "model.block_size=2048", "hardware=h100_sxm", "precision=bf16",
+            "trainer.activation_checkpointing=full", "trainer.nproc_per_node=8"]
+    hidden = {}
+    for layout in ("fsdp", "ddp"):
+        for accum in (1, 4):
+            cfg = compose_config([*base, f"parallelism={layout}", f"trainer.batch_size={8 * accum}",
+                                  f"trainer.grad_accum_steps={accum}"])
+            step, _ = predict_time(cfg, 8)
+            assert step.parts["exposed_data_parallel"] == 0  # the compute is longer than the collectives
+            hidden[layout, accum] = step.parts["overlapped_data_parallel"] / GPU_CALIBRATION.overlap_cost
+            assert hidden[layout, accum] > 0
+    assert hidden["fsdp", 4] == pytest.approx(4 * hidden["fsdp", 1], rel=1e-9)  # gathers and reduce-scatter
+    assert hidden["ddp", 4] == pytest.approx(hidden["ddp", 1], rel=1e-9)  # one all-reduce, after the last
+    assert 0 < GPU_CALIBRATION.overlap_cost <= 1
+
+
 def test_fused_attention_runs_at_the_cards_published_rate_or_says_it_assumed_one():
     """A card's fused attention is priced at its option's published FlashAttention-2 rate times the calibrated
     share; a card that names none takes the A100's attention over matmul ratio, and its tag says ASSUMED. Hopper's
