@@ -3,6 +3,7 @@ checks (memory for the node's ranks, cores for its processes, the OOM killer's c
 
 import os
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -113,7 +114,8 @@ def test_activations_scale_with_the_local_batch_and_are_logged_with_the_state():
     one = compose_config(["trainer.device=cpu"])
     state = predict_state(one, 1)
     acts = state[f"{PREDICTED}activations_bytes_per_rank"]
-    assert set(state) == {f"{PREDICTED}{p}_bytes_per_rank" for p in ("params", "grads", "optimizer", "activations")}
+    assert set(state) == {f"{PREDICTED}{p}_bytes_per_rank"
+                          for p in ("params", "grads", "optimizer", "activations", "loss_backward")}
     assert acts == predict_activations(one, 1)
     ddp = compose_config(["trainer.device=cpu", "parallelism=ddp"])
     assert predict_activations(ddp, 2) == pytest.approx(acts / 2, rel=0.01)  # each rank takes half the batch
@@ -219,3 +221,74 @@ def test_the_runs_activation_meter_reads_what_stays_alive_for_backward(extra):
     assert meter.held == pytest.approx(_measure(cfg)[1], rel=0.001)
     assert meter.held == pytest.approx(activation_parts(cfg, 1)[0], rel=0.03)
     assert not any(p.grad is None for p in model.parameters())  # the step ran whole under the meter
+
+
+def _malloc_meter() -> Any:
+    """A function of no arguments that reads the bytes glibc's allocator has handed out (its heap and its mmapped
+    blocks), or None where there is no ``mallinfo2`` (not glibc, or older than 2.33)."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return lambda: (lambda info: info.uordblks + info.hblkhd)(libc.mallinfo2())
+
+
+def test_the_loss_backward_holds_two_fp32_logits_tensors_at_once():
+    """The memory model's loss-backward term (two fp32 tokens x vocabulary tensors: the gradients of the
+    log-softmax's output and of its input) against the allocator: the most bytes glibc holds beyond the start
+    while a real ``loss.backward()`` runs on bf16 logits, read after every op it dispatches."""
+    in_use = _malloc_meter()
+    if in_use is None:
+        pytest.skip("needs glibc's mallinfo2")
+    from costlab.measure.memory import loss_backward_bytes
+
+    cfg = compose_config(["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=256",
+                          "model.vocab_size=3000", "trainer.batch_size=8", "trainer.device=cpu", "precision=bf16"])
+    predicted = loss_backward_bytes(cfg, 1, grads=0.0)
+
+    class Peak(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, in_use())
+            return out
+
+    shape = (cfg.trainer.batch_size, cfg.model.block_size)
+    for _ in range(2):  # the first backward is a warm-up: glibc settles its thresholds for blocks this large
+        logits = torch.randn(*shape, cfg.model.vocab_size, dtype=torch.bfloat16, requires_grad=True)
+        loss = loss_fn(logits, torch.randint(0, cfg.model.vocab_size, shape))
+        meter = Peak()
+        meter.peak = start = in_use()
+        with meter:
+            loss.backward()
+    assert (meter.peak - start) / predicted == pytest.approx(1, abs=0.02)
+
+
+def test_the_loss_backward_is_beyond_gradients_not_yet_held_and_falls_on_the_last_pipeline_stage():
+    """The trainer sets gradients to None each step, so a step without accumulation has none when its loss's
+    backward starts (the term is that much smaller); with accumulation they are there. Tensor parallel gathers
+    the logits whole. Under a pipeline the term is what the last stage's transient adds to the largest stage's
+    peak: nothing where the first stage, holding more micro-batches, stays the largest."""
+    from costlab.measure.memory import LOSS_BACKWARD
+
+    base = ["model.n_layer=4", "model.n_embd=32", "model.n_head=2", "model.block_size=64", "trainer.device=cpu",
+            "model.vocab_size=4096"]
+    one = predict_state(compose_config([*base, "trainer.batch_size=8"]), 1)
+    two = predict_state(compose_config([*base, "trainer.batch_size=16", "trainer.grad_accum_steps=2"]), 1)
+    grads = one[f"{PREDICTED}grads_bytes_per_rank"]
+    assert grads > 0 and two[LOSS_BACKWARD] == pytest.approx(one[LOSS_BACKWARD] + grads)
+    tp = predict_state(compose_config([*base, "trainer.batch_size=8", "parallelism=tp"]), 2)
+    assert tp[LOSS_BACKWARD] == pytest.approx(one[LOSS_BACKWARD] + grads - tp[f"{PREDICTED}grads_bytes_per_rank"])
+    small = [*base, "model.vocab_size=64", "trainer.batch_size=8", "parallelism=pp", "parallelism.schedule=1f1b",
+             "parallelism.microbatches=4"]
+    assert predict_state(compose_config(small), 2)[LOSS_BACKWARD] == 0  # stage 0's two micro-batches outweigh it
+    large = predict_state(compose_config([*base, "trainer.batch_size=8", "parallelism=pp",
+                                          "parallelism.schedule=1f1b", "parallelism.microbatches=4"]), 2)
+    assert 0 < large[LOSS_BACKWARD] <= 8 / 4 * 64 * 2 * 4 * 4096  # at most one micro-batch's transient

@@ -20,7 +20,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from costlab.measure.hardware import device_peak, flops_per_token, usd_per_hour
-from costlab.measure.memory import PREDICTED, RECOMPUTE, activation_parts, predict_layout_state
+from costlab.measure.memory import (
+    LOSS_BACKWARD,
+    PREDICTED,
+    RECOMPUTE,
+    activation_parts,
+    loss_backward_bytes,
+    predict_layout_state,
+)
 from costlab.measure.steptime import TIME_MODEL_TAG
 from costlab.precision import matmul_dtype
 
@@ -106,7 +113,8 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
     state[f"{PREDICTED}activations_bytes_per_rank"] = held_bytes
     if rebuilt:
         state[RECOMPUTE] = rebuilt
-    per_device = sum(state.values())  # parameters, gradients, optimizer state, activations and recompute
+    state[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, state[f"{PREDICTED}grads_bytes_per_rank"])
+    per_device = sum(state.values())  # state, activations, recompute and the loss's backward
     if hw.name != "cpu":
         state[f"{PREDICTED}allowance_bytes_per_rank"] = allowance(per_device)
         per_device = sum(state.values())
@@ -119,6 +127,8 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
              f"{cfg.parallelism.name} on {world} x {hw.name}, {dtype} matmuls; nothing is trained or allocated"]
     def label(key: str) -> str:
         part = key[len(PREDICTED):].split("_")[0]
+        if key == LOSS_BACKWARD:
+            return "loss backward (2 fp32 tokens x vocabulary, less the gradients not yet held)"
         return part if part != "allowance" else (f"allowance (ASSUMED: {GPU_FIXED_ALLOWANCE / GB:.3g} GB + "
                                                  f"{GPU_ALLOWANCE_SHARE:.0%}: CUDA context, workspaces, allocator)")
 

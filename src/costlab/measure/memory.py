@@ -31,6 +31,8 @@ from costlab.models.hf_config import is_hf
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 RECOMPUTE = PREDICTED + "recompute_bytes_per_rank"  # activation checkpointing's transient: one block rebuilt
+# the loss's backward: two fp32 tokens x vocabulary tensors at once, beyond the gradients not yet allocated then
+LOSS_BACKWARD = PREDICTED + "loss_backward_bytes_per_rank"
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
 
 
@@ -120,7 +122,32 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     out[f"{PREDICTED}activations_bytes_per_rank"] = held  # beside the measured mem/activations_bytes_per_rank
     if rebuilt:
         out[RECOMPUTE] = rebuilt
+    out[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, out[f"{PREDICTED}grads_bytes_per_rank"])
     return out
+
+
+def loss_backward_bytes(cfg: DictConfig, world: int, grads: float) -> float:
+    """What the loss's backward adds to a rank's peak when it starts: the gradient of the fp32 log-softmax's
+    output and that of its input, two fp32 tokens x vocabulary tensors alive at once (the loss upcasts the logits,
+    :func:`costlab.models.loss.loss_fn`; tensor parallel gathers them whole), less ``grads``, the rank's gradient
+    bytes, which the trainer has set to None since the last step and which are not allocated yet then (unless a
+    step accumulates micro-batches or a pipeline's). Under a pipeline it falls on the last stage: what it adds to
+    the largest stage's peak. On one H200 this is GPT-2 small's whole gap to ``max_memory_allocated``."""
+    from costlab.parallelism.dims import parallel_dims
+
+    t, m = cfg.trainer, cfg.model
+    dims = parallel_dims(cfg.parallelism, world)
+    if dims.pp_enabled:
+        return max(0.0, activation_parts(cfg, world, loss_backward=True)[0] - activation_parts(cfg, world)[0])
+    vocab = (_hf_shapes(cfg) if is_hf(cfg) else m).vocab_size
+    tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
+    return max(0.0, tokens * 2 * FP32 * vocab - (grads if int(t.grad_accum_steps) == 1 else 0.0))
+
+
+def _hf_shapes(cfg: DictConfig) -> Any:
+    from costlab.measure.traced import hf_shapes
+
+    return hf_shapes(cfg)
 
 
 DEPTH_SHORTCUT = 2  # layers per pipeline stage above which a layout is read at one and two, and extrapolated
@@ -267,9 +294,10 @@ def predict_activations(cfg: DictConfig, world: int) -> float:
     return held + rebuilt
 
 
-def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
+def activation_parts(cfg: DictConfig, world: int, loss_backward: bool = False) -> tuple[float, float]:
     """:func:`predict_activations` in two parts: the bytes held when backward starts, and the transient of
-    activation checkpointing (one block rebuilt at a time in backward, with its weights' autocast copies)."""
+    activation checkpointing (one block rebuilt at a time in backward, with its weights' autocast copies).
+    ``loss_backward``: a pipeline's last stage also holds the loss's backward (:func:`loss_backward_bytes`)."""
     from costlab.parallelism.dims import parallel_dims
 
     t, m, p = cfg.trainer, cfg.model, cfg.parallelism
@@ -279,7 +307,7 @@ def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
     tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
     if is_hf(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and not dims.tp_enabled
                       and "n_layer" in m):
-        return _traced_parts(cfg, dims, tokens)
+        return _traced_parts(cfg, dims, tokens, loss_backward)
     logits = m.vocab_size * (a + FP32) + 2 * INDEX
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
         per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + logits
@@ -293,7 +321,9 @@ def activation_parts(cfg: DictConfig, world: int) -> tuple[float, float]:
     layers = m.n_layer / dims.pp
     if dims.pp_enabled:
         tokens /= int(p.microbatches)
-        per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled) for r in range(dims.pp))
+        last = 2 * FP32 * m.vocab_size if loss_backward else 0.0
+        per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled) + last * (r == dims.pp - 1)
+                        for r in range(dims.pp))
     else:
         per_token = layers * block + outside
     held, rebuilt = tokens * per_token, tokens * rebuilt
@@ -345,7 +375,7 @@ def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, ou
     return chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const
 
 
-def _traced_parts(cfg: DictConfig, dims: Any, tokens: float) -> tuple[float, float]:
+def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, loss_backward: bool = False) -> tuple[float, float]:
     """:func:`activation_parts` from a model's traced terms (:mod:`costlab.measure.traced`): every Hugging Face
     model, and costlab's GPTs under FSDP with autocast (its mixed precision runs the residual stream in the
     autocast dtype, and autocast then casts each norm's input back to fp32: the trace reads what that saves)."""
@@ -361,8 +391,10 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float) -> tuple[float, flo
     rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0
     if dims.pp_enabled:
         tokens /= int(cfg.parallelism.microbatches)
+        last = 2 * FP32 * m.vocab_size if loss_backward else 0.0
         per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], terms["outside"], dims.fsdp_enabled,
-                                    terms["block_const"], terms["outside_const"], tokens) for r in range(dims.pp))
+                                    terms["block_const"], terms["outside_const"], tokens) + last * (r == dims.pp - 1)
+                        for r in range(dims.pp))
         return tokens * per_token, tokens * rebuilt_tok + rebuilt_const
     held = tokens * (m.n_layer * terms["block"] + terms["outside"])
     return held + m.n_layer * terms["block_const"] + terms["outside_const"], tokens * rebuilt_tok + rebuilt_const
