@@ -601,3 +601,37 @@ def test_resume_refuses_a_run_without_checkpoints(cli):
     cli.client().set_terminated(run.info.run_id, "KILLED")
     no_ckpt = cli(f"trainer.resume={run.info.run_id}")
     assert no_ckpt.returncode == 2 and "holds no checkpoint" in no_ckpt.stderr
+
+
+def test_jobs_logging_one_corpus_at_once_all_get_its_dataset(tmp_path):
+    """The jobs of a sweep log the same corpus as their dataset input at the same moment. MLflow looks for the
+    experiment's dataset and then inserts it, so a job can collide with another's insert (SQLite's UNIQUE
+    constraint on the datasets table); each job's run still gets the one dataset. Real threads on a real store,
+    released together by a barrier, many rounds: without the retry a few of them collide."""
+    from costlab.tracking.runs import log_corpus
+    from costlab.tracking.store import client, experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = compose_config([]).data
+    jobs, rounds = 6, 20
+    for n in range(rounds):
+        experiment = experiment_id(uri, f"round{n}")
+        clients = [client(uri) for _ in range(jobs)]
+        runs = [c.create_run(experiment).info.run_id for c in clients]
+        start, errors = threading.Barrier(jobs), []
+
+        def job(c, run_id, start=start, errors=errors):
+            start.wait()
+            try:
+                log_corpus(c, run_id, data)
+            except Exception as e:  # collected: the assertion names it
+                errors.append(e)
+
+        threads = [threading.Thread(target=job, args=pair) for pair in zip(clients, runs, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        digests = {i.dataset.digest for r in runs for i in clients[0].get_run(r).inputs.dataset_inputs}
+        assert len(digests) == 1 and all(clients[0].get_run(r).inputs.dataset_inputs for r in runs)

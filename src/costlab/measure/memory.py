@@ -133,21 +133,16 @@ def loss_backward_bytes(cfg: DictConfig, world: int, grads: float) -> float:
     bytes, which the trainer has set to None since the last step and which are not allocated yet then (unless a
     step accumulates micro-batches or a pipeline's). Under a pipeline it falls on the last stage: what it adds to
     the largest stage's peak. On one H200 this is GPT-2 small's whole gap to ``max_memory_allocated``."""
+    from costlab.measure.traced import hf_shapes
     from costlab.parallelism.dims import parallel_dims
 
     t, m = cfg.trainer, cfg.model
     dims = parallel_dims(cfg.parallelism, world)
     if dims.pp_enabled:
         return max(0.0, activation_parts(cfg, world, loss_backward=True)[0] - activation_parts(cfg, world)[0])
-    vocab = (_hf_shapes(cfg) if is_hf(cfg) else m).vocab_size
+    vocab = (hf_shapes(cfg) if is_hf(cfg) else m).vocab_size
     tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
     return max(0.0, tokens * 2 * FP32 * vocab - (grads if int(t.grad_accum_steps) == 1 else 0.0))
-
-
-def _hf_shapes(cfg: DictConfig) -> Any:
-    from costlab.measure.traced import hf_shapes
-
-    return hf_shapes(cfg)
 
 
 DEPTH_SHORTCUT = 2  # layers per pipeline stage above which a layout is read at one and two, and extrapolated

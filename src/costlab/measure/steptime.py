@@ -378,7 +378,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     probed = _probed_layout(rates)
     if probed:  # the run's own wrapping, probed: FSDP's gathers and reduce-scatters whole, TP's fixed costs
         parts["layout"] = n_mb * (layers * rates.layout_layer_s + rates.layout_outside_s) + rates.layout_step_s
-    if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced once
+    if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced per sync
         gathered = grad_bytes * (2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4) / 4
         data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span)
         data_parallel += syncs * _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span)

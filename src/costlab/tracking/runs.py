@@ -120,6 +120,9 @@ def open_run(cfg: DictConfig, tags: dict[str, str], run_name: str | None, parent
     return run_id
 
 
+CORPUS_ATTEMPTS = 5  # a corpus's dataset input is logged again after another job's insert collided with it
+
+
 def log_corpus(c: MlflowClient, run_id: str, data_cfg: DictConfig) -> None:
     """The training text as the run's MLflow dataset input: its source and a digest of its bytes."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -127,7 +130,19 @@ def log_corpus(c: MlflowClient, run_id: str, data_cfg: DictConfig) -> None:
     source, files = option("data", data_cfg).corpus_files()
     dataset = Dataset(name=str(data_cfg.get("name", "data")), digest=corpus_digest(source, files),
                       source_type="local", source=json.dumps({"uri": source}))
-    c.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+    for attempt in range(CORPUS_ATTEMPTS):
+        try:
+            c.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+            return
+        except Exception as e:
+            # the jobs of a sweep log one corpus at once: MLflow looks for the experiment's dataset, then inserts
+            # it, so a job whose look came before another's insert collides with it; the dataset is there now,
+            # and the call again links it (its transaction was rolled back whole)
+            said = str(e).lower()
+            collided = "datasets" in said and any(w in said for w in ("unique constraint", "duplicate"))
+            if not collided or attempt == CORPUS_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def metrics_at(values: dict[str, float]) -> list:
