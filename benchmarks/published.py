@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import math
 import statistics
 import sys
@@ -40,6 +39,7 @@ from costlab.launcher.plan import TRACED_ROWS, allowance, predict_time  # noqa: 
 from costlab.launcher.preflight import compose_config  # noqa: E402
 from costlab.measure import steptime  # noqa: E402
 from costlab.measure.memory import predict_state  # noqa: E402
+from costlab.models.hf_config import read_config  # noqa: E402
 
 CSV = Path(__file__).with_name("published_runs.csv")
 MPT = {  # llm-foundry's scripts/train/yamls/pretrain/mpt-*.yaml: (n_layers, n_heads, d_model)
@@ -106,7 +106,7 @@ def fit(table: list[tuple[dict[str, str], object]]) -> steptime.GpuCalibration:
                    overlap_cost=round(best[3], 3))
 
 
-def titan_selective_saving(row: dict[str, str]) -> float:
+def titan_selective_saving(cfg: object, row: dict[str, str]) -> float:
     """Bytes per GPU that torchtitan's selective checkpointing does not keep and costlab's does: costlab's policy
     keeps every matmul's output, torchtitan's ``op`` policy (``selective_ac_option = 'op'``) recomputes every
     second matmul of a block, which in its Llama's order are ``wk``, ``wo`` and ``w3``: their bf16 outputs, per token
@@ -114,7 +114,7 @@ def titan_selective_saving(row: dict[str, str]) -> float:
     the prediction for the same policy."""
     if row["source"] != "torchtitan" or row["activation_checkpointing"] != "selective":
         return 0.0
-    hf = json.loads((ROOT / "conf" / "hf_configs" / "llama3_8b.json").read_text())  # torchtitan's rows' model
+    hf = read_config(cfg.model)
     kv = hf["num_key_value_heads"] * hf["hidden_size"] // hf["num_attention_heads"]
     per_token_layer = 2 * (kv + hf["hidden_size"] + hf["intermediate_size"])  # wk, wo, w3 outputs in bf16
     tokens = int(row["micro_batch"]) * int(row["seq_len"])
@@ -149,7 +149,7 @@ def main() -> None:
               f"{error:>+7.1%}")
         if row["memory_gib"]:
             state = predict_state(cfg, int(row["gpus"]))
-            total = sum(state.values()) - titan_selective_saving(row)
+            total = sum(state.values()) - titan_selective_saving(cfg, row)
             total += allowance(total)
             memory_lines.append(f"{row['model']} on {row['gpus']} GPUs: published {float(row['memory_gib']):.1f} GiB,"
                                 f" predicted {total / GIB:.1f} GiB ({total / GIB / float(row['memory_gib']) - 1:+.1%})")

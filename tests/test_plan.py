@@ -194,7 +194,7 @@ def test_fused_attention_runs_at_the_cards_published_rate_or_says_it_assumed_one
     """A card's fused attention is priced at its option's published FlashAttention-2 rate times the calibrated
     share; a card that names none takes the A100's attention over matmul ratio, and its tag says ASSUMED. Hopper's
     published attention reaches a smaller share of its matmul rate than Ampere's."""
-    from costlab.measure.steptime import ATTENTION_OVER_MATMUL, GPU_CALIBRATION, gpu_rates
+    from costlab.measure.steptime import GPU_CALIBRATION, attention_over_matmul, gpu_rates
 
     def rates(card: str):
         return gpu_rates(compose_config([*TINY, "mode=plan", f"hardware={card}"]), "bf16")
@@ -207,7 +207,7 @@ def test_fused_attention_runs_at_the_cards_published_rate_or_says_it_assumed_one
     pcie = compose_config([*TINY, "mode=plan", "hardware=h100_pcie"]).hardware
     assert "attention_tflops" not in pcie or pcie.attention_tflops is None
     unnamed = rates("h100_pcie")
-    assert unnamed.attention_flops == pytest.approx(pcie.peak_tflops.bf16 * 1e12 * ATTENTION_OVER_MATMUL
+    assert unnamed.attention_flops == pytest.approx(pcie.peak_tflops.bf16 * 1e12 * attention_over_matmul()
                                                     * GPU_CALIBRATION.attention)
     assert "attention ASSUMED" in unnamed.source
 

@@ -252,7 +252,7 @@ def test_the_loss_backward_holds_two_fp32_logits_tensors_at_once():
 
     cfg = compose_config(["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=256",
                           "model.vocab_size=3000", "trainer.batch_size=8", "trainer.device=cpu", "precision=bf16"])
-    predicted = loss_backward_bytes(cfg, 1, grads=0.0)
+    predicted = loss_backward_bytes(cfg, 1, grads=0.0, held=0.0)
 
     class Peak(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -113,7 +113,7 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
     state[f"{PREDICTED}activations_bytes_per_rank"] = held_bytes
     if rebuilt:
         state[RECOMPUTE] = rebuilt
-    state[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, state[f"{PREDICTED}grads_bytes_per_rank"])
+    state[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, state[f"{PREDICTED}grads_bytes_per_rank"], held_bytes)
     per_device = sum(state.values())  # state, activations, recompute and the loss's backward
     if hw.name != "cpu":
         state[f"{PREDICTED}allowance_bytes_per_rank"] = allowance(per_device)

@@ -122,24 +122,25 @@ def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     out[f"{PREDICTED}activations_bytes_per_rank"] = held  # beside the measured mem/activations_bytes_per_rank
     if rebuilt:
         out[RECOMPUTE] = rebuilt
-    out[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, out[f"{PREDICTED}grads_bytes_per_rank"])
+    out[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, out[f"{PREDICTED}grads_bytes_per_rank"], held)
     return out
 
 
-def loss_backward_bytes(cfg: DictConfig, world: int, grads: float) -> float:
+def loss_backward_bytes(cfg: DictConfig, world: int, grads: float, held: float) -> float:
     """What the loss's backward adds to a rank's peak when it starts: the gradient of the fp32 log-softmax's
     output and that of its input, two fp32 tokens x vocabulary tensors alive at once (the loss upcasts the logits,
     :func:`costlab.models.loss.loss_fn`; tensor parallel gathers them whole), less ``grads``, the rank's gradient
     bytes, which the trainer has set to None since the last step and which are not allocated yet then (unless a
     step accumulates micro-batches or a pipeline's). Under a pipeline it falls on the last stage: what it adds to
-    the largest stage's peak. On one H200 this is GPT-2 small's whole gap to ``max_memory_allocated``."""
+    the largest stage's peak, over ``held``, :func:`activation_parts`' held bytes. On one H200 this is GPT-2 small's
+    whole gap to ``max_memory_allocated``."""
     from costlab.measure.traced import hf_shapes
     from costlab.parallelism.dims import parallel_dims
 
     t, m = cfg.trainer, cfg.model
     dims = parallel_dims(cfg.parallelism, world)
     if dims.pp_enabled:
-        return max(0.0, activation_parts(cfg, world, loss_backward=True)[0] - activation_parts(cfg, world)[0])
+        return max(0.0, activation_parts(cfg, world, loss_backward=True)[0] - held)
     vocab = (hf_shapes(cfg) if is_hf(cfg) else m).vocab_size
     tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
     return max(0.0, tokens * 2 * FP32 * vocab - (grads if int(t.grad_accum_steps) == 1 else 0.0))

@@ -821,23 +821,31 @@ class GpuCalibration:
 # benchmarks/published.py --fit
 GPU_CALIBRATION = GpuCalibration(matmul=0.88, attention=0.45, memory=0.27, overlap_cost=0.73)
 CAUSAL_SHARE = 0.5  # a causal flash-attention kernel skips the blocks above the diagonal
-# where a card's option names no published attention rate: the A100's FlashAttention-2 rate over its attainable
-# matmul rate (189 / 271.2, conf/hardware/a100_80gb.yaml) times the card's attainable matmul rate (ASSUMED)
-ATTENTION_OVER_MATMUL = 189 / 271.2
+ATTENTION_REFERENCE = "a100_80gb"  # the option whose attention over matmul ratio a card without its own takes
+
+
+@functools.lru_cache(maxsize=1)
+def attention_over_matmul() -> float:
+    """Where a card's option names no published attention rate: the A100 80GB option's FlashAttention-2 rate over
+    its attainable bf16 matmul rate (times the card's own attainable matmul rate, ASSUMED)."""
+    from costlab import CONF_DIR
+
+    hw = OmegaConf.load(CONF_DIR / "hardware" / f"{ATTENTION_REFERENCE}.yaml")
+    return float(hw.attention_tflops) / float(hw.attainable_tflops.bf16)
 
 
 def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = None) -> Rates:
     """The rates of one GPU of the ``hardware`` option, for a plan: its datasheet figures (peak in ``dtype``, the
     run's matmul dtype; memory bandwidth, NVLink and network bandwidth) times :data:`GPU_CALIBRATION`'s shares, the
     matmul peak first lowered to the published attainable rate where the option names one, and fused attention at
-    its published rate (``attention_tflops``; where none is named, :data:`ATTENTION_OVER_MATMUL` of the matmul
+    its published rate (``attention_tflops``; where none is named, :func:`attention_over_matmul` of the matmul
     rate)."""
     hw = cfg.hardware
     peak = float(hw.peak_tflops[dtype]) * 1e12
     attainable = (hw.get("attainable_tflops") or {}).get(dtype)
     base = float(attainable) * 1e12 if attainable else peak
     published = hw.get("attention_tflops")  # FlashAttention-2's, bf16 (fp8 training keeps attention in bf16)
-    attention = float(published) * 1e12 if published else base * ATTENTION_OVER_MATMUL
+    attention = float(published) * 1e12 if published else base * attention_over_matmul()
     c = calibration or GPU_CALIBRATION
 
     def link(gbps: float, latency: float) -> dict[str, tuple[float, float]]:
