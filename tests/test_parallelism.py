@@ -161,12 +161,15 @@ def _assert_matches_single(runs, name: str, *overrides: str) -> float:
         assert "trainer.compile" in run.data.tags["costlab.activations_unmeasured"]
     else:
         assert_activations_predicted(run.data.metrics)
-    # the time model probed what FSDP's and tensor parallel's wrapping costs on the run's own model (a pipeline
-    # stage's too)
+    # the time model probed what FSDP's, tensor parallel's and DDP's wrapping costs on the run's own model, and a
+    # pipeline's schedule (its stages wrapped as they run) on the run's own stages
     tag = run.data.tags["costlab.time_model"]
-    wrapped = {"parallelism=fsdp", "parallelism=tp", "parallelism=fsdp_tp"} & set(overrides) or any(
-        o.startswith(("parallelism.dp_shard=", "parallelism.tp_degree=")) for o in overrides)
-    assert ("the run's model wrapped as it runs" in tag) == bool(wrapped), tag
+    pipelined = "parallelism=pp" in overrides
+    assert ("the run's pipeline schedule on one short row per micro-batch" in tag) == pipelined, tag
+    assert ("schedule" in tag.split(";")[0]) == pipelined, tag  # a part of the step
+    wrapped = {"parallelism=fsdp", "parallelism=tp", "parallelism=fsdp_tp", "parallelism=ddp"} & set(overrides)
+    if not pipelined:  # (a stage's wrapping per micro-batch is in the schedule's probe)
+        assert ("the run's model wrapped as it runs" in tag) == bool(wrapped), tag
     assert "the run's model probed plain on its micro-batch" in tag, tag  # every layout: its forward and backward
     assert run.data.metrics["perf/predicted_tokens_per_s"] > 0
     return rel
@@ -215,8 +218,14 @@ def test_option_reproduces_the_single_loss_curve(runs, name):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_fsdp_holds_about_half_the_state_of_ddp(runs):
-    ddp = runs("ddp", "parallelism=ddp")[0].data.metrics
+    ddp_run = runs("ddp", "parallelism=ddp")[0]
+    ddp = ddp_run.data.metrics
     fsdp = runs("fsdp", *PARITY_OPTIONS["fsdp"])[0].data.metrics
+    # the time model timed DDP's own sync (its hooks, bucket copies and all-reduces) on the run's model, so it does
+    # not price the all-reduce on the link model too
+    parts = ddp_run.data.tags["costlab.time_model"].split(";")[0]
+    assert "layout" in parts and "communication" not in parts, parts
+    assert "the run's model wrapped as it runs" in ddp_run.data.tags["costlab.time_model"]
 
     def state(m):
         return m["mem/params_bytes_per_rank"] + m["mem/optimizer_bytes_per_rank"]

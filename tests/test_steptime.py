@@ -62,22 +62,24 @@ def test_the_layout_decides_which_collectives_and_bubble_the_step_pays():
     assert faster.step_s < single.step_s
 
 
-@pytest.mark.parametrize("option", ["fsdp", "tp"])
+@pytest.mark.parametrize("option", ["fsdp", "tp", "ddp"])
 def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     """With the run's own wrapping probed (:func:`costlab.measure.steptime.layout_seconds`), FSDP and tensor
     parallel pay it per layer and micro-batch and once per step; FSDP's collectives and TP's latencies are in it.
-    Unprobed (a GPU plan), they are priced on the link model."""
+    DDP pays it for one micro-batch a step (the others run under ``no_sync``), its all-reduces in it. Unprobed (a
+    GPU plan), they are priced on the link model."""
     cfg = _cfg(f"parallelism={option}", "trainer.grad_accum_steps=2")
     unprobed = predict_step(cfg, 2, RATES, build_optimizer)
     probed = predict_step(cfg, 2, Rates(**{**vars(RATES), "layout_layer_s": 2e-3, "layout_outside_s": 1e-3,
                                            "layout_step_s": 5e-3}), build_optimizer)
     assert "layout" not in unprobed.parts
-    assert probed.parts["layout"] == pytest.approx(2 * (cfg.model.n_layer * 2e-3 + 1e-3) + 5e-3)
+    synced = 1 if option == "ddp" else 2  # micro-batches a step that pay the wrapping
+    assert probed.parts["layout"] == pytest.approx(synced * (cfg.model.n_layer * 2e-3 + 1e-3) + 5e-3)
     latency = RATES.link["all_reduce"][0]
     if option == "tp":  # the all-reduces' bytes remain, their latencies are the probe's
         per = 2 * (4 * cfg.model.n_layer + 2)
         assert probed.parts["communication"] == pytest.approx(unprobed.parts["communication"] - per * latency)
-    else:  # gathers and reduce-scatters of the real weights were timed whole
+    else:  # gathers and reduce-scatters, or DDP's bucketed all-reduces, of the real weights were timed whole
         assert unprobed.parts["communication"] > 0 and probed.parts["communication"] == 0
     assert probed.step_s == pytest.approx(sum(probed.parts.values()))
 
@@ -104,3 +106,19 @@ def test_a_probed_model_prices_its_micro_batch_at_the_probes_seconds_and_splits_
                  + outside.ops * RATES.op_s + outside.views * RATES.view_s)
     assert tp.parts["compute"] == pytest.approx(fixed + (single.parts["compute"] - fixed) / 2
                                                 + 2 * outside.bytes / 1e9 / 2, rel=1e-6)
+
+
+def test_a_probed_pipeline_schedule_is_paid_per_schedule_step_and_holds_its_sends_fixed_costs():
+    """With the run's own pipeline schedule probed (:func:`costlab.measure.steptime.schedule_seconds`), each
+    schedule step (one per accumulated group of micro-batches) pays it, and the sends keep only their bytes on the
+    link model: their fixed costs were in the schedule's timing."""
+    cfg = _cfg("parallelism=pp", "trainer.grad_accum_steps=2")
+    unprobed = predict_step(cfg, 2, RATES, build_optimizer)
+    probed = predict_step(cfg, 2, Rates(**{**vars(RATES), "schedule_s": 4e-3}), build_optimizer)
+    assert "schedule" not in unprobed.parts
+    assert probed.parts["schedule"] == pytest.approx(2 * 4e-3)
+    sends = 2 * cfg.parallelism.microbatches * 2  # micro-batches a step, each an activation forward, a gradient back
+    latency = RATES.link["all_gather"][0]
+    assert probed.parts["communication"] == pytest.approx(unprobed.parts["communication"] - sends * latency)
+    assert probed.parts["compute"] == unprobed.parts["compute"] and probed.parts["bubble"] == unprobed.parts["bubble"]
+    assert "the pipeline's schedule 4 ms per schedule step" in probed.tag(Rates(**{**vars(RATES), "schedule_s": 4e-3}))

@@ -25,14 +25,16 @@ Tensor parallel divides a layer's FLOPs and bytes by its degree (not its ops: ev
 overlaps on CPU: gloo's collectives run on the same cores as the compute. On a CPU run, what a micro-batch costs
 beyond its matmuls is taken from the run's own model probed plain on the run's micro-batch (:class:`ModelProbe`):
 less the ops' fixed costs, its remainder gives the rate its ops write their bytes at (a small model's pointwise
-work is in cache and bound by arithmetic, not by the memory's bandwidth). FSDP and tensor parallel add what the
-run's own wrapping costs, probed on the run's model (:func:`layout_seconds`: per layer and micro-batch, outside the
-layers, and per step; a pipeline stage pays it for its own layers).
+work is in cache and bound by arithmetic, not by the memory's bandwidth). FSDP, tensor parallel and DDP add what
+the run's own wrapping costs, probed on the run's model (:func:`layout_seconds`: per layer and micro-batch, outside
+the layers, and per step; DDP's for the one micro-batch a step it syncs, its all-reduces in it); a pipeline adds
+what the run's own schedule costs beyond its stages' compute and bubble, probed on the run's stages
+(:func:`schedule_seconds`: per schedule step, the sends' fixed costs and a stage's wrapping in it).
 
 The rates are measured by probes at the end of the run, on every rank at once (:func:`probe_ranks`): the run's own
 matmul shapes in its dtype, the bytes an elementwise add on large buffers writes per second, the seconds per op of
 a chain of small autograd ops (and of views), each collective at two sizes, the run's model plain, and the
-layout's wrapping. A run on a
+layout's wrapping or schedule. A run on a
 GPU predicts with its card's rates as a plan does (:func:`gpu_rates`: the ``hardware`` option's published figures
 times the efficiencies calibrated on published A100 runs), not with probes.
 """
@@ -97,6 +99,9 @@ class Rates:
     layout_layer_s: float = 0.0
     layout_outside_s: float = 0.0
     layout_step_s: float = 0.0  # and to a step's clipping and optimizer step
+    # what one step of the run's own pipeline schedule adds beyond its stages' compute and bubble (its Python per
+    # action, its sends' fixed costs, a stage's FSDP or tensor-parallel wrapping): :func:`schedule_seconds`
+    schedule_s: float = 0.0
     # a GPU's (:func:`gpu_rates`): its attention kernels' own rate and the share of the square they compute (a
     # causal flash kernel skips the masked half), the link between nodes (``per_node`` ranks share one node),
     # the host's seconds per op (the GPU waits for it when its kernels are shorter), and whether data-parallel
@@ -139,11 +144,13 @@ class Prediction:
                 + (f"the layout's wrapping {rates.layout_layer_s * 1e3:.3g} ms per layer and "
                    f"{rates.layout_outside_s * 1e3:.3g} ms outside per micro-batch, "
                    f"{rates.layout_step_s * 1e3:.3g} ms per step, " if _probed_layout(rates) else "")
+                + (f"the pipeline's schedule {rates.schedule_s * 1e3:.3g} ms per schedule step beyond its "
+                   "stages' compute and bubble, " if rates.schedule_s else "")
                 + f"({rates.source})" + "".join(f"; {n}" for n in self.notes))
 
 
 def _probed_layout(rates: Rates) -> bool:
-    return bool(rates.layout_layer_s or rates.layout_outside_s or rates.layout_step_s)
+    return bool(rates.layout_layer_s or rates.layout_outside_s or rates.layout_step_s or rates.schedule_s)
 
 
 class _Counter:
@@ -372,12 +379,17 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     # gradients (costlab's trainer, like Composer's, leaves FSDP's gradient sync on; a pipeline schedule turns it
     # off but for its last backward)
     syncs = int(t.grad_accum_steps) if dims.fsdp_enabled else 1
-    if dims.dp_replicate > 1:
+    probed = _probed_layout(rates)
+    if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
                                              span=dims.dp_replicate * shard_span)
-    probed = _probed_layout(rates)
-    if probed:  # the run's own wrapping, probed: FSDP's gathers and reduce-scatters whole, TP's fixed costs
-        parts["layout"] = n_mb * (layers * rates.layout_layer_s + rates.layout_outside_s) + rates.layout_step_s
+    if probed:  # the run's own wrapping, probed: FSDP's gathers and reduce-scatters whole, TP's fixed costs, DDP's
+        # sync whole (it syncs one micro-batch a step: the others run under no_sync, its hooks idle)
+        wrapped_mbs = 1 if dims.ddp_enabled else n_mb  # (a run's DDP combines with no other degree)
+        parts["layout"] = (wrapped_mbs * (layers * rates.layout_layer_s + rates.layout_outside_s)
+                           + rates.layout_step_s)
+    if rates.schedule_s:  # the run's own pipeline, probed: one schedule step per accumulated micro-batch group
+        parts["schedule"] = int(t.grad_accum_steps) * rates.schedule_s
     if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced per sync
         gathered = grad_bytes * (2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4) / 4
         data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span)
@@ -398,7 +410,8 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         policed = layer.forward_ops + max(0.0, layer.ops + layer.views - plain.ops - plain.views)
         parts["selective_checkpointing"] = n_mb * layers * policed * max(0.0, rates.policy_op_s - rates.op_s)
     if dims.pp_enabled:  # each chunk's activation forward and gradient back
-        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", span=world // dims.pp + 1)
+        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", latency=not rates.schedule_s,
+                                           span=world // dims.pp + 1)
     parts["communication"] = comm
     step = sum(parts.values())
     return Prediction(step, t.batch_size * int(m.block_size) / step, parts, notes)
@@ -610,7 +623,8 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     gradient clipping and optimizer step, the median of ``repeats`` (the measured tokens/s is a mean over steps,
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
     block), under the run's checkpointing and autocast, uncompiled; ``wrapped``: laid out as the run lays it out
-    (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh), else plain on this rank.
+    (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh, in DDP where the run replicates), else
+    plain on this rank.
     ``build_optimizer``: the trainer's (:func:`optimizer_work`). On a run of several ranks, a collective: every
     rank calls it, wrapped or not."""
     import torch
@@ -621,6 +635,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     from costlab.models.loss import loss_fn
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
     from costlab.parallelism.core import clip_grad_norm_
+    from costlab.parallelism.ddp import apply_ddp
     from costlab.parallelism.dims import ParallelDims, parallel_dims
 
     dims = parallel_dims(cfg.parallelism, world) if wrapped else ParallelDims(1, 1, 1, 1)
@@ -664,6 +679,9 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
         torch.manual_seed(0)
         model = build_model(shallow.model)
         apply_parallelisms(model, shallow, dims, mesh, device)
+        if dims.ddp_enabled:  # as the run wraps it (DDP combines with no other degree)
+            model = apply_ddp(model, mesh["dp_replicate"].get_group(), device,
+                              cfg.parallelism.get("bucket_cap_mb", 25))
         model.train()
         seconds[layers] = timed(model, shallow)
     return seconds
@@ -680,20 +698,73 @@ def per_layer(seconds: dict[int, tuple[float, float]]) -> tuple[float, float, fl
 
 
 def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any) -> tuple[float, float, float]:
-    """The seconds the run's own tensor-parallel and FSDP wrapping adds: per layer and outside the layers of one
+    """The seconds the run's own tensor-parallel, FSDP or DDP wrapping adds: per layer and outside the layers of one
     micro-batch's forward and backward, and to a step's gradient clipping and optimizer step (its sharded
-    parameters are DTensors) for the run's depth: :func:`depth_seconds` wrapped less plain, on one row of
+    parameters are DTensors) for the run's depth (a pipeline stage's share of it): :func:`depth_seconds` wrapped
+    less plain, on one row of
     ``LAYOUT_TOKENS`` tokens. That holds FSDP2's hooks, its copies in and out and its gathers and
-    reduce-scatters of the real weights, DTensor's Python per op and the collectives' fixed costs; tensor
-    parallel's activation bytes, which grow with the batch, are left to the link model. A collective: every rank
-    calls it."""
+    reduce-scatters of the real weights, DTensor's Python per op and the collectives' fixed costs, and DDP's
+    gradient hooks, bucket copies and bucketed all-reduces of the real gradients; tensor parallel's activation
+    bytes, which grow with the batch, are left to the link model. A collective: every rank calls it."""
     from costlab.measure.memory import _depth
+    from costlab.parallelism.dims import parallel_dims
 
     wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True)
     plain = depth_seconds(cfg, world, build_optimizer, wrapped=False)
     extra = {d: tuple(w - p for w, p in zip(wrapped[d], plain[d], strict=True)) for d in LAYOUT_DEPTHS}
     layer, outside, step_layer, step_outside = per_layer(extra)
-    return layer, outside, (_depth(cfg) or 0) * step_layer + step_outside
+    dims = parallel_dims(cfg.parallelism, world)
+    if not (dims.fsdp_enabled or dims.tp_enabled):  # DDP steps the same plain tensors: its difference is noise
+        return layer, outside, 0.0
+    return layer, outside, (_depth(cfg) or 0) / dims.pp * step_layer + step_outside  # a pipeline stage's layers
+
+
+def schedule_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats: int = 5) -> float:
+    """What one step of the run's own pipeline schedule adds beyond its stages' compute and bubble: the run's model
+    at its depth, staged, scheduled and wrapped as the run does it
+    (:class:`costlab.parallelism.pp.PipelineParallel`), runs one schedule step on one row of ``LAYOUT_TOKENS``
+    tokens per micro-batch (the median of ``repeats``), less what the time model puts there for that work: (micro-
+    batches + the bubble's slots) x one such micro-batch through a stage, timed plain (:func:`depth_seconds`). That
+    holds the schedule's Python per action, its sends' and receives' fixed costs, the loss per micro-batch, the
+    tied weight's all-reduce and a stage's FSDP or tensor-parallel wrapping per micro-batch; the activations'
+    bytes, which grow with the batch, are left to the link model. A collective: every rank calls it."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from costlab.measure.memory import _depth
+    from costlab.models.gpt import build_model
+    from costlab.parallelism.apply import build_mesh
+    from costlab.parallelism.core import DistEnv
+    from costlab.parallelism.dims import parallel_dims
+    from costlab.parallelism.pp import PipelineParallel
+
+    dims = parallel_dims(cfg.parallelism, world)
+    p = cfg.parallelism
+    micro = int(p.microbatches)
+    v = int(p.stages_per_rank) if p.schedule == "interleaved_1f1b" else 1
+    probe = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    probe.trainer.compile = False  # eager costs, as every probe
+    probe.trainer.grad_accum_steps = 1  # one schedule step
+    tokens = min(LAYOUT_TOKENS, int(cfg.model.block_size))
+    x = torch.zeros(micro, tokens, dtype=torch.long)  # one row per micro-batch
+    env = DistEnv(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), world,
+                  int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.device("cpu"))
+    torch.manual_seed(0)
+    pipeline = PipelineParallel(build_model(probe.model), probe, env, dims, build_mesh(dims, "cpu"))
+    times = []
+    for i in range(repeats + 2):  # two warm-up steps: the first infers the stages' shapes
+        for part in pipeline.parts.values():
+            part.zero_grad(set_to_none=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        pipeline.forward_backward(x, x, probe, None)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    layer, outside, _, _ = per_layer(depth_seconds(cfg, world, build_optimizer, False, 1, tokens))
+    stage = (_depth(cfg) or 0) / dims.pp * layer + outside  # as :func:`predict_step` prices a stage
+    return max(0.0, statistics.median(times) - (micro + (dims.pp - 1) / v) * stage)
 
 
 @dataclass
@@ -712,6 +783,7 @@ class RankProbes:
     layout_outside_s: float = 0.0
     layout_step_s: float = 0.0
     model: ModelProbe | None = None
+    schedule_s: float = 0.0
 
 
 def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes | None:
@@ -731,9 +803,13 @@ def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes
              seconds_per_policed_op() if selective else 0.0]
     from costlab.measure.memory import _depth
 
-    wrapped = world > 1 and (dims.fsdp_enabled or dims.tp_enabled) and _depth(cfg) is not None
     probed_model = _depth(cfg) is not None
-    times += list(layout_seconds(cfg, world, build_optimizer) if wrapped else (0.0, 0.0, 0.0))
+    wrapped = world > 1 and (dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled) and probed_model
+    pipelined = world > 1 and dims.pp_enabled and probed_model
+    layout = layout_seconds(cfg, world, build_optimizer) if wrapped else (0.0, 0.0, 0.0)
+    if pipelined:  # a stage's wrapping per micro-batch is in the schedule's probe; its optimizer step is not
+        layout = (0.0, 0.0, layout[2])
+    times += [*layout, schedule_seconds(cfg, world, build_optimizer) if pipelined else 0.0]
     if probed_model:  # the run's own model plain on the run's micro-batch
         tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
         block = int(cfg.model.block_size)
@@ -744,8 +820,8 @@ def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     link = link_probe() if world > 1 else None
     w = [float(v) for v in worst]
-    model = ModelProbe(w[8], w[9], 1 / w[10]) if probed_model else None
-    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model)
+    model = ModelProbe(w[9], w[10], 1 / w[11]) if probed_model else None
+    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model, schedule_s=w[8])
 
 
 def local_probes(cfg: DictConfig, world: int) -> RankProbes:
@@ -793,9 +869,10 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
                  + (", the run's model wrapped as it runs and plain" if probes.layout_layer_s
                     or probes.layout_outside_s or probes.layout_step_s else "")
+                + (", the run's pipeline schedule on one short row per micro-batch" if probes.schedule_s else "")
                 + (", the run's model plain at two depths on its micro-batch" if probes.model else ""),
                  probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s,
-                 model=probes.model)
+                 schedule_s=probes.schedule_s, model=probes.model)
 
 
 @dataclass(frozen=True)
