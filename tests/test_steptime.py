@@ -121,4 +121,6 @@ def test_a_probed_pipeline_schedule_is_paid_per_schedule_step_and_holds_its_send
     latency = RATES.link["all_gather"][0]
     assert probed.parts["communication"] == pytest.approx(unprobed.parts["communication"] - sends * latency)
     assert probed.parts["compute"] == unprobed.parts["compute"] and probed.parts["bubble"] == unprobed.parts["bubble"]
-    assert "the pipeline's schedule 4 ms per schedule step" in probed.tag(Rates(**{**vars(RATES), "schedule_s": 4e-3}))
+    tag = probed.tag(Rates(**{**vars(RATES), "schedule_s": 4e-3}))
+    assert "the pipeline's schedule 4 ms per schedule step" in tag
+    assert "layout" not in probed.parts and "the layout's wrapping" not in tag  # a plain pipeline wraps nothing

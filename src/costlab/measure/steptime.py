@@ -150,7 +150,7 @@ class Prediction:
 
 
 def _probed_layout(rates: Rates) -> bool:
-    return bool(rates.layout_layer_s or rates.layout_outside_s or rates.layout_step_s or rates.schedule_s)
+    return bool(rates.layout_layer_s or rates.layout_outside_s or rates.layout_step_s)
 
 
 class _Counter:
@@ -379,12 +379,14 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     # gradients (costlab's trainer, like Composer's, leaves FSDP's gradient sync on; a pipeline schedule turns it
     # off but for its last backward)
     syncs = int(t.grad_accum_steps) if dims.fsdp_enabled else 1
-    probed = _probed_layout(rates)
+    # the run's own wrapping or pipeline schedule, probed, holds the layout's collectives' fixed costs (FSDP's and
+    # DDP's whole)
+    probed = _probed_layout(rates) or bool(rates.schedule_s)
     if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
                                              span=dims.dp_replicate * shard_span)
-    if probed:  # the run's own wrapping, probed: FSDP's gathers and reduce-scatters whole, TP's fixed costs, DDP's
-        # sync whole (it syncs one micro-batch a step: the others run under no_sync, its hooks idle)
+    if _probed_layout(rates):  # the run's own wrapping: FSDP's gathers and reduce-scatters whole, TP's fixed costs,
+        # DDP's sync whole (it syncs one micro-batch a step: the others run under no_sync, its hooks idle)
         wrapped_mbs = 1 if dims.ddp_enabled else n_mb  # (a run's DDP combines with no other degree)
         parts["layout"] = (wrapped_mbs * (layers * rates.layout_layer_s + rates.layout_outside_s)
                            + rates.layout_step_s)
@@ -719,7 +721,7 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any) -> tuple[f
     return layer, outside, (_depth(cfg) or 0) / dims.pp * step_layer + step_outside  # a pipeline stage's layers
 
 
-def schedule_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats: int = 5) -> float:
+def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: int = 5) -> float:
     """What one step of the run's own pipeline schedule adds beyond its stages' compute and bubble: the run's model
     at its depth, staged, scheduled and wrapped as the run does it
     (:class:`costlab.parallelism.pp.PipelineParallel`), runs one schedule step on one row of ``LAYOUT_TOKENS``
@@ -727,19 +729,18 @@ def schedule_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats:
     batches + the bubble's slots) x one such micro-batch through a stage, timed plain (:func:`depth_seconds`). That
     holds the schedule's Python per action, its sends' and receives' fixed costs, the loss per micro-batch, the
     tied weight's all-reduce and a stage's FSDP or tensor-parallel wrapping per micro-batch; the activations'
-    bytes, which grow with the batch, are left to the link model. A collective: every rank calls it."""
-    import os
-
+    bytes, which grow with the batch, are left to the link model. ``env``: the rank's
+    :class:`costlab.parallelism.core.DistEnv`. A collective: every rank calls it."""
     import torch
     import torch.distributed as dist
 
     from costlab.measure.memory import _depth
     from costlab.models.gpt import build_model
     from costlab.parallelism.apply import build_mesh
-    from costlab.parallelism.core import DistEnv
     from costlab.parallelism.dims import parallel_dims
     from costlab.parallelism.pp import PipelineParallel
 
+    world = env.world_size
     dims = parallel_dims(cfg.parallelism, world)
     p = cfg.parallelism
     micro = int(p.microbatches)
@@ -749,10 +750,8 @@ def schedule_seconds(cfg: DictConfig, world: int, build_optimizer: Any, repeats:
     probe.trainer.grad_accum_steps = 1  # one schedule step
     tokens = min(LAYOUT_TOKENS, int(cfg.model.block_size))
     x = torch.zeros(micro, tokens, dtype=torch.long)  # one row per micro-batch
-    env = DistEnv(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), world,
-                  int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.device("cpu"))
     torch.manual_seed(0)
-    pipeline = PipelineParallel(build_model(probe.model), probe, env, dims, build_mesh(dims, "cpu"))
+    pipeline = PipelineParallel(build_model(probe.model), probe, env, dims, build_mesh(dims, env.device.type))
     times = []
     for i in range(repeats + 2):  # two warm-up steps: the first infers the stages' shapes
         for part in pipeline.parts.values():
@@ -786,10 +785,12 @@ class RankProbes:
     schedule_s: float = 0.0
 
 
-def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes | None:
-    """:class:`RankProbes` on a CPU run (None on a GPU): a collective, every rank calls it."""
+def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes | None:
+    """:class:`RankProbes` on a CPU run (None on a GPU); ``env``: the rank's
+    :class:`costlab.parallelism.core.DistEnv`. A collective, every rank calls it."""
     if cfg.trainer.device != "cpu":
         return None
+    world = env.world_size
     import torch
     import torch.distributed as dist
 
@@ -809,7 +810,7 @@ def probe_ranks(cfg: DictConfig, world: int, build_optimizer: Any) -> RankProbes
     layout = layout_seconds(cfg, world, build_optimizer) if wrapped else (0.0, 0.0, 0.0)
     if pipelined:  # a stage's wrapping per micro-batch is in the schedule's probe; its optimizer step is not
         layout = (0.0, 0.0, layout[2])
-    times += [*layout, schedule_seconds(cfg, world, build_optimizer) if pipelined else 0.0]
+    times += [*layout, schedule_seconds(cfg, env, build_optimizer) if pipelined else 0.0]
     if probed_model:  # the run's own model plain on the run's micro-batch
         tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
         block = int(cfg.model.block_size)

@@ -107,7 +107,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
         result = Trainer(parallel, optimizer, corpus, cfg, env, logger, [*hooks, energy], stop, resumable=True).train()
         summary = training_summary(result, predicted, env)  # collectives: every rank takes part
         # collective likewise
-        probes = probe_ranks(cfg, env.world_size, build_optimizer) if cfg.trainer.max_steps > 0 else None
+        probes = probe_ranks(cfg, env, build_optimizer) if cfg.trainer.max_steps > 0 else None
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
         adapter = adapter_state(parallel.model) if ships_adapter(cfg) else None  # collective where sharded
         final = parallel.full_model(cfg)  # collective: every rank takes part
