@@ -21,9 +21,12 @@ What the figures mean
   synchronised), ``perf/mfu`` against ``perf/peak_tflops_per_device`` (the dense datasheet peak of the run's
   matmul dtype from the ``hardware`` option that ``auto`` resolves from the card's name; fp32 is the
   non-tensor-core figure, costlab leaves TF32 off), and FLOPs from the cost model (``perf/flops_per_token``).
-* Predictions beside measurements: ``perf/predicted_tokens_per_s`` is the time model's forecast from the card's
-  hardware option (its published attainable matmul rate, datasheet bandwidths, and the shares fitted on A100
-  publications; the run's own card is not probed), so its error is what the calibration misses on this card;
+* Predictions beside measurements: ``perf/predicted_tokens_per_s`` is the time model's forecast from probes on the
+  card at the end of the run (the run's matmul shapes, the host's dispatch per op, a large add, the run's model
+  plain at two depths on its micro-batch; attention and links from the hardware option), so its error is what
+  the model misses with the card at hand; ``perf/planned_tokens_per_s`` is the plan's forecast from the card's
+  hardware option alone (its published attainable matmul rate, datasheet bandwidths, and the shares fitted on
+  A100 publications), so its error is what the calibration misses on this card;
   ``mem/predicted_over_measured`` is the predicted per-rank total (parameters, gradients, optimizer state,
   activations) over ``torch.cuda.max_memory_allocated``; ``mem/activations_bytes_per_rank`` (measured with
   saved-tensor accounting on the first step) against ``mem/predicted_activations_bytes_per_rank``.
@@ -314,13 +317,14 @@ def table(results: list[Result], env: dict[str, Any], mode: str) -> str:
         f"**costlab GPU check** ({mode}): {card}, driver {env.get('driver') or '-'}, "
         f"CUDA {env.get('cuda_driver') or '-'} (torch built for CUDA {env.get('torch_cuda') or '-'}), "
         f"torch {env.get('torch')}, torchao {env.get('torchao') or '-'}.",
-        "Every figure is the run's own: tokens/s measured (`perf/tokens_per_s`) and predicted "
-        "(`perf/predicted_tokens_per_s`, from the card's hardware option and the A100-fitted shares) with the "
-        "prediction's error; MFU (`perf/mfu`, the cost model's FLOPs against the datasheet peak of the run's matmul "
-        "dtype); peak memory `mem/peak_bytes` (max_memory_allocated) and `mem/predicted_over_measured` (predicted "
-        "per-rank total over it); activations saved for backward, measured (`mem/activations_bytes_per_rank`) and "
-        "the prediction's error; `mem/peak_reserved_bytes` (max_memory_reserved); `infer/speedup`, the compressed "
-        "model against the uncompressed one on one batch.",
+        "Every figure is the run's own: tokens/s measured (`perf/tokens_per_s`), predicted from probes on the "
+        "card (`perf/predicted_tokens_per_s`) and planned from the card's hardware option and the A100-fitted "
+        "shares (`perf/planned_tokens_per_s`), each with its error; MFU (`perf/mfu`, the cost model's FLOPs "
+        "against the datasheet peak of the run's matmul dtype); peak memory `mem/peak_bytes` "
+        "(max_memory_allocated) and `mem/predicted_over_measured` (predicted per-rank total over it); activations "
+        "saved for backward, measured (`mem/activations_bytes_per_rank`) and the prediction's error; "
+        "`mem/peak_reserved_bytes` (max_memory_reserved); `infer/speedup`, the compressed model against the "
+        "uncompressed one on one batch.",
         f"Every gpt_micro case also sets `{' '.join(MICRO[1:])}`; the GPT-2-sized ones `{' '.join(LARGE)}`; "
         f"every case `{' '.join(COMMON)}` (all overrides per case are in gpu_check.json).",
     ]
@@ -329,7 +333,7 @@ def table(results: list[Result], env: dict[str, Any], mode: str) -> str:
         caption.append("Rows from more than one card: " + ", ".join(f"{r.name} on {r.card}" for r in results if r.card)
                        + "; MFU is against each row's own card.")
     caption.append("")
-    head = ["case", "status", "tokens/s", "predicted (error)", "MFU", "peak allocated GiB",
+    head = ["case", "status", "tokens/s", "predicted (error)", "planned (error)", "MFU", "peak allocated GiB",
             "predicted / allocated", "activations MiB (predicted error)", "peak reserved GiB", "inference speed-up",
             "overrides (note)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -338,11 +342,12 @@ def table(results: list[Result], env: dict[str, Any], mode: str) -> str:
         if r.error_tail:
             status += " (tail below)"
         m = r.metrics
-        tokens, predicted = m.get("perf/tokens_per_s"), m.get("perf/predicted_tokens_per_s")
+        tokens = m.get("perf/tokens_per_s")
+        predicted, planned = m.get("perf/predicted_tokens_per_s"), m.get("perf/planned_tokens_per_s")
         activations = m.get("mem/activations_bytes_per_rank")
         row = [
             r.name, status, fmt(tokens, ",.0f"),
-            "-" if predicted is None else f"{predicted:,.0f} ({error(predicted, tokens)})",
+            *("-" if f is None else f"{f:,.0f} ({error(f, tokens)})" for f in (predicted, planned)),
             fmt(m.get("perf/mfu"), ".1%"),
             fmt(m.get("mem/peak_bytes"), ".2f", 2**30), fmt(m.get("mem/predicted_over_measured"), ".2f"),
             "-" if activations is None else

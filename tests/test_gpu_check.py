@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from costlab import ROOT
-from costlab.measure.metrics import peak_reserved_memory
+from costlab.measure.metrics import Peaks, hold_peaks, peak_memory_bytes, peak_reserved_memory, restart_peaks
 from tests.conftest import has_cuda, requires_cuda
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -98,6 +98,26 @@ def test_without_a_gpu_every_case_is_skipped(tmp_path):
 
 def test_reserved_memory_is_a_gpu_figure_only():
     assert peak_reserved_memory(torch.device("cpu")) == {}
+    assert hold_peaks(torch.device("cpu")) == Peaks()  # nor is there a peak to hold
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_what_runs_between_held_and_restarted_peaks_stays_out_of_the_runs_peaks():
+    """The time model's probes run on the card after training: the run's peaks are those held before them and
+    those of what follows, not the probes' own."""
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    trained = torch.ones(2**20, device=device)  # 4 MiB
+    held = hold_peaks(device)
+    probe = torch.ones(2**25, device=device)  # 128 MiB
+    del probe
+    restart_peaks(device)
+    after = torch.ones(2**21, device=device)  # 8 MiB
+    assert held.allocated >= trained.numel() * 4
+    assert after.numel() * 4 <= peak_memory_bytes(device, held) < 2**27
+    assert peak_reserved_memory(device, held)["mem/peak_reserved_bytes"] < 2**27
 
 
 @pytest.mark.gpu
@@ -119,3 +139,7 @@ def test_the_check_runs_a_case_on_the_gpu(tmp_path):
     m = case["metrics"]
     assert m["mem/peak_reserved_bytes"] >= m["mem/peak_bytes"] > 0
     assert m["perf/tflops_per_device"] > 0 and m["perf/predicted_tokens_per_s"] > 0
+    # predicted from probes on the card (its model at two depths), planned from the card's option alone
+    assert "probes on this card" in case["tags"]["costlab.time_model"], case["tags"]
+    assert "the run's model probed plain on its micro-batch" in case["tags"]["costlab.time_model"]
+    assert m["perf/planned_tokens_per_s"] > 0 and m["perf/planned_tokens_per_s"] != m["perf/predicted_tokens_per_s"]

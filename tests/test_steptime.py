@@ -124,3 +124,59 @@ def test_a_probed_pipeline_schedule_is_paid_per_schedule_step_and_holds_its_send
     tag = probed.tag(Rates(**{**vars(RATES), "schedule_s": 4e-3}))
     assert "the pipeline's schedule 4 ms per schedule step" in tag
     assert "layout" not in probed.parts and "the layout's wrapping" not in tag  # a plain pipeline wraps nothing
+
+
+def test_a_gpu_run_predicts_from_its_cards_probes_and_logs_its_plan_beside():
+    """A GPU run whose card was probed (:func:`costlab.measure.steptime.card_probes`) predicts with what the card
+    measured in place of the calibrated shares: its model's seconds per micro-batch, its host's dispatch per op,
+    its memory's writes; attention and the links stay the hardware option's. Beside it, the run logs its plan's
+    prediction (the option's calibrated rates alone). No card here: the probes' figures are given."""
+    from costlab.launcher.plan import predict_time
+    from costlab.measure.steptime import (
+        PLANNED_TOKENS_PER_S,
+        PREDICTED_TOKENS_PER_S,
+        TIME_MODEL_TAG,
+        RankProbes,
+        card_rates,
+        gpu_rates,
+        predicted_metrics,
+    )
+
+    overrides = ["hardware=h100_sxm", "precision=bf16", "trainer.grad_accum_steps=2"]
+    cfg = compose_config([*TINY, *overrides, "trainer.device=cuda"])
+    probes = RankProbes(matmul_flops=3e14, op_s=6e-6, view_s=0.0, bytes_per_s=2e12, link=None,
+                        model=ModelProbe(layer_s=2e-3, outside_s=1e-3, matmul_flops=3e14))
+    rates, plan = card_rates(cfg, "bf16", probes), gpu_rates(cfg, "bf16")
+    assert (rates.matmul_flops, rates.bytes_per_s, rates.host_op_s) == (3e14, 2e12, 6e-6)
+    assert (rates.attention_flops, rates.link, rates.overlap) == (plan.attention_flops, plan.link, plan.overlap)
+    step = predict_step(cfg, 1, rates, build_optimizer)
+    assert step.parts["compute"] == pytest.approx(2 * (cfg.model.n_layer * 2e-3 + 1e-3))  # two micro-batches
+    figures, tag = predicted_metrics(cfg, 1, probes, build_optimizer, "bf16")
+    assert figures[PREDICTED_TOKENS_PER_S] == pytest.approx(step.tokens_per_s)
+    assert "probes on this card" in tag[TIME_MODEL_TAG] and "fitted on llm-foundry" in tag[TIME_MODEL_TAG]
+    planned, _ = predict_time(compose_config([*TINY, *overrides, "mode=plan"]), 1)
+    assert figures[PLANNED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
+    assert figures[PREDICTED_TOKENS_PER_S] != pytest.approx(planned.tokens_per_s, rel=0.01)
+    unprobed, _ = predicted_metrics(cfg, 1, None, build_optimizer, "bf16")  # a probe failed: the plan's figure
+    assert unprobed[PREDICTED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
+
+
+def test_the_cards_probes_time_the_run_on_the_ranks_device_and_fail_as_a_whole(capfd):
+    """:func:`costlab.measure.steptime.card_probes` runs its probes on the rank's device (here the CPU, which takes
+    the same code but for the card's clock): the run's model at two depths on its micro-batch, its matmul shapes,
+    the host's dispatch, a large add. A probe that raises costs the prediction its probes and says so; the run
+    goes on."""
+    from costlab.measure.steptime import card_probes
+    from costlab.parallelism.core import DistEnv
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    probes = card_probes(_cfg(), env, build_optimizer)
+    assert probes is not None and probes.model is not None and probes.link is None
+    assert probes.model.layer_s > 0 and probes.model.outside_s > 0 and probes.model.matmul_flops > 0
+    assert probes.matmul_flops > 0 and 0 < probes.op_s < 1e-2 and probes.bytes_per_s > 1e8
+    # a micro-batch no memory holds: its matmul shapes cannot be allocated, as a card beside its trained model can
+    # run out of memory
+    huge = _cfg(f"trainer.batch_size={2**40}")
+    assert card_probes(huge, env, build_optimizer) is None
+    err = capfd.readouterr().err
+    assert "the card's time probes failed (RuntimeError" in err and "can't allocate memory" in err

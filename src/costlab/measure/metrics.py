@@ -63,25 +63,53 @@ class StepStats:
         }
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """This process's peak: ``max_memory_allocated`` on GPU, peak resident set size on CPU."""
+def peak_memory_bytes(device: torch.device, held: Peaks | None = None) -> int:
+    """This process's peak: ``max_memory_allocated`` on GPU (at least ``held``'s, the peak before the allocator's
+    were restarted), peak resident set size on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        return max(torch.cuda.max_memory_allocated(device), held.allocated if held else 0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def peak_reserved_memory(device: torch.device) -> dict[str, float]:
-    """``mem/peak_reserved_bytes`` on GPU: ``max_memory_reserved``, largest over ranks, with the allocator's
-    retry and out-of-memory counts (``torch.cuda.memory_stats``). The caching allocator
+@dataclass(frozen=True)
+class Peaks:
+    """The GPU allocator's peaks so far (:func:`hold_peaks`)."""
+
+    allocated: int = 0
+    reserved: int = 0
+
+
+def hold_peaks(device: torch.device) -> Peaks:
+    """The allocator's peaks so far, before work that is not the run's (the time model's probes on the card), to
+    pass to :func:`restart_peaks` after it and to the peak readings at the end; on CPU none (the resident set's
+    peak cannot be restarted)."""
+    if device.type != "cuda":
+        return Peaks()
+    return Peaks(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+
+
+def restart_peaks(device: torch.device) -> None:
+    """After the work :func:`hold_peaks` was taken before: its cached blocks go back to the card and the
+    allocator's peaks restart from what is allocated now, so the run's peaks are the held ones and those of what
+    follows."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_reserved_memory(device: torch.device, held: Peaks | None = None) -> dict[str, float]:
+    """``mem/peak_reserved_bytes`` on GPU: ``max_memory_reserved`` (at least ``held``'s), largest over ranks, with
+    the allocator's retry and out-of-memory counts (``torch.cuda.memory_stats``). The caching allocator
     holds freed blocks for reuse, so what a run takes from the card (and what other processes cannot have)
     is its reservation, not only what it allocated. CPU has no such figure: nothing is logged there.
     A collective on several ranks: every rank calls it."""
     if device.type != "cuda":
         return {}
     stats = torch.cuda.memory_stats(device)
+    reserved = max(torch.cuda.max_memory_reserved(device), held.reserved if held else 0)
     return {
-        "mem/peak_reserved_bytes": max_over_ranks(torch.cuda.max_memory_reserved(device), device),
+        "mem/peak_reserved_bytes": max_over_ranks(reserved, device),
         # the allocator freed its cache and retried (a sign of fragmentation near the limit), or gave up
         "mem/alloc_retries": max_over_ranks(stats.get("num_alloc_retries", 0), device),
         "mem/ooms": max_over_ranks(stats.get("num_ooms", 0), device),

@@ -34,9 +34,12 @@ what the run's own schedule costs beyond its stages' compute and bubble, probed 
 The rates are measured by probes at the end of the run, on every rank at once (:func:`probe_ranks`): the run's own
 matmul shapes in its dtype, the bytes an elementwise add on large buffers writes per second, the seconds per op of
 a chain of small autograd ops (and of views), each collective at two sizes, the run's model plain, and the
-layout's wrapping or schedule. A run on a
-GPU predicts with its card's rates as a plan does (:func:`gpu_rates`: the ``hardware`` option's published figures
-times the efficiencies calibrated on published A100 runs), not with probes.
+layout's wrapping or schedule. A plan predicts a card that is not here from its ``hardware`` option's published
+figures times the efficiencies calibrated on published A100 runs (:func:`gpu_rates`). A run on a GPU probes its
+own card at the end of the run (:func:`card_probes`: the run's matmul shapes, the host's dispatch per op, a large
+add, the run's model plain on its micro-batch) and predicts with those in place of the calibrated shares
+(:func:`card_rates`; attention's rate and the links stay the option's), and logs its plan's figure beside
+(``perf/planned_tokens_per_s``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PREDICTED_TOKENS_PER_S = "perf/predicted_tokens_per_s"
 PREDICTED_STEP_MS = "perf/predicted_step_time_ms"
+PLANNED_TOKENS_PER_S = "perf/planned_tokens_per_s"  # a GPU run's: its plan's prediction, from calibrated rates alone
 PREDICTED_USD_TRAIN = "cost/predicted_usd_per_1m_train_tokens"
 TIME_MODEL_TAG = "costlab.time_model"  # the rates and parts behind the prediction, or why there is none
 
@@ -425,21 +429,43 @@ BANDWIDTH_BYTES = 64 * 2**20  # each buffer of the memory probe: far beyond any 
 OP_CHAIN = 200  # small autograd ops per timed chain
 
 
-def memory_bandwidth(min_s: float = 0.1) -> float:
-    """Bytes *written* per second by ``torch.add(a, b, out=c)`` on large fp32 buffers, the best of repeats: the
-    traced work counts what each op writes, and an elementwise op reads one or two bytes for each it writes (a
-    copy's read-and-write bandwidth would price it two to three times too fast)."""
+KERNEL_CALLS = 10  # calls per timing on a GPU, between two CUDA events (one kernel takes microseconds)
+
+
+def _best_seconds(call: Any, min_s: float, device: Any = None) -> float:
+    """Seconds of one ``call()``, the fastest of the timings within ``min_s`` after one warm-up call. On the CPU
+    each timing is one call on the host's clock; on a GPU it is :data:`KERNEL_CALLS` calls between two CUDA events
+    on the card's stream (the host's clock around one call would time its launch, not its kernel)."""
+    import torch
+
+    call()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < min_s or best == float("inf"):
+        if cuda:
+            first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            first.record()
+            for _ in range(KERNEL_CALLS):
+                call()
+            last.record()
+            last.synchronize()
+            best = min(best, first.elapsed_time(last) / 1e3 / KERNEL_CALLS)
+        else:
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def memory_bandwidth(min_s: float = 0.1, device: Any = None) -> float:
+    """Bytes *written* per second by ``torch.add(a, b, out=c)`` on large fp32 buffers on ``device`` (default the
+    CPU), the best of repeats: the traced work counts what each op writes, and an elementwise op reads one or two
+    bytes for each it writes (a copy's read-and-write bandwidth would price it two to three times too fast)."""
     import torch
 
     n = BANDWIDTH_BYTES // 4
-    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
-    torch.add(a, b, out=c)
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < min_s:
-        t0 = time.perf_counter()
-        torch.add(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return BANDWIDTH_BYTES / best
+    a, b, c = torch.ones(n, device=device), torch.ones(n, device=device), torch.empty(n, device=device)
+    return BANDWIDTH_BYTES / _best_seconds(lambda: torch.add(a, b, out=c), min_s, device)
 
 
 def _best_per_op(chain: Any, min_s: float) -> float:
@@ -484,13 +510,15 @@ def seconds_per_policed_op(min_s: float = 0.1) -> float:
         return seconds_per_op(min_s)
 
 
-def seconds_per_op(min_s: float = 0.1) -> float:
-    """The fixed cost of one aten op with autograd recording: a chain of multiplications of a tiny tensor, forward
-    and backward, timed; the best of repeats per op dispatched."""
+def seconds_per_op(min_s: float = 0.1, device: Any = None) -> float:
+    """The fixed cost of one aten op with autograd recording: a chain of multiplications of a tiny tensor on
+    ``device`` (default the CPU), forward and backward, timed on the host's clock; the best of repeats per op
+    dispatched. On a GPU that is the host's cost to dispatch and launch an op (its kernels, on eight numbers, take
+    less and run behind it)."""
     import torch
 
     def chain() -> int:
-        x = torch.ones(8, requires_grad=True)
+        x = torch.ones(8, device=device, requires_grad=True)
         y = x
         for _ in range(OP_CHAIN):
             y = y * 1.0001
@@ -567,24 +595,17 @@ def _widths(cfg: DictConfig) -> tuple[int, int]:
     return int(g.n_embd), int(g.hidden_dim)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype_name: str, min_s: float = 0.05) -> float:
-    """FLOP/s of a Linear's three matmuls in training, in ``dtype_name`` with this process's threads: the forward's
-    (m, k) @ (n, k)^T, the input's gradient (m, n) @ (n, k) and the weight's (m, n)^T @ (m, k), in the layouts
-    ``F.linear`` and autograd use (the weight transposed, the gradient's reduction over the tokens); each the best
-    of repeats."""
+def matmul_rate(m: int, k: int, n: int, dtype_name: str, min_s: float = 0.05, device: Any = None) -> float:
+    """FLOP/s of a Linear's three matmuls in training, in ``dtype_name`` on ``device`` (default the CPU, with this
+    process's threads): the forward's (m, k) @ (n, k)^T, the input's gradient (m, n) @ (n, k) and the weight's
+    (m, n)^T @ (m, k), in the layouts ``F.linear`` and autograd use (the weight transposed, the gradient's
+    reduction over the tokens); each the best of repeats."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    x, w, g = (torch.randn(*shape).to(dtype) for shape in ((m, k), (n, k), (m, n)))
-    seconds = 0.0
-    for a, b in ((x, w.t()), (g, w), (g.t(), x)):
-        torch.mm(a, b)
-        best, start = float("inf"), time.perf_counter()
-        while time.perf_counter() - start < min_s / 3:
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        seconds += best
+    x, w, g = (torch.randn(*shape, device=device).to(dtype) for shape in ((m, k), (n, k), (m, n)))
+    seconds = sum(_best_seconds(lambda a=a, b=b: torch.mm(a, b), min_s / 3, device)
+                  for a, b in ((x, w.t()), (g, w), (g.t(), x)))
     return 3 * 2 * m * k * n / seconds
 
 
@@ -606,12 +627,12 @@ def _run_shapes(cfg: DictConfig, world: int) -> tuple[int, int, int, int, str]:
     return tokens, width, hidden, dims.tp, str(cfg.precision.get("autocast_dtype") or "float32")
 
 
-def matmul_mix_rate(tokens: int, width: int, hidden: int, tp: int, dtype: str) -> float:
-    """FLOP/s of ``tokens`` through a layer's projections: attention's (width x width / tp) and the MLP's
-    (width x hidden / tp), weighted as a layer does them."""
+def matmul_mix_rate(tokens: int, width: int, hidden: int, tp: int, dtype: str, device: Any = None) -> float:
+    """FLOP/s of ``tokens`` through a layer's projections on ``device`` (default the CPU): attention's (width x
+    width / tp) and the MLP's (width x hidden / tp), weighted as a layer does them."""
     attention, mlp = 4 * width * width, 2 * width * hidden  # per token: q, k, v, out; the MLP's two
-    seconds = (attention / matmul_rate(tokens, width, max(1, width // tp), dtype)
-               + mlp / matmul_rate(tokens, width, max(1, hidden // tp), dtype))
+    seconds = (attention / matmul_rate(tokens, width, max(1, width // tp), dtype, device=device)
+               + mlp / matmul_rate(tokens, width, max(1, hidden // tp), dtype, device=device))
     return (attention + mlp) / seconds
 
 
@@ -620,14 +641,15 @@ LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is 
 
 
 def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bool, rows: int = 1,
-                  tokens: int = LAYOUT_TOKENS, repeats: int = 5) -> dict[int, tuple[float, float]]:
+                  tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None) -> dict[int, tuple[float, float]]:
     """Per depth of ``LAYOUT_DEPTHS``: the seconds of one micro-batch's forward and backward and of a step's
     gradient clipping and optimizer step, the median of ``repeats`` (the measured tokens/s is a mean over steps,
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
     block), under the run's checkpointing and autocast, uncompiled; ``wrapped``: laid out as the run lays it out
     (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh, in DDP where the run replicates), else
-    plain on this rank.
-    ``build_optimizer``: the trainer's (:func:`optimizer_work`). On a run of several ranks, a collective: every
+    plain on this rank. ``device``: where it runs (default the CPU); on a GPU each timing waits for the card's
+    kernels, and the ranks do not wait for each other (each has its own card).
+    ``build_optimizer``: the trainer's (:func:`optimizer_work`). On a run of several CPU ranks, a collective: every
     rank calls it, wrapped or not."""
     import torch
     import torch.distributed as dist
@@ -640,19 +662,23 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     from costlab.parallelism.ddp import apply_ddp
     from costlab.parallelism.dims import ParallelDims, parallel_dims
 
+    device = torch.device(device or "cpu")
     dims = parallel_dims(cfg.parallelism, world) if wrapped else ParallelDims(1, 1, 1, 1)
-    mesh, device = (build_mesh(dims, "cpu") if wrapped else None), torch.device("cpu")
+    mesh = build_mesh(dims, device.type) if wrapped else None
     low_precision = cfg.precision.get("autocast_dtype")  # as the trainer's autocast (costlab.precision)
-    x = torch.zeros(rows, min(tokens, int(cfg.model.block_size)), dtype=torch.long)
+    x = torch.zeros(rows, min(tokens, int(cfg.model.block_size)), dtype=torch.long, device=device)
     clip = float(cfg.trainer.grad_clip or 0.0)
-    together = world > 1 and dist.is_available() and dist.is_initialized()  # the ranks run it at once, as they train
+    # CPU ranks share the node's cores: they run it at once, as they train
+    together = world > 1 and dist.is_available() and dist.is_initialized() and device.type == "cpu"
+    cuda = device.type == "cuda"
 
     def timed(model: Any, shallow: DictConfig) -> tuple[float, float]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, shallow)
 
         def passes() -> None:
-            with torch.autocast("cpu", dtype=getattr(torch, low_precision or "bfloat16"), enabled=bool(low_precision)):
+            with torch.autocast(device.type, dtype=getattr(torch, low_precision or "bfloat16"),
+                                enabled=bool(low_precision)):
                 logits = model(x)
             loss_fn(logits, x).backward()
 
@@ -669,8 +695,12 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
             for i, part in enumerate((passes, update)):
                 if together:
                     dist.barrier()
+                if cuda:
+                    torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
                 part()
+                if cuda:
+                    torch.cuda.synchronize(device)
                 times[i].append(time.perf_counter() - t0)
         return statistics.median(times[0]), statistics.median(times[1])
 
@@ -786,10 +816,10 @@ class RankProbes:
 
 
 def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes | None:
-    """:class:`RankProbes` on a CPU run (None on a GPU); ``env``: the rank's
+    """:class:`RankProbes` of the run's ranks (on a GPU run, :func:`card_probes`); ``env``: the rank's
     :class:`costlab.parallelism.core.DistEnv`. A collective, every rank calls it."""
-    if cfg.trainer.device != "cpu":
-        return None
+    if env.device.type == "cuda":
+        return card_probes(cfg, env, build_optimizer)
     world = env.world_size
     import torch
     import torch.distributed as dist
@@ -823,6 +853,51 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     w = [float(v) for v in worst]
     model = ModelProbe(w[9], w[10], 1 / w[11]) if probed_model else None
     return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model, schedule_s=w[8])
+
+
+def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes | None:
+    """:class:`RankProbes` of a GPU run, each rank on its own card, the slowest rank's: the run's matmul shapes in
+    its dtype, the host's seconds to dispatch and launch one small autograd op, the bytes a large add writes per
+    second, and the run's own model plain on the run's micro-batch at two depths (:func:`depth_seconds`), each
+    timing waiting for the card's kernels. No link (the collectives keep the hardware option's figures) and no
+    layout's wrapping or schedule. What it allocates is freed before it returns (the worker keeps the run's peak
+    memory from before it). A probe that fails on any rank (out of memory beside the trained model) costs the run
+    its probes only: every rank then returns None, and the prediction is the plan's (:func:`gpu_rates`). A
+    collective: every rank calls it once, failed or not."""
+    import gc
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    from costlab.measure.memory import _depth
+
+    device, world = env.device, env.world_size
+    probed_model = _depth(cfg) is not None
+    try:
+        tokens, width, hidden, tp, dtype = _run_shapes(cfg, world)
+        times = [1 / matmul_mix_rate(tokens, width, hidden, tp, dtype, device), seconds_per_op(device=device),
+                 1 / memory_bandwidth(device=device)]
+        if probed_model:  # the run's own model plain on the run's micro-batch
+            block = int(cfg.model.block_size)
+            run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block, device=device))
+            times += [*run[:2], 1 / matmul_mix_rate(tokens, width, hidden, 1, dtype, device)]
+        failed = 0.0
+    except Exception as e:  # noqa: BLE001 - a probe that cannot run costs the prediction its probes, not the run
+        print(f"costlab: rank {env.rank}: the card's time probes failed ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); the time prediction uses the plan's rates",
+              file=sys.stderr, flush=True)
+        times, failed = [0.0] * (6 if probed_model else 3), 1.0
+    gc.collect()
+    torch.cuda.empty_cache()
+    worst = torch.tensor([*times, failed], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    w = [float(v) for v in worst]
+    if w[-1]:
+        return None
+    model = ModelProbe(w[3], w[4], 1 / w[5]) if probed_model else None
+    return RankProbes(1 / w[0], w[1], 0.0, 1 / w[2], None, model=model)
 
 
 def local_probes(cfg: DictConfig, world: int) -> RankProbes:
@@ -945,22 +1020,48 @@ def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = 
                  overlap_cost=c.overlap_cost)
 
 
+def card_rates(cfg: DictConfig, dtype: str, probes: RankProbes) -> Rates:
+    """The rates of one GPU of a run on it: what its card measured (:func:`card_probes`: its matmuls at the run's
+    shapes, its host's dispatch per op, its memory's writes, the run's own model) in place of the calibrated
+    shares of the ``hardware`` option's figures; attention's rate, the links and the collectives' overlap stay the
+    option's (:func:`gpu_rates`)."""
+    import dataclasses
+
+    plan = gpu_rates(cfg, dtype)
+    source = ("probes on this card: the run's matmul shapes, a chain of small autograd ops (the host's dispatch), a "
+              "large add" + (", the run's model plain at two depths on its micro-batch" if probes.model else "")
+              + f"; attention, links and overlap from the plan's rates ({plan.source})")
+    return dataclasses.replace(plan, matmul_flops=probes.matmul_flops, bytes_per_s=probes.bytes_per_s,
+                               host_op_s=probes.op_s, model=probes.model, source=source)
+
+
 def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None, build_optimizer: Any,
                       dtype: str = "fp32") -> tuple[dict[str, float], dict[str, str]]:
     """``perf/predicted_tokens_per_s`` and ``perf/predicted_step_time_ms`` with the tag that says what they rest
-    on, or only the tag saying why there are none. ``probes``: a CPU run's (:func:`probe_ranks`); None on a GPU,
-    whose rates are its ``hardware`` option's (:func:`gpu_rates`, in the run's matmul ``dtype``)."""
+    on, or only the tag saying why there are none. ``probes``: the run's (:func:`probe_ranks`). A GPU run's rates
+    are its ``hardware`` option's (:func:`gpu_rates`, in the run's matmul ``dtype``) with what its card measured in
+    place of the calibrated shares (:func:`card_rates`; without probes, the option's alone); it also logs
+    ``perf/planned_tokens_per_s``, what a plan of the run predicts from the option's calibrated rates alone."""
     hw = cfg.hardware
-    if probes is None and not (hw.get("memory_bandwidth_gbps") and dtype in (hw.get("peak_tflops") or {})):
+    cpu = cfg.trainer.device == "cpu"
+    if not cpu and not (hw.get("memory_bandwidth_gbps") and dtype in (hw.get("peak_tflops") or {})):
         return {}, {TIME_MODEL_TAG: f"no prediction: hardware={hw.name} names no memory bandwidth or {dtype} peak"}
+    if cpu and probes is None:
+        return {}, {TIME_MODEL_TAG: "no prediction: no probes ran on this CPU"}
+    out: dict[str, float] = {}
     try:
-        rates = cpu_rates(cfg, probes) if probes is not None else gpu_rates(cfg, dtype)
+        if cpu:
+            rates = cpu_rates(cfg, probes)
+        else:
+            plan = predict_step(cfg, world, gpu_rates(cfg, dtype), build_optimizer)
+            out[PLANNED_TOKENS_PER_S] = plan.tokens_per_s
+            rates = card_rates(cfg, dtype, probes) if probes is not None else gpu_rates(cfg, dtype)
         prediction = predict_step(cfg, world, rates, build_optimizer)
     except Exception as e:  # a model or optimizer the fake trace cannot run costs the run its prediction only
         return {}, {TIME_MODEL_TAG: f"no prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     from costlab.measure.hardware import usd_per_hour
 
-    out = {PREDICTED_TOKENS_PER_S: prediction.tokens_per_s, PREDICTED_STEP_MS: 1000 * prediction.step_s}
+    out.update({PREDICTED_TOKENS_PER_S: prediction.tokens_per_s, PREDICTED_STEP_MS: 1000 * prediction.step_s})
     price = usd_per_hour(cfg)
     if price is not None:  # beside the measured cost/usd_per_1m_train_tokens, at the same price
         out[PREDICTED_USD_TRAIN] = price / (prediction.tokens_per_s * 3600) * 1e6

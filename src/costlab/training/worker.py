@@ -44,7 +44,14 @@ from costlab.measure.energy import (
 )
 from costlab.measure.hardware import cost_and_mfu, flops_per_token
 from costlab.measure.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
-from costlab.measure.metrics import max_over_ranks, peak_memory_bytes, peak_reserved_memory, sum_over_ranks
+from costlab.measure.metrics import (
+    hold_peaks,
+    max_over_ranks,
+    peak_memory_bytes,
+    peak_reserved_memory,
+    restart_peaks,
+    sum_over_ranks,
+)
 from costlab.measure.names import (
     COMPRESSES_IN_TRAINING,
     INFER_TOKENS_PER_S,
@@ -106,8 +113,10 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
         say(env, f"training {cfg.trainer.max_steps} steps")
         result = Trainer(parallel, optimizer, corpus, cfg, env, logger, [*hooks, energy], stop, resumable=True).train()
         summary = training_summary(result, predicted, env)  # collectives: every rank takes part
-        # collective likewise
+        # collective likewise; on a GPU the probes allocate on the card, outside the run's peak memory
+        held = hold_peaks(env.device)
         probes = probe_ranks(cfg, env, build_optimizer) if cfg.trainer.max_steps > 0 else None
+        restart_peaks(env.device)
         joules = sum_over_ranks(energy.joules, env.device)  # collective: every rank takes part
         adapter = adapter_state(parallel.model) if ships_adapter(cfg) else None  # collective where sharded
         final = parallel.full_model(cfg)  # collective: every rank takes part
@@ -138,8 +147,8 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
                 tags.update(time_tag)
             if MEM_ACTIVATIONS not in summary and cfg.trainer.max_steps > 0:
                 tags[UNMEASURED_TAG] = unmeasured_reason(cfg) or "no training step ran"
-        summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device), env.device)
-        summary.update(peak_reserved_memory(env.device))
+        summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device, held), env.device)
+        summary.update(peak_reserved_memory(env.device, held))
         log_summary(logger, summary, tags, cfg)
     finally:
         if logger is not None:
