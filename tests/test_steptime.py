@@ -159,6 +159,15 @@ def test_a_gpu_run_predicts_from_its_cards_probes_and_logs_its_plan_beside():
     assert figures[PREDICTED_TOKENS_PER_S] != pytest.approx(planned.tokens_per_s, rel=0.01)
     unprobed, _ = predicted_metrics(cfg, 1, None, build_optimizer, "bf16")  # a probe failed: the plan's figure
     assert unprobed[PREDICTED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
+    # cards in one node: the link between them measured (the network between nodes stays the option's)
+    node = compose_config([*TINY, *overrides, "trainer.device=cuda", "parallelism=fsdp", "trainer.nproc_per_node=2"])
+    linked = RankProbes(**{**vars(probes), "link": {k: (5e-6, 3e11) for k in RATES.link}})
+    measured, option = card_rates(node, "bf16", linked), gpu_rates(node, "bf16")
+    assert measured.link == linked.link and measured.link != option.link and measured.inter == option.inter
+    assert "each collective at two sizes between this node's cards" in measured.source
+    fsdp = predict_step(node, 2, measured, build_optimizer)
+    assert fsdp.parts["overlapped_data_parallel"] != predict_step(node, 2, card_rates(node, "bf16", probes),
+                                                                  build_optimizer).parts["overlapped_data_parallel"]
 
 
 def test_the_cards_probes_time_the_run_on_the_ranks_device_and_fail_as_a_whole(capfd):

@@ -38,8 +38,8 @@ layout's wrapping or schedule. A plan predicts a card that is not here from its 
 figures times the efficiencies calibrated on published A100 runs (:func:`gpu_rates`). A run on a GPU probes its
 own card at the end of the run (:func:`card_probes`: the run's matmul shapes, the host's dispatch per op, a large
 add, the run's model plain on its micro-batch) and predicts with those in place of the calibrated shares
-(:func:`card_rates`; attention's rate and the links stay the option's), and logs its plan's figure beside
-(``perf/planned_tokens_per_s``).
+(:func:`card_rates`; attention's rate, the network and, across nodes, the links stay the option's), and logs its
+plan's figure beside (``perf/planned_tokens_per_s``).
 """
 
 from __future__ import annotations
@@ -529,22 +529,26 @@ def seconds_per_op(min_s: float = 0.1, device: Any = None) -> float:
 
 
 LINK_SIZES = (1024, 4 * 2**20)  # bytes of the two calls of each collective that fit latency and bandwidth
+CARD_LINK_SIZES = (1024, 64 * 2**20)  # between cards (NVLink moves 4 MiB in microseconds)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 
-def link_probe(group: Any = None, repeats: int = 5) -> dict[str, tuple[float, float]]:
+def link_probe(group: Any = None, repeats: int = 5, device: Any = None) -> dict[str, tuple[float, float]]:
     """Per collective (all-reduce, all-gather into a tensor, reduce-scatter of a tensor): (latency s, bandwidth
     bytes/s) of the process group's link, from calls at two sizes on every rank of ``group`` (a collective: every
-    rank calls it), the slowest rank's. Each collective's share of its bytes (2 (n-1)/n for an all-reduce, (n-1)/n
+    rank calls it), the slowest rank's, with tensors on ``device`` (default the CPU; on a GPU each call is timed
+    until the card has finished it). Each collective's share of its bytes (2 (n-1)/n for an all-reduce, (n-1)/n
     for the others) is taken out, so the bandwidth is the link's."""
     import torch
     import torch.distributed as dist
 
     n = dist.get_world_size(group)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    sizes = CARD_LINK_SIZES if cuda else LINK_SIZES
 
     def call(kind: str, size: int) -> Any:
-        full = torch.ones(size // 4)
-        part = torch.ones(size // 4 // n)
+        full = torch.ones(size // 4, device=device)
+        part = torch.ones(size // 4 // n, device=device)
         if kind == "all_reduce":
             return lambda: dist.all_reduce(full, group=group)
         if kind == "all_gather":
@@ -554,21 +558,25 @@ def link_probe(group: Any = None, repeats: int = 5) -> dict[str, tuple[float, fl
     out: dict[str, tuple[float, float]] = {}
     for kind in COLLECTIVES:
         times = []
-        for size in LINK_SIZES:
+        for size in sizes:
             run = call(kind, size)
             run()
             best = float("inf")
             for _ in range(repeats):
                 dist.barrier(group=group)
+                if cuda:
+                    torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
                 run()
+                if cuda:
+                    torch.cuda.synchronize(device)
                 best = min(best, time.perf_counter() - t0)
             times.append(best)
         share = (2 if kind == "all_reduce" else 1) * (n - 1) / n
-        slope = max((times[1] - times[0]) / (LINK_SIZES[1] - LINK_SIZES[0]), 1e-15)
+        slope = max((times[1] - times[0]) / (sizes[1] - sizes[0]), 1e-15)
         bandwidth = share / slope
-        latency = max(0.0, times[0] - share * LINK_SIZES[0] / bandwidth)
-        t = torch.tensor([latency, 1 / bandwidth], dtype=torch.float64)
+        latency = max(0.0, times[0] - share * sizes[0] / bandwidth)
+        t = torch.tensor([latency, 1 / bandwidth], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # the slowest rank's view: every rank agrees
         out[kind] = (float(t[0]), 1 / float(t[1]))
     return out
@@ -859,8 +867,9 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     """:class:`RankProbes` of a GPU run, each rank on its own card, the slowest rank's: the run's matmul shapes in
     its dtype, the host's seconds to dispatch and launch one small autograd op, the bytes a large add writes per
     second, and the run's own model plain on the run's micro-batch at two depths (:func:`depth_seconds`), each
-    timing waiting for the card's kernels. No link (the collectives keep the hardware option's figures) and no
-    layout's wrapping or schedule. What it allocates is freed before it returns (the worker keeps the run's peak
+    timing waiting for the card's kernels; on a run of several cards in one node, each collective at two sizes
+    between them (:func:`link_probe`; across nodes the collectives keep the hardware option's figures). No layout's
+    wrapping or schedule. What it allocates is freed before it returns (the worker keeps the run's peak
     memory from before it). A probe that fails on any rank (out of memory beside the trained model) costs the run
     its probes only: every rank then returns None, and the prediction is the plan's (:func:`gpu_rates`). A
     collective: every rank calls it once, failed or not."""
@@ -896,8 +905,10 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     w = [float(v) for v in worst]
     if w[-1]:
         return None
+    one_node = 1 < world == env.local_world_size  # (every rank agrees: the same on each)
+    link = link_probe(device=device) if one_node else None
     model = ModelProbe(w[3], w[4], 1 / w[5]) if probed_model else None
-    return RankProbes(1 / w[0], w[1], 0.0, 1 / w[2], None, model=model)
+    return RankProbes(1 / w[0], w[1], 0.0, 1 / w[2], link, model=model)
 
 
 def local_probes(cfg: DictConfig, world: int) -> RankProbes:
@@ -1022,17 +1033,20 @@ def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = 
 
 def card_rates(cfg: DictConfig, dtype: str, probes: RankProbes) -> Rates:
     """The rates of one GPU of a run on it: what its card measured (:func:`card_probes`: its matmuls at the run's
-    shapes, its host's dispatch per op, its memory's writes, the run's own model) in place of the calibrated
-    shares of the ``hardware`` option's figures; attention's rate, the links and the collectives' overlap stay the
-    option's (:func:`gpu_rates`)."""
+    shapes, its host's dispatch per op, its memory's writes, the run's own model, the link between a node's cards)
+    in place of the calibrated shares of the ``hardware`` option's figures; attention's rate, the network between
+    nodes and the collectives' overlap stay the option's (:func:`gpu_rates`)."""
     import dataclasses
 
     plan = gpu_rates(cfg, dtype)
     source = ("probes on this card: the run's matmul shapes, a chain of small autograd ops (the host's dispatch), a "
               "large add" + (", the run's model plain at two depths on its micro-batch" if probes.model else "")
-              + f"; attention, links and overlap from the plan's rates ({plan.source})")
+              + (", each collective at two sizes between this node's cards" if probes.link else "")
+              + f"; attention, {'the network' if probes.link else 'links'} and overlap from the plan's rates "
+              f"({plan.source})")
     return dataclasses.replace(plan, matmul_flops=probes.matmul_flops, bytes_per_s=probes.bytes_per_s,
-                               host_op_s=probes.op_s, model=probes.model, source=source)
+                               host_op_s=probes.op_s, model=probes.model, link=probes.link or plan.link,
+                               source=source)
 
 
 def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None, build_optimizer: Any,
