@@ -189,3 +189,45 @@ def test_the_cards_probes_time_the_run_on_the_ranks_device_and_fail_as_a_whole(c
     assert card_probes(huge, env, build_optimizer) is None
     err = capfd.readouterr().err
     assert "the card's time probes failed (RuntimeError" in err and "can't allocate memory" in err
+
+
+def _card_probes_on_rank(rank: int, world: int, folder: str) -> None:
+    """One rank of :func:`_probe_two_ranks`: the card probes of a run's config, then of one that fails on rank 1
+    alone; what each returned, saved."""
+    import torch.distributed as dist
+
+    from costlab.measure.steptime import card_probes
+    from costlab.parallelism.core import DistEnv
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
+    try:
+        env = DistEnv(rank, rank, world, world, torch.device("cpu"))
+        fine = card_probes(_cfg("parallelism=ddp"), env, build_optimizer)
+        huge = f"trainer.batch_size={2**40}"  # on rank 1 alone
+        failing = card_probes(_cfg("parallelism=ddp", *([huge] if rank == 1 else [])), env, build_optimizer)
+        torch.save({"fine": fine, "failing": failing}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_of_one_node_agree_on_their_card_probes_and_on_a_failure_of_any(tmp_path):
+    """On several ranks of one node, every rank gets the slowest rank's figures and the link measured between
+    them; when a probe fails on one rank, every rank returns None (the plan's rates), and none waits for a peer in
+    a collective it will not join. (Two CPU ranks on gloo: the card's code but for its clock.)"""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ranks = mp.spawn(_card_probes_on_rank, args=(2, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:  # a rank waits in a collective its peer never joins
+            for process in ranks.processes:
+                process.terminate()
+            pytest.fail("the ranks' card probes hung")
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert saved[0]["fine"] == saved[1]["fine"]
+    link = saved[0]["fine"].link
+    assert set(link) == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(latency >= 0 and bandwidth > 0 for latency, bandwidth in link.values())
+    assert saved[0]["failing"] is None and saved[1]["failing"] is None

@@ -533,22 +533,36 @@ CARD_LINK_SIZES = (1024, 64 * 2**20)  # between cards (NVLink moves 4 MiB in mic
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 
-def link_probe(group: Any = None, repeats: int = 5, device: Any = None) -> dict[str, tuple[float, float]]:
+def link_buffers(n: int, device: Any = None) -> tuple[Any, Any]:
+    """The tensors :func:`link_probe` moves between ``n`` ranks on ``device``: a whole one and a rank's part of
+    it, at the largest size it times (made before it, so that a rank that cannot hold them fails before any
+    collective starts)."""
+    import torch
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    part = (CARD_LINK_SIZES if cuda else LINK_SIZES)[1] // 4 // n
+    return torch.ones(part * n, device=device), torch.ones(part, device=device)
+
+
+def link_probe(group: Any = None, repeats: int = 5, device: Any = None,
+               buffers: tuple[Any, Any] | None = None) -> dict[str, tuple[float, float]]:
     """Per collective (all-reduce, all-gather into a tensor, reduce-scatter of a tensor): (latency s, bandwidth
     bytes/s) of the process group's link, from calls at two sizes on every rank of ``group`` (a collective: every
     rank calls it), the slowest rank's, with tensors on ``device`` (default the CPU; on a GPU each call is timed
-    until the card has finished it). Each collective's share of its bytes (2 (n-1)/n for an all-reduce, (n-1)/n
-    for the others) is taken out, so the bandwidth is the link's."""
+    until the card has finished it; ``buffers``: :func:`link_buffers`'s, made here if not given). Each collective's
+    share of its bytes (2 (n-1)/n for an all-reduce, (n-1)/n for the others) is taken out, so the bandwidth is the
+    link's."""
     import torch
     import torch.distributed as dist
 
     n = dist.get_world_size(group)
     cuda = device is not None and torch.device(device).type == "cuda"
     sizes = CARD_LINK_SIZES if cuda else LINK_SIZES
+    whole, own = buffers or link_buffers(n, device)
 
     def call(kind: str, size: int) -> Any:
-        full = torch.ones(size // 4, device=device)
-        part = torch.ones(size // 4 // n, device=device)
+        part = own[:size // 4 // n]
+        full = whole[:part.numel() * n]
         if kind == "all_reduce":
             return lambda: dist.all_reduce(full, group=group)
         if kind == "all_gather":
@@ -649,16 +663,18 @@ LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is 
 
 
 def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bool, rows: int = 1,
-                  tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None) -> dict[int, tuple[float, float]]:
+                  tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None,
+                  at_once: bool = True) -> dict[int, tuple[float, float]]:
     """Per depth of ``LAYOUT_DEPTHS``: the seconds of one micro-batch's forward and backward and of a step's
     gradient clipping and optimizer step, the median of ``repeats`` (the measured tokens/s is a mean over steps,
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
     block), under the run's checkpointing and autocast, uncompiled; ``wrapped``: laid out as the run lays it out
     (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh, in DDP where the run replicates), else
     plain on this rank. ``device``: where it runs (default the CPU); on a GPU each timing waits for the card's
-    kernels, and the ranks do not wait for each other (each has its own card).
-    ``build_optimizer``: the trainer's (:func:`optimizer_work`). On a run of several CPU ranks, a collective: every
-    rank calls it, wrapped or not."""
+    kernels. ``at_once``: the ranks start each timing together, as CPU ranks sharing a node's cores train (plain
+    on a GPU, each rank has its own card: :func:`card_probes` times without waiting for its peers).
+    ``build_optimizer``: the trainer's (:func:`optimizer_work`). Wrapped, or ``at_once`` on a run of several
+    ranks, a collective: every rank calls it."""
     import torch
     import torch.distributed as dist
 
@@ -676,8 +692,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     low_precision = cfg.precision.get("autocast_dtype")  # as the trainer's autocast (costlab.precision)
     x = torch.zeros(rows, min(tokens, int(cfg.model.block_size)), dtype=torch.long, device=device)
     clip = float(cfg.trainer.grad_clip or 0.0)
-    # CPU ranks share the node's cores: they run it at once, as they train
-    together = world > 1 and dist.is_available() and dist.is_initialized() and device.type == "cpu"
+    together = at_once and world > 1 and dist.is_available() and dist.is_initialized()
     cuda = device.type == "cuda"
 
     def timed(model: Any, shallow: DictConfig) -> tuple[float, float]:
@@ -883,20 +898,23 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
 
     device, world = env.device, env.world_size
     probed_model = _depth(cfg) is not None
+    one_node = 1 < world == env.local_world_size  # the same on every rank
     try:
         tokens, width, hidden, tp, dtype = _run_shapes(cfg, world)
         times = [1 / matmul_mix_rate(tokens, width, hidden, tp, dtype, device), seconds_per_op(device=device),
                  1 / memory_bandwidth(device=device)]
         if probed_model:  # the run's own model plain on the run's micro-batch
             block = int(cfg.model.block_size)
-            run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block, device=device))
+            run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block, device=device,
+                                          at_once=False))
             times += [*run[:2], 1 / matmul_mix_rate(tokens, width, hidden, 1, dtype, device)]
+        buffers = link_buffers(world, device) if one_node else None
         failed = 0.0
     except Exception as e:  # noqa: BLE001 - a probe that cannot run costs the prediction its probes, not the run
         print(f"costlab: rank {env.rank}: the card's time probes failed ({type(e).__name__}: "
               f"{str(e).splitlines()[0] if str(e) else ''}); the time prediction uses the plan's rates",
               file=sys.stderr, flush=True)
-        times, failed = [0.0] * (6 if probed_model else 3), 1.0
+        times, failed, buffers = [0.0] * (6 if probed_model else 3), 1.0, None
     gc.collect()
     torch.cuda.empty_cache()
     worst = torch.tensor([*times, failed], dtype=torch.float64, device=device)
@@ -905,8 +923,7 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     w = [float(v) for v in worst]
     if w[-1]:
         return None
-    one_node = 1 < world == env.local_world_size  # (every rank agrees: the same on each)
-    link = link_probe(device=device) if one_node else None
+    link = link_probe(device=device, buffers=buffers) if one_node else None
     model = ModelProbe(w[3], w[4], 1 / w[5]) if probed_model else None
     return RankProbes(1 / w[0], w[1], 0.0, 1 / w[2], link, model=model)
 
