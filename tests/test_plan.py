@@ -212,12 +212,19 @@ def test_fused_attention_runs_at_the_cards_published_rate_or_says_it_assumed_one
     assert "attention ASSUMED" in unnamed.source
 
 
-def test_a_gpu_run_predicts_its_step_with_its_cards_rates_as_its_plan_does():
-    """A run on a GPU logs ``perf/predicted_tokens_per_s`` from its card's calibrated rates, the same figure its
-    plan gives (computed here without a GPU: the prediction needs the card's option, not the card); a card with no
-    memory bandwidth (an unknown GPU) gets a tag that says there is none."""
+def test_a_gpu_run_without_its_cards_probes_predicts_its_step_as_its_plan_does():
+    """A run on a GPU whose card could not be probed (a probe failed on a rank) logs ``perf/predicted_tokens_per_s``
+    from its card's calibrated rates, the same figure its plan gives and logs as ``perf/planned_tokens_per_s``
+    (computed here without a GPU: the prediction needs the card's option, not the card); a card with no memory
+    bandwidth (an unknown GPU) gets a tag that says there is none. (With the card's probes:
+    ``tests/test_steptime.py``.)"""
     from costlab.launcher.plan import predict_time
-    from costlab.measure.steptime import PREDICTED_TOKENS_PER_S, TIME_MODEL_TAG, predicted_metrics
+    from costlab.measure.steptime import (
+        PLANNED_TOKENS_PER_S,
+        PREDICTED_TOKENS_PER_S,
+        TIME_MODEL_TAG,
+        predicted_metrics,
+    )
     from costlab.training.optimizers import build_optimizer
 
     overrides = ["model=gpt2_small", "hardware=h100_sxm", "parallelism=fsdp", "trainer.nproc_per_node=8",
@@ -226,6 +233,7 @@ def test_a_gpu_run_predicts_its_step_with_its_cards_rates_as_its_plan_does():
     figures, tag = predicted_metrics(run, 8, None, build_optimizer, "bf16")
     planned, _ = predict_time(compose_config(["mode=plan", *overrides]), 8)
     assert figures[PREDICTED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
+    assert figures[PLANNED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
     assert "hardware=h100_sxm" in tag[TIME_MODEL_TAG] and "fitted on llm-foundry's A100 80GB" in tag[TIME_MODEL_TAG]
     unknown = compose_config([*overrides, "trainer.device=cuda", "hardware.memory_bandwidth_gbps=null"])
     assert predicted_metrics(unknown, 8, None, build_optimizer, "bf16") == (

@@ -157,8 +157,10 @@ def test_a_gpu_run_predicts_from_its_cards_probes_and_logs_its_plan_beside():
     planned, _ = predict_time(compose_config([*TINY, *overrides, "mode=plan"]), 1)
     assert figures[PLANNED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
     assert figures[PREDICTED_TOKENS_PER_S] != pytest.approx(planned.tokens_per_s, rel=0.01)
-    unprobed, _ = predicted_metrics(cfg, 1, None, build_optimizer, "bf16")  # a probe failed: the plan's figure
+    unprobed, said = predicted_metrics(cfg, 1, None, build_optimizer, "bf16")  # a probe failed: the plan's figure
     assert unprobed[PREDICTED_TOKENS_PER_S] == pytest.approx(planned.tokens_per_s, rel=1e-9)
+    assert "the card's probes failed on a rank" in said[TIME_MODEL_TAG]
+    assert "probes failed" not in tag[TIME_MODEL_TAG]
     # cards in one node: the link between them measured (the network between nodes stays the option's)
     node = compose_config([*TINY, *overrides, "trainer.device=cuda", "parallelism=fsdp", "trainer.nproc_per_node=2"])
     linked = RankProbes(**{**vars(probes), "link": {k: (5e-6, 3e11) for k in RATES.link}})

@@ -1088,6 +1088,8 @@ def predicted_metrics(cfg: DictConfig, world: int, probes: RankProbes | None, bu
             out[PLANNED_TOKENS_PER_S] = plan.tokens_per_s
             rates = card_rates(cfg, dtype, probes) if probes is not None else gpu_rates(cfg, dtype)
         prediction = predict_step(cfg, world, rates, build_optimizer)
+        if not cpu and probes is None:
+            prediction.notes.append("the card's probes failed on a rank (its log says why): the plan's rates")
     except Exception as e:  # a model or optimizer the fake trace cannot run costs the run its prediction only
         return {}, {TIME_MODEL_TAG: f"no prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     from costlab.measure.hardware import usd_per_hour
