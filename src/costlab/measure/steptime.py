@@ -432,6 +432,25 @@ OP_CHAIN = 200  # small autograd ops per timed chain
 KERNEL_CALLS = 10  # calls per timing on a GPU, between two CUDA events (one kernel takes microseconds)
 
 
+def _on_card(device: Any) -> bool:
+    import torch
+
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _wall_seconds(call: Any, device: Any = None) -> float:
+    """Seconds of one ``call()`` on the host's clock; on a GPU from an idle card until the card has finished it."""
+    import torch
+
+    if _on_card(device):
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    call()
+    if _on_card(device):
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _best_seconds(call: Any, min_s: float, device: Any = None) -> float:
     """Seconds of one ``call()``, the fastest of the timings within ``min_s`` after one warm-up call. On the CPU
     each timing is one call on the host's clock; on a GPU it is :data:`KERNEL_CALLS` calls between two CUDA events
@@ -439,10 +458,9 @@ def _best_seconds(call: Any, min_s: float, device: Any = None) -> float:
     import torch
 
     call()
-    cuda = device is not None and torch.device(device).type == "cuda"
     best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < min_s or best == float("inf"):
-        if cuda:
+    while time.perf_counter() - start < min_s:
+        if _on_card(device):
             first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             first.record()
             for _ in range(KERNEL_CALLS):
@@ -451,9 +469,7 @@ def _best_seconds(call: Any, min_s: float, device: Any = None) -> float:
             last.synchronize()
             best = min(best, first.elapsed_time(last) / 1e3 / KERNEL_CALLS)
         else:
-            t0 = time.perf_counter()
-            call()
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, _wall_seconds(call))
     return best
 
 
@@ -539,8 +555,7 @@ def link_buffers(n: int, device: Any = None) -> tuple[Any, Any]:
     collective starts)."""
     import torch
 
-    cuda = device is not None and torch.device(device).type == "cuda"
-    part = (CARD_LINK_SIZES if cuda else LINK_SIZES)[1] // 4 // n
+    part = (CARD_LINK_SIZES if _on_card(device) else LINK_SIZES)[1] // 4 // n
     return torch.ones(part * n, device=device), torch.ones(part, device=device)
 
 
@@ -556,8 +571,7 @@ def link_probe(group: Any = None, repeats: int = 5, device: Any = None,
     import torch.distributed as dist
 
     n = dist.get_world_size(group)
-    cuda = device is not None and torch.device(device).type == "cuda"
-    sizes = CARD_LINK_SIZES if cuda else LINK_SIZES
+    sizes = CARD_LINK_SIZES if _on_card(device) else LINK_SIZES
     whole, own = buffers or link_buffers(n, device)
 
     def call(kind: str, size: int) -> Any:
@@ -578,13 +592,7 @@ def link_probe(group: Any = None, repeats: int = 5, device: Any = None,
             best = float("inf")
             for _ in range(repeats):
                 dist.barrier(group=group)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                run()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, _wall_seconds(run, device))
             times.append(best)
         share = (2 if kind == "all_reduce" else 1) * (n - 1) / n
         slope = max((times[1] - times[0]) / (sizes[1] - sizes[0]), 1e-15)
@@ -693,7 +701,6 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     x = torch.zeros(rows, min(tokens, int(cfg.model.block_size)), dtype=torch.long, device=device)
     clip = float(cfg.trainer.grad_clip or 0.0)
     together = at_once and world > 1 and dist.is_available() and dist.is_initialized()
-    cuda = device.type == "cuda"
 
     def timed(model: Any, shallow: DictConfig) -> tuple[float, float]:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -718,13 +725,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
             for i, part in enumerate((passes, update)):
                 if together:
                     dist.barrier()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                part()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(_wall_seconds(part, device))
         return statistics.median(times[0]), statistics.median(times[1])
 
     seconds = {}
@@ -915,8 +916,7 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
               f"{str(e).splitlines()[0] if str(e) else ''}); the time prediction uses the plan's rates",
               file=sys.stderr, flush=True)
         times, failed, buffers = [0.0] * (6 if probed_model else 3), 1.0, None
-    gc.collect()
-    torch.cuda.empty_cache()
+    gc.collect()  # its models' cached blocks go back to the card in the worker (costlab.measure.metrics.restart_peaks)
     worst = torch.tensor([*times, failed], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
