@@ -3,13 +3,17 @@ one's predicted per-rank bytes and tokens/s against what it measured.
 
     python benchmarks/predictions.py                 # every configuration below (~25 runs, ~10 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
+    python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
 
 For each configuration it prints the measured and predicted activation bytes held for backward
 (``mem/activations_bytes_per_rank`` beside ``mem/predicted_activations_bytes_per_rank``) and the measured and
 predicted state (parameters + gradients + optimizer state per rank), then the median and 95th-percentile
 relative error of each over every configuration; then the measured and predicted training tokens/s
 (``perf/tokens_per_s`` beside ``perf/predicted_tokens_per_s``), their errors, and Kendall's tau between the two
-rankings. Run it alone: it starts up to four ranks on the machine's cores, and tokens/s is timed.
+rankings. Run it alone: it starts up to four ranks on the machine's cores, and tokens/s is timed. With
+``--repeat N`` each configuration runs N times: it prints how far its measured and its predicted tokens/s moved
+between the runs (on a shared 2-core host, the measurement alone moves tens of percent), and the summary takes
+each configuration's median error and median tokens/s.
 
 A peak-memory column needs a GPU (``torch.cuda.max_memory_allocated`` against the predicted total); on CPU the
 peak a run logs is the process's RSS, which holds the Python and PyTorch runtime besides the model, so it is not
@@ -81,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the configurations whose name contains this")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="costlab-predictions-"))
     cli = Cli(f"sqlite:///{root / 'mlflow.db'}", root)
@@ -94,25 +99,32 @@ def main() -> None:
     for name, overrides in CONFIGS.items():
         if args.only not in name:
             continue
-        run_name = name.replace(" ", "-").replace("(", "").replace(")", "")
-        proc = cli(*SMALL, *overrides, f"trainer.max_steps={args.steps}", "serve.enabled=false",
-                   "trainer.eval_interval=0", "trainer.timing_warmup_steps=5", f"tracking.run_name={run_name}",
-                   timeout=900)
-        if proc.returncode:
-            print(f"{name:34s} FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        runs: list[tuple[float, float, float, float, float, float]] = []
+        for i in range(args.repeat):
+            run_name = name.replace(" ", "-").replace("(", "").replace(")", "") + (f"-{i + 1}" if i else "")
+            proc = cli(*SMALL, *overrides, f"trainer.max_steps={args.steps}", "serve.enabled=false",
+                       "trainer.eval_interval=0", "trainer.timing_warmup_steps=5", f"tracking.run_name={run_name}",
+                       timeout=900)
+            if proc.returncode:
+                print(f"{name:34s} FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            m = cli.run_by_name(run_name).data.metrics
+            acts, acts_pred = m["mem/activations_bytes_per_rank"], m["mem/predicted_activations_bytes_per_rank"]
+            state = sum(m[f"mem/{p}_bytes_per_rank"] for p in STATE)
+            state_pred = sum(m[f"mem/predicted_{p}_bytes_per_rank"] for p in STATE)
+            tps, tps_pred = m["perf/tokens_per_s"], m.get("perf/predicted_tokens_per_s", float("nan"))
+            runs.append((acts, acts_pred, state, state_pred, tps, tps_pred))
+            print(f"{name:34s} {acts:14,.0f} {acts_pred:12,.0f} {acts_pred / acts - 1:+7.1%}   "
+                  f"{state:14,.0f} {state_pred:12,.0f} {state_pred / state - 1:+7.1%}   "
+                  f"tokens/s {tps:9,.0f} predicted {tps_pred:9,.0f} {tps_pred / tps - 1:+7.1%}", flush=True)
+        if not runs:
             continue
-        m = cli.run_by_name(run_name).data.metrics
-        acts, acts_pred = m["mem/activations_bytes_per_rank"], m["mem/predicted_activations_bytes_per_rank"]
-        state = sum(m[f"mem/{p}_bytes_per_rank"] for p in STATE)
-        state_pred = sum(m[f"mem/predicted_{p}_bytes_per_rank"] for p in STATE)
-        errors["activations"].append(acts_pred / acts - 1)
-        errors["state"].append(state_pred / state - 1)
-        tps, tps_pred = m["perf/tokens_per_s"], m.get("perf/predicted_tokens_per_s", float("nan"))
-        errors["tokens/s"].append(tps_pred / tps - 1)
-        speeds.append((name, tps, tps_pred))
-        print(f"{name:34s} {acts:14,.0f} {acts_pred:12,.0f} {acts_pred / acts - 1:+7.1%}   "
-              f"{state:14,.0f} {state_pred:12,.0f} {state_pred / state - 1:+7.1%}   "
-              f"tokens/s {tps:9,.0f} predicted {tps_pred:9,.0f} {tps_pred / tps - 1:+7.1%}", flush=True)
+        for part, (measured, predicted) in (("activations", (0, 1)), ("state", (2, 3)), ("tokens/s", (4, 5))):
+            errors[part].append(statistics.median(r[predicted] / r[measured] - 1 for r in runs))
+        speeds.append((name, statistics.median(r[4] for r in runs), statistics.median(r[5] for r in runs)))
+        if len(runs) > 1:
+            print(f"{'':34s} over {len(runs)} runs: tokens/s measured {spread([r[4] for r in runs])}, predicted "
+                  f"{spread([r[5] for r in runs])}, median error {errors['tokens/s'][-1]:+.1%}", flush=True)
     for part, errs in errors.items():
         if errs:
             absolute = sorted(abs(e) for e in errs)
@@ -121,6 +133,11 @@ def main() -> None:
                   f"95th percentile {p95:.2%}, worst {absolute[-1]:.2%}")
     if len(speeds) > 1:
         print(f"Kendall's tau between measured and predicted tokens/s rankings: {kendall_tau(speeds):.2f}")
+
+
+def spread(values: list[float]) -> str:
+    """The lowest and highest of ``values`` and how far the highest is above the lowest."""
+    return f"{min(values):,.0f}-{max(values):,.0f} (+{max(values) / min(values) - 1:.0%})"
 
 
 def kendall_tau(rows: list[tuple[str, float, float]]) -> float:
