@@ -261,6 +261,36 @@ def test_runs_whose_owner_died_are_closed_failed_at_the_next_start(tmp_path):
     assert c.get_run(elsewhere).info.status == "RUNNING"  # another host's processes are not ours to judge
 
 
+def test_a_run_its_owner_closed_just_before_exiting_is_not_closed_failed(tmp_path, monkeypatch):
+    """The race of concurrent starts on one store: a start finds a run RUNNING, and before it asks whether the
+    owner still runs, the owner closes the run FINISHED and exits. The run stays FINISHED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_config([f"tracking.uri={uri}", "tracking.experiment_name=orphans"])
+    check_tracking(cfg)
+    c = tracking.client(uri)
+    owner = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    tag = f"{faults.owner().split(':')[0]}:{faults.token(owner.pid)}"
+    run = c.create_run(c.get_experiment_by_name("orphans").experiment_id, tags={OWNER_TAG: tag}).info.run_id
+    real = faults.owner_alive
+
+    def owner_finishes_first(owner_tag):  # between the search and the check: the owner closes its run and exits
+        if owner_tag == tag and owner.poll() is None:
+            c.set_terminated(run, "FINISHED")
+            owner.kill()
+            owner.wait(timeout=10)
+        return real(owner_tag)
+
+    monkeypatch.setattr(faults, "owner_alive", owner_finishes_first)
+    try:
+        check_tracking(cfg)
+    finally:
+        owner.kill()
+        owner.wait(timeout=10)
+    assert owner.returncode is not None and faults.alive(faults.token(owner.pid)) is False
+    assert c.get_run(run).info.status == "FINISHED"
+    assert FAILURE_TAG not in c.get_run(run).data.tags
+
+
 def test_runs_this_process_opened_are_closed_on_the_way_out(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.prepare_store(uri)

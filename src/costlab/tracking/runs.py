@@ -64,13 +64,16 @@ def close_abandoned(uri: str, outcome: str) -> list[str]:
 
 def close_orphans(uri: str, experiment: str) -> list[str]:
     """Close FAILED (tag ``costlab.failure=launcher_died``) the RUNNING runs of ``experiment`` that a process
-    of this host opened and that process is gone: killed outright, it could not close them."""
+    of this host opened and that process is gone: killed outright, it could not close them. A run is read again
+    once its owner is found gone: an owner that closed its run and exited between the search and the check had
+    closed it itself, and a gone owner can no longer change it."""
     c = client(uri)
     host = socket.gethostname().replace("'", "")
     closed = []
     for run in pages(c.search_runs, [experiment],
                      f"attributes.status = 'RUNNING' and tags.`{OWNER_TAG}` LIKE '{host}:%'"):
-        if faults.owner_alive(run.data.tags.get(OWNER_TAG, "")) is False:
+        if (faults.owner_alive(run.data.tags.get(OWNER_TAG, "")) is False
+                and c.get_run(run.info.run_id).info.status == status.RUNNING):
             c.set_tag(run.info.run_id, FAILURE_TAG, "launcher_died")
             c.set_terminated(run.info.run_id, status.FAILED)
             closed.append(run.info.run_id)
