@@ -57,6 +57,16 @@ def test_a_plan_that_does_not_fit_says_so(cli):
     assert cli.run_by_name("plan_l4").data.metrics["plan/memory_margin_bytes"] < 0
 
 
+@pytest.mark.e2e
+def test_a_plan_says_nothing_of_the_training_metric_it_never_logs(cli):
+    """Only a search reads a job's optimized_metric (default eval/loss, which a plan never logs): a plan run alone
+    prints its verdict and no warning."""
+    proc = cli(*TINY, "mode=plan", "tracking.run_name=quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PREDICTED" in proc.stderr and "costlab: warning" not in proc.stderr, proc.stderr[-3000:]
+    assert cli.run_by_name("quiet").info.status == "FINISHED"
+
+
 def test_plan_mfu_is_checked(cli):
     proc = cli(*TINY, "mode=plan", "plan.mfu=1.5")
     assert proc.returncode == 2 and "plan.mfu=1.5" in proc.stderr and "Traceback" not in proc.stderr

@@ -52,7 +52,7 @@ def test_the_preflight_still_refuses_a_missing_key_inside_an_interval(capsys):
     assert e.value.code == 2 and "trainer.lrr" in capsys.readouterr().err
 
 
-def test_the_task_returns_the_optimized_metric_from_mlflow(mlflow_uri):
+def test_the_task_returns_the_optimized_metric_from_mlflow(mlflow_uri, capsys):
     c = client(mlflow_uri)
     run_id = c.create_run(experiment_id(mlflow_uri, "objective")).info.run_id
     c.log_batch(run_id, metrics=[Metric("eval/loss", 1.5, 0, 0), Metric("model/size_bytes", 1e6, 0, 0)])
@@ -64,6 +64,9 @@ def test_the_task_returns_the_optimized_metric_from_mlflow(mlflow_uri):
     assert objective.objective(cfg, "FAILED", run_id, ["minimize", "maximize"]) == [math.inf, -math.inf]
     cfg.optimized_metric = "infer/ttft_ms"  # not logged
     assert objective.objective(cfg, "FINISHED", run_id) == math.inf
+    assert "infer/ttft_ms" in capsys.readouterr().err  # a search is told the trial logged no such metric
+    assert objective.objective(cfg, "FINISHED", run_id, warn=False) == math.inf
+    assert capsys.readouterr().err == ""  # nothing searches on it (a single run, a grid): no news
 
 
 @pytest.mark.parametrize("direction, expected", [

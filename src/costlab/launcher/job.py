@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from costlab import faults, status, tracking
 from costlab.events import FAILURE_TAG, events_path
 from costlab.files import write_whole
-from costlab.launcher.objective import BASIC_SWEEPER, Objective, directions, objective, refuse_trial
+from costlab.launcher.objective import Objective, directions, objective, refuse_trial, searching
 from costlab.launcher.resources import check_resources, describe_kill, oom_kill_count
 from costlab.launcher.resume import resume_target
 from costlab.launcher.torchrun import from_slurm, job_prefix, launch_torchrun
@@ -114,7 +114,7 @@ class Job:
         return self.cfg.trainer.nnodes * self.cfg.trainer.nproc_per_node
 
     def objective(self, outcome: str, run_id: str | None) -> Objective:
-        return objective(self.cfg, outcome, run_id, directions(self.hc))
+        return objective(self.cfg, outcome, run_id, directions(self.hc), warn=searching(self.hc))
 
     def refuse(self, error: ConfigError) -> Objective:
         return refuse(self.cfg, error, self.run_dir, self.parent_id, self.hc)
@@ -287,7 +287,7 @@ def fail(error: ConfigError, run_dir: Path, node_rank: int, parent_id: str | Non
 def refuse(cfg: DictConfig, error: ConfigError, run_dir: Path, parent_id: str | None, hc: DictConfig) -> Objective:
     """A refused config: a trial of a search fails and the search goes on; anything else exits 2."""
     node = cfg.trainer.node_rank
-    if hc.mode == RunMode.MULTIRUN and node == 0 and hc.sweeper.get("_target_") != BASIC_SWEEPER:
+    if searching(hc) and node == 0:
         tags = _tags(cfg, dict(hc.runtime.choices), cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
         return refuse_trial(cfg, error, run_dir, parent_id, tags, hc)
     fail(error, run_dir, node, parent_id, cfg.tracking.uri if parent_id and node == 0 else None)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig
 
 from costlab import status, tracking
@@ -18,7 +19,13 @@ Objective = float | list[float]
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Sequence[str] = ()) -> Objective:
+def searching(hc: DictConfig) -> bool:
+    """Whether a sweeper that searches (Optuna, not Hydra's basic grid) reads what this job returns."""
+    return hc.mode == RunMode.MULTIRUN and hc.sweeper.get("_target_") != BASIC_SWEEPER
+
+
+def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Sequence[str] = (),
+              warn: bool = True) -> Objective:
     """What the Hydra task returns, for sweepers that search (Optuna): the run's ``optimized_metric`` (a
     float, or a list for several objectives) as logged in MLflow.
 
@@ -26,13 +33,15 @@ def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Seq
     minimised, -inf when maximised, per ``directions``): the study goes on, its best value and Pareto front
     are those of the jobs that ran, and the sampler learns to avoid what failed. (NaN would be Optuna's
     "failed trial", but the Optuna 2 that hydra-optuna-sweeper installs ends the whole study on it.)
+    ``warn=False`` where nothing searches on the value (a single run, a grid): a metric the job never logs
+    (a plan logs no ``eval/loss``) is then no news.
     """
     names = cfg.get("optimized_metric") or []
     names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
     finished = run_id is not None and outcome == status.FINISHED
     metrics = tracking.client(cfg.tracking.uri).get_run(run_id).data.metrics if finished else {}
     missing = [n for n in names if n not in metrics]
-    if finished and missing:
+    if warn and finished and missing:
         print(f"costlab: warning: run {run_id} logged no {', '.join(missing)} (optimized_metric): "
               "returning the worst value", file=sys.stderr)
     worst = [-math.inf if i < len(directions) and "max" in str(directions[i]) else math.inf for i in range(len(names))]
