@@ -9,7 +9,7 @@ import time
 import pytest
 
 from costlab.launcher.planner import layouts, rank
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, refusal
 
 
 def test_every_factorization_of_the_devices_is_a_layout():
@@ -28,6 +28,11 @@ def test_a_row_runs_with_the_users_overrides_less_what_the_search_chose():
             "plan.search=true", "plan.tokens=1e12", "trainer.activation_checkpointing=full", "trainer.max_steps=3"]
     sets = ["parallelism=ddp", "parallelism.dp_replicate=2", "precision=fp32", "trainer.activation_checkpointing=none"]
     assert _runnable(user, sets) == ["model=hf", "trainer.max_steps=3", *sets]
+
+
+def test_a_search_outside_a_plan_is_refused_rather_than_trained():
+    error = refusal(*TINY, "plan.search=true")
+    assert error.key == "plan.search" and "mode=plan" in str(error)
 
 
 def test_the_ranking_marks_what_another_candidate_beats():

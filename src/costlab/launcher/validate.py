@@ -35,6 +35,9 @@ def validate(cfg: DictConfig) -> None:
     if t.nnodes > 1 and not t.rdzv_endpoint and cfg.get("mode", "train") != "plan":  # a plan launches nothing
         raise ConfigError("trainer.nnodes", t.nnodes, "several nodes need trainer.rdzv_endpoint=HOST:PORT")
 
+    if cfg.get("mode", "train") != "plan" and cfg.get("plan", {}).get("search"):  # else it would train instead
+        raise ConfigError("plan.search", "true", "searches layouts only in a plan: add mode=plan")
+
     world = t.nnodes * t.nproc_per_node
     _check_model(cfg)
     if cfg.get("mode") == "plan" and cfg.plan.get("search"):  # the search checks each layout it tries, whole
