@@ -278,3 +278,15 @@ def test_the_keys_a_sweep_varied_label_its_runs(mlflow_uri):
     assert [r.label for r in report.build_report(rows).rows] == ["structured", "l1_unstructured"]
     labelled = report.build_report(rows, swept=report.swept_keys(c, pid))
     assert [r.label for r in labelled.rows] == ["structured amount=0.0", "l1_unstructured amount=0.5"]
+
+
+@pytest.mark.parametrize("col, value, shown", [
+    ("eval/loss", 3.16254, "3.1625"), ("train/final_loss", 3.0, "3.0000"), ("eval/loss delta", 0.0046, "+0.46 %"),
+    ("serve/kv_eval_loss", 2.5, "2.5000"),
+    # figures named after a loss are not losses: a byte count and the loss scale read as the numbers they are
+    ("mem/predicted_loss_backward_bytes_per_rank", 5041664.0, "5,041,664"), ("train/loss_scale", 65536.0, "65,536"),
+])
+def test_only_losses_are_shown_to_four_decimals(col, value, shown):
+    from costlab.report.text import _fmt
+
+    assert _fmt(col, value) == shown

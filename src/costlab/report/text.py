@@ -148,6 +148,13 @@ def summarize(rep: Report) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+def _is_loss(col: str) -> bool:
+    """A loss (``eval/loss``, ``train/final_loss``, ``serve/kv_eval_loss``), not a figure named after one
+    (``train/loss_scale``, ``mem/predicted_loss_backward_bytes_per_rank``)."""
+    words = col.split(" ")[0].rsplit("/", 1)[-1].split("_")
+    return "loss" in words and not {"scale", "bytes"} & set(words)
+
+
 def _fmt(col: str, value: Any) -> str:
     if value is None or value == "":
         return ""
@@ -161,7 +168,7 @@ def _fmt(col: str, value: Any) -> str:
         return f"{100 * value:+.2f} %"
     if col.endswith((" ratio", " speed-up")):
         return f"{value:.2f}x"
-    if "loss" in col:
+    if _is_loss(col):
         return f"{value:.4f}"
     if col.endswith("bytes") or col.endswith(STATE):
         return f"{value / 2**20:,.2f} MiB"
