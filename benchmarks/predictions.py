@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (~25 runs, ~10 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (~33 runs, ~10 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
 
@@ -76,6 +76,11 @@ CONFIGS: dict[str, list[str]] = {
     "hf llama ddp selective": [*HF, "parallelism=ddp", "trainer.activation_checkpointing=selective"],
     "hf gpt2 single": [*GPT2, "parallelism=single"],
     "hf gpt2 fsdp bf16": [*GPT2, "parallelism=fsdp", "precision=bf16"],
+    "gpt single lora": [*GPT, "parallelism=single", "finetune=lora"],
+    "gpt ddp lora": [*GPT, "parallelism=ddp", "finetune=lora"],
+    "gpt fsdp bf16 qlora": [*GPT, "parallelism=fsdp", "precision=bf16", "finetune=qlora"],
+    "gpt_micro single qlora": [*MICRO, "parallelism=single", "finetune=qlora"],
+    "hf llama single lora": [*HF, "parallelism=single", "finetune=lora"],
 }
 
 STATE = ("params", "grads", "optimizer")

@@ -93,6 +93,34 @@ def test_a_gpt_under_fsdp_mixed_precision_is_traced_as_it_runs(mode, tmp_path):
     assert predicted / meter.held == pytest.approx(1, abs=0.02), (predicted, meter.held)
 
 
+GPT_SMALL = ["model.n_layer=3", "model.n_embd=64", "model.n_head=2"]
+
+
+@pytest.mark.parametrize("finetune, model", [
+    ("lora", GPT_SMALL), ("qlora", [*GPT_SMALL, "finetune.backend=torchao", "precision=bf16"]),
+    ("lora", ["model=hf", "model.config=llama_tiny"]),
+])
+def test_adapters_are_traced_as_they_train(finetune, model):
+    """LoRA's adapters save their own inputs and outputs, and the frozen base saves less than a trained one: the
+    prediction traces the run's adapters (QLoRA's base dequantized as it runs); the truth is one real step of the
+    model as the run fine-tunes it (PEFT's adapters, torchao's NF4 base)."""
+    pytest.importorskip("peft")
+    from costlab.models.adapters import apply_finetune
+
+    cfg = compose_config([f"finetune={finetune}", *model, "model.block_size=32", "trainer.batch_size=4",
+                          "trainer.device=cpu"])
+    predicted = predict_state(cfg, 1)[f"{PREDICTED}activations_bytes_per_rank"]
+    torch.manual_seed(0)
+    trained = apply_finetune(build_model(cfg.model), cfg)
+    trained.train()
+    x = torch.randint(0, 256, (4, 32))
+    with SavedActivations(trained) as meter:
+        with autocast(cfg, torch.device("cpu")):
+            logits = trained(x)
+        loss_fn(logits, x).backward()
+    assert predicted / meter.held == pytest.approx(1, abs=0.01), (predicted, meter.held)
+
+
 def test_a_collectives_buffer_its_worker_lets_go_of_late_is_not_counted(tmp_path):
     """A process group's worker thread lets go of a collective's buffers a moment after the caller has woken; on
     a loaded machine a TP run's gathered logits were counted twice that way. A reading that finds a collective's

@@ -231,6 +231,9 @@ def test_lora_and_qlora_runs_fine_tune_a_trained_run_and_ship_a_plain_model(cli,
     assert m[MEM_OPTIMIZER] == m[f"{PREDICTED}optimizer_bytes_per_rank"]
     assert m[MEM_PARAMS] == m[f"{PREDICTED}params_bytes_per_rank"]
     assert m[MEM_OPTIMIZER] < 0.2 * base.data.metrics[MEM_OPTIMIZER]
+    # the memory and time models take the model as it fine-tunes: its adapters traced, its probes run on it
+    assert m[f"{PREDICTED}activations_bytes_per_rank"] == pytest.approx(m["mem/activations_bytes_per_rank"], rel=0.02)
+    assert m["perf/predicted_tokens_per_s"] > 0
     if finetune == "qlora":
         assert m[MEM_PARAMS] < 0.75 * base.data.metrics[MEM_PARAMS]  # the NF4 base, beside fp32 embeddings
     loaded = load_run(cli.out / finetune)  # a plain model of the run's config: the adapters were merged
@@ -258,6 +261,8 @@ def test_adapters_run_with_data_parallel_layouts(cli, finetune, parallelism, fam
     for part in ("params", "grads", "optimizer"):  # measured on the ranks, predicted from the shapes
         assert m[f"mem/{part}_bytes_per_rank"] == m[f"{PREDICTED}{part}_bytes_per_rank"], part
     assert 0 < m["model/trainable_params"] < 0.2 * m["model/params"]
+    assert m[f"{PREDICTED}activations_bytes_per_rank"] == pytest.approx(m["mem/activations_bytes_per_rank"], rel=0.02)
+    assert m["perf/predicted_tokens_per_s"] > 0
     if finetune == "qlora":  # the NF4 base beside the fp32 embeddings, norms and adapters
         assert run.data.tags["nf4_backend"] == run.data.params["finetune.backend"] != "auto"
         assert m[MEM_PARAMS] < 0.75 * 4 * m["model/params"] / (2 if parallelism == "fsdp" else 1)

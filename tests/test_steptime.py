@@ -234,3 +234,42 @@ def test_the_ranks_of_one_node_agree_on_their_card_probes_and_on_a_failure_of_an
     assert set(link) == {"all_reduce", "all_gather", "reduce_scatter"}
     assert all(latency >= 0 and bandwidth > 0 for latency, bandwidth in link.values())
     assert saved[0]["failing"] is None and saved[1]["failing"] is None
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_a_fine_tuning_runs_work_and_weights_are_its_adapters(finetune):
+    """LoRA's frozen base computes no weight gradients and its optimizer steps the adapters alone: the traced
+    FLOPs are those PyTorch's counter reads off one real step of the model as the run fine-tunes it, and the
+    weights the step reduces, gathers and holds in NF4 are the real model's."""
+    pytest.importorskip("peft")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from costlab.measure.steptime import optimizer_work
+    from costlab.models.adapters import apply_finetune
+    from costlab.models.loss import loss_fn
+
+    shape = ["model.n_layer=3", "model.n_embd=64", "model.n_head=2", "model.block_size=32"]
+    extra = ["finetune.backend=torchao"] if finetune == "qlora" else []
+    cfg = _cfg(*shape, f"finetune={finetune}", *extra)
+    rows = 4
+    layer, outside = layer_work(cfg, rows, fsdp=False)
+    torch.manual_seed(0)
+    model = apply_finetune(build_model(cfg.model), cfg)
+    x = torch.randint(0, 256, (rows, 32))
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model(x), x).backward()
+    # the counter knows CUDA's attention kernels, not the CPU's: the trace's own count of those is set aside
+    matmuls = (layer.flops - layer.attention) * 3 + outside.flops - outside.attention
+    assert matmuls == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    full, full_outside = layer_work(_cfg(*shape), rows, fsdp=False)
+    assert layer.flops * 3 + outside.flops < 0.85 * (full.flops * 3 + full_outside.flops)  # no weight gradients
+    _, _, per_layer, rest, _ = optimizer_work(cfg, build_optimizer)
+    params = dict(model.named_parameters())
+    trained = sum(p.numel() for p in params.values() if p.requires_grad)
+    nf4 = sum(p.numel() for n, p in params.items() if n.endswith("base_layer.weight")) if finetune == "qlora" else 0
+    frozen = sum(p.numel() for p in params.values() if not p.requires_grad) - nf4
+    assert per_layer.times(3).plus(rest) == pytest.approx((trained, frozen, nf4))
+    # FSDP reduce-scatters the adapters' gradients alone: less than a full fine-tune's
+    tuned = predict_step(_cfg(*shape, f"finetune={finetune}", *extra, "parallelism=fsdp"), 2, RATES, build_optimizer)
+    whole = predict_step(_cfg(*shape, "parallelism=fsdp"), 2, RATES, build_optimizer)
+    assert tuned.parts["communication"] < whole.parts["communication"]

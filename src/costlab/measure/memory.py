@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from costlab.models.adapters import uses_adapters
 from costlab.models.hf_config import is_hf
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
@@ -301,8 +302,8 @@ def activation_parts(cfg: DictConfig, world: int, loss_backward: bool = False) -
     a = _autocast_bytes(cfg)
     copies = a < FP32 and not dims.fsdp_enabled  # FSDP's mixed precision gathers weights in the autocast dtype
     tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
-    if is_hf(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and not dims.tp_enabled
-                      and "n_layer" in m):
+    if is_hf(cfg) or uses_adapters(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and not dims.tp_enabled
+                                            and "n_layer" in m):
         return _traced_parts(cfg, dims, tokens, loss_backward)
     logits = m.vocab_size * (a + FP32) + 2 * INDEX
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output

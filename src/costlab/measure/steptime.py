@@ -193,10 +193,11 @@ class _Counter:
 
 
 @functools.lru_cache(maxsize=1024)  # a few floats each: a plan search or a benchmark traces many
-def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, layers: int, mode: str,
+def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, adapters: str, layers: int, mode: str,
            rows: int) -> tuple[float, float, float, float, float, float]:
     """(FLOPs, ops, bytes, views, forward ops, attention FLOPs) of one forward, loss and backward of
-    ``rows`` sequences, on fake tensors."""
+    ``rows`` sequences, on fake tensors; ``adapters``: a fine-tuning run's
+    (:func:`costlab.measure.traced.adapters_key`), whose frozen base computes no weight gradients."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -206,7 +207,7 @@ def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, lay
     from costlab.parallelism.techniques import apply_ac
 
     with FakeTensorMode(), _hf_only(source):
-        model, forward = _fake_model(source, 1, layers, getattr(torch, weights), attn)
+        model, forward = _fake_model(source, 1, layers, getattr(torch, weights), attn, adapters)
         model.train()
         if mode != "none":
             apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
@@ -229,9 +230,11 @@ def _trace(source: str, autocast: str, weights: str, tokens: int, attn: str, lay
 
 
 @functools.lru_cache(maxsize=256)
-def _optimizer_trace(source: str, optimizer: str, layers: int, build: Any) -> tuple[float, float, float, float]:
-    """(ops, bytes, views, weights) of the run's optimizer step (clipping and zeroing included) over a model of
-    ``layers`` layers, on fake tensors: the second step (the first creates the state)."""
+def _optimizer_trace(source: str, optimizer: str, adapters: str, layers: int,
+                     build: Any) -> tuple[float, float, float, float, float, float]:
+    """(ops, bytes, views, weights it updates, frozen weights held dense, frozen weights held in NF4) of the run's
+    optimizer step (clipping and zeroing included) over a model of ``layers`` layers with the run's adapters, on
+    fake tensors: the second step (the first creates the state)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -239,8 +242,11 @@ def _optimizer_trace(source: str, optimizer: str, layers: int, build: Any) -> tu
 
     cfg = OmegaConf.create(json.loads(optimizer))
     with FakeTensorMode(), _hf_only(source):
-        model, _ = _fake_model(source, 1, layers, torch.float32, "sdpa")
+        model, _ = _fake_model(source, 1, layers, torch.float32, "sdpa", adapters)
         params = [p for p in model.parameters() if p.requires_grad]
+        frozen = [(n, p.numel()) for n, p in model.named_parameters() if not p.requires_grad]
+        held_in_nf4 = bool(adapters) and json.loads(adapters)["nf4"]
+        nf4 = float(sum(k for n, k in frozen if n.endswith("base_layer.weight"))) if held_in_nf4 else 0.0
         for p in params:
             p.grad = torch.zeros_like(p)
         opt = build(model, cfg)
@@ -250,7 +256,8 @@ def _optimizer_trace(source: str, optimizer: str, layers: int, build: Any) -> tu
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return float(counter.ops), float(counter.bytes), float(counter.views), float(sum(p.numel() for p in params))
+    return (float(counter.ops), float(counter.bytes), float(counter.views), float(sum(p.numel() for p in params)),
+            float(sum(k for _, k in frozen)) - nf4, nf4)
 
 
 def _source(cfg: DictConfig) -> str:
@@ -264,22 +271,47 @@ def _source(cfg: DictConfig) -> str:
 def layer_work(cfg: DictConfig, rows: int, fsdp: bool, mode: str | None = None) -> tuple[Work, Work]:
     """(one layer, everything outside the layers) of one micro-batch of ``rows`` sequences, under checkpointing
     ``mode`` (default the run's)."""
+    from costlab.measure.traced import adapters_key
+
     m = cfg.model
     autocast = cfg.precision.get("autocast_dtype")
     weights = autocast if fsdp and autocast else "float32"
-    key = (_source(cfg), str(autocast), weights, int(m.block_size), str(m.get("attn_implementation", "sdpa")))
+    key = (_source(cfg), str(autocast), weights, int(m.block_size), str(m.get("attn_implementation", "sdpa")),
+           adapters_key(cfg))
     mode = mode or cfg.trainer.get("activation_checkpointing", "none")
     one, two = (Work(*_trace(*key, n, mode, rows)) for n in (1, 2))
     layer = two - one
     return layer, one - layer
 
 
-def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, float, float, str]:
-    """The optimizer step's work for one layer and outside the layers (FLOPs none: it is pointwise), the weights it
-    updates in one layer and outside, and a note when another optimizer stood in for the run's. ``build(model,
+class Weights(NamedTuple):
+    """A model part's weights by how a step treats them: ``trained`` (a gradient each, reduced across data-parallel
+    ranks, and the optimizer's update), ``frozen`` (held in the model's dtype, gathered by FSDP, nothing reduced:
+    LoRA's base) and ``nf4`` (frozen and held in NF4: QLoRA's adapted base weights)."""
+
+    trained: float
+    frozen: float = 0.0
+    nf4: float = 0.0
+
+    def times(self, k: float) -> Weights:
+        return Weights(*(k * w for w in self))
+
+    def plus(self, other: Weights) -> Weights:
+        return Weights(*(a + b for a, b in zip(self, other, strict=True)))
+
+
+NF4_BYTES_PER_VALUE = 0.5 + 1 / 64  # packed 4-bit codes and a byte-sized scale per 64-value block (the rest: tiny)
+
+
+def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, Weights, Weights, str]:
+    """The optimizer step's work for one layer and outside the layers (FLOPs none: it is pointwise), the weights of
+    one layer and outside (:class:`Weights`: those it updates, and a fine-tuning run's frozen ones), and a note when
+    another optimizer stood in for the run's. ``build(model,
     cfg)``: the trainer's optimizer constructor (:func:`costlab.training.optimizers.build_optimizer`), handed in:
     measure/ does not reach into training/. An optimizer outside ``torch.optim`` (torchao's low-bit AdamWs,
     whose step is compiled code that cannot run on fake tensors) is traced as ``torch.optim.AdamW``."""
+    from costlab.measure.traced import adapters_key
+
     t = cfg.trainer
     option = OmegaConf.to_container(cfg.optimizer, resolve=True)
     note = ""
@@ -289,10 +321,11 @@ def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, float, floa
         option = {"_target_": "torch.optim.AdamW", "name": "adamw"}
     node = {"optimizer": option,
             "trainer": {"lr": float(t.lr), "betas": list(t.betas), "weight_decay": float(t.weight_decay)}}
-    key = (_source(cfg), json.dumps(node, sort_keys=True))
-    (ops1, data1, views1, w1), (ops2, data2, views2, w2) = (_optimizer_trace(*key, n, build) for n in (1, 2))
+    key = (_source(cfg), json.dumps(node, sort_keys=True), adapters_key(cfg))
+    (ops1, data1, views1, *w1), (ops2, data2, views2, *w2) = (_optimizer_trace(*key, n, build) for n in (1, 2))
     one, layer = Work(0.0, ops1, data1, views1), Work(0.0, ops2 - ops1, data2 - data1, views2 - views1)
-    return layer, one - layer, w2 - w1, w1 - (w2 - w1), note
+    layer_weights = Weights(*(b - a for a, b in zip(w1, w2, strict=True)))
+    return layer, one - layer, layer_weights, Weights(*w1).plus(layer_weights.times(-1.0)), note
 
 
 def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = True, span: int = 0) -> float:
@@ -374,8 +407,8 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     parts = {"compute": n_mb * one_mb, "optimizer": optimizer}
     if dims.pp_enabled:
         parts["bubble"] = (dims.pp - 1) / v * one_mb
-    weights = layer_weights * layers + outside_weights  # this pipeline stage's (the outside: at most all of it)
-    grad_bytes = 4 * weights / tp
+    weights = layer_weights.times(layers).plus(outside_weights)  # this stage's (the outside: at most all of it)
+    grad_bytes = 4 * weights.trained / tp  # a fine-tuning run's: its adapters' alone
     activation = rows * int(m.block_size) * int(shapes.n_embd) * _residual_bytes(cfg, dims.fsdp_enabled)
     comm, data_parallel = 0.0, 0.0
     shard_span = dims.dp_shard * tp  # the mesh's inner dimensions: tp innermost, then dp_shard, dp_replicate
@@ -397,7 +430,9 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     if rates.schedule_s:  # the run's own pipeline, probed: one schedule step per accumulated micro-batch group
         parts["schedule"] = int(t.grad_accum_steps) * rates.schedule_s
     if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced per sync
-        gathered = grad_bytes * (2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4) / 4
+        # every weight, in the dtype FSDP's mixed precision gathers it in (an NF4 base: its codes and scales)
+        width = 2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4
+        gathered = ((weights.trained + weights.frozen) * width + weights.nf4 * NF4_BYTES_PER_VALUE) / tp
         data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span)
         data_parallel += syncs * _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span)
     if rates.overlap:  # a GPU's data-parallel collectives run on their own streams, beside the compute
@@ -678,15 +713,17 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
     block), under the run's checkpointing and autocast, uncompiled; ``wrapped``: laid out as the run lays it out
     (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh, in DDP where the run replicates), else
-    plain on this rank. ``device``: where it runs (default the CPU); on a GPU each timing waits for the card's
-    kernels. ``at_once``: the ranks start each timing together, as CPU ranks sharing a node's cores train (plain
-    on a GPU, each rank has its own card: :func:`card_probes` times without waiting for its peers).
-    ``build_optimizer``: the trainer's (:func:`optimizer_work`). Wrapped, or ``at_once`` on a run of several
-    ranks, a collective: every rank calls it."""
+    plain on this rank; either way fine-tuned as the run fine-tunes it (LoRA's adapters, QLoRA's NF4 base).
+    ``device``: where it runs (default the CPU); on a GPU each timing waits for the card's kernels. ``at_once``:
+    the ranks start each timing together, as CPU ranks sharing a node's cores train (plain on a GPU, each rank has
+    its own card: :func:`card_probes` times without waiting for its peers). ``build_optimizer``: the trainer's
+    (:func:`optimizer_work`). Wrapped, or ``at_once`` on a run of several ranks, a collective: every rank calls
+    it."""
     import torch
     import torch.distributed as dist
 
     from costlab.measure.memory import _with_depth
+    from costlab.models.adapters import apply_finetune
     from costlab.models.gpt import build_model
     from costlab.models.loss import loss_fn
     from costlab.parallelism.apply import apply_parallelisms, build_mesh
@@ -733,7 +770,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
         shallow = _with_depth(cfg, layers)
         shallow.trainer.compile = False  # eager costs: a probe does not wait for a compiler
         torch.manual_seed(0)
-        model = build_model(shallow.model)
+        model = apply_finetune(build_model(shallow.model), shallow, shards=dims.dp_shard)  # LoRA's adapters, NF4
         apply_parallelisms(model, shallow, dims, mesh, device)
         if dims.ddp_enabled:  # as the run wraps it (DDP combines with no other degree)
             model = apply_ddp(model, mesh["dp_replicate"].get_group(), device,

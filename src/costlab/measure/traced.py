@@ -43,7 +43,7 @@ def traced_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
     weights = autocast if fsdp and autocast else "float32"
     attn = str(m.get("attn_implementation", "sdpa"))
     source = hf_source(cfg) if is_hf(cfg) else json.dumps(OmegaConf.to_container(m, resolve=True), sort_keys=True)
-    key = (source, int(tp), str(autocast), weights, int(m.block_size), attn)
+    key = (source, int(tp), str(autocast), weights, int(m.block_size), attn, adapters_key(cfg))
     mode = t.get("activation_checkpointing", "none")
     out: dict[str, float] = {}
     for name, layer_mode in (("block", mode), ("none", "none")):
@@ -80,7 +80,7 @@ def _split(key: tuple, layers: int, mode: str) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn: str, layers: int,
+def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn: str, adapters: str, layers: int,
            mode: str, rows: int) -> float:
     """Bytes alive for backward after the forward and loss of ``rows`` sequences (see the module). ``source``: a
     Hugging Face config file, or a costlab ``model`` node as JSON (``{...}``)."""
@@ -91,13 +91,13 @@ def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn:
     # heap (a plan search traces dozens of times; a full collection is most of a trace's time)
     gc.freeze()
     try:
-        return _alive_traced(source, tp, autocast, dtype, tokens, attn, layers, mode, rows)
+        return _alive_traced(source, tp, autocast, dtype, tokens, attn, adapters, layers, mode, rows)
     finally:
         gc.unfreeze()
 
 
-def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, attn: str, layers: int, mode: str,
-                  rows: int) -> float:
+def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, attn: str, adapters: str,
+                  layers: int, mode: str, rows: int) -> float:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -106,7 +106,7 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
     from costlab.parallelism.techniques import apply_ac
 
     with FakeTensorMode(), _hf_only(source):
-        model, forward = _fake_model(source, tp, layers, dtype, attn)
+        model, forward = _fake_model(source, tp, layers, dtype, attn, adapters)
         model.train()
         if mode != "none":
             apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
@@ -123,8 +123,65 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
     return float(held)
 
 
-def _fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str) -> tuple[Any, Any]:
-    """The model (under the caller's fake mode) with ``layers`` layers, and its forward from token ids to logits."""
+def _fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str, adapters: str = "") -> tuple[Any, Any]:
+    """The model (under the caller's fake mode) with ``layers`` layers, and its forward from token ids to logits.
+    ``adapters``: a fine-tuning run's LoRA adapters as JSON (:func:`adapters_key`), injected as the run injects them
+    (the rest frozen, so that its backward computes no weight gradients for the base); with ``nf4``, each adapted
+    base weight is dequantized where the run's NF4 weight is: once in its forward and once in its backward."""
+    model, forward = _plain_fake_model(source, tp, layers, dtype, attn)
+    if adapters:
+        from unittest import mock
+
+        import torch
+
+        from costlab.models.adapters import _lora_layers, lora
+
+        node = json.loads(adapters)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # the adapters made in the base's dtype, on the fake CPU tensors' device:
+        try:  # nothing for PEFT to move (a module's .to() cannot swap fake parameters in place)
+            with mock.patch.object(torch.nn.Module, "to", lambda module, *a, **k: module):
+                model = lora(model, node["rank"], node["alpha"], node["dropout"], node["targets"])
+        finally:
+            torch.set_default_dtype(default)
+        if node.get("nf4"):
+            for layer in _lora_layers(model):
+                _dequantized_in_place(layer.get_base_layer())
+    return model, forward
+
+
+def adapters_key(cfg: DictConfig) -> str:
+    """A run's LoRA adapters as the traces take them (JSON: rank, alpha, dropout, targets, and ``nf4`` when the
+    base is held in NF4), or "" for a run that trains every parameter."""
+    from costlab.models.adapters import holds_nf4, uses_adapters
+
+    if not uses_adapters(cfg):
+        return ""
+    f = cfg.finetune
+    return json.dumps({"rank": int(f.rank), "alpha": float(f.alpha), "dropout": float(f.dropout),
+                       "targets": list(f.targets), "nf4": holds_nf4(cfg)}, sort_keys=True)
+
+
+def _dequantized_in_place(linear: Any) -> None:
+    """``linear`` computes as an NF4 base does (torchao's ``linear_nf4``, bitsandbytes' ``Linear4bit``): its frozen
+    weight is written out in the input's dtype before the forward's matmul and again before the backward's (the
+    bytes a dequantization writes; its lookups' reads are left out), and nothing of it is saved."""
+    import torch
+
+    class Dequantized(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, bias: Any) -> Any:
+            ctx.weight = weight
+            return torch.nn.functional.linear(x, weight.to(x.dtype, copy=True), bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            return grad @ ctx.weight.to(grad.dtype, copy=True), None, None
+
+    linear.forward = lambda x: Dequantized.apply(x, linear.weight, linear.bias)
+
+
+def _plain_fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str) -> tuple[Any, Any]:
     if source.startswith("{"):  # costlab's own model: its ``model`` node
         import torch
 
