@@ -196,6 +196,20 @@ def test_qlora_backend_auto_is_timed_here_and_fsdp_takes_torchao():
     assert cfg.finetune.backend == "torchao" and cfg.finetune.get("probe_ms") is None
 
 
+def test_a_qlora_plan_takes_the_backend_of_the_card_it_names_and_a_search_leaves_it_to_its_layouts():
+    """A plan times nothing on this CPU for the card it names: on a GPU a run without FSDP takes bitsandbytes where
+    installed. A search has no layout yet (its world is not the default layout's): it is not refused for that."""
+    pytest.importorskip("torchao")
+    plan = ["mode=plan", "finetune=qlora", "hardware=h100_sxm", "trainer.nproc_per_node=8"]
+    cfg = compose_config([*TINY, *plan, "parallelism=ddp", "parallelism.dp_replicate=8"])
+    check_job(cfg, planning=True)
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    assert cfg.finetune.backend == ("bitsandbytes" if has_bnb else "torchao") and "probe_ms" not in cfg.finetune
+    search = compose_config([*TINY, *plan, "plan.search=true"])
+    check_job(search, planning=True)
+    assert search.finetune.backend == "auto"
+
+
 def test_an_adapter_shipped_alone_is_refused_with_compression(tmp_path):
     model_file = tmp_path / "model.pt"
     torch.save(build_model(compose_config(TINY).model).state_dict(), model_file)

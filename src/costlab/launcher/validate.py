@@ -188,14 +188,19 @@ def resolve_nf4_backend(cfg: DictConfig) -> None:
     """``finetune=qlora backend=auto``: the NF4 backend the run uses, in ``cfg`` before any rank starts.
     Under FSDP torchao's (FSDP2 shards its ``NF4Tensor``; bitsandbytes' packed weights it cannot); on a GPU
     bitsandbytes' when installed (its CUDA kernels are QLoRA's own; the launcher never touches the GPU to time
-    them); on a CPU the faster of those installed, timed here (``finetune.probe_ms``)."""
+    them); on a CPU the faster of those installed, timed here (``finetune.probe_ms``). A plan is for the card its
+    ``hardware`` names, not for this machine: a GPU's choice there; a plan search leaves ``auto`` (torchao's bytes)
+    to its layouts, as FSDP's would be."""
     if not holds_nf4(cfg) or cfg.finetune.get("backend", "auto") != "auto":
+        return
+    planning = cfg.get("mode", "train") == "plan"
+    if planning and cfg.plan.get("search"):
         return
     dims = parallel_dims(cfg.parallelism, cfg.trainer.nnodes * cfg.trainer.nproc_per_node)
     has_bnb = importlib.util.find_spec("bitsandbytes") is not None
     if dims.fsdp_enabled or not has_bnb:
         cfg.finetune.backend = "torchao"
-    elif cfg.trainer.device == "cuda":
+    elif cfg.trainer.device == "cuda" or (planning and cfg.hardware.name != "cpu"):
         cfg.finetune.backend = "bitsandbytes"
     else:
         from costlab.measure.probes import choose_nf4_backend
