@@ -129,6 +129,7 @@ def test_a_plan_times_and_prices_the_tokens_it_is_given():
     base = ["mode=plan", "model=gpt2_small", "hardware=h100_sxm", "parallelism=fsdp", "trainer.nproc_per_node=8"]
     steps, _ = make_plan(compose_config(base))
     out, lines = make_plan(compose_config([*base, "plan.tokens=1e12"]))
+    assert "model=gpt2_small (124M parameters)" in lines[0]  # GPT-2 small, as it is known
     assert out["plan/tokens"] == 1e12 and "(plan.tokens)" in lines[-1] and "days" in lines[-1]
     assert out["plan/hours"] == pytest.approx(steps["plan/hours"] * 1e12 / steps["plan/tokens"])
     assert out["plan/usd"] == pytest.approx(out["plan/hours"] * 8 * compose_config(base).hardware.usd_per_hour)

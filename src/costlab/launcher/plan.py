@@ -123,7 +123,7 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
                              f"{PLAN}state_bytes_per_device": held,
                              f"{PLAN}memory_bytes_per_device": per_device, **state}
     dtype = matmul_dtype(cfg)
-    lines = [f"costlab plan: model={cfg.model.name} ({params / 1e9:.3g}B parameters), parallelism="
+    lines = [f"costlab plan: model={cfg.model.name} ({_count(params)} parameters), parallelism="
              f"{cfg.parallelism.name} on {world} x {hw.name}, {dtype} matmuls; nothing is trained or allocated"]
     def label(key: str) -> str:
         part = key[len(PREDICTED):].split("_")[0]
@@ -206,3 +206,11 @@ def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
 
 def print_plan(lines: list[str]) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _count(n: float) -> str:
+    """A parameter count as people write it: 329K, 124M, 6.7B."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
