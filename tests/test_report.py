@@ -240,6 +240,15 @@ def test_the_command_line_reports_an_experiment_or_runs(sweep, tmp_path):
                         "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.parametrize("which", ["--parent", "--runs"])
+def test_a_run_id_the_store_does_not_hold_is_one_line_naming_it(sweep, tmp_path, capsys, which):
+    c, _, _, ids = sweep
+    unknown = "f" * 32
+    argv = [which, unknown] + ([ids["base"]] if which == "--runs" else [])
+    assert report.main([*argv, "--tracking-uri", c.tracking_uri, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"costlab: error: {which} {unknown}: no such run in this store\n"
+
+
 def test_the_sweep_callback_turns_a_failure_into_one_warning_line(mlflow_uri, tmp_path, capsys):
     (tmp_path / "parent_run_id").write_text("0" * 32)  # no such run
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "tracking": {"uri": mlflow_uri},

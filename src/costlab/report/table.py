@@ -94,7 +94,11 @@ def record(run: Any) -> RunRecord:
 def load_runs(c: MlflowClient, *, parent: str | None = None, experiment: str | None = None,
               run_ids: list[str] | None = None) -> list[RunRecord]:
     """The job runs to compare, oldest first: a sweep parent's children, an experiment's job runs
-    (sweep parents left out), or the runs named."""
+    (sweep parents left out), or the runs named. A run id the store does not hold is a ValueError naming it."""
+    for key, ids in (("--parent", [parent] if parent else []), ("--runs", run_ids or [])):
+        missing = [i for i in ids if not _exists(c, i)]
+        if missing:
+            raise ValueError(f"{key} {' '.join(missing)}: no such run in this store")
     if parent:
         runs = tracking.child_runs(c, parent)
     elif experiment:
@@ -112,6 +116,18 @@ def load_runs(c: MlflowClient, *, parent: str | None = None, experiment: str | N
 def swept_keys(c: MlflowClient, parent: str) -> list[str]:
     """The keys a sweep varied, as its parent run recorded them."""
     return [k for k in c.get_run(parent).data.tags.get(tracking.SWEPT_TAG, "").split(",") if k]
+
+
+def _exists(c: MlflowClient, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def _all_runs(c: MlflowClient, experiment_id: str) -> list:
