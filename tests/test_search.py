@@ -69,6 +69,18 @@ def test_the_task_returns_the_optimized_metric_from_mlflow(mlflow_uri, capsys):
     assert capsys.readouterr().err == ""  # nothing searches on it (a single run, a grid): no news
 
 
+def test_a_plan_that_does_not_fit_is_the_worst_trial_of_a_search_however_cheap(mlflow_uri, capsys):
+    """An Optuna search over plans minimising their cost must not pick a layout that does not fit in memory."""
+    c = client(mlflow_uri)
+    cfg = OmegaConf.create({"tracking": {"uri": mlflow_uri}, "optimized_metric": ["plan/usd", "plan/mfu"]})
+    for margin, expected in ((-1e9, [math.inf, -math.inf]), (1e9, [20.0, 0.4])):
+        run_id = c.create_run(experiment_id(mlflow_uri, "plans")).info.run_id
+        c.log_batch(run_id, metrics=[Metric("plan/usd", 20.0, 0, 0), Metric("plan/mfu", 0.4, 0, 0),
+                                     Metric("plan/memory_margin_bytes", margin, 0, 0)])
+        assert objective.objective(cfg, "FINISHED", run_id, ["minimize", "maximize"]) == expected
+        assert ("does not fit" in capsys.readouterr().err) == (margin < 0)
+
+
 @pytest.mark.parametrize("direction, expected", [
     (None, []), ("maximize", ["maximize"]), (["minimize", "maximize"], ["minimize", "maximize"]),
 ])

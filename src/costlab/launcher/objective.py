@@ -17,6 +17,7 @@ Objective = float | list[float]
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+MEMORY_MARGIN = "plan/memory_margin_bytes"  # a plan's: the card's memory less its predicted peak per device
 
 
 def searching(hc: DictConfig) -> bool:
@@ -29,7 +30,8 @@ def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Seq
     """What the Hydra task returns, for sweepers that search (Optuna): the run's ``optimized_metric`` (a
     float, or a list for several objectives) as logged in MLflow.
 
-    A job that did not finish, or did not log the metric, gets the worst value of each objective (+inf when
+    A job that did not finish, did not log the metric, or planned a layout that does not fit
+    (``plan/memory_margin_bytes`` < 0), gets the worst value of each objective (+inf when
     minimised, -inf when maximised, per ``directions``): the study goes on, its best value and Pareto front
     are those of the jobs that ran, and the sampler learns to avoid what failed. (NaN would be Optuna's
     "failed trial", but the Optuna 2 that hydra-optuna-sweeper installs ends the whole study on it.)
@@ -40,8 +42,13 @@ def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Seq
     names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
     finished = run_id is not None and outcome == status.FINISHED
     metrics = tracking.client(cfg.tracking.uri).get_run(run_id).data.metrics if finished else {}
+    unfit = metrics.get(MEMORY_MARGIN, 0.0) < 0  # a plan of a layout that does not fit: no cost of it counts
+    if warn and unfit:
+        print(f"costlab: warning: plan {run_id} does not fit ({MEMORY_MARGIN} < 0): returning the worst value",
+              file=sys.stderr)
+    metrics = {} if unfit else metrics
     missing = [n for n in names if n not in metrics]
-    if warn and finished and missing:
+    if warn and finished and missing and not unfit:
         print(f"costlab: warning: run {run_id} logged no {', '.join(missing)} (optimized_metric): "
               "returning the worst value", file=sys.stderr)
     worst = [-math.inf if i < len(directions) and "max" in str(directions[i]) else math.inf for i in range(len(names))]
