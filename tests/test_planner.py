@@ -66,6 +66,11 @@ def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):
     assert best.data.metrics["plan/tokens_per_s"] == max(c.data.metrics["plan/tokens_per_s"] for c in children)
     command = best.data.tags["costlab.run_command"]
     assert command == parent.data.tags["costlab.run_command"] and command in proc.stderr
+    from costlab import report  # the sweep report compares the candidates: what each predicts on its card
+
+    rep = report.build_report(report.load_runs(cli.client(), parent=parent.info.run_id))
+    assert rep.summary.startswith("Predicted on cpu") and f"{len(children)} of {len(children)} fit" in rep.summary
+    assert all(r.levers["model"] == "gpt_nano" and r.levers["world_size"] == "2" for r in rep.rows)
     args = shlex.split(command)[2:]  # python run.py <overrides>
     assert not any(a.startswith(("mode=", "plan.")) for a in args)
     run = cli(*args, "tracking.run_name=best")

@@ -299,3 +299,29 @@ def test_only_losses_are_shown_to_four_decimals(col, value, shown):
     from costlab.report.text import _fmt
 
     assert _fmt(col, value) == shown
+
+
+def test_a_report_of_plans_compares_what_they_predict_on_their_card(mlflow_uri, tmp_path):
+    """A sweep of plans (mode=plan; a plan search's candidates) trains nothing: its table is the plans' predicted
+    memory, fit, tokens/s, MFU, money and hours on the card they name, and its summary says which fit, cheapest
+    first, with the one that does not fit never ranked however cheap."""
+    c = client(mlflow_uri)
+    exp = experiment_id(mlflow_uri, "report_plans")
+    pid = c.create_run(exp, run_name="plans", tags={"costlab.role": "sweep"}).info.run_id
+    plan = {"mode": "plan", "hardware": "h100_sxm"}
+    figures = {"fsdp": (38.5e9, 41.5e9, 8468.0, 25.8), "ddp": (141e9, -60.8e9, 9000.0, 20.0),
+               "fsdp_tp": (30e9, 50e9, 7000.0, 31.2)}
+    for name, (memory, margin, tps, usd) in figures.items():
+        _run(c, exp, f"plan llama_7b {name}", pid, levers={"parallelism": name, "world_size": "8"}, tags=plan,
+             curve=(), metrics={k: None for k in BASE} | {
+                 "plan/memory_bytes_per_device": memory, "plan/memory_margin_bytes": margin,
+                 "plan/tokens_per_s": tps, "plan/mfu": tps / 2e4, "plan/usd": usd, "plan/hours": usd / 24})
+    rep = report.build_report(report.load_runs(c, parent=pid), "parallelism=fsdp")
+    assert rep.summary.startswith("Predicted on h100_sxm (plans: nothing was trained)")
+    assert "ddp does not fit (by 60.8 GB)" in rep.summary
+    assert rep.summary.endswith("2 of 3 fit; cheapest first: fsdp $25.8, fsdp_tp $31.2.")
+    path = report.write_report(rep, tmp_path)
+    text = path.read_text()
+    assert "| plan/usd | plan/usd ratio |" in text and "eval/loss" not in text
+    assert "| fsdp_tp | FINISHED | fsdp_tp | 30 GB | 0.78x | 50 GB | 7,000 | 0.83x |" in text
+    assert "device h100_sxm" in text  # the card planned for, not the CPU the plans ran on

@@ -254,12 +254,14 @@ def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> l
     Path(run_dir, "plan.txt").write_text("\n".join(lines) + "\n")
     client.log_artifact(run_id, str(Path(run_dir, "plan.txt")))
     experiment = client.get_run(run_id).info.experiment_id
+    world = int(cfg.trainer.nnodes) * int(cfg.trainer.nproc_per_node)
     for i, c in enumerate(ranked, 1):
         p = c.cfg.parallelism
         name = (f"plan #{i} pp{p.pp_degree} rep{p.dp_replicate} shard{p.dp_shard} tp{p.tp_degree} "
                 f"{c.mode} micro{c.rows} accum{c.accum} {c.cfg.precision.name}")
         tags = {"mlflow.parentRunId": run_id, tracking.SWEEP_ID_TAG: run_id, "mode": "plan",
-                "hardware": str(cfg.hardware.name),
+                "hardware": str(cfg.hardware.name), "world_size": str(world), "device": str(cfg.trainer.device),
+                **{group: str(c.cfg[group].get("name", "")) for group in tracking.CONTRACT_TAGS if group in c.cfg},
                 "costlab.plan_rank": str(i), "costlab.dominated": str(c.dominated).lower(),
                 "costlab.run_command": "python run.py " + " ".join(_runnable(user, c.overrides))}
         child = client.create_run(experiment, run_name=name, tags=tags).info.run_id

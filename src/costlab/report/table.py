@@ -52,6 +52,7 @@ class RunRecord:
     start_time: int = 0
     label: str = ""
     compresses_in_training: bool = False  # its compression option acted during training (the run's tag)
+    plan: bool = False  # a ``mode=plan`` run: predicted figures for the card it names, nothing trained
 
     @property
     def finished(self) -> bool:
@@ -72,6 +73,7 @@ class Report:
     table: list[dict[str, Any]] = field(default_factory=list)  # one dict per row, keys = columns
     others: list[str] = field(default_factory=list)  # the extra summary metrics of the table
     summary: str = ""
+    main: list[str] = field(default_factory=lambda: list(MAIN_TABLE))  # the main table's columns
 
 
 # --------------------------------------------------------------------------- reading MLflow
@@ -79,11 +81,16 @@ class Report:
 
 def record(run: Any) -> RunRecord:
     tags = run.data.tags
+    plan = tags.get("mode") == "plan"
+    levers = {k: tags.get(k, UNTAGGED.get(k, "")) for k in LEVERS}
+    if plan:  # a plan ran on this machine's CPU, for the card it names
+        levers["device"] = tags.get("hardware", levers["device"])
     return RunRecord(
         run_id=run.info.run_id,
         name=run.info.run_name or run.info.run_id,
         status=run.info.status,
-        levers={k: tags.get(k, UNTAGGED.get(k, "")) for k in LEVERS},
+        plan=plan,
+        levers=levers,
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         start_time=run.info.start_time or 0,
@@ -264,9 +271,27 @@ MAIN_COLUMNS = (  # (column, metric, how it compares to the baseline)
     (SERVE_TARGET_TOKENS_PER_S, SERVE_TARGET_TOKENS_PER_S, "ratio"),  # served at the latency target
     (SERVE_USD, SERVE_USD, "ratio"),
 )
+PLAN_MEMORY, PLAN_MARGIN, PLAN_TOKENS_PER_S, PLAN_MFU, PLAN_USD, PLAN_HOURS = (
+    "plan/memory_bytes_per_device", "plan/memory_margin_bytes", "plan/tokens_per_s", "plan/mfu", "plan/usd",
+    "plan/hours")
+PLAN_COLUMNS = (  # a report of plans (mode=plan, a plan search's candidates): what each predicts on its card
+    (PLAN_MEMORY, PLAN_MEMORY, "ratio"),
+    (PLAN_MARGIN, PLAN_MARGIN, ""),  # below 0: it does not fit
+    (PLAN_TOKENS_PER_S, PLAN_TOKENS_PER_S, "ratio"),
+    (PLAN_MFU, PLAN_MFU, "ratio"),
+    (PLAN_USD, PLAN_USD, "ratio"),
+    (PLAN_HOURS, PLAN_HOURS, "ratio"),
+)
 COMPARE_SUFFIX = {"delta": "delta", "ratio": "ratio", "speedup": "speed-up"}
-MAIN_TABLE = [x for col, _, how in MAIN_COLUMNS for x in (col, f"{col} {COMPARE_SUFFIX[how]}")]
-SHOWN = {MEM_PARAMS, MEM_GRADS, MEM_OPTIMIZER} | {m for _, m, _ in MAIN_COLUMNS}
+
+
+def _flat(columns: Sequence[tuple[str, str, str]]) -> list[str]:
+    return [x for col, _, how in columns for x in ((col, f"{col} {COMPARE_SUFFIX[how]}") if how else (col,))]
+
+
+MAIN_TABLE = _flat(MAIN_COLUMNS)
+PLAN_TABLE = _flat(PLAN_COLUMNS)
+SHOWN = {MEM_PARAMS, MEM_GRADS, MEM_OPTIMIZER} | {m for _, m, _ in MAIN_COLUMNS} | {m for _, m, _ in PLAN_COLUMNS}
 
 
 def compare(value: float | None, base: float | None, how: str) -> float | None:
@@ -286,16 +311,19 @@ def build_table(rows: list[RunRecord], baseline: str | None = None, swept: Seque
         k for k in base.metrics
         if k not in SHOWN and not k.startswith(STEP_FAMILIES) and any(k in r.metrics for r in rows if r is not base)
     )
-    rep = Report(rows, base, others=others)
+    plans = all(r.plan for r in rows)
+    columns = PLAN_COLUMNS if plans else MAIN_COLUMNS
+    rep = Report(rows, base, others=others, main=PLAN_TABLE if plans else MAIN_TABLE)
     rep.columns = ["run", "label", "status", "baseline", *LEVERS]
-    rep.columns += MAIN_TABLE
+    rep.columns += rep.main
     for k in others:
         rep.columns += [k, f"{k} ratio"]
     for r in rows:
         row: dict[str, Any] = {"run": r.name, "label": r.label, "status": r.status, "baseline": r is base, **r.levers}
-        for col, metric, how in MAIN_COLUMNS:
+        for col, metric, how in columns:
             row[col] = r.get(metric)
-            row[f"{col} {COMPARE_SUFFIX[how]}"] = compare(r.get(metric), base.get(metric), how)
+            if how:
+                row[f"{col} {COMPARE_SUFFIX[how]}"] = compare(r.get(metric), base.get(metric), how)
         for k in others:
             row[k] = r.metrics.get(k)
             row[f"{k} ratio"] = ratio(r.metrics.get(k), base.metrics.get(k))

@@ -25,7 +25,10 @@ from costlab.report.table import (
     BYTES_TOLERANCE,
     COMPRESSION,
     LEVERS,
-    MAIN_TABLE,
+    PLAN_MARGIN,
+    PLAN_MEMORY,
+    PLAN_TOKENS_PER_S,
+    PLAN_USD,
     SPEED_TOLERANCE,
     STATE,
     Report,
@@ -130,7 +133,50 @@ def served_ranking(rep: Report) -> str:
     return f"Served at {_target(runs[0])}, fastest first (output tokens/s): {ranked}."
 
 
+def _fits(r: RunRecord) -> str:
+    margin = r.get(PLAN_MARGIN)
+    if margin is None:
+        return "has no memory verdict"
+    return f"fits ({margin / 1e9:.3g} GB to spare)" if margin >= 0 else f"does not fit (by {-margin / 1e9:.3g} GB)"
+
+
+def _plan_sentence(r: RunRecord, base: RunRecord) -> str:
+    if not r.finished:
+        return f"{r.label} {r.status}, so it has no figures"
+    said = [_fits(r)]
+    memory = ratio(r.get(PLAN_MEMORY), base.get(PLAN_MEMORY))
+    if memory is not None:
+        said.append(f"needs {_times(memory)} the memory per device")
+    speed = ratio(r.get(PLAN_TOKENS_PER_S), base.get(PLAN_TOKENS_PER_S))
+    if speed is not None:
+        said.append(_speed("trains", speed))
+    usd = ratio(r.get(PLAN_USD), base.get(PLAN_USD))
+    if usd is not None:
+        said.append(f"costs {_times(usd)} the baseline's ${base.get(PLAN_USD):,.4g}")
+    return f"{r.label} " + ", ".join(said)
+
+
+def summarize_plans(rep: Report) -> str:
+    """A report of plans: what each predicts on the card it names against the baseline's plan, and the ones that
+    fit, cheapest first. Every figure is a prediction; nothing was trained."""
+    b = rep.baseline
+    head = (f"Predicted on {b.levers.get('device') or 'an unknown card'} (plans: nothing was trained), against the "
+            f"baseline" + ("" if b.label == "baseline" else f" {b.label}") + f" ({b.name}, which {_fits(b)}")
+    if b.get(PLAN_TOKENS_PER_S) is not None:
+        head += f", {b.get(PLAN_TOKENS_PER_S):,.0f} tokens/s"
+    head += ")"
+    sentences = [_plan_sentence(r, b) for r in rep.rows if r is not b]
+    fitting = sorted((r for r in rep.rows if r.finished and (r.get(PLAN_MARGIN) or 0.0) >= 0
+                      and r.get(PLAN_USD) is not None), key=lambda r: r.get(PLAN_USD))
+    ranking = (f"{len(fitting)} of {len(rep.rows)} fit; cheapest first: "
+               + ", ".join(f"{r.label} ${r.get(PLAN_USD):,.4g}" for r in fitting) + "."
+               if fitting else f"None of the {len(rep.rows)} fits, or none is priced.")
+    return head + (": " + "; ".join(sentences) + ". " if sentences else ": it is the only plan. ") + ranking
+
+
 def summarize(rep: Report) -> str:
+    if all(r.plan for r in rep.rows):
+        return summarize_plans(rep)
     b = rep.baseline
     head = "Against the baseline" + ("" if b.label == "baseline" else f" {b.label}") + f" ({b.name}"
     if b.get(EVAL_LOSS) is not None:
@@ -170,6 +216,8 @@ def _fmt(col: str, value: Any) -> str:
         return f"{value:.2f}x"
     if _is_loss(col):
         return f"{value:.4f}"
+    if col in (PLAN_MEMORY, PLAN_MARGIN):  # a plan's figures for a card, in the GB its datasheet gives
+        return f"{value / 1e9:,.3g} GB"
     if col.endswith("bytes") or col.endswith(STATE):
         return f"{value / 2**20:,.2f} MiB"
     return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
@@ -178,7 +226,7 @@ def _fmt(col: str, value: Any) -> str:
 def markdown(rep: Report, figures: list[str] = ()) -> str:
     varying = [k for k in LEVERS if len({r.levers.get(k) for r in rep.rows}) > 1]
     same = ", ".join(f"{k} {rep.baseline.levers[k]}" for k in LEVERS if k not in varying)
-    main = ["label", "status", *varying, *MAIN_TABLE]
+    main = ["label", "status", *varying, *rep.main]
     lines = ["# Comparison report", "", rep.summary, ""]
     if same:
         lines += [f"Every run: {same}.", ""]
