@@ -11,13 +11,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig
 
 from costlab import status, tracking
+from costlab.measure.names import PLAN_MARGIN
 from costlab.schema import ConfigError
 
 Objective = float | list[float]
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-MEMORY_MARGIN = "plan/memory_margin_bytes"  # a plan's: the card's memory less its predicted peak per device
 
 
 def searching(hc: DictConfig) -> bool:
@@ -42,9 +42,9 @@ def objective(cfg: DictConfig, outcome: str, run_id: str | None, directions: Seq
     names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
     finished = run_id is not None and outcome == status.FINISHED
     metrics = tracking.client(cfg.tracking.uri).get_run(run_id).data.metrics if finished else {}
-    unfit = metrics.get(MEMORY_MARGIN, 0.0) < 0  # a plan of a layout that does not fit: no cost of it counts
+    unfit = metrics.get(PLAN_MARGIN, 0.0) < 0  # a plan of a layout that does not fit: no cost of it counts
     if warn and unfit:
-        print(f"costlab: warning: plan {run_id} does not fit ({MEMORY_MARGIN} < 0): returning the worst value",
+        print(f"costlab: warning: plan {run_id} does not fit ({PLAN_MARGIN} < 0): returning the worst value",
               file=sys.stderr)
     metrics = {} if unfit else metrics
     missing = [n for n in names if n not in metrics]

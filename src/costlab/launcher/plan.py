@@ -28,10 +28,19 @@ from costlab.measure.memory import (
     loss_backward_bytes,
     predict_layout_state,
 )
+from costlab.measure.names import (
+    PLAN,  # + the figures below: a plan's metrics, never mixed with measured ones
+    PLAN_HOURS,
+    PLAN_MARGIN,
+    PLAN_MEMORY,
+    PLAN_MFU,
+    PLAN_TOKENS_PER_S,
+    PLAN_USD,
+    PLAN_USD_PER_1M,
+)
 from costlab.measure.steptime import TIME_MODEL_TAG
 from costlab.precision import matmul_dtype
 
-PLAN = "plan/"  # + the figures below: a plan's metrics, never mixed with measured ones
 GB = 1e9
 # On a GPU, beside what the memory model counts: the CUDA context, cuBLAS' and NCCL's workspaces, and the blocks the
 # caching allocator holds but has not handed out. An ASSUMED allowance, said as such in every plan: a fixed part
@@ -121,7 +130,7 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
     held = sum(state[f"{PREDICTED}{part}_bytes_per_rank"] for part in ("params", "grads", "optimizer"))
     out: dict[str, float] = {f"{PLAN}params": params, f"{PLAN}flops_per_token": flops,
                              f"{PLAN}state_bytes_per_device": held,
-                             f"{PLAN}memory_bytes_per_device": per_device, **state}
+                             PLAN_MEMORY: per_device, **state}
     dtype = matmul_dtype(cfg)
     lines = [f"costlab plan: model={cfg.model.name} ({_count(params)} parameters), parallelism="
              f"{cfg.parallelism.name} on {world} x {hw.name}, {dtype} matmuls; nothing is trained or allocated"]
@@ -136,7 +145,7 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
     capacity, what = capacity_bytes(cfg)
     if capacity:
         margin = capacity - per_device
-        out[f"{PLAN}memory_margin_bytes"] = margin
+        out[PLAN_MARGIN] = margin
         verdict = f"fits, {margin / GB:.3g} GB to spare" if margin >= 0 else f"DOES NOT FIT by {-margin / GB:.3g} GB"
         lines.append(f"  per-device memory: {parts} = {per_device / GB:.3g} GB of {what} ({verdict})")
     else:
@@ -161,20 +170,20 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
             return out, lines, tags
         tokens_per_s = prediction.tokens_per_s
         mfu = flops * tokens_per_s / world / (peak * 1e12)
-        out.update({f"{PLAN}tokens_per_s": tokens_per_s, f"{PLAN}mfu": mfu,
+        out.update({PLAN_TOKENS_PER_S: tokens_per_s, PLAN_MFU: mfu,
                     f"{PLAN}step_time_ms": 1000 * prediction.step_s})
         tags[TIME_MODEL_TAG] = prediction.tag(rates)
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.3g} s" for k, v in prediction.parts.items() if v)
         lines.append(f"  predicted step: {prediction.step_s:.3g} s ({parts}); {rates.source}")
         how = f"PREDICTED: MFU {mfu:.1%} of {peak:.4g} TFLOP/s per device ({source})"
     hours = tokens / tokens_per_s / 3600
-    out.update({f"{PLAN}hours": hours, f"{PLAN}tokens": tokens})
+    out.update({PLAN_HOURS: hours, f"{PLAN}tokens": tokens})
     line = (f"  {how}: {tokens_per_s:,.0f} tokens/s ({tokens_per_s / world:,.0f} per device), {tokens:.3g} tokens "
             f"({what}) in {hours:.3g} h ({hours / 24:.3g} days)")
     price = usd_per_hour(cfg)
     if price is not None:
-        out[f"{PLAN}usd"] = price * hours
-        per_1m = out[f"{PLAN}usd_per_1m_train_tokens"] = price / (tokens_per_s * 3600) * 1e6
+        out[PLAN_USD] = price * hours
+        per_1m = out[PLAN_USD_PER_1M] = price / (tokens_per_s * 3600) * 1e6
         line += f", ${price * hours:,.2f} at ${price:.2f}/h (${per_1m:.4f} per 1M tokens)"
     lines.append(line)
     return out, lines, tags

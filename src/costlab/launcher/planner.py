@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from costlab.measure.names import PLAN_MARGIN, PLAN_MEMORY, PLAN_TOKENS_PER_S, PLAN_USD_PER_1M
 from costlab.schema import ConfigError
 
 CHECKPOINTING = ("none", "selective", "full")
@@ -47,11 +48,11 @@ class Candidate:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.metrics.get("plan/tokens_per_s", 0.0)
+        return self.metrics.get(PLAN_TOKENS_PER_S, 0.0)
 
     @property
     def memory(self) -> float:
-        return self.metrics.get("plan/memory_bytes_per_device", float("inf"))
+        return self.metrics.get(PLAN_MEMORY, float("inf"))
 
     def settled(self) -> DictConfig:
         """The shared config with this candidate's checkpointing and micro-batching set."""
@@ -167,13 +168,13 @@ def evaluate(candidate: Candidate, states: dict[tuple, dict[str, float]]) -> Non
     p = cfg.parallelism
     key = (int(p.pp_degree), int(p.dp_shard), int(p.tp_degree))
     candidate.metrics, _, _ = plan_figures(cfg, states, key)
-    candidate.fits = candidate.metrics.get("plan/memory_margin_bytes", 0.0) >= 0
+    candidate.fits = candidate.metrics.get(PLAN_MARGIN, 0.0) >= 0
 
 
 def rank(found: list[Candidate]) -> list[Candidate]:
     """The fitting candidates, cheapest first (fastest where there is no price), the dominated ones marked."""
     fitting = [c for c in found if c.fits and c.tokens_per_s > 0]
-    fitting.sort(key=lambda c: (c.metrics.get("plan/usd_per_1m_train_tokens", 0.0), -c.tokens_per_s, c.memory))
+    fitting.sort(key=lambda c: (c.metrics.get(PLAN_USD_PER_1M, 0.0), -c.tokens_per_s, c.memory))
     for c in fitting:
         c.dominated = any(o is not c and o.tokens_per_s >= c.tokens_per_s and o.memory <= c.memory
                           and (o.tokens_per_s > c.tokens_per_s or o.memory < c.memory) for o in fitting)
@@ -191,7 +192,7 @@ def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) 
              f"{'GB/dev':>7} {'tokens/s':>12} {'MFU':>6} {'$/1M tok':>9} {'days':>8}  dominated"]
     for i, c in enumerate(ranked[:shown], 1):
         p, m = c.cfg.parallelism, c.metrics
-        usd = m.get("plan/usd_per_1m_train_tokens")
+        usd = m.get(PLAN_USD_PER_1M)
         lines.append(f"  {i:>3} {f'{p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree}':>21} "
                      f"{c.mode:9} {c.rows:>5} {c.accum:>5} {c.cfg.precision.name:4} "
                      f"{c.memory / GB:>7.3g} {c.tokens_per_s:>12,.0f} {m.get('plan/mfu', 0):>6.1%} "

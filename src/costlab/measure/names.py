@@ -4,6 +4,15 @@ the Hydra task read them back from MLflow. Written once here (torch-free, so the
 from __future__ import annotations
 
 TRAIN_LOSS = "train/loss"
+# a plan's figures (mode=plan, costlab/launcher/plan.py): predicted for the card it names, never measured
+PLAN = "plan/"
+PLAN_MEMORY = PLAN + "memory_bytes_per_device"
+PLAN_MARGIN = PLAN + "memory_margin_bytes"  # the card's memory less the predicted peak per device: < 0 does not fit
+PLAN_TOKENS_PER_S = PLAN + "tokens_per_s"
+PLAN_MFU = PLAN + "mfu"
+PLAN_USD = PLAN + "usd"
+PLAN_USD_PER_1M = PLAN + "usd_per_1m_train_tokens"
+PLAN_HOURS = PLAN + "hours"
 EVAL_LOSS = "eval/loss"
 EVAL_BITS_PER_BYTE = "eval/bits_per_byte"  # eval/loss in bits per byte of text: one scale for every vocabulary
 PERF_TOKENS_PER_S = "perf/tokens_per_s"

@@ -300,7 +300,12 @@ class Weights(NamedTuple):
         return Weights(*(a + b for a, b in zip(self, other, strict=True)))
 
 
-NF4_BYTES_PER_VALUE = 0.5 + 1 / 64  # packed 4-bit codes and a byte-sized scale per 64-value block (the rest: tiny)
+def _nf4_bytes_per_value() -> float:
+    """Packed 4-bit codes and a byte-sized scale per block (:func:`costlab.models.adapters.nf4_bytes`; the
+    second-level scales and code tables are tiny)."""
+    from costlab.models.adapters import NF4_BLOCK
+
+    return 0.5 + 1 / NF4_BLOCK
 
 
 def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, Weights, Weights, str]:
@@ -432,7 +437,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced per sync
         # every weight, in the dtype FSDP's mixed precision gathers it in (an NF4 base: its codes and scales)
         width = 2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4
-        gathered = ((weights.trained + weights.frozen) * width + weights.nf4 * NF4_BYTES_PER_VALUE) / tp
+        gathered = ((weights.trained + weights.frozen) * width + weights.nf4 * _nf4_bytes_per_value()) / tp
         data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span)
         data_parallel += syncs * _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span)
     if rates.overlap:  # a GPU's data-parallel collectives run on their own streams, beside the compute

@@ -19,6 +19,12 @@ from costlab.measure.names import (
     MEM_PEAK,
     MODEL_SIZE,
     PERF_TOKENS_PER_S,
+    PLAN_HOURS,
+    PLAN_MARGIN,
+    PLAN_MEMORY,
+    PLAN_MFU,
+    PLAN_TOKENS_PER_S,
+    PLAN_USD,
     SERVE_TARGET_TOKENS_PER_S,
     SERVE_USD,
     STEP_FAMILIES,
@@ -271,9 +277,6 @@ MAIN_COLUMNS = (  # (column, metric, how it compares to the baseline)
     (SERVE_TARGET_TOKENS_PER_S, SERVE_TARGET_TOKENS_PER_S, "ratio"),  # served at the latency target
     (SERVE_USD, SERVE_USD, "ratio"),
 )
-PLAN_MEMORY, PLAN_MARGIN, PLAN_TOKENS_PER_S, PLAN_MFU, PLAN_USD, PLAN_HOURS = (
-    "plan/memory_bytes_per_device", "plan/memory_margin_bytes", "plan/tokens_per_s", "plan/mfu", "plan/usd",
-    "plan/hours")
 PLAN_COLUMNS = (  # a report of plans (mode=plan, a plan search's candidates): what each predicts on its card
     (PLAN_MEMORY, PLAN_MEMORY, "ratio"),
     (PLAN_MARGIN, PLAN_MARGIN, ""),  # below 0: it does not fit
