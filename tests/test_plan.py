@@ -223,6 +223,35 @@ def test_fused_attention_runs_at_the_cards_published_rate_or_says_it_assumed_one
     assert "attention ASSUMED" in unnamed.source
 
 
+def test_fp32_on_a_gpu_runs_no_kernel_above_its_fp32_peak_and_fp8_keeps_bf16_attention():
+    """fp32 matmuls run on the CUDA cores (PyTorch leaves TF32 off) and have no flash kernel: a plan prices them at
+    the fp32 peak times bf16's attainable share of its peak, and their attention at the card's attention over
+    matmul ratio of that, never at FlashAttention-2's bf16 rate (5x the H100's fp32 peak). fp8 training keeps its
+    attention in bf16, on a card that publishes an attention rate and on one that does not."""
+    from costlab.launcher.plan import make_plan
+    from costlab.measure.names import PLAN_MFU
+    from costlab.measure.steptime import GPU_CALIBRATION, gpu_rates
+
+    for card in ("h100_sxm", "a100_80gb", "h100_pcie"):
+        cfg = compose_config([*TINY, "mode=plan", f"hardware={card}"])
+        hw, fp32 = cfg.hardware, gpu_rates(cfg, "fp32")
+        peak = hw.peak_tflops.fp32 * 1e12
+        assert fp32.attention_flops < fp32.matmul_flops <= peak * GPU_CALIBRATION.matmul, card
+        if hw.get("attainable_tflops"):
+            share = hw.attainable_tflops.bf16 / hw.peak_tflops.bf16
+            assert fp32.matmul_flops == pytest.approx(peak * share * GPU_CALIBRATION.matmul), card
+            assert "ASSUMED" in fp32.source
+        if "fp8" in hw.peak_tflops:
+            assert gpu_rates(cfg, "fp8").attention_flops == pytest.approx(gpu_rates(cfg, "bf16").attention_flops)
+    plan = compose_config(["mode=plan", "model=llama_7b", "model.block_size=2048", "hardware=h100_sxm",
+                           "parallelism=fsdp", "precision=fp32", "trainer.activation_checkpointing=full",
+                           "trainer.nproc_per_node=8", "trainer.batch_size=8"])
+    figures, _ = make_plan(plan)
+    hw = plan.hardware
+    # no FLOP runs faster than the matmuls: the model's FLOPs reach at most their share of the fp32 peak (91 % before)
+    assert 0 < figures[PLAN_MFU] < hw.attainable_tflops.bf16 / hw.peak_tflops.bf16 * GPU_CALIBRATION.matmul
+
+
 def test_a_gpu_run_without_its_cards_probes_predicts_its_step_as_its_plan_does():
     """A run on a GPU whose card could not be probed (a probe failed on a rank) logs ``perf/predicted_tokens_per_s``
     from its card's calibrated rates, the same figure its plan gives and logs as ``perf/planned_tokens_per_s``

@@ -1057,26 +1057,51 @@ def attention_over_matmul() -> float:
     return float(hw.attention_tflops) / float(hw.attainable_tflops.bf16)
 
 
+def _matmul_rate(hw: DictConfig, dtype: str) -> tuple[float, str]:
+    """(FLOP/s, its source) a card's matmuls in ``dtype`` can reach before training's share: the option's
+    published attainable rate; where it names none for ``dtype`` but does for bf16 (fp32's CUDA-core matmuls), the
+    peak times bf16's attainable share of its peak (ASSUMED); else the peak."""
+    peak = float(hw.peak_tflops[dtype]) * 1e12
+    attainable = hw.get("attainable_tflops") or {}
+    if attainable.get(dtype):
+        return float(attainable[dtype]) * 1e12, f"{dtype} attainable {float(attainable[dtype]):.4g} TFLOP/s"
+    if attainable.get("bf16") and hw.peak_tflops.get("bf16"):
+        share = float(attainable.bf16) / float(hw.peak_tflops.bf16)
+        return peak * share, (f"{dtype} peak {peak / 1e12:.4g} TFLOP/s x {share:.3g} (bf16's attainable share of its "
+                              f"peak, ASSUMED) = {peak * share / 1e12:.4g} TFLOP/s")
+    return peak, f"{dtype} peak {peak / 1e12:.4g} TFLOP/s"
+
+
+FUSED_ATTENTION_DTYPES = ("bf16", "fp16")  # FlashAttention-2's; fp8 training keeps attention in bf16, fp32 has none
+
+
 def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = None) -> Rates:
     """The rates of one GPU of the ``hardware`` option, for a plan: its datasheet figures (peak in ``dtype``, the
     run's matmul dtype; memory bandwidth, NVLink and network bandwidth) times :data:`GPU_CALIBRATION`'s shares, the
-    matmul peak first lowered to the published attainable rate where the option names one, and fused attention at
-    its published rate (``attention_tflops``; where none is named, :func:`attention_over_matmul` of the matmul
-    rate)."""
+    matmul peak first lowered to the published attainable rate (:func:`_matmul_rate`), and fused attention at its
+    published rate (``attention_tflops``, FlashAttention-2's in bf16 and fp16; fp8 training's attention runs in
+    bf16). Where the option names no published rate, or for fp32 (no flash kernel: PyTorch's memory-efficient one on
+    the CUDA cores), attention takes the card's published attention over attainable bf16 matmul ratio (else
+    :func:`attention_over_matmul`) of the matmul rate in its dtype (ASSUMED)."""
     hw = cfg.hardware
-    peak = float(hw.peak_tflops[dtype]) * 1e12
-    attainable = (hw.get("attainable_tflops") or {}).get(dtype)
-    base = float(attainable) * 1e12 if attainable else peak
-    published = hw.get("attention_tflops")  # FlashAttention-2's, bf16 (fp8 training keeps attention in bf16)
-    attention = float(published) * 1e12 if published else base * attention_over_matmul()
+    base, matmul_source = _matmul_rate(hw, dtype)
+    published = hw.get("attention_tflops")
+    attention_dtype = "bf16" if dtype == "fp8" else dtype
+    if published and attention_dtype in FUSED_ATTENTION_DTYPES:
+        attention, attention_source = float(published) * 1e12, "published"
+    else:
+        named = (hw.get("attainable_tflops") or {}).get("bf16")
+        ratio = float(published) / float(named) if published and named else attention_over_matmul()
+        attention = _matmul_rate(hw, attention_dtype)[0] * ratio
+        attention_source = f"ASSUMED ({attention_dtype}: {ratio:.3g} of its matmul rate)"
     c = calibration or GPU_CALIBRATION
 
     def link(gbps: float, latency: float) -> dict[str, tuple[float, float]]:
         return {kind: (latency, gbps * 1e9 * c.link) for kind in COLLECTIVES}
 
     nvlink, network = hw.get("nvlink_gbps"), hw.get("network_gbps")
-    source = (f"hardware={hw.name}: {dtype} {'attainable' if attainable else 'peak'} {base / 1e12:.4g} TFLOP/s x "
-              f"{c.matmul:.3g}, attention {'published' if published else 'ASSUMED'} {attention / 1e12:.4g} TFLOP/s x "
+    source = (f"hardware={hw.name}: {matmul_source} x "
+              f"{c.matmul:.3g}, attention {attention_source} {attention / 1e12:.4g} TFLOP/s x "
               f"{c.attention:.3g} (causal half), memory {hw.memory_bandwidth_gbps} GB/s"
               f" x {c.memory:.3g}" + (f", NVLink {nvlink} GB/s" if nvlink else "")
               + (f", network {network} GB/s per GPU" if network else "")
