@@ -1103,7 +1103,7 @@ def gpu_rates(cfg: DictConfig, dtype: str, calibration: GpuCalibration | None = 
     source = (f"hardware={hw.name}: {matmul_source} x "
               f"{c.matmul:.3g}, attention {attention_source} {attention / 1e12:.4g} TFLOP/s x "
               f"{c.attention:.3g} (causal half), memory {hw.memory_bandwidth_gbps} GB/s"
-              f" x {c.memory:.3g}" + (f", NVLink {nvlink} GB/s" if nvlink else "")
+              f" x {c.memory:.3g}" + (f", in-node link {nvlink} GB/s" if nvlink else "")
               + (f", network {network} GB/s per GPU" if network else "")
               + f" x {c.link:.3g}, collectives beside the compute cost {c.overlap_cost:.3g} of their seconds; "
               "efficiencies fitted on llm-foundry's A100 80GB runs")
