@@ -278,3 +278,43 @@ def test_a_gpu_run_without_its_cards_probes_predicts_its_step_as_its_plan_does()
     unknown = compose_config([*overrides, "trainer.device=cuda", "hardware.memory_bandwidth_gbps=null"])
     assert predicted_metrics(unknown, 8, None, build_optimizer, "bf16") == (
         {}, {TIME_MODEL_TAG: "no prediction: hardware=h100_sxm names no memory bandwidth or bf16 peak"})
+
+
+def test_a_cpu_plan_probes_a_small_model_as_a_run_does_and_times_a_large_one_in_seconds(monkeypatch):
+    """A plan on this CPU probes the run's own model plain on its micro-batch (a small model's step is its ops' fixed
+    costs, which the matmul and op probes alone under-count 2.4x on gpt_nano), once per micro-batch and model in a
+    process whatever the layout; a 7B that does not fit this machine gets no model probe, and its matmul shapes are
+    timed on at most PLAN_MATMUL_TOKENS tokens (at its 131,072-token micro-batch the probe took minutes)."""
+    from costlab.launcher import plan as plan_module
+    from costlab.launcher.plan import predict_time
+    from costlab.measure import steptime
+    from costlab.measure.names import PLAN_MARGIN, PLAN_TOKENS_PER_S
+    from costlab.measure.steptime import PLAN_MATMUL_TOKENS
+
+    probed: list[int] = []
+    depth_seconds = steptime.depth_seconds
+    monkeypatch.setattr(steptime, "depth_seconds", lambda *a, **k: probed.append(1) or depth_seconds(*a, **k))
+    steptime._probe_model.cache_clear()
+    small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2"]
+    ddp, rates = predict_time(compose_config([*small, "parallelism=ddp"]), 2)
+    assert rates.model is not None and rates.model.layer_s > 0 and "two depths" in rates.source
+    assert "in this one process with" in rates.source and ddp.step_s > 0
+    fsdp, again = predict_time(compose_config([*small, "parallelism=fsdp"]), 2)  # the same micro-batch per rank
+    assert again.model == rates.model and len(probed) == 1
+    _, plain = predict_time(compose_config([*small, "parallelism=ddp"]), 2, probe_model=False)
+    assert plain.model is None
+
+    rows: list[int] = []
+    matmul_rate = steptime.matmul_rate
+
+    def spy(m: int, *args, **kwargs) -> float:
+        rows.append(m)
+        assert m <= PLAN_MATMUL_TOKENS, f"a plan timed a {m}-token matmul"
+        return matmul_rate(m, *args, **kwargs)
+
+    monkeypatch.setattr(steptime, "matmul_rate", spy)
+    big = compose_config(["mode=plan", "model=llama_7b", "model.n_layer=2", "model.n_embd=1024", "model.n_head=8",
+                          "hardware=cpu"])
+    figures, lines = plan_module.make_plan(big)
+    assert figures[PLAN_MARGIN] < 0 and len(probed) == 1  # it does not fit: no model probe
+    assert rows and figures[PLAN_TOKENS_PER_S] > 0, lines

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any
 
@@ -48,6 +49,7 @@ GB = 1e9
 # reserved-over-allocated overhead, which runs log as mem/peak_reserved_bytes beside mem/peak_bytes)
 GPU_FIXED_ALLOWANCE = 1.5e9
 GPU_ALLOWANCE_SHARE = 0.10
+MODEL_PROBE_S = 1.0  # a CPU plan probes the run's own model where its step is predicted under this without it
 TRACED_ROWS = 2  # sequences a plan traces its step with, scaled to the micro-batch's (:func:`predict_time`)
 
 
@@ -164,7 +166,8 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
         out.update({f"{PLAN}mfu_assumed": mfu, f"{PLAN}tokens_per_s_assumed": tokens_per_s})
         how = f"at an ASSUMED MFU of {mfu:.0%} (plan.mfu) of {peak:.4g} TFLOP/s per device ({source})"
     else:
-        prediction, rates = predict_time(cfg, world, TRACED_ROWS)
+        prediction, rates = predict_time(cfg, world, TRACED_ROWS,
+                                         probe_model=out.get(PLAN_MARGIN, 0.0) >= 0)
         if prediction is None:
             lines.append(f"  no time or cost: {rates}")
             return out, lines, tags
@@ -190,17 +193,25 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
 
 
 def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
-                 calibration: Any = None) -> tuple[Any, Any]:
+                 calibration: Any = None, probe_model: bool = True) -> tuple[Any, Any]:
     """(:class:`~costlab.measure.steptime.Prediction`, its rates) of the plan's step, or (None, why not). A GPU's
     rates are its datasheet figures times the calibrated shares (:func:`~costlab.measure.steptime.gpu_rates`;
     ``calibration``: other shares than :data:`~costlab.measure.steptime.GPU_CALIBRATION`, as a fit tries them);
-    this CPU's are probed here, in this one process (no peers: its collectives are not priced, said in the tag)."""
+    this CPU's are probed here, in this one process (no peers: its collectives and its layout's wrapping are not
+    priced, said in the tag); where its step is predicted under :data:`MODEL_PROBE_S` without it, and unless
+    ``probe_model`` is false (a plan that does not fit this machine), the run's own model is probed too (a small
+    model's step is its ops' fixed costs more than its matmuls; the probe runs its forward and backward a dozen
+    times at 1 and 3 layers)."""
     from costlab.measure.steptime import cpu_rates, gpu_rates, local_probes, predict_step
     from costlab.training.optimizers import build_optimizer
 
     try:
         if cfg.hardware.name == "cpu":
-            rates = cpu_rates(cfg, local_probes(cfg, world))
+            threads = max(1, (os.cpu_count() or 1) // int(cfg.trainer.nproc_per_node))
+            where = f"in this one process with {threads} of this machine's {os.cpu_count()} cores"
+            rates = cpu_rates(cfg, local_probes(cfg, world), where)
+            if probe_model and predict_step(cfg, world, rates, build_optimizer, traced_rows).step_s < MODEL_PROBE_S:
+                rates = cpu_rates(cfg, local_probes(cfg, world, build_optimizer), where)
         elif cfg.hardware.get("memory_bandwidth_gbps"):
             rates = gpu_rates(cfg, matmul_dtype(cfg), calibration)
         else:
@@ -209,7 +220,8 @@ def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
     except ValueError as e:  # a model without layers to trace
         return None, str(e)
     if cfg.hardware.name == "cpu" and world > 1:
-        prediction.notes.append("collectives not priced: a plan has no peers to probe the link with")
+        prediction.notes.append("collectives and the layout's wrapping not priced: a plan has no peers to probe them "
+                                "with (a run of the layout probes both)")
     return prediction, rates
 
 

@@ -970,16 +970,61 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     return RankProbes(1 / w[0], w[1], 0.0, 1 / w[2], link, model=model)
 
 
-def local_probes(cfg: DictConfig, world: int) -> RankProbes:
+def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> RankProbes:
     """:class:`RankProbes` of one process alone, for a plan on this CPU: the run's matmul shapes with this process's
-    share of the cores (``trainer.nproc_per_node`` ranks share them), ops, views and a copy; no link (no peers)."""
+    share of the cores (``trainer.nproc_per_node`` ranks share them; at most :data:`PLAN_MATMUL_TOKENS` of a
+    micro-batch's tokens), ops, views and a copy; no link (no peers). With ``build_optimizer`` (the trainer's)
+    also the run's own model plain on one rank's micro-batch at two depths (:func:`local_model`), as a run probes
+    it: a small model's step is its ops' fixed costs more than its matmuls."""
     import os
+
+    from costlab.measure.memory import _depth
 
     share = max(1, (os.cpu_count() or 1) // int(cfg.trainer.nproc_per_node))
     selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
     op_s, view_s, bandwidth, policed = _local_rates(share)
-    return RankProbes(_local_matmul(share, *_run_shapes(cfg, world)), op_s, view_s, bandwidth, None,
-                      policy_op_s=policed if selective else 0.0)
+    model = local_model(cfg, world, share, build_optimizer) if build_optimizer and _depth(cfg) is not None else None
+    tokens, *shapes = _run_shapes(cfg, world)
+    return RankProbes(_local_matmul(share, min(tokens, PLAN_MATMUL_TOKENS), *shapes), op_s, view_s, bandwidth, None,
+                      policy_op_s=policed if selective else 0.0, model=model)
+
+
+PLAN_MATMUL_TOKENS = 2048  # a plan times its matmul shapes on at most this many tokens (the rate has levelled off)
+
+
+@dataclass(frozen=True)
+class _ModelProbeAsk:
+    """What :func:`local_model` asks for: hashed and compared on ``key`` alone (its config and optimizer ride along)."""
+
+    key: tuple
+    cfg: Any = field(compare=False, hash=False)
+    world: int = field(compare=False, hash=False)
+    build_optimizer: Any = field(compare=False, hash=False)
+
+
+def local_model(cfg: DictConfig, world: int, threads: int, build_optimizer: Any) -> ModelProbe:
+    """:class:`ModelProbe` of the run's model plain on one rank's micro-batch with ``threads`` threads, in this
+    process (:func:`depth_seconds`, no peers), once per process for each model, micro-batch, precision, fine-tune,
+    optimizer and checkpointing (a search asks for every candidate; the layout does not change a plain model)."""
+    tokens = _run_shapes(cfg, world)[0]
+    nodes = {k: cfg.get(k) for k in ("model", "precision", "finetune", "optimizer")}
+    key = (threads, tokens, json.dumps(OmegaConf.to_container(OmegaConf.create(nodes), resolve=True), sort_keys=True),
+           str(cfg.trainer.get("activation_checkpointing", "none")), float(cfg.trainer.grad_clip or 0.0))
+    return _probe_model(_ModelProbeAsk(key, cfg, world, build_optimizer))
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_model(ask: _ModelProbeAsk) -> ModelProbe:
+    cfg, world = ask.cfg, ask.world
+    tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
+    block = int(cfg.model.block_size)
+
+    def probe() -> ModelProbe:
+        seconds = depth_seconds(cfg, world, ask.build_optimizer, False, tokens // block, block, at_once=False)
+        layer, outside, _, _ = per_layer(seconds)
+        return ModelProbe(layer, outside, matmul_mix_rate(tokens, width, hidden, 1, dtype))
+
+    return _with_threads(ask.key[0], probe)
 
 
 def _with_threads(threads: int, probe: Any) -> Any:
@@ -1007,10 +1052,11 @@ def _local_matmul(threads: int, *shapes: Any) -> float:
     return _with_threads(threads, lambda: matmul_mix_rate(*shapes))
 
 
-def cpu_rates(cfg: DictConfig, probes: RankProbes) -> Rates:
-    """The rates of one rank of a CPU run: what the ranks measured at once (:func:`probe_ranks`)."""
+def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank at once") -> Rates:
+    """The rates of one rank of a CPU run: what the ranks measured at once (:func:`probe_ranks`); a plan's, what
+    this one process measured (:func:`local_probes`), ``where`` saying so."""
     return Rates(probes.matmul_flops, probes.bytes_per_s, probes.op_s, probes.view_s, probes.link or {},
-                 "probes on every rank at once: the run's matmul shapes, op and view chains, a large add"
+                 f"probes {where}: the run's matmul shapes, op and view chains, a large add"
                  + (", each collective at two sizes" if probes.link else "")
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
                  + (", the run's model wrapped as it runs and plain" if probes.layout_layer_s
