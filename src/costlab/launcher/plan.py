@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from typing import Any
 
@@ -202,16 +201,14 @@ def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
     ``probe_model`` is false (a plan that does not fit this machine), the run's own model is probed too (a small
     model's step is its ops' fixed costs more than its matmuls; the probe runs its forward and backward a dozen
     times at 1 and 3 layers)."""
-    from costlab.measure.steptime import cpu_rates, gpu_rates, local_probes, predict_step
+    from costlab.measure.steptime import gpu_rates, plan_cpu_rates, predict_step
     from costlab.training.optimizers import build_optimizer
 
     try:
         if cfg.hardware.name == "cpu":
-            threads = max(1, (os.cpu_count() or 1) // int(cfg.trainer.nproc_per_node))
-            where = f"in this one process with {threads} of this machine's {os.cpu_count()} cores"
-            rates = cpu_rates(cfg, local_probes(cfg, world), where)
+            rates = plan_cpu_rates(cfg, world)  # its probes are cached: asked again, only the model's run
             if probe_model and predict_step(cfg, world, rates, build_optimizer, traced_rows).step_s < MODEL_PROBE_S:
-                rates = cpu_rates(cfg, local_probes(cfg, world, build_optimizer), where)
+                rates = plan_cpu_rates(cfg, world, build_optimizer)
         elif cfg.hardware.get("memory_bandwidth_gbps"):
             rates = gpu_rates(cfg, matmul_dtype(cfg), calibration)
         else:

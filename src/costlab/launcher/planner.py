@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from costlab.measure.names import PLAN_MARGIN, PLAN_MEMORY, PLAN_TOKENS_PER_S, PLAN_USD_PER_1M
+from costlab.measure.names import PLAN_HOURS, PLAN_MARGIN, PLAN_MEMORY, PLAN_MFU, PLAN_TOKENS_PER_S, PLAN_USD_PER_1M
 from costlab.schema import ConfigError
 
 CHECKPOINTING = ("none", "selective", "full")
@@ -195,8 +195,8 @@ def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) 
         usd = m.get(PLAN_USD_PER_1M)
         lines.append(f"  {i:>3} {f'{p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree}':>21} "
                      f"{c.mode:9} {c.rows:>5} {c.accum:>5} {c.cfg.precision.name:4} "
-                     f"{c.memory / GB:>7.3g} {c.tokens_per_s:>12,.0f} {m.get('plan/mfu', 0):>6.1%} "
-                     f"{'' if usd is None else f'{usd:.4f}':>9} {m.get('plan/hours', 0) / 24:>8.3g}  "
+                     f"{c.memory / GB:>7.3g} {c.tokens_per_s:>12,.0f} {m.get(PLAN_MFU, 0):>6.1%} "
+                     f"{'' if usd is None else f'{usd:.4f}':>9} {m.get(PLAN_HOURS, 0) / 24:>8.3g}  "
                      f"{'yes' if c.dominated else ''}")
     if len(ranked) > shown:
         lines.append(f"  ... {len(ranked) - shown} more (every candidate is a child run)")

@@ -907,11 +907,8 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     if pipelined:  # a stage's wrapping per micro-batch is in the schedule's probe; its optimizer step is not
         layout = (0.0, 0.0, layout[2])
     times += [*layout, schedule_seconds(cfg, env, build_optimizer) if pipelined else 0.0]
-    if probed_model:  # the run's own model plain on the run's micro-batch
-        tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
-        block = int(cfg.model.block_size)
-        run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block))
-        times += [*run[:2], 1 / matmul_mix_rate(tokens, width, hidden, 1, dtype)]
+    if probed_model:
+        times += plain_model_seconds(cfg, world, build_optimizer)
     worst = torch.tensor(times, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -919,6 +916,18 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     w = [float(v) for v in worst]
     model = ModelProbe(w[9], w[10], 1 / w[11]) if probed_model else None
     return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model, schedule_s=w[8])
+
+
+def plain_model_seconds(cfg: DictConfig, world: int, build_optimizer: Any, device: Any = None,
+                        at_once: bool = True) -> list[float]:
+    """[seconds per layer, seconds outside the layers, seconds per matmul FLOP] of the run's own model plain on one
+    rank's micro-batch (:func:`depth_seconds` at two depths, :func:`per_layer`; its matmuls' shapes there without
+    tensor parallel's split): what :class:`ModelProbe` holds. ``device``, ``at_once``: as :func:`depth_seconds`."""
+    tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
+    block = int(cfg.model.block_size)
+    layer, outside, _, _ = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block,
+                                                   device=device, at_once=at_once))
+    return [layer, outside, 1 / matmul_mix_rate(tokens, width, hidden, 1, dtype, device)]
 
 
 def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes | None:
@@ -946,11 +955,8 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
         tokens, width, hidden, tp, dtype = _run_shapes(cfg, world)
         times = [1 / matmul_mix_rate(tokens, width, hidden, tp, dtype, device), seconds_per_op(device=device),
                  1 / memory_bandwidth(device=device)]
-        if probed_model:  # the run's own model plain on the run's micro-batch
-            block = int(cfg.model.block_size)
-            run = per_layer(depth_seconds(cfg, world, build_optimizer, False, tokens // block, block, device=device,
-                                          at_once=False))
-            times += [*run[:2], 1 / matmul_mix_rate(tokens, width, hidden, 1, dtype, device)]
+        if probed_model:
+            times += plain_model_seconds(cfg, world, build_optimizer, device, at_once=False)
         buffers = link_buffers(world, device) if one_node else None
         failed = 0.0
     except Exception as e:  # noqa: BLE001 - a probe that cannot run costs the prediction its probes, not the run
@@ -976,11 +982,9 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     micro-batch's tokens), ops, views and a copy; no link (no peers). With ``build_optimizer`` (the trainer's)
     also the run's own model plain on one rank's micro-batch at two depths (:func:`local_model`), as a run probes
     it: a small model's step is its ops' fixed costs more than its matmuls."""
-    import os
-
     from costlab.measure.memory import _depth
 
-    share = max(1, (os.cpu_count() or 1) // int(cfg.trainer.nproc_per_node))
+    share = local_share(cfg)
     selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
     op_s, view_s, bandwidth, policed = _local_rates(share)
     model = local_model(cfg, world, share, build_optimizer) if build_optimizer and _depth(cfg) is not None else None
@@ -992,11 +996,28 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
 PLAN_MATMUL_TOKENS = 2048  # a plan times its matmul shapes on at most this many tokens (the rate has levelled off)
 
 
+def local_share(cfg: DictConfig) -> int:
+    """The threads one rank of the run has on this machine: its cores shared by ``trainer.nproc_per_node`` ranks."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // int(cfg.trainer.nproc_per_node))
+
+
+def plan_cpu_rates(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Rates:
+    """A plan's rates on this CPU: :func:`local_probes` (with the run's model where ``build_optimizer`` is given),
+    their source saying they were probed in this one process."""
+    import os
+
+    where = f"in this one process with {local_share(cfg)} of this machine's {os.cpu_count()} cores"
+    return cpu_rates(cfg, local_probes(cfg, world, build_optimizer), where)
+
+
 @dataclass(frozen=True)
 class _ModelProbeAsk:
     """What :func:`local_model` asks for: hashed and compared on ``key`` alone (its config and optimizer ride along)."""
 
     key: tuple
+    threads: int = field(compare=False, hash=False)  # part of ``key``
     cfg: Any = field(compare=False, hash=False)
     world: int = field(compare=False, hash=False)
     build_optimizer: Any = field(compare=False, hash=False)
@@ -1010,21 +1031,14 @@ def local_model(cfg: DictConfig, world: int, threads: int, build_optimizer: Any)
     nodes = {k: cfg.get(k) for k in ("model", "precision", "finetune", "optimizer")}
     key = (threads, tokens, json.dumps(OmegaConf.to_container(OmegaConf.create(nodes), resolve=True), sort_keys=True),
            str(cfg.trainer.get("activation_checkpointing", "none")), float(cfg.trainer.grad_clip or 0.0))
-    return _probe_model(_ModelProbeAsk(key, cfg, world, build_optimizer))
+    return _probe_model(_ModelProbeAsk(key, threads, cfg, world, build_optimizer))
 
 
 @functools.lru_cache(maxsize=64)
 def _probe_model(ask: _ModelProbeAsk) -> ModelProbe:
-    cfg, world = ask.cfg, ask.world
-    tokens, width, hidden, _, dtype = _run_shapes(cfg, world)
-    block = int(cfg.model.block_size)
-
-    def probe() -> ModelProbe:
-        seconds = depth_seconds(cfg, world, ask.build_optimizer, False, tokens // block, block, at_once=False)
-        layer, outside, _, _ = per_layer(seconds)
-        return ModelProbe(layer, outside, matmul_mix_rate(tokens, width, hidden, 1, dtype))
-
-    return _with_threads(ask.key[0], probe)
+    layer, outside, per_flop = _with_threads(ask.threads, lambda: plain_model_seconds(
+        ask.cfg, ask.world, ask.build_optimizer, at_once=False))
+    return ModelProbe(layer, outside, 1 / per_flop)
 
 
 def _with_threads(threads: int, probe: Any) -> Any:
