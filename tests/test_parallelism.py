@@ -98,6 +98,41 @@ def test_every_option_takes_every_training_option(option, mode):
     validate(cfg)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_takes_selective_checkpointing_in_every_precision(precision):
+    """FSDP2 prepends its pre-forward hook, so its cast of a block's inputs to bf16 ran outside the block's
+    checkpointed forward and inside its recompute, which selective checkpointing refuses as a mismatch: every
+    ``parallelism=fsdp precision=bf16 trainer.activation_checkpointing=selective`` run failed in its first backward.
+    Laid out as rank 0 of two lays it out (PyTorch's fake process group: no peers), one step now runs, with the
+    loss and the gradients of the same layout without checkpointing."""
+    import torch
+
+    from costlab.models.gpt import build_model
+    from costlab.models.loss import loss_fn
+    from costlab.parallelism.apply import apply_parallelisms, build_mesh, fake_group
+    from costlab.parallelism.dims import parallel_dims
+    from costlab.precision import autocast
+
+    steps = {}
+    for mode in ("none", "selective"):
+        cfg = compose_config([*PARITY, "parallelism=fsdp", "trainer.nproc_per_node=2", f"precision={precision}",
+                              f"trainer.activation_checkpointing={mode}"])
+        dims = parallel_dims(cfg.parallelism, 2)
+        with fake_group(0, 2):
+            torch.manual_seed(0)
+            model = build_model(cfg.model)
+            apply_parallelisms(model, cfg, dims, build_mesh(dims, "cpu"), torch.device("cpu"))
+            x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+            with autocast(cfg, torch.device("cpu")):
+                logits = model(x)
+            loss = loss_fn(logits, x)
+            loss.backward()
+            steps[mode] = loss.item(), [p.grad.to_local().clone() for p in model.parameters()]
+    assert steps["selective"][0] == steps["none"][0]
+    for checkpointed, plain in zip(steps["selective"][1], steps["none"][1], strict=True):
+        torch.testing.assert_close(checkpointed, plain)
+
+
 def test_options_are_degrees_whose_product_is_the_world():
     from costlab.parallelism.dims import ParallelDims, parallel_dims
 

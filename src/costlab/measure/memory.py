@@ -67,26 +67,21 @@ def _no_init() -> Iterator[None]:
 
 def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, float]:
     import torch
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from costlab.models.adapters import apply_finetune, holds_nf4, nf4_backend, nf4_bytes
     from costlab.models.gpt import build_model
-    from costlab.parallelism.apply import apply_parallelisms, build_mesh
+    from costlab.parallelism.apply import apply_parallelisms, build_mesh, fake_group
 
     with torch.device("meta"), _no_init():
         model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard)
     params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
     if world > 1:  # sharded: lay the model out as this rank will
         params = {}
-        dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-        try:
+        with fake_group(rank, world):
             mesh = build_mesh(dims, "cpu")
             for part in _stage_parts(model, cfg, dims, mesh):
                 apply_parallelisms(part, cfg, dims, mesh, torch.device("meta"))
                 params.update({id(p): (n, p) for n, p in part.named_parameters()})
-        finally:
-            dist.destroy_process_group()
 
     def local(p: torch.Tensor) -> torch.Tensor:
         return p.to_local() if hasattr(p, "to_local") else p

@@ -3,6 +3,9 @@ order, on a whole model or on one pipeline stage."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -11,6 +14,22 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from costlab.parallelism.dims import ParallelDims
 from costlab.parallelism.techniques import apply_ac, apply_compile
 from costlab.precision import apply_fp8, autocast_dtype, trains_in_float8
+
+
+@contextlib.contextmanager
+def fake_group(rank: int, world: int) -> Iterator[None]:
+    """PyTorch's fake process group, as ``rank`` of ``world``: no peers, each collective local (an all-gather repeats
+    this rank's shard, a reduce-scatter keeps its first share, an all-reduce its own), so a model is laid out, and
+    can run, as that rank would lay it out and run it, without them. The process must have no process group yet;
+    it has none after."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
@@ -46,5 +65,5 @@ def apply_parallelisms(
 
         reshard = bool(cfg.parallelism.get("reshard_after_forward", True))
         apply_fsdp(model, mesh["dp_shard"], autocast_dtype(cfg), torch.float32, reshard,
-                   str(cfg.parallelism.get("offload", "none")))
+                   str(cfg.parallelism.get("offload", "none")), cast_block_inputs=ac != "selective")
     return fp8 or ac != "none" or compile_
