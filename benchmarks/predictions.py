@@ -4,6 +4,7 @@ one's predicted per-rank bytes and tokens/s against what it measured.
     python benchmarks/predictions.py                 # every configuration below (~33 runs, ~10 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
+    python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
 
 For each configuration it prints the measured and predicted activation bytes held for backward
 (``mem/activations_bytes_per_rank`` beside ``mem/predicted_activations_bytes_per_rank``) and the measured and
@@ -13,7 +14,10 @@ relative error of each over every configuration; then the measured and predicted
 rankings. Run it alone: it starts up to four ranks on the machine's cores, and tokens/s is timed. With
 ``--repeat N`` each configuration runs N times: it prints how far its measured and its predicted tokens/s moved
 between the runs (on a shared 2-core host, the measurement alone moves tens of percent), and the summary takes
-each configuration's median error and median tokens/s.
+each configuration's median error and median tokens/s. With ``--plan`` each configuration is also planned on this
+CPU after its runs (``mode=plan hardware=cpu``: its probes in one process, no peers; the link is what the runs of as
+many ranks here kept), and the plan's tokens/s (``plan/tokens_per_s``) is compared with the measured median the
+same way.
 
 A peak-memory column needs a GPU (``torch.cuda.max_memory_allocated`` against the predicted total); on CPU the
 peak a run logs is the process's RSS, which holds the Python and PyTorch runtime besides the model, so it is not
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run the configurations whose name contains this")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration")
+    parser.add_argument("--plan", action="store_true", help="and plan each configuration on this CPU")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="costlab-predictions-"))
     cli = Cli(f"sqlite:///{root / 'mlflow.db'}", root)
@@ -101,6 +106,7 @@ def main() -> None:
           f"{'state measured':>14s} {'predicted':>12s} {'error':>7s}", flush=True)
     errors: dict[str, list[float]] = {"activations": [], "state": [], "tokens/s": []}
     speeds: list[tuple[str, float, float]] = []
+    plans: list[tuple[str, float, float]] = []
     for name, overrides in CONFIGS.items():
         if args.only not in name:
             continue
@@ -130,6 +136,19 @@ def main() -> None:
         if len(runs) > 1:
             print(f"{'':34s} over {len(runs)} runs: tokens/s measured {spread([r[4] for r in runs])}, predicted "
                   f"{spread([r[5] for r in runs])}, median error {errors['tokens/s'][-1]:+.1%}", flush=True)
+        if args.plan:
+            plan_name = name.replace(" ", "-").replace("(", "").replace(")", "") + "-plan"
+            proc = cli(*SMALL, *overrides, f"trainer.max_steps={args.steps}", "mode=plan", "hardware=cpu",
+                       f"tracking.run_name={plan_name}", timeout=900)
+            if proc.returncode:
+                print(f"{name:34s} plan FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            planned = cli.run_by_name(plan_name).data.metrics["plan/tokens_per_s"]
+            plans.append((name, speeds[-1][1], planned))
+            print(f"{'':34s} planned on this CPU {planned:9,.0f} tokens/s, {planned / speeds[-1][1] - 1:+7.1%} "
+                  "against the measured", flush=True)
+    if plans:
+        errors["tokens/s planned"] = [planned / measured - 1 for _, measured, planned in plans]
     for part, errs in errors.items():
         if errs:
             absolute = sorted(abs(e) for e in errs)
@@ -138,6 +157,8 @@ def main() -> None:
                   f"95th percentile {p95:.2%}, worst {absolute[-1]:.2%}")
     if len(speeds) > 1:
         print(f"Kendall's tau between measured and predicted tokens/s rankings: {kendall_tau(speeds):.2f}")
+    if len(plans) > 1:
+        print(f"Kendall's tau between measured and planned tokens/s rankings: {kendall_tau(plans):.2f}")
 
 
 def spread(values: list[float]) -> str:

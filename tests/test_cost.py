@@ -23,7 +23,7 @@ from costlab.measure.hardware import (
     run_cost,
 )
 from costlab.measure.machine import cpu_info
-from costlab.measure.probes import cpu_peak_tflops
+from costlab.measure.probes import LINK_HISTORY, cached_link, cpu_peak_tflops, remember_link
 from costlab.models.gpt import build_model
 from costlab.precision import matmul_dtype
 from costlab.schema import ConfigError, check_config
@@ -66,6 +66,24 @@ def test_the_cpu_peak_is_the_best_probe_seen_on_this_machine(tmp_path):
     cache.write_text(json.dumps({key: {**entry, "tflops": 1e-9}}))
     assert cpu_peak_tflops("fp32", cache, cpu_info())[0] > 1e-9
     assert json.loads(cache.read_text())[key]["tflops"] > 1e-9
+
+
+def test_a_runs_link_probe_is_kept_per_rank_count_and_a_plan_reads_the_median_of_the_last_few(tmp_path):
+    """A CPU run's link probe is kept beside the CPU's peak, per number of ranks, the last LINK_HISTORY of them;
+    a plan of as many ranks here reads each collective's median (it has no peers to probe the link with)."""
+    cache, cpu = tmp_path / "cpu_peak.json", cpu_info()
+    cpu_peak_tflops("fp32", cache, cpu)
+    assert cached_link(cache, cpu, 2) is None and cached_link(None, cpu, 2) is None
+    kinds = ("all_reduce", "all_gather", "reduce_scatter")
+    for i in range(LINK_HISTORY + 2):  # the first two fall out of the history
+        remember_link(cache, cpu, 2, {k: (1e-4 * (i + 1), 1e9 * (i + 1)) for k in kinds})
+    remember_link(cache, cpu, 4, {"all_reduce": (9.0, 9.0)})
+    link, runs = cached_link(cache, cpu, 2)
+    middle = sorted(range(3, LINK_HISTORY + 3))[LINK_HISTORY // 2]  # the median of the probes kept
+    assert runs == LINK_HISTORY and set(link) == set(kinds)
+    assert link["all_gather"] == pytest.approx((1e-4 * middle, 1e9 * middle))
+    assert cached_link(cache, cpu, 4) == ({"all_reduce": (9.0, 9.0)}, 1) and cached_link(cache, cpu, 8) is None
+    assert "best of 2" in cpu_peak_tflops("fp32", cache, cpu)[1]  # the peak's history is kept beside
 
 
 def test_gpu_names_match_their_datasheet_options():

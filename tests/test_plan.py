@@ -9,6 +9,7 @@ import time
 import pytest
 
 from costlab.measure.memory import predict_state
+from costlab.training.optimizers import build_optimizer
 from tests.conftest import TINY, compose_config, refusal
 
 
@@ -285,15 +286,23 @@ def test_a_cpu_plan_probes_a_small_model_as_a_run_does_and_times_a_large_one_in_
     costs, which the matmul and op probes alone under-count 2.4x on gpt_nano), once per micro-batch and model in a
     process whatever the layout; a 7B that does not fit this machine gets no model probe, and its matmul shapes are
     timed on at most PLAN_MATMUL_TOKENS tokens (at its 131,072-token micro-batch the probe took minutes)."""
+    import torch.distributed as dist
+
     from costlab.launcher import plan as plan_module
     from costlab.launcher.plan import predict_time
     from costlab.measure import steptime
     from costlab.measure.names import PLAN_MARGIN, PLAN_TOKENS_PER_S
     from costlab.measure.steptime import PLAN_MATMUL_TOKENS
 
-    probed: list[int] = []
+    probed: list[int] = []  # the model probes (the layout's, under a fake process group, are another test's)
     depth_seconds = steptime.depth_seconds
-    monkeypatch.setattr(steptime, "depth_seconds", lambda *a, **k: probed.append(1) or depth_seconds(*a, **k))
+
+    def counted(*args, **kwargs):
+        if not dist.is_initialized():
+            probed.append(1)
+        return depth_seconds(*args, **kwargs)
+
+    monkeypatch.setattr(steptime, "depth_seconds", counted)
     steptime._probe_model.cache_clear()
     small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2"]
     ddp, rates = predict_time(compose_config([*small, "parallelism=ddp"]), 2)
@@ -318,3 +327,55 @@ def test_a_cpu_plan_probes_a_small_model_as_a_run_does_and_times_a_large_one_in_
     figures, lines = plan_module.make_plan(big)
     assert figures[PLAN_MARGIN] < 0 and len(probed) == 1  # it does not fit: no model probe
     assert rows and figures[PLAN_TOKENS_PER_S] > 0, lines
+
+
+def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_on_the_link_runs_kept(tmp_path,
+                                                                                                    monkeypatch):
+    """A plan on this CPU has no peers. It lays the run's model out and runs it as the layout's rank 0 does, under
+    PyTorch's fake process group, for what FSDP's and tensor parallel's wrapping costs (their hooks, copies and
+    DTensor's Python; before, a CPU plan priced neither, and ranked FSDP first), once per layout in a process, and
+    leaves no process group behind. It prices the collectives from the link probes that earlier runs of as many
+    ranks here kept, where one did, and says what it could not price."""
+    import torch.distributed as dist
+
+    from costlab.launcher.plan import predict_time
+    from costlab.measure import steptime
+    from costlab.measure.machine import cpu_info
+    from costlab.measure.probes import remember_link
+
+    seen: list[tuple] = []
+    layout_seconds = steptime.layout_seconds
+
+    def spy(cfg, world, build_optimizer):
+        seen.append((dist.get_backend(), dist.get_world_size(), dist.get_rank(), world))
+        return layout_seconds(cfg, world, build_optimizer)
+
+    monkeypatch.setattr(steptime, "layout_seconds", spy)
+    steptime._probe_layout.cache_clear()
+    cache = tmp_path / "probes.json"
+    small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2", f"hardware.probe_cache={cache}"]
+    fsdp, rates = predict_time(compose_config([*small, "parallelism=fsdp"]), 2)
+    assert seen == [("fake", 2, 0, 2)] and not dist.is_initialized()
+    assert rates.layout_layer_s > 0 and not rates.layout_peers and fsdp.parts["layout"] > 0
+    assert fsdp.parts["communication"] == 0 and "no run of 2 ranks on this machine" in " ".join(fsdp.gaps)
+    assert "without its peers" in " ".join(fsdp.gaps)
+
+    link = {kind: (1e-4, 1e9) for kind in steptime.COLLECTIVES}
+    remember_link(cache, cpu_info(), 2, link)  # as a run of two ranks here keeps its probe
+    again, priced = predict_time(compose_config([*small, "parallelism=fsdp"]), 2)
+    assert len(seen) == 1 and priced.link == link  # the wrapping was probed once for the layout
+    assert "the median of the probes of 1 earlier runs of 2 ranks here" in priced.source
+    assert again.parts["layout"] == fsdp.parts["layout"] and again.parts["communication"] > 0
+    assert not any("collectives" in gap for gap in again.gaps)
+    plain = steptime.predict_step(compose_config([*small, "parallelism=fsdp"]), 2,
+                                  steptime.Rates(**{**vars(priced), "layout_layer_s": 0.0, "layout_outside_s": 0.0,
+                                                    "layout_step_s": 0.0}), build_optimizer)
+    assert again.parts["communication"] == pytest.approx(plain.parts["communication"])  # gathers, reduce-scatters
+
+    tp, _ = predict_time(compose_config([*small, "parallelism=tp"]), 2)
+    assert len(seen) == 2 and tp.parts["layout"] > 0
+    pp, _ = predict_time(compose_config([*small, "parallelism=pp"]), 2)
+    ddp, _ = predict_time(compose_config([*small, "parallelism=ddp"]), 2)
+    assert len(seen) == 2 and "layout" not in pp.parts and "layout" not in ddp.parts  # neither runs under it
+    assert "the pipeline schedule's fixed costs not priced" in " ".join(pp.gaps)
+    assert "DDP's hooks and bucket copies not priced" in " ".join(ddp.gaps)

@@ -52,8 +52,10 @@ def test_the_ranking_marks_what_another_candidate_beats():
 @pytest.mark.e2e
 def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):
     """On this machine's two ranks: the candidates are logged as children of the plan's run, each with its
-    command; the cheapest one, run as printed for a few steps, fits and trains."""
-    user = [*TINY, "hardware=cpu", "trainer.nproc_per_node=2", "trainer.max_steps=3"]
+    command; the cheapest one, run as printed for a few steps, fits and trains, and keeps its link probe for the
+    plans that follow (a plan has no peers to probe one with)."""
+    user = [*TINY, "hardware=cpu", "trainer.nproc_per_node=2", "trainer.max_steps=3",
+            f"hardware.probe_cache={cli.out}/probes.json"]
     proc = cli(*user, "mode=plan", "plan.search=true", "tracking.run_name=search")
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent = cli.run_by_name("search")
@@ -78,6 +80,12 @@ def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):
     trained = cli.run_by_name("best")
     assert trained.info.status == "FINISHED" and trained.data.metrics["train/loss"] > 0
     assert trained.data.params["parallelism.name"] == best.data.params["parallelism"]
+    unpriced = "collectives not priced: no run of 2 ranks on this machine has probed its link yet"
+    assert unpriced in best.data.tags["costlab.time_model"]
+    again = cli(*args, "mode=plan", "tracking.run_name=after")
+    assert again.returncode == 0, again.stderr[-3000:]
+    tag = cli.run_by_name("after").data.tags["costlab.time_model"]
+    assert "the link the median of the probes of 1 earlier runs of 2 ranks here" in tag and unpriced not in tag
 
 
 @pytest.mark.slow

@@ -55,6 +55,11 @@ def test_the_layout_decides_which_collectives_and_bubble_the_step_pays():
         weights = sum(p.numel() for p in build_model(cfg.model).parameters())
     latency, bandwidth = RATES.link["all_reduce"]
     assert ddp.parts["communication"] == pytest.approx(latency + 4 * weights / bandwidth, rel=1e-6)  # 2(n-1)/n = 1
+    # FSDP2 gathers each block's group and the root's apart, in forward and again in backward, and reduce-scatters
+    # each once: every one of those collectives pays the link's fixed cost (before, one gather a pass paid it)
+    instant = Rates(**{**vars(RATES), "link": {k: (3e-4, 1e30) for k in RATES.link}})
+    fsdp = predict_step(_cfg("parallelism=fsdp"), 2, instant, build_optimizer)
+    assert fsdp.parts["communication"] == pytest.approx(3 * (cfg.model.n_layer + 1) * 3e-4)
     pp = predict_step(_cfg("parallelism=pp"), 2, RATES, build_optimizer)
     micro = compose_config([*TINY, "parallelism=pp"]).parallelism.microbatches
     assert pp.parts["bubble"] == pytest.approx(pp.parts["compute"] / micro)  # (pp - 1) of the micro-batches' slots
@@ -67,7 +72,7 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     """With the run's own wrapping probed (:func:`costlab.measure.steptime.layout_seconds`), FSDP and tensor
     parallel pay it per layer and micro-batch and once per step; FSDP's collectives and TP's latencies are in it.
     DDP pays it for one micro-batch a step (the others run under ``no_sync``), its all-reduces in it. Unprobed (a
-    GPU plan), they are priced on the link model."""
+    GPU plan), or probed without the layout's peers (a CPU plan), they are priced on the link model."""
     cfg = _cfg(f"parallelism={option}", "trainer.grad_accum_steps=2")
     unprobed = predict_step(cfg, 2, RATES, build_optimizer)
     probed = predict_step(cfg, 2, Rates(**{**vars(RATES), "layout_layer_s": 2e-3, "layout_outside_s": 1e-3,
@@ -82,6 +87,13 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     else:  # gathers and reduce-scatters, or DDP's bucketed all-reduces, of the real weights were timed whole
         assert unprobed.parts["communication"] > 0 and probed.parts["communication"] == 0
     assert probed.step_s == pytest.approx(sum(probed.parts.values()))
+    # a plan's probe ran without the layout's peers (under a fake process group): its wrapping is paid as a run's,
+    # and its collectives are priced on the link model whole, as unprobed
+    alone = predict_step(cfg, 2, Rates(**{**vars(RATES), "layout_layer_s": 2e-3, "layout_outside_s": 1e-3,
+                                          "layout_step_s": 5e-3, "layout_peers": False}), build_optimizer)
+    assert alone.parts["layout"] == probed.parts["layout"]
+    assert alone.parts["communication"] == pytest.approx(unprobed.parts["communication"])
+    assert alone.parts["communication"] > 0
 
 
 def test_a_probed_model_prices_its_micro_batch_at_the_probes_seconds_and_splits_them_for_tensor_parallel():
@@ -106,6 +118,15 @@ def test_a_probed_model_prices_its_micro_batch_at_the_probes_seconds_and_splits_
                  + outside.ops * RATES.op_s + outside.views * RATES.view_s)
     assert tp.parts["compute"] == pytest.approx(fixed + (single.parts["compute"] - fixed) / 2
                                                 + 2 * outside.bytes / 1e9 / 2, rel=1e-6)
+    # FSDP's weights gathered in bf16 spare the trace autocast's casts, so it writes fewer bytes; the probe timed the
+    # plain model, so an FSDP micro-batch costs what the plain one does (before, the fewer bytes made gpt_nano's
+    # fsdp bf16 run predict 26,902 tokens/s against 18,159 measured): what the layout changes is its own probe's
+    bf16 = ["trainer.grad_accum_steps=2", "precision=bf16"]
+    sharded = _cfg(*bf16, "parallelism=fsdp")
+    assert layer_work(sharded, rows // 2, True)[0].bytes < layer_work(sharded, rows // 2, False)[0].bytes
+    fsdp = predict_step(sharded, 2, probed, build_optimizer)
+    assert fsdp.parts["compute"] == pytest.approx(predict_step(_cfg(*bf16, "parallelism=ddp"), 2, probed,
+                                                               build_optimizer).parts["compute"])
 
 
 def test_a_probed_pipeline_schedule_is_paid_per_schedule_step_and_holds_its_sends_fixed_costs():

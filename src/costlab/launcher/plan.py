@@ -38,7 +38,7 @@ from costlab.measure.names import (
     PLAN_USD,
     PLAN_USD_PER_1M,
 )
-from costlab.measure.steptime import TIME_MODEL_TAG
+from costlab.measure.steptime import MODEL_PROBE_S, TIME_MODEL_TAG
 from costlab.precision import matmul_dtype
 
 GB = 1e9
@@ -48,7 +48,6 @@ GB = 1e9
 # reserved-over-allocated overhead, which runs log as mem/peak_reserved_bytes beside mem/peak_bytes)
 GPU_FIXED_ALLOWANCE = 1.5e9
 GPU_ALLOWANCE_SHARE = 0.10
-MODEL_PROBE_S = 1.0  # a CPU plan probes the run's own model where its step is predicted under this without it
 TRACED_ROWS = 2  # sequences a plan traces its step with, scaled to the micro-batch's (:func:`predict_time`)
 
 
@@ -176,7 +175,8 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
                     f"{PLAN}step_time_ms": 1000 * prediction.step_s})
         tags[TIME_MODEL_TAG] = prediction.tag(rates)
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.3g} s" for k, v in prediction.parts.items() if v)
-        lines.append(f"  predicted step: {prediction.step_s:.3g} s ({parts}); {rates.source}")
+        lines.append(f"  predicted step: {prediction.step_s:.3g} s ({parts}); {rates.source}"
+                     + "".join(f"\n    {gap}" for gap in prediction.gaps))
         how = f"PREDICTED: MFU {mfu:.1%} of {peak:.4g} TFLOP/s per device ({source})"
     hours = tokens / tokens_per_s / 3600
     out.update({PLAN_HOURS: hours, f"{PLAN}tokens": tokens})
@@ -196,12 +196,13 @@ def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
     """(:class:`~costlab.measure.steptime.Prediction`, its rates) of the plan's step, or (None, why not). A GPU's
     rates are its datasheet figures times the calibrated shares (:func:`~costlab.measure.steptime.gpu_rates`;
     ``calibration``: other shares than :data:`~costlab.measure.steptime.GPU_CALIBRATION`, as a fit tries them);
-    this CPU's are probed here, in this one process (no peers: its collectives and its layout's wrapping are not
-    priced, said in the tag); where its step is predicted under :data:`MODEL_PROBE_S` without it, and unless
-    ``probe_model`` is false (a plan that does not fit this machine), the run's own model is probed too (a small
-    model's step is its ops' fixed costs more than its matmuls; the probe runs its forward and backward a dozen
-    times at 1 and 3 layers)."""
-    from costlab.measure.steptime import gpu_rates, plan_cpu_rates, predict_step
+    this CPU's are probed here, in this one process (no peers: its collectives are priced from the link that runs of
+    as many ranks here kept, where one did, the tag says what was not priced); where its step is predicted under
+    :data:`MODEL_PROBE_S` without it, and unless ``probe_model`` is false (a plan that does not fit this machine),
+    the run's own model is probed too (a small model's step is its ops' fixed costs more than its matmuls; the
+    probe runs its forward and backward a dozen times at 1 and 3 layers), and its FSDP's or tensor parallel's
+    wrapping as the layout's rank 0 runs it (:func:`~costlab.measure.steptime.local_layout`)."""
+    from costlab.measure.steptime import gpu_rates, plan_cpu_rates, plan_gaps, predict_step
     from costlab.training.optimizers import build_optimizer
 
     try:
@@ -216,9 +217,8 @@ def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
         prediction = predict_step(cfg, world, rates, build_optimizer, traced_rows)
     except ValueError as e:  # a model without layers to trace
         return None, str(e)
-    if cfg.hardware.name == "cpu" and world > 1:
-        prediction.notes.append("collectives and the layout's wrapping not priced: a plan has no peers to probe them "
-                                "with (a run of the layout probes both)")
+    if cfg.hardware.name == "cpu":
+        prediction.gaps.extend(plan_gaps(cfg, world, rates))
     return prediction, rates
 
 

@@ -43,6 +43,7 @@ class Candidate:
     chunks: int = 1  # pipeline micro-batches
     rows: int = 1  # sequences per micro-batch
     metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # what its time prediction rests on, or why it has none
     fits: bool = False
     dominated: bool = False
 
@@ -167,7 +168,7 @@ def evaluate(candidate: Candidate, states: dict[tuple, dict[str, float]]) -> Non
     cfg = candidate.settled()
     p = cfg.parallelism
     key = (int(p.pp_degree), int(p.dp_shard), int(p.tp_degree))
-    candidate.metrics, _, _ = plan_figures(cfg, states, key)
+    candidate.metrics, _, candidate.tags = plan_figures(cfg, states, key)
     candidate.fits = candidate.metrics.get(PLAN_MARGIN, 0.0) >= 0
 
 
@@ -227,7 +228,8 @@ def _runnable(user: list[str], sets: list[str]) -> list[str]:
 def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> list[Candidate]:
     """``plan.search=true``: search, print the ranked table, and log it: the plan's run (``run_id``) holds the
     best candidate's figures and the table as ``plan.txt``; each fitting candidate is a child run with its
-    predicted metrics, its overrides as params and ``costlab.run_command``, the command that runs it."""
+    predicted metrics, its overrides as params, the tag of what its time prediction rests on and
+    ``costlab.run_command``, the command that runs it."""
     import sys
     from pathlib import Path
 
@@ -264,7 +266,7 @@ def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> l
                 "hardware": str(cfg.hardware.name), "world_size": str(world), "device": str(cfg.trainer.device),
                 **{group: str(c.cfg[group].get("name", "")) for group in tracking.CONTRACT_TAGS if group in c.cfg},
                 "costlab.plan_rank": str(i), "costlab.dominated": str(c.dominated).lower(),
-                "costlab.run_command": "python run.py " + " ".join(_runnable(user, c.overrides))}
+                "costlab.run_command": "python run.py " + " ".join(_runnable(user, c.overrides)), **c.tags}
         child = client.create_run(experiment, run_name=name, tags=tags).info.run_id
         params = [Param(s.split("=", 1)[0], s.split("=", 1)[1]) for s in c.overrides]
         client.log_batch(child, metrics=[Metric(k, float(v), now, 0) for k, v in c.metrics.items()], params=params,

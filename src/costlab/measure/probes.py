@@ -9,6 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -82,6 +83,34 @@ def _peak_gflops(dtype_name: str) -> tuple[float, int]:
     return 2 * n**3 / best / 1e9, n
 
 
+def _machine_key(cpu: Cpu) -> str:
+    """What a cached probe is kept per: the CPU model, its features and torch's version."""
+    import torch
+
+    return f"{cpu.model}|{','.join(sorted(cpu.features))}|torch={torch.__version__}"
+
+
+def _read_table(cache: Path | None) -> dict[str, Any]:
+    if cache is not None and cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            pass
+    return {}
+
+
+def _write_table(cache: Path | None, table: dict[str, Any]) -> None:
+    if cache is None:
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(cache)  # atomic: concurrent runs never read half a file
+    except OSError:
+        pass  # an unwritable cache only loses the history of probes
+
+
 def cpu_peak_tflops(dtype: str, cache: Path | None, cpu: Cpu) -> tuple[float, str]:
     """The CPU's peak TFLOP/s in ``dtype`` (``fp32``, ``bf16``, ``fp16``) with this process's threads.
 
@@ -91,29 +120,49 @@ def cpu_peak_tflops(dtype: str, cache: Path | None, cpu: Cpu) -> tuple[float, st
     import torch
 
     names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    features = ",".join(sorted(cpu.features))
-    key = f"{cpu.model}|{features}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
-    table: dict[str, dict] = {}
-    if cache is not None and cache.is_file():
-        try:
-            table = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            table = {}
+    cpu_key, version = _machine_key(cpu).rsplit("|", 1)  # the threads before torch's version, as kept before
+    key = f"{cpu_key}|threads={torch.get_num_threads()}|{version}|{dtype}"
+    table = _read_table(cache)
     gflops, n = _peak_gflops(names[dtype])
     best = table.get(key, {"tflops": 0.0, "n": n, "probes": 0})
     best["probes"] = int(best.get("probes", 1)) + 1
     if gflops / 1000 > best["tflops"]:
         best.update(tflops=gflops / 1000, n=n)
     table[key] = best
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-            tmp.replace(cache)  # atomic: concurrent runs never read half a file
-        except OSError:
-            pass  # an unwritable cache only loses the history of probes
+    _write_table(cache, table)
     return float(best["tflops"]), f"cpu probe (best of {best['probes']}: {best['n']}^3 {dtype} matmul)"
+
+
+LINK_HISTORY = 5  # the link probes of a machine's runs kept per rank count; a plan reads their median
+
+
+def _link_key(cpu: Cpu, ranks: int) -> str:
+    return f"{_machine_key(cpu)}|link|ranks={ranks}"
+
+
+def remember_link(cache: Path | None, cpu: Cpu, ranks: int, link: dict[str, tuple[float, float]]) -> None:
+    """Keep a run's link probe (per collective: latency s, bytes/s between ``ranks`` ranks on this one machine) in
+    ``cache`` beside the CPU's peak, the last :data:`LINK_HISTORY` of them per rank count: what a plan of that many
+    ranks here prices its collectives with (:func:`cached_link`); a plan has no peers to probe them with."""
+    table = _read_table(cache)
+    key = _link_key(cpu, ranks)
+    entry = table.get(key) if isinstance(table.get(key), dict) else {}
+    history = [*entry.get("probes", []), {k: [float(lat), float(bw)] for k, (lat, bw) in link.items()}]
+    table[key] = {"probes": history[-LINK_HISTORY:]}
+    _write_table(cache, table)
+
+
+def cached_link(cache: Path | None, cpu: Cpu, ranks: int) -> tuple[dict[str, tuple[float, float]], int] | None:
+    """The median per collective of the link probes that runs of ``ranks`` ranks on this machine kept
+    (:func:`remember_link`), and how many; None where none did."""
+    import statistics
+
+    probes = _read_table(cache).get(_link_key(cpu, ranks), {}).get("probes") or []
+    kinds = set.intersection(*(set(p) for p in probes)) if probes else set()
+    if not kinds:
+        return None
+    return {k: (statistics.median(p[k][0] for p in probes), statistics.median(p[k][1] for p in probes))
+            for k in sorted(kinds)}, len(probes)
 
 
 NF4_PROBE_SHAPE = (1024, 1024, 256)  # out, in features and rows of the Linear each NF4 backend is timed on

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class Rates:
     layout_layer_s: float = 0.0
     layout_outside_s: float = 0.0
     layout_step_s: float = 0.0  # and to a step's clipping and optimizer step
+    # whether the layout's probe ran beside its peers, its collectives in it (a run's); a plan's ran without them
+    # (:func:`local_layout`), its collectives priced by the link model
+    layout_peers: bool = True
     # what one step of the run's own pipeline schedule adds beyond its stages' compute and bubble (its Python per
     # action, its sends' fixed costs, a stage's FSDP or tensor-parallel wrapping): :func:`schedule_seconds`
     schedule_s: float = 0.0
@@ -138,6 +142,7 @@ class Prediction:
     tokens_per_s: float
     parts: dict[str, float] = field(default_factory=dict)  # seconds by part
     notes: list[str] = field(default_factory=list)  # what stood in for what
+    gaps: list[str] = field(default_factory=list)  # what is not priced, or priced without what it needs (a plan's)
 
     def tag(self, rates: Rates) -> str:
         parts = ", ".join(f"{k} {v * 1000:.3g} ms" for k, v in self.parts.items() if v)
@@ -150,7 +155,7 @@ class Prediction:
                    f"{rates.layout_step_s * 1e3:.3g} ms per step, " if _probed_layout(rates) else "")
                 + (f"the pipeline's schedule {rates.schedule_s * 1e3:.3g} ms per schedule step beyond its "
                    "stages' compute and bubble, " if rates.schedule_s else "")
-                + f"({rates.source})" + "".join(f"; {n}" for n in self.notes))
+                + f"({rates.source})" + "".join(f"; {n}" for n in [*self.notes, *self.gaps]))
 
 
 def _probed_layout(rates: Rates) -> bool:
@@ -333,11 +338,13 @@ def optimizer_work(cfg: DictConfig, build: Any) -> tuple[Work, Work, Weights, We
     return layer, one - layer, layer_weights, Weights(*w1).plus(layer_weights.times(-1.0)), note
 
 
-def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = True, span: int = 0) -> float:
+def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = True, span: int = 0,
+                calls: float = 1) -> float:
     """Seconds of one ``kind`` collective of ``data`` bytes over ``n`` ranks (a send: an all-gather's latency
-    and bandwidth, one way). ``span``: how many consecutive ranks the group's members range over; a group that
-    spans more than a node crosses the network (``rates.inter``, per GPU) where the rates know one; NCCL then runs a
-    ring per NIC, so the group's members in a node add their NICs' bandwidth, up to NVLink's."""
+    and bandwidth, one way), or of ``calls`` of them that move ``data`` bytes in all (each pays the fixed cost).
+    ``span``: how many consecutive ranks the group's members range over; a group that spans more than a node
+    crosses the network (``rates.inter``, per GPU) where the rates know one; NCCL then runs a ring per NIC, so the
+    group's members in a node add their NICs' bandwidth, up to NVLink's."""
     if n <= 1 or not rates.link:
         return 0.0
     share = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
@@ -347,7 +354,7 @@ def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = Tr
     if crosses and kind != "p2p":  # NCCL runs one ring per NIC: a node's members share its NICs' bandwidth
         members = max(1.0, n * rates.per_node / span)
         bandwidth = min(rates.link[kind][1], bandwidth * members)
-    return (fixed if latency else 0.0) + share * data / bandwidth
+    return (calls * fixed if latency else 0.0) + share * data / bandwidth
 
 
 def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any,
@@ -401,7 +408,9 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
             rest = max(0.0, seconds - matmuls(w, probe.matmul_flops))  # what is not the matmuls: its ops' fixed
             fixed.append(min(rest, w.ops * rates.op_s + w.views * rates.view_s))  # costs and their bytes' writes
             write.append(w.bytes / (rest - fixed[-1]) if rest > fixed[-1] and w.bytes else rates.bytes_per_s)
-        one_mb = (matmuls(per_mb) + layers / tp * layer.bytes / write[0] + outside.bytes / write[1]
+        # the bytes the probe's plain model writes: what FSDP's weights gathered in low precision change (fewer
+        # casts) is in the layout's probe (wrapped less plain), not assumed here
+        one_mb = (matmuls(per_mb) + layers / tp * plain[0].bytes / write[0] + plain[1].bytes / write[1]
                   + layers * fixed[0] + fixed[1])
         notes.append(f"the run's model probed plain on its micro-batch at depths {LAYOUT_DEPTHS}: "
                      f"{probe.layer_s * 1e3:.3g} ms per layer and {probe.outside_s * 1e3:.3g} ms outside, its "
@@ -423,7 +432,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     syncs = int(t.grad_accum_steps) if dims.fsdp_enabled else 1
     # the run's own wrapping or pipeline schedule, probed, holds the layout's collectives' fixed costs (FSDP's and
     # DDP's whole)
-    probed = _probed_layout(rates) or bool(rates.schedule_s)
+    probed = (_probed_layout(rates) and rates.layout_peers) or bool(rates.schedule_s)
     if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
                                              span=dims.dp_replicate * shard_span)
@@ -438,8 +447,11 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         # every weight, in the dtype FSDP's mixed precision gathers it in (an NF4 base: its codes and scales)
         width = 2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4
         gathered = ((weights.trained + weights.frozen) * width + weights.nf4 * _nf4_bytes_per_value()) / tp
-        data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span)
-        data_parallel += syncs * _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span)
+        units = math.ceil(layers) + 1  # FSDP2 gathers and reduces each block's group and the root's apart
+        data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span,
+                                                calls=units)
+        data_parallel += syncs * _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span,
+                                             calls=units)
     if rates.overlap:  # a GPU's data-parallel collectives run on their own streams, beside the compute
         parts["exposed_data_parallel"] = max(0.0, data_parallel - parts["compute"])
         # and still cost the step part of what they hide: their kernels take SMs and memory bandwidth from the
@@ -879,6 +891,7 @@ class RankProbes:
     layout_step_s: float = 0.0
     model: ModelProbe | None = None
     schedule_s: float = 0.0
+    layout_peers: bool = True  # the layout's probe ran beside its peers (a plan's: without them)
 
 
 def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes | None:
@@ -979,18 +992,25 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
 def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> RankProbes:
     """:class:`RankProbes` of one process alone, for a plan on this CPU: the run's matmul shapes with this process's
     share of the cores (``trainer.nproc_per_node`` ranks share them; at most :data:`PLAN_MATMUL_TOKENS` of a
-    micro-batch's tokens), ops, views and a copy; no link (no peers). With ``build_optimizer`` (the trainer's)
-    also the run's own model plain on one rank's micro-batch at two depths (:func:`local_model`), as a run probes
-    it: a small model's step is its ops' fixed costs more than its matmuls."""
+    micro-batch's tokens), ops, views and a copy; no link (no peers: :func:`plan_cpu_rates` takes the one runs kept).
+    With ``build_optimizer`` (the trainer's) also the run's own model plain on one rank's micro-batch at two depths
+    (:func:`local_model`), as a run probes it (a small model's step is its ops' fixed costs more than its matmuls),
+    and FSDP's and tensor parallel's wrapping as rank 0 of the layout runs it under a fake process group
+    (:func:`local_layout`)."""
     from costlab.measure.memory import _depth
+    from costlab.parallelism.dims import parallel_dims
 
     share = local_share(cfg)
     selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
     op_s, view_s, bandwidth, policed = _local_rates(share)
     model = local_model(cfg, world, share, build_optimizer) if build_optimizer and _depth(cfg) is not None else None
+    dims = parallel_dims(cfg.parallelism, world)
+    wrapped = model is not None and (dims.fsdp_enabled or dims.tp_enabled) and not dims.pp_enabled
+    layer_s, outside_s, step_s = (local_layout(cfg, world, share, build_optimizer) if wrapped else None) or (0, 0, 0)
     tokens, *shapes = _run_shapes(cfg, world)
     return RankProbes(_local_matmul(share, min(tokens, PLAN_MATMUL_TOKENS), *shapes), op_s, view_s, bandwidth, None,
-                      policy_op_s=policed if selective else 0.0, model=model)
+                      policy_op_s=policed if selective else 0.0, layout_layer_s=layer_s, layout_outside_s=outside_s,
+                      layout_step_s=step_s, model=model, layout_peers=False)
 
 
 PLAN_MATMUL_TOKENS = 2048  # a plan times its matmul shapes on at most this many tokens (the rate has levelled off)
@@ -1004,12 +1024,79 @@ def local_share(cfg: DictConfig) -> int:
 
 
 def plan_cpu_rates(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Rates:
-    """A plan's rates on this CPU: :func:`local_probes` (with the run's model where ``build_optimizer`` is given),
-    their source saying they were probed in this one process."""
+    """A plan's rates on this CPU: :func:`local_probes` (with the run's model, and its layout's wrapping, where
+    ``build_optimizer`` is given), their source saying they were probed in this one process, and the link that runs
+    of ``world`` ranks here kept (:func:`cached_link`), where one did."""
     import os
 
     where = f"in this one process with {local_share(cfg)} of this machine's {os.cpu_count()} cores"
-    return cpu_rates(cfg, local_probes(cfg, world, build_optimizer), where)
+    rates = cpu_rates(cfg, local_probes(cfg, world, build_optimizer), where)
+    kept = cached_link(cfg, world)
+    if kept:
+        rates.link = kept[0]
+        rates.source += f"; the link the median of the probes of {kept[1]} earlier runs of {world} ranks here"
+    return rates
+
+
+def _link_cache(cfg: DictConfig) -> tuple[Any, Any]:
+    """(the file a CPU's probes are kept in, or None; this CPU)."""
+    from pathlib import Path
+
+    from costlab.measure.machine import cpu_info
+
+    cache = cfg.hardware.get("probe_cache")
+    return (Path(cache) if cache else None), cpu_info()
+
+
+def cached_link(cfg: DictConfig, world: int) -> tuple[dict[str, tuple[float, float]], int] | None:
+    """The link between ``world`` ranks on this machine that earlier runs probed and kept (the median of the last
+    few, and how many: :func:`costlab.measure.probes.cached_link`), for a plan of one node; None where none did, or
+    the plan spans nodes (no run here crosses their network)."""
+    from costlab.measure.probes import cached_link as kept
+
+    if world <= 1 or int(cfg.trainer.nnodes) > 1:
+        return None
+    return kept(*_link_cache(cfg), world)
+
+
+def keep_link(cfg: DictConfig, world: int, link: dict[str, tuple[float, float]] | None) -> None:
+    """Keep a CPU run's link probe (:func:`link_probe`) of ``world`` ranks in one node beside the CPU's peak, for
+    the plans that follow (:func:`cached_link`)."""
+    from costlab.measure.probes import remember_link
+
+    if link and int(cfg.trainer.nnodes) == 1 and cfg.trainer.device == "cpu":
+        remember_link(*_link_cache(cfg), world, link)
+
+
+def plan_gaps(cfg: DictConfig, world: int, rates: Rates) -> list[str]:
+    """What a plan on this CPU of ``world`` ranks could not price, or priced without the layout's peers, and why."""
+    from costlab.parallelism.dims import parallel_dims
+
+    if world <= 1:
+        return []
+    dims = parallel_dims(cfg.parallelism, world)
+    gaps = []
+    if not rates.link:
+        gaps.append("collectives not priced: " + (
+            "a plan has no peers, and no run here crosses the network between nodes"
+            if int(cfg.trainer.nnodes) > 1 else
+            f"no run of {world} ranks on this machine has probed its link yet (one that does keeps it in "
+            "hardware.probe_cache)"))
+    if dims.pp_enabled:
+        gaps.append("the pipeline schedule's fixed costs not priced: a plan has no peers to run it with (a run of "
+                    "the layout probes it)")
+    elif _probed_layout(rates):
+        gaps.append("the layout's wrapping probed as its rank 0 runs it, without its peers: their waiting for one "
+                    "another is not priced (a run of the layout probes it)")
+    elif dims.fsdp_enabled or dims.tp_enabled:
+        gaps.append(f"the layout's wrapping not priced: probed only for a model whose step is under {MODEL_PROBE_S} "
+                    "s and that fits this machine")
+    elif dims.ddp_enabled:
+        gaps.append("DDP's hooks and bucket copies not priced: its all-reduce of the gradients only")
+    return gaps
+
+
+MODEL_PROBE_S = 1.0  # a CPU plan probes the run's own model (and its layout) where its step is predicted under this
 
 
 @dataclass(frozen=True)
@@ -1039,6 +1126,34 @@ def _probe_model(ask: _ModelProbeAsk) -> ModelProbe:
     layer, outside, per_flop = _with_threads(ask.threads, lambda: plain_model_seconds(
         ask.cfg, ask.world, ask.build_optimizer, at_once=False))
     return ModelProbe(layer, outside, 1 / per_flop)
+
+
+def local_layout(cfg: DictConfig, world: int, threads: int, build_optimizer: Any) -> tuple[float, float, float] | None:
+    """:func:`layout_seconds` of the layout's FSDP and tensor-parallel wrapping as its rank 0 runs it with
+    ``threads`` threads, in this process under PyTorch's fake process group (:func:`fake_group`: real shards and
+    splits, each collective local), once per process for each layout, model, precision, fine-tune, optimizer and
+    checkpointing (it runs on one short row, whatever the micro-batch); None, said on stderr, where it cannot run
+    here."""
+    nodes = {k: cfg.get(k) for k in ("model", "precision", "finetune", "optimizer", "parallelism")}
+    key = ("layout", threads, world, json.dumps(OmegaConf.to_container(OmegaConf.create(nodes), resolve=True),
+                                                sort_keys=True),
+           str(cfg.trainer.get("activation_checkpointing", "none")), float(cfg.trainer.grad_clip or 0.0))
+    try:
+        return _probe_layout(_ModelProbeAsk(key, threads, cfg, world, build_optimizer))
+    except Exception as e:  # noqa: BLE001 - a layout the fake group cannot run costs the plan that part only
+        import sys
+
+        print(f"costlab: plan: the layout's wrapping could not be probed here ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); it is not priced", file=sys.stderr, flush=True)
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_layout(ask: _ModelProbeAsk) -> tuple[float, float, float]:
+    from costlab.parallelism.apply import fake_group
+
+    with fake_group(0, ask.world):
+        return _with_threads(ask.threads, lambda: layout_seconds(ask.cfg, ask.world, ask.build_optimizer))
 
 
 def _with_threads(threads: int, probe: Any) -> Any:
@@ -1073,12 +1188,14 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank a
                  f"probes {where}: the run's matmul shapes, op and view chains, a large add"
                  + (", each collective at two sizes" if probes.link else "")
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
-                 + (", the run's model wrapped as it runs and plain" if probes.layout_layer_s
-                    or probes.layout_outside_s or probes.layout_step_s else "")
+                 + ((", the run's model wrapped as it runs and plain" if probes.layout_peers else
+                     ", the run's model wrapped as its rank 0 runs it and plain, under a fake process group (the "
+                     "layout's hooks, copies and DTensor's Python, not its collectives)")
+                    if probes.layout_layer_s or probes.layout_outside_s or probes.layout_step_s else "")
                 + (", the run's pipeline schedule on one short row per micro-batch" if probes.schedule_s else "")
                 + (", the run's model plain at two depths on its micro-batch" if probes.model else ""),
                  probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s,
-                 schedule_s=probes.schedule_s, model=probes.model)
+                 layout_peers=probes.layout_peers, schedule_s=probes.schedule_s, model=probes.model)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ from costlab.measure.names import (
     PERF_TOKENS_PER_S,
     SERVE_TARGET_TOKENS_PER_S,
 )
-from costlab.measure.steptime import predicted_metrics, probe_ranks
+from costlab.measure.steptime import keep_link, predicted_metrics, probe_ranks
 from costlab.models.adapters import (
     ADAPTER_DIR,
     ADAPTER_TAG,
@@ -145,6 +145,7 @@ def run(cfg: DictConfig, env: DistEnv, predicted: dict[str, float] | None = None
                                                              matmul_dtype(cfg))
                 summary.update(time_figures)
                 tags.update(time_tag)
+                keep_link(cfg, env.world_size, probes.link if probes else None)  # for the plans that follow
             if MEM_ACTIVATIONS not in summary and cfg.trainer.max_steps > 0:
                 tags[UNMEASURED_TAG] = unmeasured_reason(cfg) or "no training step ran"
         summary[MEM_PEAK] = max_over_ranks(peak_memory_bytes(env.device, held), env.device)
