@@ -1114,11 +1114,16 @@ def local_model(cfg: DictConfig, world: int, threads: int, build_optimizer: Any)
     """:class:`ModelProbe` of the run's model plain on one rank's micro-batch with ``threads`` threads, in this
     process (:func:`depth_seconds`, no peers), once per process for each model, micro-batch, precision, fine-tune,
     optimizer and checkpointing (a search asks for every candidate; the layout does not change a plain model)."""
-    tokens = _run_shapes(cfg, world)[0]
-    nodes = {k: cfg.get(k) for k in ("model", "precision", "finetune", "optimizer")}
-    key = (threads, tokens, json.dumps(OmegaConf.to_container(OmegaConf.create(nodes), resolve=True), sort_keys=True),
-           str(cfg.trainer.get("activation_checkpointing", "none")), float(cfg.trainer.grad_clip or 0.0))
+    key = _probe_key(cfg, threads, _run_shapes(cfg, world)[0])
     return _probe_model(_ModelProbeAsk(key, threads, cfg, world, build_optimizer))
+
+
+def _probe_key(cfg: DictConfig, *what: Any, groups: tuple[str, ...] = ()) -> tuple:
+    """What a probe of the run's own model depends on: ``what`` (its threads, micro-batch...), the model, precision,
+    fine-tune and optimizer options and ``groups``, checkpointing and clipping."""
+    nodes = {k: cfg.get(k) for k in ("model", "precision", "finetune", "optimizer", *groups)}
+    return (*what, json.dumps(OmegaConf.to_container(OmegaConf.create(nodes), resolve=True), sort_keys=True),
+            str(cfg.trainer.get("activation_checkpointing", "none")), float(cfg.trainer.grad_clip or 0.0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -1134,10 +1139,7 @@ def local_layout(cfg: DictConfig, world: int, threads: int, build_optimizer: Any
     splits, each collective local), once per process for each layout, model, precision, fine-tune, optimizer and
     checkpointing (it runs on one short row, whatever the micro-batch); None, said on stderr, where it cannot run
     here."""
-    nodes = {k: cfg.get(k) for k in ("model", "precision", "finetune", "optimizer", "parallelism")}
-    key = ("layout", threads, world, json.dumps(OmegaConf.to_container(OmegaConf.create(nodes), resolve=True),
-                                                sort_keys=True),
-           str(cfg.trainer.get("activation_checkpointing", "none")), float(cfg.trainer.grad_clip or 0.0))
+    key = _probe_key(cfg, threads, world, groups=("parallelism",))
     try:
         return _probe_layout(_ModelProbeAsk(key, threads, cfg, world, build_optimizer))
     except Exception as e:  # noqa: BLE001 - a layout the fake group cannot run costs the plan that part only
