@@ -330,12 +330,13 @@ def test_a_cpu_plan_probes_a_small_model_as_a_run_does_and_times_a_large_one_in_
 
 
 def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_on_the_link_runs_kept(tmp_path,
-                                                                                                    monkeypatch):
+                                                                                                    monkeypatch,
+                                                                                                    capsys):
     """A plan on this CPU has no peers. It lays the run's model out and runs it as the layout's rank 0 does, under
     PyTorch's fake process group, for what FSDP's and tensor parallel's wrapping costs (their hooks, copies and
     DTensor's Python; before, a CPU plan priced neither, and ranked FSDP first), once per layout in a process, and
     leaves no process group behind. It prices the collectives from the link probes that earlier runs of as many
-    ranks here kept, where one did, and says what it could not price."""
+    ranks here kept, where one did, and says what it could not price (also a wrapping whose probe failed)."""
     import torch.distributed as dist
 
     from costlab.launcher.plan import predict_time
@@ -369,7 +370,8 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     assert not any("collectives" in gap for gap in again.gaps)
     plain = steptime.predict_step(compose_config([*small, "parallelism=fsdp"]), 2,
                                   steptime.Rates(**{**vars(priced), "layout_layer_s": 0.0, "layout_outside_s": 0.0,
-                                                    "layout_step_s": 0.0}), build_optimizer)
+                                                    "layout_step_s": 0.0, "layout_probed": False}),
+                                  build_optimizer)
     assert again.parts["communication"] == pytest.approx(plain.parts["communication"])  # gathers, reduce-scatters
 
     tp, _ = predict_time(compose_config([*small, "parallelism=tp"]), 2)
@@ -379,3 +381,14 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     assert len(seen) == 2 and "layout" not in pp.parts and "layout" not in ddp.parts  # neither runs under it
     assert "the pipeline schedule's fixed costs not priced" in " ".join(pp.gaps)
     assert "DDP's hooks and bucket copies not priced" in " ".join(ddp.gaps)
+
+    # a layout the fake group cannot run costs the plan its wrapping only, and the plan says why
+    def broken(cfg, world, build_optimizer):
+        raise RuntimeError("no such collective under the fake group")
+
+    monkeypatch.setattr(steptime, "layout_seconds", broken)
+    steptime._probe_layout.cache_clear()
+    failed, failed_rates = predict_time(compose_config([*small, "parallelism=fsdp"]), 2)
+    assert not failed_rates.layout_probed and "layout" not in failed.parts and failed.tokens_per_s > 0
+    assert "its probe under a fake process group failed here" in " ".join(failed.gaps)
+    assert "no such collective" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from costlab.measure.hardware import flops_per_token
-from costlab.measure.steptime import ModelProbe, Rates, layer_work, predict_step
+from costlab.measure.steptime import ModelProbe, RankProbes, Rates, cpu_rates, layer_work, predict_step
 from costlab.models.gpt import build_model
 from costlab.training.optimizers import build_optimizer
 from tests.conftest import TINY, compose_config
@@ -76,7 +76,7 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     cfg = _cfg(f"parallelism={option}", "trainer.grad_accum_steps=2")
     unprobed = predict_step(cfg, 2, RATES, build_optimizer)
     probed = predict_step(cfg, 2, Rates(**{**vars(RATES), "layout_layer_s": 2e-3, "layout_outside_s": 1e-3,
-                                           "layout_step_s": 5e-3}), build_optimizer)
+                                           "layout_step_s": 5e-3, "layout_probed": True}), build_optimizer)
     assert "layout" not in unprobed.parts
     synced = 1 if option == "ddp" else 2  # micro-batches a step that pay the wrapping
     assert probed.parts["layout"] == pytest.approx(synced * (cfg.model.n_layer * 2e-3 + 1e-3) + 5e-3)
@@ -90,7 +90,8 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     # a plan's probe ran without the layout's peers (under a fake process group): its wrapping is paid as a run's,
     # and its collectives are priced on the link model whole, as unprobed
     alone = predict_step(cfg, 2, Rates(**{**vars(RATES), "layout_layer_s": 2e-3, "layout_outside_s": 1e-3,
-                                          "layout_step_s": 5e-3, "layout_peers": False}), build_optimizer)
+                                          "layout_step_s": 5e-3, "layout_peers": False,
+                                          "layout_probed": True}), build_optimizer)
     assert alone.parts["layout"] == probed.parts["layout"]
     assert alone.parts["communication"] == pytest.approx(unprobed.parts["communication"])
     assert alone.parts["communication"] > 0
@@ -135,16 +136,39 @@ def test_a_probed_pipeline_schedule_is_paid_per_schedule_step_and_holds_its_send
     link model: their fixed costs were in the schedule's timing."""
     cfg = _cfg("parallelism=pp", "trainer.grad_accum_steps=2")
     unprobed = predict_step(cfg, 2, RATES, build_optimizer)
-    probed = predict_step(cfg, 2, Rates(**{**vars(RATES), "schedule_s": 4e-3}), build_optimizer)
+    scheduled = Rates(**{**vars(RATES), "schedule_s": 4e-3, "schedule_probed": True})
+    probed = predict_step(cfg, 2, scheduled, build_optimizer)
     assert "schedule" not in unprobed.parts
     assert probed.parts["schedule"] == pytest.approx(2 * 4e-3)
     sends = 2 * cfg.parallelism.microbatches * 2  # micro-batches a step, each an activation forward, a gradient back
     latency = RATES.link["all_gather"][0]
     assert probed.parts["communication"] == pytest.approx(unprobed.parts["communication"] - sends * latency)
     assert probed.parts["compute"] == unprobed.parts["compute"] and probed.parts["bubble"] == unprobed.parts["bubble"]
-    tag = probed.tag(Rates(**{**vars(RATES), "schedule_s": 4e-3}))
+    tag = probed.tag(scheduled)
     assert "the pipeline's schedule 4 ms per schedule step" in tag
     assert "layout" not in probed.parts and "the layout's wrapping" not in tag  # a plain pipeline wraps nothing
+
+
+@pytest.mark.parametrize("option", ["pp", "ddp", "fsdp"])
+def test_a_probe_that_came_to_nothing_still_counts_as_probed(option):
+    """A probe of the run's own schedule or wrapping whose figure is 0 (what it timed was within the noise of what
+    the model already prices: every rank's median at most that) was still run: its part is 0 and named in the tag,
+    the source says it was probed, and the fixed costs it held are not priced again on the link model."""
+    cfg = _cfg(f"parallelism={option}", "trainer.grad_accum_steps=2")
+    key, part = ("schedule", "schedule") if option == "pp" else ("layout", "layout")
+    zero = Rates(**{**vars(RATES), f"{key}_probed": True})
+    nothing = predict_step(cfg, 2, zero, build_optimizer)
+    assert nothing.parts[part] == 0
+    assert nothing.parts["communication"] < predict_step(cfg, 2, RATES, build_optimizer).parts["communication"]
+    named = nothing.tag(zero)
+    assert f"{part} 0 ms" in named.split(";")[0]
+    assert ("the pipeline's schedule 0 ms" in named) == (option == "pp")
+    assert ("the layout's wrapping 0 ms per layer" in named) == (option != "pp")
+    probes = RankProbes(matmul_flops=1e11, op_s=4e-6, view_s=2e-6, bytes_per_s=1e10, link=dict(RATES.link),
+                        **{f"{key}_probed": True})
+    source = cpu_rates(cfg, probes).source
+    assert ("the run's pipeline schedule on one short row" in source) == (option == "pp")
+    assert ("the run's model wrapped as it runs" in source) == (option != "pp")
 
 
 def test_a_gpu_run_predicts_from_its_cards_probes_and_logs_its_plan_beside():

@@ -110,6 +110,11 @@ class Rates:
     # what one step of the run's own pipeline schedule adds beyond its stages' compute and bubble (its Python per
     # action, its sends' fixed costs, a stage's FSDP or tensor-parallel wrapping): :func:`schedule_seconds`
     schedule_s: float = 0.0
+    # whether the layout's wrapping and the pipeline's schedule were probed: a probe's figure can be 0 (what it
+    # timed was within the noise of what the model already prices), and a probe that ran still holds the fixed
+    # costs the link model would otherwise add
+    layout_probed: bool = False
+    schedule_probed: bool = False
     # a GPU's (:func:`gpu_rates`): its attention kernels' own rate and the share of the square they compute (a
     # causal flash kernel skips the masked half), the link between nodes (``per_node`` ranks share one node),
     # the host's seconds per op (the GPU waits for it when its kernels are shorter), and whether data-parallel
@@ -144,22 +149,21 @@ class Prediction:
     notes: list[str] = field(default_factory=list)  # what stood in for what
     gaps: list[str] = field(default_factory=list)  # what is not priced, or priced without what it needs (a plan's)
 
-    def tag(self, rates: Rates) -> str:
-        parts = ", ".join(f"{k} {v * 1000:.3g} ms" for k, v in self.parts.items() if v)
+    def tag(self, rates: Rates) -> str:  # a probed part is named at 0 too: it was probed and came to nothing
+        parts = ", ".join(f"{k} {v * 1000:.3g} ms" for k, v in self.parts.items() if v or k in PROBED_PARTS)
         return (f"{parts}; rates: matmul {rates.matmul_flops / 1e9:.3g} GFLOP/s, memory {rates.bytes_per_s / 1e9:.3g}"
                 f" GB/s, {rates.op_s * 1e6:.3g} us per op, {rates.view_s * 1e6:.3g} us per view, "
                 + "".join(f"{k} {lat * 1e6:.3g} us + {bw / 1e9:.3g} GB/s, " for k, (lat, bw) in rates.link.items())
                 + (f"{rates.policy_op_s * 1e6:.3g} us per policed op, " if rates.policy_op_s else "")
                 + (f"the layout's wrapping {rates.layout_layer_s * 1e3:.3g} ms per layer and "
                    f"{rates.layout_outside_s * 1e3:.3g} ms outside per micro-batch, "
-                   f"{rates.layout_step_s * 1e3:.3g} ms per step, " if _probed_layout(rates) else "")
+                   f"{rates.layout_step_s * 1e3:.3g} ms per step, " if rates.layout_probed else "")
                 + (f"the pipeline's schedule {rates.schedule_s * 1e3:.3g} ms per schedule step beyond its "
-                   "stages' compute and bubble, " if rates.schedule_s else "")
+                   "stages' compute and bubble, " if rates.schedule_probed else "")
                 + f"({rates.source})" + "".join(f"; {n}" for n in [*self.notes, *self.gaps]))
 
 
-def _probed_layout(rates: Rates) -> bool:
-    return bool(rates.layout_layer_s or rates.layout_outside_s or rates.layout_step_s)
+PROBED_PARTS = ("layout", "schedule")  # the step's parts a probe of the run's own layout or schedule priced
 
 
 class _Counter:
@@ -432,16 +436,16 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     syncs = int(t.grad_accum_steps) if dims.fsdp_enabled else 1
     # the run's own wrapping or pipeline schedule, probed, holds the layout's collectives' fixed costs (FSDP's and
     # DDP's whole)
-    probed = (_probed_layout(rates) and rates.layout_peers) or bool(rates.schedule_s)
+    probed = (rates.layout_probed and rates.layout_peers) or rates.schedule_probed
     if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
                                              span=dims.dp_replicate * shard_span)
-    if _probed_layout(rates):  # the run's own wrapping: FSDP's gathers and reduce-scatters whole, TP's fixed costs,
+    if rates.layout_probed:  # the run's own wrapping: FSDP's gathers and reduce-scatters whole, TP's fixed costs,
         # DDP's sync whole (it syncs one micro-batch a step: the others run under no_sync, its hooks idle)
         wrapped_mbs = 1 if dims.ddp_enabled else n_mb  # (a run's DDP combines with no other degree)
         parts["layout"] = (wrapped_mbs * (layers * rates.layout_layer_s + rates.layout_outside_s)
                            + rates.layout_step_s)
-    if rates.schedule_s:  # the run's own pipeline, probed: one schedule step per accumulated micro-batch group
+    if rates.schedule_probed:  # the run's own pipeline, probed: one schedule step per accumulated micro-batch group
         parts["schedule"] = int(t.grad_accum_steps) * rates.schedule_s
     if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced per sync
         # every weight, in the dtype FSDP's mixed precision gathers it in (an NF4 base: its codes and scales)
@@ -468,7 +472,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         policed = layer.forward_ops + max(0.0, layer.ops + layer.views - plain.ops - plain.views)
         parts["selective_checkpointing"] = n_mb * layers * policed * max(0.0, rates.policy_op_s - rates.op_s)
     if dims.pp_enabled:  # each chunk's activation forward and gradient back
-        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", latency=not rates.schedule_s,
+        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", latency=not rates.schedule_probed,
                                            span=world // dims.pp + 1)
     parts["communication"] = comm
     step = sum(parts.values())
@@ -892,6 +896,8 @@ class RankProbes:
     model: ModelProbe | None = None
     schedule_s: float = 0.0
     layout_peers: bool = True  # the layout's probe ran beside its peers (a plan's: without them)
+    layout_probed: bool = False  # the layout's wrapping and the pipeline's schedule were probed (their figures may
+    schedule_probed: bool = False  # be 0: see :class:`Rates`)
 
 
 def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes | None:
@@ -914,10 +920,12 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     from costlab.measure.memory import _depth
 
     probed_model = _depth(cfg) is not None
-    wrapped = world > 1 and (dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled) and probed_model
     pipelined = world > 1 and dims.pp_enabled and probed_model
+    # a pipeline stage's wrapping per micro-batch is in the schedule's probe; a sharded stage's optimizer step is not
+    sharded = dims.fsdp_enabled or dims.tp_enabled
+    wrapped = world > 1 and probed_model and (sharded or (dims.ddp_enabled and not pipelined))
     layout = layout_seconds(cfg, world, build_optimizer) if wrapped else (0.0, 0.0, 0.0)
-    if pipelined:  # a stage's wrapping per micro-batch is in the schedule's probe; its optimizer step is not
+    if pipelined:
         layout = (0.0, 0.0, layout[2])
     times += [*layout, schedule_seconds(cfg, env, build_optimizer) if pipelined else 0.0]
     if probed_model:
@@ -928,7 +936,8 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     link = link_probe() if world > 1 else None
     w = [float(v) for v in worst]
     model = ModelProbe(w[9], w[10], 1 / w[11]) if probed_model else None
-    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model, schedule_s=w[8])
+    return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model, schedule_s=w[8],
+                      layout_probed=wrapped, schedule_probed=pipelined)
 
 
 def plain_model_seconds(cfg: DictConfig, world: int, build_optimizer: Any, device: Any = None,
@@ -1006,11 +1015,12 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     model = local_model(cfg, world, share, build_optimizer) if build_optimizer and _depth(cfg) is not None else None
     dims = parallel_dims(cfg.parallelism, world)
     wrapped = model is not None and (dims.fsdp_enabled or dims.tp_enabled) and not dims.pp_enabled
-    layer_s, outside_s, step_s = (local_layout(cfg, world, share, build_optimizer) if wrapped else None) or (0, 0, 0)
+    layout = local_layout(cfg, world, share, build_optimizer) if wrapped else None
+    layer_s, outside_s, step_s = layout or (0.0, 0.0, 0.0)
     tokens, *shapes = _run_shapes(cfg, world)
     return RankProbes(_local_matmul(share, min(tokens, PLAN_MATMUL_TOKENS), *shapes), op_s, view_s, bandwidth, None,
                       policy_op_s=policed if selective else 0.0, layout_layer_s=layer_s, layout_outside_s=outside_s,
-                      layout_step_s=step_s, model=model, layout_peers=False)
+                      layout_step_s=step_s, model=model, layout_peers=False, layout_probed=layout is not None)
 
 
 PLAN_MATMUL_TOKENS = 2048  # a plan times its matmul shapes on at most this many tokens (the rate has levelled off)
@@ -1085,9 +1095,12 @@ def plan_gaps(cfg: DictConfig, world: int, rates: Rates) -> list[str]:
     if dims.pp_enabled:
         gaps.append("the pipeline schedule's fixed costs not priced: a plan has no peers to run it with (a run of "
                     "the layout probes it)")
-    elif _probed_layout(rates):
+    elif rates.layout_probed:
         gaps.append("the layout's wrapping probed as its rank 0 runs it, without its peers: their waiting for one "
                     "another is not priced (a run of the layout probes it)")
+    elif (dims.fsdp_enabled or dims.tp_enabled) and rates.model:  # its model was probed, its wrapping failed
+        gaps.append("the layout's wrapping not priced: its probe under a fake process group failed here (the warning "
+                    "on stderr says why)")
     elif dims.fsdp_enabled or dims.tp_enabled:
         gaps.append(f"the layout's wrapping not priced: probed only for a model whose step is under {MODEL_PROBE_S} "
                     "s and that fits this machine")
@@ -1193,11 +1206,12 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank a
                  + ((", the run's model wrapped as it runs and plain" if probes.layout_peers else
                      ", the run's model wrapped as its rank 0 runs it and plain, under a fake process group (the "
                      "layout's hooks, copies and DTensor's Python, not its collectives)")
-                    if probes.layout_layer_s or probes.layout_outside_s or probes.layout_step_s else "")
-                + (", the run's pipeline schedule on one short row per micro-batch" if probes.schedule_s else "")
+                    if probes.layout_probed else "")
+                + (", the run's pipeline schedule on one short row per micro-batch" if probes.schedule_probed else "")
                 + (", the run's model plain at two depths on its micro-batch" if probes.model else ""),
                  probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s,
-                 layout_peers=probes.layout_peers, schedule_s=probes.schedule_s, model=probes.model)
+                 layout_peers=probes.layout_peers, schedule_s=probes.schedule_s, model=probes.model,
+                 layout_probed=probes.layout_probed, schedule_probed=probes.schedule_probed)
 
 
 @dataclass(frozen=True)
