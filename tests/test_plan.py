@@ -377,10 +377,21 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     tp, _ = predict_time(compose_config([*small, "parallelism=tp"]), 2)
     assert len(seen) == 2 and tp.parts["layout"] > 0
     pp, _ = predict_time(compose_config([*small, "parallelism=pp"]), 2)
-    ddp, _ = predict_time(compose_config([*small, "parallelism=ddp"]), 2)
-    assert len(seen) == 2 and "layout" not in pp.parts and "layout" not in ddp.parts  # neither runs under it
+    assert len(seen) == 2 and "layout" not in pp.parts  # a pipeline's schedule needs its peers
     assert "the pipeline schedule's fixed costs not priced" in " ".join(pp.gaps)
-    assert "DDP's hooks and bucket copies not priced" in " ".join(ddp.gaps)
+    # DDP's reducer runs too, its buckets all-reduced by a hook that completes them locally; its all-reduce of the
+    # gradients stays on the link model
+    replicated = compose_config([*small, "parallelism=ddp", "trainer.grad_accum_steps=2"])
+    ddp, ddp_rates = predict_time(replicated, 2)
+    assert seen[2] == ("fake", 2, 0, 2) and not dist.is_initialized()
+    assert ddp_rates.layout_probed and ddp_rates.layout_layer_s + ddp_rates.layout_outside_s > 0
+    unwrapped = steptime.predict_step(replicated, 2, steptime.Rates(**{**vars(ddp_rates), "layout_probed": False}),
+                                      build_optimizer)
+    assert ddp.parts["communication"] == pytest.approx(unwrapped.parts["communication"])
+    assert ddp.parts["communication"] > 0
+    per_sync = replicated.model.n_layer * ddp_rates.layout_layer_s + ddp_rates.layout_outside_s  # one micro-batch
+    assert ddp.parts["layout"] == pytest.approx(per_sync)
+    assert len(ddp.gaps) == 1 and "without its peers" in ddp.gaps[0]
 
     # a layout the fake group cannot run costs the plan its wrapping only, and the plan says why
     def broken(cfg, world, build_optimizer):

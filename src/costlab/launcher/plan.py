@@ -200,8 +200,8 @@ def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
     as many ranks here kept, where one did, the tag says what was not priced); where its step is predicted under
     :data:`MODEL_PROBE_S` without it, and unless ``probe_model`` is false (a plan that does not fit this machine),
     the run's own model is probed too (a small model's step is its ops' fixed costs more than its matmuls; the
-    probe runs its forward and backward a dozen times at 1 and 3 layers), and its FSDP's or tensor parallel's
-    wrapping as the layout's rank 0 runs it (:func:`~costlab.measure.steptime.local_layout`)."""
+    probe runs its forward and backward a dozen times at 1 and 3 layers), and its FSDP's, tensor parallel's or
+    DDP's wrapping as the layout's rank 0 runs it (:func:`~costlab.measure.steptime.local_layout`)."""
     from costlab.measure.steptime import gpu_rates, plan_cpu_rates, plan_gaps, predict_step
     from costlab.training.optimizers import build_optimizer
 

@@ -794,11 +794,27 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
         model = apply_finetune(build_model(shallow.model), shallow, shards=dims.dp_shard)  # LoRA's adapters, NF4
         apply_parallelisms(model, shallow, dims, mesh, device)
         if dims.ddp_enabled:  # as the run wraps it (DDP combines with no other degree)
-            model = apply_ddp(model, mesh["dp_replicate"].get_group(), device,
-                              cfg.parallelism.get("bucket_cap_mb", 25))
+            group = mesh["dp_replicate"].get_group()
+            model = apply_ddp(model, group, device, cfg.parallelism.get("bucket_cap_mb", 25))
+            if dist.get_backend(group) == "fake":  # a plan's probe (:func:`local_layout`)
+                model.register_comm_hook(group, _local_all_reduce)
         model.train()
         seconds[layers] = timed(model, shallow)
     return seconds
+
+
+def _local_all_reduce(group, bucket):  # noqa: ANN001, ANN202
+    """DDP's default hook (each bucket divided by the group's size, then all-reduced) for a model laid out under
+    PyTorch's fake process group, where the all-reduce's future holds no tensor for the reducer: the bucket, done.
+    Unannotated: DDP checks a hook's annotations against its own types, which this module's are strings of."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = bucket.buffer().div_(group.size())
+    dist.all_reduce(tensor, group=group)
+    done: torch.futures.Future = torch.futures.Future()
+    done.set_result(tensor)
+    return done
 
 
 def per_layer(seconds: dict[int, tuple[float, float]]) -> tuple[float, float, float, float]:
@@ -1004,7 +1020,7 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     micro-batch's tokens), ops, views and a copy; no link (no peers: :func:`plan_cpu_rates` takes the one runs kept).
     With ``build_optimizer`` (the trainer's) also the run's own model plain on one rank's micro-batch at two depths
     (:func:`local_model`), as a run probes it (a small model's step is its ops' fixed costs more than its matmuls),
-    and FSDP's and tensor parallel's wrapping as rank 0 of the layout runs it under a fake process group
+    and FSDP's, tensor parallel's or DDP's wrapping as rank 0 of the layout runs it under a fake process group
     (:func:`local_layout`)."""
     from costlab.measure.memory import _depth
     from costlab.parallelism.dims import parallel_dims
@@ -1014,7 +1030,8 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     op_s, view_s, bandwidth, policed = _local_rates(share)
     model = local_model(cfg, world, share, build_optimizer) if build_optimizer and _depth(cfg) is not None else None
     dims = parallel_dims(cfg.parallelism, world)
-    wrapped = model is not None and (dims.fsdp_enabled or dims.tp_enabled) and not dims.pp_enabled
+    wrapped = (model is not None and (dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled)
+               and not dims.pp_enabled)
     layout = local_layout(cfg, world, share, build_optimizer) if wrapped else None
     layer_s, outside_s, step_s = layout or (0.0, 0.0, 0.0)
     tokens, *shapes = _run_shapes(cfg, world)
@@ -1098,14 +1115,12 @@ def plan_gaps(cfg: DictConfig, world: int, rates: Rates) -> list[str]:
     elif rates.layout_probed:
         gaps.append("the layout's wrapping probed as its rank 0 runs it, without its peers: their waiting for one "
                     "another is not priced (a run of the layout probes it)")
-    elif (dims.fsdp_enabled or dims.tp_enabled) and rates.model:  # its model was probed, its wrapping failed
+    elif rates.model and (dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled):  # its wrapping's probe failed
         gaps.append("the layout's wrapping not priced: its probe under a fake process group failed here (the warning "
                     "on stderr says why)")
-    elif dims.fsdp_enabled or dims.tp_enabled:
-        gaps.append(f"the layout's wrapping not priced: probed only for a model whose step is under {MODEL_PROBE_S} "
-                    "s and that fits this machine")
-    elif dims.ddp_enabled:
-        gaps.append("DDP's hooks and bucket copies not priced: its all-reduce of the gradients only")
+    elif dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled:
+        gaps.append(f"the layout's wrapping not priced (DDP's: its all-reduce alone): probed only for a model whose "
+                    f"step is under {MODEL_PROBE_S} s and that fits this machine")
     return gaps
 
 
@@ -1147,9 +1162,10 @@ def _probe_model(ask: _ModelProbeAsk) -> ModelProbe:
 
 
 def local_layout(cfg: DictConfig, world: int, threads: int, build_optimizer: Any) -> tuple[float, float, float] | None:
-    """:func:`layout_seconds` of the layout's FSDP and tensor-parallel wrapping as its rank 0 runs it with
+    """:func:`layout_seconds` of the layout's FSDP, tensor-parallel or DDP wrapping as its rank 0 runs it with
     ``threads`` threads, in this process under PyTorch's fake process group (:func:`fake_group`: real shards and
-    splits, each collective local), once per process for each layout, model, precision, fine-tune, optimizer and
+    splits, each collective local; DDP's hooks and bucket copies, its all-reduce local: :func:`_local_all_reduce`),
+    once per process for each layout, model, precision, fine-tune, optimizer and
     checkpointing (it runs on one short row, whatever the micro-batch); None, said on stderr, where it cannot run
     here."""
     key = _probe_key(cfg, threads, world, groups=("parallelism",))
