@@ -806,7 +806,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
 def _local_all_reduce(group, bucket):  # noqa: ANN001, ANN202
     """DDP's default hook (each bucket divided by the group's size, then all-reduced) for a model laid out under
     PyTorch's fake process group, where the all-reduce's future holds no tensor for the reducer: the bucket, done.
-    Unannotated: DDP checks a hook's annotations against its own types, which this module's are strings of."""
+    Unannotated: DDP compares a hook's annotations with its own types, and this module's annotations are strings."""
     import torch
     import torch.distributed as dist
 
