@@ -133,6 +133,51 @@ def test_fsdp_takes_selective_checkpointing_in_every_precision(precision):
         torch.testing.assert_close(checkpointed, plain)
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_a_rank_runs_its_pipeline_stages_without_its_peers_under_the_fake_group(schedule):
+    """What a plan's schedule probe runs: a rank of the pipeline alone under PyTorch's fake process group, its
+    stages' shapes given (lone_stages), runs the schedule's forward of every micro-batch through each of its stages
+    and their backward into every weight, and leaves no process group behind."""
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from costlab.models.gpt import build_model
+    from costlab.parallelism.apply import build_mesh, fake_group
+    from costlab.parallelism.core import DistEnv
+    from costlab.parallelism.dims import parallel_dims
+    from costlab.parallelism.pp import PipelineParallel, lone_stages
+
+    cfg = compose_config([*PARITY, "parallelism=pp", "trainer.nproc_per_node=2",
+                          f"parallelism.schedule={schedule}"])
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.trainer.grad_accum_steps = 1
+    micro = int(cfg.parallelism.microbatches)
+    v = int(cfg.parallelism.stages_per_rank) if schedule == "interleaved_1f1b" else 1
+    x = torch.zeros(micro, 8, dtype=torch.long)
+
+    def counted(seen: list[int], s: int):  # noqa: ANN202
+        return lambda *_: seen.append(s)
+
+    for rank in (0, 1):
+        with fake_group(rank, 2):
+            dims = parallel_dims(cfg.parallelism, 2)
+            torch.manual_seed(0)
+            model = build_model(cfg.model)
+            stage = lone_stages(model, cfg, dims.pp * v, x[:1])
+            pipeline = PipelineParallel(model, cfg, DistEnv(rank, rank, 2, 2, torch.device("cpu")), dims,
+                                        build_mesh(dims, "cpu"), stage)
+            forwards: list[int] = []
+            for s, part in pipeline.parts.items():
+                part.register_forward_hook(counted(forwards, s))
+            pipeline.forward_backward(x, x, cfg, None)
+            assert sorted(pipeline.parts) == list(range(rank, dims.pp * v, dims.pp))
+            assert sorted(forwards) == sorted(list(pipeline.parts) * micro)
+            for part in pipeline.parts.values():
+                assert all(p.grad is not None and p.grad.shape == p.shape for p in part.parameters())
+        assert not dist.is_initialized()
+
+
 def test_options_are_degrees_whose_product_is_the_world():
     from costlab.parallelism.dims import ParallelDims, parallel_dims
 

@@ -377,8 +377,7 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     tp, _ = predict_time(compose_config([*small, "parallelism=tp"]), 2)
     assert len(seen) == 2 and tp.parts["layout"] > 0
     pp, _ = predict_time(compose_config([*small, "parallelism=pp"]), 2)
-    assert len(seen) == 2 and "layout" not in pp.parts  # a pipeline's schedule needs its peers
-    assert "the pipeline schedule's fixed costs not priced" in " ".join(pp.gaps)
+    assert len(seen) == 2 and "layout" not in pp.parts  # an unsharded pipeline's wrapping is its schedule's
     # DDP's reducer runs too, its buckets all-reduced by a hook that completes them locally; its all-reduce of the
     # gradients stays on the link model
     replicated = compose_config([*small, "parallelism=ddp", "trainer.grad_accum_steps=2"])
@@ -403,3 +402,60 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     assert not failed_rates.layout_probed and "layout" not in failed.parts and failed.tokens_per_s > 0
     assert "its probe under a fake process group failed here" in " ".join(failed.gaps)
     assert "no such collective" in capsys.readouterr().err
+
+
+def test_a_cpu_plan_runs_a_pipelines_schedule_as_its_first_and_last_stages_ranks_alone(tmp_path, monkeypatch, capsys):
+    """A plan on this CPU runs the pipeline's own schedule as the ranks of its first and last stages each run it,
+    alone under PyTorch's fake process group (their stages' shapes given, not exchanged), and prices what it costs
+    beyond their micro-batches; before, a plan priced no schedule. Its sends' fixed costs stay on the link the runs
+    kept. A 2-D pipeline probes at two ranks in one process (DTensor's caches would hand the second the first's
+    groups), and a schedule the fake group cannot run costs the plan that part only, said why."""
+    import torch.distributed as dist
+
+    from costlab.launcher.plan import predict_time
+    from costlab.measure import steptime
+    from costlab.measure.machine import cpu_info
+    from costlab.measure.probes import remember_link
+
+    seen: list[tuple] = []
+    schedule_seconds = steptime.schedule_seconds
+
+    def spy(cfg, env, build_optimizer):
+        seen.append((dist.get_backend(), dist.get_world_size(), dist.get_rank(), env.rank))
+        return schedule_seconds(cfg, env, build_optimizer)
+
+    monkeypatch.setattr(steptime, "schedule_seconds", spy)
+    steptime._probe_schedule.cache_clear()
+    cache = tmp_path / "probes.json"
+    remember_link(cache, cpu_info(), 2, {kind: (1e-4, 1e9) for kind in steptime.COLLECTIVES})
+    small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2", f"hardware.probe_cache={cache}"]
+    pp, rates = predict_time(compose_config([*small, "parallelism=pp"]), 2)
+    assert seen == [("fake", 2, 0, 0), ("fake", 2, 1, 1)] and not dist.is_initialized()
+    assert rates.schedule_probed and not rates.layout_peers and "schedule" in pp.parts
+    assert "as the ranks of its first and last stages each run it alone" in rates.source
+    assert len(pp.gaps) == 1 and "without their peers" in pp.gaps[0]
+    unprobed = steptime.predict_step(compose_config([*small, "parallelism=pp"]), 2,
+                                     steptime.Rates(**{**vars(rates), "schedule_probed": False, "schedule_s": 0.0}),
+                                     build_optimizer)
+    assert pp.parts["communication"] > 0  # its sends' latency too, as the link model prices it
+    assert pp.parts["communication"] == pytest.approx(unprobed.parts["communication"])
+    again, _ = predict_time(compose_config([*small, "parallelism=pp", "trainer.batch_size=16"]), 2)
+    assert len(seen) == 2 and again.parts["schedule"] == pp.parts["schedule"]  # one short row per micro-batch
+
+    looped, looped_rates = predict_time(compose_config([*small, "parallelism=pp",
+                                                        "parallelism.schedule=interleaved_1f1b"]), 2)
+    assert len(seen) == 4 and looped_rates.schedule_probed
+    four = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=4", "parallelism=pp",
+            "parallelism.pp_degree=2", "parallelism.tp_degree=2"]
+    _, tp_rates = predict_time(compose_config(four), 4)
+    assert [s[2] for s in seen[4:]] == [0, 2] and tp_rates.schedule_probed, capsys.readouterr().err
+
+    def broken(cfg, env, build_optimizer):
+        raise RuntimeError("no such receive under the fake group")
+
+    monkeypatch.setattr(steptime, "schedule_seconds", broken)
+    steptime._probe_schedule.cache_clear()
+    failed, failed_rates = predict_time(compose_config([*small, "parallelism=pp"]), 2)
+    assert not failed_rates.schedule_probed and "schedule" not in failed.parts and failed.tokens_per_s > 0
+    assert "its probe under a fake process group failed here" in " ".join(failed.gaps)
+    assert "no such receive" in capsys.readouterr().err

@@ -436,7 +436,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     syncs = int(t.grad_accum_steps) if dims.fsdp_enabled else 1
     # the run's own wrapping or pipeline schedule, probed, holds the layout's collectives' fixed costs (FSDP's and
     # DDP's whole)
-    probed = (rates.layout_probed and rates.layout_peers) or rates.schedule_probed
+    probed = rates.layout_peers and (rates.layout_probed or rates.schedule_probed)  # a plan's ran without them
     if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
                                              span=dims.dp_replicate * shard_span)
@@ -472,7 +472,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         policed = layer.forward_ops + max(0.0, layer.ops + layer.views - plain.ops - plain.views)
         parts["selective_checkpointing"] = n_mb * layers * policed * max(0.0, rates.policy_op_s - rates.op_s)
     if dims.pp_enabled:  # each chunk's activation forward and gradient back
-        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", latency=not rates.schedule_probed,
+        comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", latency=not probed,
                                            span=world // dims.pp + 1)
     parts["communication"] = comm
     step = sum(parts.values())
@@ -858,7 +858,10 @@ def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: i
     holds the schedule's Python per action, its sends' and receives' fixed costs, the loss per micro-batch, the
     tied weight's all-reduce and a stage's FSDP or tensor-parallel wrapping per micro-batch; the activations'
     bytes, which grow with the batch, are left to the link model. ``env``: the rank's
-    :class:`costlab.parallelism.core.DistEnv`. A collective: every rank calls it."""
+    :class:`costlab.parallelism.core.DistEnv`. A collective: every rank calls it. Under PyTorch's fake process
+    group (a plan's probe, :func:`local_schedule`) the rank runs its stages without its peers
+    (:func:`costlab.parallelism.pp.lone_stages`): it waits for none of them, and what the model puts there is its
+    micro-batches alone, without the bubble's slots."""
     import torch
     import torch.distributed as dist
 
@@ -866,7 +869,7 @@ def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: i
     from costlab.models.gpt import build_model
     from costlab.parallelism.apply import build_mesh
     from costlab.parallelism.dims import parallel_dims
-    from costlab.parallelism.pp import PipelineParallel
+    from costlab.parallelism.pp import PipelineParallel, PipelineStage, lone_stages
 
     world = env.world_size
     dims = parallel_dims(cfg.parallelism, world)
@@ -879,7 +882,10 @@ def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: i
     tokens = min(LAYOUT_TOKENS, int(cfg.model.block_size))
     x = torch.zeros(micro, tokens, dtype=torch.long)  # one row per micro-batch
     torch.manual_seed(0)
-    pipeline = PipelineParallel(build_model(probe.model), probe, env, dims, build_mesh(dims, env.device.type))
+    model = build_model(probe.model)
+    lone = dist.get_backend() == "fake"
+    stage = lone_stages(model, probe, dims.pp * v, x[:1]) if lone else PipelineStage
+    pipeline = PipelineParallel(model, probe, env, dims, build_mesh(dims, env.device.type), stage)
     times = []
     for i in range(repeats + 2):  # two warm-up steps: the first infers the stages' shapes
         for part in pipeline.parts.values():
@@ -890,8 +896,8 @@ def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: i
         if i >= 2:
             times.append(time.perf_counter() - t0)
     layer, outside, _, _ = per_layer(depth_seconds(cfg, world, build_optimizer, False, 1, tokens))
-    stage = (_depth(cfg) or 0) / dims.pp * layer + outside  # as :func:`predict_step` prices a stage
-    return max(0.0, statistics.median(times) - (micro + (dims.pp - 1) / v) * stage)
+    per_stage = (_depth(cfg) or 0) / dims.pp * layer + outside  # as :func:`predict_step` prices a stage
+    return max(0.0, statistics.median(times) - (micro + (0 if lone else (dims.pp - 1) / v)) * per_stage)
 
 
 @dataclass
@@ -1021,7 +1027,8 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     With ``build_optimizer`` (the trainer's) also the run's own model plain on one rank's micro-batch at two depths
     (:func:`local_model`), as a run probes it (a small model's step is its ops' fixed costs more than its matmuls),
     and FSDP's, tensor parallel's or DDP's wrapping as rank 0 of the layout runs it under a fake process group
-    (:func:`local_layout`)."""
+    (:func:`local_layout`; a pipeline's, its stages' optimizer step alone), and a pipeline's schedule as the ranks
+    of its first and last stages run it there (:func:`local_schedule`)."""
     from costlab.measure.memory import _depth
     from costlab.parallelism.dims import parallel_dims
 
@@ -1030,14 +1037,19 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     op_s, view_s, bandwidth, policed = _local_rates(share)
     model = local_model(cfg, world, share, build_optimizer) if build_optimizer and _depth(cfg) is not None else None
     dims = parallel_dims(cfg.parallelism, world)
-    wrapped = (model is not None and (dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled)
-               and not dims.pp_enabled)
+    # as :func:`probe_ranks`: a pipeline stage's wrapping per micro-batch is in the schedule's probe
+    sharded = dims.fsdp_enabled or dims.tp_enabled
+    wrapped = model is not None and (sharded or (dims.ddp_enabled and not dims.pp_enabled))
     layout = local_layout(cfg, world, share, build_optimizer) if wrapped else None
     layer_s, outside_s, step_s = layout or (0.0, 0.0, 0.0)
+    if dims.pp_enabled:
+        layer_s = outside_s = 0.0
+    schedule = local_schedule(cfg, world, share, build_optimizer) if model and dims.pp_enabled else None
     tokens, *shapes = _run_shapes(cfg, world)
     return RankProbes(_local_matmul(share, min(tokens, PLAN_MATMUL_TOKENS), *shapes), op_s, view_s, bandwidth, None,
                       policy_op_s=policed if selective else 0.0, layout_layer_s=layer_s, layout_outside_s=outside_s,
-                      layout_step_s=step_s, model=model, layout_peers=False, layout_probed=layout is not None)
+                      layout_step_s=step_s, model=model, layout_peers=False, layout_probed=layout is not None,
+                      schedule_s=schedule or 0.0, schedule_probed=schedule is not None)
 
 
 PLAN_MATMUL_TOKENS = 2048  # a plan times its matmul shapes on at most this many tokens (the rate has levelled off)
@@ -1109,9 +1121,15 @@ def plan_gaps(cfg: DictConfig, world: int, rates: Rates) -> list[str]:
             if int(cfg.trainer.nnodes) > 1 else
             f"no run of {world} ranks on this machine has probed its link yet (one that does keeps it in "
             "hardware.probe_cache)"))
-    if dims.pp_enabled:
-        gaps.append("the pipeline schedule's fixed costs not priced: a plan has no peers to run it with (a run of "
-                    "the layout probes it)")
+    if dims.pp_enabled and rates.schedule_probed:
+        gaps.append("the pipeline's schedule probed as the ranks of its first and last stages run it, without their "
+                    "peers: their waiting for one another is not priced (a run of the layout probes it)")
+    elif dims.pp_enabled and rates.model:  # its schedule's probe failed
+        gaps.append("the pipeline schedule's fixed costs not priced: its probe under a fake process group failed "
+                    "here (the warning on stderr says why)")
+    elif dims.pp_enabled:
+        gaps.append(f"the pipeline schedule's fixed costs not priced: probed only for a model whose step is under "
+                    f"{MODEL_PROBE_S} s and that fits this machine")
     elif rates.layout_probed:
         gaps.append("the layout's wrapping probed as its rank 0 runs it, without its peers: their waiting for one "
                     "another is not priced (a run of the layout probes it)")
@@ -1168,15 +1186,7 @@ def local_layout(cfg: DictConfig, world: int, threads: int, build_optimizer: Any
     once per process for each layout, model, precision, fine-tune, optimizer and
     checkpointing (it runs on one short row, whatever the micro-batch); None, said on stderr, where it cannot run
     here."""
-    key = _probe_key(cfg, threads, world, groups=("parallelism",))
-    try:
-        return _probe_layout(_ModelProbeAsk(key, threads, cfg, world, build_optimizer))
-    except Exception as e:  # noqa: BLE001 - a layout the fake group cannot run costs the plan that part only
-        import sys
-
-        print(f"costlab: plan: the layout's wrapping could not be probed here ({type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}); it is not priced", file=sys.stderr, flush=True)
-        return None
+    return _lone_probe("the layout's wrapping", _probe_layout, cfg, world, threads, build_optimizer)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1185,6 +1195,51 @@ def _probe_layout(ask: _ModelProbeAsk) -> tuple[float, float, float]:
 
     with fake_group(0, ask.world):
         return _with_threads(ask.threads, lambda: layout_seconds(ask.cfg, ask.world, ask.build_optimizer))
+
+
+def local_schedule(cfg: DictConfig, world: int, threads: int, build_optimizer: Any) -> float | None:
+    """:func:`schedule_seconds` of the layout's pipeline schedule as the ranks of its first and of its last stage
+    each run it alone with ``threads`` threads, the larger (the first embeds, the last holds the head and the loss),
+    in this process under PyTorch's fake process group (its stages' shapes given, not exchanged:
+    :func:`costlab.parallelism.pp.lone_stages`; each collective and send local, each receive's buffer as it was),
+    once per process for each layout, model, precision, fine-tune, optimizer and checkpointing (on one short row per
+    micro-batch, whatever the batch); None, said on stderr, where it cannot run here."""
+    return _lone_probe("the pipeline's schedule", _probe_schedule, cfg, world, threads, build_optimizer)
+
+
+def _lone_probe(what: str, probe: Any, cfg: DictConfig, world: int, threads: int, build_optimizer: Any) -> Any:
+    """``probe`` of the layout (cached per layout, model, precision, fine-tune, optimizer and checkpointing), or
+    None where it cannot run here under the fake process group: that costs the plan ``what`` alone, and stderr
+    says why."""
+    key = _probe_key(cfg, threads, world, groups=("parallelism",))
+    try:
+        return probe(_ModelProbeAsk(key, threads, cfg, world, build_optimizer))
+    except Exception as e:  # noqa: BLE001 - see above
+        import sys
+
+        why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        print(f"costlab: plan: {what} could not be probed here ({type(e).__name__}: {why}); it is not priced",
+              file=sys.stderr, flush=True)
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_schedule(ask: _ModelProbeAsk) -> float:
+    import torch
+
+    from costlab.parallelism.apply import fake_group
+    from costlab.parallelism.core import DistEnv
+    from costlab.parallelism.dims import parallel_dims
+
+    dims = parallel_dims(ask.cfg.parallelism, ask.world)
+    seconds = []
+    for pp_rank in sorted({0, dims.pp - 1}):  # the mesh's outermost dimension: the other degrees' rank 0 of it
+        rank = pp_rank * (ask.world // dims.pp)
+        env = DistEnv(rank, rank, ask.world, ask.world, torch.device("cpu"))
+        with fake_group(rank, ask.world):
+            seconds.append(_with_threads(ask.threads, functools.partial(schedule_seconds, ask.cfg, env,
+                                                                        ask.build_optimizer)))
+    return max(seconds)
 
 
 def _with_threads(threads: int, probe: Any) -> Any:
@@ -1223,7 +1278,10 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank a
                      ", the run's model wrapped as its rank 0 runs it and plain, under a fake process group (the "
                      "layout's hooks, copies and DTensor's Python, not its collectives)")
                     if probes.layout_probed else "")
-                + (", the run's pipeline schedule on one short row per micro-batch" if probes.schedule_probed else "")
+                + ((", the run's pipeline schedule on one short row per micro-batch" if probes.layout_peers else
+                    ", the run's pipeline schedule as the ranks of its first and last stages each run it alone, on "
+                    "one short row per micro-batch, under a fake process group (its Python per action, the loss "
+                    "and a stage's wrapping, not its sends)") if probes.schedule_probed else "")
                 + (", the run's model plain at two depths on its micro-batch" if probes.model else ""),
                  probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s,
                  layout_peers=probes.layout_peers, schedule_s=probes.schedule_s, model=probes.model,

@@ -21,15 +21,26 @@ def fake_group(rank: int, world: int) -> Iterator[None]:
     """PyTorch's fake process group, as ``rank`` of ``world``: no peers, each collective local (an all-gather repeats
     this rank's shard, a reduce-scatter keeps its first share, an all-reduce its own), so a model is laid out, and
     can run, as that rank would lay it out and run it, without them. The process must have no process group yet;
-    it has none after."""
+    it has none after. DTensor's sharding propagation caches are emptied on the way in and out: they key a mesh by
+    its shape and names, not its groups, and would hand a later group at another rank this one's."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    _clear_dtensor_caches()
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     try:
         yield
     finally:
         dist.destroy_process_group()
+        _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # an older PyTorch: its caches are what they are
+        return
+    _clear_sharding_prop_cache()
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:

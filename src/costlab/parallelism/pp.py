@@ -16,6 +16,7 @@ clipping counts the tied gradient once.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,10 @@ def stage_module(part: nn.Module, stage: int, n_stages: int) -> nn.Module:
 class PipelineParallel(Parallel):
     """This rank's stages of the pipeline, and the schedule that runs micro-batches through them."""
 
-    def __init__(self, model: nn.Module, cfg: DictConfig, env: DistEnv, dims: ParallelDims, mesh: DeviceMesh):
+    def __init__(self, model: nn.Module, cfg: DictConfig, env: DistEnv, dims: ParallelDims, mesh: DeviceMesh,
+                 stage: Callable[..., PipelineStage] = PipelineStage):
+        """``stage``: what builds each of this rank's stages from (its module, index, number of stages, device,
+        group=); :func:`lone_stages` for a rank without its peers."""
         p, t = cfg.parallelism, cfg.trainer
         pp_mesh = mesh["pp"]
         self.pp, self.pp_group = dims.pp, pp_mesh.get_group()
@@ -75,7 +79,7 @@ class PipelineParallel(Parallel):
         for part in parts.values():
             apply_parallelisms(part, cfg, dims, mesh, env.device)
         self.parts = parts
-        stages = [PipelineStage(parts[s], s, self.n_stages, env.device, group=self.pp_group) for s in stage_ids]
+        stages = [stage(parts[s], s, self.n_stages, env.device, group=self.pp_group) for s in stage_ids]
 
         # The schedule sums the micro-batch losses' gradients (scale_grads=False): each micro-batch loss
         # is pre-divided by micro-batches x accumulation steps, so the gradient is that of the mean loss,
@@ -197,3 +201,37 @@ class PipelineParallel(Parallel):
         for piece in gathered:
             merged.update(piece)
         return load_full_state(merged, cfg, self.device)
+
+
+class _LoneStage(PipelineStage):
+    """A stage of a rank that runs the schedule without its peers, under PyTorch's fake process group (a plan's
+    probe): its inputs' and outputs' shapes are given, not received, and the schedule's warm-up vote, whose receives
+    get no data there, is taken as every stage's STATIC (what it is where every stage's shapes are given). What it
+    receives in the schedule is whatever its buffers held."""
+
+    def _warmup_forward_vote(self, has_backward: bool, received_acc: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.int32, device=self.device)
+
+    def _warmup_backward_result(self, received_result: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.int32, device=self.device)
+
+
+def lone_stages(model: nn.Module, cfg: DictConfig, n_stages: int, x: torch.Tensor) -> Callable[..., PipelineStage]:
+    """What builds the stages of a rank without its peers (:class:`_LoneStage`), for ``PipelineParallel``'s
+    ``stage``: each stage's input and output as ``model`` (left whole), cut into ``n_stages`` stages plain, passes
+    ``x`` (one micro-batch) through them in turn under the run's autocast."""
+    metas: list[tuple[torch.Tensor, torch.Tensor]] = []
+    h = x
+    with torch.no_grad(), autocast(cfg, x.device):
+        for s in range(n_stages):
+            out = stage_module(copy.deepcopy(model), s, n_stages)(h)
+            metas.append((h, out))
+            h = out
+
+    def build(part: nn.Module, s: int, n: int, device: torch.device, group: dist.ProcessGroup) -> PipelineStage:
+        inputs, outputs = metas[s]
+        return _LoneStage(part, s, n, device, group=group,
+                          input_args=inputs.detach().requires_grad_(s > 0 and inputs.is_floating_point()),
+                          output_args=outputs.detach().requires_grad_(s < n - 1))
+
+    return build
