@@ -206,8 +206,9 @@ class PipelineParallel(Parallel):
 class _LoneStage(PipelineStage):
     """A stage of a rank that runs the schedule without its peers, under PyTorch's fake process group (a plan's
     probe): its inputs' and outputs' shapes are given, not received, and the schedule's warm-up vote, whose receives
-    get no data there, is taken as every stage's STATIC (what it is where every stage's shapes are given). What it
-    receives in the schedule is whatever its buffers held."""
+    get no data there, is taken as every stage's STATIC (what it is where every stage's shapes are given; the vote
+    is PyTorch 2.13's, and a PyTorch whose schedule this cannot run costs the plan its schedule's price, said on
+    stderr). What it receives in the schedule is whatever its buffers held."""
 
     def _warmup_forward_vote(self, has_backward: bool, received_acc: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ones(1, dtype=torch.int32, device=self.device)
