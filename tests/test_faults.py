@@ -48,13 +48,20 @@ def test_a_token_names_one_live_process_and_not_a_reused_pid():
     assert faults.alive(faults.token())
 
 
-def test_a_child_asking_for_its_parents_death_signal_dies_with_its_parent(tmp_path):
-    # parent -> child (die_with_parent, as torchrun and the workers) ; kill -9 the parent
+@pytest.mark.parametrize("death", ["die_with_parent", "die_with_launcher"])
+def test_a_child_asking_for_its_parents_death_signal_dies_with_its_parent(tmp_path, death):
+    """parent -> child (die_with_parent, as the workers ask; die_with_launcher, as torchrun asks); kill -9 the
+    parent. torchrun's request is SIGKILL: a child that ignores SIGTERM (as a torchrun stuck in its own SIGTERM
+    handling, once seen after a kill -9 of run.py) dies with its parent all the same."""
+    ignores = death == "die_with_launcher"
     script = textwrap.dedent(f"""
-        import subprocess, sys, time
+        import signal, subprocess, sys, time
         sys.path.insert(0, {str(ROOT / 'src')!r})
-        from costlab.faults import die_with_parent
-        child = subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent)
+        from costlab.faults import {death}
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                  + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if {ignores} else "")
+                                  + "print(flush=True); time.sleep(60)"], preexec_fn={death}, stdout=subprocess.PIPE)
+        child.stdout.readline()  # its handler is in place
         print(child.pid, flush=True)
         time.sleep(60)
     """)

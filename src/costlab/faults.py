@@ -4,8 +4,9 @@ worker in bounded time with its metrics flushed.
 The chain of processes is ``run.py`` → torchrun → one worker per rank. torchrun starts each worker in
 a session of its own, so signalling torchrun's process group never reaches them. Instead:
 
-- torchrun and every worker ask the kernel for SIGTERM when their parent dies (``PR_SET_PDEATHSIG``),
-  so a ``kill -9`` of ``run.py`` or of torchrun still stops the workers below it;
+- every worker asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), and torchrun for
+  SIGKILL (:func:`die_with_launcher`), so a ``kill -9`` of ``run.py`` or of torchrun still stops the workers below
+  it;
 - each worker records its pid in the run folder, and ``run.py`` ends any worker still alive once
   torchrun has gone (:func:`reap_workers`), whatever ended torchrun;
 - in a worker, SIGTERM and SIGINT are taken by one thread (``sigwait``), not by the main thread, which
@@ -61,6 +62,14 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         return
     if os.getppid() == 1:  # the parent died before the request took effect
         os.kill(os.getpid(), sig)
+
+
+def die_with_launcher() -> None:
+    """torchrun's ``preexec_fn``: SIGKILL when ``run.py`` dies. torchrun holds nothing of the run to flush (its
+    workers flush on the SIGTERM their own parent-death request brings them once it has gone, as after a ``kill
+    -9`` of torchrun itself), and its own SIGTERM handling is not bounded: after a ``kill -9`` of ``run.py`` it was
+    seen still running 30 s after its workers had gone."""
+    die_with_parent(signal.SIGKILL)
 
 
 START_TOLERANCE_S = 1.5  # see alive()

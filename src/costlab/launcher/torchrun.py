@@ -143,7 +143,7 @@ def _start(cfg: DictConfig, config_path: Path, log_path: Path) -> subprocess.Pop
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=faults.die_with_parent,
+            preexec_fn=faults.die_with_launcher,
         )
 
 
