@@ -1044,7 +1044,7 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     layer_s, outside_s, step_s = layout or (0.0, 0.0, 0.0)
     if dims.pp_enabled:
         layer_s = outside_s = 0.0
-    schedule = local_schedule(cfg, world, share, build_optimizer) if model and dims.pp_enabled else None
+    schedule = local_schedule(cfg, world, share, build_optimizer) if model is not None and dims.pp_enabled else None
     tokens, *shapes = _run_shapes(cfg, world)
     return RankProbes(_local_matmul(share, min(tokens, PLAN_MATMUL_TOKENS), *shapes), op_s, view_s, bandwidth, None,
                       policy_op_s=policed if selective else 0.0, layout_layer_s=layer_s, layout_outside_s=outside_s,
@@ -1214,7 +1214,7 @@ def _lone_probe(what: str, probe: Any, cfg: DictConfig, world: int, threads: int
     key = _probe_key(cfg, threads, world, groups=("parallelism",))
     try:
         return probe(_ModelProbeAsk(key, threads, cfg, world, build_optimizer))
-    except Exception as e:  # noqa: BLE001 - see above
+    except Exception as e:  # noqa: BLE001 - a probe the fake group cannot run costs the plan that part only
         import sys
 
         why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
