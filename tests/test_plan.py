@@ -347,9 +347,9 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     seen: list[tuple] = []
     layout_seconds = steptime.layout_seconds
 
-    def spy(cfg, world, build_optimizer):
+    def spy(cfg, world, build_optimizer, calls=None):
         seen.append((dist.get_backend(), dist.get_world_size(), dist.get_rank(), world))
-        return layout_seconds(cfg, world, build_optimizer)
+        return layout_seconds(cfg, world, build_optimizer, calls)
 
     monkeypatch.setattr(steptime, "layout_seconds", spy)
     steptime._probe_layout.cache_clear()
@@ -359,7 +359,7 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     assert seen == [("fake", 2, 0, 2)] and not dist.is_initialized()
     assert rates.layout_layer_s > 0 and not rates.layout_peers and fsdp.parts["layout"] > 0
     assert fsdp.parts["communication"] == 0 and "no run of 2 ranks on this machine" in " ".join(fsdp.gaps)
-    assert "without its peers" in " ".join(fsdp.gaps)
+    assert "without its peers" in " ".join(fsdp.gaps) and not rates.layout_calls["all_gather"][2]  # none a step
 
     link = {kind: (1e-4, 1e9) for kind in steptime.COLLECTIVES}
     remember_link(cache, cpu_info(), 2, link)  # as a run of two ranks here keeps its probe
@@ -367,15 +367,21 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     assert len(seen) == 1 and priced.link == link  # the wrapping was probed once for the layout
     assert "the median of the probes of 1 earlier runs of 2 ranks here" in priced.source
     assert again.parts["layout"] == fsdp.parts["layout"] and again.parts["communication"] > 0
-    assert not any("collectives" in gap for gap in again.gaps)
+    assert not any("collectives not priced" in gap for gap in again.gaps)
     plain = steptime.predict_step(compose_config([*small, "parallelism=fsdp"]), 2,
                                   steptime.Rates(**{**vars(priced), "layout_layer_s": 0.0, "layout_outside_s": 0.0,
                                                     "layout_step_s": 0.0, "layout_probed": False}),
                                   build_optimizer)
     assert again.parts["communication"] == pytest.approx(plain.parts["communication"])  # gathers, reduce-scatters
+    # FSDP2's collectives, counted as rank 0 issued them: each block's group gathered for its forward and again for
+    # its backward (resharded after its forward), its gradients reduce-scattered once; the root's gathered once
+    assert rates.layout_calls["all_gather"][:2] == (2, 1) and rates.layout_calls["reduce_scatter"][:2] == (1, 1)
+    _each_counted_collective_pays_the_links_latency(compose_config([*small, "parallelism=fsdp"]), priced)
 
-    tp, _ = predict_time(compose_config([*small, "parallelism=tp"]), 2)
+    tp, tp_rates = predict_time(compose_config([*small, "parallelism=tp"]), 2)
     assert len(seen) == 2 and tp.parts["layout"] > 0
+    assert tp_rates.layout_calls["all_reduce"][0] >= 4  # a block's two forward and two backward at the least
+    _each_counted_collective_pays_the_links_latency(compose_config([*small, "parallelism=tp"]), tp_rates)
     pp, _ = predict_time(compose_config([*small, "parallelism=pp"]), 2)
     assert len(seen) == 2 and "layout" not in pp.parts  # an unsharded pipeline's wrapping is its schedule's
     # DDP's reducer runs too, its buckets all-reduced by a hook that completes them locally; its all-reduce of the
@@ -395,6 +401,22 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     # a layout the fake group cannot run costs the plan its wrapping only, and the plan says why
     _a_failed_probe_costs_the_plan_its_part(monkeypatch, capsys, small, "layout_seconds", steptime._probe_layout,
                                             "fsdp", "layout")
+
+
+def _each_counted_collective_pays_the_links_latency(cfg, rates) -> None:
+    """A plan prices each collective its layout's probe counted at the link's latency, once per call: a step's
+    communication grows by one latency per call counted in a step (the run's depth, its micro-batches)."""
+    from costlab.measure import steptime
+
+    def communication(latency: float) -> float:
+        link = {kind: (latency, bandwidth) for kind, (_, bandwidth) in rates.link.items()}
+        return steptime.predict_step(cfg, 2, steptime.Rates(**{**vars(rates), "link": link}),
+                                     build_optimizer).parts["communication"]
+
+    layers, micro_batches = cfg.model.n_layer, cfg.trainer.grad_accum_steps
+    per_step = sum(micro_batches * (layers * layer + outside) + step
+                   for layer, outside, step in rates.layout_calls.values())
+    assert per_step > 0 and communication(2e-3) - communication(1e-3) == pytest.approx(1e-3 * per_step)
 
 
 def _a_failed_probe_costs_the_plan_its_part(monkeypatch, capsys, small: list[str], probe: str, cache,

@@ -281,6 +281,20 @@ def test_the_ranks_of_one_node_agree_on_their_card_probes_and_on_a_failure_of_an
     assert saved[0]["failing"] is None and saved[1]["failing"] is None
 
 
+def test_a_cpus_link_latency_is_a_calls_mean_within_a_step_its_compute_between_untimed():
+    """On a CPU, the link probe's latency is a small call's mean made as a step makes it, after a stretch of
+    compute on every rank (ranks that share cores wait there several times longer than in back-to-back calls):
+    every call timed, the stretch between them not."""
+    import time
+
+    from costlab.measure.steptime import in_step_seconds
+    from costlab.parallelism.apply import fake_group
+
+    with fake_group(0, 2):
+        seconds = in_step_seconds(lambda: time.sleep(0.002), calls=4, stretch=lambda: time.sleep(0.05))
+    assert 0.002 <= seconds < 0.05
+
+
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])
 def test_a_fine_tuning_runs_work_and_weights_are_its_adapters(finetune):
     """LoRA's frozen base computes no weight gradients and its optimizer steps the adapters alone: the traced

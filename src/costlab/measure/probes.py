@@ -137,7 +137,7 @@ LINK_HISTORY = 5  # the link probes of a machine's runs kept per rank count; a p
 
 
 def _link_key(cpu: Cpu, ranks: int) -> str:
-    return f"{_machine_key(cpu)}|link|ranks={ranks}"
+    return f"{_machine_key(cpu)}|link|latency=in-step|ranks={ranks}"  # (earlier: back to back)
 
 
 def remember_link(cache: Path | None, cpu: Cpu, ranks: int, link: dict[str, tuple[float, float]]) -> None:

@@ -107,6 +107,9 @@ class Rates:
     # whether the layout's probe ran beside its peers, its collectives in it (a run's); a plan's ran without them
     # (:func:`local_layout`), its collectives priced by the link model
     layout_peers: bool = True
+    # a plan's: per collective, the calls the layout's wrapping issued under the fake process group per layer and
+    # outside the layers of a micro-batch, and per step (:func:`layout_calls`), each priced at the link's latency
+    layout_calls: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     # what one step of the run's own pipeline schedule adds beyond its stages' compute and bubble (its Python per
     # action, its sends' fixed costs, a stage's FSDP or tensor-parallel wrapping): :func:`schedule_seconds`
     schedule_s: float = 0.0
@@ -199,6 +202,44 @@ class _Counter:
                 return out
 
         return Counter()
+
+
+# the c10d ops (PyTorch's functional collectives, DTensor's, and the in-place ones FSDP2 and DDP call) by the
+# collective of the link model whose fixed cost each pays (a broadcast's, one rank's data to all, an all-gather's)
+COLLECTIVE_OPS = (("all_reduce", ("allreduce", "all_reduce")),
+                  ("all_gather", ("allgather", "all_gather", "broadcast")),
+                  ("reduce_scatter", ("reduce_scatter",)))
+
+
+def collective_kind(op: str) -> str | None:
+    """The link model's collective for the c10d op named ``op`` (``c10d.allreduce_``,
+    ``_c10d_functional.all_gather_into_tensor``...; a coalesced op is one call), None for any other op (a wait)."""
+    namespace, _, name = op.partition(".")
+    if "c10d" not in namespace:
+        return None
+    return next((kind for kind, names in COLLECTIVE_OPS if name.lstrip("_").startswith(names)), None)
+
+
+class _CollectiveCounter:
+    """Counts the collectives dispatched, per :func:`collective_kind` (a TorchDispatchMode, built lazily)."""
+
+    def __new__(cls) -> Any:
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Collectives(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.calls: Counter[str] = Counter()
+
+            def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+                kind = collective_kind(str(func))
+                if kind:
+                    self.calls[kind] += 1
+                return func(*args, **(kwargs or {}))
+
+        return Collectives()
 
 
 @functools.lru_cache(maxsize=1024)  # a few floats each: a plan search or a benchmark traces many
@@ -437,14 +478,24 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     # the run's own wrapping or pipeline schedule, probed, holds the layout's collectives' fixed costs (FSDP's and
     # DDP's whole)
     probed = rates.layout_peers and (rates.layout_probed or rates.schedule_probed)  # a plan's ran without them
+    # a plan's wrapping, probed without its peers, counted its collectives: each pays the link's latency (the
+    # formulas below keep their bytes)
+    counted = bool(rates.layout_calls) and not dims.pp_enabled and not probed
     if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
-                                             span=dims.dp_replicate * shard_span)
+                                             latency=not counted, span=dims.dp_replicate * shard_span)
+    # a DDP's wrapping runs once a step: it syncs one micro-batch a step, the others run under no_sync, its hooks idle
+    wrapped_mbs = 1 if dims.ddp_enabled else n_mb  # (a run's DDP combines with no other degree)
     if rates.layout_probed:  # the run's own wrapping: FSDP's gathers and reduce-scatters whole, TP's fixed costs,
-        # DDP's sync whole (it syncs one micro-batch a step: the others run under no_sync, its hooks idle)
-        wrapped_mbs = 1 if dims.ddp_enabled else n_mb  # (a run's DDP combines with no other degree)
+        # DDP's sync whole
         parts["layout"] = (wrapped_mbs * (layers * rates.layout_layer_s + rates.layout_outside_s)
                            + rates.layout_step_s)
+    if counted and rates.link:
+        calls = {kind: wrapped_mbs * (layers * layer + outside_calls) + step
+                 for kind, (layer, outside_calls, step) in rates.layout_calls.items()}
+        comm += sum(n * rates.link[kind][0] for kind, n in calls.items() if kind in rates.link)
+        notes.append("the layout's collectives counted as its rank 0 issued them: " + ", ".join(
+            f"{n:.4g} {kind}" for kind, n in calls.items()) + " a step, each at the link's latency")
     if rates.schedule_probed:  # the run's own pipeline, probed: one schedule step per accumulated micro-batch group
         parts["schedule"] = int(t.grad_accum_steps) * rates.schedule_s
     if dims.fsdp_enabled and not probed:  # each layer's group and the rest's: gathered twice, reduced per sync
@@ -453,9 +504,9 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         gathered = ((weights.trained + weights.frozen) * width + weights.nf4 * _nf4_bytes_per_value()) / tp
         units = math.ceil(layers) + 1  # FSDP2 gathers and reduces each block's group and the root's apart
         data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span,
-                                                calls=units)
+                                                calls=units, latency=not counted)
         data_parallel += syncs * _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span,
-                                             calls=units)
+                                             calls=units, latency=not counted)
     if rates.overlap:  # a GPU's data-parallel collectives run on their own streams, beside the compute
         parts["exposed_data_parallel"] = max(0.0, data_parallel - parts["compute"])
         # and still cost the step part of what they hide: their kernels take SMs and memory bandwidth from the
@@ -464,8 +515,8 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     else:
         comm += data_parallel
     if tp > 1:
-        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce", latency=not probed,
-                                                      span=tp)
+        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce",
+                                                      latency=not (probed or counted), span=tp)
     if cfg.trainer.get("activation_checkpointing", "none") == "selective" and not rates.model:
         # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
         plain, _ = layer_work(cfg, traced, dims.fsdp_enabled, "none")
@@ -622,7 +673,9 @@ def link_probe(group: Any = None, repeats: int = 5, device: Any = None,
     rank calls it), the slowest rank's, with tensors on ``device`` (default the CPU; on a GPU each call is timed
     until the card has finished it; ``buffers``: :func:`link_buffers`'s, made here if not given). Each collective's
     share of its bytes (2 (n-1)/n for an all-reduce, (n-1)/n for the others) is taken out, so the bandwidth is the
-    link's."""
+    link's. The bandwidth is the fastest calls' at the two sizes; on a CPU the latency is the small call's mean
+    within a step (:func:`in_step_seconds`), the fixed cost each of a step's collectives pays, on a GPU the fastest
+    call's."""
     import torch
     import torch.distributed as dist
 
@@ -653,11 +706,40 @@ def link_probe(group: Any = None, repeats: int = 5, device: Any = None,
         share = (2 if kind == "all_reduce" else 1) * (n - 1) / n
         slope = max((times[1] - times[0]) / (sizes[1] - sizes[0]), 1e-15)
         bandwidth = share / slope
-        latency = max(0.0, times[0] - share * sizes[0] / bandwidth)
+        small = times[0] if _on_card(device) else in_step_seconds(call(kind, sizes[0]), group)
+        latency = max(0.0, small - share * sizes[0] / bandwidth)
         t = torch.tensor([latency, 1 / bandwidth], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # the slowest rank's view: every rank agrees
         out[kind] = (float(t[0]), 1 / float(t[1]))
     return out
+
+
+IN_STEP_CALLS = 30  # small calls of each collective a CPU's link probe times between stretches of compute
+IN_STEP_MATMULS = 4  # the stretch: this many 256 x 256 fp32 matmuls (about a millisecond on one core)
+
+
+def in_step_seconds(call: Any, group: Any = None, calls: int = IN_STEP_CALLS, stretch: Any = None) -> float:
+    """Mean seconds of a collective ``call()`` on a CPU made as a training step makes it: after a stretch of compute
+    on every rank (``stretch()``; default :data:`IN_STEP_MATMULS` matmuls), which is not timed, not back to back.
+    Where ranks share a machine's cores a call's wait there (gloo's threads woken from sleep, one rank's core taken
+    by another's thread) is several times the fastest back-to-back call's, and heavy-tailed: a step pays its mean.
+    A collective: every rank of ``group`` calls it."""
+    import torch
+    import torch.distributed as dist
+
+    if stretch is None:
+        a = torch.ones(256, 256)
+
+        def stretch() -> None:
+            for _ in range(IN_STEP_MATMULS):
+                a @ a
+
+    total = 0.0
+    dist.barrier(group=group)
+    for _ in range(calls):
+        stretch()
+        total += _wall_seconds(call)
+    return total / calls
 
 
 def _widths(cfg: DictConfig) -> tuple[int, int]:
@@ -728,7 +810,7 @@ LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is 
 
 def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bool, rows: int = 1,
                   tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None,
-                  at_once: bool = True) -> dict[int, tuple[float, float]]:
+                  at_once: bool = True, calls: dict | None = None) -> dict[int, tuple[float, float]]:
     """Per depth of ``LAYOUT_DEPTHS``: the seconds of one micro-batch's forward and backward and of a step's
     gradient clipping and optimizer step, the median of ``repeats`` (the measured tokens/s is a mean over steps,
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
@@ -738,8 +820,9 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     ``device``: where it runs (default the CPU); on a GPU each timing waits for the card's kernels. ``at_once``:
     the ranks start each timing together, as CPU ranks sharing a node's cores train (plain on a GPU, each rank has
     its own card: :func:`card_probes` times without waiting for its peers). ``build_optimizer``: the trainer's
-    (:func:`optimizer_work`). Wrapped, or ``at_once`` on a run of several ranks, a collective: every rank calls
-    it."""
+    (:func:`optimizer_work`). ``calls``: a dict, filled per depth with the collectives (per kind:
+    :func:`collective_kind`) that one more micro-batch's forward and backward and one more step issue, untimed.
+    Wrapped, or ``at_once`` on a run of several ranks, a collective: every rank calls it."""
     import torch
     import torch.distributed as dist
 
@@ -760,7 +843,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     clip = float(cfg.trainer.grad_clip or 0.0)
     together = at_once and world > 1 and dist.is_available() and dist.is_initialized()
 
-    def timed(model: Any, shallow: DictConfig) -> tuple[float, float]:
+    def timed(model: Any, shallow: DictConfig, layers: int) -> tuple[float, float]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, shallow)
 
@@ -784,6 +867,14 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
                 if together:
                     dist.barrier()
                 times[i].append(_wall_seconds(part, device))
+        if calls is not None:  # once more, counted (a dispatch mode's Python would weigh on the timings)
+            optimizer.zero_grad(set_to_none=True)
+            counted = []
+            for part in (passes, update):
+                with _CollectiveCounter() as counter:
+                    part()
+                counted.append(dict(counter.calls))
+            calls[layers] = tuple(counted)
         return statistics.median(times[0]), statistics.median(times[1])
 
     seconds = {}
@@ -799,7 +890,7 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
             if dist.get_backend(group) == "fake":  # a plan's probe (:func:`local_layout`)
                 model.register_comm_hook(group, _local_all_reduce)
         model.train()
-        seconds[layers] = timed(model, shallow)
+        seconds[layers] = timed(model, shallow, layers)
     return seconds
 
 
@@ -827,7 +918,8 @@ def per_layer(seconds: dict[int, tuple[float, float]]) -> tuple[float, float, fl
     return layer, outside, step_layer, step_outside
 
 
-def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any) -> tuple[float, float, float]:
+def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any,
+                   calls: dict | None = None) -> tuple[float, float, float]:
     """The seconds the run's own tensor-parallel, FSDP or DDP wrapping adds: per layer and outside the layers of one
     micro-batch's forward and backward, and to a step's gradient clipping and optimizer step (its sharded
     parameters are DTensors) for the run's depth (a pipeline stage's share of it): :func:`depth_seconds` wrapped
@@ -835,11 +927,12 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any) -> tuple[f
     ``LAYOUT_TOKENS`` tokens. That holds FSDP2's hooks, its copies in and out and its gathers and
     reduce-scatters of the real weights, DTensor's Python per op and the collectives' fixed costs, and DDP's
     gradient hooks, bucket copies and bucketed all-reduces of the real gradients; tensor parallel's activation
-    bytes, which grow with the batch, are left to the link model. A collective: every rank calls it."""
+    bytes, which grow with the batch, are left to the link model. ``calls``: as :func:`depth_seconds`'s, of the
+    wrapped model (:func:`layout_calls`). A collective: every rank calls it."""
     from costlab.measure.memory import _depth
     from costlab.parallelism.dims import parallel_dims
 
-    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True)
+    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True, calls=calls)
     plain = depth_seconds(cfg, world, build_optimizer, wrapped=False)
     extra = {d: tuple(w - p for w, p in zip(wrapped[d], plain[d], strict=True)) for d in LAYOUT_DEPTHS}
     layer, outside, step_layer, step_outside = per_layer(extra)
@@ -847,6 +940,23 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any) -> tuple[f
     if not (dims.fsdp_enabled or dims.tp_enabled):  # DDP steps the same plain tensors: its difference is noise
         return layer, outside, 0.0
     return layer, outside, (_depth(cfg) or 0) / dims.pp * step_layer + step_outside  # a pipeline stage's layers
+
+
+def layout_calls(cfg: DictConfig, world: int, counted: dict) -> dict[str, tuple[float, float, float]]:
+    """Per collective (:func:`collective_kind`): the calls the run's layout issues per layer and outside the layers
+    of one micro-batch's forward and backward, and per step (its clipping and optimizer step, at the run's depth or
+    a pipeline stage's share of it), from what :func:`depth_seconds` counted at its two depths (``counted``)."""
+    from costlab.measure.memory import _depth
+    from costlab.parallelism.dims import parallel_dims
+
+    depth = (_depth(cfg) or 0) / parallel_dims(cfg.parallelism, world).pp
+    kinds = sorted({kind for passes, step in counted.values() for kind in (*passes, *step)})
+    out = {}
+    for kind in kinds:
+        layer, outside, step_layer, step_outside = per_layer(
+            {d: (passes.get(kind, 0), step.get(kind, 0)) for d, (passes, step) in counted.items()})
+        out[kind] = (layer, outside, depth * step_layer + step_outside)
+    return out
 
 
 def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: int = 5) -> float:
@@ -918,6 +1028,7 @@ class RankProbes:
     model: ModelProbe | None = None
     schedule_s: float = 0.0
     layout_peers: bool = True  # the layout's probe ran beside its peers (a plan's: without them)
+    layout_calls: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # as :class:`Rates`'s
     layout_probed: bool = False  # the layout's wrapping and the pipeline's schedule were probed (their figures may
     schedule_probed: bool = False  # be 0: see :class:`Rates`)
 
@@ -1041,14 +1152,15 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     sharded = dims.fsdp_enabled or dims.tp_enabled
     wrapped = model is not None and (sharded or (dims.ddp_enabled and not dims.pp_enabled))
     layout = local_layout(cfg, world, share, build_optimizer) if wrapped else None
-    layer_s, outside_s, step_s = layout or (0.0, 0.0, 0.0)
-    if dims.pp_enabled:
-        layer_s = outside_s = 0.0
+    layer_s, outside_s, step_s, calls = layout or (0.0, 0.0, 0.0, {})
+    if dims.pp_enabled:  # its stages' collectives are in its schedule's probe, uncounted (the link model's)
+        layer_s, outside_s, calls = 0.0, 0.0, {}
     schedule = local_schedule(cfg, world, share, build_optimizer) if model is not None and dims.pp_enabled else None
     tokens, *shapes = _run_shapes(cfg, world)
     return RankProbes(_local_matmul(share, min(tokens, PLAN_MATMUL_TOKENS), *shapes), op_s, view_s, bandwidth, None,
                       policy_op_s=policed if selective else 0.0, layout_layer_s=layer_s, layout_outside_s=outside_s,
-                      layout_step_s=step_s, model=model, layout_peers=False, layout_probed=layout is not None,
+                      layout_step_s=step_s, layout_calls=dict(calls), model=model, layout_peers=False,
+                      layout_probed=layout is not None,
                       schedule_s=schedule or 0.0, schedule_probed=schedule is not None)
 
 
@@ -1131,8 +1243,9 @@ def plan_gaps(cfg: DictConfig, world: int, rates: Rates) -> list[str]:
         gaps.append(f"the pipeline schedule's fixed costs not priced: probed only for a model whose step is under "
                     f"{MODEL_PROBE_S} s and that fits this machine")
     elif rates.layout_probed:
-        gaps.append("the layout's wrapping probed as its rank 0 runs it, without its peers: their waiting for one "
-                    "another is not priced (a run of the layout probes it)")
+        gaps.append("the layout's wrapping probed as its rank 0 runs it, without its peers: its collectives counted "
+                    "there, each priced at the link's latency within a step that runs kept; the ranks' contention for "
+                    "the cores in their compute is not priced (a run of the layout probes it)")
     elif rates.model and (dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled):  # its wrapping's probe failed
         gaps.append("the layout's wrapping not priced: its probe under a fake process group failed here (the warning "
                     "on stderr says why)")
@@ -1179,22 +1292,26 @@ def _probe_model(ask: _ModelProbeAsk) -> ModelProbe:
     return ModelProbe(layer, outside, 1 / per_flop)
 
 
-def local_layout(cfg: DictConfig, world: int, threads: int, build_optimizer: Any) -> tuple[float, float, float] | None:
+def local_layout(cfg: DictConfig, world: int, threads: int,
+                 build_optimizer: Any) -> tuple[float, float, float, dict[str, tuple[float, float, float]]] | None:
     """:func:`layout_seconds` of the layout's FSDP, tensor-parallel or DDP wrapping as its rank 0 runs it with
     ``threads`` threads, in this process under PyTorch's fake process group (:func:`fake_group`: real shards and
     splits, each collective local; DDP's hooks and bucket copies, its all-reduce local: :func:`_local_all_reduce`),
-    once per process for each layout, model, precision, fine-tune, optimizer and
-    checkpointing (it runs on one short row, whatever the micro-batch); None, said on stderr, where it cannot run
-    here."""
+    and the collectives it issues (:func:`layout_calls`), once per process for each layout, model, precision,
+    fine-tune, optimizer and checkpointing (it runs on one short row, whatever the micro-batch); None, said on
+    stderr, where it cannot run here."""
     return _lone_probe("the layout's wrapping", _probe_layout, cfg, world, threads, build_optimizer)
 
 
 @functools.lru_cache(maxsize=64)
-def _probe_layout(ask: _ModelProbeAsk) -> tuple[float, float, float]:
+def _probe_layout(ask: _ModelProbeAsk) -> tuple[float, float, float, dict[str, tuple[float, float, float]]]:
     from costlab.parallelism.apply import fake_group
 
+    counted: dict = {}
     with fake_group(0, ask.world):
-        return _with_threads(ask.threads, lambda: layout_seconds(ask.cfg, ask.world, ask.build_optimizer))
+        seconds = _with_threads(ask.threads, lambda: layout_seconds(ask.cfg, ask.world, ask.build_optimizer,
+                                                                     counted))
+    return (*seconds, layout_calls(ask.cfg, ask.world, counted))
 
 
 def local_schedule(cfg: DictConfig, world: int, threads: int, build_optimizer: Any) -> float | None:
@@ -1276,7 +1393,7 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank a
                  + (", ops under a dispatch-mode policy" if probes.policy_op_s else "")
                  + ((", the run's model wrapped as it runs and plain" if probes.layout_peers else
                      ", the run's model wrapped as its rank 0 runs it and plain, under a fake process group (the "
-                     "layout's hooks, copies and DTensor's Python, not its collectives)")
+                     "layout's hooks, copies and DTensor's Python; its collectives counted, not timed)")
                     if probes.layout_probed else "")
                 + ((", the run's pipeline schedule on one short row per micro-batch" if probes.layout_peers else
                     ", the run's pipeline schedule as the ranks of its first and last stages each run it alone, on "
@@ -1284,7 +1401,8 @@ def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank a
                     "and a stage's wrapping, not its sends)") if probes.schedule_probed else "")
                 + (", the run's model plain at two depths on its micro-batch" if probes.model else ""),
                  probes.policy_op_s, probes.layout_layer_s, probes.layout_outside_s, probes.layout_step_s,
-                 layout_peers=probes.layout_peers, schedule_s=probes.schedule_s, model=probes.model,
+                 layout_peers=probes.layout_peers, layout_calls=probes.layout_calls, schedule_s=probes.schedule_s,
+                 model=probes.model,
                  layout_probed=probes.layout_probed, schedule_probed=probes.schedule_probed)
 
 
