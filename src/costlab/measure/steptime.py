@@ -721,9 +721,9 @@ IN_STEP_MATMULS = 4  # the stretch: this many 256 x 256 fp32 matmuls (about a mi
 def in_step_seconds(call: Any, group: Any = None, calls: int = IN_STEP_CALLS, stretch: Any = None) -> float:
     """Mean seconds of a collective ``call()`` on a CPU made as a training step makes it: after a stretch of compute
     on every rank (``stretch()``; default :data:`IN_STEP_MATMULS` matmuls), which is not timed, not back to back.
-    Where ranks share a machine's cores a call's wait there (gloo's threads woken from sleep, one rank's core taken
-    by another's thread) is several times the fastest back-to-back call's, and heavy-tailed: a step pays its mean.
-    A collective: every rank of ``group`` calls it."""
+    Where ranks share a machine's cores a call's wait there is several times the fastest back-to-back call's, on
+    every rank at once (not one rank waiting for another's compute), and heavy-tailed: a step pays its mean. A
+    collective: every rank of ``group`` calls it."""
     import torch
     import torch.distributed as dist
 
