@@ -214,8 +214,10 @@ COLLECTIVE_OPS = (("all_reduce", ("allreduce", "all_reduce")),
 def collective_kind(op: str) -> str | None:
     """The link model's collective for the c10d op named ``op`` (``c10d.allreduce_``,
     ``_c10d_functional.all_gather_into_tensor``...; a coalesced op is one call), None for any other op (a wait)."""
+    from costlab.measure.activations import COLLECTIVES as NAMESPACES
+
     namespace, _, name = op.partition(".")
-    if "c10d" not in namespace:
+    if namespace not in NAMESPACES:
         return None
     return next((kind for kind, names in COLLECTIVE_OPS if name.lstrip("_").startswith(names)), None)
 
@@ -478,9 +480,9 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     # the run's own wrapping or pipeline schedule, probed, holds the layout's collectives' fixed costs (FSDP's and
     # DDP's whole)
     probed = rates.layout_peers and (rates.layout_probed or rates.schedule_probed)  # a plan's ran without them
-    # a plan's wrapping, probed without its peers, counted its collectives: each pays the link's latency (the
-    # formulas below keep their bytes)
-    counted = bool(rates.layout_calls) and not dims.pp_enabled and not probed
+    # a plan's wrapping, probed without its peers, counted its collectives (:func:`local_probes`; a pipeline's are
+    # in its schedule's probe, uncounted): each pays the link's latency, the formulas below keep their bytes
+    counted = bool(rates.layout_calls)
     if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
                                              latency=not counted, span=dims.dp_replicate * shard_span)
@@ -929,7 +931,6 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any,
     gradient hooks, bucket copies and bucketed all-reduces of the real gradients; tensor parallel's activation
     bytes, which grow with the batch, are left to the link model. ``calls``: as :func:`depth_seconds`'s, of the
     wrapped model (:func:`layout_calls`). A collective: every rank calls it."""
-    from costlab.measure.memory import _depth
     from costlab.parallelism.dims import parallel_dims
 
     wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True, calls=calls)
@@ -939,17 +940,23 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any,
     dims = parallel_dims(cfg.parallelism, world)
     if not (dims.fsdp_enabled or dims.tp_enabled):  # DDP steps the same plain tensors: its difference is noise
         return layer, outside, 0.0
-    return layer, outside, (_depth(cfg) or 0) / dims.pp * step_layer + step_outside  # a pipeline stage's layers
+    return layer, outside, stage_layers(cfg, world) * step_layer + step_outside
+
+
+def stage_layers(cfg: DictConfig, world: int) -> float:
+    """The layers one rank's stage holds: the run's depth, a pipeline stage's share of it (0 for a model whose
+    depth is not known)."""
+    from costlab.measure.memory import _depth
+    from costlab.parallelism.dims import parallel_dims
+
+    return (_depth(cfg) or 0) / parallel_dims(cfg.parallelism, world).pp
 
 
 def layout_calls(cfg: DictConfig, world: int, counted: dict) -> dict[str, tuple[float, float, float]]:
     """Per collective (:func:`collective_kind`): the calls the run's layout issues per layer and outside the layers
     of one micro-batch's forward and backward, and per step (its clipping and optimizer step, at the run's depth or
     a pipeline stage's share of it), from what :func:`depth_seconds` counted at its two depths (``counted``)."""
-    from costlab.measure.memory import _depth
-    from costlab.parallelism.dims import parallel_dims
-
-    depth = (_depth(cfg) or 0) / parallel_dims(cfg.parallelism, world).pp
+    depth = stage_layers(cfg, world)
     kinds = sorted({kind for passes, step in counted.values() for kind in (*passes, *step)})
     out = {}
     for kind in kinds:
@@ -975,7 +982,6 @@ def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: i
     import torch
     import torch.distributed as dist
 
-    from costlab.measure.memory import _depth
     from costlab.models.gpt import build_model
     from costlab.parallelism.apply import build_mesh
     from costlab.parallelism.dims import parallel_dims
@@ -1006,7 +1012,7 @@ def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: i
         if i >= 2:
             times.append(time.perf_counter() - t0)
     layer, outside, _, _ = per_layer(depth_seconds(cfg, world, build_optimizer, False, 1, tokens))
-    per_stage = (_depth(cfg) or 0) / dims.pp * layer + outside  # as :func:`predict_step` prices a stage
+    per_stage = stage_layers(cfg, world) * layer + outside  # as :func:`predict_step` prices a stage
     return max(0.0, statistics.median(times) - (micro + (0 if lone else (dims.pp - 1) / v)) * per_stage)
 
 
