@@ -80,10 +80,12 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     assert "layout" not in unprobed.parts
     synced = 1 if option == "ddp" else 2  # micro-batches a step that pay the wrapping
     assert probed.parts["layout"] == pytest.approx(synced * (cfg.model.n_layer * 2e-3 + 1e-3) + 5e-3)
-    latency = RATES.link["all_reduce"][0]
-    if option == "tp":  # the all-reduces' bytes remain, their latencies are the probe's
-        per = 2 * (4 * cfg.model.n_layer + 2)
-        assert probed.parts["communication"] == pytest.approx(unprobed.parts["communication"] - per * latency)
+    if option == "tp":  # the collectives' bytes remain, their latencies are the probe's (each micro-batch's)
+        from costlab.measure.steptime import tp_collectives
+
+        latencies = 2 * sum(calls * RATES.link[kind][0]
+                            for kind, calls, _ in tp_collectives(cfg, cfg.model, 1, cfg.model.n_layer, False))
+        assert probed.parts["communication"] == pytest.approx(unprobed.parts["communication"] - latencies)
     else:  # gathers and reduce-scatters, or DDP's bucketed all-reduces, of the real weights were timed whole
         assert unprobed.parts["communication"] > 0 and probed.parts["communication"] == 0
     assert probed.step_s == pytest.approx(sum(probed.parts.values()))
@@ -332,3 +334,64 @@ def test_a_fine_tuning_runs_work_and_weights_are_its_adapters(finetune):
     tuned = predict_step(_cfg(*shape, f"finetune={finetune}", *extra, "parallelism=fsdp"), 2, RATES, build_optimizer)
     whole = predict_step(_cfg(*shape, "parallelism=fsdp"), 2, RATES, build_optimizer)
     assert tuned.parts["communication"] < whole.parts["communication"]
+
+
+HF_TINY = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.config=llama_tiny",
+           "model.block_size=32"]
+
+
+@pytest.mark.parametrize("overrides", [
+    [*TINY],  # costlab's GPT: learned positions, a GELU MLP
+    [*TINY, "precision=bf16"],  # the blocks' outputs and the logits reduced and gathered in bf16
+    [*TINY, "model.mlp=swiglu", "model.pos=rope", "model.n_embd=48"],  # its Llama variant: no positions to reduce
+    [*HF_TINY, "precision=bf16"],  # a Hugging Face Llama
+    [*TINY, "precision=bf16", "parallelism=fsdp_tp", "trainer.nproc_per_node=4"],  # FSDP's bf16 residual stream
+], ids=["gpt", "gpt-bf16", "gpt-swiglu", "hf-llama-bf16", "gpt-fsdp-tp-bf16"])
+def test_tensor_parallels_collectives_are_those_its_layout_issues(overrides):
+    """The time model's tensor-parallel collectives, per kind (calls and bytes), are those costlab's layout issues
+    in one micro-batch's forward and backward: counted as rank 0 of two runs it under PyTorch's fake process group
+    (each collective local). DTensor all-reduces each column-wise projection's input gradient apart: 6 all-reduces
+    a GPT block, 7 a SwiGLU or Llama one, where the time model had Megatron's 4; and it all-gathers the logits."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from costlab.measure.steptime import collective_kind, tp_collectives
+    from costlab.measure.traced import hf_shapes
+    from costlab.models.hf_config import is_hf
+    from costlab.models.loss import loss_fn
+    from costlab.parallelism.apply import apply_parallelisms, build_mesh, fake_group
+    from costlab.parallelism.dims import parallel_dims
+
+    cfg = compose_config(["parallelism=tp", *overrides, "trainer.device=cpu"])
+    world = int(cfg.trainer.nproc_per_node)
+    rows, calls, data = 3, Counter(), Counter()
+
+    class Issued(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kind = collective_kind(str(func))
+            # tensor parallel's (not FSDP's); an all-gather's input is this rank's shard of what it gathers
+            if kind and any(a == tp_group for a in args if isinstance(a, str)):
+                calls[kind] += 1
+                data[kind] += args[0].nbytes * (dims.tp if kind == "all_gather" else 1)
+            return func(*args, **(kwargs or {}))
+
+    with fake_group(0, world):
+        dims = parallel_dims(cfg.parallelism, world)
+        mesh = build_mesh(dims, "cpu")
+        tp_group = mesh["tp"].get_group().group_name
+        model = build_model(cfg.model)
+        apply_parallelisms(model, cfg, dims, mesh, torch.device("cpu"))
+        x = torch.zeros(rows, int(cfg.model.block_size), dtype=torch.long)
+        low = cfg.precision.get("autocast_dtype")
+        with Issued():
+            with torch.autocast("cpu", dtype=getattr(torch, low or "bfloat16"), enabled=bool(low)):
+                logits = model(x)
+            loss_fn(logits, x).backward()
+    shapes = hf_shapes(cfg) if is_hf(cfg) else cfg.model
+    predicted_calls, predicted_data = Counter(), Counter()
+    for kind, n, size in tp_collectives(cfg, shapes, rows, int(shapes.n_layer), dims.fsdp_enabled):
+        predicted_calls[kind] += n
+        predicted_data[kind] += n * size
+    assert dims.tp == 2 and calls["all_reduce"] >= 6 * int(shapes.n_layer) and calls["all_gather"] == 1
+    assert predicted_calls == calls and predicted_data == data

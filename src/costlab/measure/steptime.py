@@ -404,6 +404,30 @@ def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = Tr
     return (calls * fixed if latency else 0.0) + share * data / bandwidth
 
 
+def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float,
+                   fsdp: bool) -> list[tuple[str, float, float]]:
+    """Tensor parallel's collectives in one micro-batch's forward and backward of ``rows`` sequences on a rank that
+    holds ``layers`` layers of a model of ``shapes`` (its width and vocabulary), each as (kind, calls, bytes a call),
+    from the layout's own split (:func:`costlab.parallelism.tp.layer_all_reduces`): a block's row-wise outputs
+    all-reduced in forward, in the autocast dtype of the matmuls that made them; its column-wise inputs' gradients
+    in backward, in the residual stream's dtype; the embeddings' partial rows (the token embedding's, and a learned
+    position embedding's, one row a position) and the head's input gradient all-reduced; the head's logits
+    all-gathered over the vocabulary (a pipeline: the whole model's, as its compute outside the layers)."""
+    from costlab.measure.memory import _autocast_bytes, _residual_bytes
+    from costlab.models.hf_config import is_hf
+    from costlab.parallelism.tp import HF_LAYER_PLAN, gpt_layer_plan, layer_all_reduces
+
+    hf = is_hf(cfg)
+    forward, backward = layer_all_reduces(HF_LAYER_PLAN if hf else gpt_layer_plan(cfg.model.get("mlp") == "swiglu"))
+    block, width = int(cfg.model.block_size), int(shapes.n_embd)
+    residual, computed = _residual_bytes(cfg, fsdp), _autocast_bytes(cfg)
+    positions = 0 if hf or cfg.model.get("pos", "learned") != "learned" else 1
+    return [("all_reduce", forward * layers, rows * block * width * computed),
+            ("all_reduce", backward * layers + 2, rows * block * width * residual),  # + the head's, the tokens'
+            ("all_reduce", positions, block * width * residual),
+            ("all_gather", 1, rows * block * int(shapes.vocab_size) * computed)]
+
+
 def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any,
                  traced_rows: int | None = None) -> Prediction:
     """The step's seconds on each rank (the slowest), from the traced work and ``rates`` (see the module);
@@ -516,9 +540,9 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         parts["overlapped_data_parallel"] = rates.overlap_cost * min(data_parallel, parts["compute"])
     else:
         comm += data_parallel
-    if tp > 1:
-        comm += n_mb * (4 * layers + 2) * _collective(rates, tp, activation, "all_reduce",
-                                                      latency=not (probed or counted), span=tp)
+    if tp > 1:  # its activations' all-reduces and its logits' all-gather (a probe holds or counted their calls)
+        comm += n_mb * sum(calls * _collective(rates, tp, data, kind, latency=not (probed or counted), span=tp)
+                           for kind, calls, data in tp_collectives(cfg, shapes, rows, layers, dims.fsdp_enabled))
     if cfg.trainer.get("activation_checkpointing", "none") == "selective" and not rates.model:
         # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
         plain, _ = layer_work(cfg, traced, dims.fsdp_enabled, "none")

@@ -44,20 +44,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
     if getattr(model, "hf", None) is not None:
         apply_hf_tp(model, tp_mesh, colwise, rowwise)
         return
+    styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise}
     for block in model.blocks.values():
-        plan = {
-            "ln_1": _Replicated(),
-            "ln_2": _Replicated(),
-            "attn.c_q": colwise(),
-            "attn.c_k": colwise(),
-            "attn.c_v": colwise(),
-            "attn.c_proj": rowwise(),
-            "mlp.c_fc": colwise(),
-            "mlp.c_proj": rowwise(),
-        }
-        if getattr(block.mlp, "swiglu", False):
-            plan["mlp.c_fc2"] = colwise()
-        parallelize_module(block, tp_mesh, plan)
+        split = gpt_layer_plan(getattr(block.mlp, "swiglu", False))
+        parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in split.items()})
 
     tied = model.lm_head is not None and model.wte is not None and model.lm_head.weight is model.wte.weight
     plan = {}
@@ -73,6 +63,21 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
     if tied:
         # both styles shard the (vocab, n_embd) matrix on dim 0: one DTensor can serve both again
         model.lm_head.weight = model.wte.weight
+
+
+def gpt_layer_plan(swiglu: bool) -> dict[str, str]:
+    """The split of one of costlab's GPT blocks, by submodule (a SwiGLU MLP's second input projection too)."""
+    plan = {"ln_1": "replicate", "ln_2": "replicate", "attn.c_q": "colwise", "attn.c_k": "colwise",
+            "attn.c_v": "colwise", "attn.c_proj": "rowwise", "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"}
+    return {**plan, "mlp.c_fc2": "colwise"} if swiglu else plan
+
+
+def layer_all_reduces(plan: dict[str, str]) -> tuple[int, int]:
+    """(forward, backward) all-reduces of one block split by ``plan``: each row-wise projection's partial output in
+    forward, each column-wise projection's input gradient in backward. DTensor reduces each of those apart, the
+    q, k and v projections' (and gate's and up's) too, where Megatron's fused projections reduce one a sublayer."""
+    styles = list(plan.values())
+    return styles.count("rowwise"), styles.count("colwise")
 
 
 # Llama-style decoder layers (Llama, Qwen2, Mistral and their kin): the same split as costlab's blocks
