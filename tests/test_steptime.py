@@ -283,6 +283,53 @@ def test_the_ranks_of_one_node_agree_on_their_card_probes_and_on_a_failure_of_an
     assert saved[0]["failing"] is None and saved[1]["failing"] is None
 
 
+def _budgeted_probe_on_rank(rank: int, world: int, folder: str) -> None:
+    """One rank of the budget test: the DDP wrapping's depths timed with rank 1's budget far larger than rank 0's;
+    how many timings each rank made, saved."""
+    import torch.distributed as dist
+
+    from costlab.measure import steptime
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
+    try:
+        timings = []
+        wall = steptime._wall_seconds
+        steptime._wall_seconds = lambda call, device=None: timings.append(1) or wall(call, device)
+        steptime.depth_seconds(_cfg("parallelism=ddp"), world, build_optimizer, wrapped=True,
+                               budget_s=1e-9 if rank == 0 else 60.0)
+        torch.save(len(timings), f"{folder}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_budgeted_probe_times_a_short_pass_more_often_and_its_ranks_agree_how_often(tmp_path, monkeypatch):
+    """With a budget, each part of a pass is timed as often as its warm timing says fits, between the given repeats
+    and MAX_REPEATS; ranks that disagree take the larger count (each timing starts at a barrier: a rank that
+    stopped early would leave its peer waiting). Without one, the given repeats."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from costlab.measure import steptime
+
+    ranks = mp.spawn(_budgeted_probe_on_rank, args=(2, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.terminate()
+            pytest.fail("the ranks' budgeted probes hung")
+    depths = len(steptime.LAYOUT_DEPTHS)
+    # per depth: the warm pass and step timed once for the count, then each timed the count's times
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [depths * 2 * (1 + steptime.MAX_REPEATS)] * 2
+    timings = []
+    wall = steptime._wall_seconds
+    monkeypatch.setattr(steptime, "_wall_seconds", lambda call, device=None: timings.append(1) or wall(call, device))
+    steptime.depth_seconds(_cfg(), 1, build_optimizer, wrapped=False, repeats=3)
+    assert len(timings) == depths * 2 * 3
+
+
 def test_a_cpus_link_latency_is_a_calls_mean_within_a_step_its_compute_between_untimed():
     """On a CPU, the link probe's latency is a small call's mean made as a step makes it, after a stretch of
     compute on every rank (ranks that share cores wait there several times longer than in back-to-back calls):

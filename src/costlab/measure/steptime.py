@@ -831,12 +831,18 @@ def matmul_mix_rate(tokens: int, width: int, hidden: int, tp: int, dtype: str, d
 
 
 LAYOUT_TOKENS = 8  # the layout probe's input: one row of this many tokens (fixed costs, not bytes of activations)
+# the layout probe times each part of a small model's pass as often as fits in this (a DDP's wrapping is mostly its
+# all-reduce's wait, heavy-tailed: the median of 5 moved 1.2-5.8 ms a step between probes of one 4-layer model, of
+# 31 0.8-1.8 ms), up to MAX_REPEATS times
+LAYOUT_BUDGET_S = 0.1
+MAX_REPEATS = 31
 LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is their difference over the layers
 
 
 def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bool, rows: int = 1,
                   tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None,
-                  at_once: bool = True, calls: dict | None = None) -> dict[int, tuple[float, float]]:
+                  at_once: bool = True, calls: dict | None = None,
+                  budget_s: float = 0.0) -> dict[int, tuple[float, float]]:
     """Per depth of ``LAYOUT_DEPTHS``: the seconds of one micro-batch's forward and backward and of a step's
     gradient clipping and optimizer step, the median of ``repeats`` (the measured tokens/s is a mean over steps,
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
@@ -848,7 +854,9 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     its own card: :func:`card_probes` times without waiting for its peers). ``build_optimizer``: the trainer's
     (:func:`optimizer_work`). ``calls``: a dict, filled per depth with the collectives (per kind:
     :func:`collective_kind`) that one more micro-batch's forward and backward and one more step issue, untimed.
-    Wrapped, or ``at_once`` on a run of several ranks, a collective: every rank calls it."""
+    ``budget_s``: time each part as often as its warm-up says fits in that many seconds, at least ``repeats`` and at
+    most :data:`MAX_REPEATS` times (the ranks agree on the count). Wrapped, or ``at_once`` on a run of several
+    ranks, a collective: every rank calls it."""
     import torch
     import torch.distributed as dist
 
@@ -886,8 +894,16 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
 
         passes()
         update()
+        count = repeats
+        if budget_s:  # a short pass is timed more often: its median then holds against the collectives' tail
+            once = _wall_seconds(passes, device) + _wall_seconds(update, device)  # warm now
+            count = min(MAX_REPEATS, max(repeats, math.ceil(budget_s / max(once, 1e-9))))
+            if together:
+                agreed = torch.tensor([count], device=device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                count = int(agreed)
         times: tuple[list[float], list[float]] = ([], [])
-        for _ in range(repeats):
+        for _ in range(count):
             optimizer.zero_grad(set_to_none=True)
             for i, part in enumerate((passes, update)):
                 if together:
@@ -957,8 +973,8 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any,
     wrapped model (:func:`layout_calls`). A collective: every rank calls it."""
     from costlab.parallelism.dims import parallel_dims
 
-    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True, calls=calls)
-    plain = depth_seconds(cfg, world, build_optimizer, wrapped=False)
+    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True, calls=calls, budget_s=LAYOUT_BUDGET_S)
+    plain = depth_seconds(cfg, world, build_optimizer, wrapped=False, budget_s=LAYOUT_BUDGET_S)
     extra = {d: tuple(w - p for w, p in zip(wrapped[d], plain[d], strict=True)) for d in LAYOUT_DEPTHS}
     layer, outside, step_layer, step_outside = per_layer(extra)
     dims = parallel_dims(cfg.parallelism, world)
