@@ -39,6 +39,10 @@ TINY = [
     "tracking.system_metrics_s=0",  # likewise MLflow's system metrics
 ]
 
+# a Hugging Face Llama of TINY's size, from the llama_tiny config
+HF_TINY = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.config=llama_tiny",
+           "model.block_size=32"]
+
 
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:

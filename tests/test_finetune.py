@@ -33,12 +33,10 @@ from costlab.models.loss import loss_fn
 from costlab.parallelism.core import load_full_state
 from costlab.training.optimizers import build_optimizer
 
-from .conftest import TINY, compose_config, refusal
+from .conftest import HF_TINY, TINY, compose_config, refusal
 
 pytest.importorskip("peft")
 
-HF_TINY = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.config=llama_tiny",
-           "model.block_size=32"]
 LORA = ["finetune=lora", "finetune.rank=2"]  # rank 2 on these 32-wide layers: an adapter much smaller than them
 
 

@@ -11,7 +11,7 @@ from costlab.measure.hardware import flops_per_token
 from costlab.measure.steptime import ModelProbe, RankProbes, Rates, cpu_rates, layer_work, predict_step
 from costlab.models.gpt import build_model
 from costlab.training.optimizers import build_optimizer
-from tests.conftest import TINY, compose_config
+from tests.conftest import HF_TINY, TINY, compose_config
 
 RATES = Rates(matmul_flops=1e11, bytes_per_s=1e10, op_s=4e-6, view_s=2e-6,
               link={k: (3e-4, 2e9) for k in ("all_reduce", "all_gather", "reduce_scatter")}, source="test")
@@ -381,10 +381,6 @@ def test_a_fine_tuning_runs_work_and_weights_are_its_adapters(finetune):
     tuned = predict_step(_cfg(*shape, f"finetune={finetune}", *extra, "parallelism=fsdp"), 2, RATES, build_optimizer)
     whole = predict_step(_cfg(*shape, "parallelism=fsdp"), 2, RATES, build_optimizer)
     assert tuned.parts["communication"] < whole.parts["communication"]
-
-
-HF_TINY = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.config=llama_tiny",
-           "model.block_size=32"]
 
 
 @pytest.mark.parametrize("overrides", [

@@ -44,10 +44,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
     if getattr(model, "hf", None) is not None:
         apply_hf_tp(model, tp_mesh, colwise, rowwise)
         return
-    styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise}
     for block in model.blocks.values():
-        split = gpt_layer_plan(getattr(block.mlp, "swiglu", False))
-        parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in split.items()})
+        _split_block(block, tp_mesh, gpt_layer_plan(getattr(block.mlp, "swiglu", False)), colwise, rowwise)
 
     tied = model.lm_head is not None and model.wte is not None and model.lm_head.weight is model.wte.weight
     plan = {}
@@ -63,6 +61,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
     if tied:
         # both styles shard the (vocab, n_embd) matrix on dim 0: one DTensor can serve both again
         model.lm_head.weight = model.wte.weight
+
+
+def _split_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str], colwise, rowwise) -> None:
+    """Lay one block out by ``plan`` (submodule -> "replicate", "colwise" or "rowwise")."""
+    styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise}
+    parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in plan.items()})
 
 
 def gpt_layer_plan(swiglu: bool) -> dict[str, str]:
@@ -95,9 +99,8 @@ def apply_hf_tp(model: nn.Module, tp_mesh: DeviceMesh, colwise=ColwiseParallel, 
     and up column-wise, down row-wise). The attention reshapes with ``-1`` heads and repeats each
     key/value head ``num_attention_heads // num_key_value_heads`` times, a ratio the split keeps.
     The embedding is split over the vocabulary, the head's logits all-gathered, the final norm replicated."""
-    styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise}
     for block in model.blocks.values():
-        parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in HF_LAYER_PLAN.items()})
+        _split_block(block, tp_mesh, HF_LAYER_PLAN, colwise, rowwise)
     base = model.hf.get_decoder()
     prefix = next(n for n, m in model.hf.named_children() if m is base)  # "model" in these families
     plan = {}  # a pipeline stage holds the embedding, or the norm and the head, or neither
