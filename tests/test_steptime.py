@@ -330,6 +330,50 @@ def test_a_budgeted_probe_times_a_short_pass_more_often_and_its_ranks_agree_how_
     assert len(timings) == depths * 2 * 3
 
 
+@pytest.mark.parametrize("layouts", [(False,), (True, False)])
+def test_a_stretch_where_the_host_runs_slow_weighs_on_every_depth_and_layout_alike(layouts, monkeypatch):
+    """The probe's models are all built first and timed in turn, round after round: a slow stretch of the host's
+    (here a second added to every timing from the middle of the probe on) moves each depth's and each layout's
+    median alike, so a layer's cost (the depths' difference) and the wrapping's (wrapped less plain) keep their
+    size; timed one depth (or layout) after the other, the stretch would fall on the last ones alone."""
+    from costlab.measure import steptime
+
+    cfg = _cfg("model.n_layer=4")
+    repeats = 5
+    parts = 2 * len(steptime.LAYOUT_DEPTHS) * len(layouts)  # per round: each variant's passes and its update
+    timings = []
+    wall = steptime._wall_seconds
+
+    def slow_from_the_middle(call, device=None):
+        seconds = wall(call, device)
+        timings.append(seconds)
+        return seconds + (1.0 if len(timings) > parts * (repeats // 2) else 0.0)  # rounds 3-5 of 5
+
+    monkeypatch.setattr(steptime, "_wall_seconds", slow_from_the_middle)
+    seconds = steptime.layouts_seconds(cfg, 1, build_optimizer, layouts, repeats=repeats)
+    assert len(timings) == parts * repeats
+    for per_depth in seconds:
+        assert all(passes > 1.0 and update > 1.0 for passes, update in per_depth.values())  # the stretch is there
+        layer, outside, step_layer, step_outside = steptime.per_layer(per_depth)
+        assert layer < 0.1 and step_layer < 0.1 and outside > 0.9 and step_outside > 0.9
+    if len(seconds) == 2:
+        wrapped, plain = seconds
+        assert all(abs(w - p) < 0.1 for d in plain for w, p in zip(wrapped[d], plain[d], strict=True))
+
+
+def test_the_slowest_ranks_split_of_a_layer_and_the_outside_is_one_ranks():
+    """Of several ranks' probes, each figure is the largest, but a pair (per layer, outside the layers) is the rank's
+    whose total at the run's depth is the largest: rank 0 reads 2 ms a layer and nothing outside (8 ms at 4
+    layers), rank 1 0.5 ms and 3 ms (5 ms); their parts' own largest would make 11 ms, which no rank took."""
+    from costlab.measure.steptime import slowest_pairs
+
+    ranks = [[1.0, 2e-3, 0.0, 7.0], [4.0, 0.5e-3, 3e-3, 5.0]]
+    assert slowest_pairs(ranks, (1,), 4) == [4.0, 2e-3, 0.0, 7.0]
+    assert slowest_pairs(ranks, (1,), 1) == [4.0, 0.5e-3, 3e-3, 7.0]  # at one layer rank 1's 3.5 ms is the larger
+    assert slowest_pairs(ranks, (), 4) == [4.0, 2e-3, 3e-3, 7.0]
+    assert slowest_pairs([[1.0, 2.0]], (0,), 3) == [1.0, 2.0]
+
+
 def test_a_cpus_link_latency_is_a_calls_mean_within_a_step_its_compute_between_untimed():
     """On a CPU, the link probe's latency is a small call's mean made as a step makes it, after a stretch of
     compute on every rank (ranks that share cores wait there several times longer than in back-to-back calls):

@@ -848,15 +848,28 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
     block), under the run's checkpointing and autocast, uncompiled; ``wrapped``: laid out as the run lays it out
     (:func:`costlab.parallelism.apply.apply_parallelisms` on the run's mesh, in DDP where the run replicates), else
-    plain on this rank; either way fine-tuned as the run fine-tunes it (LoRA's adapters, QLoRA's NF4 base).
-    ``device``: where it runs (default the CPU); on a GPU each timing waits for the card's kernels. ``at_once``:
-    the ranks start each timing together, as CPU ranks sharing a node's cores train (plain on a GPU, each rank has
-    its own card: :func:`card_probes` times without waiting for its peers). ``build_optimizer``: the trainer's
-    (:func:`optimizer_work`). ``calls``: a dict, filled per depth with the collectives (per kind:
-    :func:`collective_kind`) that one more micro-batch's forward and backward and one more step issue, untimed.
-    ``budget_s``: time each part as often as its warm-up says fits in that many seconds, at least ``repeats`` and at
-    most :data:`MAX_REPEATS` times (the ranks agree on the count). Wrapped, or ``at_once`` on a run of several
-    ranks, a collective: every rank calls it."""
+    plain on this rank; either way fine-tuned as the run fine-tunes it (LoRA's adapters, QLoRA's NF4 base). The
+    rest as :func:`layouts_seconds`'s."""
+    return layouts_seconds(cfg, world, build_optimizer, (wrapped,), rows, tokens, repeats, device, at_once, calls,
+                           budget_s)[0]
+
+
+def layouts_seconds(cfg: DictConfig, world: int, build_optimizer: Any, layouts: tuple[bool, ...], rows: int = 1,
+                    tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None,
+                    at_once: bool = True, calls: dict | None = None,
+                    budget_s: float = 0.0) -> list[dict[int, tuple[float, float]]]:
+    """:func:`depth_seconds` of each layout in ``layouts`` (True: wrapped, False: plain), every model built first
+    and their timings taken in turn, round after round: a stretch where the host runs slow (a shared machine's
+    neighbours) then weighs on every depth and layout alike, not on the one timed then, so a layer's cost (the
+    depths' difference) and a layout's (wrapped less plain) hold against it. ``device``: where it runs (default the
+    CPU); on a GPU each timing waits for the card's kernels. ``at_once``: the ranks start each timing together, as
+    CPU ranks sharing a node's cores train (plain on a GPU, each rank has its own card: :func:`card_probes` times
+    without waiting for its peers). ``build_optimizer``: the trainer's (:func:`optimizer_work`). ``calls``: a dict,
+    filled per depth with the collectives (per kind: :func:`collective_kind`) that one more micro-batch's forward
+    and backward and one more step of the wrapped layout issue, untimed. ``budget_s``: time each part as often as
+    its warm-up says fits in that many seconds, at least ``repeats`` and at most :data:`MAX_REPEATS` times (the
+    ranks agree on the count). Wrapped, or ``at_once`` on a run of several ranks, a collective: every rank calls
+    it."""
     import torch
     import torch.distributed as dist
 
@@ -870,14 +883,27 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     from costlab.parallelism.dims import ParallelDims, parallel_dims
 
     device = torch.device(device or "cpu")
-    dims = parallel_dims(cfg.parallelism, world) if wrapped else ParallelDims(1, 1, 1, 1)
-    mesh = build_mesh(dims, device.type) if wrapped else None
     low_precision = cfg.precision.get("autocast_dtype")  # as the trainer's autocast (costlab.precision)
     x = torch.zeros(rows, min(tokens, int(cfg.model.block_size)), dtype=torch.long, device=device)
     clip = float(cfg.trainer.grad_clip or 0.0)
     together = at_once and world > 1 and dist.is_available() and dist.is_initialized()
+    run_dims = parallel_dims(cfg.parallelism, world)
+    mesh = build_mesh(run_dims, device.type) if True in layouts else None
 
-    def timed(model: Any, shallow: DictConfig, layers: int) -> tuple[float, float]:
+    def built(wrapped: bool, layers: int) -> tuple[Any, Any, Any]:
+        """(the optimizer, one micro-batch's passes, a step's update) of the model at that depth and layout."""
+        dims = run_dims if wrapped else ParallelDims(1, 1, 1, 1)
+        shallow = _with_depth(cfg, layers)
+        shallow.trainer.compile = False  # eager costs: a probe does not wait for a compiler
+        torch.manual_seed(0)
+        model = apply_finetune(build_model(shallow.model), shallow, shards=dims.dp_shard)  # LoRA's adapters, NF4
+        apply_parallelisms(model, shallow, dims, mesh if wrapped else None, device)
+        if dims.ddp_enabled:  # as the run wraps it (DDP combines with no other degree)
+            group = mesh["dp_replicate"].get_group()
+            model = apply_ddp(model, group, device, cfg.parallelism.get("bucket_cap_mb", 25))
+            if dist.get_backend(group) == "fake":  # a plan's probe (:func:`local_layout`)
+                model.register_comm_hook(group, _local_all_reduce)
+        model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, shallow)
 
@@ -894,46 +920,38 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
 
         passes()
         update()
-        count = repeats
-        if budget_s:  # a short pass is timed more often: its median then holds against the collectives' tail
-            once = _wall_seconds(passes, device) + _wall_seconds(update, device)  # warm now
-            count = min(MAX_REPEATS, max(repeats, math.ceil(budget_s / max(once, 1e-9))))
-            if together:
-                agreed = torch.tensor([count], device=device)
-                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-                count = int(agreed)
-        times: tuple[list[float], list[float]] = ([], [])
-        for _ in range(count):
+        return optimizer, passes, update
+
+    variants = {(wrapped, layers): built(wrapped, layers) for wrapped in layouts for layers in LAYOUT_DEPTHS}
+    count = repeats
+    if budget_s:  # a short pass is timed more often: its median then holds against the collectives' tail
+        once = sum(_wall_seconds(passes, device) + _wall_seconds(update, device)  # warm now
+                   for _, passes, update in variants.values()) / len(variants)
+        count = min(MAX_REPEATS, max(repeats, math.ceil(budget_s / max(once, 1e-9))))
+        if together:
+            agreed = torch.tensor([count], device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            count = int(agreed)
+    times: dict[tuple[bool, int], tuple[list[float], list[float]]] = {key: ([], []) for key in variants}
+    for _ in range(count):
+        for key, (optimizer, passes, update) in variants.items():
             optimizer.zero_grad(set_to_none=True)
             for i, part in enumerate((passes, update)):
                 if together:
                     dist.barrier()
-                times[i].append(_wall_seconds(part, device))
-        if calls is not None:  # once more, counted (a dispatch mode's Python would weigh on the timings)
-            optimizer.zero_grad(set_to_none=True)
-            counted = []
-            for part in (passes, update):
-                with _CollectiveCounter() as counter:
-                    part()
-                counted.append(dict(counter.calls))
-            calls[layers] = tuple(counted)
-        return statistics.median(times[0]), statistics.median(times[1])
-
-    seconds = {}
-    for layers in LAYOUT_DEPTHS:
-        shallow = _with_depth(cfg, layers)
-        shallow.trainer.compile = False  # eager costs: a probe does not wait for a compiler
-        torch.manual_seed(0)
-        model = apply_finetune(build_model(shallow.model), shallow, shards=dims.dp_shard)  # LoRA's adapters, NF4
-        apply_parallelisms(model, shallow, dims, mesh, device)
-        if dims.ddp_enabled:  # as the run wraps it (DDP combines with no other degree)
-            group = mesh["dp_replicate"].get_group()
-            model = apply_ddp(model, group, device, cfg.parallelism.get("bucket_cap_mb", 25))
-            if dist.get_backend(group) == "fake":  # a plan's probe (:func:`local_layout`)
-                model.register_comm_hook(group, _local_all_reduce)
-        model.train()
-        seconds[layers] = timed(model, shallow, layers)
-    return seconds
+                times[key][i].append(_wall_seconds(part, device))
+    if calls is not None:  # once more, counted (a dispatch mode's Python would weigh on the timings)
+        for (wrapped, layers), (optimizer, passes, update) in variants.items():
+            if wrapped:
+                optimizer.zero_grad(set_to_none=True)
+                counted = []
+                for part in (passes, update):
+                    with _CollectiveCounter() as counter:
+                        part()
+                    counted.append(dict(counter.calls))
+                calls[layers] = tuple(counted)
+    return [{layers: (statistics.median(times[wrapped, layers][0]), statistics.median(times[wrapped, layers][1]))
+             for layers in LAYOUT_DEPTHS} for wrapped in layouts]
 
 
 def _local_all_reduce(group, bucket):  # noqa: ANN001, ANN202
@@ -965,16 +983,15 @@ def layout_seconds(cfg: DictConfig, world: int, build_optimizer: Any,
     """The seconds the run's own tensor-parallel, FSDP or DDP wrapping adds: per layer and outside the layers of one
     micro-batch's forward and backward, and to a step's gradient clipping and optimizer step (its sharded
     parameters are DTensors) for the run's depth (a pipeline stage's share of it): :func:`depth_seconds` wrapped
-    less plain, on one row of
-    ``LAYOUT_TOKENS`` tokens. That holds FSDP2's hooks, its copies in and out and its gathers and
-    reduce-scatters of the real weights, DTensor's Python per op and the collectives' fixed costs, and DDP's
-    gradient hooks, bucket copies and bucketed all-reduces of the real gradients; tensor parallel's activation
-    bytes, which grow with the batch, are left to the link model. ``calls``: as :func:`depth_seconds`'s, of the
-    wrapped model (:func:`layout_calls`). A collective: every rank calls it."""
+    less plain, timed in turn (:func:`layouts_seconds`), on one row of ``LAYOUT_TOKENS`` tokens. That holds FSDP2's
+    hooks, its copies in and out and its gathers and reduce-scatters of the real weights, DTensor's Python per op
+    and the collectives' fixed costs, and DDP's gradient hooks, bucket copies and bucketed all-reduces of the real
+    gradients; tensor parallel's activation bytes, which grow with the batch, are left to the link model.
+    ``calls``: as :func:`depth_seconds`'s, of the wrapped model (:func:`layout_calls`). A collective: every rank
+    calls it."""
     from costlab.parallelism.dims import parallel_dims
 
-    wrapped = depth_seconds(cfg, world, build_optimizer, wrapped=True, calls=calls, budget_s=LAYOUT_BUDGET_S)
-    plain = depth_seconds(cfg, world, build_optimizer, wrapped=False, budget_s=LAYOUT_BUDGET_S)
+    wrapped, plain = layouts_seconds(cfg, world, build_optimizer, (True, False), calls=calls, budget_s=LAYOUT_BUDGET_S)
     extra = {d: tuple(w - p for w, p in zip(wrapped[d], plain[d], strict=True)) for d in LAYOUT_DEPTHS}
     layer, outside, step_layer, step_outside = per_layer(extra)
     dims = parallel_dims(cfg.parallelism, world)
@@ -1085,7 +1102,6 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     if env.device.type == "cuda":
         return card_probes(cfg, env, build_optimizer)
     world = env.world_size
-    import torch
     import torch.distributed as dist
 
     from costlab.parallelism.dims import parallel_dims
@@ -1109,14 +1125,40 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     times += [*layout, schedule_seconds(cfg, env, build_optimizer) if pipelined else 0.0]
     if probed_model:
         times += plain_model_seconds(cfg, world, build_optimizer)
-    worst = torch.tensor(times, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    w = slowest_rank(times, (5, 9) if probed_model else (5,), stage_layers(cfg, world))
     link = link_probe() if world > 1 else None
-    w = [float(v) for v in worst]
     model = ModelProbe(w[9], w[10], 1 / w[11]) if probed_model else None
     return RankProbes(1 / w[0], w[1], w[2], 1 / w[3], link, *w[4:8], model=model, schedule_s=w[8],
                       layout_probed=wrapped, schedule_probed=pipelined)
+
+
+def slowest_rank(times: list[float], pairs: tuple[int, ...], layers: float, device: Any = None) -> list[float]:
+    """The slowest rank's ``times``: each the largest over the ranks, but for each index ``i`` of ``pairs`` the
+    seconds per layer and outside the layers ``times[i]``, ``times[i + 1]`` of one rank, the one whose ``layers`` x
+    per layer + outside is the largest (:func:`slowest_pairs`). A collective where a process group of several ranks
+    is up: every rank calls it, and every rank gets the same figures."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in times]
+    mine = torch.tensor(times, dtype=torch.float64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return slowest_pairs([[float(v) for v in rank] for rank in every], pairs, layers)
+
+
+def slowest_pairs(ranks: list[list[float]], pairs: tuple[int, ...], layers: float) -> list[float]:
+    """Each figure the largest of ``ranks``' (one list of figures per rank), but the two of each pair ``(i, i + 1)``
+    of ``pairs`` (seconds per layer, seconds outside the layers) both the rank's whose ``layers`` x per layer +
+    outside is the largest. A probe splits its time between a layer and the outside by the difference of two
+    depths, which moves from rank to rank: each part's own largest may come from different ranks, and their sum is
+    then more than any rank's."""
+    out = [max(column) for column in zip(*ranks, strict=True)]
+    for i in pairs:
+        slowest = max(ranks, key=lambda figures: layers * figures[i] + figures[i + 1])
+        out[i], out[i + 1] = slowest[i], slowest[i + 1]
+    return out
 
 
 def plain_model_seconds(cfg: DictConfig, world: int, build_optimizer: Any, device: Any = None,
@@ -1144,9 +1186,6 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
     import gc
     import sys
 
-    import torch
-    import torch.distributed as dist
-
     from costlab.measure.memory import _depth
 
     device, world = env.device, env.world_size
@@ -1166,10 +1205,7 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
               file=sys.stderr, flush=True)
         times, failed, buffers = [0.0] * (6 if probed_model else 3), 1.0, None
     gc.collect()  # its models' cached blocks go back to the card in the worker (costlab.measure.metrics.restart_peaks)
-    worst = torch.tensor([*times, failed], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    w = [float(v) for v in worst]
+    w = slowest_rank([*times, failed], (3,) if probed_model else (), stage_layers(cfg, world), device)
     if w[-1]:
         return None
     link = link_probe(device=device, buffers=buffers) if one_node else None
