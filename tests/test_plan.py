@@ -308,6 +308,7 @@ def test_a_cpu_plan_probes_a_small_model_as_a_run_does_and_times_a_large_one_in_
     ddp, rates = predict_time(compose_config([*small, "parallelism=ddp"]), 2)
     assert rates.model is not None and rates.model.layer_s > 0 and "two depths" in rates.source
     assert "in this one process with" in rates.source and ddp.step_s > 0
+    assert "while 1 companion process timed the same" in rates.source  # the other rank of its node
     fsdp, again = predict_time(compose_config([*small, "parallelism=fsdp"]), 2)  # the same micro-batch per rank
     assert again.model == rates.model and len(probed) == 1
     _, plain = predict_time(compose_config([*small, "parallelism=ddp"]), 2, probe_model=False)
@@ -453,9 +454,17 @@ def test_a_cpu_plan_runs_a_pipelines_schedule_as_its_first_and_last_stages_ranks
     seen: list[tuple] = []
     schedule_seconds = steptime.schedule_seconds
 
+    in_turn: list[bool] = []  # how each schedule probe timed the plain stage it takes off
+    depth_seconds = steptime.depth_seconds
+
     def spy(cfg, env, build_optimizer):
         seen.append((dist.get_backend(), dist.get_world_size(), dist.get_rank(), env.rank))
-        return schedule_seconds(cfg, env, build_optimizer)
+        monkeypatch.setattr(steptime, "depth_seconds",
+                            lambda *a, **k: in_turn.append(k.get("in_turn", True)) or depth_seconds(*a, **k))
+        try:
+            return schedule_seconds(cfg, env, build_optimizer)
+        finally:
+            monkeypatch.setattr(steptime, "depth_seconds", depth_seconds)
 
     monkeypatch.setattr(steptime, "schedule_seconds", spy)
     steptime._probe_schedule.cache_clear()
@@ -464,6 +473,7 @@ def test_a_cpu_plan_runs_a_pipelines_schedule_as_its_first_and_last_stages_ranks
     small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2", f"hardware.probe_cache={cache}"]
     pp, rates = predict_time(compose_config([*small, "parallelism=pp"]), 2)
     assert seen == [("fake", 2, 0, 0), ("fake", 2, 1, 1)] and not dist.is_initialized()
+    assert in_turn == [False, False]  # in bursts, as the schedule runs its stages
     assert rates.schedule_probed and not rates.layout_peers and "schedule" in pp.parts
     assert "as the ranks of its first and last stages each run it alone" in rates.source
     assert len(pp.gaps) == 1 and "without their peers" in pp.gaps[0]

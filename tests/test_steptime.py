@@ -361,6 +361,25 @@ def test_a_stretch_where_the_host_runs_slow_weighs_on_every_depth_and_layout_ali
         assert all(abs(w - p) < 0.1 for d in plain for w, p in zip(wrapped[d], plain[d], strict=True))
 
 
+def test_in_bursts_each_models_timings_come_one_after_the_other(monkeypatch):
+    """``in_turn=False`` (the schedule probe's plain stage, whose level it takes off) times each depth's passes and
+    update repeatedly before the next depth's, as training runs one model; by default a round times every depth."""
+    from costlab.measure import steptime
+
+    cfg = _cfg("model.n_layer=4")
+    timed = []
+    wall = steptime._wall_seconds
+    monkeypatch.setattr(steptime, "_wall_seconds", lambda call, device=None: timed.append(call) or wall(call, device))
+    steptime.depth_seconds(cfg, 1, build_optimizer, False, repeats=3, in_turn=False)
+    passes = timed[::2]  # each timing's forward and backward, then its update
+    assert len(timed) == 2 * len(steptime.LAYOUT_DEPTHS) * 3
+    assert len(set(passes[:3])) == 1 and len(set(passes[3:])) == 1 and passes[0] is not passes[3]
+    timed.clear()
+    steptime.depth_seconds(cfg, 1, build_optimizer, False, repeats=3)
+    passes = timed[::2]
+    assert passes[0] is not passes[1] and passes[0] is passes[2] and passes[1] is passes[3]
+
+
 def test_the_slowest_ranks_split_of_a_layer_and_the_outside_is_one_ranks():
     """Of several ranks' probes, each figure is the largest, but a pair (per layer, outside the layers) is the rank's
     whose total at the run's depth is the largest: rank 0 reads 2 ms a layer and nothing outside (8 ms at 4
@@ -372,6 +391,61 @@ def test_the_slowest_ranks_split_of_a_layer_and_the_outside_is_one_ranks():
     assert slowest_pairs(ranks, (1,), 1) == [4.0, 0.5e-3, 3e-3, 7.0]  # at one layer rank 1's 3.5 ms is the larger
     assert slowest_pairs(ranks, (), 4) == [4.0, 2e-3, 3e-3, 7.0]
     assert slowest_pairs([[1.0, 2.0]], (0,), 3) == [1.0, 2.0]
+
+
+def test_a_plans_companions_work_while_it_does_and_none_is_left():
+    """The companions a CPU plan starts beside it each say ready, and start on go: the windows in which this
+    process and its two companions worked share a stretch; then none of them is left running."""
+    import sys
+    import time
+
+    import psutil
+
+    from costlab.measure.steptime import at_once
+
+    script = ("import json, time\nprint('ready', flush=True)\ninput()\nt = time.time()\ntime.sleep(0.5)\n"
+              "print(json.dumps([t, time.time()]), flush=True)")
+
+    def mine() -> list[float]:
+        start = time.time()
+        time.sleep(0.5)
+        return [start, time.time()]
+
+    before = {child.pid for child in psutil.Process().children()}  # another test's server may be running
+    rows = at_once([sys.executable, "-c", script], 2, mine)
+    assert len(rows) == 3 and all(end - start >= 0.5 for start, end in rows)
+    assert max(start for start, _ in rows) < min(end for _, end in rows)
+    assert {child.pid for child in psutil.Process().children()} <= before
+
+
+def test_a_plans_rates_are_the_slowest_of_it_and_its_companions(monkeypatch):
+    """A CPU plan of two ranks times its rates beside a companion process that times the same (:func:`rank_times`
+    run in a fresh interpreter): with this process's own figures made a million times too fast, each figure is the
+    companion's."""
+    from costlab.measure import steptime
+
+    monkeypatch.setattr(steptime, "rank_times", lambda *args: [1e-15] * 5)
+    figures, companions = steptime.beside_peers(1, 1, True, 64, 32, 128, 1, "float32")
+    assert companions == 1 and len(figures) == 5
+    assert 1e-13 < figures[0] < 1e-6  # seconds per FLOP: a real matmul's, under a TFLOP/s and over a MFLOP/s
+    per_op, per_view, per_byte, per_policed_op = figures[1:]
+    assert all(1e-8 < f < 1e-2 for f in (per_op, per_view, per_policed_op))  # 10 ns to 10 ms an op
+    assert 1e-12 < per_byte < 1e-8  # 100 MB/s to 1 TB/s
+
+
+def test_a_companion_that_cannot_start_leaves_a_plan_its_own_rates(monkeypatch, capsys):
+    import sys
+
+    import psutil
+
+    from costlab.measure import steptime
+
+    monkeypatch.setattr(steptime, "companion_command", lambda *args: [sys.executable, "-c", "raise SystemExit(3)"])
+    before = {child.pid for child in psutil.Process().children()}  # another test's server may be running
+    figures, companions = steptime.beside_peers(1, 1, False, 64, 32, 128, 1, "float32")
+    assert companions == 0 and all(f > 0 for f in figures[:4]) and figures[4] == 0.0
+    assert "without companions (a companion process exited with code 3" in capsys.readouterr().err
+    assert {child.pid for child in psutil.Process().children()} <= before
 
 
 def test_a_cpus_link_latency_is_a_calls_mean_within_a_step_its_compute_between_untimed():

@@ -803,12 +803,6 @@ def matmul_rate(m: int, k: int, n: int, dtype_name: str, min_s: float = 0.05, de
     return 3 * 2 * m * k * n / seconds
 
 
-def run_matmul_rate(cfg: DictConfig, world: int) -> float:
-    """FLOP/s of the run's own matmul shapes on one rank: a micro-batch's tokens through the attention's
-    projections (width x width) and the MLP's (width x MLP width), weighted as a layer does them."""
-    return matmul_mix_rate(*_run_shapes(cfg, world))
-
-
 def _run_shapes(cfg: DictConfig, world: int) -> tuple[int, int, int, int, str]:
     """(a micro-batch's tokens, width, MLP width, tensor-parallel degree, dtype) of the run's matmuls on one rank."""
     from costlab.parallelism.dims import parallel_dims
@@ -842,7 +836,7 @@ LAYOUT_DEPTHS = (1, 3)  # the depths the layout probe builds; a layer's cost is 
 def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bool, rows: int = 1,
                   tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None,
                   at_once: bool = True, calls: dict | None = None,
-                  budget_s: float = 0.0) -> dict[int, tuple[float, float]]:
+                  budget_s: float = 0.0, in_turn: bool = True) -> dict[int, tuple[float, float]]:
     """Per depth of ``LAYOUT_DEPTHS``: the seconds of one micro-batch's forward and backward and of a step's
     gradient clipping and optimizer step, the median of ``repeats`` (the measured tokens/s is a mean over steps,
     not their best), for the run's own model code at that depth on ``rows`` rows of ``tokens`` tokens (at most the
@@ -851,13 +845,13 @@ def depth_seconds(cfg: DictConfig, world: int, build_optimizer: Any, wrapped: bo
     plain on this rank; either way fine-tuned as the run fine-tunes it (LoRA's adapters, QLoRA's NF4 base). The
     rest as :func:`layouts_seconds`'s."""
     return layouts_seconds(cfg, world, build_optimizer, (wrapped,), rows, tokens, repeats, device, at_once, calls,
-                           budget_s)[0]
+                           budget_s, in_turn)[0]
 
 
 def layouts_seconds(cfg: DictConfig, world: int, build_optimizer: Any, layouts: tuple[bool, ...], rows: int = 1,
                     tokens: int = LAYOUT_TOKENS, repeats: int = 5, device: Any = None,
                     at_once: bool = True, calls: dict | None = None,
-                    budget_s: float = 0.0) -> list[dict[int, tuple[float, float]]]:
+                    budget_s: float = 0.0, in_turn: bool = True) -> list[dict[int, tuple[float, float]]]:
     """:func:`depth_seconds` of each layout in ``layouts`` (True: wrapped, False: plain), every model built first
     and their timings taken in turn, round after round: a stretch where the host runs slow (a shared machine's
     neighbours) then weighs on every depth and layout alike, not on the one timed then, so a layer's cost (the
@@ -868,8 +862,10 @@ def layouts_seconds(cfg: DictConfig, world: int, build_optimizer: Any, layouts: 
     filled per depth with the collectives (per kind: :func:`collective_kind`) that one more micro-batch's forward
     and backward and one more step of the wrapped layout issue, untimed. ``budget_s``: time each part as often as
     its warm-up says fits in that many seconds, at least ``repeats`` and at most :data:`MAX_REPEATS` times (the
-    ranks agree on the count). Wrapped, or ``at_once`` on a run of several ranks, a collective: every rank calls
-    it."""
+    ranks agree on the count). ``in_turn=False``: each model's timings one after the other instead, as training
+    runs one model step after step (where a level matters more than a difference: a model timed right after another
+    reads more, 6-29 % for a stage at one row of 8 tokens on the 2-core EPYC). Wrapped, or ``at_once`` on a run
+    of several ranks, a collective: every rank calls it."""
     import torch
     import torch.distributed as dist
 
@@ -933,13 +929,17 @@ def layouts_seconds(cfg: DictConfig, world: int, build_optimizer: Any, layouts: 
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             count = int(agreed)
     times: dict[tuple[bool, int], tuple[list[float], list[float]]] = {key: ([], []) for key in variants}
-    for _ in range(count):
-        for key, (optimizer, passes, update) in variants.items():
-            optimizer.zero_grad(set_to_none=True)
-            for i, part in enumerate((passes, update)):
-                if together:
-                    dist.barrier()
-                times[key][i].append(_wall_seconds(part, device))
+    if in_turn:  # round after round, every model in each
+        order = [key for _ in range(count) for key in variants]
+    else:  # each model's timings one after the other
+        order = [key for key in variants for _ in range(count)]
+    for key in order:
+        optimizer, passes, update = variants[key]
+        optimizer.zero_grad(set_to_none=True)
+        for i, part in enumerate((passes, update)):
+            if together:
+                dist.barrier()
+            times[key][i].append(_wall_seconds(part, device))
     if calls is not None:  # once more, counted (a dispatch mode's Python would weigh on the timings)
         for (wrapped, layers), (optimizer, passes, update) in variants.items():
             if wrapped:
@@ -1068,7 +1068,9 @@ def schedule_seconds(cfg: DictConfig, env: Any, build_optimizer: Any, repeats: i
         pipeline.forward_backward(x, x, probe, None)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    layer, outside, _, _ = per_layer(depth_seconds(cfg, world, build_optimizer, False, 1, tokens))
+    # each depth timed in a burst, as the schedule runs its stages: a stage timed in turn with another model reads
+    # more, and taking that off made the pipelines' predictions too fast
+    layer, outside, _, _ = per_layer(depth_seconds(cfg, world, build_optimizer, False, 1, tokens, in_turn=False))
     per_stage = stage_layers(cfg, world) * layer + outside  # as :func:`predict_step` prices a stage
     return max(0.0, statistics.median(times) - (micro + (0 if lone else (dims.pp - 1) / v)) * per_stage)
 
@@ -1110,8 +1112,7 @@ def probe_ranks(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
         dist.barrier()
     dims = parallel_dims(cfg.parallelism, world)
     selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
-    times = [1 / run_matmul_rate(cfg, world), seconds_per_op(), seconds_per_view(), 1 / memory_bandwidth(),
-             seconds_per_policed_op() if selective else 0.0]
+    times = rank_times(selective, *_run_shapes(cfg, world))
     from costlab.measure.memory import _depth
 
     probed_model = _depth(cfg) is not None
@@ -1214,10 +1215,11 @@ def card_probes(cfg: DictConfig, env: Any, build_optimizer: Any) -> RankProbes |
 
 
 def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> RankProbes:
-    """:class:`RankProbes` of one process alone, for a plan on this CPU: the run's matmul shapes with this process's
+    """:class:`RankProbes` of one process, for a plan on this CPU: the run's matmul shapes with this process's
     share of the cores (``trainer.nproc_per_node`` ranks share them; at most :data:`PLAN_MATMUL_TOKENS` of a
-    micro-batch's tokens), ops, views and a copy; no link (no peers: :func:`plan_cpu_rates` takes the one runs kept).
-    With ``build_optimizer`` (the trainer's) also the run's own model plain on one rank's micro-batch at two depths
+    micro-batch's tokens), ops, views and a copy, timed while companion processes time the same as the node's other
+    ranks would (:func:`beside_peers`); no link (no peers: :func:`plan_cpu_rates` takes the one runs kept). With
+    ``build_optimizer`` (the trainer's) also the run's own model plain on one rank's micro-batch at two depths
     (:func:`local_model`), as a run probes it (a small model's step is its ops' fixed costs more than its matmuls),
     and FSDP's, tensor parallel's or DDP's wrapping as rank 0 of the layout runs it under a fake process group
     (:func:`local_layout`; a pipeline's, its stages' optimizer step alone), and a pipeline's schedule as the ranks
@@ -1226,8 +1228,7 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     from costlab.parallelism.dims import parallel_dims
 
     share = local_share(cfg)
-    selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
-    op_s, view_s, bandwidth, policed = _local_rates(share)
+    times, _ = _plan_rank_times(cfg, world)
     model = local_model(cfg, world, share, build_optimizer) if build_optimizer and _depth(cfg) is not None else None
     dims = parallel_dims(cfg.parallelism, world)
     # as :func:`probe_ranks`: a pipeline stage's wrapping per micro-batch is in the schedule's probe
@@ -1238,15 +1239,23 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
     if dims.pp_enabled:  # its stages' collectives are in its schedule's probe, uncounted (the link model's)
         layer_s, outside_s, calls = 0.0, 0.0, {}
     schedule = local_schedule(cfg, world, share, build_optimizer) if model is not None and dims.pp_enabled else None
-    tokens, *shapes = _run_shapes(cfg, world)
-    return RankProbes(_local_matmul(share, min(tokens, PLAN_MATMUL_TOKENS), *shapes), op_s, view_s, bandwidth, None,
-                      policy_op_s=policed if selective else 0.0, layout_layer_s=layer_s, layout_outside_s=outside_s,
+    return RankProbes(1 / times[0], times[1], times[2], 1 / times[3], None,
+                      policy_op_s=times[4], layout_layer_s=layer_s, layout_outside_s=outside_s,
                       layout_step_s=step_s, layout_calls=dict(calls), model=model, layout_peers=False,
                       layout_probed=layout is not None,
                       schedule_s=schedule or 0.0, schedule_probed=schedule is not None)
 
 
 PLAN_MATMUL_TOKENS = 2048  # a plan times its matmul shapes on at most this many tokens (the rate has levelled off)
+
+
+def _plan_rank_times(cfg: DictConfig, world: int) -> tuple[list[float], int]:
+    """A plan's :func:`rank_times` on this CPU beside its node's other ranks (:func:`beside_peers`), and how many
+    companion processes timed beside it."""
+    selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
+    tokens, *shapes = _run_shapes(cfg, world)
+    return _local_rank_times(local_share(cfg), local_peers(cfg, world), selective,
+                             min(tokens, PLAN_MATMUL_TOKENS), *shapes)
 
 
 def local_share(cfg: DictConfig) -> int:
@@ -1262,8 +1271,12 @@ def plan_cpu_rates(cfg: DictConfig, world: int, build_optimizer: Any = None) -> 
     of ``world`` ranks here kept (:func:`cached_link`), where one did."""
     import os
 
-    where = f"in this one process with {local_share(cfg)} of this machine's {os.cpu_count()} cores"
-    rates = cpu_rates(cfg, local_probes(cfg, world, build_optimizer), where)
+    probes = local_probes(cfg, world, build_optimizer)
+    companions = _plan_rank_times(cfg, world)[1]
+    where = f"in this one process with {local_share(cfg)} of this machine's {os.cpu_count()} cores" + (
+        f" (its rates timed while {companions} companion process{'es' if companions > 1 else ''} timed the same, as "
+        "the node's other ranks would, the slowest's figures)" if companions else "")
+    rates = cpu_rates(cfg, probes, where)
     kept = cached_link(cfg, world)
     if kept:
         rates.link = kept[0]
@@ -1326,8 +1339,8 @@ def plan_gaps(cfg: DictConfig, world: int, rates: Rates) -> list[str]:
                     f"{MODEL_PROBE_S} s and that fits this machine")
     elif rates.layout_probed:
         gaps.append("the layout's wrapping probed as its rank 0 runs it, without its peers: its collectives counted "
-                    "there, each priced at the link's latency within a step that runs kept; the ranks' contention for "
-                    "the cores in their compute is not priced (a run of the layout probes it)")
+                    "there, each priced at the link's latency within a step that runs kept; the model and its wrapping "
+                    "timed alone, without the ranks' contention for the cores (a run of the layout probes it)")
     elif rates.model and (dims.fsdp_enabled or dims.tp_enabled or dims.ddp_enabled):  # its wrapping's probe failed
         gaps.append("the layout's wrapping not priced: its probe under a fake process group failed here (the warning "
                     "on stderr says why)")
@@ -1452,18 +1465,117 @@ def _with_threads(threads: int, probe: Any) -> Any:
         torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=4)
-def _local_rates(threads: int) -> tuple[float, float, float, float]:
-    """(s per op, s per view, memory bytes/s, s per policed op) with ``threads`` threads, once per process (a
-    search asks for every candidate)."""
-    return _with_threads(threads, lambda: (seconds_per_op(), seconds_per_view(), memory_bandwidth(),
-                                           seconds_per_policed_op()))
+def rank_times(selective: bool, tokens: int, width: int, hidden: int, tp: int, dtype: str) -> list[float]:
+    """A CPU rank's rates as seconds: per FLOP of the run's matmul shapes (:func:`matmul_mix_rate`), per op, per
+    view, per byte written (:func:`memory_bandwidth`), and per op under selective checkpointing's policy (0 without
+    ``selective``): what :func:`probe_ranks` times on every rank at once, and a plan's companions beside it."""
+    return [1 / matmul_mix_rate(tokens, width, hidden, tp, dtype), seconds_per_op(), seconds_per_view(),
+            1 / memory_bandwidth(), seconds_per_policed_op() if selective else 0.0]
 
 
 @functools.lru_cache(maxsize=64)
-def _local_matmul(threads: int, *shapes: Any) -> float:
-    """:func:`matmul_mix_rate` of ``shapes`` with ``threads`` threads, once per process."""
-    return _with_threads(threads, lambda: matmul_mix_rate(*shapes))
+def _local_rank_times(threads: int, peers: int, selective: bool, *shapes: Any) -> tuple[list[float], int]:
+    """:func:`beside_peers` of :func:`rank_times`, once per process (a search asks for every candidate)."""
+    return beside_peers(peers, threads, selective, *shapes)
+
+
+def local_peers(cfg: DictConfig, world: int) -> int:
+    """The ranks that would share this machine's cores with one rank of the plan: the others of its node."""
+    return max(0, min(int(cfg.trainer.nproc_per_node), world) - 1)
+
+
+COMPANION_START_S = 120.0  # a plan's companion process has this long to import torch and answer
+
+
+def companion_command(threads: int, selective: bool, shapes: tuple) -> list[str]:
+    """The command line of a plan's companion process (:func:`companion`): :func:`rank_times` of ``shapes``."""
+    import json
+    import sys
+
+    return [sys.executable, "-c", "from costlab.measure.steptime import companion; companion()",
+            json.dumps([threads, selective, *shapes])]
+
+
+def beside_peers(peers: int, threads: int, selective: bool, *shapes: Any) -> tuple[list[float], int]:
+    """(:func:`rank_times` with ``threads`` threads, timed in this process while ``peers`` companion processes
+    (:func:`companion`) time the same at once, as a run's ranks do on the cores they share, each figure the
+    slowest process's; how many companions timed). A plan has no peers of its own, and they slow one another:
+    two processes dispatching ops at once on the 2-core EPYC read 3.6-6.9 us per op, alone 3.5-3.6. Where a
+    companion cannot start or answer, this process's figures alone (a warning on stderr says why)."""
+    import sys
+
+    def mine() -> list[float]:
+        return _with_threads(threads, lambda: rank_times(selective, *shapes))
+
+    if peers <= 0:
+        return mine(), 0
+    try:
+        rows = at_once(companion_command(threads, selective, shapes), peers, mine, {"OMP_NUM_THREADS": str(threads)})
+        if not all(isinstance(row, list) and len(row) == len(rows[0]) for row in rows):
+            raise RuntimeError(f"a companion process answered {rows[1:]}")
+        return [max(column) for column in zip(*rows, strict=True)], peers
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"costlab: warning: the plan's rates timed without companions ({e})", file=sys.stderr, flush=True)
+        return mine(), 0
+
+
+def at_once(command: list[str], peers: int, mine: Any, env: dict[str, str] | None = None) -> list[Any]:
+    """[``mine()``, then each companion's answer]: starts ``peers`` processes of ``command`` (``env`` added to this
+    process's, the folder that holds costlab on their path), waits until each writes ``ready`` (it has imported what
+    it needs), writes ``go`` to each and runs ``mine`` here while they work, then reads each one's answer, a JSON
+    line. RuntimeError where one exits first or is silent for :data:`COMPANION_START_S`; none is left running."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2])
+    full = {**os.environ, **(env or {}),
+            "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    procs: list[Any] = []
+    try:
+        for _ in range(peers):
+            procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full))
+        for proc in procs:
+            if _answer(proc) != "ready":
+                raise RuntimeError(f"a companion process exited with code {proc.wait()} before timing")
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        rows = [mine()]
+        return rows + [json.loads(_answer(proc) or "null") for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+
+
+def _answer(proc: Any) -> str:
+    """The next line ``proc`` writes, stripped ("" once it closed its output); RuntimeError after
+    :data:`COMPANION_START_S` of silence."""
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(COMPANION_START_S):
+            raise RuntimeError(f"a companion process was silent for {COMPANION_START_S:.0f} s")
+    return proc.stdout.readline().strip()
+
+
+def companion() -> None:
+    """A plan's companion process (:func:`beside_peers`): writes ``ready`` once torch is imported, times
+    :func:`rank_times` (its arguments a JSON list on the command line: threads, selective, then the shapes) on the
+    line ``go``, and writes its figures as a JSON list."""
+    import json
+    import sys
+
+    threads, selective, *shapes = json.loads(sys.argv[1])
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() == "go":
+        print(json.dumps(_with_threads(threads, lambda: rank_times(selective, *shapes))), flush=True)
 
 
 def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank at once") -> Rates:
