@@ -393,18 +393,19 @@ def test_the_slowest_ranks_split_of_a_layer_and_the_outside_is_one_ranks():
     assert slowest_pairs([[1.0, 2.0]], (0,), 3) == [1.0, 2.0]
 
 
-def test_a_plans_companions_work_while_it_does_and_none_is_left():
-    """The companions a CPU plan starts beside it each say ready, and start on go: the windows in which this
-    process and its two companions worked share a stretch; then none of them is left running."""
+def test_a_plans_companions_work_while_it_does_request_after_request_and_none_is_left():
+    """The companions a CPU plan starts beside it each say ready once, then work on each request while the plan
+    does: the windows in which this process and its two companions worked share a stretch, for each of two
+    requests (a search plans many candidates with the same companions); once stopped, none is left running."""
     import sys
     import time
 
     import psutil
 
-    from costlab.measure.steptime import at_once
+    from costlab.measure.steptime import at_once, start_companions, stop_companions
 
-    script = ("import json, time\nprint('ready', flush=True)\ninput()\nt = time.time()\ntime.sleep(0.5)\n"
-              "print(json.dumps([t, time.time()]), flush=True)")
+    script = ("import json, sys, time\nprint('ready', flush=True)\nfor line in sys.stdin:\n    t = time.time()\n"
+              "    time.sleep(float(line))\n    print(json.dumps([t, time.time()]), flush=True)")
 
     def mine() -> list[float]:
         start = time.time()
@@ -412,24 +413,31 @@ def test_a_plans_companions_work_while_it_does_and_none_is_left():
         return [start, time.time()]
 
     before = {child.pid for child in psutil.Process().children()}  # another test's server may be running
-    rows = at_once([sys.executable, "-c", script], 2, mine)
-    assert len(rows) == 3 and all(end - start >= 0.5 for start, end in rows)
-    assert max(start for start, _ in rows) < min(end for _, end in rows)
+    procs = start_companions([sys.executable, "-c", script], 2)
+    try:
+        for _ in range(2):
+            rows = at_once(procs, "0.5", mine)
+            assert len(rows) == 3 and all(end - start >= 0.5 for start, end in rows)
+            assert max(start for start, _ in rows) < min(end for _, end in rows)
+        assert all(proc.poll() is None for proc in procs)  # still there for the next request
+    finally:
+        stop_companions(procs)
     assert {child.pid for child in psutil.Process().children()} <= before
 
 
 def test_a_plans_rates_are_the_slowest_of_it_and_its_companions(monkeypatch):
-    """A CPU plan of two ranks times its rates beside a companion process that times the same (:func:`rank_times`
-    run in a fresh interpreter): with this process's own figures made a million times too fast, each figure is the
-    companion's."""
+    """A CPU plan of two ranks times its rates beside a companion process that times the same (the probes of
+    :func:`rank_times`, run in a fresh interpreter): with this process's own figures made a million times too fast,
+    each figure is the companion's."""
     from costlab.measure import steptime
 
-    monkeypatch.setattr(steptime, "rank_times", lambda *args: [1e-15] * 5)
-    figures, companions = steptime.beside_peers(1, 1, True, 64, 32, 128, 1, "float32")
-    assert companions == 1 and len(figures) == 5
-    assert 1e-13 < figures[0] < 1e-6  # seconds per FLOP: a real matmul's, under a TFLOP/s and over a MFLOP/s
-    per_op, per_view, per_byte, per_policed_op = figures[1:]
-    assert all(1e-8 < f < 1e-2 for f in (per_op, per_view, per_policed_op))  # 10 ns to 10 ms an op
+    monkeypatch.setattr(steptime, "matmul_seconds", lambda *args: [1e-15])
+    monkeypatch.setattr(steptime, "fixed_times", lambda *args: [1e-15] * 4)
+    (per_flop,), companions = steptime.beside_peers(1, 1, "matmul_seconds", 64, 32, 128, 1, "float32")
+    assert companions == 1 and 1e-13 < per_flop < 1e-6  # a real matmul's: under a TFLOP/s and over a MFLOP/s
+    fixed, companions = steptime.beside_peers(1, 1, "fixed_times", True)  # the same companion, asked again
+    per_op, per_view, per_byte, per_policed_op = fixed
+    assert companions == 1 and all(1e-8 < f < 1e-2 for f in (per_op, per_view, per_policed_op))  # 10 ns to 10 ms
     assert 1e-12 < per_byte < 1e-8  # 100 MB/s to 1 TB/s
 
 
@@ -440,10 +448,14 @@ def test_a_companion_that_cannot_start_leaves_a_plan_its_own_rates(monkeypatch, 
 
     from costlab.measure import steptime
 
-    monkeypatch.setattr(steptime, "companion_command", lambda *args: [sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(steptime, "companion_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"])
+    steptime.companions.cache_clear()
     before = {child.pid for child in psutil.Process().children()}  # another test's server may be running
-    figures, companions = steptime.beside_peers(1, 1, False, 64, 32, 128, 1, "float32")
-    assert companions == 0 and all(f > 0 for f in figures[:4]) and figures[4] == 0.0
+    try:
+        figures, companions = steptime.beside_peers(1, 1, "fixed_times", False)
+    finally:
+        steptime.companions.cache_clear()
+    assert companions == 0 and all(f > 0 for f in figures[:3]) and figures[3] == 0.0  # no policed op asked for
     assert "without companions (a companion process exited with code 3" in capsys.readouterr().err
     assert {child.pid for child in psutil.Process().children()} <= before
 

@@ -1254,8 +1254,10 @@ def _plan_rank_times(cfg: DictConfig, world: int) -> tuple[list[float], int]:
     companion processes timed beside it."""
     selective = cfg.trainer.get("activation_checkpointing", "none") == "selective"
     tokens, *shapes = _run_shapes(cfg, world)
-    return _local_rank_times(local_share(cfg), local_peers(cfg, world), selective,
-                             min(tokens, PLAN_MATMUL_TOKENS), *shapes)
+    threads, peers = local_share(cfg), local_peers(cfg, world)
+    matmul, timed = _local_times(threads, peers, "matmul_seconds", min(tokens, PLAN_MATMUL_TOKENS), *shapes)
+    fixed, _ = _local_times(threads, peers, "fixed_times", selective)  # the same for every candidate of a search
+    return matmul + fixed, timed
 
 
 def local_share(cfg: DictConfig) -> int:
@@ -1469,14 +1471,28 @@ def rank_times(selective: bool, tokens: int, width: int, hidden: int, tp: int, d
     """A CPU rank's rates as seconds: per FLOP of the run's matmul shapes (:func:`matmul_mix_rate`), per op, per
     view, per byte written (:func:`memory_bandwidth`), and per op under selective checkpointing's policy (0 without
     ``selective``): what :func:`probe_ranks` times on every rank at once, and a plan's companions beside it."""
-    return [1 / matmul_mix_rate(tokens, width, hidden, tp, dtype), seconds_per_op(), seconds_per_view(),
-            1 / memory_bandwidth(), seconds_per_policed_op() if selective else 0.0]
+    return matmul_seconds(tokens, width, hidden, tp, dtype) + fixed_times(selective)
+
+
+def matmul_seconds(tokens: int, width: int, hidden: int, tp: int, dtype: str) -> list[float]:
+    """[seconds per FLOP of the run's matmul shapes (:func:`matmul_mix_rate`)]: :func:`rank_times`' first."""
+    return [1 / matmul_mix_rate(tokens, width, hidden, tp, dtype)]
+
+
+def fixed_times(selective: bool) -> list[float]:
+    """:func:`rank_times` less the matmuls: seconds per op, per view, per byte written, per policed op (or 0)."""
+    return [seconds_per_op(), seconds_per_view(), 1 / memory_bandwidth(),
+            seconds_per_policed_op() if selective else 0.0]
+
+
+COMPANION_PROBES = ("matmul_seconds", "fixed_times")  # what a plan's companion times, by name
 
 
 @functools.lru_cache(maxsize=64)
-def _local_rank_times(threads: int, peers: int, selective: bool, *shapes: Any) -> tuple[list[float], int]:
-    """:func:`beside_peers` of :func:`rank_times`, once per process (a search asks for every candidate)."""
-    return beside_peers(peers, threads, selective, *shapes)
+def _local_times(threads: int, peers: int, probe: str, *args: Any) -> tuple[list[float], int]:
+    """:func:`beside_peers` of one of :data:`COMPANION_PROBES`, once per process (a search asks for every
+    candidate)."""
+    return beside_peers(peers, threads, probe, *args)
 
 
 def local_peers(cfg: DictConfig, world: int) -> int:
@@ -1484,47 +1500,57 @@ def local_peers(cfg: DictConfig, world: int) -> int:
     return max(0, min(int(cfg.trainer.nproc_per_node), world) - 1)
 
 
-COMPANION_START_S = 120.0  # a plan's companion process has this long to import torch and answer
+COMPANION_START_S = 120.0  # a plan's companion process has this long to import torch, and to answer
 
 
-def companion_command(threads: int, selective: bool, shapes: tuple) -> list[str]:
-    """The command line of a plan's companion process (:func:`companion`): :func:`rank_times` of ``shapes``."""
+def companion_command() -> list[str]:
+    """The command line of a plan's companion process (:func:`companion`)."""
+    import sys
+
+    return [sys.executable, "-c", "from costlab.measure.steptime import companion; companion()"]
+
+
+def beside_peers(peers: int, threads: int, probe: str, *args: Any) -> tuple[list[float], int]:
+    """(``probe`` (one of :data:`COMPANION_PROBES`) of ``args`` with ``threads`` threads, timed in this process
+    while ``peers`` companion processes (:func:`companions`) time the same at once, as a run's ranks do on the
+    cores they share, each figure the slowest process's; how many companions timed). A plan has no peers of its
+    own, and they slow one another: two processes dispatching ops at once on the 2-core EPYC read 3.6-6.9 us per
+    op, alone 3.5-3.6. Where a companion cannot start or answer, this process's figures alone (a warning on
+    stderr says why)."""
     import json
     import sys
 
-    return [sys.executable, "-c", "from costlab.measure.steptime import companion; companion()",
-            json.dumps([threads, selective, *shapes])]
-
-
-def beside_peers(peers: int, threads: int, selective: bool, *shapes: Any) -> tuple[list[float], int]:
-    """(:func:`rank_times` with ``threads`` threads, timed in this process while ``peers`` companion processes
-    (:func:`companion`) time the same at once, as a run's ranks do on the cores they share, each figure the
-    slowest process's; how many companions timed). A plan has no peers of its own, and they slow one another:
-    two processes dispatching ops at once on the 2-core EPYC read 3.6-6.9 us per op, alone 3.5-3.6. Where a
-    companion cannot start or answer, this process's figures alone (a warning on stderr says why)."""
-    import sys
-
     def mine() -> list[float]:
-        return _with_threads(threads, lambda: rank_times(selective, *shapes))
+        return _with_threads(threads, lambda: _companion_probe(probe)(*args))
 
     if peers <= 0:
         return mine(), 0
     try:
-        rows = at_once(companion_command(threads, selective, shapes), peers, mine, {"OMP_NUM_THREADS": str(threads)})
+        rows = at_once(companions(threads, peers), json.dumps([threads, probe, *args]), mine)
         if not all(isinstance(row, list) and len(row) == len(rows[0]) for row in rows):
             raise RuntimeError(f"a companion process answered {rows[1:]}")
         return [max(column) for column in zip(*rows, strict=True)], peers
     except (OSError, RuntimeError, ValueError) as e:
+        companions.cache_clear()  # the next plan starts new ones (these stop at exit)
         print(f"costlab: warning: the plan's rates timed without companions ({e})", file=sys.stderr, flush=True)
         return mine(), 0
 
 
-def at_once(command: list[str], peers: int, mine: Any, env: dict[str, str] | None = None) -> list[Any]:
-    """[``mine()``, then each companion's answer]: starts ``peers`` processes of ``command`` (``env`` added to this
-    process's, the folder that holds costlab on their path), waits until each writes ``ready`` (it has imported what
-    it needs), writes ``go`` to each and runs ``mine`` here while they work, then reads each one's answer, a JSON
-    line. RuntimeError where one exits first or is silent for :data:`COMPANION_START_S`; none is left running."""
-    import json
+@functools.lru_cache(maxsize=4)
+def companions(threads: int, peers: int) -> tuple[Any, ...]:
+    """``peers`` companion processes (:func:`companion`, ``threads`` threads each), started once per process (a
+    search plans many candidates) and stopped at its exit; each has imported torch and waits for a request."""
+    import atexit
+
+    procs = start_companions(companion_command(), peers, {"OMP_NUM_THREADS": str(threads)})
+    atexit.register(stop_companions, procs)
+    return procs
+
+
+def start_companions(command: list[str], peers: int, env: dict[str, str] | None = None) -> tuple[Any, ...]:
+    """``peers`` processes of ``command`` (``env`` added to this process's, the folder that holds costlab on their
+    path), each having written ``ready``; RuntimeError (none left running) where one exits first or is silent for
+    :data:`COMPANION_START_S`."""
     import os
     import subprocess
     from pathlib import Path
@@ -1539,18 +1565,37 @@ def at_once(command: list[str], peers: int, mine: Any, env: dict[str, str] | Non
         for proc in procs:
             if _answer(proc) != "ready":
                 raise RuntimeError(f"a companion process exited with code {proc.wait()} before timing")
-        for proc in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        rows = [mine()]
-        return rows + [json.loads(_answer(proc) or "null") for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    except BaseException:
+        stop_companions(tuple(procs))
+        raise
+    return tuple(procs)
+
+
+def stop_companions(procs: tuple[Any, ...]) -> None:
+    """Closes each companion's input (it exits), and kills one that has not within a few seconds."""
+    import subprocess
+
+    for proc in procs:
+        try:
             proc.stdin.close()
-            proc.stdout.close()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def at_once(procs: tuple[Any, ...], request: str, mine: Any) -> list[Any]:
+    """[``mine()``, then each companion's answer to ``request``]: writes the request (one line) to each and runs
+    ``mine`` here while they work, then reads each one's answer, a JSON line. RuntimeError where one closed its
+    output or is silent for :data:`COMPANION_START_S`."""
+    import json
+
+    for proc in procs:
+        proc.stdin.write(request + "\n")
+        proc.stdin.flush()
+    rows = [mine()]
+    return rows + [json.loads(_answer(proc) or "null") for proc in procs]
 
 
 def _answer(proc: Any) -> str:
@@ -1565,17 +1610,26 @@ def _answer(proc: Any) -> str:
     return proc.stdout.readline().strip()
 
 
+def _companion_probe(name: str) -> Any:
+    """The probe of :data:`COMPANION_PROBES` named ``name`` (looked up when asked for)."""
+    import sys
+
+    if name not in COMPANION_PROBES:
+        raise ValueError(f"{name!r} is not one of {COMPANION_PROBES}")
+    return getattr(sys.modules[__name__], name)
+
+
 def companion() -> None:
-    """A plan's companion process (:func:`beside_peers`): writes ``ready`` once torch is imported, times
-    :func:`rank_times` (its arguments a JSON list on the command line: threads, selective, then the shapes) on the
-    line ``go``, and writes its figures as a JSON list."""
+    """A plan's companion process (:func:`beside_peers`): writes ``ready`` once torch is imported, then for each
+    request line (a JSON list: threads, one of :data:`COMPANION_PROBES`, its arguments) times it and writes its
+    figures as a JSON list, until its input closes."""
     import json
     import sys
 
-    threads, selective, *shapes = json.loads(sys.argv[1])
     print("ready", flush=True)
-    if sys.stdin.readline().strip() == "go":
-        print(json.dumps(_with_threads(threads, lambda: rank_times(selective, *shapes))), flush=True)
+    for line in sys.stdin:
+        threads, probe, *args = json.loads(line)
+        print(json.dumps(_with_threads(threads, functools.partial(_companion_probe(probe), *args))), flush=True)
 
 
 def cpu_rates(cfg: DictConfig, probes: RankProbes, where: str = "on every rank at once") -> Rates:
