@@ -21,10 +21,19 @@ def test_model_option_builds_with_its_promised_size(name):
     assert low <= n <= high, f"{name}: {n} parameters"
 
 
-def test_the_7b_plan_model_has_7b_class_size():
+def test_the_7b_plan_model_has_llama_2_7bs_shape():
     with torch.device("meta"):  # for mode=plan only: never built for real here
         model = build_model(compose_config(["model=llama_7b"]).model)
-    assert 6.5e9 < sum(p.numel() for p in model.parameters()) < 7e9
+    assert model.blocks["0"].mlp.c_fc.out_features == 11008
+    d, v, h, layers = 4096, 32000, 11008, 32  # Llama-2-7B: attention, SwiGLU MLP, two norms a layer; untied head
+    assert sum(p.numel() for p in model.parameters()) == layers * (4 * d * d + 3 * d * h + 2 * d) + 2 * v * d + d
+
+
+def test_the_mlp_width_rounds_up_to_its_multiple():
+    cfg = compose_config(["model=llama_nano", "model.n_embd=48", "model.mlp_multiple_of=32"])  # 2/3 x 4 x 48 = 128
+    assert build_model(cfg.model).blocks["0"].mlp.c_fc.out_features == 128
+    cfg = compose_config(["model=llama_nano", "model.n_embd=40", "model.mlp_multiple_of=32"])  # 106 -> 128
+    assert build_model(cfg.model).blocks["0"].mlp.c_fc.out_features == 128
 
 
 @pytest.mark.parametrize("name", ["gpt_nano", "llama_nano", "mlp"])

@@ -48,6 +48,37 @@ def test_the_ranking_marks_what_another_candidate_beats():
     assert not fast_small.dominated and slow_big.dominated and fast_big.dominated
 
 
+def test_a_7b_search_on_8_cards_tries_every_tensor_parallel_degree_and_fp8_and_says_what_it_left_out():
+    from costlab.launcher.planner import candidates
+
+    # Llama-2-7B's MLP of 11008 units splits over 4 and 8 ranks, in float8's multiples of 16 (10922 did not)
+    base = ["mode=plan", "model=llama_7b", "hardware=h100_sxm", "trainer.nproc_per_node=8", "trainer.batch_size=3"]
+    refused: dict[str, str] = {}
+    found = candidates(compose_config(base), lambda extra: compose_config(base + extra), refused)
+    kept = {(c.cfg.parallelism.pp_degree, c.cfg.parallelism.tp_degree, c.cfg.precision.name) for c in found}
+    assert kept == {(1, 8, "bf16"), (1, 8, "fp8"), (2, 4, "bf16"), (2, 4, "fp8")}  # 3 sequences: no data parallel
+    assert refused["1 x 1 x 8 x 1 fp8"] == "trainer.batch_size=3: not a multiple of the data-parallel degree 8"
+    assert "fewer than the pipeline's 4 stages" in refused["4 x 1 x 1 x 2 bf16"]
+    tried = {(p.pp_degree, p.dp_replicate, p.dp_shard, p.tp_degree, c.cfg.precision.name)
+             for c in found for p in [c.cfg.parallelism]}
+    assert len(refused) + len(tried) == 2 * len(layouts(8, 8))  # each layout and precision kept or left out, once
+
+
+def test_a_search_without_a_candidate_says_why_each_layout_was_left_out():
+    from costlab.launcher.planner import candidates, not_one
+
+    # one sequence a step on two ranks: no data parallel, no pipeline; one head: no tensor parallel
+    base = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2", "trainer.batch_size=1", "model.n_head=1"]
+    refused: dict[str, str] = {}
+    assert candidates(compose_config(base), lambda extra: compose_config(base + extra), refused) == []
+    lines = not_one(refused)
+    assert len(refused) == 2 * len(layouts(2, 2)) and str(len(refused)) in lines[0]
+    text = "\n".join(lines)
+    for why in ("not a multiple of the data-parallel degree 2", "fewer than the pipeline's 2 stages",
+                "parallelism.tp_degree=2: must divide model.n_head=1"):
+        assert why in text, text
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):

@@ -247,6 +247,7 @@ class GPT(ByteLM):
     n_head: int = key(4, POSITIVE)
     n_embd: int = key(128, POSITIVE)
     mlp_ratio: float = key(4.0, POSITIVE)
+    mlp_multiple_of: int = key(1, POSITIVE)
     bias: bool = False
     dropout: float = key(0.0, BELOW_1)
     norm: str = key("layernorm", one_of("layernorm", "rmsnorm"))

@@ -115,18 +115,23 @@ def _micro_choices(per_rank: int, pp: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def candidates(cfg: DictConfig, compose: Any) -> list[Candidate]:
+def candidates(cfg: DictConfig, compose: Any, refused: dict[str, str] | None = None) -> list[Candidate]:
     """Every candidate of ``cfg``'s devices and global batch that passes a run's checks. ``compose(overrides)``
-    composes the user's config with more overrides (each parallelism and precision option once)."""
+    composes the user's config with more overrides (each parallelism and precision option once); ``refused``, if
+    given, gets each layout and precision left out (``"pp x rep x shard x tp precision"``) and why."""
     from costlab.launcher.validate import validate
 
     t = cfg.trainer
     world, per_node = int(t.nnodes * t.nproc_per_node), int(t.nproc_per_node)
     options: dict[tuple[str, str], DictConfig] = {}
     out = []
+    refused = {} if refused is None else refused
     for (pp, replicate, shard, tp), precision in itertools.product(layouts(world, per_node), precisions(cfg)):
         dp = replicate * shard
+        which = f"{pp} x {replicate} x {shard} x {tp} {precision}"
         if t.batch_size % dp:
+            refused[which] = (f"trainer.batch_size={t.batch_size}: not a multiple of the data-parallel degree "
+                              f"{dp}")
             continue
         name = _option_name(pp, replicate, shard, tp)
         if (name, precision) not in options:
@@ -150,11 +155,14 @@ def candidates(cfg: DictConfig, compose: Any) -> list[Candidate]:
         # one check per layout and precision: its first cut has the most pipeline micro-batches (the others pass
         # where it does) and full checkpointing (the one mode with a check of its own: the model has blocks)
         first = next((g for g in group if g.mode == "full"), None)
+        if first is None:
+            refused[which] = (f"trainer.batch_size={t.batch_size}: {int(t.batch_size) // dp} sequences a rank, "
+                              f"fewer than the pipeline's {pp} stages need (a micro-batch each)")
+            continue
         try:
-            if first is None:
-                continue
             validate(first.settled())
-        except (ConfigError, ValueError):
+        except (ConfigError, ValueError) as e:
+            refused[which] = str(e).splitlines()[0] if str(e) else type(e).__name__
             continue
         out += group
     return out
@@ -204,10 +212,24 @@ def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) 
     return lines
 
 
-def search(cfg: DictConfig, compose: Any) -> tuple[list[Candidate], list[Candidate], float]:
-    """(every candidate, the fitting ones ranked, seconds taken)."""
+def not_one(refused: dict[str, str], shown: int = 4) -> list[str]:
+    """Why no layout was a candidate: each reason once (the most common first), with the layouts it refused."""
+    reasons: dict[str, list[str]] = {}
+    for which, why in refused.items():
+        reasons.setdefault(why, []).append(which)
+    lines = [f"  no candidate: none of the {len(refused)} layouts and precisions (pp x rep x shard x tp) passes a "
+             "run's checks"]
+    for why, which in sorted(reasons.items(), key=lambda r: -len(r[1]))[:shown]:
+        more = f" and {len(which) - 2} more" if len(which) > 2 else ""
+        lines.append(f"    {', '.join(which[:2])}{more}: {why}")
+    return lines
+
+
+def search(cfg: DictConfig, compose: Any,
+           refused: dict[str, str] | None = None) -> tuple[list[Candidate], list[Candidate], float]:
+    """(every candidate, the fitting ones ranked, seconds taken); ``refused``: as :func:`candidates`."""
     t0 = time.perf_counter()
-    found = candidates(cfg, compose)
+    found = candidates(cfg, compose, refused)
     states: dict[tuple, dict[str, float]] = {}
     for c in found:
         evaluate(c, states)
@@ -239,13 +261,16 @@ def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> l
     from costlab.launcher.preflight import compose_config
 
     base = [o for o in user if not _searched(o)] + ["mode=plan"]
-    found, ranked, seconds = search(cfg, lambda extra: compose_config(base + extra))
+    refused: dict[str, str] = {}
+    found, ranked, seconds = search(cfg, lambda extra: compose_config(base + extra), refused)
     lines = table(ranked, len(found), seconds)
     if ranked:
         command = "python run.py " + " ".join(_runnable(user, ranked[0].overrides))
         lines.append(f"  the cheapest runs as: {command}")
-    else:
+    elif found:
         lines.append("  nothing fits: more devices, a card with more memory, or a smaller trainer.batch_size")
+    else:
+        lines += not_one(refused)
     print("\n".join(lines), file=sys.stderr, flush=True)
     client = tracking.client(cfg.tracking.uri)
     now = int(time.time() * 1000)

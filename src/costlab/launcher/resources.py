@@ -156,7 +156,8 @@ def rough_upper_bound(cfg: DictConfig) -> float:
         weights = (int(m.context) * d + d) * int(m.hidden) + 2 * v * d
         per_token = 8 * (int(m.context) * d + 2 * int(m.hidden) + d + 2 * v)
     else:
-        h = float(m.get("mlp_ratio", 4.0)) * d * 1.5  # swiglu's width is at most 1.5x gelu's here
+        # swiglu's width is at most 1.5x gelu's here, before its rounding up to mlp_multiple_of
+        h = float(m.get("mlp_ratio", 4.0)) * d * 1.5 + int(m.get("mlp_multiple_of", 1))
         weights = int(m.n_layer) * (4 * d * d + 3 * h * d + 16 * d) + 2 * v * d + int(m.block_size) * d
         per_token = 8 * (int(m.n_layer) * (24 * d + 4 * h + int(m.n_head)) + 2 * v + 4 * d)
     return 16.0 * weights + tokens * per_token

@@ -351,7 +351,7 @@ def _check_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, 
     width = _mlp_width(linears)
     splits = [
         (m.n_head, f"model.n_head={m.n_head} (each rank takes whole heads)"),
-        (width, f"the MLP width {width} (model.mlp_ratio x model.n_embd)"),
+        (width, f"the MLP width {width} (model.mlp_ratio x model.n_embd, to a multiple of model.mlp_multiple_of)"),
         (m.vocab_size, f"model.vocab_size={m.vocab_size} (the embedding is split by rows)"),
     ]
     if m.get("pos", "learned") == "learned":

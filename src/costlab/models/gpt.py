@@ -126,6 +126,7 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     mlp_ratio: float = 4.0
+    mlp_multiple_of: int = 1  # the MLP width rounded up to a multiple of this (Llama's ``multiple_of``: 256)
     bias: bool = False
     dropout: float = 0.0
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -142,7 +143,7 @@ class GPTConfig:
         hidden = int(self.mlp_ratio * self.n_embd)
         if self.mlp == "swiglu":  # keep the parameter count of a gelu MLP, as Llama does
             hidden = 2 * hidden // 3
-        return hidden
+        return -(-hidden // self.mlp_multiple_of) * self.mlp_multiple_of
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
