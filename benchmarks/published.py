@@ -15,7 +15,7 @@ MPT is costlab's GPT with MPT's shapes (LayerNorm, GELU MLP 4x, no biases, tied 
 learned position table stands in for ALiBi, +0.1 % parameters); Llama 3.1 8B is ``conf/hf_configs/llama3_8b.json``
 through ``transformers``. Each row becomes the ``run.py`` overrides a user would plan it with (``parallelism=fsdp``
 over every GPU, ``precision=bf16``, the global batch and gradient accumulation of the row) and is predicted by the
-same functions ``mode=plan`` calls. The efficiencies (:data:`costlab.measure.steptime.GPU_CALIBRATION`) are fitted on
+same functions ``mode=plan`` calls. The efficiencies (:data:`costlab.measure.cardrates.GPU_CALIBRATION`) are fitted on
 the A100 80GB rows only; every other row is a check the fit never saw. Prints the median and 95th percentile of
 |error| per table, and for torchtitan's rows the predicted peak memory against the published one (less the
 matmul outputs torchtitan's selective checkpointing recomputes and costlab's keeps: :func:`titan_selective_saving`).
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from costlab.launcher.plan import TRACED_ROWS, allowance, predict_time  # noqa: E402
 from costlab.launcher.preflight import compose_config  # noqa: E402
-from costlab.measure import steptime  # noqa: E402
+from costlab.measure import cardrates  # noqa: E402
 from costlab.measure.memory import predict_state  # noqa: E402
 from costlab.models.hf_config import read_config  # noqa: E402
 
@@ -73,7 +73,7 @@ def load() -> list[tuple[dict[str, str], object]]:
     return [(row, compose_config(overrides(row))) for row in rows]
 
 
-def predicted_per_gpu(cfg: object, row: dict[str, str], calibration: steptime.GpuCalibration) -> float:
+def predicted_per_gpu(cfg: object, row: dict[str, str], calibration: cardrates.GpuCalibration) -> float:
     gpus = int(row["gpus"])
     prediction, why = predict_time(cfg, gpus, TRACED_ROWS, calibration)
     if prediction is None:
@@ -85,11 +85,11 @@ def log_error(predicted: float, published: float) -> float:
     return math.log(predicted / published)
 
 
-def fit(table: list[tuple[dict[str, str], object]]) -> steptime.GpuCalibration:
+def fit(table: list[tuple[dict[str, str], object]]) -> cardrates.GpuCalibration:
     """The (matmul, attention, memory, overlap cost) shares that minimise the squared log error over the calibration
     table's rows: a coarse grid, then finer ones around its best point."""
     rows = [(r, c) for r, c in table if (r["source"], r["gpu"]) == CALIBRATION_TABLE]
-    base = steptime.GPU_CALIBRATION
+    base = cardrates.GPU_CALIBRATION
 
     def loss(point: tuple[float, ...]) -> float:
         c = replace(base, matmul=point[0], attention=point[1], memory=point[2], overlap_cost=point[3])
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--fit", action="store_true", help="fit the efficiencies on llm-foundry's A100 80GB rows")
     args = parser.parse_args()
     table = load()
-    calibration = steptime.GPU_CALIBRATION
+    calibration = cardrates.GPU_CALIBRATION
     if args.fit:
         calibration = fit(table)
         print(f"fitted on {CALIBRATION_TABLE}: {calibration}")

@@ -157,7 +157,7 @@ def test_a_gpu_plan_prices_its_collectives_on_the_links_they_cross():
     """The GPU time model: datasheet rates times the calibrated shares; FSDP over two nodes crosses the network
     (slower than NVLink inside one), and its collectives overlap the compute, so only what sticks out is added."""
     from costlab.launcher.plan import predict_time
-    from costlab.measure.steptime import GPU_CALIBRATION, gpu_rates
+    from costlab.measure.cardrates import GPU_CALIBRATION, gpu_rates
 
     base = ["mode=plan", "model=llama_7b", "model.block_size=2048", "hardware=h100_sxm", "parallelism=fsdp",
             "precision=bf16", "trainer.activation_checkpointing=full"]
@@ -184,7 +184,7 @@ def test_fsdp_reduces_every_accumulated_micro_batch_and_its_hidden_collectives_s
     its collectives grow with the accumulation as its compute does; DDP all-reduces once a step. On a GPU the
     collectives hidden beside the compute still cost the step the calibrated share of their seconds."""
     from costlab.launcher.plan import predict_time
-    from costlab.measure.steptime import GPU_CALIBRATION
+    from costlab.measure.cardrates import GPU_CALIBRATION
 
     base = ["mode=plan", "model=llama_7b", "model.block_size=2048", "hardware=h100_sxm", "precision=bf16",
             "trainer.activation_checkpointing=full", "trainer.nproc_per_node=8"]
@@ -206,7 +206,7 @@ def test_fused_attention_runs_at_the_cards_published_rate_or_says_it_assumed_one
     """A card's fused attention is priced at its option's published FlashAttention-2 rate times the calibrated
     share; a card that names none takes the A100's attention over matmul ratio, and its tag says ASSUMED. Hopper's
     published attention reaches a smaller share of its matmul rate than Ampere's."""
-    from costlab.measure.steptime import GPU_CALIBRATION, attention_over_matmul, gpu_rates
+    from costlab.measure.cardrates import GPU_CALIBRATION, attention_over_matmul, gpu_rates
 
     def rates(card: str):
         return gpu_rates(compose_config([*TINY, "mode=plan", f"hardware={card}"]), "bf16")
@@ -230,8 +230,8 @@ def test_fp32_on_a_gpu_runs_no_kernel_above_its_fp32_peak_and_fp8_keeps_bf16_att
     matmul ratio of that, never at FlashAttention-2's bf16 rate (5x the H100's fp32 peak). fp8 training keeps its
     attention in bf16, on a card that publishes an attention rate and on one that does not."""
     from costlab.launcher.plan import make_plan
+    from costlab.measure.cardrates import GPU_CALIBRATION, gpu_rates
     from costlab.measure.names import PLAN_MFU
-    from costlab.measure.steptime import GPU_CALIBRATION, gpu_rates
 
     for card in ("h100_sxm", "a100_80gb", "h100_pcie"):
         cfg = compose_config([*TINY, "mode=plan", f"hardware={card}"])
@@ -260,12 +260,7 @@ def test_a_gpu_run_without_its_cards_probes_predicts_its_step_as_its_plan_does()
     bandwidth (an unknown GPU) gets a tag that says there is none. (With the card's probes:
     ``tests/test_steptime.py``.)"""
     from costlab.launcher.plan import predict_time
-    from costlab.measure.steptime import (
-        PLANNED_TOKENS_PER_S,
-        PREDICTED_TOKENS_PER_S,
-        TIME_MODEL_TAG,
-        predicted_metrics,
-    )
+    from costlab.measure.steptime import PLANNED_TOKENS_PER_S, PREDICTED_TOKENS_PER_S, TIME_MODEL_TAG, predicted_metrics
     from costlab.training.optimizers import build_optimizer
 
     overrides = ["model=gpt2_small", "hardware=h100_sxm", "parallelism=fsdp", "trainer.nproc_per_node=8",
@@ -290,20 +285,20 @@ def test_a_cpu_plan_probes_a_small_model_as_a_run_does_and_times_a_large_one_in_
 
     from costlab.launcher import plan as plan_module
     from costlab.launcher.plan import predict_time
-    from costlab.measure import steptime
+    from costlab.measure import planprobes, stepprobes
     from costlab.measure.names import PLAN_MARGIN, PLAN_TOKENS_PER_S
-    from costlab.measure.steptime import PLAN_MATMUL_TOKENS
+    from costlab.measure.planprobes import PLAN_MATMUL_TOKENS
 
     probed: list[int] = []  # the model probes (the layout's, under a fake process group, are another test's)
-    depth_seconds = steptime.depth_seconds
+    depth_seconds = stepprobes.depth_seconds
 
     def counted(*args, **kwargs):
         if not dist.is_initialized():
             probed.append(1)
         return depth_seconds(*args, **kwargs)
 
-    monkeypatch.setattr(steptime, "depth_seconds", counted)
-    steptime._probe_model.cache_clear()
+    monkeypatch.setattr(stepprobes, "depth_seconds", counted)
+    planprobes._probe_model.cache_clear()
     small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2"]
     ddp, rates = predict_time(compose_config([*small, "parallelism=ddp"]), 2)
     assert rates.model is not None and rates.model.layer_s > 0 and "two depths" in rates.source
@@ -315,14 +310,14 @@ def test_a_cpu_plan_probes_a_small_model_as_a_run_does_and_times_a_large_one_in_
     assert plain.model is None
 
     rows: list[int] = []
-    matmul_rate = steptime.matmul_rate
+    matmul_rate = stepprobes.matmul_rate
 
     def spy(m: int, *args, **kwargs) -> float:
         rows.append(m)
         assert m <= PLAN_MATMUL_TOKENS, f"a plan timed a {m}-token matmul"
         return matmul_rate(m, *args, **kwargs)
 
-    monkeypatch.setattr(steptime, "matmul_rate", spy)
+    monkeypatch.setattr(stepprobes, "matmul_rate", spy)
     big = compose_config(["mode=plan", "model=llama_7b", "model.n_layer=2", "model.n_embd=1024", "model.n_head=8",
                           "hardware=cpu"])
     figures, lines = plan_module.make_plan(big)
@@ -341,19 +336,19 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     import torch.distributed as dist
 
     from costlab.launcher.plan import predict_time
-    from costlab.measure import steptime
+    from costlab.measure import planprobes, timemodel
     from costlab.measure.machine import cpu_info
     from costlab.measure.probes import remember_link
 
     seen: list[tuple] = []
-    layout_seconds = steptime.layout_seconds
+    layout_seconds = planprobes.layout_seconds
 
     def spy(cfg, world, build_optimizer, calls=None):
         seen.append((dist.get_backend(), dist.get_world_size(), dist.get_rank(), world))
         return layout_seconds(cfg, world, build_optimizer, calls)
 
-    monkeypatch.setattr(steptime, "layout_seconds", spy)
-    steptime._probe_layout.cache_clear()
+    monkeypatch.setattr(planprobes, "layout_seconds", spy)
+    planprobes._probe_layout.cache_clear()
     cache = tmp_path / "probes.json"
     small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2", f"hardware.probe_cache={cache}"]
     fsdp, rates = predict_time(compose_config([*small, "parallelism=fsdp"]), 2)
@@ -362,17 +357,17 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     assert fsdp.parts["communication"] == 0 and "no run of 2 ranks on this machine" in " ".join(fsdp.gaps)
     assert "without its peers" in " ".join(fsdp.gaps) and not rates.layout_calls["all_gather"][2]  # none a step
 
-    link = {kind: (1e-4, 1e9) for kind in steptime.COLLECTIVES}
+    link = {kind: (1e-4, 1e9) for kind in timemodel.COLLECTIVES}
     remember_link(cache, cpu_info(), 2, link)  # as a run of two ranks here keeps its probe
     again, priced = predict_time(compose_config([*small, "parallelism=fsdp"]), 2)
     assert len(seen) == 1 and priced.link == link  # the wrapping was probed once for the layout
     assert "the median of the probes of 1 earlier runs of 2 ranks here" in priced.source
     assert again.parts["layout"] == fsdp.parts["layout"] and again.parts["communication"] > 0
     assert not any("collectives not priced" in gap for gap in again.gaps)
-    plain = steptime.predict_step(compose_config([*small, "parallelism=fsdp"]), 2,
-                                  steptime.Rates(**{**vars(priced), "layout_layer_s": 0.0, "layout_outside_s": 0.0,
-                                                    "layout_step_s": 0.0, "layout_probed": False}),
-                                  build_optimizer)
+    plain = timemodel.predict_step(compose_config([*small, "parallelism=fsdp"]), 2,
+                                   timemodel.Rates(**{**vars(priced), "layout_layer_s": 0.0, "layout_outside_s": 0.0,
+                                                      "layout_step_s": 0.0, "layout_probed": False}),
+                                   build_optimizer)
     assert again.parts["communication"] == pytest.approx(plain.parts["communication"])  # gathers, reduce-scatters
     # FSDP2's collectives, counted as rank 0 issued them: each block's group gathered for its forward and again for
     # its backward (resharded after its forward), its gradients reduce-scattered once; the root's gathered once
@@ -391,8 +386,8 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     ddp, ddp_rates = predict_time(replicated, 2)
     assert seen[2] == ("fake", 2, 0, 2) and not dist.is_initialized()
     assert ddp_rates.layout_probed and ddp_rates.layout_layer_s + ddp_rates.layout_outside_s > 0
-    unwrapped = steptime.predict_step(replicated, 2, steptime.Rates(**{**vars(ddp_rates), "layout_probed": False}),
-                                      build_optimizer)
+    unwrapped = timemodel.predict_step(replicated, 2, timemodel.Rates(**{**vars(ddp_rates), "layout_probed": False}),
+                                       build_optimizer)
     assert ddp.parts["communication"] == pytest.approx(unwrapped.parts["communication"])
     assert ddp.parts["communication"] > 0
     per_sync = replicated.model.n_layer * ddp_rates.layout_layer_s + ddp_rates.layout_outside_s  # one micro-batch
@@ -400,19 +395,19 @@ def test_a_cpu_plan_runs_fsdp_and_tp_wrapping_as_rank_0_and_prices_collectives_o
     assert len(ddp.gaps) == 1 and "without its peers" in ddp.gaps[0]
 
     # a layout the fake group cannot run costs the plan its wrapping only, and the plan says why
-    _a_failed_probe_costs_the_plan_its_part(monkeypatch, capsys, small, "layout_seconds", steptime._probe_layout,
+    _a_failed_probe_costs_the_plan_its_part(monkeypatch, capsys, small, "layout_seconds", planprobes._probe_layout,
                                             "fsdp", "layout")
 
 
 def _each_counted_collective_pays_the_links_latency(cfg, rates) -> None:
     """A plan prices each collective its layout's probe counted at the link's latency, once per call: a step's
     communication grows by one latency per call counted in a step (the run's depth, its micro-batches)."""
-    from costlab.measure import steptime
+    from costlab.measure import timemodel
 
     def communication(latency: float) -> float:
         link = {kind: (latency, bandwidth) for kind, (_, bandwidth) in rates.link.items()}
-        return steptime.predict_step(cfg, 2, steptime.Rates(**{**vars(rates), "link": link}),
-                                     build_optimizer).parts["communication"]
+        return timemodel.predict_step(cfg, 2, timemodel.Rates(**{**vars(rates), "link": link}),
+                                      build_optimizer).parts["communication"]
 
     layers, micro_batches = cfg.model.n_layer, cfg.trainer.grad_accum_steps
     per_step = sum(micro_batches * (layers * layer + outside) + step
@@ -422,15 +417,15 @@ def _each_counted_collective_pays_the_links_latency(cfg, rates) -> None:
 
 def _a_failed_probe_costs_the_plan_its_part(monkeypatch, capsys, small: list[str], probe: str, cache,
                                             layout: str, part: str) -> None:
-    """Where ``probe`` (of steptime, cached in ``cache``) cannot run under the fake group, a plan of ``layout``
-    still predicts, without ``part``, and says that its probe failed and, on stderr, why."""
+    """Where ``probe`` (looked up in planprobes, cached in ``cache``) cannot run under the fake group, a plan of
+    ``layout`` still predicts, without ``part``, and says that its probe failed and, on stderr, why."""
     from costlab.launcher.plan import predict_time
-    from costlab.measure import steptime
+    from costlab.measure import planprobes
 
     def broken(*args):
         raise RuntimeError(f"\nno {probe} under the fake group")  # PyTorch's messages can start on a new line
 
-    monkeypatch.setattr(steptime, probe, broken)
+    monkeypatch.setattr(planprobes, probe, broken)
     cache.cache_clear()
     failed, rates = predict_time(compose_config([*small, f"parallelism={layout}"]), 2)
     assert not getattr(rates, f"{part}_probed") and part not in failed.parts and failed.tokens_per_s > 0
@@ -447,29 +442,29 @@ def test_a_cpu_plan_runs_a_pipelines_schedule_as_its_first_and_last_stages_ranks
     import torch.distributed as dist
 
     from costlab.launcher.plan import predict_time
-    from costlab.measure import steptime
+    from costlab.measure import planprobes, stepprobes, timemodel
     from costlab.measure.machine import cpu_info
     from costlab.measure.probes import remember_link
 
     seen: list[tuple] = []
-    schedule_seconds = steptime.schedule_seconds
+    schedule_seconds = planprobes.schedule_seconds
 
     in_turn: list[bool] = []  # how each schedule probe timed the plain stage it takes off
-    depth_seconds = steptime.depth_seconds
+    depth_seconds = stepprobes.depth_seconds
 
     def spy(cfg, env, build_optimizer):
         seen.append((dist.get_backend(), dist.get_world_size(), dist.get_rank(), env.rank))
-        monkeypatch.setattr(steptime, "depth_seconds",
+        monkeypatch.setattr(stepprobes, "depth_seconds",
                             lambda *a, **k: in_turn.append(k.get("in_turn", True)) or depth_seconds(*a, **k))
         try:
             return schedule_seconds(cfg, env, build_optimizer)
         finally:
-            monkeypatch.setattr(steptime, "depth_seconds", depth_seconds)
+            monkeypatch.setattr(stepprobes, "depth_seconds", depth_seconds)
 
-    monkeypatch.setattr(steptime, "schedule_seconds", spy)
-    steptime._probe_schedule.cache_clear()
+    monkeypatch.setattr(planprobes, "schedule_seconds", spy)
+    planprobes._probe_schedule.cache_clear()
     cache = tmp_path / "probes.json"
-    remember_link(cache, cpu_info(), 2, {kind: (1e-4, 1e9) for kind in steptime.COLLECTIVES})
+    remember_link(cache, cpu_info(), 2, {kind: (1e-4, 1e9) for kind in timemodel.COLLECTIVES})
     small = [*TINY, "mode=plan", "hardware=cpu", "trainer.nproc_per_node=2", f"hardware.probe_cache={cache}"]
     pp, rates = predict_time(compose_config([*small, "parallelism=pp"]), 2)
     assert seen == [("fake", 2, 0, 0), ("fake", 2, 1, 1)] and not dist.is_initialized()
@@ -477,8 +472,8 @@ def test_a_cpu_plan_runs_a_pipelines_schedule_as_its_first_and_last_stages_ranks
     assert rates.schedule_probed and not rates.layout_peers and "schedule" in pp.parts
     assert "as the ranks of its first and last stages each run it alone" in rates.source
     assert len(pp.gaps) == 1 and "without their peers" in pp.gaps[0]
-    unprobed = steptime.predict_step(compose_config([*small, "parallelism=pp"]), 2,
-                                     steptime.Rates(**{**vars(rates), "schedule_probed": False, "schedule_s": 0.0}),
+    unprobed = timemodel.predict_step(compose_config([*small, "parallelism=pp"]), 2,
+                                      timemodel.Rates(**{**vars(rates), "schedule_probed": False, "schedule_s": 0.0}),
                                      build_optimizer)
     assert pp.parts["communication"] > 0  # its sends' latency too, as the link model prices it
     assert pp.parts["communication"] == pytest.approx(unprobed.parts["communication"])
@@ -492,5 +487,5 @@ def test_a_cpu_plan_runs_a_pipelines_schedule_as_its_first_and_last_stages_ranks
             "parallelism.pp_degree=2", "parallelism.tp_degree=2"]
     _, tp_rates = predict_time(compose_config(four), 4)
     assert [s[2] for s in seen[4:]] == [0, 2] and tp_rates.schedule_probed, capsys.readouterr().err
-    _a_failed_probe_costs_the_plan_its_part(monkeypatch, capsys, small, "schedule_seconds", steptime._probe_schedule,
+    _a_failed_probe_costs_the_plan_its_part(monkeypatch, capsys, small, "schedule_seconds", planprobes._probe_schedule,
                                             "pp", "schedule")

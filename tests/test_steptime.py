@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from costlab.measure.hardware import flops_per_token
-from costlab.measure.steptime import ModelProbe, RankProbes, Rates, cpu_rates, layer_work, predict_step
+from costlab.measure.stepprobes import RankProbes, cpu_rates
+from costlab.measure.timemodel import ModelProbe, Rates, layer_work, predict_step
 from costlab.models.gpt import build_model
 from costlab.training.optimizers import build_optimizer
 from tests.conftest import HF_TINY, TINY, compose_config
@@ -69,7 +70,7 @@ def test_the_layout_decides_which_collectives_and_bubble_the_step_pays():
 
 @pytest.mark.parametrize("option", ["fsdp", "tp", "ddp"])
 def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
-    """With the run's own wrapping probed (:func:`costlab.measure.steptime.layout_seconds`), FSDP and tensor
+    """With the run's own wrapping probed (:func:`costlab.measure.stepprobes.layout_seconds`), FSDP and tensor
     parallel pay it per layer and micro-batch and once per step; FSDP's collectives and TP's latencies are in it.
     DDP pays it for one micro-batch a step (the others run under ``no_sync``), its all-reduces in it. Unprobed (a
     GPU plan), or probed without the layout's peers (a CPU plan), they are priced on the link model."""
@@ -81,7 +82,7 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     synced = 1 if option == "ddp" else 2  # micro-batches a step that pay the wrapping
     assert probed.parts["layout"] == pytest.approx(synced * (cfg.model.n_layer * 2e-3 + 1e-3) + 5e-3)
     if option == "tp":  # the collectives' bytes remain, their latencies are the probe's (each micro-batch's)
-        from costlab.measure.steptime import tp_collectives
+        from costlab.measure.timemodel import tp_collectives
 
         latencies = 2 * sum(calls * RATES.link[kind][0]
                             for kind, calls, _ in tp_collectives(cfg, cfg.model, 1, cfg.model.n_layer, False))
@@ -100,7 +101,7 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
 
 
 def test_a_probed_model_prices_its_micro_batch_at_the_probes_seconds_and_splits_them_for_tensor_parallel():
-    """With the run's own model probed plain on its micro-batch (:class:`costlab.measure.steptime.ModelProbe`), a
+    """With the run's own model probed plain on its micro-batch (:class:`costlab.measure.timemodel.ModelProbe`), a
     single rank's forward and backward cost what the probe measured per layer and outside; tensor parallel divides
     the matmuls and the bytes by its degree and keeps each op's fixed cost (every rank runs every op)."""
     cfg = _cfg("trainer.grad_accum_steps=2")
@@ -133,7 +134,7 @@ def test_a_probed_model_prices_its_micro_batch_at_the_probes_seconds_and_splits_
 
 
 def test_a_probed_pipeline_schedule_is_paid_per_schedule_step_and_holds_its_sends_fixed_costs():
-    """With the run's own pipeline schedule probed (:func:`costlab.measure.steptime.schedule_seconds`), each
+    """With the run's own pipeline schedule probed (:func:`costlab.measure.stepprobes.schedule_seconds`), each
     schedule step (one per accumulated group of micro-batches) pays it, and the sends keep only their bytes on the
     link model: their fixed costs were in the schedule's timing."""
     cfg = _cfg("parallelism=pp", "trainer.grad_accum_steps=2")
@@ -174,20 +175,14 @@ def test_a_probe_that_came_to_nothing_still_counts_as_probed(option):
 
 
 def test_a_gpu_run_predicts_from_its_cards_probes_and_logs_its_plan_beside():
-    """A GPU run whose card was probed (:func:`costlab.measure.steptime.card_probes`) predicts with what the card
+    """A GPU run whose card was probed (:func:`costlab.measure.stepprobes.card_probes`) predicts with what the card
     measured in place of the calibrated shares: its model's seconds per micro-batch, its host's dispatch per op,
     its memory's writes; attention and the links stay the hardware option's. Beside it, the run logs its plan's
     prediction (the option's calibrated rates alone). No card here: the probes' figures are given."""
     from costlab.launcher.plan import predict_time
-    from costlab.measure.steptime import (
-        PLANNED_TOKENS_PER_S,
-        PREDICTED_TOKENS_PER_S,
-        TIME_MODEL_TAG,
-        RankProbes,
-        card_rates,
-        gpu_rates,
-        predicted_metrics,
-    )
+    from costlab.measure.cardrates import card_rates, gpu_rates
+    from costlab.measure.stepprobes import RankProbes
+    from costlab.measure.steptime import PLANNED_TOKENS_PER_S, PREDICTED_TOKENS_PER_S, TIME_MODEL_TAG, predicted_metrics
 
     overrides = ["hardware=h100_sxm", "precision=bf16", "trainer.grad_accum_steps=2"]
     cfg = compose_config([*TINY, *overrides, "trainer.device=cuda"])
@@ -220,11 +215,11 @@ def test_a_gpu_run_predicts_from_its_cards_probes_and_logs_its_plan_beside():
 
 
 def test_the_cards_probes_time_the_run_on_the_ranks_device_and_fail_as_a_whole(capfd):
-    """:func:`costlab.measure.steptime.card_probes` runs its probes on the rank's device (here the CPU, which takes
+    """:func:`costlab.measure.stepprobes.card_probes` runs its probes on the rank's device (here the CPU, which takes
     the same code but for the card's clock): the run's model at two depths on its micro-batch, its matmul shapes,
     the host's dispatch, a large add. A probe that raises costs the prediction its probes and says so; the run
     goes on."""
-    from costlab.measure.steptime import card_probes
+    from costlab.measure.stepprobes import card_probes
     from costlab.parallelism.core import DistEnv
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -245,7 +240,7 @@ def _card_probes_on_rank(rank: int, world: int, folder: str) -> None:
     alone; what each returned, saved."""
     import torch.distributed as dist
 
-    from costlab.measure.steptime import card_probes
+    from costlab.measure.stepprobes import card_probes
     from costlab.parallelism.core import DistEnv
 
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
@@ -288,15 +283,15 @@ def _budgeted_probe_on_rank(rank: int, world: int, folder: str) -> None:
     how many timings each rank made, saved."""
     import torch.distributed as dist
 
-    from costlab.measure import steptime
+    from costlab.measure import stepprobes
 
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
     try:
         timings = []
-        wall = steptime._wall_seconds
-        steptime._wall_seconds = lambda call, device=None: timings.append(1) or wall(call, device)
-        steptime.depth_seconds(_cfg("parallelism=ddp"), world, build_optimizer, wrapped=True,
-                               budget_s=1e-9 if rank == 0 else 60.0)
+        wall = stepprobes._wall_seconds
+        stepprobes._wall_seconds = lambda call, device=None: timings.append(1) or wall(call, device)
+        stepprobes.depth_seconds(_cfg("parallelism=ddp"), world, build_optimizer, wrapped=True,
+                                 budget_s=1e-9 if rank == 0 else 60.0)
         torch.save(len(timings), f"{folder}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -311,7 +306,7 @@ def test_a_budgeted_probe_times_a_short_pass_more_often_and_its_ranks_agree_how_
 
     import torch.multiprocessing as mp
 
-    from costlab.measure import steptime
+    from costlab.measure import stepprobes, timemodel
 
     ranks = mp.spawn(_budgeted_probe_on_rank, args=(2, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
@@ -320,13 +315,13 @@ def test_a_budgeted_probe_times_a_short_pass_more_often_and_its_ranks_agree_how_
             for process in ranks.processes:
                 process.terminate()
             pytest.fail("the ranks' budgeted probes hung")
-    depths = len(steptime.LAYOUT_DEPTHS)
+    depths = len(timemodel.LAYOUT_DEPTHS)
     # per depth: the warm pass and step timed once for the count, then each timed the count's times
-    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [depths * 2 * (1 + steptime.MAX_REPEATS)] * 2
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [depths * 2 * (1 + stepprobes.MAX_REPEATS)] * 2
     timings = []
-    wall = steptime._wall_seconds
-    monkeypatch.setattr(steptime, "_wall_seconds", lambda call, device=None: timings.append(1) or wall(call, device))
-    steptime.depth_seconds(_cfg(), 1, build_optimizer, wrapped=False, repeats=3)
+    wall = stepprobes._wall_seconds
+    monkeypatch.setattr(stepprobes, "_wall_seconds", lambda call, device=None: timings.append(1) or wall(call, device))
+    stepprobes.depth_seconds(_cfg(), 1, build_optimizer, wrapped=False, repeats=3)
     assert len(timings) == depths * 2 * 3
 
 
@@ -336,25 +331,25 @@ def test_a_stretch_where_the_host_runs_slow_weighs_on_every_depth_and_layout_ali
     (here a second added to every timing from the middle of the probe on) moves each depth's and each layout's
     median alike, so a layer's cost (the depths' difference) and the wrapping's (wrapped less plain) keep their
     size; timed one depth (or layout) after the other, the stretch would fall on the last ones alone."""
-    from costlab.measure import steptime
+    from costlab.measure import stepprobes, timemodel
 
     cfg = _cfg("model.n_layer=4")
     repeats = 5
-    parts = 2 * len(steptime.LAYOUT_DEPTHS) * len(layouts)  # per round: each variant's passes and its update
+    parts = 2 * len(timemodel.LAYOUT_DEPTHS) * len(layouts)  # per round: each variant's passes and its update
     timings = []
-    wall = steptime._wall_seconds
+    wall = stepprobes._wall_seconds
 
     def slow_from_the_middle(call, device=None):
         seconds = wall(call, device)
         timings.append(seconds)
         return seconds + (1.0 if len(timings) > parts * (repeats // 2) else 0.0)  # rounds 3-5 of 5
 
-    monkeypatch.setattr(steptime, "_wall_seconds", slow_from_the_middle)
-    seconds = steptime.layouts_seconds(cfg, 1, build_optimizer, layouts, repeats=repeats)
+    monkeypatch.setattr(stepprobes, "_wall_seconds", slow_from_the_middle)
+    seconds = stepprobes.layouts_seconds(cfg, 1, build_optimizer, layouts, repeats=repeats)
     assert len(timings) == parts * repeats
     for per_depth in seconds:
         assert all(passes > 1.0 and update > 1.0 for passes, update in per_depth.values())  # the stretch is there
-        layer, outside, step_layer, step_outside = steptime.per_layer(per_depth)
+        layer, outside, step_layer, step_outside = timemodel.per_layer(per_depth)
         assert layer < 0.1 and step_layer < 0.1 and outside > 0.9 and step_outside > 0.9
     if len(seconds) == 2:
         wrapped, plain = seconds
@@ -364,18 +359,18 @@ def test_a_stretch_where_the_host_runs_slow_weighs_on_every_depth_and_layout_ali
 def test_in_bursts_each_models_timings_come_one_after_the_other(monkeypatch):
     """``in_turn=False`` (the schedule probe's plain stage, whose level it takes off) times each depth's passes and
     update repeatedly before the next depth's, as training runs one model; by default a round times every depth."""
-    from costlab.measure import steptime
+    from costlab.measure import stepprobes, timemodel
 
     cfg = _cfg("model.n_layer=4")
     timed = []
-    wall = steptime._wall_seconds
-    monkeypatch.setattr(steptime, "_wall_seconds", lambda call, device=None: timed.append(call) or wall(call, device))
-    steptime.depth_seconds(cfg, 1, build_optimizer, False, repeats=3, in_turn=False)
+    wall = stepprobes._wall_seconds
+    monkeypatch.setattr(stepprobes, "_wall_seconds", lambda call, device=None: timed.append(call) or wall(call, device))
+    stepprobes.depth_seconds(cfg, 1, build_optimizer, False, repeats=3, in_turn=False)
     passes = timed[::2]  # each timing's forward and backward, then its update
-    assert len(timed) == 2 * len(steptime.LAYOUT_DEPTHS) * 3
+    assert len(timed) == 2 * len(timemodel.LAYOUT_DEPTHS) * 3
     assert len(set(passes[:3])) == 1 and len(set(passes[3:])) == 1 and passes[0] is not passes[3]
     timed.clear()
-    steptime.depth_seconds(cfg, 1, build_optimizer, False, repeats=3)
+    stepprobes.depth_seconds(cfg, 1, build_optimizer, False, repeats=3)
     passes = timed[::2]
     assert passes[0] is not passes[1] and passes[0] is passes[2] and passes[1] is passes[3]
 
@@ -384,7 +379,7 @@ def test_the_slowest_ranks_split_of_a_layer_and_the_outside_is_one_ranks():
     """Of several ranks' probes, each figure is the largest, but a pair (per layer, outside the layers) is the rank's
     whose total at the run's depth is the largest: rank 0 reads 2 ms a layer and nothing outside (8 ms at 4
     layers), rank 1 0.5 ms and 3 ms (5 ms); their parts' own largest would make 11 ms, which no rank took."""
-    from costlab.measure.steptime import slowest_pairs
+    from costlab.measure.stepprobes import slowest_pairs
 
     ranks = [[1.0, 2e-3, 0.0, 7.0], [4.0, 0.5e-3, 3e-3, 5.0]]
     assert slowest_pairs(ranks, (1,), 4) == [4.0, 2e-3, 0.0, 7.0]
@@ -402,7 +397,7 @@ def test_a_plans_companions_work_while_it_does_request_after_request_and_none_is
 
     import psutil
 
-    from costlab.measure.steptime import at_once, start_companions, stop_companions
+    from costlab.measure.companions import at_once, start_companions, stop_companions
 
     script = ("import json, sys, time\nprint('ready', flush=True)\nfor line in sys.stdin:\n    t = time.time()\n"
               "    time.sleep(float(line))\n    print(json.dumps([t, time.time()]), flush=True)")
@@ -429,15 +424,15 @@ def test_a_plans_rates_are_the_slowest_of_it_and_its_companions(monkeypatch):
     """A CPU plan of two ranks times its rates beside a companion process that times the same (the probes of
     :func:`rank_times`, run in a fresh interpreter): with this process's own figures made a million times too fast,
     each figure is the companion's."""
-    from costlab.measure import steptime
+    from costlab.measure import companions, stepprobes
 
-    monkeypatch.setattr(steptime, "matmul_seconds", lambda *args: [1e-15])
-    monkeypatch.setattr(steptime, "fixed_times", lambda *args: [1e-15] * 4)
-    (per_flop,), companions = steptime.beside_peers(1, 1, "matmul_seconds", 64, 32, 128, 1, "float32")
-    assert companions == 1 and 1e-13 < per_flop < 1e-6  # a real matmul's: under a TFLOP/s and over a MFLOP/s
-    fixed, companions = steptime.beside_peers(1, 1, "fixed_times", True)  # the same companion, asked again
+    monkeypatch.setattr(stepprobes, "matmul_seconds", lambda *args: [1e-15])
+    monkeypatch.setattr(stepprobes, "fixed_times", lambda *args: [1e-15] * 4)
+    (per_flop,), timed = companions.beside_peers(1, 1, "matmul_seconds", 64, 32, 128, 1, "float32")
+    assert timed == 1 and 1e-13 < per_flop < 1e-6  # a real matmul's: under a TFLOP/s and over a MFLOP/s
+    fixed, timed = companions.beside_peers(1, 1, "fixed_times", True)  # the same companion, asked again
     per_op, per_view, per_byte, per_policed_op = fixed
-    assert companions == 1 and all(1e-8 < f < 1e-2 for f in (per_op, per_view, per_policed_op))  # 10 ns to 10 ms
+    assert timed == 1 and all(1e-8 < f < 1e-2 for f in (per_op, per_view, per_policed_op))  # 10 ns to 10 ms
     assert 1e-12 < per_byte < 1e-8  # 100 MB/s to 1 TB/s
 
 
@@ -446,16 +441,16 @@ def test_a_companion_that_cannot_start_leaves_a_plan_its_own_rates(monkeypatch, 
 
     import psutil
 
-    from costlab.measure import steptime
+    from costlab.measure import companions
 
-    monkeypatch.setattr(steptime, "companion_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"])
-    steptime.companions.cache_clear()
+    monkeypatch.setattr(companions, "companion_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"])
+    companions.companions.cache_clear()
     before = {child.pid for child in psutil.Process().children()}  # another test's server may be running
     try:
-        figures, companions = steptime.beside_peers(1, 1, "fixed_times", False)
+        figures, timed = companions.beside_peers(1, 1, "fixed_times", False)
     finally:
-        steptime.companions.cache_clear()
-    assert companions == 0 and all(f > 0 for f in figures[:3]) and figures[3] == 0.0  # no policed op asked for
+        companions.companions.cache_clear()
+    assert timed == 0 and all(f > 0 for f in figures[:3]) and figures[3] == 0.0  # no policed op asked for
     assert "without companions (a companion process exited with code 3" in capsys.readouterr().err
     assert {child.pid for child in psutil.Process().children()} <= before
 
@@ -466,7 +461,7 @@ def test_a_cpus_link_latency_is_a_calls_mean_within_a_step_its_compute_between_u
     every call timed, the stretch between them not."""
     import time
 
-    from costlab.measure.steptime import in_step_seconds
+    from costlab.measure.stepprobes import in_step_seconds
     from costlab.parallelism.apply import fake_group
 
     with fake_group(0, 2):
@@ -482,7 +477,7 @@ def test_a_fine_tuning_runs_work_and_weights_are_its_adapters(finetune):
     pytest.importorskip("peft")
     from torch.utils.flop_counter import FlopCounterMode
 
-    from costlab.measure.steptime import optimizer_work
+    from costlab.measure.timemodel import optimizer_work
     from costlab.models.adapters import apply_finetune
     from costlab.models.loss import loss_fn
 
@@ -529,7 +524,7 @@ def test_tensor_parallels_collectives_are_those_its_layout_issues(overrides):
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from costlab.measure.steptime import collective_kind, tp_collectives
+    from costlab.measure.timemodel import collective_kind, tp_collectives
     from costlab.measure.traced import hf_shapes
     from costlab.models.hf_config import is_hf
     from costlab.models.loss import loss_fn

@@ -38,7 +38,8 @@ from costlab.measure.names import (
     PLAN_USD,
     PLAN_USD_PER_1M,
 )
-from costlab.measure.steptime import MODEL_PROBE_S, TIME_MODEL_TAG
+from costlab.measure.planprobes import MODEL_PROBE_S
+from costlab.measure.steptime import TIME_MODEL_TAG
 from costlab.precision import matmul_dtype
 
 GB = 1e9
@@ -193,16 +194,18 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
 
 def predict_time(cfg: DictConfig, world: int, traced_rows: int | None = None,
                  calibration: Any = None, probe_model: bool = True) -> tuple[Any, Any]:
-    """(:class:`~costlab.measure.steptime.Prediction`, its rates) of the plan's step, or (None, why not). A GPU's
-    rates are its datasheet figures times the calibrated shares (:func:`~costlab.measure.steptime.gpu_rates`;
-    ``calibration``: other shares than :data:`~costlab.measure.steptime.GPU_CALIBRATION`, as a fit tries them);
+    """(:class:`~costlab.measure.timemodel.Prediction`, its rates) of the plan's step, or (None, why not). A GPU's
+    rates are its datasheet figures times the calibrated shares (:func:`~costlab.measure.cardrates.gpu_rates`;
+    ``calibration``: other shares than :data:`~costlab.measure.cardrates.GPU_CALIBRATION`, as a fit tries them);
     this CPU's are probed here, in this one process (no peers: its collectives are priced from the link that runs of
     as many ranks here kept, where one did, the tag says what was not priced); where its step is predicted under
     :data:`MODEL_PROBE_S` without it, and unless ``probe_model`` is false (a plan that does not fit this machine),
     the run's own model is probed too (a small model's step is its ops' fixed costs more than its matmuls; the
     probe runs its forward and backward a dozen times at 1 and 3 layers), and its FSDP's, tensor parallel's or
-    DDP's wrapping as the layout's rank 0 runs it (:func:`~costlab.measure.steptime.local_layout`)."""
-    from costlab.measure.steptime import gpu_rates, plan_cpu_rates, plan_gaps, predict_step
+    DDP's wrapping as the layout's rank 0 runs it (:func:`~costlab.measure.planprobes.local_layout`)."""
+    from costlab.measure.cardrates import gpu_rates
+    from costlab.measure.planprobes import plan_cpu_rates, plan_gaps
+    from costlab.measure.timemodel import predict_step
     from costlab.training.optimizers import build_optimizer
 
     try:

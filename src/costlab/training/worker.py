@@ -61,7 +61,9 @@ from costlab.measure.names import (
     PERF_TOKENS_PER_S,
     SERVE_TARGET_TOKENS_PER_S,
 )
-from costlab.measure.steptime import keep_link, predicted_metrics, probe_ranks
+from costlab.measure.planprobes import keep_link
+from costlab.measure.stepprobes import probe_ranks
+from costlab.measure.steptime import predicted_metrics
 from costlab.models.adapters import (
     ADAPTER_DIR,
     ADAPTER_TAG,
