@@ -55,6 +55,7 @@ def test_default_experiment_learns_and_logs_the_whole_contract(cli, tmp_path):
     # the time model's prediction beside the measured throughput, with the rates and parts it rests on
     assert m["perf/predicted_tokens_per_s"] > 0 and "us per op" in run.data.tags["costlab.time_model"]
     assert "the run's model probed plain on its micro-batch" in run.data.tags["costlab.time_model"]
+    assert "us per op of the optimizer's step (no autograd)" in run.data.tags["costlab.time_model"]
     assert m["perf/predicted_step_time_ms"] > 0
     # and the money it predicts, at the price the measured figure uses
     measured, predicted = m["cost/usd_per_1m_train_tokens"], m["cost/predicted_usd_per_1m_train_tokens"]

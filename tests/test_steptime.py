@@ -68,6 +68,23 @@ def test_the_layout_decides_which_collectives_and_bubble_the_step_pays():
     assert faster.step_s < single.step_s
 
 
+def test_the_optimizers_step_pays_the_op_rate_without_autograd_where_one_was_probed():
+    """The optimizer's step (clipping and zeroing included) runs under no_grad: its ops pay the rate of an op chain
+    without autograd where the probes timed one; the forward and backward keep the rate with autograd, and rates
+    without it (a card's) price the step at that one."""
+    from costlab.measure.timemodel import optimizer_work
+
+    cfg = _cfg()
+    base = predict_step(cfg, 1, RATES, build_optimizer)
+    rates = Rates(**{**vars(RATES), "step_op_s": RATES.op_s / 4})
+    cheaper = predict_step(cfg, 1, rates, build_optimizer)
+    layer, outside, *_ = optimizer_work(cfg, build_optimizer)
+    ops = cfg.model.n_layer * layer.ops + outside.ops
+    assert ops > 100 and base.parts["optimizer"] - cheaper.parts["optimizer"] == pytest.approx(ops * RATES.op_s * 3 / 4)
+    assert cheaper.parts["compute"] == base.parts["compute"]
+    assert "1 us per op of the optimizer's step (no autograd)" in cheaper.tag(rates)
+
+
 @pytest.mark.parametrize("option", ["fsdp", "tp", "ddp"])
 def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
     """With the run's own wrapping probed (:func:`costlab.measure.stepprobes.layout_seconds`), FSDP and tensor
@@ -427,12 +444,12 @@ def test_a_plans_rates_are_the_slowest_of_it_and_its_companions(monkeypatch):
     from costlab.measure import companions, stepprobes
 
     monkeypatch.setattr(stepprobes, "matmul_seconds", lambda *args: [1e-15])
-    monkeypatch.setattr(stepprobes, "fixed_times", lambda *args: [1e-15] * 4)
+    monkeypatch.setattr(stepprobes, "fixed_times", lambda *args: [1e-15] * 5)
     (per_flop,), timed = companions.beside_peers(1, 1, "matmul_seconds", 64, 32, 128, 1, "float32")
     assert timed == 1 and 1e-13 < per_flop < 1e-6  # a real matmul's: under a TFLOP/s and over a MFLOP/s
     fixed, timed = companions.beside_peers(1, 1, "fixed_times", True)  # the same companion, asked again
-    per_op, per_view, per_byte, per_policed_op = fixed
-    assert timed == 1 and all(1e-8 < f < 1e-2 for f in (per_op, per_view, per_policed_op))  # 10 ns to 10 ms
+    per_op, per_view, per_byte, per_policed_op, per_step_op = fixed
+    assert timed == 1 and all(1e-8 < f < 1e-2 for f in (per_op, per_view, per_policed_op, per_step_op))  # 10 ns-10 ms
     assert 1e-12 < per_byte < 1e-8  # 100 MB/s to 1 TB/s
 
 

@@ -51,7 +51,7 @@ def local_probes(cfg: DictConfig, world: int, build_optimizer: Any = None) -> Ra
         layer_s, outside_s, calls = 0.0, 0.0, {}
     schedule = local_schedule(cfg, world, share, build_optimizer) if model is not None and dims.pp_enabled else None
     return RankProbes(1 / times[0], times[1], times[2], 1 / times[3], None,
-                      policy_op_s=times[4], layout_layer_s=layer_s, layout_outside_s=outside_s,
+                      policy_op_s=times[4], step_op_s=times[5], layout_layer_s=layer_s, layout_outside_s=outside_s,
                       layout_step_s=step_s, layout_calls=dict(calls), model=model, layout_peers=False,
                       layout_probed=layout is not None,
                       schedule_s=schedule or 0.0, schedule_probed=schedule is not None)

@@ -12,7 +12,8 @@ the same to trace), under the run's checkpointing mode and precision, counted th
 and the optimizer's step once, traced with the run's own optimizer. A rank's step is then
 
     compute(w) = w.flops / matmul rate + w.bytes / memory bandwidth + w.ops x seconds per op
-    step       = micro-batches x compute(one micro-batch on this rank) + compute(optimizer step)
+    step       = micro-batches x compute(one micro-batch on this rank) + compute(optimizer step; its ops run
+                 without autograd, at the seconds per op of such a chain where one was probed)
                  + the pipeline's bubble: (pp - 1) micro-batch slots (/ stages per rank when interleaved)
                  + each collective: latency + bytes / bandwidth, both probed per kind of collective (all-reduce
                    moves 2 (n-1)/n of its bytes, all-gather and reduce-scatter (n-1)/n): DDP's gradient all-reduce

@@ -85,6 +85,7 @@ class Rates:
     overlap: bool = False
     overlap_cost: float = 0.0  # seconds a step still pays per second of collectives run beside its compute
     model: ModelProbe | None = None  # the run's own model, probed (None: ops x ``op_s`` and one memory rate)
+    step_op_s: float = 0.0  # an op of the optimizer's step, which runs without autograd (0: ``op_s``)
 
 
 class ModelProbe(NamedTuple):
@@ -113,6 +114,8 @@ class Prediction:
                 f" GB/s, {rates.op_s * 1e6:.3g} us per op, {rates.view_s * 1e6:.3g} us per view, "
                 + "".join(f"{k} {lat * 1e6:.3g} us + {bw / 1e9:.3g} GB/s, " for k, (lat, bw) in rates.link.items())
                 + (f"{rates.policy_op_s * 1e6:.3g} us per policed op, " if rates.policy_op_s else "")
+                + (f"{rates.step_op_s * 1e6:.3g} us per op of the optimizer's step (no autograd), "
+                   if rates.step_op_s else "")
                 + (f"the layout's wrapping {rates.layout_layer_s * 1e3:.3g} ms per layer and "
                    f"{rates.layout_outside_s * 1e3:.3g} ms outside per micro-batch, "
                    f"{rates.layout_step_s * 1e3:.3g} ms per step, " if rates.layout_probed else "")
@@ -417,15 +420,15 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     def matmuls(w: Work, rate: float = rates.matmul_flops) -> float:
         return (w.flops - w.attention) / rate + w.attention * rates.causal_share / (rates.attention_flops or rate)
 
-    def compute(w: Work) -> float:
-        device = matmuls(w) + w.bytes / rates.bytes_per_s + w.ops * rates.op_s + w.views * rates.view_s
+    def compute(w: Work, op_s: float = rates.op_s) -> float:
+        device = matmuls(w) + w.bytes / rates.bytes_per_s + w.ops * op_s + w.views * rates.view_s
         return max(device, (w.ops + w.views) * rates.host_op_s)  # a GPU waits for its host's dispatch
 
     n_mb = int(t.grad_accum_steps) * micro
     opt_layer, opt_outside, layer_weights, outside_weights, note = optimizer_work(cfg, build_optimizer)
     opt = opt_layer.scaled(ops=layers, data=layers) + opt_outside  # each rank steps every tensor it holds a part of
     notes = [note] if note else []
-    optimizer = compute(opt.scaled(data=1 / (dims.dp_shard * tp)))
+    optimizer = compute(opt.scaled(data=1 / (dims.dp_shard * tp)), rates.step_op_s or rates.op_s)
     if rates.model:  # the run's own model's forward and backward, probed plain on the run's micro-batch
         probe = rates.model
         plain = layer_work(cfg, rows, False)  # the probe's work: the run's micro-batch, unwrapped
