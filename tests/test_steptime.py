@@ -68,6 +68,23 @@ def test_the_layout_decides_which_collectives_and_bubble_the_step_pays():
     assert faster.step_s < single.step_s
 
 
+def test_a_logged_step_pays_the_losss_reduction_over_the_ranks_that_hold_parts_of_it():
+    """Every ``trainer.log_every`` steps the trainer reduces the loss: a pipeline's last stage broadcasts it to the
+    other stages, the data-parallel ranks all-reduce it. One number each: their fixed costs, which no probe of the
+    layout or schedule holds; a step that logs nothing, or a layout with one data-parallel rank and one stage, pays
+    none."""
+    (ar, ar_bw), (ag, ag_bw) = RATES.link["all_reduce"], RATES.link["all_gather"]
+    ddp = predict_step(_cfg("parallelism=ddp"), 2, RATES, build_optimizer)
+    assert ddp.parts["loss_reduction"] == pytest.approx(ar + 4 / ar_bw)  # 2 (n-1)/n of 4 bytes, n = 2
+    assert "loss_reduction" not in predict_step(_cfg("parallelism=tp"), 2, RATES, build_optimizer).parts
+    assert "loss_reduction" not in predict_step(_cfg(), 1, RATES, build_optimizer).parts
+    pp = predict_step(_cfg("parallelism=pp"), 2, RATES, build_optimizer)
+    assert pp.parts["loss_reduction"] == pytest.approx(ag + 2 / ag_bw)  # the last stage's broadcast
+    quarter = predict_step(_cfg("parallelism=ddp", "trainer.log_every=4"), 2, RATES, build_optimizer)
+    assert quarter.parts["loss_reduction"] == pytest.approx(ddp.parts["loss_reduction"] / 4)
+    assert quarter.step_s == pytest.approx(ddp.step_s - 3 * ddp.parts["loss_reduction"] / 4)
+
+
 def test_the_optimizers_step_pays_the_op_rate_without_autograd_where_one_was_probed():
     """The optimizer's step (clipping and zeroing included) runs under no_grad: its ops pay the rate of an op chain
     without autograd where the probes timed one; the forward and backward keep the rate with autograd, and rates

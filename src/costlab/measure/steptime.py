@@ -21,6 +21,8 @@ and the optimizer's step once, traced with the run's own optimizer. A rank's ste
                    reduce-scatters per accumulated micro-batch, tensor parallel's two all-reduces per layer forward
                    and two backward, the pipeline's sends and receives (on a GPU, FSDP's and DDP's run beside the
                    compute: what exceeds it is added, and a calibrated share of what it hides)
+                 + the loss's reduction every ``trainer.log_every`` steps: a pipeline's broadcast of it, the
+                   data-parallel ranks' all-reduce, each its fixed cost (:func:`loss_reduction`)
 
 Tensor parallel divides a layer's FLOPs and bytes by its degree (not its ops: every rank runs every op). Nothing
 overlaps on CPU: gloo's collectives run on the same cores as the compute. On a CPU run, what a micro-batch costs

@@ -510,8 +510,24 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         comm += n_mb * 2 * v * _collective(rates, 2, activation, "p2p", latency=not probed,
                                            span=world // dims.pp + 1)
     parts["communication"] = comm
+    reduction = loss_reduction(rates, dims, world) / max(1, int(t.get("log_every", 1) or 1))
+    if reduction:
+        parts["loss_reduction"] = reduction
     step = sum(parts.values())
     return Prediction(step, t.batch_size * int(m.block_size) / step, parts, notes)
+
+
+def loss_reduction(rates: Rates, dims: Any, world: int) -> float:
+    """Seconds of the loss's reduction a logged step makes (:meth:`costlab.parallelism.core.Parallel.global_loss`,
+    every ``trainer.log_every`` steps): a pipeline's last stage broadcasts it to the other stages (priced as an
+    all-gather's fixed cost), then the data-parallel ranks all-reduce it; one number each, so their fixed costs.
+    Neither the layout's nor the schedule's probe calls it."""
+    seconds = 0.0
+    if dims.pp_enabled:
+        seconds += _collective(rates, dims.pp, 4, "all_gather", span=world)
+    if dims.dp > 1:
+        seconds += _collective(rates, dims.dp, 4, "all_reduce", span=world // dims.pp)
+    return seconds
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
