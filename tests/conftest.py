@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 import costlab  # noqa: F401  (registers the ${costlab.root:} resolver)
 from costlab import ROOT
-from costlab.launcher.preflight import compose_config  # noqa: F401  (re-exported for the tests)
+from costlab.launcher import preflight
 
 # A model and data small enough that a run.py job costs a few seconds on 2 cores.
 TINY = [
@@ -42,6 +45,18 @@ TINY = [
 # a Hugging Face Llama of TINY's size, from the llama_tiny config
 HF_TINY = [*(o for o in TINY if not o.startswith("model.")), "model=hf", "model.config=llama_tiny",
            "model.block_size=32"]
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    return preflight.compose_config(list(overrides))
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """conf/ composed as run.py composes it (``costlab.launcher.preflight.compose_config``), once per list of
+    overrides in a session: Hydra reads every group's YAML again for each composition (~0.1 s on 2 cores), and
+    the tests compose the same lists hundreds of times. Each call returns its own copy to change."""
+    return copy.deepcopy(_composed(tuple(overrides or ())))
 
 
 @pytest.fixture(scope="session")

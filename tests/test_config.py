@@ -6,6 +6,7 @@ import pytest
 from omegaconf import open_dict
 
 from costlab import CONF_DIR, ROOT
+from costlab.launcher import preflight
 from costlab.launcher.preflight import options
 from costlab.launcher.validate import validate
 from costlab.measure.machine import resolve_device
@@ -53,7 +54,7 @@ def test_presets_compose_as_sweeps(preset):
 
 def test_tracking_store_is_under_the_project_root_whatever_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = compose_config()
+    cfg = preflight.compose_config()  # composed here, in this folder (the tests' copy may come from another)
     assert cfg.tracking.uri == f"sqlite:///{ROOT}/outputs/mlflow.db"
     assert os.path.isabs(cfg.tracking.uri[len("sqlite:///"):])
 
@@ -85,10 +86,14 @@ def test_validating_a_config_never_initialises_cuda(extra):
         "validate(cfg)\n"
         "torch = sys.modules.get('torch')\n"
         "print('torch imported:', torch is not None)\n"
+        "print('dynamo imported:', 'torch._dynamo' in sys.modules)\n"
         "print('cuda initialised:', torch is not None and torch.cuda.is_initialized())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "cuda initialised: False"
+    # the shapes come from a model built on the meta device without its weights' fills, whose meta kernels
+    # would import torch._dynamo (~2 s of a start)
+    assert out.strip().splitlines()[-2] == "dynamo imported: False"
     # a config whose checks need no shapes does not even pay for importing torch: sweeps start fast
     assert out.strip().splitlines()[0] == f"torch imported: {bool(extra)}"
 

@@ -9,6 +9,7 @@ import inspect
 import typing
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_object
 from omegaconf import OmegaConf, open_dict
 
@@ -76,8 +77,26 @@ def test_a_wrong_type_is_refused_naming_the_key(key):
     if field.type is typing.Any:
         pytest.skip("checked by its option's own check method")
     with pytest.raises(ConfigError) as e:
-        check_config(compose_config([*base, f"{key}={_wrong_type(field.type)}"]))
+        check_config(_overridden(base, f"{key}={_wrong_type(field.type)}"))
     assert e.value.key == key, e.value
+
+
+def _overridden(base: list[str], override: str):
+    """``base`` composed, then ``override`` parsed and applied as Hydra applies one to a key the config has
+    (``OmegaConf.update``, merging): what ``compose_config([*base, override])`` gives, without composing the
+    YAML again for each key."""
+    cfg = compose_config(base)
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    with open_dict(cfg):
+        OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=True)
+    return cfg
+
+
+def test_an_override_applied_to_a_composed_config_is_what_hydra_composes():
+    """:func:`_overridden` stands for a composition, checked on a value of each kind the tests give."""
+    for override in ("trainer.max_steps='many'", "model.n_layer=[1, 2]", "serve.prompt_len='many'",
+                     "serve.prompt_len=[1, 2]", "tracking.run_name=[1, 2]"):
+        assert _overridden([], override) == compose_config([override]), override
 
 
 def _out_of_range(check):

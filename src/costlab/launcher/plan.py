@@ -60,12 +60,12 @@ def allowance(counted: float) -> float:
 @functools.lru_cache(maxsize=8)
 def _model_figures(model: str) -> tuple[int, float]:
     """(parameters, training FLOPs per token) of a ``model`` node (JSON), built on the meta device."""
-    import torch
 
     from costlab.models.gpt import build_model
+    from costlab.models.meta import on_meta
 
     node = OmegaConf.create(json.loads(model))
-    with torch.device("meta"):
+    with on_meta():
         built = build_model(node)
     params = sum(p.numel() for p in {id(p): p for p in built.parameters()}.values())
     return params, flops_per_token(built, node.block_size)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig
 
 from costlab.models.adapters import uses_adapters
 from costlab.models.hf_config import is_hf
+from costlab.models.meta import on_meta
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 RECOMPUTE = PREDICTED + "recompute_bytes_per_rank"  # activation checkpointing's transient: one block rebuilt
@@ -49,22 +48,6 @@ def _stage_parts(model: Any, cfg: DictConfig, dims: Any, mesh: Any) -> list[Any]
     return [stage_module(copy.deepcopy(model), s, n_stages) for s in range(pp_rank, n_stages, dims.pp)]
 
 
-@contextmanager
-def _no_init() -> Iterator[None]:
-    """``torch.nn.init``'s fills as no-ops while a model is built on the meta device: a meta tensor has no
-    values to fill, and the meta kernels of the fills import ``torch._dynamo`` (~2 s of a job's start)."""
-    from torch.nn import init
-
-    fills = {n: f for n, f in vars(init).items() if n.endswith("_") and not n.startswith("_") and callable(f)}
-    try:
-        for name in fills:
-            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fill in fills.items():
-            setattr(init, name, fill)
-
-
 def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, float]:
     import torch
 
@@ -72,7 +55,7 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     from costlab.models.gpt import build_model
     from costlab.parallelism.apply import apply_parallelisms, build_mesh, fake_group
 
-    with torch.device("meta"), _no_init():
+    with on_meta():
         model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard)
     params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
     if world > 1:  # sharded: lay the model out as this rank will

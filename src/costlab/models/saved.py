@@ -34,12 +34,12 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 def expected_shapes(model_cfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
     """(state-dict key -> shape, Linear layer name -> (out, in)) of the model a ``model`` config builds,
     read from the model itself built on the meta device: no memory, no compute, no mirror to keep in step."""
-    import torch  # only configs whose checks need shapes pay for torch in the launcher
     from torch import nn
 
     from costlab.models.gpt import build_model
+    from costlab.models.meta import on_meta
 
-    with torch.device("meta"):
+    with on_meta():
         model = build_model(model_cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
