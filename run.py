@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from costlab import faults, tracking
-from costlab.launcher.job import run_job
+from costlab.launcher.job import check_job, run_job
 from costlab.launcher.preflight import preflight, tracking_uri
 from costlab.status import EXIT_INTERRUPTED, EXIT_REFUSED, FAILED, KILLED
 
@@ -44,7 +44,7 @@ def close_abandoned(outcome: str) -> None:
 
 if __name__ == "__main__":
     faults.handle_stop_signals()  # SIGTERM (a scheduler, `kill`) ends run.py as Ctrl-C does: nothing left RUNNING
-    preflight()
+    preflight(check_job=check_job)  # a grid sweep's jobs checked before the first starts
     try:
         try:
             main()

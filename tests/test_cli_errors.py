@@ -95,11 +95,36 @@ def test_a_store_found_broken_while_the_ranks_start_stops_them_and_is_refused(cl
     assert json.loads((cli.out / "run" / "job_status").read_text())["status"] == "FAILED"
 
 
-def test_a_sweep_with_a_bad_job_leaves_no_run_running(cli):
-    proc = cli("-m", *TINY, "trainer.max_steps=2,0", timeout=300)
-    _assert_refused(proc, "trainer.max_steps=0")
-    for run in cli.runs():
-        assert run.info.status != "RUNNING", run.data.tags
+def test_a_grid_sweep_with_a_bad_job_is_refused_before_its_first_job_starts(cli):
+    proc = cli("-m", *TINY, "trainer.max_steps=2,0", "tracking.experiment_name=bad_grid", timeout=300)
+    _assert_refused(proc, "trainer.max_steps=0: 0 is allowed only with trainer.init_from")
+    assert "(job 2 of the sweep's 2; none was started)" in proc.stderr
+    assert not cli.runs("bad_grid") and not (cli.out / "multirun").exists()  # no parent, no job, no folder
+
+
+def test_a_grid_sweeps_jobs_are_those_hydras_basic_sweeper_runs():
+    from costlab.launcher.preflight import grid_jobs
+
+    jobs = grid_jobs(["-m", "parallelism=single,ddp", "precision=fp32,bf16", "trainer.max_steps=3"])
+    assert jobs == [[f"parallelism={p}", f"precision={x}", "trainer.max_steps=3"]
+                    for p in ("single", "ddp") for x in ("fp32", "bf16")]
+    # a preset's own sweep, narrowed on the command line (the command line's value wins, as in Hydra)
+    jobs = grid_jobs(["+experiment=precision_study", "precision=fp32,bf16"])
+    assert [j[:2] for j in jobs] == [[f"parallelism={p}", f"precision={x}"] for p in ("single", "ddp")
+                                     for x in ("fp32", "bf16")]
+    assert all("+experiment=precision_study" in j for j in jobs)
+    assert grid_jobs(["parallelism=ddp"]) == [] and grid_jobs(["-m", "parallelism=ddp"]) == [["parallelism=ddp"]]
+
+
+@pytest.mark.parametrize("choice", ["hydra/sweeper=optuna", "hydra/launcher=submitit_slurm"])
+def test_a_search_or_a_launcher_that_runs_jobs_elsewhere_is_not_checked_ahead(choice):
+    """Optuna proposes its trials as it goes (a refused trial fails and the search goes on); submitit runs each
+    job on a node this process cannot check for it (its device, its memory)."""
+    from costlab.launcher.preflight import grid_jobs
+
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper" if "optuna" in choice else
+                        "hydra_plugins.hydra_submitit_launcher")
+    assert grid_jobs(["-m", choice, "precision=fp32,bf16"]) == []
 
 
 def test_a_sweep_with_an_unusable_store_is_refused_before_any_job(cli, tmp_path):

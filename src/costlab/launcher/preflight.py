@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -132,11 +133,61 @@ def check_keys(argv: list[str]) -> None:
         raise ConfigError("override", " ".join(t for _, t in first), str(e).strip().splitlines()[0]) from None
 
 
-def preflight(argv: list[str] | None = None) -> None:
+# a launcher besides Hydra's own that runs a sweep's jobs on this machine, where this process can check them
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+def grid_jobs(argv: list[str]) -> list[list[str]]:
+    """The override lists of the jobs a grid sweep will run (Hydra's basic sweeper: its ``params``, a preset's
+    included, then the command line's overrides, split as the sweeper splits them), when its launcher runs
+    them on this machine; [] for a single run, a search (Optuna's trials are proposed as it goes) or a
+    launcher that runs the jobs elsewhere (submitit: each job is checked where it runs)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.types import RunMode
+
+    from costlab.launcher.objective import BASIC_SWEEPER
+    from costlab.launcher.torchrun import BASIC_LAUNCHER
+
+    task = [a for a in argv if not a.startswith("-") and "=" in a]
+    first = [text for _, text in first_values(argv)]
+    own = [text for o, text in zip(parse_overrides(task), task, strict=True) if o.key_or_group.startswith("hydra")]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        hc = compose(config_name="config", overrides=first + own, return_hydra_config=True).hydra
+    multirun = "-m" in argv or "--multirun" in argv or hc.mode == RunMode.MULTIRUN
+    local = hc.launcher.get("_target_") in (BASIC_LAUNCHER, JOBLIB_LAUNCHER)
+    if not multirun or hc.sweeper.get("_target_") != BASIC_SWEEPER or not local:
+        return []
+    params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
+    mine = [text for o, text in zip(parse_overrides(task), task, strict=True) if not o.key_or_group.startswith("hydra")]
+    return BasicSweeper.split_arguments(parse_overrides(params + mine), None)[0]
+
+
+def check_grid(argv: list[str], check_job: Callable[[DictConfig, bool], object]) -> None:
+    """Every job of a grid sweep checked as the job itself will check it (``check_job``:
+    ``costlab.launcher.job.check_job``), before the first starts: a combination this machine cannot run is
+    refused in one line, not after the jobs before it have run. (The first job's keys: :func:`check_keys`.)"""
+    jobs = grid_jobs(argv)
+    for i, job in enumerate(jobs if len(jobs) > 1 else [], 1):
+        try:
+            cfg = compose_config(job)
+        except ConfigCompositionException as e:
+            raise ConfigError("override", " ".join(job), str(e).strip().splitlines()[0]) from None
+        try:
+            check_job(cfg, cfg.get("mode", "train") == "plan")
+        except ConfigError as e:
+            raise ConfigError(e.key, e.value, f"{e.why} (job {i} of the sweep's {len(jobs)}; none was started)") \
+                from None
+
+
+def preflight(argv: list[str] | None = None, check_job: Callable[[DictConfig, bool], object] | None = None) -> None:
+    """The command line's checks, one line and exit 2 for a refusal; with ``check_job``, a grid sweep's jobs
+    too (:func:`check_grid`)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         check_group_choices(argv)
         check_keys(argv)
+        if check_job is not None:
+            check_grid(argv, check_job)
     except ConfigError as e:
         print(f"costlab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
