@@ -190,3 +190,14 @@ def test_spaces_and_non_ascii_paths_reach_validation(tmp_path):
     spaces_only.mkdir()
     (spaces_only / "a.txt").write_text("plain text " * 200)
     validate(compose_config(["data=textfile", f"data.path={spaces_only}"]))  # Hydra takes spaces unquoted
+
+
+@pytest.mark.parametrize("override", ["hydra/sweeper=nonexistent", "hydra.launcher.n_jobz=3"])
+def test_an_override_of_hydras_own_that_it_cannot_apply_is_refused_in_one_line(override, capsys):
+    from costlab.launcher.job import check_job
+    from costlab.launcher.preflight import preflight
+
+    with pytest.raises(SystemExit) as e:
+        preflight(["-m", override, "precision=fp32,bf16"], check_job=check_job)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith(f"costlab: error: override={override}: "), err

@@ -151,8 +151,11 @@ def grid_jobs(argv: list[str]) -> list[list[str]]:
     task = [a for a in argv if not a.startswith("-") and "=" in a]
     first = [text for _, text in first_values(argv)]
     own = [text for o, text in zip(parse_overrides(task), task, strict=True) if o.key_or_group.startswith("hydra")]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        hc = compose(config_name="config", overrides=first + own, return_hydra_config=True).hydra
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            hc = compose(config_name="config", overrides=first + own, return_hydra_config=True).hydra
+    except ConfigCompositionException as e:  # one of Hydra's own overrides (its sweeper, its launcher)
+        raise ConfigError("override", " ".join(own), str(e).strip().splitlines()[0]) from None
     multirun = "-m" in argv or "--multirun" in argv or hc.mode == RunMode.MULTIRUN
     local = hc.launcher.get("_target_") in (BASIC_LAUNCHER, JOBLIB_LAUNCHER)
     if not multirun or hc.sweeper.get("_target_") != BASIC_SWEEPER or not local:
