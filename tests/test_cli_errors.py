@@ -201,3 +201,14 @@ def test_an_override_of_hydras_own_that_it_cannot_apply_is_refused_in_one_line(o
         preflight(["-m", override, "precision=fp32,bf16"], check_job=check_job)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and err.startswith(f"costlab: error: override={override}: "), err
+
+
+def test_an_interval_in_a_grid_sweep_is_refused_in_one_line(capsys):
+    from costlab.launcher.job import check_job
+    from costlab.launcher.preflight import preflight
+
+    with pytest.raises(SystemExit) as e:
+        preflight(["-m", "trainer.lr=interval(1e-4,1e-2)"], check_job=check_job)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err, err
+    assert err.startswith("costlab: error: trainer.lr=interval(1e-4,1e-2): a grid sweep") and "optuna" in err, err

@@ -162,7 +162,12 @@ def grid_jobs(argv: list[str]) -> list[list[str]]:
         return []
     params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
     mine = [text for o, text in zip(parse_overrides(task), task, strict=True) if not o.key_or_group.startswith("hydra")]
-    return BasicSweeper.split_arguments(parse_overrides(params + mine), None)[0]
+    parsed = parse_overrides(params + mine)
+    for o, text in zip(parsed, params + mine, strict=True):
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise ConfigError(o.get_key_element(), text.partition("=")[2], "a grid sweep (Hydra's basic sweeper) runs "
+                              "a list, range or choice of values; an interval needs a search: hydra/sweeper=optuna")
+    return BasicSweeper.split_arguments(parsed, None)[0]
 
 
 def check_grid(argv: list[str], check_job: Callable[[DictConfig, bool], object]) -> None:
