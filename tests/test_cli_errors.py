@@ -116,6 +116,18 @@ def test_a_grid_sweeps_jobs_are_those_hydras_basic_sweeper_runs():
     assert grid_jobs(["parallelism=ddp"]) == [] and grid_jobs(["-m", "parallelism=ddp"]) == [["parallelism=ddp"]]
 
 
+def test_only_the_presets_set_hydras_keys():
+    """A run without -m, a preset or hydra.mode is not composed to ask whether it sweeps (grid_jobs): that holds
+    while no other option of any group sets Hydra's keys (hydra.mode among them)."""
+    import re
+
+    from costlab import CONF_DIR
+
+    options = [f for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "experiment" for f in d.rglob("*.yaml")]
+    assert len(options) > 40
+    assert not [str(f) for f in options if re.search(r"^hydra\s*:", f.read_text(), re.M)]
+
+
 @pytest.mark.parametrize("choice", ["hydra/sweeper=optuna", "hydra/launcher=submitit_slurm"])
 def test_a_search_or_a_launcher_that_runs_jobs_elsewhere_is_not_checked_ahead(choice):
     """Optuna proposes its trials as it goes (a refused trial fails and the search goes on); submitit runs each

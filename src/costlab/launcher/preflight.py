@@ -142,32 +142,38 @@ def grid_jobs(argv: list[str]) -> list[list[str]]:
     included, then the command line's overrides, split as the sweeper splits them), when its launcher runs
     them on this machine; [] for a single run, a search (Optuna's trials are proposed as it goes) or a
     launcher that runs the jobs elsewhere (submitit: each job is checked where it runs)."""
+    task = [a for a in argv if not a.startswith("-") and "=" in a]
+    parsed = list(zip(parse_overrides(task), task, strict=True))
+    own = [text for o, text in parsed if o.key_or_group.startswith("hydra")]
+    mine = [text for o, text in parsed if not o.key_or_group.startswith("hydra")]
+    # a sweep is asked for by -m, or set by a preset (only the experiment group's options set hydra's keys) or by
+    # hydra.mode itself: a single run spares itself the composition
+    keys = {o.key_or_group.lstrip("+~") for o, _ in parsed}
+    if not ({"-m", "--multirun"} & set(argv) or {"experiment", "hydra.mode"} & keys):
+        return []
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.types import RunMode
 
     from costlab.launcher.objective import BASIC_SWEEPER
     from costlab.launcher.torchrun import BASIC_LAUNCHER
 
-    task = [a for a in argv if not a.startswith("-") and "=" in a]
-    first = [text for _, text in first_values(argv)]
-    own = [text for o, text in zip(parse_overrides(task), task, strict=True) if o.key_or_group.startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            hc = compose(config_name="config", overrides=first + own, return_hydra_config=True).hydra
+            hc = compose(config_name="config", overrides=[text for _, text in first_values(argv)] + own,
+                         return_hydra_config=True).hydra
     except ConfigCompositionException as e:  # one of Hydra's own overrides (its sweeper, its launcher)
         raise ConfigError("override", " ".join(own), str(e).strip().splitlines()[0]) from None
-    multirun = "-m" in argv or "--multirun" in argv or hc.mode == RunMode.MULTIRUN
+    multirun = {"-m", "--multirun"} & set(argv) or hc.mode == RunMode.MULTIRUN
     local = hc.launcher.get("_target_") in (BASIC_LAUNCHER, JOBLIB_LAUNCHER)
     if not multirun or hc.sweeper.get("_target_") != BASIC_SWEEPER or not local:
         return []
     params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
-    mine = [text for o, text in zip(parse_overrides(task), task, strict=True) if not o.key_or_group.startswith("hydra")]
-    parsed = parse_overrides(params + mine)
-    for o, text in zip(parsed, params + mine, strict=True):
+    swept = parse_overrides(params + mine)
+    for o, text in zip(swept, params + mine, strict=True):
         if o.is_sweep_override() and not o.is_discrete_sweep():
             raise ConfigError(o.get_key_element(), text.partition("=")[2], "a grid sweep (Hydra's basic sweeper) runs "
                               "a list, range or choice of values; an interval needs a search: hydra/sweeper=optuna")
-    return BasicSweeper.split_arguments(parsed, None)[0]
+    return BasicSweeper.split_arguments(swept, None)[0]
 
 
 def check_grid(argv: list[str], check_job: Callable[[DictConfig, bool], object]) -> None:
