@@ -153,6 +153,27 @@ def test_a_deep_model_is_laid_out_at_two_depths_exactly():
         assert predict_layout_state(cfg, world) == pytest.approx(full, rel=1e-9), overrides
 
 
+def test_the_middle_pipeline_ranks_are_laid_out_once_for_all():
+    """A layout's state is read on the first, the second and the last pipeline rank only (every rank between holds
+    its layers alike): the same largest bytes as laying out every rank of the world, for a pipeline of four
+    (interleaved too, and with FSDP inside each stage), a tied GPT and a Hugging Face model."""
+    from costlab.measure.memory import _layout_state, _rank_state
+    from costlab.parallelism.dims import parallel_dims
+
+    gpt = ["model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.n_layer=8", "trainer.device=cpu",
+           "parallelism=pp"]
+    for overrides, world in [(gpt, 4), ([*gpt, "+model.tie_weights=false"], 4),
+                             ([*gpt, "parallelism.schedule=interleaved_1f1b"], 4),
+                             ([*gpt, "parallelism.pp_degree=4", "parallelism.dp_shard=2"], 8),
+                             (["model=hf", "model.config=llama_tiny", "parallelism=pp", "trainer.device=cpu"], 4)]:
+        cfg = compose_config(overrides)
+        dims = parallel_dims(cfg.parallelism, world)
+        every = [_rank_state(cfg, dims, rank, world) for rank in range(world)]
+        assert dims.pp == 4 and len({tuple(s.values()) for s in every}) > 1, overrides  # the ranks differ
+        largest = {key: max(s[key] for s in every) for key in every[0]}
+        assert _layout_state(cfg, dims, world) == largest, overrides
+
+
 def test_a_gpu_plan_prices_its_collectives_on_the_links_they_cross():
     """The GPU time model: datasheet rates times the calibrated shares; FSDP over two nodes crosses the network
     (slower than NVLink inside one), and its collectives overlap the compute, so only what sticks out is added."""

@@ -3,8 +3,9 @@ predicted without allocating them.
 
 The model is built on the meta device and laid out by the run's own parallelism code
 (:func:`costlab.parallelism.apply.apply_parallelisms`, :func:`costlab.parallelism.pp.stage_module`)
-for every rank in turn, under PyTorch's fake process group (no peers, no communication), so the
-local shard shapes are exactly those the run will have. From them:
+as the ranks that hold the most will (the first rank of the first, the second and the last pipeline stage;
+one rank where every rank holds the whole model), under PyTorch's fake process group (no peers, no
+communication), so the local shard shapes are exactly those the run will have. From them:
 
     params     = sum of the local shards' bytes (fp32 master weights; a tied weight once per stage; a qlora run's
                  NF4 base weights as their codes, scales and tables, :func:`costlab.models.adapters.nf4_bytes`)
@@ -44,8 +45,10 @@ def _stage_parts(model: Any, cfg: DictConfig, dims: Any, mesh: Any) -> list[Any]
     p = cfg.parallelism
     looped = p.get("schedule") == "interleaved_1f1b"
     n_stages = dims.pp * (int(p.stages_per_rank) if looped else 1)
-    pp_rank = mesh["pp"].get_local_rank()
-    return [stage_module(copy.deepcopy(model), s, n_stages) for s in range(pp_rank, n_stages, dims.pp)]
+    stages = list(range(mesh["pp"].get_local_rank(), n_stages, dims.pp))
+    # as the run cuts them (:class:`~costlab.parallelism.pp.PipelineParallel`): the last from the model itself
+    return [stage_module(copy.deepcopy(model), s, n_stages) for s in stages[:-1]] + \
+        [stage_module(model, stages[-1], n_stages)]
 
 
 def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, float]:
@@ -188,8 +191,10 @@ def _shallow_config(source: str, layers: int) -> str:
 def _layout_state(cfg: DictConfig, dims: Any, world: int) -> dict[str, float]:
     sharded = world > 1 and (dims.pp_enabled or dims.fsdp_enabled or dims.tp_enabled)
     # replicas (single, ddp) all hold the whole model; shards are split with the remainder first, so rank 0
-    # of each pipeline stage (pp is the outermost mesh dimension) holds the largest
-    ranks = [stage * (world // dims.pp) for stage in range(dims.pp)] if sharded else [0]
+    # of each pipeline stage (pp is the outermost mesh dimension) holds the largest. Every pipeline rank but the
+    # first (the embedding) and the last (the head) holds as many layers alike (pp.stage_module cuts them evenly):
+    # the second stands for them all
+    ranks = [stage * (world // dims.pp) for stage in sorted({0, min(1, dims.pp - 1), dims.pp - 1})] if sharded else [0]
     out: dict[str, float] = {}
     for rank in ranks:
         for key, value in _rank_state(cfg, dims, rank, world if sharded else 1).items():

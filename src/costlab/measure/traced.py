@@ -64,11 +64,30 @@ def hf_source(cfg: DictConfig) -> str:
 
 def hf_shapes(cfg: DictConfig) -> Any:
     """Layers, width, heads and vocabulary of a ``model=hf`` run's model, from its config alone."""
-    from transformers import AutoConfig
-
     from costlab.models.hf import gpt_view
 
-    return gpt_view(AutoConfig.from_pretrained(hf_source(cfg)).to_dict(), int(cfg.model.block_size))
+    source = hf_source(cfg)
+    return gpt_view(_config_dict(source, _stamp(source)), int(cfg.model.block_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _config_dict(source: str, stamp: int) -> dict[str, Any]:
+    """``AutoConfig``'s reading of ``source`` as a dict, once per version of its file (``stamp``, :func:`_stamp`):
+    a plan search asks for the shapes of every candidate. Read, never changed, by its callers."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).to_dict()
+
+
+def _stamp(source: str) -> int:
+    """When ``source``'s config file last changed (ns), or 0 where it is no file here (a hub id)."""
+    from pathlib import Path
+
+    path = Path(source)
+    try:
+        return (path / "config.json" if path.is_dir() else path).stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _split(key: tuple, layers: int, mode: str) -> tuple[float, float]:
