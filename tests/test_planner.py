@@ -79,6 +79,23 @@ def test_a_search_without_a_candidate_says_why_each_layout_was_left_out():
         assert why in text, text
 
 
+@pytest.mark.parametrize("overrides, over", [
+    (["model=llama_7b", "trainer.nproc_per_node=2"], "optimizer state alone"),  # 7B x 16 bytes over 2 L4s
+    (["model=gpt2_small", "model.block_size=65536", "trainer.nproc_per_node=1"], "grows with a micro-batch's tokens"),
+])
+def test_a_search_where_nothing_fits_says_how_far_the_closest_is_and_what_is_over(overrides, over):
+    from costlab.launcher.planner import nothing_fits, search
+
+    base = ["mode=plan", "hardware=l4", "trainer.batch_size=2", *overrides]
+    cfg = compose_config(base)
+    found, ranked, _ = search(cfg, lambda extra: compose_config(base + extra))
+    assert found and not ranked
+    least = min(c.metrics["plan/memory_bytes_per_device"] for c in found)
+    lines = nothing_fits(found)
+    assert f"needs is {least / 1e9:.3g} GB of {cfg.hardware.memory_gb:.3g} GB" in lines[0] and over in lines[1], lines
+    assert ("optimizer=adamw_8bit or finetune=lora" in lines[1]) == (over == "optimizer state alone")
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):

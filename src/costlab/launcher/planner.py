@@ -196,9 +196,10 @@ GB = 1e9
 def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) -> list[str]:
     """The ranked table's lines (the first ``shown`` rows) and the best row's command."""
     lines = [f"costlab plan search: {found} candidates, {len(ranked)} fit ({seconds:.1f} s); cheapest first, every "
-             "figure PREDICTED",
-             f"  {'#':>3} {'pp x rep x shard x tp':>21} {'ckpt':9} {'micro':>5} {'accum':>5} {'prec':4} "
-             f"{'GB/dev':>7} {'tokens/s':>12} {'MFU':>6} {'$/1M tok':>9} {'days':>8}  dominated"]
+             "figure PREDICTED"]
+    if ranked:
+        lines.append(f"  {'#':>3} {'pp x rep x shard x tp':>21} {'ckpt':9} {'micro':>5} {'accum':>5} {'prec':4} "
+                     f"{'GB/dev':>7} {'tokens/s':>12} {'MFU':>6} {'$/1M tok':>9} {'days':>8}  dominated")
     for i, c in enumerate(ranked[:shown], 1):
         p, m = c.cfg.parallelism, c.metrics
         usd = m.get(PLAN_USD_PER_1M)
@@ -209,6 +210,45 @@ def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) 
                      f"{'yes' if c.dominated else ''}")
     if len(ranked) > shown:
         lines.append(f"  ... {len(ranked) - shown} more (every candidate is a child run)")
+    return lines
+
+
+STATE_PARTS = ("params", "grads", "optimizer")
+LOW_BIT = ("adamw_8bit", "adamw_4bit")  # the optimizer options that keep less than AdamW's 8 bytes a parameter
+
+
+def nothing_fits(found: list[Candidate]) -> list[str]:
+    """Why no candidate fits: the one that needs the least memory a device, by part, and what would bring it down.
+    Its parameters, gradients and optimizer state alone (with a GPU's allowance for them) over the card's memory
+    mean no cut of the batch fits; otherwise the activations are what is over."""
+    from costlab.launcher.plan import GB as BYTES_PER_GB
+    from costlab.launcher.plan import allowance
+    from costlab.measure.memory import PREDICTED
+
+    least = min(found, key=lambda c: c.memory)
+    if PLAN_MARGIN not in least.metrics:
+        return [f"  nothing fits: hardware={least.cfg.hardware.name} names no memory capacity to fit into"]
+    m, p = least.metrics, least.cfg.parallelism
+    need, capacity = m[PLAN_MEMORY], m[PLAN_MEMORY] + m[PLAN_MARGIN]
+    parts = ", ".join(f"{k[len(PREDICTED):].split('_bytes')[0].replace('_', ' ')} {v / BYTES_PER_GB:.3g}"
+                      for k, v in m.items() if k.startswith(PREDICTED) and k.endswith("_bytes_per_rank") and v)
+    lines = [f"  nothing fits: the least memory a device needs is {need / BYTES_PER_GB:.3g} GB of "
+             f"{capacity / BYTES_PER_GB:.3g} GB, at {p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree} "
+             f"(pp x rep x shard x tp), {least.mode} checkpointing, micro-batch {least.rows}, "
+             f"{least.cfg.precision.name}: {parts} GB"]
+    state = sum(m[f"{PREDICTED}{part}_bytes_per_rank"] for part in STATE_PARTS)
+    alone = state + (allowance(state) if least.cfg.hardware.name != "cpu" else 0.0)
+    if alone > capacity:
+        optimizer, finetune = (str(least.cfg.get(g, {}).get("name", "")) for g in ("optimizer", "finetune"))
+        lighter = ([] if optimizer in LOW_BIT else ["optimizer=adamw_8bit"]) + \
+            {"full": ["finetune=lora"], "lora": ["finetune=qlora"]}.get(finetune or "full", [])
+        lines.append(f"  its parameters, gradients and optimizer state alone need {alone / BYTES_PER_GB:.3g} GB"
+                     f"{' with the allowance' if alone > state else ''}: more devices to shard them over, a card "
+                     "with more memory" + (f", or less state per parameter ({' or '.join(lighter)})" if lighter
+                                           else ""))
+    else:
+        lines.append("  what grows with a micro-batch's tokens (activations, the loss's backward) is over: shorter "
+                     "sequences (model.block_size), a card with more memory, or more devices to split the layers over")
     return lines
 
 
@@ -268,7 +308,7 @@ def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> l
         command = "python run.py " + " ".join(_runnable(user, ranked[0].overrides))
         lines.append(f"  the cheapest runs as: {command}")
     elif found:
-        lines.append("  nothing fits: more devices, a card with more memory, or a smaller trainer.batch_size")
+        lines += nothing_fits(found)
     else:
         lines += not_one(refused)
     print("\n".join(lines), file=sys.stderr, flush=True)
