@@ -21,6 +21,22 @@ def test_every_factorization_of_the_devices_is_a_layout():
     assert len(found) == 35 - 1
 
 
+def test_every_layout_tries_one_sequence_a_micro_batch_and_the_whole_share():
+    """The micro-batches a layout is tried at: the smallest (what a large model fits in) and a rank's whole share of
+    the batch (what a small one runs fastest at) always, whatever the share; each cut makes up the share."""
+    from costlab.launcher.planner import MAX_MICRO_CHOICES, _micro_choices
+
+    for per_rank in (1, 3, 12, 64, 128, 512, 1000):
+        cuts = _micro_choices(per_rank, 1)
+        rows = [r for r, _, _ in cuts]
+        assert rows[0] == 1 and rows[-1] == per_rank and len(rows) == len(set(rows)) <= MAX_MICRO_CHOICES, rows
+        assert all(r * accum == per_rank and chunks == 1 for r, accum, chunks in cuts)
+    assert [r for r, _, _ in _micro_choices(128, 1)] == [1, 2, 4, 8, 16, 32, 64, 128]
+    piped = _micro_choices(64, 4)  # a pipeline of 4: at least 4 micro-batches, no accumulation
+    assert piped and all(r * chunks == 64 and chunks >= 4 and accum == 1 for r, accum, chunks in piped)
+    assert piped[0][0] == 1
+
+
 def test_a_row_runs_with_the_users_overrides_less_what_the_search_chose():
     from costlab.launcher.planner import _runnable
 
@@ -90,6 +106,7 @@ def test_a_search_where_nothing_fits_says_how_far_the_closest_is_and_what_is_ove
     cfg = compose_config(base)
     found, ranked, _ = search(cfg, lambda extra: compose_config(base + extra))
     assert found and not ranked
+    assert not any("plan/tokens_per_s" in c.metrics for c in found)  # a search times only what fits
     least = min(c.metrics["plan/memory_bytes_per_device"] for c in found)
     lines = nothing_fits(found)
     assert f"needs is {least / 1e9:.3g} GB of {cfg.hardware.memory_gb:.3g} GB" in lines[0] and over in lines[1], lines

@@ -102,9 +102,11 @@ def make_plan(cfg: DictConfig, tags: dict[str, str] | None = None) -> tuple[dict
 
 
 def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None = None,
-                 key: tuple | None = None) -> tuple[dict[str, float], list[str], dict[str, str]]:
+                 key: tuple | None = None, timed_unless_over: bool = False) -> tuple[dict[str, float], list[str],
+                                                                                    dict[str, str]]:
     """The plan's metrics, its lines and the time model's tags. ``states``: the parameter, gradient and optimizer
-    bytes already predicted per layout ``key`` (a search's candidates share them)."""
+    bytes already predicted per layout ``key`` (a search's candidates share them); ``timed_unless_over``: no time
+    or cost for a plan over its card's memory (a search drops it)."""
     tags: dict[str, str] = {}
     t, hw = cfg.trainer, cfg.hardware
     world = int(t.nnodes * t.nproc_per_node)
@@ -152,6 +154,8 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
     else:
         lines.append(f"  per-device memory: {parts} = {per_device / GB:.3g} GB ({what})")
     lines.append(f"  training FLOPs per token: {flops:.4g} (6N + attention)")
+    if timed_unless_over and out.get(PLAN_MARGIN, 0.0) < 0:
+        return out, lines, tags
     peak, source = _peak(OmegaConf.to_yaml(hw, resolve=True), int(t.nproc_per_node), dtype)
     if peak is None:
         lines.append(f"  no time or cost: {source}")

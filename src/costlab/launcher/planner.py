@@ -5,15 +5,15 @@
 
 The candidates are every factorization of the devices into pp x dp_replicate x dp_shard x tp (tensor parallel
 inside a node; degrees the model's heads, MLP width and layers allow), x activation checkpointing (none,
-selective, full) x the micro-batch (the global ``trainer.batch_size`` kept: gradient accumulation or pipeline
-micro-batches make up the rest) x the precisions the card has a peak for (bf16, and fp8 where it has one; fp32
-and bf16 on a CPU). Each one is checked as a run would be (:func:`costlab.launcher.validate.validate`), its
-memory predicted per rank (:mod:`costlab.measure.memory`; the parameter, gradient and optimizer state once per
-sharding layout) and its step timed by the time model (:mod:`costlab.measure.steptime`); those that do not fit
-are dropped. The rest are ranked cheapest first ($ per 1M training tokens, or tokens/s without a price); one is
-*dominated* when another is at least as fast with no more memory per device. Nothing is allocated: models are
-built on the meta device and traced on fake tensors. Each row's overrides run as they are (``python run.py
-<overrides>``).
+selective, full) x the micro-batch (:func:`_micro_choices`; the global ``trainer.batch_size`` kept: gradient
+accumulation or pipeline micro-batches make up the rest) x the precisions the card has a peak for (bf16, and fp8
+where it has one; fp32 and bf16 on a CPU). Each one is checked as a run would be
+(:func:`costlab.launcher.validate.validate`) and its memory predicted per rank (:mod:`costlab.measure.memory`; the
+parameter, gradient and optimizer state once per sharding layout); those that do not fit are dropped, and the
+step of the rest timed by the time model (:mod:`costlab.measure.steptime`). They are ranked cheapest first ($ per
+1M training tokens, or tokens/s without a price); one is *dominated* when another is at least as fast with no more
+memory per device. Nothing is allocated: models are built on the meta device and traced on fake tensors. Each
+row's overrides run as they are (``python run.py <overrides>``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from costlab.schema import ConfigError
 CHECKPOINTING = ("none", "selective", "full")
 SEARCHED = ("mode", "plan.search", "parallelism", "precision", "trainer.activation_checkpointing",
             "trainer.grad_accum_steps")  # the keys a candidate sets: the user's values for them are replaced
-MAX_MICRO_CHOICES = 6  # micro-batch sizes tried per layout: powers of two up to the rank's share of the batch
+# micro-batch sizes tried per layout: the powers of two up to the rank's share of the batch and the share itself;
+# where there are more, the smallest (the ones that fit) and the whole share (no accumulation)
+MAX_MICRO_CHOICES = 8
 
 
 @dataclass
@@ -101,10 +103,14 @@ def layouts(world: int, per_node: int) -> list[tuple[int, int, int, int]]:
 
 def _micro_choices(per_rank: int, pp: int) -> list[tuple[int, int, int]]:
     """(micro-batch rows, gradient accumulation steps, pipeline micro-batches) that cut a rank's ``per_rank``
-    sequences: powers of two (and the whole share), the pipeline's micro-batches at least its degree."""
+    sequences: powers of two (and the whole share), the pipeline's micro-batches at least its degree. Past
+    :data:`MAX_MICRO_CHOICES` sizes, the smallest and the whole share: a large model fits only in small
+    micro-batches, and a small one runs fastest in the largest."""
     sizes = sorted({s for s in (2**i for i in range(per_rank.bit_length())) if per_rank % s == 0} | {per_rank})
+    if len(sizes) > MAX_MICRO_CHOICES:
+        sizes = sizes[:MAX_MICRO_CHOICES - 1] + [per_rank]
     out = []
-    for rows in sizes[-MAX_MICRO_CHOICES:]:  # the largest: a rank's whole share and the powers of two below it
+    for rows in sizes:
         chunks = per_rank // rows
         if pp > 1:
             if chunks < pp:
@@ -169,14 +175,14 @@ def candidates(cfg: DictConfig, compose: Any, refused: dict[str, str] | None = N
 
 
 def evaluate(candidate: Candidate, states: dict[tuple, dict[str, float]]) -> None:
-    """Predict ``candidate``'s memory and time (:func:`costlab.launcher.plan.plan_figures`), the state once per
-    sharding layout (``states``)."""
+    """Predict ``candidate``'s memory and, where it fits, its time (:func:`costlab.launcher.plan.plan_figures`), the
+    state once per sharding layout (``states``)."""
     from costlab.launcher.plan import plan_figures
 
     cfg = candidate.settled()
     p = cfg.parallelism
     key = (int(p.pp_degree), int(p.dp_shard), int(p.tp_degree))
-    candidate.metrics, _, candidate.tags = plan_figures(cfg, states, key)
+    candidate.metrics, _, candidate.tags = plan_figures(cfg, states, key, timed_unless_over=True)
     candidate.fits = candidate.metrics.get(PLAN_MARGIN, 0.0) >= 0
 
 
