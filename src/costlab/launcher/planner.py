@@ -226,8 +226,7 @@ LOW_BIT = ("adamw_8bit", "adamw_4bit")  # the optimizer options that keep less t
 def nothing_fits(found: list[Candidate]) -> list[str]:
     """Why no candidate fits: the one that needs the least memory a device, by part, and what would bring it down.
     Its parameters, gradients and optimizer state alone (with a GPU's allowance for them) over the card's memory
-    mean no cut of the batch fits; otherwise the activations are what is over."""
-    from costlab.launcher.plan import GB as BYTES_PER_GB
+    mean no cut of the batch fits; otherwise what grows with a micro-batch's tokens is over."""
     from costlab.launcher.plan import allowance
     from costlab.measure.memory import PREDICTED
 
@@ -236,10 +235,10 @@ def nothing_fits(found: list[Candidate]) -> list[str]:
         return [f"  nothing fits: hardware={least.cfg.hardware.name} names no memory capacity to fit into"]
     m, p = least.metrics, least.cfg.parallelism
     need, capacity = m[PLAN_MEMORY], m[PLAN_MEMORY] + m[PLAN_MARGIN]
-    parts = ", ".join(f"{k[len(PREDICTED):].split('_bytes')[0].replace('_', ' ')} {v / BYTES_PER_GB:.3g}"
+    parts = ", ".join(f"{k[len(PREDICTED):].split('_bytes')[0].replace('_', ' ')} {v / GB:.3g}"
                       for k, v in m.items() if k.startswith(PREDICTED) and k.endswith("_bytes_per_rank") and v)
-    lines = [f"  nothing fits: the least memory a device needs is {need / BYTES_PER_GB:.3g} GB of "
-             f"{capacity / BYTES_PER_GB:.3g} GB, at {p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree} "
+    lines = [f"  nothing fits: the least memory a device needs is {need / GB:.3g} GB of "
+             f"{capacity / GB:.3g} GB, at {p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree} "
              f"(pp x rep x shard x tp), {least.mode} checkpointing, micro-batch {least.rows}, "
              f"{least.cfg.precision.name}: {parts} GB"]
     state = sum(m[f"{PREDICTED}{part}_bytes_per_rank"] for part in STATE_PARTS)
@@ -248,7 +247,7 @@ def nothing_fits(found: list[Candidate]) -> list[str]:
         optimizer, finetune = (str(least.cfg.get(g, {}).get("name", "")) for g in ("optimizer", "finetune"))
         lighter = ([] if optimizer in LOW_BIT else ["optimizer=adamw_8bit"]) + \
             {"full": ["finetune=lora"], "lora": ["finetune=qlora"]}.get(finetune or "full", [])
-        lines.append(f"  its parameters, gradients and optimizer state alone need {alone / BYTES_PER_GB:.3g} GB"
+        lines.append(f"  its parameters, gradients and optimizer state alone need {alone / GB:.3g} GB"
                      f"{' with the allowance' if alone > state else ''}: more devices to shard them over, a card "
                      "with more memory" + (f", or less state per parameter ({' or '.join(lighter)})" if lighter
                                            else ""))
