@@ -37,6 +37,23 @@ def test_every_layout_tries_one_sequence_a_micro_batch_and_the_whole_share():
     assert piped[0][0] == 1
 
 
+def test_each_row_of_the_table_cuts_the_global_batch_whole():
+    """A row says how its ranks cut the batch: sequences per micro-batch x accumulation steps x a pipeline's
+    micro-batches x the data-parallel degree is ``trainer.batch_size``, for every row shown."""
+    from costlab.launcher.planner import search, table
+
+    base = ["mode=plan", "model=gpt2_small", "hardware=h100_sxm", "trainer.nproc_per_node=2", "trainer.batch_size=8"]
+    found, ranked, seconds = search(compose_config(base), lambda extra: compose_config(base + extra))
+    lines = table(ranked, len(found), seconds, shown=len(ranked))
+    header, rows = lines[1].split(), [line.split() for line in lines[2:]]
+    assert header[:11] == ["#", "pp", "x", "rep", "x", "shard", "x", "tp", "ckpt", "micro", "accum"], header
+    assert len(rows) == len(ranked) and any(r[1] != "1" for r in rows)  # pipelines among them
+    for r in rows:
+        pp, rep, shard = int(r[1]), int(r[3]), int(r[5])
+        micro, accum, chunks = int(r[9]), int(r[10]), int(r[11]) if pp > 1 else 1
+        assert micro * accum * chunks * rep * shard == 8, r
+
+
 def test_a_row_runs_with_the_users_overrides_less_what_the_search_chose():
     from costlab.launcher.planner import _runnable
 

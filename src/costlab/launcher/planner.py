@@ -200,17 +200,20 @@ GB = 1e9
 
 
 def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) -> list[str]:
-    """The ranked table's lines (the first ``shown`` rows) and the best row's command."""
+    """The ranked table's lines (the first ``shown`` rows): per row its layout, checkpointing, sequences per
+    micro-batch, gradient accumulation steps, pipeline micro-batches (a pipeline's) and precision, then its
+    predicted figures."""
     lines = [f"costlab plan search: {found} candidates, {len(ranked)} fit ({seconds:.1f} s); cheapest first, every "
              "figure PREDICTED"]
     if ranked:
-        lines.append(f"  {'#':>3} {'pp x rep x shard x tp':>21} {'ckpt':9} {'micro':>5} {'accum':>5} {'prec':4} "
-                     f"{'GB/dev':>7} {'tokens/s':>12} {'MFU':>6} {'$/1M tok':>9} {'days':>8}  dominated")
+        lines.append(f"  {'#':>3} {'pp x rep x shard x tp':>21} {'ckpt':9} {'micro':>5} {'accum':>5} {'pp mb':>5} "
+                     f"{'prec':4} {'GB/dev':>7} {'tokens/s':>12} {'MFU':>6} {'$/1M tok':>9} {'days':>8}  dominated")
     for i, c in enumerate(ranked[:shown], 1):
         p, m = c.cfg.parallelism, c.metrics
         usd = m.get(PLAN_USD_PER_1M)
         lines.append(f"  {i:>3} {f'{p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree}':>21} "
-                     f"{c.mode:9} {c.rows:>5} {c.accum:>5} {c.cfg.precision.name:4} "
+                     f"{c.mode:9} {c.rows:>5} {c.accum:>5} {c.chunks if p.pp_degree > 1 else '':>5} "
+                     f"{c.cfg.precision.name:4} "
                      f"{c.memory / GB:>7.3g} {c.tokens_per_s:>12,.0f} {m.get(PLAN_MFU, 0):>6.1%} "
                      f"{'' if usd is None else f'{usd:.4f}':>9} {m.get(PLAN_HOURS, 0) / 24:>8.3g}  "
                      f"{'yes' if c.dominated else ''}")
@@ -331,7 +334,8 @@ def run_search(cfg: DictConfig, run_id: str, run_dir: Any, user: list[str]) -> l
     for i, c in enumerate(ranked, 1):
         p = c.cfg.parallelism
         name = (f"plan #{i} pp{p.pp_degree} rep{p.dp_replicate} shard{p.dp_shard} tp{p.tp_degree} "
-                f"{c.mode} micro{c.rows} accum{c.accum} {c.cfg.precision.name}")
+                f"{c.mode} micro{c.rows} accum{c.accum}{f' mb{c.chunks}' if p.pp_degree > 1 else ''} "
+                f"{c.cfg.precision.name}")
         tags = {"mlflow.parentRunId": run_id, tracking.SWEEP_ID_TAG: run_id, "mode": "plan",
                 "hardware": str(cfg.hardware.name), "world_size": str(world), "device": str(cfg.trainer.device),
                 **{group: str(c.cfg[group].get("name", "")) for group in tracking.CONTRACT_TAGS if group in c.cfg},
