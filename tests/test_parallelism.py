@@ -90,6 +90,18 @@ def test_bad_parallel_config_names_its_key(overrides, key):
     assert str(e.value).startswith(key) and "\n" not in str(e.value)
 
 
+def test_interleaved_1f1b_takes_the_micro_batches_pytorchs_schedule_takes():
+    """PyTorch's ScheduleInterleaved1F1B runs micro-batches in microbatches // pp rounds of equal size: 6 or 12 on 4
+    ranks (one round of 6, three of 4) run though neither is a multiple of 4; 9 (two rounds) does not."""
+    base = ["trainer.device=cpu", "parallelism=pp", "parallelism.schedule=interleaved_1f1b",
+            "trainer.nproc_per_node=4", "model.n_layer=8"]
+    for batch, micro in ((24, 6), (24, 12), (32, 8)):
+        validate(compose_config([*base, f"trainer.batch_size={batch}", f"parallelism.microbatches={micro}"]))
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config([*base, "trainer.batch_size=36", "parallelism.microbatches=9"]))
+    assert str(e.value).startswith("parallelism.microbatches=9") and "a multiple of 2 " in str(e.value), e.value
+
+
 @pytest.mark.parametrize("option", ["single", "ddp", "fsdp", "tp", "pp", "fsdp_tp"])
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
 def test_every_option_takes_every_training_option(option, mode):
@@ -176,6 +188,38 @@ def test_a_rank_runs_its_pipeline_stages_without_its_peers_under_the_fake_group(
             for part in pipeline.parts.values():
                 assert all(p.grad is not None and p.grad.shape == p.shape for p in part.parameters())
         assert not dist.is_initialized()
+
+
+def test_the_memory_model_holds_as_many_chunks_as_pytorchs_interleaved_schedule_runs_before_a_backward():
+    """What :func:`costlab.measure.memory.in_flight` counts for interleaved 1F1B: the forward chunks each rank runs
+    before its first backward, read from the order PyTorch's own ScheduleInterleaved1F1B builds for every rank
+    (laid out alone under the fake process group), for micro-batches that are a multiple of the ranks and not."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from costlab.measure.memory import in_flight
+    from costlab.models.gpt import build_model
+    from costlab.parallelism.apply import build_mesh, fake_group
+    from costlab.parallelism.core import DistEnv
+    from costlab.parallelism.dims import parallel_dims
+    from costlab.parallelism.pp import PipelineParallel, lone_stages
+
+    for pp, micro, v in ((2, 3, 2), (2, 4, 2), (2, 2, 3), (4, 6, 2), (4, 8, 2), (4, 12, 2)):
+        cfg = compose_config([*PARITY, "parallelism=pp", f"trainer.nproc_per_node={pp}", f"model.n_layer={pp * v}",
+                              "parallelism.schedule=interleaved_1f1b", f"parallelism.stages_per_rank={v}",
+                              f"parallelism.microbatches={micro}", f"trainer.batch_size={micro}"])
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        for rank in range(pp):
+            with fake_group(rank, pp):
+                dims = parallel_dims(cfg.parallelism, pp)
+                model = build_model(cfg.model)
+                stage = lone_stages(model, cfg, pp * v, torch.zeros(1, 8, dtype=torch.long))
+                order = PipelineParallel(model, cfg, DistEnv(rank, rank, pp, pp, torch.device("cpu")), dims,
+                                         build_mesh(dims, "cpu"), stage).schedule.pipeline_order[rank]
+            kinds = [a.computation_type.name for a in order if a is not None]
+            first_backward = next(i for i, k in enumerate(kinds) if "BACKWARD" in k)
+            forwards = kinds[:first_backward].count("FORWARD")
+            assert in_flight("interleaved_1f1b", micro, pp, rank, v) == forwards, (pp, micro, v, rank)
 
 
 def test_options_are_degrees_whose_product_is_the_world():

@@ -387,5 +387,8 @@ def _check_pipeline(cfg: DictConfig, dims: ParallelDims) -> None:
         raise ConfigError(
             "parallelism.microbatches", micro, f"{p.schedule} needs at least pp_degree={pp} micro-batches"
         )
-    if p.schedule == "interleaved_1f1b" and micro % max(1, micro // pp):
-        raise ConfigError("parallelism.microbatches", micro, f"interleaved_1f1b needs a multiple of pp_degree={pp}")
+    rounds = max(1, micro // pp)  # PyTorch's ScheduleInterleaved1F1B runs the micro-batches in rounds of ~pp_degree
+    if p.schedule == "interleaved_1f1b" and micro % rounds:
+        raise ConfigError("parallelism.microbatches", micro, f"interleaved_1f1b runs them in microbatches // "
+                          f"pp_degree={pp} = {rounds} rounds of equal size, so it needs a multiple of {rounds} "
+                          f"(a multiple of pp_degree={pp} always is)")

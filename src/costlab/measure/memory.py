@@ -322,12 +322,13 @@ def in_flight(schedule: str, microbatches: int, pp: int, pp_rank: int, stages_pe
     """Forward chunks (one micro-batch through one of the rank's stages) whose activations pipeline rank
     ``pp_rank`` holds at its peak: the schedule's warm-up forwards plus the one before its first backward, as
     PyTorch's schedules order them (gpipe: every micro-batch; 1F1B: ``pp - pp_rank``; interleaved 1F1B:
-    ``(v - 1) pp + 2 (pp - 1 - pp_rank) + 1`` of its ``v`` stages' chunks), at most all of them."""
+    ``(v - 1) r + 2 (pp - 1 - pp_rank) + 1`` of its ``v`` stages' chunks, ``r`` the micro-batches of one of its
+    ``microbatches // pp`` rounds: ``pp`` where ``microbatches`` is a multiple of it), at most all of them."""
     if schedule == "gpipe":
         return microbatches
     if schedule == "interleaved_1f1b":
-        v = stages_per_rank
-        return min(microbatches * v, (v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1)
+        v, per_round = stages_per_rank, microbatches // max(1, microbatches // pp)
+        return min(microbatches * v, (v - 1) * per_round + 2 * (pp - 1 - pp_rank) + 1)
     return min(microbatches, pp - pp_rank)
 
 
