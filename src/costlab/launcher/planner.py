@@ -222,7 +222,6 @@ def table(ranked: list[Candidate], found: int, seconds: float, shown: int = 20) 
     return lines
 
 
-STATE_PARTS = ("params", "grads", "optimizer")
 LOW_BIT = ("adamw_8bit", "adamw_4bit")  # the optimizer options that keep less than AdamW's 8 bytes a parameter
 
 
@@ -232,6 +231,7 @@ def nothing_fits(found: list[Candidate]) -> list[str]:
     mean no cut of the batch fits; otherwise what grows with a micro-batch's tokens is over."""
     from costlab.launcher.plan import allowance
     from costlab.measure.memory import PREDICTED
+    from costlab.measure.names import PLAN
 
     least = min(found, key=lambda c: c.memory)
     if PLAN_MARGIN not in least.metrics:
@@ -244,8 +244,8 @@ def nothing_fits(found: list[Candidate]) -> list[str]:
              f"{capacity / GB:.3g} GB, at {p.pp_degree} x {p.dp_replicate} x {p.dp_shard} x {p.tp_degree} "
              f"(pp x rep x shard x tp), {least.mode} checkpointing, micro-batch {least.rows}, "
              f"{least.cfg.precision.name}: {parts} GB"]
-    state = sum(m[f"{PREDICTED}{part}_bytes_per_rank"] for part in STATE_PARTS)
-    alone = state + (allowance(state) if least.cfg.hardware.name != "cpu" else 0.0)
+    state = m[f"{PLAN}state_bytes_per_device"]  # parameters, gradients and optimizer state
+    alone = state + (allowance(state) if f"{PREDICTED}allowance_bytes_per_rank" in m else 0.0)
     if alone > capacity:
         optimizer, finetune = (str(least.cfg.get(g, {}).get("name", "")) for g in ("optimizer", "finetune"))
         lighter = ([] if optimizer in LOW_BIT else ["optimizer=adamw_8bit"]) + \

@@ -81,11 +81,10 @@ def _config_dict(source: str, stamp: int) -> dict[str, Any]:
 
 def _stamp(source: str) -> int:
     """When ``source``'s config file last changed (ns), or 0 where it is no file here (a hub id)."""
-    from pathlib import Path
+    from costlab.models.hf_config import config_file
 
-    path = Path(source)
     try:
-        return (path / "config.json" if path.is_dir() else path).stat().st_mtime_ns
+        return config_file(source).stat().st_mtime_ns
     except OSError:
         return 0
 
