@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (~33 runs, ~10 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (~34 runs, ~10 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
     python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
@@ -58,6 +58,7 @@ CONFIGS: dict[str, list[str]] = {
     "gpt tp": [*GPT, "parallelism=tp"],
     "gpt tp selective": [*GPT, "parallelism=tp", "trainer.activation_checkpointing=selective"],
     "gpt fsdp_tp (4 ranks)": [*GPT, "parallelism=fsdp_tp"],
+    "gpt hsdp (4 ranks)": [*GPT, "parallelism=hsdp"],
     "gpt pp gpipe": [*GPT, "parallelism=pp", "parallelism.schedule=gpipe"],
     "gpt pp 1f1b": [*GPT, "parallelism=pp", "parallelism.schedule=1f1b"],
     "gpt pp interleaved": [*GPT, "parallelism=pp", "parallelism.schedule=interleaved_1f1b"],

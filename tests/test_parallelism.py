@@ -76,6 +76,10 @@ VALIDATE_CASES = [
     (["parallelism=pp", "parallelism.dp_shard=-1"], "parallelism.dp_shard=-1"),
     (["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.tp_degree=3"], "parallelism.tp_degree=3"),
     (["parallelism=tp", "trainer.nproc_per_node=4", "parallelism.dp_replicate=2"], "parallelism.dp_replicate=2"),
+    (["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.dp_replicate=2"], "parallelism.dp_replicate=2"),
+    # a pipeline degree on an option without the pipeline's keys (schedule, micro-batches)
+    (["parallelism=hsdp", "trainer.nproc_per_node=8", "parallelism.pp_degree=2"], "parallelism.pp_degree=2"),
+    (["parallelism=fsdp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2"], "parallelism.pp_degree=2"),
     (["parallelism=fsdp", "parallelism.dp_shard=0"], "parallelism.dp_shard=0"),
     (["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.dp_shard=2", "parallelism.microbatches=32"],
      "parallelism.microbatches=32"),
@@ -102,7 +106,7 @@ def test_interleaved_1f1b_takes_the_micro_batches_pytorchs_schedule_takes():
     assert str(e.value).startswith("parallelism.microbatches=9") and "a multiple of 2 " in str(e.value), e.value
 
 
-@pytest.mark.parametrize("option", ["single", "ddp", "fsdp", "tp", "pp", "fsdp_tp"])
+@pytest.mark.parametrize("option", ["single", "ddp", "fsdp", "tp", "pp", "fsdp_tp", "hsdp"])
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
 def test_every_option_takes_every_training_option(option, mode):
     cfg = compose_config([*PARITY, f"parallelism={option}", f"trainer.activation_checkpointing={mode}",
@@ -237,6 +241,14 @@ def test_options_are_degrees_whose_product_is_the_world():
     three_d = dims("parallelism=pp", "trainer.nproc_per_node=8", "parallelism.dp_shard=2", "parallelism.tp_degree=2")
     assert three_d == ParallelDims(pp=2, dp_replicate=1, dp_shard=2, tp=2) and three_d.dp == 2
     assert three_d.mesh_dims() == (("pp", "dp_shard", "tp"), (2, 2, 2))
+    # HSDP: replicas of FSDP's shards; with tensor or pipeline parallel too (DDP's replicas take neither)
+    assert dims("parallelism=hsdp") == ParallelDims(pp=1, dp_replicate=2, dp_shard=2, tp=1)
+    hybrid = dims("parallelism=hsdp", "trainer.nnodes=2", "trainer.nproc_per_node=8", "parallelism.dp_shard=8")
+    assert hybrid.dp_replicate == 2 and hybrid.hsdp_enabled and not hybrid.ddp_enabled
+    for overrides in (["parallelism=hsdp", "trainer.nproc_per_node=8", "parallelism.tp_degree=2"],
+                      ["parallelism=pp", "trainer.nproc_per_node=8", "parallelism.dp_replicate=2",
+                       "parallelism.dp_shard=2", "parallelism.microbatches=2"]):
+        validate(compose_config(["trainer.device=cpu", *overrides]))
 
 
 def test_pipeline_schedules_compose():
@@ -291,7 +303,8 @@ def _assert_matches_single(runs, name: str, *overrides: str) -> float:
     pipelined = "parallelism=pp" in overrides
     assert ("the run's pipeline schedule on one short row per micro-batch" in tag) == pipelined, tag
     assert ("schedule" in tag.split(";")[0]) == pipelined, tag  # a part of the step
-    wrapped = {"parallelism=fsdp", "parallelism=tp", "parallelism=fsdp_tp", "parallelism=ddp"} & set(overrides)
+    wrapped = {"parallelism=fsdp", "parallelism=tp", "parallelism=fsdp_tp", "parallelism=ddp",
+               "parallelism=hsdp"} & set(overrides)
     if not pipelined:  # (a stage's wrapping per micro-batch is in the schedule's probe)
         assert ("the run's model wrapped as it runs" in tag) == bool(wrapped), tag
     assert "the run's model probed plain on its micro-batch" in tag, tag  # every layout: its forward and backward
@@ -319,6 +332,7 @@ PARITY_OPTIONS = {
     "pp_1f1b": ["parallelism=pp", "parallelism.schedule=1f1b"],
     "pp_interleaved": ["parallelism=pp", "parallelism.schedule=interleaved_1f1b"],
     "fsdp_tp": ["parallelism=fsdp_tp"],  # 4 ranks: 2 x 2
+    "hsdp": ["parallelism=hsdp"],  # 4 ranks: 2 replicas of 2 shards
     # options that trade compute for memory must not change the arithmetic either
     "fsdp_full_accum": ["parallelism=fsdp", "trainer.activation_checkpointing=full", "trainer.grad_accum_steps=2"],
     "pp_selective_accum": ["parallelism=pp", "trainer.activation_checkpointing=selective",
@@ -358,6 +372,17 @@ def test_fsdp_holds_about_half_the_state_of_ddp(runs):
     _assert_state_predicted(ddp)
     assert fsdp["mem/grads_bytes_per_rank"] <= 0.55 * ddp["mem/grads_bytes_per_rank"]
     assert fsdp["mem/peak_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_hsdp_ranks_hold_half_the_state_of_ddp_on_four_ranks(runs):
+    """HSDP over 2 x 2 ranks shards the state over 2: half of what a DDP replica holds (FSDP over the 4 would hold a
+    quarter); that it trains as ``single`` does is :func:`test_option_reproduces_the_single_loss_curve`'s."""
+    ddp = runs("ddp", "parallelism=ddp")[0].data.metrics
+    hsdp = runs("hsdp", *PARITY_OPTIONS["hsdp"])[0].data.metrics
+    for part in ("params", "grads", "optimizer"):
+        assert hsdp[f"mem/{part}_bytes_per_rank"] == pytest.approx(ddp[f"mem/{part}_bytes_per_rank"] / 2, rel=0.02)
 
 
 @pytest.mark.slow

@@ -174,6 +174,49 @@ def test_the_middle_pipeline_ranks_are_laid_out_once_for_all():
         assert _layout_state(cfg, dims, world) == largest, overrides
 
 
+def test_hsdp_holds_one_replicas_shards_and_all_reduces_them_across_the_nodes():
+    """HSDP (dp_replicate x dp_shard, FSDP2 on a two-dimensional mesh): a rank holds what FSDP over dp_shard ranks
+    holds, with a pipeline or not; on two nodes of eight, its gathers and reduce-scatters stay inside a node as one
+    node's FSDP does, and each layer's gradient shard is all-reduced with the other node's, over the network."""
+    import math
+
+    from costlab.launcher.plan import predict_time
+    from costlab.measure.cardrates import gpu_rates
+    from costlab.measure.memory import _layout_state
+    from costlab.models.gpt import build_model
+    from costlab.models.meta import on_meta
+    from costlab.parallelism.dims import parallel_dims
+
+    gpt = ["model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.n_layer=4", "trainer.device=cpu"]
+    for hsdp, fsdp, worlds in [(["parallelism=hsdp"], ["parallelism=fsdp"], (4, 2)),
+                               (["parallelism=pp", "parallelism.dp_replicate=2", "parallelism.dp_shard=2"],
+                                ["parallelism=pp", "parallelism.dp_shard=2"], (8, 4))]:
+        states = [_layout_state(cfg, parallel_dims(cfg.parallelism, world), world)
+                  for cfg, world in ((compose_config([*gpt, *hsdp]), worlds[0]),
+                                     (compose_config([*gpt, *fsdp]), worlds[1]))]
+        assert states[0] == states[1], hsdp
+
+    base = ["mode=plan", "model=llama_7b", "model.block_size=2048", "hardware=h100_sxm", "precision=bf16",
+            "trainer.activation_checkpointing=full", "trainer.nproc_per_node=8"]
+    one = compose_config([*base, "parallelism=fsdp", "trainer.batch_size=8"])
+    two = compose_config([*base, "parallelism=hsdp", "parallelism.dp_shard=8", "trainer.nnodes=2",
+                          "trainer.batch_size=16"])
+    assert parallel_dims(two.parallelism, 16).dp_replicate == 2
+    rates = gpu_rates(one, "bf16")
+
+    def data_parallel(cfg, world) -> float:
+        step, _ = predict_time(cfg, world)
+        exposed, hidden = step.parts["exposed_data_parallel"], step.parts["overlapped_data_parallel"]
+        return exposed + (step.parts["compute"] if exposed else hidden / rates.overlap_cost)
+
+    with on_meta():
+        trained = sum(p.numel() for p in build_model(one.model).parameters())
+    fixed, bandwidth = rates.inter["all_reduce"]  # two ranks, one on each node: one NIC each
+    all_reduce = (int(one.model.n_layer) + 1) * fixed + 2 * (2 - 1) / 2 * 4 * trained / 8 / bandwidth
+    assert data_parallel(two, 16) == pytest.approx(data_parallel(one, 8) + all_reduce, rel=1e-6)
+    assert not math.isclose(all_reduce, 0.0)
+
+
 def test_a_gpu_plan_prices_its_collectives_on_the_links_they_cross():
     """The GPU time model: datasheet rates times the calibrated shares; FSDP over two nodes crosses the network
     (slower than NVLink inside one), and its collectives overlap the compute, so only what sticks out is added."""

@@ -76,7 +76,7 @@ def _option_name(pp: int, replicate: int, shard: int, tp: int) -> str:
     if tp > 1:
         return "fsdp_tp" if shard * replicate > 1 else "tp"
     if shard > 1:
-        return "fsdp"
+        return "hsdp" if replicate > 1 else "fsdp"
     return "ddp" if replicate > 1 else "single"
 
 

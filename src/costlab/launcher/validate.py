@@ -303,9 +303,10 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
         if not _has_blocks(linears):
             raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
     dims = parallel_dims(p, world)
-    if dims.ddp_enabled and (dims.fsdp_enabled or dims.tp_enabled or dims.pp_enabled):
-        raise ConfigError("parallelism.dp_replicate", dims.dp_replicate, "DDP replicas combine with nothing else "
-                          "here; use dp_shard (FSDP) to combine data parallel with tensor or pipeline parallel")
+    if dims.ddp_enabled and (dims.tp_enabled or dims.pp_enabled):
+        raise ConfigError("parallelism.dp_replicate", dims.dp_replicate, "DDP replicas combine with tensor or "
+                          "pipeline parallel only through FSDP's (set parallelism.dp_shard > 1: HSDP), or use "
+                          "dp_shard alone")
     if (dims.tp_enabled or dims.pp_enabled) and not _has_blocks(linears):
         raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
     if dims.pp_enabled and is_hf(cfg) and not any(n.startswith("hf.model.layers.") for n in linears):
@@ -364,6 +365,11 @@ def _check_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, 
 def _check_pipeline(cfg: DictConfig, dims: ParallelDims) -> None:
     p, t, m = cfg.parallelism, cfg.trainer, cfg.model
     pp = dims.pp
+    missing = [k for k in ("schedule", "microbatches", "stages_per_rank") if k not in p]
+    if missing:  # a pipeline degree set on another option, which has no pipeline keys
+        raise ConfigError("parallelism.pp_degree", pp, f"pipeline stages need parallelism=pp's keys "
+                          f"({', '.join(missing)}); parallelism={p.name} has none: use parallelism=pp "
+                          f"parallelism.pp_degree={pp} and set the other degrees there")
     micro = p.microbatches
     per_rank = p.stages_per_rank if p.schedule == "interleaved_1f1b" else 1
     stages = pp * per_rank

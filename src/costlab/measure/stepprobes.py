@@ -377,7 +377,7 @@ def layouts_seconds(cfg: DictConfig, world: int, build_optimizer: Any, layouts: 
         torch.manual_seed(0)
         model = apply_finetune(build_model(shallow.model), shallow, shards=dims.dp_shard)  # LoRA's adapters, NF4
         apply_parallelisms(model, shallow, dims, mesh if wrapped else None, device)
-        if dims.ddp_enabled:  # as the run wraps it (DDP combines with no other degree)
+        if dims.ddp_enabled:  # as the run wraps it (DDP alone: with dp_shard, FSDP2 holds the replicas)
             group = mesh["dp_replicate"].get_group()
             model = apply_ddp(model, group, device, cfg.parallelism.get("bucket_cap_mb", 25))
             if dist.get_backend(group) == "fake":  # a plan's probe (:func:`local_layout`)

@@ -465,11 +465,15 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
     # a plan's wrapping, probed without its peers, counted its collectives (:func:`local_probes`; a pipeline's are
     # in its schedule's probe, uncounted): each pays the link's latency, the formulas below keep their bytes
     counted = bool(rates.layout_calls)
-    if dims.dp_replicate > 1 and not probed:  # a probed DDP's wrapping holds its own all-reduces
+    units = math.ceil(layers) + 1  # FSDP2 gathers and reduces each block's group and the root's apart
+    if dims.dp_replicate > 1 and not probed:  # a probed wrapping holds its own all-reduces
+        # DDP's buckets; HSDP's: each FSDP group's gradient shard, all-reduced across the replicas
         data_parallel += syncs * _collective(rates, dims.dp_replicate, grad_bytes / dims.dp_shard, "all_reduce",
-                                             latency=not counted, span=dims.dp_replicate * shard_span)
+                                             calls=units if dims.fsdp_enabled else 1, latency=not counted,
+                                             span=dims.dp_replicate * shard_span)
     # a DDP's wrapping runs once a step: it syncs one micro-batch a step, the others run under no_sync, its hooks idle
-    wrapped_mbs = 1 if dims.ddp_enabled else n_mb  # (a run's DDP combines with no other degree)
+    # (DDP alone: with dp_shard, dp_replicate is FSDP2's HSDP, whose hooks run every micro-batch)
+    wrapped_mbs = 1 if dims.ddp_enabled else n_mb
     if rates.layout_probed:  # the run's own wrapping: FSDP's gathers and reduce-scatters whole, TP's fixed costs,
         # DDP's sync whole
         parts["layout"] = (wrapped_mbs * (layers * rates.layout_layer_s + rates.layout_outside_s)
@@ -486,7 +490,6 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         # every weight, in the dtype FSDP's mixed precision gathers it in (an NF4 base: its codes and scales)
         width = 2 if cfg.precision.get("autocast_dtype") in ("bfloat16", "float16") else 4
         gathered = ((weights.trained + weights.frozen) * width + weights.nf4 * _nf4_bytes_per_value()) / tp
-        units = math.ceil(layers) + 1  # FSDP2 gathers and reduces each block's group and the root's apart
         data_parallel += n_mb * 2 * _collective(rates, dims.dp_shard, gathered, "all_gather", span=shard_span,
                                                 calls=units, latency=not counted)
         data_parallel += syncs * _collective(rates, dims.dp_shard, grad_bytes, "reduce_scatter", span=shard_span,

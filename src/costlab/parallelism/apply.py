@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -49,6 +50,25 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
     return init_device_mesh(device_type, sizes, mesh_dim_names=names) if names else None
 
 
+def shard_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP shards over: ``dp_shard``, or ``(dp_replicate, dp_shard)`` for HSDP, FSDP2's hybrid sharding
+    (each replica's ranks shard the state; gradients are reduce-scattered within a replica, then all-reduced across
+    replicas)."""
+    return mesh["dp_replicate", "dp_shard"] if dims.hsdp_enabled else mesh["dp_shard"]
+
+
+def data_parallel_group(dims: ParallelDims, mesh: DeviceMesh | None) -> tuple[int, int, Any]:
+    """(this rank's index, the size, the process group) of the ranks that cut the global batch between them:
+    ``dp_replicate`` x ``dp_shard``; (0, 1, None) where there is one."""
+    if mesh is None or dims.dp == 1:
+        return 0, 1, None
+    if dims.hsdp_enabled:
+        dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    else:
+        dp = mesh["dp_replicate" if dims.ddp_enabled else "dp_shard"]
+    return dp.get_local_rank(), dp.size(), dp.get_group()
+
+
 def apply_parallelisms(
     model: nn.Module, cfg: DictConfig, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
 ) -> bool:
@@ -75,6 +95,6 @@ def apply_parallelisms(
         from costlab.parallelism.fsdp import apply_fsdp
 
         reshard = bool(cfg.parallelism.get("reshard_after_forward", True))
-        apply_fsdp(model, mesh["dp_shard"], autocast_dtype(cfg), torch.float32, reshard,
+        apply_fsdp(model, shard_mesh(dims, mesh), autocast_dtype(cfg), torch.float32, reshard,
                    str(cfg.parallelism.get("offload", "none")), cast_block_inputs=ac != "selective")
     return fp8 or ac != "none" or compile_

@@ -1,7 +1,8 @@
 """Parallelism as degrees, torchtitan-style: data-parallel replicate (DDP), data-parallel shard (FSDP),
 tensor and pipeline. Their product is the world size, checked once, here.
 
-The ``parallelism`` options only set degrees (``fsdp_tp`` is ``dp_shard`` × ``tp_degree``), so a layout
+The ``parallelism`` options only set degrees (``fsdp_tp`` is ``dp_shard`` × ``tp_degree``, ``hsdp`` is
+``dp_replicate`` × ``dp_shard``: FSDP2's hybrid sharding; ``dp_replicate`` alone is DDP), so a layout
 such as pipeline × FSDP or pipeline × TP needs no code path of its own. Torch-free: the launcher reads it.
 """
 
@@ -47,7 +48,13 @@ class ParallelDims:
 
     @property
     def ddp_enabled(self) -> bool:
-        return self.dp_replicate > 1
+        """DistributedDataParallel wraps the model: replicas of unsharded weights."""
+        return self.dp_replicate > 1 and self.dp_shard == 1
+
+    @property
+    def hsdp_enabled(self) -> bool:
+        """FSDP2's hybrid sharding: ``dp_replicate`` replicas of ``dp_shard`` shards (no DDP wrapper)."""
+        return self.dp_replicate > 1 and self.dp_shard > 1
 
     def mesh_dims(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Names and sizes of the device mesh: the enabled degrees, outermost first."""

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from costlab.models.adapters import uses_adapters
-from costlab.parallelism.apply import apply_parallelisms, build_mesh
+from costlab.parallelism.apply import apply_parallelisms, build_mesh, data_parallel_group
 from costlab.parallelism.core import DistEnv, Parallel, ShardedParallel
 from costlab.parallelism.ddp import DataParallel, apply_ddp
 from costlab.parallelism.dims import parallel_dims
@@ -22,13 +22,12 @@ def parallelize(model: nn.Module, cfg: DictConfig, env: DistEnv) -> Parallel:
         return PipelineParallel(model, cfg, env, dims, mesh)
     # adapters are a training device too: the shipped model has them merged (costlab.models.adapters)
     rebuild = apply_parallelisms(model, cfg, dims, mesh, env.device) or uses_adapters(cfg)
+    dp = data_parallel_group(dims, mesh)
+    if dims.fsdp_enabled:  # with dp_replicate: HSDP, FSDP2's replicas (apply.shard_mesh)
+        return ShardedParallel(model, env.device, rebuild, *dp)
     if dims.ddp_enabled:
-        dp = mesh["dp_replicate"]
-        ddp = apply_ddp(model, dp.get_group(), env.device, cfg.parallelism.get("bucket_cap_mb", 25))
-        return DataParallel(ddp, env.device, rebuild, dp.get_local_rank(), dp.size(), dp.get_group())
-    if dims.fsdp_enabled:
-        dp = mesh["dp_shard"]
-        return ShardedParallel(model, env.device, rebuild, dp.get_local_rank(), dp.size(), dp.get_group())
+        ddp = apply_ddp(model, dp[2], env.device, cfg.parallelism.get("bucket_cap_mb", 25))
+        return DataParallel(ddp, env.device, rebuild, *dp)
     if dims.tp_enabled:
         return ShardedParallel(model, env.device, rebuild)
     return Parallel(model, env.device, rebuild)

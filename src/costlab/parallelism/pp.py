@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from costlab.models.loss import loss_fn
-from costlab.parallelism.apply import apply_parallelisms
+from costlab.parallelism.apply import apply_parallelisms, data_parallel_group
 from costlab.parallelism.core import DistEnv, Parallel, _local, clip_grad_norm_, load_full_state
 from costlab.parallelism.dims import ParallelDims
 from costlab.precision import autocast
@@ -94,11 +94,7 @@ class PipelineParallel(Parallel):
         self.schedule = schedule_cls(stages if looped else stages[0], n_microbatches=micro, loss_fn=stage_loss,
                                      scale_grads=False)
 
-        dp_rank, dp_size, dp_group = 0, 1, None
-        if dims.fsdp_enabled:
-            dp = mesh["dp_shard"]
-            dp_rank, dp_size, dp_group = dp.get_local_rank(), dp.size(), dp.get_group()
-        super().__init__(nn.ModuleList(parts.values()), env.device, True, dp_rank, dp_size, dp_group)
+        super().__init__(nn.ModuleList(parts.values()), env.device, True, *data_parallel_group(dims, mesh))
 
         # the pairs of ranks holding the tied weight's copies, one pair per (dp, tp) coordinate; every
         # rank must take part in creating every group
