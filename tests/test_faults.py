@@ -571,7 +571,7 @@ def reference(mlflow_uri, tmp_path_factory):
 
     cli = Cli(mlflow_uri, tmp_path_factory.mktemp("reference"))
     curves = {}
-    for parallelism in ("ddp", "fsdp"):
+    for parallelism in ("ddp", "fsdp", "hsdp"):
         name = f"uninterrupted {parallelism}"
         proc = cli(*RESUMABLE, f"parallelism={parallelism}", f"tracking.run_name={name}",
                    f"hydra.run.dir={cli.out / parallelism}")
@@ -600,7 +600,7 @@ def test_a_dead_rank_is_restarted_and_the_run_resumes_its_curve(cli, reference, 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp", "hsdp"])  # hsdp: 4 ranks, shards on a 2-D mesh
 def test_a_preempted_run_checkpoints_and_resume_continues_it(cli, reference, parallelism):
     name = f"preempted {parallelism}"
     job = Job(cli, *RESUMABLE, f"parallelism={parallelism}", f"tracking.run_name={name}")
