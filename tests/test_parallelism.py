@@ -343,6 +343,9 @@ PARITY_OPTIONS = {
     "pp_x_fsdp": ["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2", "parallelism.dp_shard=2",
                   "parallelism.microbatches=2"],
     "pp_x_tp": ["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2", "parallelism.tp_degree=2"],
+    # 8 ranks: 2 stages, each HSDP over 2 replicas of 2 shards (the data-parallel group spans both degrees)
+    "pp_x_hsdp": ["parallelism=pp", "trainer.nproc_per_node=8", "parallelism.pp_degree=2",
+                  "parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.microbatches=2"],
 }
 
 
