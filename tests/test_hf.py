@@ -161,6 +161,38 @@ def test_every_shipped_config_builds_on_the_meta_device(name):
     assert next(model.parameters()).is_meta and len(model.blocks) == model.config.n_layer
 
 
+def test_a_model_built_on_meta_first_leaves_the_next_random_one_its_own_init():
+    """A worker's memory prediction builds the model on the meta device, with torch's fills as no-ops, before it
+    builds the one it trains; transformers, first imported there, had recorded the no-ops, so the trained model
+    kept PyTorch's default init (the embedding's std 1.0) on rank 0 alone. In a fresh process, as a worker is:
+    the weights built after a meta build are those built without one, at the config's ``initializer_range``."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from costlab.models.gpt import build_model\n"
+        "from costlab.models.meta import on_meta\n"
+        "from tests.conftest import compose_config\n"
+        "cfg = compose_config(['model=hf', 'model.config=llama_tiny', 'model.block_size=32'])\n"
+        "if sys.argv[1] == 'meta':\n"
+        "    with on_meta():\n"
+        "        build_model(cfg.model)\n"
+        "torch.manual_seed(0)\n"
+        "m = build_model(cfg.model)\n"
+        "print(m.hf.model.embed_tokens.weight.std().item(), sum(p.double().sum().item() for p in m.parameters()))\n"
+    )
+    out = {}
+    for first in ("meta", "none"):
+        proc = subprocess.run([sys.executable, "-c", script, first], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[first] = [float(v) for v in proc.stdout.split()[-2:]]
+    assert out["meta"] == out["none"]
+    from transformers import LlamaConfig  # llama_tiny sets no initializer_range: Llama's default
+
+    assert out["meta"][0] == pytest.approx(LlamaConfig().initializer_range, rel=0.1)
+
+
 def test_flops_count_gpt2s_conv1d_layers(pretrained):
     model = HFCausalLM(pretrained=pretrained["gpt2"], block_size=16)
     convs = [m for m in model.modules() if type(m).__name__ == "Conv1D"]
