@@ -110,7 +110,6 @@ def test_the_shipped_model_has_the_adapters_merged_and_predicts_as_the_adapted_o
 
 @pytest.mark.parametrize("overrides, key, says", [
     (["parallelism=tp"], "finetune", "tensor parallel"),
-    (["parallelism=pp"], "finetune", "pipeline"),
     (["quantization=qat_int8"], "finetune", "acts on the weights while training"),
     (["finetune.merge=false"], "finetune.merge", "the base it was trained on"),
     (["finetune.rank=0"], "finetune.rank", "positive"),
@@ -257,10 +256,10 @@ def test_lora_and_qlora_runs_fine_tune_a_trained_run_and_ship_a_plain_model(cli,
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("finetune, parallelism, family", [
-    ("lora", "ddp", "gpt"), ("lora", "fsdp", "gpt"), ("lora", "fsdp", "hf"),
-    ("qlora", "ddp", "gpt"), ("qlora", "fsdp", "gpt"), ("qlora", "fsdp", "hf"),
+    ("lora", "ddp", "gpt"), ("lora", "fsdp", "gpt"), ("lora", "fsdp", "hf"), ("lora", "pp", "hf"),
+    ("qlora", "ddp", "gpt"), ("qlora", "fsdp", "gpt"), ("qlora", "fsdp", "hf"), ("qlora", "pp", "gpt"),
 ])
-def test_adapters_run_with_data_parallel_layouts(cli, finetune, parallelism, family):
+def test_adapters_run_with_data_parallel_and_pipeline_layouts(cli, finetune, parallelism, family):
     if finetune == "qlora":
         pytest.importorskip("torchao")
     name = f"{finetune}-{parallelism}-{family}"
@@ -273,11 +272,33 @@ def test_adapters_run_with_data_parallel_layouts(cli, finetune, parallelism, fam
     for part in ("params", "grads", "optimizer"):  # measured on the ranks, predicted from the shapes
         assert m[f"mem/{part}_bytes_per_rank"] == m[f"{PREDICTED}{part}_bytes_per_rank"], part
     assert 0 < m["model/trainable_params"] < 0.2 * m["model/params"]
-    assert m[f"{PREDICTED}activations_bytes_per_rank"] == pytest.approx(m["mem/activations_bytes_per_rank"], rel=0.02)
+    # (a pipeline's stages within 3 %, as without adapters: what each keeps per micro-batch in flight)
+    assert m[f"{PREDICTED}activations_bytes_per_rank"] == pytest.approx(m["mem/activations_bytes_per_rank"],
+                                                                     rel=0.03 if parallelism == "pp" else 0.02)
     assert m["perf/predicted_tokens_per_s"] > 0
     if finetune == "qlora":  # the NF4 base beside the fp32 embeddings, norms and adapters
         assert run.data.tags["nf4_backend"] == run.data.params["finetune.backend"] != "auto"
         assert m[MEM_PARAMS] < 0.75 * 4 * m["model/params"] / (2 if parallelism == "fsdp" else 1)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_lora_in_a_pipeline_trains_as_on_one_rank(cli):
+    """A pipeline's stages keep whole blocks, adapters and all: in fp32 its loss curve is one rank's, the tied
+    weight's copies frozen (no gradient to sum between the first and last stage) and the shipped model merged."""
+    curves = {}
+    for parallelism in ("single", "pp"):
+        name = f"lora-curve-{parallelism}"
+        proc = cli(*TINY, *LORA, f"parallelism={parallelism}", "trainer.max_steps=6", f"tracking.run_name={name}",
+                   "hydra.run.dir=" + str(cli.out / parallelism))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run = cli.run_by_name(name)
+        curves[parallelism] = cli.loss_curve(run.info.run_id)
+    assert len(curves["pp"]) == 6
+    assert max(abs(a - b) / abs(a) for a, b in zip(curves["single"], curves["pp"], strict=True)) <= 1e-4, curves
+    m = run.data.metrics
+    for part in ("params", "grads", "optimizer"):
+        assert m[f"mem/{part}_bytes_per_rank"] == m[f"{PREDICTED}{part}_bytes_per_rank"], part
 
 
 @pytest.mark.slow

@@ -151,19 +151,18 @@ def _check_optimizer(cfg: DictConfig) -> None:
 
 def _check_finetune(cfg: DictConfig, dims: ParallelDims) -> None:
     """LoRA's adapters replace the targeted Linear layers while training: what lays those layers out by name
-    (tensor-parallel plans, pipeline stages, float8 swaps) or changes them as it trains is refused."""
+    (tensor-parallel plans, float8 swaps) or changes them as it trains is refused. Pipeline stages keep whole
+    blocks, adapters and all."""
     o = option("finetune", cfg.finetune)
     o.check()
     if not uses_adapters(cfg):
         return
-    layouts = "; use parallelism=single, ddp or fsdp"
+    layouts = "; use parallelism=single, ddp, fsdp, hsdp or pp"
     if dims.fsdp_enabled and holds_nf4(cfg) and cfg.finetune.get("backend") == "bitsandbytes":
         raise ConfigError("finetune.backend", "bitsandbytes", "FSDP2 cannot shard bitsandbytes' packed 4-bit weights; "
                           "use finetune.backend=torchao (or auto) with parallelism=fsdp")
     if dims.tp_enabled:
         why = "tensor parallel shards the targeted Linear layers by name, and the adapters take their place" + layouts
-    elif dims.pp_enabled:
-        why = "pipeline stages are cut from the plain model's blocks, which the adapters change" + layouts
     elif precision.trains_in_float8(cfg):
         why = "float8 training swaps the Linear layers the adapters wrap; use precision=bf16"
     else:

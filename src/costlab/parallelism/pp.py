@@ -129,7 +129,7 @@ class PipelineParallel(Parallel):
                 self.schedule.step(*args, target=ym, losses=losses, return_outputs=False)
             if self.last in self.parts:
                 total += torch.stack([loss.detach() for loss in losses]).sum()
-        if self.tied_copy is not None:
+        if self.tied_copy is not None and self.tied_copy.requires_grad:  # (frozen under LoRA: no gradient)
             grad = self.tied_copy.grad
             if hasattr(grad, "placements") and grad.placements != self.tied_copy.placements:
                 # tensor parallel leaves the embedding's gradient replicated; the head's copy is sharded
