@@ -161,6 +161,27 @@ def test_qlora_holds_the_base_in_nf4_trains_the_adapters_and_ships_them_merged(b
     assert torch.allclose(adapted, merged, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", NF4_BACKENDS)
+def test_qlora_under_bf16_holds_the_activations_its_backend_leaves(backend):
+    """bitsandbytes computes in autocast's dtype and hands back its input's: after a norm (fp32 under autocast) the
+    MLP's hidden layer comes out in fp32, twice torchao's bytes, and the activation after it saves that. The memory
+    model traces each backend's dtype; the bytes are measured in one process as a run's first step counts them."""
+    from costlab.measure.activations import SavedActivations
+    from costlab.measure.memory import predict_activations
+
+    pytest.importorskip("torchao")
+    cfg = compose_config([*TINY, *LORA, "finetune=qlora", f"finetune.backend={backend}", "precision=bf16",
+                          "model.n_layer=3", "trainer.device=cpu"])
+    torch.manual_seed(0)
+    model = apply_finetune(build_model(cfg.model), cfg)
+    x = torch.randint(0, 256, (int(cfg.trainer.batch_size), int(cfg.model.block_size)))
+    with SavedActivations(model) as meter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        loss_fn(logits, x).backward()
+    assert predict_activations(cfg, 1) == pytest.approx(meter.held, rel=0.01), backend
+
+
 def test_an_adapter_saved_alone_goes_back_on_its_base_as_the_merged_model(tmp_path):
     """``finetune.merge=false`` on costlab's own model: the adapter written in PEFT's format, put back on the base
     it was trained on, gives the merged model (the run's ``model.pt``)."""

@@ -144,8 +144,9 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
 def _fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str, adapters: str = "") -> tuple[Any, Any]:
     """The model (under the caller's fake mode) with ``layers`` layers, and its forward from token ids to logits.
     ``adapters``: a fine-tuning run's LoRA adapters as JSON (:func:`adapters_key`), injected as the run injects them
-    (the rest frozen, so that its backward computes no weight gradients for the base); with ``nf4``, each adapted
-    base weight is dequantized where the run's NF4 weight is: once in its forward and once in its backward."""
+    (the rest frozen, so that its backward computes no weight gradients for the base); with ``nf4`` (the run's NF4
+    backend), each adapted base weight is dequantized where the run's NF4 weight is: once in its forward and once in
+    its backward."""
     model, forward = _plain_fake_model(source, tp, layers, dtype, attn)
     if adapters:
         from unittest import mock
@@ -164,33 +165,38 @@ def _fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str, adapte
             torch.set_default_dtype(default)
         if node.get("nf4"):
             for layer in _lora_layers(model):
-                _dequantized_in_place(layer.get_base_layer())
+                _dequantized_in_place(layer.get_base_layer(), node["nf4"] == "bitsandbytes")
     return model, forward
 
 
 def adapters_key(cfg: DictConfig) -> str:
-    """A run's LoRA adapters as the traces take them (JSON: rank, alpha, dropout, targets, and ``nf4`` when the
-    base is held in NF4), or "" for a run that trains every parameter."""
-    from costlab.models.adapters import holds_nf4, uses_adapters
+    """A run's LoRA adapters as the traces take them (JSON: rank, alpha, dropout, targets, and ``nf4``, the backend
+    that holds the base in NF4, or false), or "" for a run that trains every parameter."""
+    from costlab.models.adapters import holds_nf4, nf4_backend, uses_adapters
 
     if not uses_adapters(cfg):
         return ""
     f = cfg.finetune
     return json.dumps({"rank": int(f.rank), "alpha": float(f.alpha), "dropout": float(f.dropout),
-                       "targets": list(f.targets), "nf4": holds_nf4(cfg)}, sort_keys=True)
+                       "targets": list(f.targets), "nf4": nf4_backend(cfg) if holds_nf4(cfg) else False},
+                      sort_keys=True)
 
 
-def _dequantized_in_place(linear: Any) -> None:
+def _dequantized_in_place(linear: Any, output_in_input_dtype: bool = False) -> None:
     """``linear`` computes as an NF4 base does (torchao's ``linear_nf4``, bitsandbytes' ``Linear4bit``): its frozen
     weight is written out in the input's dtype before the forward's matmul and again before the backward's (the
-    bytes a dequantization writes; its lookups' reads are left out), and nothing of it is saved."""
+    bytes a dequantization writes; its lookups' reads are left out), and nothing of it is saved.
+    ``output_in_input_dtype``: bitsandbytes computes in its compute dtype (autocast's) and casts its output back to
+    its input's: an fp32 input (a norm's output under autocast) gives an fp32 output, twice autocast's bytes, which
+    what follows may save (the MLP's activation saves its input)."""
     import torch
 
     class Dequantized(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, x: Any, weight: Any, bias: Any) -> Any:
             ctx.weight = weight
-            return torch.nn.functional.linear(x, weight.to(x.dtype, copy=True), bias)
+            out = torch.nn.functional.linear(x, weight.to(x.dtype, copy=True), bias)
+            return out.to(x.dtype) if output_in_input_dtype else out
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
