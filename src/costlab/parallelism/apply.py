@@ -59,7 +59,8 @@ def shard_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
 
 def data_parallel_group(dims: ParallelDims, mesh: DeviceMesh | None) -> tuple[int, int, Any]:
     """(this rank's index, the size, the process group) of the ranks that cut the global batch between them:
-    ``dp_replicate`` x ``dp_shard``; (0, 1, None) where there is one."""
+    ``dp_replicate`` x ``dp_shard`` (HSDP's two degrees flattened into one group); (0, 1, None) where that is one
+    rank."""
     if mesh is None or dims.dp == 1:
         return 0, 1, None
     if dims.hsdp_enabled:
