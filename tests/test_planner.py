@@ -68,6 +68,32 @@ def test_a_search_outside_a_plan_is_refused_rather_than_trained():
     assert error.key == "plan.search" and "mode=plan" in str(error)
 
 
+def test_a_search_tries_only_the_precisions_and_checkpointing_modes_it_is_narrowed_to():
+    from costlab.launcher.planner import candidates
+
+    base = ["mode=plan", "plan.search=true", "model=llama_7b", "hardware=h100_sxm", "trainer.nproc_per_node=8",
+            "trainer.batch_size=3"]
+    every = candidates(compose_config(base), lambda extra: compose_config(base + extra))
+    narrowed = [*base, "plan.precisions=[fp8]", "plan.checkpointing=[none,selective]"]
+    found = candidates(compose_config(narrowed), lambda extra: compose_config(narrowed + extra))
+    assert {c.cfg.precision.name for c in every} == {"bf16", "fp8"} and {c.mode for c in every} == {
+        "none", "selective", "full"}
+    kept = [c for c in every if c.cfg.precision.name == "fp8" and c.mode != "full"]
+    assert found and [c.overrides for c in found] == [c.overrides for c in kept]  # the same candidates, no others
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["plan.precisions=[bf16]"], "narrows a layout search only: add mode=plan plan.search=true"),
+    (["mode=plan", "plan.search=true", "plan.checkpointing=[]"], "must name at least one"),
+    (["mode=plan", "plan.search=true", "plan.precisions=[fp32]"], "hardware=h100_sxm is searched in bf16, fp8 only"),
+    (["mode=plan", "plan.search=true", "plan.precisions=[fp9]"], "choose one of bf16, fp16, fp32, fp8"),
+    (["mode=plan", "plan.search=true", "plan.checkpointing=[some]"], "choose one of none, selective, full"),
+])
+def test_a_search_narrowed_to_nothing_it_can_try_is_refused(overrides, why):
+    error = refusal(*TINY, *(["hardware=h100_sxm"] if "mode=plan" in overrides else []), *overrides)
+    assert error.key in ("plan.precisions", "plan.checkpointing") and why in str(error), str(error)
+
+
 def test_the_ranking_marks_what_another_candidate_beats():
     from costlab.launcher.planner import Candidate
 
@@ -138,7 +164,9 @@ def test_a_search_on_this_cpu_ranks_layouts_and_its_best_row_trains(cli):
     plans that follow (a plan has no peers to probe one with)."""
     user = [*TINY, "hardware=cpu", "trainer.nproc_per_node=2", "trainer.max_steps=3",
             f"hardware.probe_cache={cli.out}/probes.json"]
-    proc = cli(*user, "mode=plan", "plan.search=true", "tracking.run_name=search")
+    # every layout of 2 ranks and micro-batch, in fp32 without checkpointing (each candidate is probed here)
+    proc = cli(*user, "mode=plan", "plan.search=true", "plan.precisions=[fp32]", "plan.checkpointing=[none]",
+               "tracking.run_name=search")
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent = cli.run_by_name("search")
     m = parent.data.metrics

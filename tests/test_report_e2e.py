@@ -36,9 +36,10 @@ def test_a_2x2_sweep_ends_with_its_report_and_tags_every_child(cli, tmp_path):
     proc = cli("-m", *TINY, "precision=fp32,bf16", "pruning=none,l1_unstructured",
                "tracking.experiment_name=report_2x2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "costlab: report: " in proc.stderr
+    assert "costlab: report: " in proc.stderr and "costlab: sweep FINISHED: 4 of 4 jobs finished" in proc.stderr
     parent, children = _sweep(cli, "report_2x2")
-    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert len(children) == 4 and {c.info.status for c in [parent, *children]} == {"FINISHED"}
+    assert len(cli.runs("report_2x2")) == 5
     assert len({c.info.run_name for c in children}) == 4
 
     # the table: one row per child, ratios equal the ratios of the children's own metrics

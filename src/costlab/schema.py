@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from costlab import CONF_DIR
 from costlab.files import is_text, pysource_files, text_files
 
 
@@ -97,6 +98,8 @@ def key(default: Any, check: Callable[[Any], str | None] | None = None, why: str
 
 # --- the sections --------------------------------------------------------------------------------------------
 
+PRECISION_OPTIONS = tuple(sorted(p.stem for p in (CONF_DIR / "precision").glob("*.yaml")))
+
 
 @dataclass
 class Top:
@@ -158,6 +161,10 @@ class Plan:
     mfu: float | None = key(None, UNIT_OPEN, "an assumed model FLOPs utilisation instead of the time model")
     tokens: float | None = key(None, POSITIVE, "the training tokens to price (default: trainer.max_steps' tokens)")
     search: bool = key(False, None, "rank every layout of the devices by predicted cost")
+    precisions: list[str] | None = key(None, one_of(*PRECISION_OPTIONS), "the precisions a search tries; null: every "
+                                       "one the card has a peak for")
+    checkpointing: list[str] | None = key(None, one_of("none", "selective", "full"), "the activation checkpointing "
+                                          "modes a search tries; null: all three")
 
 
 @dataclass

@@ -3,17 +3,17 @@
     python run.py mode=plan plan.search=true model=hf model.config=llama3_70b hardware=h100_sxm \\
         trainer.nnodes=8 trainer.nproc_per_node=8 plan.tokens=1e12
 
-The candidates are every factorization of the devices into pp x dp_replicate x dp_shard x tp (tensor parallel
-inside a node; degrees the model's heads, MLP width and layers allow), x activation checkpointing (none,
-selective, full) x the micro-batch (:func:`_micro_choices`; the global ``trainer.batch_size`` kept: gradient
-accumulation or pipeline micro-batches make up the rest) x the precisions the card has a peak for (bf16, and fp8
-where it has one; fp32 and bf16 on a CPU). Each one is checked as a run would be
-(:func:`costlab.launcher.validate.validate`) and its memory predicted per rank (:mod:`costlab.measure.memory`; the
-parameter, gradient and optimizer state once per sharding layout); those that do not fit are dropped, and the
-step of the rest timed by the time model (:mod:`costlab.measure.steptime`). They are ranked cheapest first ($ per
-1M training tokens, or tokens/s without a price); one is *dominated* when another is at least as fast with no more
-memory per device. Nothing is allocated: models are built on the meta device and traced on fake tensors. Each
-row's overrides run as they are (``python run.py <overrides>``).
+The candidates are every factorization of the devices into pp x dp_replicate x dp_shard x tp (tensor parallel inside
+a node; degrees the model's heads, MLP width and layers allow), x activation checkpointing (none, selective, full) x
+the micro-batch (:func:`_micro_choices`; the global ``trainer.batch_size`` kept: gradient accumulation or pipeline
+micro-batches make up the rest) x the precisions the card has a peak for (bf16, and fp8 where it has one; fp32 and
+bf16 on a CPU); ``plan.precisions`` and ``plan.checkpointing`` narrow the precisions and modes tried. Each one is
+checked as a run would be (:func:`costlab.launcher.validate.validate`) and its memory predicted per rank
+(:mod:`costlab.measure.memory`; the parameter, gradient and optimizer state once per sharding layout); those that do
+not fit are dropped, and the step of the rest timed by the time model (:mod:`costlab.measure.steptime`). They are
+ranked cheapest first ($ per 1M training tokens, or tokens/s without a price); one is *dominated* when another is at
+least as fast with no more memory per device. Nothing is allocated: models are built on the meta device and traced
+on fake tensors. Each row's overrides run as they are (``python run.py <overrides>``).
 """
 
 from __future__ import annotations
@@ -81,12 +81,18 @@ def _option_name(pp: int, replicate: int, shard: int, tp: int) -> str:
 
 
 def precisions(cfg: DictConfig) -> list[str]:
-    """The precision options searched: the card's (bf16, fp8 where its option has an fp8 peak); a CPU's fp32 and
-    bf16."""
-    if cfg.hardware.name == "cpu":
-        return ["fp32", "bf16"]
-    peaks = cfg.hardware.get("peak_tflops") or {}
-    return ["bf16"] + (["fp8"] if peaks.get("fp8") else [])
+    """The precision options searched: the card's (:func:`~costlab.launcher.validate.card_precisions`), or those
+    of them ``plan.precisions`` names."""
+    from costlab.launcher.validate import card_precisions
+
+    chosen = cfg.plan.get("precisions")
+    return card_precisions(cfg) if chosen is None else [p for p in card_precisions(cfg) if p in chosen]
+
+
+def checkpointing(cfg: DictConfig) -> list[str]:
+    """The activation checkpointing modes searched: all three, or those ``plan.checkpointing`` names."""
+    chosen = cfg.plan.get("checkpointing")
+    return list(CHECKPOINTING) if chosen is None else [m for m in CHECKPOINTING if m in chosen]
 
 
 def layouts(world: int, per_node: int) -> list[tuple[int, int, int, int]]:
@@ -130,6 +136,7 @@ def candidates(cfg: DictConfig, compose: Any, refused: dict[str, str] | None = N
     t = cfg.trainer
     world, per_node = int(t.nnodes * t.nproc_per_node), int(t.nproc_per_node)
     options: dict[tuple[str, str], DictConfig] = {}
+    modes = checkpointing(cfg)
     out = []
     refused = {} if refused is None else refused
     for (pp, replicate, shard, tp), precision in itertools.product(layouts(world, per_node), precisions(cfg)):
@@ -150,8 +157,7 @@ def candidates(cfg: DictConfig, compose: Any, refused: dict[str, str] | None = N
             if pp > 1:
                 c.parallelism.update(schedule="1f1b", microbatches=pp)
         group: list[Candidate] = []
-        for mode, (rows, accum, chunks) in itertools.product(CHECKPOINTING,
-                                                             _micro_choices(int(t.batch_size) // dp, pp)):
+        for mode, (rows, accum, chunks) in itertools.product(modes, _micro_choices(int(t.batch_size) // dp, pp)):
             sets = [f"parallelism={name}", f"parallelism.pp_degree={pp}", f"parallelism.dp_replicate={replicate}",
                     f"parallelism.dp_shard={shard}", f"parallelism.tp_degree={tp}", f"precision={precision}",
                     f"trainer.activation_checkpointing={mode}", f"trainer.grad_accum_steps={accum}"]
@@ -159,8 +165,9 @@ def candidates(cfg: DictConfig, compose: Any, refused: dict[str, str] | None = N
                 sets += ["parallelism.schedule=1f1b", f"parallelism.microbatches={chunks}"]
             group.append(Candidate(sets, c, mode, accum, chunks, rows))
         # one check per layout and precision: its first cut has the most pipeline micro-batches (the others pass
-        # where it does) and full checkpointing (the one mode with a check of its own: the model has blocks)
-        first = next((g for g in group if g.mode == "full"), None)
+        # where it does) and full checkpointing where it is searched (the one mode with a check of its own: the
+        # model has blocks)
+        first = next((g for g in group if g.mode == "full"), group[0] if group else None)
         if first is None:
             refused[which] = (f"trainer.batch_size={t.batch_size}: {int(t.batch_size) // dp} sequences a rank, "
                               f"fewer than the pipeline's {pp} stages need (a micro-batch each)")

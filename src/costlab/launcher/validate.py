@@ -37,6 +37,7 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.get("mode", "train") != "plan" and cfg.get("plan", {}).get("search"):  # else it would train instead
         raise ConfigError("plan.search", "true", "searches layouts only in a plan: add mode=plan")
+    _check_search_space(cfg)
 
     world = t.nnodes * t.nproc_per_node
     _check_model(cfg)
@@ -65,6 +66,35 @@ def validate(cfg: DictConfig) -> None:
 
     precision.check(cfg, dims.tp, dims.pp_enabled, block_widths, is_hf(cfg))
     check_compression(cfg)
+
+
+def card_precisions(cfg: DictConfig) -> list[str]:
+    """The precision options a layout search tries on ``cfg``'s card: bf16, and fp8 where its option has an fp8
+    peak; a CPU's fp32 and bf16."""
+    if cfg.hardware.name == "cpu":
+        return ["fp32", "bf16"]
+    return ["bf16"] + (["fp8"] if (cfg.hardware.get("peak_tflops") or {}).get("fp8") else [])
+
+
+def _check_search_space(cfg: DictConfig) -> None:
+    """``plan.precisions`` and ``plan.checkpointing`` narrow a search: they need one, must name something, and a
+    precision must be one the search can try on the card."""
+    plan = cfg.get("plan") or {}
+    for name in ("precisions", "checkpointing"):
+        chosen = plan.get(name)
+        if chosen is None:
+            continue
+        value = list(chosen)
+        if not (cfg.get("mode") == "plan" and plan.get("search")):
+            raise ConfigError(f"plan.{name}", value, "narrows a layout search only: add mode=plan plan.search=true")
+        if not value:
+            raise ConfigError(f"plan.{name}", value, "must name at least one (null: every one)")
+    if plan.get("precisions") is not None:
+        card = card_precisions(cfg)
+        off = [p for p in plan.precisions if p not in card]
+        if off:
+            raise ConfigError("plan.precisions", list(plan.precisions), f"hardware={cfg.hardware.name} is searched "
+                              f"in {', '.join(card)} only ({off[0]} is not one)")
 
 
 def _check_checkpointing(cfg: DictConfig) -> None:
