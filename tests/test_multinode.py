@@ -24,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two launchers and their torchruns, ~15 s: the default suite checks the nodes' parts in-process
 @pytest.mark.e2e
 def test_two_nodes_on_localhost_make_one_run_owned_by_node_0(cli, tmp_path):
     port = _free_port()

@@ -271,11 +271,41 @@ def test_the_loss_backward_holds_two_fp32_logits_tensors_at_once():
     assert (meter.peak - start) / predicted == pytest.approx(1, abs=0.02)
 
 
+def test_ddp_holds_its_gradients_in_its_all_reduce_buckets(tmp_path):
+    """costlab's DDP wrapping makes each gradient a view into its all-reduce bucket: a backward after the trainer
+    set the gradients to None writes into the buckets, allocating no gradient (PyTorch's default keeps the buckets
+    beside the gradients: a second copy of them), read from glibc's allocator."""
+    in_use = _malloc_meter()
+    if in_use is None:
+        pytest.skip("needs glibc's mallinfo2")
+    import torch.distributed as dist
+
+    from costlab.parallelism.ddp import apply_ddp
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+        ddp = apply_ddp(model, dist.group.WORLD, torch.device("cpu"), bucket_cap_mb=25)
+        params = list(model.parameters())
+        grads = sum(p.numel() * p.element_size() for p in params)
+        x = torch.randn(1, 512)
+        for _ in range(2):  # the reducer's first backward builds its buckets; glibc settles its thresholds
+            ddp(x).sum().backward()
+            model.zero_grad(set_to_none=True)
+        start = in_use()
+        ddp(x).sum().backward()
+        grown = in_use() - start
+        assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1  # one bucket holds them all
+        assert grown < 0.1 * grads, (grown, grads)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_loss_backward_is_beyond_gradients_not_yet_held_and_falls_on_the_last_pipeline_stage():
     """The trainer sets gradients to None each step, so a step without accumulation has none when its loss's
-    backward starts (the term is that much smaller); with accumulation they are there. Tensor parallel gathers
-    the logits whole. Under a pipeline the term is what the last stage's transient adds to the largest stage's
-    peak: nothing where the first stage, holding more micro-batches, stays the largest."""
+    backward starts (the term is that much smaller); with accumulation, or under DDP, they are there. Tensor
+    parallel gathers the logits whole. Under a pipeline the term is what the last stage's transient adds to the
+    largest stage's peak: nothing where the first stage, holding more micro-batches, stays the largest."""
     from costlab.measure.memory import LOSS_BACKWARD
 
     base = ["model.n_layer=4", "model.n_embd=32", "model.n_head=2", "model.block_size=64", "trainer.device=cpu",
@@ -284,6 +314,10 @@ def test_the_loss_backward_is_beyond_gradients_not_yet_held_and_falls_on_the_las
     two = predict_state(compose_config([*base, "trainer.batch_size=16", "trainer.grad_accum_steps=2"]), 1)
     grads = one[f"{PREDICTED}grads_bytes_per_rank"]
     assert grads > 0 and two[LOSS_BACKWARD] == pytest.approx(one[LOSS_BACKWARD] + grads)
+    # DDP's gradients are views into its all-reduce buckets, held from its first backward on
+    ddp = predict_state(compose_config([*base, "trainer.batch_size=16", "parallelism=ddp"]), 2)
+    assert ddp[f"{PREDICTED}grads_bytes_per_rank"] == grads and ddp[LOSS_BACKWARD] == pytest.approx(
+        one[LOSS_BACKWARD] + grads)
     tp = predict_state(compose_config([*base, "trainer.batch_size=8", "parallelism=tp"]), 2)
     assert tp[LOSS_BACKWARD] == pytest.approx(one[LOSS_BACKWARD] + grads - tp[f"{PREDICTED}grads_bytes_per_rank"])
     small = [*base, "model.vocab_size=64", "trainer.batch_size=8", "parallelism=pp", "parallelism.schedule=1f1b",

@@ -113,7 +113,8 @@ def loss_backward_bytes(cfg: DictConfig, world: int, grads: float, held: float) 
     output and that of its input, two fp32 tokens x vocabulary tensors alive at once (the loss upcasts the logits,
     :func:`costlab.models.loss.loss_fn`; tensor parallel gathers them whole), less ``grads``, the rank's gradient
     bytes, which the trainer has set to None since the last step and which are not allocated yet then (unless a
-    step accumulates micro-batches or a pipeline's). Under a pipeline it falls on the last stage: what it adds to
+    step accumulates micro-batches or a pipeline's, or DDP holds them: its gradients are views into its all-reduce
+    buckets, allocated for the run). Under a pipeline it falls on the last stage: what it adds to
     the largest stage's peak, over ``held``, :func:`activation_parts`' held bytes. On one H200 this is GPT-2 small's
     whole gap to ``max_memory_allocated``."""
     from costlab.measure.traced import hf_shapes
@@ -125,7 +126,8 @@ def loss_backward_bytes(cfg: DictConfig, world: int, grads: float, held: float) 
         return max(0.0, activation_parts(cfg, world, loss_backward=True)[0] - held)
     vocab = (hf_shapes(cfg) if is_hf(cfg) else m).vocab_size
     tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
-    return max(0.0, tokens * 2 * FP32 * vocab - (grads if int(t.grad_accum_steps) == 1 else 0.0))
+    freed = int(t.grad_accum_steps) == 1 and not dims.ddp_enabled
+    return max(0.0, tokens * 2 * FP32 * vocab - (grads if freed else 0.0))
 
 
 DEPTH_SHORTCUT = 2  # layers per pipeline stage above which a layout is read at one and two, and extrapolated
