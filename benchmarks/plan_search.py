@@ -53,8 +53,8 @@ def main() -> None:
         sys.exit("no search table in the output:\n" + proc.stderr[-3000:])
     candidates, fit, search_s = int(found[1]), int(found[2]), float(found[3])
     cpu = cpu_info()
-    print(f"{args.config} on {args.nodes} x {args.per_node} H100 SXM, searched on {cpu.model} "
-          f"({os.cpu_count()} cores)")
+    print(f"{args.config} on {args.nodes} x {args.per_node} H100 SXM, searched on {cpu.model}, {os.cpu_count()} "
+          f"cores, features {','.join(sorted(cpu.features)) or 'unknown'}")
     print(f"  candidates {candidates:,}, fit {fit:,}")
     verdict = "met" if wall < GOAL_S else "MISSED"
     print(f"  wall {wall:.1f} s (search {search_s:.1f} s; goal < {GOAL_S:.0f} s: {verdict})")

@@ -99,6 +99,7 @@ def key(default: Any, check: Callable[[Any], str | None] | None = None, why: str
 # --- the sections --------------------------------------------------------------------------------------------
 
 PRECISION_OPTIONS = tuple(sorted(p.stem for p in (CONF_DIR / "precision").glob("*.yaml")))
+CHECKPOINTING_MODES = ("none", "selective", "full")  # trainer.activation_checkpointing's
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Trainer:
     checkpoint_async: bool = False
     max_restarts: int = key(0, AT_LEAST_0)
     resume: str | None = None
-    activation_checkpointing: str = key("none", one_of("none", "full", "selective"))
+    activation_checkpointing: str = key("none", one_of(*CHECKPOINTING_MODES))
     compile: bool = False
     lr: float = key(3e-3, POSITIVE)
     min_lr_ratio: float = key(0.1, FRACTION)
@@ -163,7 +164,7 @@ class Plan:
     search: bool = key(False, None, "rank every layout of the devices by predicted cost")
     precisions: list[str] | None = key(None, one_of(*PRECISION_OPTIONS), "the precisions a search tries; null: every "
                                        "one the card has a peak for")
-    checkpointing: list[str] | None = key(None, one_of("none", "selective", "full"), "the activation checkpointing "
+    checkpointing: list[str] | None = key(None, one_of(*CHECKPOINTING_MODES), "the activation checkpointing "
                                           "modes a search tries; null: all three")
 
 

@@ -26,9 +26,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from costlab.measure.names import PLAN_HOURS, PLAN_MARGIN, PLAN_MEMORY, PLAN_MFU, PLAN_TOKENS_PER_S, PLAN_USD_PER_1M
-from costlab.schema import ConfigError
+from costlab.schema import CHECKPOINTING_MODES, ConfigError
 
-CHECKPOINTING = ("none", "selective", "full")
 SEARCHED = ("mode", "plan.search", "parallelism", "precision", "trainer.activation_checkpointing",
             "trainer.grad_accum_steps")  # the keys a candidate sets: the user's values for them are replaced
 # micro-batch sizes tried per layout: the powers of two up to the rank's share of the batch and the share itself;
@@ -92,7 +91,7 @@ def precisions(cfg: DictConfig) -> list[str]:
 def checkpointing(cfg: DictConfig) -> list[str]:
     """The activation checkpointing modes searched: all three, or those ``plan.checkpointing`` names."""
     chosen = cfg.plan.get("checkpointing")
-    return list(CHECKPOINTING) if chosen is None else [m for m in CHECKPOINTING if m in chosen]
+    return list(CHECKPOINTING_MODES) if chosen is None else [m for m in CHECKPOINTING_MODES if m in chosen]
 
 
 def layouts(world: int, per_node: int) -> list[tuple[int, int, int, int]]:
