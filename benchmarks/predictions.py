@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (~34 runs, ~10 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (45 runs, ~16 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
     python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
@@ -19,9 +19,13 @@ CPU after its runs (``mode=plan hardware=cpu``: its probes in one process, no pe
 many ranks here kept), and the plan's tokens/s (``plan/tokens_per_s``) is compared with the measured median the
 same way.
 
-A peak-memory column needs a GPU (``torch.cuda.max_memory_allocated`` against the predicted total); on CPU the
-peak a run logs is the process's RSS, which holds the Python and PyTorch runtime besides the model, so it is not
-compared here.
+The peak: on CPU a run reads glibc's allocator after every op of its first step (``costlab.measure.allocator``), and
+the most it held beyond what it held as the step began (``mem/step_allocated_bytes_per_rank``) is printed beside the
+memory model's counterpart (``mem/predicted_step_allocated_bytes_per_rank``: the predicted peak less the parameters
+and optimizer state, and DDP's gradients, which its buckets hold before the step). The tiny models' steps allocate
+little beside the autograd graph's own nodes, so their peak errors say more about those; the ``peak`` configurations
+(``--only peak``) are sized for their tensors to dominate (an 11M-parameter model with a 32k vocabulary, whose
+tied embedding outweighs its blocks, and a 13M one whose blocks outweigh its byte embedding).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ MICRO = ["model=gpt_micro", "model.block_size=64", "trainer.batch_size=4"]
 LLAMA = ["model=llama_nano", "model.n_layer=4", "model.block_size=32"]
 HF = ["model=hf", "model.config=llama_tiny", "model.block_size=32"]
 GPT2 = ["model=hf", "model.config=gpt2_tiny", "model.block_size=32"]
+ROOT_HEAVY = ["model.vocab_size=32000", "model.n_embd=256", "model.n_layer=4", "model.n_head=4", "model.block_size=64",
+              "trainer.batch_size=4"]
+BLOCK_HEAVY = ["model.vocab_size=256", "model.n_embd=512", "model.n_layer=4", "model.n_head=8", "model.block_size=32",
+               "trainer.batch_size=2"]
 
 CONFIGS: dict[str, list[str]] = {
     "gpt single fp32": [*GPT, "parallelism=single"],
@@ -81,6 +89,17 @@ CONFIGS: dict[str, list[str]] = {
     "hf llama ddp selective": [*HF, "parallelism=ddp", "trainer.activation_checkpointing=selective"],
     "hf gpt2 single": [*GPT2, "parallelism=single"],
     "hf gpt2 fsdp bf16": [*GPT2, "parallelism=fsdp", "precision=bf16"],
+    "peak single root-heavy": [*ROOT_HEAVY, "parallelism=single"],
+    "peak ddp root-heavy": [*ROOT_HEAVY, "parallelism=ddp"],
+    "peak tp root-heavy": [*ROOT_HEAVY, "parallelism=tp"],
+    "peak pp root-heavy": [*ROOT_HEAVY, "parallelism=pp"],
+    "peak fsdp root-heavy": [*ROOT_HEAVY, "parallelism=fsdp"],
+    "peak fsdp root-heavy bf16": [*ROOT_HEAVY, "parallelism=fsdp", "precision=bf16"],
+    "peak fsdp root-heavy untied bf16": [*ROOT_HEAVY, "parallelism=fsdp", "precision=bf16", "+model.tie_weights=false"],
+    "peak fsdp block-heavy": [*BLOCK_HEAVY, "parallelism=fsdp"],
+    "peak fsdp block-heavy bf16": [*BLOCK_HEAVY, "parallelism=fsdp", "precision=bf16"],
+    "peak fsdp block-heavy unresharded": [*BLOCK_HEAVY, "parallelism=fsdp", "parallelism.reshard_after_forward=false"],
+    "peak fsdp block-heavy full-ckpt": [*BLOCK_HEAVY, "parallelism=fsdp", "trainer.activation_checkpointing=full"],
     "gpt single lora": [*GPT, "parallelism=single", "finetune=lora"],
     "gpt ddp lora": [*GPT, "parallelism=ddp", "finetune=lora"],
     "gpt fsdp bf16 qlora": [*GPT, "parallelism=fsdp", "precision=bf16", "finetune=qlora"],
@@ -105,13 +124,13 @@ def main() -> None:
           flush=True)
     print(f"{'configuration':34s} {'acts measured':>14s} {'predicted':>12s} {'error':>7s}   "
           f"{'state measured':>14s} {'predicted':>12s} {'error':>7s}", flush=True)
-    errors: dict[str, list[float]] = {"activations": [], "state": [], "tokens/s": []}
+    errors: dict[str, list[float]] = {"activations": [], "state": [], "tokens/s": [], "step peak": []}
     speeds: list[tuple[str, float, float]] = []
     plans: list[tuple[str, float, float]] = []
     for name, overrides in CONFIGS.items():
         if args.only not in name:
             continue
-        runs: list[tuple[float, float, float, float, float, float]] = []
+        runs: list[tuple[float, ...]] = []
         for i in range(args.repeat):
             run_name = name.replace(" ", "-").replace("(", "").replace(")", "") + (f"-{i + 1}" if i else "")
             proc = cli(*SMALL, *overrides, f"trainer.max_steps={args.steps}", "serve.enabled=false",
@@ -125,14 +144,19 @@ def main() -> None:
             state = sum(m[f"mem/{p}_bytes_per_rank"] for p in STATE)
             state_pred = sum(m[f"mem/predicted_{p}_bytes_per_rank"] for p in STATE)
             tps, tps_pred = m["perf/tokens_per_s"], m.get("perf/predicted_tokens_per_s", float("nan"))
-            runs.append((acts, acts_pred, state, state_pred, tps, tps_pred))
+            peak = m.get("mem/step_allocated_bytes_per_rank", float("nan"))
+            peak_pred = m.get("mem/predicted_step_allocated_bytes_per_rank", float("nan"))
+            runs.append((acts, acts_pred, state, state_pred, tps, tps_pred, peak, peak_pred))
             print(f"{name:34s} {acts:14,.0f} {acts_pred:12,.0f} {acts_pred / acts - 1:+7.1%}   "
                   f"{state:14,.0f} {state_pred:12,.0f} {state_pred / state - 1:+7.1%}   "
-                  f"tokens/s {tps:9,.0f} predicted {tps_pred:9,.0f} {tps_pred / tps - 1:+7.1%}", flush=True)
+                  f"tokens/s {tps:9,.0f} predicted {tps_pred:9,.0f} {tps_pred / tps - 1:+7.1%}   "
+                  f"step peak {peak:13,.0f} predicted {peak_pred:13,.0f} {peak_pred / peak - 1:+7.1%}", flush=True)
         if not runs:
             continue
-        for part, (measured, predicted) in (("activations", (0, 1)), ("state", (2, 3)), ("tokens/s", (4, 5))):
-            errors[part].append(statistics.median(r[predicted] / r[measured] - 1 for r in runs))
+        for part, (measured, predicted) in (("activations", (0, 1)), ("state", (2, 3)), ("tokens/s", (4, 5)),
+                                            ("step peak", (6, 7))):
+            if all(r[measured] == r[measured] for r in runs):  # not NaN: measured (the step peak: on CPU, glibc)
+                errors[part].append(statistics.median(r[predicted] / r[measured] - 1 for r in runs))
         speeds.append((name, statistics.median(r[4] for r in runs), statistics.median(r[5] for r in runs)))
         if len(runs) > 1:
             print(f"{'':34s} over {len(runs)} runs: tokens/s measured {spread([r[4] for r in runs])}, predicted "

@@ -21,12 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from costlab.measure.hardware import device_peak, flops_per_token, usd_per_hour
 from costlab.measure.memory import (
+    GATHERED,
     LOSS_BACKWARD,
     PREDICTED,
-    RECOMPUTE,
-    activation_parts,
-    loss_backward_bytes,
     predict_layout_state,
+    with_step_parts,
 )
 from costlab.measure.names import (
     PLAN,  # + the figures below: a plan's metrics, never mixed with measured ones
@@ -121,12 +120,8 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
         state = predict_layout_state(layout, world)
         if states is not None:
             states[key] = dict(state)
-    held_bytes, rebuilt = activation_parts(cfg, world)
-    state[f"{PREDICTED}activations_bytes_per_rank"] = held_bytes
-    if rebuilt:
-        state[RECOMPUTE] = rebuilt
-    state[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, state[f"{PREDICTED}grads_bytes_per_rank"], held_bytes)
-    per_device = sum(state.values())  # state, activations, recompute and the loss's backward
+    state = with_step_parts(cfg, world, state)
+    per_device = sum(state.values())  # state, activations, recompute, the loss's backward and FSDP's gathered
     if hw.name != "cpu":
         state[f"{PREDICTED}allowance_bytes_per_rank"] = allowance(per_device)
         per_device = sum(state.values())
@@ -141,6 +136,8 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
         part = key[len(PREDICTED):].split("_")[0]
         if key == LOSS_BACKWARD:
             return "loss backward (2 fp32 tokens x vocabulary, less the gradients not yet held)"
+        if key == GATHERED:
+            return "fsdp gathered (root, two blocks, their unsharded gradients)"
         return part if part != "allowance" else (f"allowance (ASSUMED: {GPU_FIXED_ALLOWANCE / GB:.3g} GB + "
                                                  f"{GPU_ALLOWANCE_SHARE:.0%}: CUDA context, workspaces, allocator)")
 

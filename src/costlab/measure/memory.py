@@ -15,7 +15,9 @@ communication), so the local shard shapes are exactly those the run will have. F
                  code tables; bf16 states; SGD's momentum buffer
 
 each the largest over ranks, as the measured ``mem/*_bytes_per_rank`` are; and the activations of
-the training step (:func:`predict_activations`), from the config's shapes alone.
+the training step (:func:`predict_activations`), from the config's shapes alone, the loss's backward
+(:func:`loss_backward_bytes`) and, under FSDP, what its gathered parameters and gradients add
+(:func:`gathered_bytes`, from each all-gather unit's shards in the same layout).
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_r
 RECOMPUTE = PREDICTED + "recompute_bytes_per_rank"  # activation checkpointing's transient: one block rebuilt
 # the loss's backward: two fp32 tokens x vocabulary tensors at once, beyond the gradients not yet allocated then
 LOSS_BACKWARD = PREDICTED + "loss_backward_bytes_per_rank"
+# what FSDP's unsharded parameters and gradients add to the peak over the other parts (:func:`gathered_bytes`)
+GATHERED = PREDICTED + "gathered_bytes_per_rank"
+FSDP = "fsdp/"  # + FSDP_PARTS: the layout's parts GATHERED is made of, never logged
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
+# on CPU, beside the measured mem/step_allocated_bytes_per_rank: what the step adds to what its rank held before it
+STEP_ALLOCATED = PREDICTED + "step_allocated_bytes_per_rank"
 
 
 def _stage_parts(model: Any, cfg: DictConfig, dims: Any, mesh: Any) -> list[Any]:
@@ -55,18 +62,27 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     import torch
 
     from costlab.models.adapters import apply_finetune, holds_nf4, nf4_backend, nf4_bytes
-    from costlab.models.gpt import build_model
+    from costlab.models.gpt import build_model, has_blocks
     from costlab.parallelism.apply import apply_parallelisms, build_mesh, fake_group
 
     with on_meta():
         model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard)
     params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
+    roots: list[list[torch.Tensor]] = []  # FSDP's all-gather units: each pipeline stage's root, and its blocks
+    blocks: list[list[torch.Tensor]] = []
+    tied: set[int] = set()
     if world > 1:  # sharded: lay the model out as this rank will
         params = {}
         with fake_group(rank, world):
             mesh = build_mesh(dims, "cpu")
             for part in _stage_parts(model, cfg, dims, mesh):
                 apply_parallelisms(part, cfg, dims, mesh, torch.device("meta"))
+                inner = [list(b.parameters()) for b in part.blocks.values()] if has_blocks(part) else []
+                inside = {id(p) for block in inner for p in block}
+                blocks += inner
+                names = [id(p) for _, p in part.named_parameters(remove_duplicate=False)]
+                tied |= {i for i in names if names.count(i) > 1}
+                roots.append([p for p in {id(p): p for p in part.parameters()}.values() if id(p) not in inside])
                 params.update({id(p): (n, p) for n, p in part.named_parameters()})
 
     def local(p: torch.Tensor) -> torch.Tensor:
@@ -81,11 +97,109 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
 
     trained = [local(p) for _, p in params.values() if p.requires_grad]
     optimizer = optimizer_option(cfg)
-    return {
+    state = {
         f"{PREDICTED}params_bytes_per_rank": sum(held(n, p) for n, p in params.values()),
         f"{PREDICTED}grads_bytes_per_rank": sum(t.numel() * t.element_size() for t in trained),
         f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }
+    if dims.fsdp_enabled and world > 1:
+        parts = _fsdp_parts(cfg, dims, roots, blocks, lambda p: held(params[id(p)][0], p), tied)
+        state.update({f"{FSDP}{k}": v for k, v in parts.items()})
+    return state
+
+
+# :func:`_fsdp_parts`, combined by :func:`gathered_bytes`
+FSDP_PARTS = ("root", "root_grads", "root_reduce", "root_tied", "block", "blocks", "block_grads", "block_reduce")
+
+
+def _fsdp_parts(cfg: DictConfig, dims: Any, roots: list[list[Any]], blocks: list[list[Any]], held: Any,
+                tied: set[int]) -> dict[str, float]:
+    """FSDP's unsharded parameters and gradients (FSDP2 as :func:`costlab.parallelism.fsdp.apply_fsdp` applies it
+    to a model or to each pipeline stage), each unit gathered over its ``dp_shard`` ranks in the mixed-precision
+    policy's dtype (the autocast dtype; the parameters' own without one; a QLoRA base weight's NF4 bytes),
+    ``held(p)`` being the bytes of ``p``'s local shard, ``tied`` the weights a stage uses twice:
+
+        root          the roots' parameters (embeddings, final norm, head): FSDP2 does not reshard a root after
+                      forward, so they stay gathered to the end of backward
+        root_grads    their gradients (the head's from early in backward), unsharded until the root's reduce-scatter
+        root_reduce   their reduce-scatter input at the end of backward (an fp32 copy of them: the reduce dtype)
+        root_tied     a tied weight's two transients then: the embedding's dense gradient and its sum with the head's
+        block         the largest block's parameters, gathered
+        blocks        every block's (a rank's blocks are ``blocks / block``)
+        block_grads   the largest block's unsharded gradients
+        block_reduce  and its reduce-scatter input
+
+    Each is the same at any depth but ``blocks``, which grows with it (:func:`predict_layout_state` extrapolates
+    from one and two layers a stage)."""
+    mp = _autocast_bytes(cfg) if _autocast_bytes(cfg) < FP32 else None
+
+    def numel(p: Any) -> int:  # unsharded over the FSDP ranks (what tensor parallel leaves this rank)
+        return dims.dp_shard * (p.to_local() if hasattr(p, "to_local") else p).numel()
+
+    def gathered(p: Any) -> float:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        nf4 = held(p) != local.numel() * local.element_size()  # a QLoRA base weight, gathered as its NF4 codes
+        return dims.dp_shard * held(p) if nf4 else numel(p) * (mp or local.element_size())
+
+    def grads(unit: list[Any], dtype_bytes: int | None = None) -> float:
+        return sum(numel(p) * (dtype_bytes or mp or p.element_size()) for p in unit if p.requires_grad)
+
+    gathered_blocks = [sum(gathered(p) for p in b) for b in blocks]
+    everything = [p for r in roots for p in r]
+    return {
+        "root": sum(gathered(p) for p in everything),
+        "root_grads": grads(everything),
+        "root_reduce": grads(everything, FP32),
+        "root_tied": 2 * grads([p for p in everything if id(p) in tied]),
+        "block": max(gathered_blocks, default=0.0),
+        "blocks": sum(gathered_blocks),
+        "block_grads": max((grads(b) for b in blocks), default=0.0),
+        "block_reduce": max((grads(b, FP32) for b in blocks), default=0.0),
+    }
+
+
+def _gloo(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` runs its collectives on gloo (on CPU), whose reductions work on a copy of their input: a
+    plan's hardware option says, a run's device."""
+    device = cfg.trainer.get("device", "auto")
+    if cfg.get("mode") == "plan" or device == "auto":
+        return (cfg.get("hardware") or {}).get("name") == "cpu"
+    return device == "cpu"
+
+
+def gathered_bytes(cfg: DictConfig, parts: dict[str, float], grads: float, activations: float,
+                   loss_backward: float, shards: int) -> float:
+    """What FSDP's unsharded parameters and gradients (:func:`_fsdp_parts`) add to a rank's peak over the other
+    parts' sum (``grads`` + ``activations`` + ``loss_backward``, each at its most), at the largest of the moments of
+    backward, as FSDP2 orders them:
+
+        the loss's backward   the other parts at their most, and the roots' gathered parameters
+        the k-th block's      the roots' parameters and gradients; the activations less the k - 1 blocks' behind it
+        backward              (a rank's activations taken as its blocks' alone) and those blocks' sharded gradients
+                              (a ``shards``-th of their reduce-scatter inputs); and, while it computes its gradients,
+                              it and the block prefetched before it gathered (with
+                              ``parallelism.reshard_after_forward=false``, every block not yet through backward), its
+                              unsharded gradients and the reduce-scatter input of the block before it (FSDP2 frees one
+                              when it makes the next); at its reduce-scatter, itself resharded, its gradients and
+                              their reduce-scatter input
+        the roots' gradients  the gradients, the roots' parameters and gradients, and a tied weight's transients; then,
+                              the roots resharded, their gradients and their reduce-scatter input
+
+    On CPU, gloo's reduce-scatter holds a working copy of its input until the next collective (NCCL's reduces in
+    place): each reduce-scatter's input counts twice."""
+    reduce = 2 if _gloo(cfg) else 1
+    count = round(parts["blocks"] / parts["block"]) if parts["block"] else 0
+    reshard = cfg.parallelism.get("reshard_after_forward", True)
+    block, grads_b, input_b = parts["block"], parts["block_grads"], parts["block_reduce"]
+    moments = [parts["root"] + activations + loss_backward + grads]
+    for k in range(count):
+        held = parts["root"] + parts["root_grads"] + activations * (count - k) / count + k * input_b / shards
+        gathered = block * (min(2, count - k) if reshard else count - k)
+        moments += [held + gathered + grads_b + (input_b if k else 0.0),
+                    held + gathered - block + grads_b + reduce * input_b + input_b / shards]
+    moments += [grads + parts["root"] + parts["root_grads"] + parts["root_tied"],
+                grads + parts["root_grads"] + reduce * parts["root_reduce"]]
+    return max(max(moments) - (grads + activations + loss_backward), parts["root"])
 
 
 def optimizer_option(cfg: DictConfig) -> Any:
@@ -99,13 +213,47 @@ def optimizer_option(cfg: DictConfig) -> Any:
 def predict_state(cfg: DictConfig, world: int) -> dict[str, float]:
     """Predicted per-rank state bytes (largest over ranks) of ``cfg`` at ``world`` ranks, and its activations. Must
     run in a process with no process group yet (the launcher, a plan, or a worker before it joins its group)."""
-    out = predict_layout_state(cfg, world)
+    return with_step_parts(cfg, world, predict_layout_state(cfg, world))
+
+
+def with_step_parts(cfg: DictConfig, world: int, layout: dict[str, float]) -> dict[str, float]:
+    """The per-rank parts of the peak: ``layout``'s state bytes (:func:`predict_layout_state`), then what the
+    training step adds: the activations, checkpointing's recompute, the loss's backward and FSDP's gathered
+    parameters and gradients (from ``layout``'s FSDP parts, which are not kept)."""
+    from costlab.parallelism.dims import parallel_dims
+
+    out = {k: v for k, v in layout.items() if not k.startswith(FSDP)}
     held, rebuilt = activation_parts(cfg, world)
     out[f"{PREDICTED}activations_bytes_per_rank"] = held  # beside the measured mem/activations_bytes_per_rank
     if rebuilt:
         out[RECOMPUTE] = rebuilt
-    out[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, out[f"{PREDICTED}grads_bytes_per_rank"], held)
+    grads = out[f"{PREDICTED}grads_bytes_per_rank"]
+    out[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, grads, held)
+    if f"{FSDP}root" in layout:
+        parts = {k: layout[f"{FSDP}{k}"] for k in FSDP_PARTS}
+        out[GATHERED] = gathered_bytes(cfg, parts, grads, held + rebuilt, out[LOSS_BACKWARD],
+                                      parallel_dims(cfg.parallelism, world).dp_shard)
     return out
+
+
+def predicted_peak(predicted: dict[str, float]) -> float:
+    """A rank's predicted peak: the sum of :func:`predict_state`'s parts in ``predicted`` (the figures derived from
+    them left out)."""
+    return sum(v for k, v in predicted.items() if k.startswith(PREDICTED) and k not in (STEP_ALLOCATED,
+                                                                                         PREDICTED_OVER_MEASURED))
+
+
+def step_allocated_bytes(cfg: DictConfig, world: int, predicted: dict[str, float]) -> float:
+    """What a training step adds to the bytes its rank holds as it begins (the predicted peak less the parameters
+    and optimizer state; less the gradients too under DDP, whose all-reduce buckets hold them for the run), the
+    counterpart of the step's measured allocator peak on CPU (:mod:`costlab.measure.allocator`). The trainer
+    measures its first step, before the optimizer has made its state: the same difference."""
+    from costlab.parallelism.dims import parallel_dims
+
+    ddp = parallel_dims(cfg.parallelism, world).ddp_enabled
+    held = [f"{PREDICTED}params_bytes_per_rank", f"{PREDICTED}optimizer_bytes_per_rank",
+            *([f"{PREDICTED}grads_bytes_per_rank"] if ddp else [])]
+    return predicted_peak(predicted) - sum(predicted[k] for k in held)
 
 
 def loss_backward_bytes(cfg: DictConfig, world: int, grads: float, held: float) -> float:

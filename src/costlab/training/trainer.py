@@ -16,6 +16,7 @@ from torch import nn
 from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.faults import Stopped, StopWatcher
 from costlab.measure.activations import SavedActivations, unmeasured_reason
+from costlab.measure.allocator import malloc_meter
 from costlab.measure.metrics import StepStats, now, state_bytes_per_rank
 from costlab.measure.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
@@ -51,6 +52,7 @@ class TrainResult:
     log_time_s: float = 0.0
     fault: dict[str, float] = field(default_factory=dict)  # fault/* and checkpoint/* figures
     activations_bytes: float | None = None  # held for backward at the first step's peak (SavedActivations)
+    allocated_bytes: float | None = None  # on CPU: the allocator's peak in that step, over its start (SavedActivations)
 
 
 @dataclass
@@ -143,9 +145,12 @@ class Trainer:
         device = self.env.device
         if step == self.first and unmeasured_reason(self.cfg) is None:  # a warm-up step: left out of timings
             modules = [self.parallel.model, *getattr(self.parallel, "parts", {}).values()]
-            with SavedActivations(*modules) as meter:
+            allocator = malloc_meter() if device.type == "cpu" else None
+            with SavedActivations(*modules, allocator=allocator) as meter:
                 loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
             self.result.activations_bytes = float(meter.held)
+            if meter.allocated is not None:
+                self.result.allocated_bytes = float(meter.allocated)
         else:
             loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
         grad_norm = self.optimizer_step(step)

@@ -34,7 +34,8 @@ from costlab.faults import (
     exit_now,
     record_worker,
 )
-from costlab.measure.activations import MEM_ACTIVATIONS, UNMEASURED_TAG, unmeasured_reason
+from costlab.measure.activations import MEM_ACTIVATIONS, MEM_STEP_ALLOCATED, UNMEASURED_TAG, unmeasured_reason
+from costlab.measure.allocator import malloc_meter
 from costlab.measure.energy import (
     ENERGY_INFER,
     TrainingEnergy,
@@ -43,7 +44,13 @@ from costlab.measure.energy import (
     training_energy_metrics,
 )
 from costlab.measure.hardware import cost_and_mfu, flops_per_token
-from costlab.measure.memory import PREDICTED, PREDICTED_OVER_MEASURED, predict_state
+from costlab.measure.memory import (
+    PREDICTED_OVER_MEASURED,
+    STEP_ALLOCATED,
+    predict_state,
+    predicted_peak,
+    step_allocated_bytes,
+)
 from costlab.measure.metrics import (
     hold_peaks,
     max_over_ranks,
@@ -201,12 +208,14 @@ def training_summary(result: TrainResult, predicted: dict[str, float] | None, en
     every rank calls it."""
     if env.device.type == "cuda":
         measured = max_over_ranks(peak_memory_bytes(env.device), env.device)
-        total = sum(v for k, v in (predicted or {}).items() if k.startswith(PREDICTED))
+        total = predicted_peak(predicted or {})
         if total and measured:
             predicted[PREDICTED_OVER_MEASURED] = total / measured
     summary = {k: max_over_ranks(v, env.device) for k, v in result.state_bytes.items()}
     if result.activations_bytes is not None:  # measured on every rank or on none (unmeasured_reason)
         summary[MEM_ACTIVATIONS] = max_over_ranks(result.activations_bytes, env.device)
+    if result.allocated_bytes is not None:  # on CPU, with the activations, where glibc's allocator can be read
+        summary[MEM_STEP_ALLOCATED] = max_over_ranks(result.allocated_bytes, env.device)
     summary.update(result.fault)
     return summary
 
@@ -315,7 +324,11 @@ def predict(cfg: DictConfig) -> dict[str, float]:
     """The memory model's per-rank state bytes, before joining the process group (the prediction lays the
     model out under a fake one). A layout it cannot lay out costs the run its prediction only."""
     try:
-        return predict_state(cfg, int(cfg.runtime.world_size))
+        world = int(cfg.runtime.world_size)
+        predicted = predict_state(cfg, world)
+        if cfg.trainer.device != "cuda" and malloc_meter() and not unmeasured_reason(cfg):  # measured beside it
+            predicted[STEP_ALLOCATED] = step_allocated_bytes(cfg, world, predicted)
+        return predicted
     except Exception as e:
         print(f"costlab: no memory prediction: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if dist.is_initialized():

@@ -1,0 +1,41 @@
+"""The bytes glibc's allocator has handed out: on CPU, what ``torch.cuda.memory_allocated`` is on a GPU.
+
+PyTorch's CPU tensors come from ``malloc`` (its default CPU allocator, without a caching layer), so the bytes
+glibc holds for the process's callers, read by ``mallinfo2`` (its heap chunks in use in every arena, and the
+blocks it mmapped for large requests), move with every tensor made and freed. Read after each op of a step
+(:class:`costlab.measure.activations.SavedActivations`), the largest reading less the one before the step is the
+step's own peak: its gradients, activations, collectives' buffers and FSDP's gathered parameters, beside the
+memory model's parts. Besides tensors it counts what C++ allocates with ``malloc`` (the autograd graph's nodes,
+a process group's buffers), and not what an op allocates and frees inside itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=1)
+def malloc_meter() -> Callable[[], int] | None:
+    """A function of no arguments that reads the bytes glibc's allocator has handed out (its heap chunks in use
+    and its mmapped blocks), or None where there is none to read: not glibc, a glibc older than 2.33 (no
+    ``mallinfo2``), or another allocator preloaded (jemalloc's or tcmalloc's ``mallinfo2`` reads nothing)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        read = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    read.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = read()
+        return int(info.uordblks + info.hblkhd)
+
+    return in_use if in_use() > 0 else None
