@@ -22,8 +22,9 @@ same way.
 The peak: on CPU a run reads glibc's allocator after every op of its first step (``costlab.measure.allocator``), and
 the most it held beyond what it held as the step began (``mem/step_allocated_bytes_per_rank``) is printed beside the
 memory model's counterpart (``mem/predicted_step_allocated_bytes_per_rank``: the predicted peak less the parameters
-and optimizer state, and DDP's gradients, which its buckets hold before the step). The tiny models' steps allocate
-little beside the autograd graph's own nodes, so their peak errors say more about those; the ``peak`` configurations
+and optimizer state, and DDP's gradients, which its buckets hold before the step). The first step also makes what a
+process makes once (FSDP's lazy initialisation, gloo's first collectives' buffers, first-call workspaces), which
+outweighs the tiny models' tensors, so their peak errors say more about that; the ``peak`` configurations
 (``--only peak``) are sized for their tensors to dominate (an 11M-parameter model with a 32k vocabulary, whose
 tied embedding outweighs its blocks, and a 13M one whose blocks outweigh its byte embedding).
 """
