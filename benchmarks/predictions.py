@@ -19,14 +19,14 @@ CPU after its runs (``mode=plan hardware=cpu``: its probes in one process, no pe
 many ranks here kept), and the plan's tokens/s (``plan/tokens_per_s``) is compared with the measured median the
 same way.
 
-The peak: on CPU a run reads glibc's allocator after every op of its first step (``costlab.measure.allocator``), and
-the most it held beyond what it held as the step began (``mem/step_allocated_bytes_per_rank``) is printed beside the
-memory model's counterpart (``mem/predicted_step_allocated_bytes_per_rank``: the predicted peak less the parameters
-and optimizer state, and DDP's gradients, which its buckets hold before the step). The first step also makes what a
-process makes once (FSDP's lazy initialisation, gloo's first collectives' buffers, first-call workspaces), which
-outweighs the tiny models' tensors, so their peak errors say more about that; the ``peak`` configurations
-(``--only peak``) are sized for their tensors to dominate (an 11M-parameter model with a 32k vocabulary, whose
-tied embedding outweighs its blocks, and a 13M one whose blocks outweigh its byte embedding).
+The peak: on CPU a run reads glibc's allocator after every op of a warm-up step, its second
+(``costlab.measure.allocator``), and the most it held beyond what it held as the step began
+(``mem/step_allocated_bytes_per_rank``) is printed beside the memory model's counterpart
+(``mem/predicted_step_allocated_bytes_per_rank``: the predicted peak less the parameters and optimizer state, and
+DDP's gradients, which its buckets hold before the step). The tiny models' steps allocate a megabyte or two, where
+the allocator's own and the autograd graph's bytes weigh; the ``peak`` configurations (``--only peak``) are sized
+for their tensors to dominate (an 11M-parameter model with a 32k vocabulary, whose tied embedding outweighs its
+blocks, and a 13M one whose blocks outweigh its byte embedding).
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,29 +52,16 @@ def _in_backward() -> bool:
 class SavedActivations(TorchDispatchMode):
     """Counts the bytes the forward passes under it leave alive, read as each backward pass starts (see the
     module). ``held`` is the largest reading; the parameters and buffers of ``modules`` are never counted, nor
-    are the tensors they hold when a reading is taken (FSDP's gathered parameters). ``allocator``
-    (:func:`costlab.measure.allocator.malloc_meter`'s reader) is read after every op too: ``allocated`` is then its
-    largest reading less the one as the mode was entered (None without one)."""
+    are the tensors they hold when a reading is taken (FSDP's gathered parameters)."""
 
-    def __init__(self, *modules: nn.Module, allocator: Callable[[], int] | None = None):
+    def __init__(self, *modules: nn.Module):
         super().__init__()
         self.modules = modules
-        self.allocator = allocator
-        self.start = self.peak = 0
         self.skip = self._weights()
         self.forward: dict[int, weakref.ref] = {}  # storage key -> the storage, created by a forward pass
         self.collective: set[int] = set()  # storage keys a collective op took or gave (its worker may hold them)
         self.backward = False  # whether the last op ran in a backward pass
         self.held = 0
-
-    def __enter__(self) -> SavedActivations:
-        if self.allocator is not None:
-            self.start = self.peak = self.allocator()
-        return super().__enter__()
-
-    @property
-    def allocated(self) -> int | None:
-        return self.peak - self.start if self.allocator is not None else None
 
     def _weights(self) -> set[int]:
         return {_key(t) for m in self.modules for t in [*m.parameters(), *m.buffers()] for t in _plain(t)}
@@ -86,8 +72,6 @@ class SavedActivations(TorchDispatchMode):
             self.held = max(self.held, self.alive())
         self.backward = backward
         out = func(*args, **(kwargs or {}))
-        if self.allocator is not None:
-            self.peak = max(self.peak, self.allocator())
         if not backward:
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):

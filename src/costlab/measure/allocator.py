@@ -15,6 +15,9 @@ import ctypes
 import ctypes.util
 import functools
 from collections.abc import Callable
+from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class _MallInfo2(ctypes.Structure):
@@ -39,3 +42,26 @@ def malloc_meter() -> Callable[[], int] | None:
         return int(info.uordblks + info.hblkhd)
 
     return in_use if in_use() > 0 else None
+
+
+class AllocatorPeak(TorchDispatchMode):
+    """Reads ``in_use`` (:func:`malloc_meter`'s reader) as it is entered and after every op under it:
+    ``allocated`` is the most it read beyond its first reading."""
+
+    def __init__(self, in_use: Callable[[], int]):
+        super().__init__()
+        self.in_use = in_use
+        self.start = self.peak = 0
+
+    def __enter__(self) -> AllocatorPeak:
+        self.start = self.peak = self.in_use()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out
+
+    @property
+    def allocated(self) -> int:
+        return self.peak - self.start

@@ -246,8 +246,8 @@ def predicted_peak(predicted: dict[str, float]) -> float:
 def step_allocated_bytes(cfg: DictConfig, world: int, predicted: dict[str, float]) -> float:
     """What a training step adds to the bytes its rank holds as it begins (the predicted peak less the parameters
     and optimizer state; less the gradients too under DDP, whose all-reduce buckets hold them for the run), the
-    counterpart of the step's measured allocator peak on CPU (:mod:`costlab.measure.allocator`). The trainer
-    measures its first step, before the optimizer has made its state: the same difference."""
+    counterpart of a warm-up step's measured allocator peak on CPU (:mod:`costlab.measure.allocator`): its second,
+    which begins with the optimizer's state made, or its first, which begins without it and does not make it."""
     from costlab.parallelism.dims import parallel_dims
 
     ddp = parallel_dims(cfg.parallelism, world).ddp_enabled

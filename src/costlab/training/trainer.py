@@ -3,6 +3,7 @@ mixed precision, periodic evaluation, and per-step metrics logged from rank 0.""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -16,7 +17,7 @@ from torch import nn
 from costlab.data import BatchSampler, ByteCorpus, eval_batches
 from costlab.faults import Stopped, StopWatcher
 from costlab.measure.activations import SavedActivations, unmeasured_reason
-from costlab.measure.allocator import malloc_meter
+from costlab.measure.allocator import AllocatorPeak, malloc_meter
 from costlab.measure.metrics import StepStats, now, state_bytes_per_rank
 from costlab.measure.names import TRAIN_LOSS
 from costlab.parallelism.core import DistEnv, Parallel
@@ -52,7 +53,7 @@ class TrainResult:
     log_time_s: float = 0.0
     fault: dict[str, float] = field(default_factory=dict)  # fault/* and checkpoint/* figures
     activations_bytes: float | None = None  # held for backward at the first step's peak (SavedActivations)
-    allocated_bytes: float | None = None  # on CPU: the allocator's peak in that step, over its start (SavedActivations)
+    allocated_bytes: float | None = None  # on CPU: a warm-up step's allocator peak over its start (AllocatorPeak)
 
 
 @dataclass
@@ -143,16 +144,22 @@ class Trainer:
         set_lr(self.optimizer, lr)
         x, y = self.sampler.batch(step, self.parallel.dp_rank, self.parallel.dp_size)
         device = self.env.device
-        if step == self.first and unmeasured_reason(self.cfg) is None:  # a warm-up step: left out of timings
-            modules = [self.parallel.model, *getattr(self.parallel, "parts", {}).values()]
-            allocator = malloc_meter() if device.type == "cpu" else None
-            with SavedActivations(*modules, allocator=allocator) as meter:
-                loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
-            self.result.activations_bytes = float(meter.held)
-            if meter.allocated is not None:
-                self.result.allocated_bytes = float(meter.allocated)
-        else:
+        measured = unmeasured_reason(self.cfg) is None  # the meters' steps are warm-up steps: left out of timings
+        counted = SavedActivations(self.parallel.model, *getattr(self.parallel, "parts", {}).values()) if (
+            measured and step == self.first) else None
+        in_use = malloc_meter() if device.type == "cpu" else None
+        # the allocator's peak on the second step where it is a warm-up step too (see costlab.measure.allocator)
+        second = int(self.cfg.trainer.timing_warmup_steps) >= 2 and self.max_steps > self.first + 1
+        peak = AllocatorPeak(in_use) if measured and in_use and step == self.first + int(second) else None
+        with contextlib.ExitStack() as meters:
+            for meter in (peak, counted):
+                if meter is not None:
+                    meters.enter_context(meter)
             loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
+        if counted is not None:
+            self.result.activations_bytes = float(counted.held)
+        if peak is not None:
+            self.result.allocated_bytes = float(peak.allocated)
         grad_norm = self.optimizer_step(step)
         logged = step % self.cfg.trainer.log_every == 0 or step == self.max_steps - 1
         if logged:
