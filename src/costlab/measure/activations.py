@@ -36,9 +36,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 MEM_ACTIVATIONS = "mem/activations_bytes_per_rank"  # measured; beside mem/predicted_activations_bytes_per_rank
-# measured on CPU: the most bytes glibc's allocator held during the step beyond those it held as the step began
-# (costlab.measure.allocator); beside mem/predicted_step_allocated_bytes_per_rank
-MEM_STEP_ALLOCATED = "mem/step_allocated_bytes_per_rank"
 UNMEASURED_TAG = "costlab.activations_unmeasured"  # why a run has no measured activation bytes
 # the pauses a reading takes while a collective's buffer is alive, for its worker thread to let go (see the module)
 SETTLE_S = (0.001, 0.004, 0.015, 0.05, 0.1, 0.15)

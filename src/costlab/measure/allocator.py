@@ -3,11 +3,13 @@
 PyTorch's CPU tensors come from ``malloc`` (its default CPU allocator, without a caching layer), so the bytes
 glibc holds for the process's callers, read by ``mallinfo2`` (its heap chunks in use in every arena, and the
 blocks it mmapped for large requests), move with every tensor made and freed. Read after each op of a step
-(:class:`costlab.measure.activations.SavedActivations`), the largest reading less the one before the step is the
-step's own peak: its gradients, activations, collectives' buffers and FSDP's gathered parameters, beside the
-memory model's parts. Besides tensors it counts what C++ allocates with ``malloc`` (the autograd graph's nodes,
-a process group's buffers), and not what an op allocates and frees inside itself.
-"""
+(:class:`AllocatorPeak`), the largest reading less the one before the step is the step's own peak: its gradients,
+activations, collectives' buffers and FSDP's gathered parameters, beside the memory model's parts
+(``mem/predicted_step_allocated_bytes_per_rank``). Besides tensors it counts what C++ allocates with ``malloc``
+(the autograd graph's nodes, a process group's buffers), and not what an op allocates and frees inside itself.
+The trainer reads a run's second step where that is a warm-up step: its first also makes what a process makes
+once (FSDP's lazy initialisation, gloo's first collectives' buffers, first-call workspaces), which outweighs a
+tiny model's tensors."""
 
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
+
+# measured on CPU: the most bytes glibc's allocator held during a warm-up step beyond those it held as the step began;
+# beside mem/predicted_step_allocated_bytes_per_rank
+MEM_STEP_ALLOCATED = "mem/step_allocated_bytes_per_rank"
 
 
 class _MallInfo2(ctypes.Structure):

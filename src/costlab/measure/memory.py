@@ -85,17 +85,14 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
                 roots.append([p for p in {id(p): p for p in part.parameters()}.values() if id(p) not in inside])
                 params.update({id(p): (n, p) for n, p in part.named_parameters()})
 
-    def local(p: torch.Tensor) -> torch.Tensor:
-        return p.to_local() if hasattr(p, "to_local") else p
-
     # finetune=qlora: the adapted Linears' frozen weights are held in NF4 (built here in full precision, on meta)
     backend = nf4_backend(cfg) if holds_nf4(cfg) else None
 
     def held(name: str, p: torch.Tensor) -> int:
         nf4 = nf4_bytes(p.numel(), backend, dims.dp_shard) if backend and name.endswith("base_layer.weight") else None
-        return local(p).numel() * local(p).element_size() if nf4 is None else nf4
+        return _local(p).numel() * _local(p).element_size() if nf4 is None else nf4
 
-    trained = [local(p) for _, p in params.values() if p.requires_grad]
+    trained = [_local(p) for _, p in params.values() if p.requires_grad]
     optimizer = optimizer_option(cfg)
     state = {
         f"{PREDICTED}params_bytes_per_rank": sum(held(n, p) for n, p in params.values()),
@@ -106,6 +103,11 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
         parts = _fsdp_parts(cfg, dims, roots, blocks, lambda p: held(params[id(p)][0], p), tied)
         state.update({f"{FSDP}{k}": v for k, v in parts.items()})
     return state
+
+
+def _local(p: Any) -> Any:
+    """A DTensor's shard on this rank; any other tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 # :func:`_fsdp_parts`, combined by :func:`gathered_bytes`
@@ -134,12 +136,12 @@ def _fsdp_parts(cfg: DictConfig, dims: Any, roots: list[list[Any]], blocks: list
     mp = _autocast_bytes(cfg) if _autocast_bytes(cfg) < FP32 else None
 
     def numel(p: Any) -> int:  # unsharded over the FSDP ranks (what tensor parallel leaves this rank)
-        return dims.dp_shard * (p.to_local() if hasattr(p, "to_local") else p).numel()
+        return dims.dp_shard * _local(p).numel()
 
     def gathered(p: Any) -> float:
-        local = p.to_local() if hasattr(p, "to_local") else p
-        nf4 = held(p) != local.numel() * local.element_size()  # a QLoRA base weight, gathered as its NF4 codes
-        return dims.dp_shard * held(p) if nf4 else numel(p) * (mp or local.element_size())
+        shard = _local(p)
+        nf4 = held(p) != shard.numel() * shard.element_size()  # a QLoRA base weight, gathered as its NF4 codes
+        return dims.dp_shard * held(p) if nf4 else numel(p) * (mp or shard.element_size())
 
     def grads(unit: list[Any], dtype_bytes: int | None = None) -> float:
         return sum(numel(p) * (dtype_bytes or mp or p.element_size()) for p in unit if p.requires_grad)

@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -144,22 +145,18 @@ class Trainer:
         set_lr(self.optimizer, lr)
         x, y = self.sampler.batch(step, self.parallel.dp_rank, self.parallel.dp_size)
         device = self.env.device
-        measured = unmeasured_reason(self.cfg) is None  # the meters' steps are warm-up steps: left out of timings
-        counted = SavedActivations(self.parallel.model, *getattr(self.parallel, "parts", {}).values()) if (
-            measured and step == self.first) else None
-        in_use = malloc_meter() if device.type == "cpu" else None
-        # the allocator's peak on the second step where it is a warm-up step too (see costlab.measure.allocator)
-        second = int(self.cfg.trainer.timing_warmup_steps) >= 2 and self.max_steps > self.first + 1
-        peak = AllocatorPeak(in_use) if measured and in_use and step == self.first + int(second) else None
-        with contextlib.ExitStack() as meters:
-            for meter in (peak, counted):
-                if meter is not None:
-                    meters.enter_context(meter)
+        meters = self.meters(step) if step <= self.first + 1 else {}
+        if meters:  # warm-up steps: left out of timings
+            with contextlib.ExitStack() as stack:
+                for meter in meters.values():
+                    stack.enter_context(meter)
+                loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
+            if "activations" in meters:
+                self.result.activations_bytes = float(meters["activations"].held)
+            if "allocator" in meters:
+                self.result.allocated_bytes = float(meters["allocator"].allocated)
+        else:
             loss = self.parallel.forward_backward(x.to(device), y.to(device), self.cfg, self.scaler)
-        if counted is not None:
-            self.result.activations_bytes = float(counted.held)
-        if peak is not None:
-            self.result.allocated_bytes = float(peak.allocated)
         grad_norm = self.optimizer_step(step)
         logged = step % self.cfg.trainer.log_every == 0 or step == self.max_steps - 1
         if logged:
@@ -169,6 +166,21 @@ class Trainer:
         if logged and self.env.is_main:  # the only host read of the loss, and only on the rank that reports it
             self.result.final_loss = loss.item()
         return Step(step, lr, seconds, grad_norm, logged)
+
+    def meters(self, step: int) -> dict[str, Any]:
+        """The dispatch modes that measure ``step``: the saved activations on the first, and on CPU the allocator's
+        peak on the second where that is a warm-up step too, else on the first (:mod:`costlab.measure.allocator`);
+        the allocator's outermost, so that its first reading comes before the other's."""
+        if unmeasured_reason(self.cfg) is not None:
+            return {}
+        out: dict[str, Any] = {}
+        in_use = malloc_meter() if self.env.device.type == "cpu" else None
+        second = int(self.cfg.trainer.timing_warmup_steps) >= 2 and self.max_steps > self.first + 1
+        if in_use is not None and step == self.first + int(second):
+            out["allocator"] = AllocatorPeak(in_use)
+        if step == self.first:
+            out["activations"] = SavedActivations(self.parallel.model, *getattr(self.parallel, "parts", {}).values())
+        return out
 
     def optimizer_step(self, step: int) -> torch.Tensor | None:
         """Unscale, clip and apply the gradients; returns their norm before clipping (None: no clipping)."""

@@ -34,8 +34,8 @@ from costlab.faults import (
     exit_now,
     record_worker,
 )
-from costlab.measure.activations import MEM_ACTIVATIONS, MEM_STEP_ALLOCATED, UNMEASURED_TAG, unmeasured_reason
-from costlab.measure.allocator import malloc_meter
+from costlab.measure.activations import MEM_ACTIVATIONS, UNMEASURED_TAG, unmeasured_reason
+from costlab.measure.allocator import MEM_STEP_ALLOCATED, malloc_meter
 from costlab.measure.energy import (
     ENERGY_INFER,
     TrainingEnergy,
