@@ -94,6 +94,8 @@ CONFIGS: dict[str, list[str]] = {
     "peak ddp root-heavy": [*ROOT_HEAVY, "parallelism=ddp"],
     "peak tp root-heavy": [*ROOT_HEAVY, "parallelism=tp"],
     "peak pp root-heavy": [*ROOT_HEAVY, "parallelism=pp"],
+    "peak ddp root-heavy bf16 accum": [*ROOT_HEAVY, "parallelism=ddp", "precision=bf16", "trainer.grad_accum_steps=2"],
+    "peak pp root-heavy bf16": [*ROOT_HEAVY, "parallelism=pp", "precision=bf16"],
     "peak fsdp root-heavy": [*ROOT_HEAVY, "parallelism=fsdp"],
     "peak fsdp root-heavy bf16": [*ROOT_HEAVY, "parallelism=fsdp", "precision=bf16"],
     "peak fsdp root-heavy untied bf16": [*ROOT_HEAVY, "parallelism=fsdp", "precision=bf16", "+model.tie_weights=false"],
@@ -109,6 +111,9 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 STATE = ("params", "grads", "optimizer")
+TRANSIENTS = {"mem/predicted_loss_backward_bytes_per_rank": "loss/head backward",
+              "mem/predicted_tied_gradient_bytes_per_rank": "tied gradient",
+              "mem/predicted_gathered_bytes_per_rank": "FSDP gathered"}
 
 
 def main() -> None:
@@ -148,10 +153,14 @@ def main() -> None:
             peak = m.get("mem/step_allocated_bytes_per_rank", float("nan"))
             peak_pred = m.get("mem/predicted_step_allocated_bytes_per_rank", float("nan"))
             runs.append((acts, acts_pred, state, state_pred, tps, tps_pred, peak, peak_pred))
+            # the peak's transients: the prediction without each, against the measurement
+            without = ", ".join(f"without {label} {(peak_pred - m[key]) / peak - 1:+.1%}"
+                                for key, label in TRANSIENTS.items() if m.get(key))
             print(f"{name:34s} {acts:14,.0f} {acts_pred:12,.0f} {acts_pred / acts - 1:+7.1%}   "
                   f"{state:14,.0f} {state_pred:12,.0f} {state_pred / state - 1:+7.1%}   "
                   f"tokens/s {tps:9,.0f} predicted {tps_pred:9,.0f} {tps_pred / tps - 1:+7.1%}   "
-                  f"step peak {peak:13,.0f} predicted {peak_pred:13,.0f} {peak_pred / peak - 1:+7.1%}", flush=True)
+                  f"step peak {peak:13,.0f} predicted {peak_pred:13,.0f} {peak_pred / peak - 1:+7.1%}"
+                  + (f" ({without})" if without and peak == peak else ""), flush=True)
         if not runs:
             continue
         for part, (measured, predicted) in (("activations", (0, 1)), ("state", (2, 3)), ("tokens/s", (4, 5)),

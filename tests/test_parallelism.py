@@ -335,6 +335,8 @@ PARITY_OPTIONS = {
     "hsdp": ["parallelism=hsdp"],  # 4 ranks: 2 replicas of 2 shards
     # options that trade compute for memory must not change the arithmetic either
     "fsdp_full_accum": ["parallelism=fsdp", "trainer.activation_checkpointing=full", "trainer.grad_accum_steps=2"],
+    # DDP accumulates in its all-reduce buckets: the trainer zeroes the gradients there rather than setting them to None
+    "ddp_accum": ["parallelism=ddp", "trainer.grad_accum_steps=2"],
     "pp_selective_accum": ["parallelism=pp", "trainer.activation_checkpointing=selective",
                            "trainer.grad_accum_steps=2", "parallelism.microbatches=2"],
     "tp_selective": ["parallelism=tp", "trainer.activation_checkpointing=selective"],

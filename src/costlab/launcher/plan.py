@@ -24,6 +24,7 @@ from costlab.measure.memory import (
     GATHERED,
     LOSS_BACKWARD,
     PREDICTED,
+    TIED_GRADIENT,
     predict_layout_state,
     with_step_parts,
 )
@@ -121,7 +122,7 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
         if states is not None:
             states[key] = dict(state)
     state = with_step_parts(cfg, world, state)
-    per_device = sum(state.values())  # state, activations, recompute, the loss's backward and FSDP's gathered
+    per_device = sum(state.values())  # state, activations, recompute and the step's transients
     if hw.name != "cpu":
         state[f"{PREDICTED}allowance_bytes_per_rank"] = allowance(per_device)
         per_device = sum(state.values())
@@ -135,7 +136,9 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
     def label(key: str) -> str:
         part = key[len(PREDICTED):].split("_")[0]
         if key == LOSS_BACKWARD:
-            return "loss backward (2 fp32 tokens x vocabulary, less the gradients not yet held)"
+            return "loss backward (2 fp32 tokens x vocabulary less the gradients not yet held, or the head's gradient)"
+        if key == TIED_GRADIENT:
+            return "tied gradient (the head's, the embedding's and their sum, at the end of backward)"
         if key == GATHERED:
             return "fsdp gathered (root, two blocks, their unsharded gradients)"
         return part if part != "allowance" else (f"allowance (ASSUMED: {GPU_FIXED_ALLOWANCE / GB:.3g} GB + "

@@ -15,8 +15,9 @@ communication), so the local shard shapes are exactly those the run will have. F
                  code tables; bf16 states; SGD's momentum buffer
 
 each the largest over ranks, as the measured ``mem/*_bytes_per_rank`` are; and the activations of
-the training step (:func:`predict_activations`), from the config's shapes alone, the loss's backward
-(:func:`loss_backward_bytes`) and, under FSDP, what its gathered parameters and gradients add
+the training step (:func:`predict_activations`), from the config's shapes alone, the loss's and the head's
+backward (:func:`loss_backward_bytes`), a tied embedding's gradients at the end of backward
+(:func:`tied_gradient_bytes`) and, under FSDP, what its gathered parameters and gradients add
 (:func:`gathered_bytes`, from each all-gather unit's shards in the same layout).
 """
 
@@ -34,11 +35,15 @@ from costlab.models.meta import on_meta
 
 PREDICTED = "mem/predicted_"  # + params/grads/optimizer/activations_bytes_per_rank: beside the measured figures
 RECOMPUTE = PREDICTED + "recompute_bytes_per_rank"  # activation checkpointing's transient: one block rebuilt
-# the loss's backward: two fp32 tokens x vocabulary tensors at once, beyond the gradients not yet allocated then
+# the loss's and the head's backward: two fp32 tokens x vocabulary tensors at once, beyond the gradients not yet
+# allocated then, or the head weight's gradient beside the one it is added to (:func:`loss_backward_bytes`)
 LOSS_BACKWARD = PREDICTED + "loss_backward_bytes_per_rank"
+# a tied embedding and head's gradients at the end of backward, beyond the other parts (:func:`tied_gradient_bytes`)
+TIED_GRADIENT = PREDICTED + "tied_gradient_bytes_per_rank"
 # what FSDP's unsharded parameters and gradients add to the peak over the other parts (:func:`gathered_bytes`)
 GATHERED = PREDICTED + "gathered_bytes_per_rank"
 FSDP = "fsdp/"  # + FSDP_PARTS: the layout's parts GATHERED is made of, never logged
+HEAD = "head/"  # + numel, grad, tied: the trained output weight this rank holds, its gradient's bytes, if tied
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
 # on CPU, beside the measured mem/step_allocated_bytes_per_rank: what the step adds to what its rank held before it
 STEP_ALLOCATED = PREDICTED + "step_allocated_bytes_per_rank"
@@ -70,20 +75,23 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
     roots: list[list[torch.Tensor]] = []  # FSDP's all-gather units: each pipeline stage's root, and its blocks
     blocks: list[list[torch.Tensor]] = []
-    tied: set[int] = set()
+    parts = [model]  # the model, or this rank's pipeline stages, as this rank lays them out
     if world > 1:  # sharded: lay the model out as this rank will
         params = {}
         with fake_group(rank, world):
             mesh = build_mesh(dims, "cpu")
-            for part in _stage_parts(model, cfg, dims, mesh):
+            parts = _stage_parts(model, cfg, dims, mesh)
+            for part in parts:
                 apply_parallelisms(part, cfg, dims, mesh, torch.device("meta"))
                 inner = [list(b.parameters()) for b in part.blocks.values()] if has_blocks(part) else []
                 inside = {id(p) for block in inner for p in block}
                 blocks += inner
-                names = [id(p) for _, p in part.named_parameters(remove_duplicate=False)]
-                tied |= {i for i in names if names.count(i) > 1}
                 roots.append([p for p in {id(p): p for p in part.parameters()}.values() if id(p) not in inside])
                 params.update({id(p): (n, p) for n, p in part.named_parameters()})
+    tied: set[int] = set()  # the weights a stage uses twice (a tied embedding and head)
+    for part in parts:
+        uses = [id(p) for _, p in part.named_parameters(remove_duplicate=False)]
+        tied |= {i for i in uses if uses.count(i) > 1}
 
     # finetune=qlora: the adapted Linears' frozen weights are held in NF4 (built here in full precision, on meta)
     backend = nf4_backend(cfg) if holds_nf4(cfg) else None
@@ -99,9 +107,15 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
         f"{PREDICTED}grads_bytes_per_rank": sum(t.numel() * t.element_size() for t in trained),
         f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }
+    # the output layer's weight where it trains (a stage's head; frozen under LoRA), as this rank holds it
+    heads = [part.lm_head.weight for part in parts if getattr(part, "lm_head", None) is not None]
+    heads = [h for h in heads if h.requires_grad]
+    state.update({f"{HEAD}numel": sum(_local(h).numel() for h in heads),
+                  f"{HEAD}grad": sum(_local(h).numel() * _local(h).element_size() for h in heads),
+                  f"{HEAD}tied": sum(_local(h).numel() * _local(h).element_size() for h in heads if id(h) in tied)})
     if dims.fsdp_enabled and world > 1:
-        parts = _fsdp_parts(cfg, dims, roots, blocks, lambda p: held(params[id(p)][0], p), tied)
-        state.update({f"{FSDP}{k}": v for k, v in parts.items()})
+        fsdp = _fsdp_parts(cfg, dims, roots, blocks, lambda p: held(params[id(p)][0], p), tied)
+        state.update({f"{FSDP}{k}": v for k, v in fsdp.items()})
     return state
 
 
@@ -224,13 +238,17 @@ def with_step_parts(cfg: DictConfig, world: int, layout: dict[str, float]) -> di
     parameters and gradients (from ``layout``'s FSDP parts, which are not kept)."""
     from costlab.parallelism.dims import parallel_dims
 
-    out = {k: v for k, v in layout.items() if not k.startswith(FSDP)}
+    out = {k: v for k, v in layout.items() if not k.startswith((FSDP, HEAD))}
+    head = {k[len(HEAD):]: v for k, v in layout.items() if k.startswith(HEAD)}
     held, rebuilt = activation_parts(cfg, world)
     out[f"{PREDICTED}activations_bytes_per_rank"] = held  # beside the measured mem/activations_bytes_per_rank
     if rebuilt:
         out[RECOMPUTE] = rebuilt
     grads = out[f"{PREDICTED}grads_bytes_per_rank"]
-    out[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, grads, held)
+    out[LOSS_BACKWARD] = loss_backward_bytes(cfg, world, grads, held, head)
+    tied = tied_gradient_bytes(cfg, world, head, held + rebuilt + out[LOSS_BACKWARD])
+    if tied:
+        out[TIED_GRADIENT] = tied
     if f"{FSDP}root" in layout:
         parts = {k: layout[f"{FSDP}{k}"] for k in FSDP_PARTS}
         out[GATHERED] = gathered_bytes(cfg, parts, grads, held + rebuilt, out[LOSS_BACKWARD],
@@ -258,26 +276,79 @@ def step_allocated_bytes(cfg: DictConfig, world: int, predicted: dict[str, float
     return predicted_peak(predicted) - sum(predicted[k] for k in held)
 
 
-def loss_backward_bytes(cfg: DictConfig, world: int, grads: float, held: float) -> float:
-    """What the loss's backward adds to a rank's peak when it starts: the gradient of the fp32 log-softmax's
-    output and that of its input, two fp32 tokens x vocabulary tensors alive at once (the loss upcasts the logits,
-    :func:`costlab.models.loss.loss_fn`; tensor parallel gathers them whole), less ``grads``, the rank's gradient
-    bytes, which the trainer has set to None since the last step and which are not allocated yet then (unless a
-    step accumulates micro-batches or a pipeline's, or DDP holds them: its gradients are views into its all-reduce
-    buckets, allocated for the run). Under a pipeline it falls on the last stage: what it adds to
-    the largest stage's peak, over ``held``, :func:`activation_parts`' held bytes. On one H200 this is GPT-2 small's
-    whole gap to ``max_memory_allocated``."""
-    from costlab.measure.traced import hf_shapes
+def loss_backward_bytes(cfg: DictConfig, world: int, grads: float, held: float,
+                        head: dict[str, float] | None = None) -> float:
+    """What the loss's and the output layer's backward add to a rank's peak, the larger of two moments:
+
+        the loss's      the gradient of the fp32 log-softmax's output and that of its input, two fp32 tokens x
+                        vocabulary tensors alive at once (the loss upcasts the logits, :func:`costlab.models.loss.
+                        loss_fn`; tensor parallel gathers them whole), less ``grads``, the rank's gradient bytes,
+                        which the trainer has set to None since the last step and which are not allocated yet then
+                        (unless a step accumulates micro-batches or a pipeline's, or DDP holds them: its gradients
+                        are views into its all-reduce buckets, allocated for the run)
+        the head's      its weight's gradient (``head``: :func:`_rank_state`'s ``head/`` parts), made beside the
+                        gradient it is added to where that is held (as above), and under autocast first in the
+                        autocast dtype (the gradient of the weight's cast copy); the logits' gradient, in the
+                        autocast dtype, in place of the log-softmax's output
+
+    Under a pipeline it falls on the last stage: what it adds to the largest stage's peak, over ``held``,
+    :func:`activation_parts`' held bytes. On one H200 the loss's moment is GPT-2 small's whole gap to
+    ``max_memory_allocated``; the head's outweighs it where the model is wider than twice a micro-batch's tokens
+    and the gradients are held (a pipeline's last stage, DDP). FSDP's head is gathered, its gradient unsharded and
+    reduced in its own buffers (:func:`gathered_bytes`)."""
     from costlab.parallelism.dims import parallel_dims
 
-    t, m = cfg.trainer, cfg.model
     dims = parallel_dims(cfg.parallelism, world)
     if dims.pp_enabled:
-        return max(0.0, activation_parts(cfg, world, loss_backward=True)[0] - held)
-    vocab = (hf_shapes(cfg) if is_hf(cfg) else m).vocab_size
-    tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
-    freed = int(t.grad_accum_steps) == 1 and not dims.ddp_enabled
-    return max(0.0, tokens * 2 * FP32 * vocab - (grads if freed else 0.0))
+        return max(0.0, activation_parts(cfg, world, head=head or {})[0] - held)
+    tokens, freed = _micro_tokens(cfg, dims), _grads_freed(cfg, dims)
+    return max(0.0, tokens * 2 * FP32 * _vocab(cfg) - (grads if freed else 0.0),
+               0.0 if dims.fsdp_enabled else _head_backward(cfg, head or {}, tokens, not freed))
+
+
+def _micro_tokens(cfg: DictConfig, dims: Any) -> float:
+    """The tokens of one of a rank's micro-batches (a pipeline's are its ``microbatches``-th of these)."""
+    t = cfg.trainer
+    return t.batch_size / dims.dp / t.grad_accum_steps * cfg.model.block_size
+
+
+def _grads_freed(cfg: DictConfig, dims: Any) -> bool:
+    """Whether a rank's gradients are not allocated when its backward starts: the trainer sets them to None after
+    each step, but a step that accumulates micro-batches holds them from its first, and DDP's are views into its
+    all-reduce buckets, held for the run (:meth:`costlab.parallelism.ddp.DataParallel.gradients_to_none`)."""
+    return int(cfg.trainer.grad_accum_steps) == 1 and not dims.ddp_enabled
+
+
+def _vocab(cfg: DictConfig) -> int:
+    from costlab.measure.traced import hf_shapes
+
+    return int((hf_shapes(cfg) if is_hf(cfg) else cfg.model).vocab_size)
+
+
+def _head_backward(cfg: DictConfig, head: dict[str, float], tokens: float, grad_held: bool) -> float:
+    """The head's moment of :func:`loss_backward_bytes` for ``tokens`` tokens, over the activations held."""
+    if not head.get("numel"):
+        return 0.0
+    a = _autocast_bytes(cfg)
+    cast = (a * head["numel"] + (a - FP32) * tokens * _vocab(cfg)) if a < FP32 else 0.0
+    return cast + (head["grad"] if grad_held else 0.0)
+
+
+def tied_gradient_bytes(cfg: DictConfig, world: int, head: dict[str, float], others: float) -> float:
+    """What a weight the embedding and the head share adds to a rank's peak at the end of backward, beyond
+    ``others`` (the activations, recompute and the loss's backward; the gradients are in both): the head's
+    gradient waits in autograd's input buffer for the embedding's (the weight's gradient is their sum), so the
+    embedding's dense gradient and the sum are made beside it, three of the weight's gradients; the others'
+    gradients held, the weight's own too where it is held (under DDP, accumulation); and the logits, which the
+    step keeps until its next micro-batch. Not under FSDP (:func:`gathered_bytes` has it) or a pipeline (whose
+    first and last stages each hold a copy)."""
+    from costlab.parallelism.dims import parallel_dims
+
+    dims = parallel_dims(cfg.parallelism, world)
+    if not head.get("tied") or dims.fsdp_enabled or dims.pp_enabled:
+        return 0.0
+    logits = _autocast_bytes(cfg) * _micro_tokens(cfg, dims) * _vocab(cfg)
+    return max(0.0, (2 if _grads_freed(cfg, dims) else 3) * head["tied"] + logits - others)
 
 
 DEPTH_SHORTCUT = 2  # layers per pipeline stage above which a layout is read at one and two, and extrapolated
@@ -426,20 +497,21 @@ def predict_activations(cfg: DictConfig, world: int) -> float:
     return held + rebuilt
 
 
-def activation_parts(cfg: DictConfig, world: int, loss_backward: bool = False) -> tuple[float, float]:
+def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None = None) -> tuple[float, float]:
     """:func:`predict_activations` in two parts: the bytes held when backward starts, and the transient of
     activation checkpointing (one block rebuilt at a time in backward, with its weights' autocast copies).
-    ``loss_backward``: a pipeline's last stage also holds the loss's backward (:func:`loss_backward_bytes`)."""
+    ``head`` (the layout's ``head/`` parts): a pipeline's last stage also holds the loss's and the head's backward
+    (:func:`loss_backward_bytes`)."""
     from costlab.parallelism.dims import parallel_dims
 
     t, m, p = cfg.trainer, cfg.model, cfg.parallelism
     dims = parallel_dims(p, world)
     a = _autocast_bytes(cfg)
     copies = a < FP32 and not dims.fsdp_enabled  # FSDP's mixed precision gathers weights in the autocast dtype
-    tokens = t.batch_size / dims.dp / t.grad_accum_steps * m.block_size
+    tokens = _micro_tokens(cfg, dims)
     if is_hf(cfg) or uses_adapters(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and not dims.tp_enabled
                                             and "n_layer" in m):
-        return _traced_parts(cfg, dims, tokens, loss_backward)
+        return _traced_parts(cfg, dims, tokens, head)
     logits = m.vocab_size * (a + FP32) + 2 * INDEX
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
         per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + logits
@@ -453,7 +525,7 @@ def activation_parts(cfg: DictConfig, world: int, loss_backward: bool = False) -
     layers = m.n_layer / dims.pp
     if dims.pp_enabled:
         tokens /= int(p.microbatches)
-        last = 2 * FP32 * m.vocab_size if loss_backward else 0.0
+        last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled) + last * (r == dims.pp - 1)
                         for r in range(dims.pp))
     else:
@@ -508,7 +580,18 @@ def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, ou
     return chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const
 
 
-def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, loss_backward: bool = False) -> tuple[float, float]:
+def _last_stage_backward(cfg: DictConfig, dims: Any, head: dict[str, float] | None, tokens: float) -> float:
+    """What the loss's and the head's backward (:func:`loss_backward_bytes`) add to the last pipeline stage's
+    micro-batch of ``tokens`` tokens (nothing without ``head``): its gradients are held from its second
+    micro-batch on (under FSDP, its gathered term has the head's)."""
+    if head is None:
+        return 0.0
+    held = int(cfg.parallelism.microbatches) * int(cfg.trainer.grad_accum_steps) > 1
+    return max(2 * FP32 * tokens * _vocab(cfg), 0.0 if dims.fsdp_enabled else _head_backward(cfg, head, tokens, held))
+
+
+def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, float] | None = None
+                  ) -> tuple[float, float]:
     """:func:`activation_parts` from a model's traced terms (:mod:`costlab.measure.traced`): every Hugging Face
     model, and costlab's GPTs under FSDP with autocast (its mixed precision runs the residual stream in the
     autocast dtype, and autocast then casts each norm's input back to fp32: the trace reads what that saves)."""
@@ -524,7 +607,7 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, loss_backward: bool
     rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0
     if dims.pp_enabled:
         tokens /= int(cfg.parallelism.microbatches)
-        last = 2 * FP32 * m.vocab_size if loss_backward else 0.0
+        last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], terms["outside"], dims.fsdp_enabled,
                                     terms["block_const"], terms["outside_const"], tokens) + last * (r == dims.pp - 1)
                         for r in range(dims.pp))

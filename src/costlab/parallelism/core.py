@@ -112,6 +112,11 @@ class Parallel:
         """Where gradients are reduced after each backward, whether to do so for this micro-batch."""
         return contextlib.nullcontext()
 
+    def gradients_to_none(self, cfg: DictConfig) -> bool:
+        """Whether the optimizer sets the gradients to None after its step (``zero_grad(set_to_none=True)``, freeing
+        them until the next backward makes them) rather than zeroing them where they are."""
+        return True
+
     def forward_backward(
         self, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, scaler: torch.amp.GradScaler | None
     ) -> torch.Tensor:

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,6 +41,12 @@ class DataParallel(Parallel):
 
     def sync_gradients(self, last_microbatch: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last_microbatch else self.model.no_sync()
+
+    def gradients_to_none(self, cfg: DictConfig) -> bool:
+        """Not when a step accumulates micro-batches: each gradient is a view into DDP's all-reduce bucket (held for
+        the run), and a backward under ``no_sync`` makes a gradient set to None anew beside its bucket, a second copy
+        of every gradient until the step's last micro-batch; zeroed where they are, they accumulate in the buckets."""
+        return int(cfg.trainer.grad_accum_steps) == 1
 
     def full_model(self, cfg) -> nn.Module | None:
         if dist.get_rank() != 0:

@@ -195,7 +195,7 @@ class Trainer:
             self.optimizer.step()
         if step == 0:  # gradients and optimizer state exist now; shards are what this rank holds
             self.result.state_bytes = state_bytes_per_rank(self.parallel.model, self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.parallel.gradients_to_none(self.cfg))
         return grad_norm
 
     def log(self, step: Step) -> None:
