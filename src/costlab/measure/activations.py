@@ -13,7 +13,8 @@ subclass (a DTensor, a float8 tensor) counts as the plain tensors that hold its 
   rebuilt in backward, so they are not held);
 - every micro-batch in flight on a pipeline stage (1F1B's first stage holds the most), and only one micro-batch at
   a time under gradient accumulation, which frees each one's activations in its backward;
-- the outputs the step keeps for its loss (the logits) and autocast's cast copies of weights.
+- autocast's cast copies of weights, and the stage outputs a pipeline's schedule keeps for their backward (the
+  last stage's logits among them; the trainer frees its own logits before backward, as nothing saves them).
 
 Temporaries a forward frees before backward starts are not held and not counted; nor are gradients, nor the
 blocks checkpointing rebuilds in backward. A collective's buffers are one such temporary, but a process group's

@@ -338,17 +338,15 @@ def tied_gradient_bytes(cfg: DictConfig, world: int, head: dict[str, float], oth
     """What a weight the embedding and the head share adds to a rank's peak at the end of backward, beyond
     ``others`` (the activations, recompute and the loss's backward; the gradients are in both): the head's
     gradient waits in autograd's input buffer for the embedding's (the weight's gradient is their sum), so the
-    embedding's dense gradient and the sum are made beside it, three of the weight's gradients; the others'
-    gradients held, the weight's own too where it is held (under DDP, accumulation); and the logits, which the
-    step keeps until its next micro-batch. Not under FSDP (:func:`gathered_bytes` has it) or a pipeline (whose
-    first and last stages each hold a copy)."""
+    embedding's dense gradient and the sum are made beside it, three of the weight's gradients, beside the others'
+    gradients held (the weight's own too where it is held: under DDP, accumulation) and next to no activations.
+    Not under FSDP (:func:`gathered_bytes` has it) or a pipeline (whose first and last stages each hold a copy)."""
     from costlab.parallelism.dims import parallel_dims
 
     dims = parallel_dims(cfg.parallelism, world)
     if not head.get("tied") or dims.fsdp_enabled or dims.pp_enabled:
         return 0.0
-    logits = _autocast_bytes(cfg) * _micro_tokens(cfg, dims) * _vocab(cfg)
-    return max(0.0, (2 if _grads_freed(cfg, dims) else 3) * head["tied"] + logits - others)
+    return max(0.0, (2 if _grads_freed(cfg, dims) else 3) * head["tied"] - others)
 
 
 DEPTH_SHORTCUT = 2  # layers per pipeline stage above which a layout is read at one and two, and extrapolated
@@ -476,7 +474,8 @@ def predict_activations(cfg: DictConfig, world: int) -> float:
                          + a(4C [+C rope]) + 4 heads + aH (2 | 4 swiglu)
         block (full)   = 4C (the block's input; the block is rebuilt in backward, one at a time)
         block (select) = 4C + a(6C + H [x2 swiglu]) + 4 heads   (matmul and attention outputs kept)
-        outside        = ids and targets 16 + final norm + V(a + 4)   (the logits and the loss's fp32 log-softmax)
+        outside        = ids and targets 16 + final norm + 4V   (the loss's fp32 log-softmax; the trainer frees the
+                         logits before backward, nothing saves them; a pipeline's schedule keeps them: + aV)
 
         activations = tokens x (layers x block + outside) + tokens x one block (none, full) or its
                       pointwise part (selective), rebuilt in backward under checkpointing
@@ -491,7 +490,7 @@ def predict_activations(cfg: DictConfig, world: int) -> float:
     outputs they sent, the logits on the last stage, and the schedule's receive buffers (:func:`_stage_held`).
     Dropout masks are not counted (the configs train without dropout). A Hugging Face model's per-layer and
     outside terms are traced from its own code on fake tensors instead (:mod:`costlab.measure.traced`).
-    ``model=mlp`` has no blocks: its window copy, hidden layer twice, output and logits.
+    ``model=mlp`` has no blocks: its window copy, hidden layer twice, output and the loss's log-softmax.
     """
     held, rebuilt = activation_parts(cfg, world)
     return held + rebuilt
@@ -512,20 +511,21 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
     if is_hf(cfg) or uses_adapters(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and not dims.tp_enabled
                                             and "n_layer" in m):
         return _traced_parts(cfg, dims, tokens, head)
-    logits = m.vocab_size * (a + FP32) + 2 * INDEX
+    loss = FP32 * m.vocab_size + 2 * INDEX  # the loss's fp32 log-softmax, and the ids and targets
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
-        per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + logits
+        per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + loss
         weights = (m.context * m.n_embd + m.n_embd) * m.hidden + m.n_embd * m.vocab_size
         return tokens * per_token + (a * weights if copies else 0.0), 0.0
     mode = t.get("activation_checkpointing", "none")
     terms = _block_terms(cfg, dims.tp, _residual_bytes(cfg, dims.fsdp_enabled))
     rms = m.get("norm", "layernorm") == "rmsnorm"
-    outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + logits  # final norm, its output, the logits
+    outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + loss  # final norm, its output, the loss
     block, rebuilt = terms[mode], terms.get(f"{mode}_recompute", 0.0)
     layers = m.n_layer / dims.pp
     if dims.pp_enabled:
         tokens /= int(p.microbatches)
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
+        outside += _kept_logits(cfg, m.vocab_size)
         per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled) + last * (r == dims.pp - 1)
                         for r in range(dims.pp))
     else:
@@ -540,6 +540,12 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         else:  # cast again when the block is rebuilt; not kept
             rebuilt += a * block_w
     return held, rebuilt
+
+
+def _kept_logits(cfg: DictConfig, vocab: int) -> float:
+    """Bytes per token of the logits a pipeline keeps for its loss (its schedule holds a stage's output until the
+    stage's backward; the trainer frees its own before backward, as nothing saves them), in the head's output dtype."""
+    return _autocast_bytes(cfg) * vocab
 
 
 def in_flight(schedule: str, microbatches: int, pp: int, pp_rank: int, stages_per_rank: int = 1) -> int:
@@ -608,7 +614,8 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     if dims.pp_enabled:
         tokens /= int(cfg.parallelism.microbatches)
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
-        per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], terms["outside"], dims.fsdp_enabled,
+        outside = terms["outside"] + _kept_logits(cfg, m.vocab_size)
+        per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], outside, dims.fsdp_enabled,
                                     terms["block_const"], terms["outside_const"], tokens) + last * (r == dims.pp - 1)
                         for r in range(dims.pp))
         return tokens * per_token, tokens * rebuilt_tok + rebuilt_const

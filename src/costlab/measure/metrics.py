@@ -65,27 +65,33 @@ class StepStats:
 
 def peak_memory_bytes(device: torch.device, held: Peaks | None = None) -> int:
     """This process's peak: ``max_memory_allocated`` on GPU (at least ``held``'s, the peak before the allocator's
-    were restarted), peak resident set size on CPU."""
+    were restarted); on CPU the peak resident set size, ``held``'s where it has one (the resident set's peak cannot
+    be restarted: what came after it, the time model's probes, is left out)."""
     if device.type == "cuda":
         return max(torch.cuda.max_memory_allocated(device), held.allocated if held else 0)
+    return held.rss if held and held.rss else _max_rss()
+
+
+def _max_rss() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
 @dataclass(frozen=True)
 class Peaks:
-    """The GPU allocator's peaks so far (:func:`hold_peaks`)."""
+    """The GPU allocator's peaks so far, or on CPU the resident set's (:func:`hold_peaks`)."""
 
     allocated: int = 0
     reserved: int = 0
+    rss: int = 0
 
 
 def hold_peaks(device: torch.device) -> Peaks:
-    """The allocator's peaks so far, before work that is not the run's (the time model's probes on the card), to
-    pass to :func:`restart_peaks` after it and to the peak readings at the end; on CPU none (the resident set's
-    peak cannot be restarted)."""
+    """The peaks so far, before work that is not the run's (the time model's probes, which build and train models
+    of their own), to pass to :func:`restart_peaks` after it and to the peak readings at the end: the GPU
+    allocator's, or on CPU the resident set's (which cannot be restarted: a CPU run's peak is the one held)."""
     if device.type != "cuda":
-        return Peaks()
+        return Peaks(rss=_max_rss())
     return Peaks(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
 
 

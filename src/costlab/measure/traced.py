@@ -9,7 +9,7 @@ the forward leaves alive for backward are counted as a run counts them
 (:class:`costlab.measure.activations.SavedActivations`), for one sequence of ``model.block_size`` tokens:
 
     per layer = alive(2 layers) - alive(1 layer)        (a layer under the run's checkpointing mode)
-    outside   = alive(1 layer) - per layer              (embedding, final norm, logits and the loss)
+    outside   = alive(1 layer) - per layer              (embedding, final norm and the loss; the logits are freed)
 
 each traced at two and at three sequences, which splits it into bytes per token and bytes per forward (autocast's
 copies of the weights, which do not grow with the batch),
@@ -136,8 +136,9 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
             else:
                 logits = forward(ids)
             loss = loss_fn(logits, ids)
+            del logits  # as the trainer frees them before backward: nothing saves them
             held = meter.alive()
-        del loss, logits, model
+        del loss, model
     return float(held)
 
 

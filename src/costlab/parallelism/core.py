@@ -128,6 +128,7 @@ class Parallel:
                 with autocast(cfg, x.device):
                     logits = self.model(xm)
                 loss = loss_fn(logits, ym) / accum
+                del logits  # nothing saves them for backward (the loss keeps its log-softmax): freed before it
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             total += loss.detach()
         return total
