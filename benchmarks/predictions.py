@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (45 runs, ~16 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (47 runs, ~14 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
     python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
