@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from costlab.launcher.validate import validate  # noqa: E402
 from costlab.measure.hardware import flops_per_token, matmul_params  # noqa: E402
 from costlab.models.hf import HFCausalLM, decoder_layers  # noqa: E402
-from costlab.models.hf_config import shipped_configs  # noqa: E402
+from costlab.models.hf_config import PIPELINE_FAMILIES, shipped_configs  # noqa: E402
 from costlab.models.saved import load_model  # noqa: E402
 from costlab.schema import ConfigError  # noqa: E402
 
@@ -123,6 +123,52 @@ def test_the_kv_cache_path_computes_what_the_plain_forward_computes(pretrained, 
         for t in range(8, 12):
             logits, cache = model.forward_with_cache(seq[:, t:t + 1], cache)
             torch.testing.assert_close(logits[:, -1], model(seq[:, :t + 1])[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def _family_config(family: str, folder) -> str:
+    """A tiny config.json of transformers' ``model_type`` ``family`` (4 layers, dropout where the family has it)."""
+    shape = {"gpt2": {"n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 64}}.get(family, {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64})
+    if family == "gpt_neox":
+        shape = {**shape, "num_key_value_heads": 4, "rotary_pct": 0.25}
+    path = folder / f"{family}.json"
+    path.write_text(json.dumps({"model_type": family, "vocab_size": 256, "bos_token_id": None, "eos_token_id": None,
+                                "pad_token_id": None, **shape}))
+    return str(path)
+
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_every_pipeline_family_computes_stage_after_stage_what_it_computes_whole(family, tmp_path):
+    """Each family a pipeline accepts, cut into two stages as each pipeline rank cuts it, computes the whole model's
+    logits (in training: GPT-2's dropout draws its masks in the same order) and leaves no weight out; only a tied
+    head is held twice, on the first and the last stage."""
+    torch.manual_seed(0)
+    model = HFCausalLM(config=_family_config(family, tmp_path), block_size=16).train()
+    x = torch.randint(0, 256, (2, 16))
+    torch.manual_seed(1)
+    whole = model(x)
+    stages = [copy.deepcopy(model) for _ in range(2)]
+    for i, stage in enumerate(stages):
+        stage.cut_to_stage(i, 2)
+    torch.manual_seed(1)
+    torch.testing.assert_close(stages[1](stages[0](x)), whole)
+    names = [{n for n, _ in stage.named_parameters()} for stage in stages]
+    assert not names[0] & names[1]
+    tied = model.lm_head.weight is model.wte.weight
+    head = {n for n, p in stages[1].named_parameters() if p is stages[1].lm_head.weight}
+    assert names[0] | names[1] == {n for n, _ in model.named_parameters()} | (head if tied else set())
+    assert stages[0].lm_head is None and stages[1].wte is None and len(stages[0].blocks) == len(stages[1].blocks) == 2
+
+
+def test_a_family_whose_forward_a_stage_would_change_is_refused_a_pipeline(tmp_path):
+    # Cohere's causal LM scales its logits in its own forward, which a last stage's head would leave out
+    config = _family_config("cohere", tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(["model=hf", f"model.config={config}", "model.block_size=16", "trainer.device=cpu",
+                                 "parallelism=pp"]))
+    assert str(e.value).startswith("parallelism.pp_degree=2: ") and "cohere" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -263,7 +309,6 @@ def _hf_cfg(source: str, *overrides: str):
 
 
 @pytest.mark.parametrize(("family", "overrides", "key"), [
-    ("gpt2", ["parallelism=pp"], "parallelism.pp_degree"),  # GPT-2 adds positions to whatever comes in
     ("llama", ["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.microbatches=4"], "parallelism.pp_degree"),
     ("gpt2", ["parallelism=tp"], "parallelism.tp_degree"),  # a fused c_attn Conv1D: no Llama-style split
     ("llama", ["parallelism=tp", "trainer.nproc_per_node=4"], "parallelism.tp_degree"),  # 2 key/value heads
@@ -384,9 +429,10 @@ def test_an_hf_model_reproduces_the_single_loss_curve(hf_runs, option):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize(("family", "option"), [("qwen2", "tp"), ("gpt2", "fsdp")])
+@pytest.mark.parametrize(("family", "option"), [("qwen2", "tp"), ("gpt2", "fsdp"), ("gpt2", "pp")])
 def test_other_families_reproduce_their_single_loss_curve(hf_runs, family, option):
-    # qwen2: biased q/k/v projections split column-wise; gpt2: Conv1D layers, tied embeddings, sharded per block
+    # qwen2: biased q/k/v projections split column-wise; gpt2: Conv1D layers, tied embeddings, sharded per block,
+    # or cut into stages (learned positions on the first, the tied head's copy on the last)
     _, ref, ref_curve = hf_runs(f"{family}-single", family=family)
     _, run, curve = hf_runs(f"{family}-{option}", f"parallelism={option}", family=family)
     assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)

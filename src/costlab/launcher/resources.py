@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 from omegaconf import DictConfig
 
-from costlab.models.hf_config import is_hf, read_config
+from costlab.models.hf_config import is_hf, layer_count, read_config
 from costlab.schema import ConfigError
 
 GIB = 2**30
@@ -145,7 +145,7 @@ def rough_upper_bound(cfg: DictConfig) -> float:
         except (OSError, ValueError):  # a hub id: nothing on disk to size it by
             return 0.0
         d, v = int(hf.get("hidden_size") or hf["n_embd"]), int(hf["vocab_size"])
-        layers = int(hf.get("num_hidden_layers") or hf["n_layer"])
+        layers = layer_count(hf)
         heads = int(hf.get("num_attention_heads") or hf["n_head"])
         h = float(hf.get("intermediate_size") or hf.get("n_inner") or 4 * d)
         positions = int(hf.get("max_position_embeddings") or hf.get("n_positions") or 0)

@@ -17,7 +17,15 @@ from costlab import precision
 from costlab.launcher.validate_compression import check_compression
 from costlab.measure.machine import visible_gpus
 from costlab.models.adapters import holds_nf4, uses_adapters
-from costlab.models.hf_config import config_file, is_hf, read_config, shipped_configs, tokenizer_folder
+from costlab.models.hf_config import (
+    PIPELINE_FAMILIES,
+    config_file,
+    is_hf,
+    layer_count,
+    read_config,
+    shipped_configs,
+    tokenizer_folder,
+)
 from costlab.models.saved import expected_shapes
 from costlab.parallelism.dims import DEGREE_KEYS, ParallelDims, parallel_dims
 from costlab.pruning import build_pruning
@@ -338,10 +346,12 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
                           "dp_shard alone")
     if (dims.tp_enabled or dims.pp_enabled) and not _has_blocks(linears):
         raise ConfigError("parallelism", p.name, f"splits transformer blocks; model={m.name} has none")
-    if dims.pp_enabled and is_hf(cfg) and not any(n.startswith("hf.model.layers.") for n in linears):
-        raise ConfigError("parallelism.pp_degree", dims.pp, "pipeline parallel for model=hf needs Llama-style models "
-                          "(model.embed_tokens, model.layers, model.norm); this model has "
-                          f"{', '.join(list(linears)[:2])}, ...")
+    if dims.pp_enabled and is_hf(cfg):
+        family = read_config(cfg.model).get("model_type")
+        if family not in PIPELINE_FAMILIES:
+            raise ConfigError("parallelism.pp_degree", dims.pp, f"pipeline parallel for model=hf cuts the "
+                              f"{', '.join(PIPELINE_FAMILIES)} families into stages; this model's model_type is "
+                              f"{family}")
     if dims.tp_enabled:
         (_check_hf_tp_degree if is_hf(cfg) else _check_tp_degree)(cfg, dims.tp, linears)
     if p.get("offload", "none") == "cpu":
@@ -403,7 +413,7 @@ def _check_pipeline(cfg: DictConfig, dims: ParallelDims) -> None:
     per_rank = p.stages_per_rank if p.schedule == "interleaved_1f1b" else 1
     stages = pp * per_rank
     if is_hf(cfg):
-        layers = read_config(m)["num_hidden_layers"]
+        layers = layer_count(read_config(m))
         if layers % stages:
             raise ConfigError("parallelism.pp_degree", pp, f"the model's num_hidden_layers={layers} must split evenly "
                               f"into {stages} pipeline stages (pp_degree={pp} x stages_per_rank={per_rank})")

@@ -51,6 +51,13 @@ def gpt_view(config: dict[str, Any], block_size: int) -> GPTConfig:
                      tie_weights=bool(config.get("tie_word_embeddings", True)))
 
 
+class _NoPositions(nn.Module):
+    """A later pipeline stage's learned position embedding: the first stage has added the positions already."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=position_ids.device)
+
+
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM: ``pretrained`` (a ``save_pretrained`` folder, or a hub id where the
     machine is online; when set, it wins over ``config``) or ``config`` (built with random weights from the
@@ -97,31 +104,45 @@ class HFCausalLM(nn.Module):
 
     def cut_to_stage(self, stage: int, stages: int) -> None:
         """Keep, in place, pipeline stage ``stage``'s decoder layers under their own names ("layers.5" stays
-        "layers.5"), the embedding on the first stage only, the final norm and the head on the last only.
-        Llama-style models (``model.embed_tokens``, ``model.layers``, ``model.norm``)."""
+        "layers.5"); the decoder's modules before its layers (the embedding, GPT-2's learned positions, an
+        embedding dropout) on the first stage only, its final norm and the head on the last only. The families of
+        :data:`costlab.models.hf_config.PIPELINE_FAMILIES` (their decoders run embedding, layers, final norm and
+        nothing a later stage would repeat)."""
         layers = decoder_layers(self.hf)
         per_stage = len(layers) // stages
         keep = {str(i) for i in range(stage * per_stage, (stage + 1) * per_stage)}
         for name in [n for n in layers._modules if n not in keep]:
             del layers._modules[name]  # not `del layers[i]`, which would renumber the rest
         self.__dict__["_blocks"] = nn.ModuleDict(dict(layers._modules))
-        base = self.hf.get_decoder()
-        if stage > 0:
-            base.embed_tokens = None
+        base, embedding, head = self.hf.get_decoder(), self.wte, self.lm_head
+        names = list(base._modules)
+        at = names.index(next(n for n, c in base.named_children() if c is layers))
+        if stage > 0:  # a later stage takes the hidden state in: what made it from the tokens is the first's
+            for name in names[:at]:
+                child = base._modules[name]
+                if child is embedding:
+                    setattr(base, name, None)  # the decoder's forward then takes inputs_embeds
+                elif isinstance(child, nn.Embedding):  # GPT-2's learned positions, added to whatever comes in
+                    setattr(base, name, _NoPositions())
+                elif isinstance(child, nn.Dropout):
+                    setattr(base, name, nn.Identity())
+                elif any(True for _ in child.parameters()):
+                    raise ValueError(f"{type(base).__name__}.{name}: a pipeline stage cannot leave it out")
         if stage < stages - 1:
-            base.norm = nn.Identity()
-            self.hf.lm_head = None
+            for name in names[at + 1:]:  # the final norm (a rotary embedding, which holds no weights, stays)
+                if any(True for _ in base._modules[name].parameters()):
+                    setattr(base, name, nn.Identity())
+            setattr(self.hf, next(n for n, c in self.hf.named_children() if c is head), None)
         self.stage = (stage, stages)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.stage is None:
             return self.hf(input_ids=idx, use_cache=False).logits
         # a pipeline stage: token ids in on the first, the hidden state in on the others
-        base = self.hf.get_decoder()
-        first = base.embed_tokens is not None
-        hidden = base(input_ids=idx if first else None, inputs_embeds=None if first else idx,
-                      use_cache=False).last_hidden_state
-        return hidden if self.hf.lm_head is None else self.hf.lm_head(hidden)
+        first, head = self.wte is not None, self.lm_head
+        hidden = self.hf.get_decoder()(input_ids=idx if first else None, inputs_embeds=None if first else idx,
+                                       use_cache=False).last_hidden_state
+        return hidden if head is None else head(hidden)
 
     def forward_with_cache(self, idx: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits of ``idx`` and the key/value cache to continue from (``cache=None``: a new sequence)."""

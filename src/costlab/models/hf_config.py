@@ -31,6 +31,17 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+# transformers' model_type of the families a pipeline cuts into stages (:meth:`HFCausalLM.cut_to_stage`), each
+# checked to compute, stage after stage, what it computes whole (tests/test_hf.py). Not every decoder can be cut so:
+# Cohere's and Granite's causal LMs scale their logits in their own forward, which a last stage's head leaves out.
+PIPELINE_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "olmo2", "gpt2", "gpt_neox")
+
+
+def layer_count(config: dict[str, Any]) -> int:
+    """The decoder layers of a Hugging Face config read as JSON (``num_hidden_layers``; GPT-2's ``n_layer``)."""
+    return int(config.get("num_hidden_layers") or config["n_layer"])
+
+
 def read_config(model_cfg: Any) -> dict[str, Any]:
     """The Hugging Face config (as a dict) of ``model.pretrained`` or ``model.config``, read as JSON: no
     ``transformers`` import, so the launcher can check it cheaply."""
