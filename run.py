@@ -17,7 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from costlab import faults, tracking
+from costlab import faults, quiet_third_party_notes, tracking
 from costlab.launcher.job import check_job, run_job
 from costlab.launcher.preflight import preflight, tracking_uri
 from costlab.status import EXIT_INTERRUPTED, EXIT_REFUSED, FAILED, KILLED
@@ -43,6 +43,7 @@ def close_abandoned(outcome: str) -> None:
 
 
 if __name__ == "__main__":
+    quiet_third_party_notes()
     faults.handle_stop_signals()  # SIGTERM (a scheduler, `kill`) ends run.py as Ctrl-C does: nothing left RUNNING
     preflight(check_job=check_job)  # a grid sweep's jobs checked before the first starts
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,3 +17,11 @@ CONF_DIR = ROOT / "conf"
 
 if not OmegaConf.has_resolver("costlab.root"):
     OmegaConf.register_new_resolver("costlab.root", lambda: str(ROOT))
+
+
+def quiet_third_party_notes() -> None:
+    """Keep two libraries' import-time notes out of a run's output: torchao, which ``transformers`` imports when it
+    is installed, warns about every CUDA kernel library a machine cannot load (a CPU machine: all of them) and
+    about Triton's absence; torch warns about torchao's enum registrations. Their errors still show."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -192,6 +192,9 @@ def link_probe(group: Any = None, repeats: int = 5, device: Any = None,
     n = dist.get_world_size(group)
     sizes = CARD_LINK_SIZES if _on_card(device) else LINK_SIZES
     whole, own = buffers or link_buffers(n, device)
+    # torch 2.13 renamed the tensor collectives (the old names warn); earlier versions have the old names only
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
     def call(kind: str, size: int) -> Any:
         part = own[:size // 4 // n]
@@ -199,8 +202,8 @@ def link_probe(group: Any = None, repeats: int = 5, device: Any = None,
         if kind == "all_reduce":
             return lambda: dist.all_reduce(full, group=group)
         if kind == "all_gather":
-            return lambda: dist.all_gather_into_tensor(full, part, group=group)
-        return lambda: dist.reduce_scatter_tensor(part, full, group=group)
+            return lambda: gather(full, part, group=group)
+        return lambda: scatter(part, full, group=group)
 
     out: dict[str, tuple[float, float]] = {}
     for kind in COLLECTIVES:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from costlab import status
+from costlab import quiet_third_party_notes, status
 from costlab.data import ByteCorpus, build_corpus
 from costlab.data.tokens import TOKENIZER_TAG, Codec, load_codec, tokenize_corpus
 from costlab.events import MetricLogger, record_tags
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m costlab.training RUN_DIR/config.yaml")
     cfg = OmegaConf.load(argv[0])
+    quiet_third_party_notes()
     die_with_parent()  # torchrun killed outright: this worker gets SIGTERM rather than running on
     stop = StopWatcher().start()
     record_worker(Path(cfg.runtime.run_dir), cfg.trainer.node_rank, int(os.environ.get("LOCAL_RANK", 0)))
