@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (47 runs, ~14 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (50 runs, ~15 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
     python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
@@ -51,6 +51,7 @@ MICRO = ["model=gpt_micro", "model.block_size=64", "trainer.batch_size=4"]
 LLAMA = ["model=llama_nano", "model.n_layer=4", "model.block_size=32"]
 HF = ["model=hf", "model.config=llama_tiny", "model.block_size=32"]
 GPT2 = ["model=hf", "model.config=gpt2_tiny", "model.block_size=32"]
+NEOX = ["model=hf", "model.config=neox_tiny", "model.block_size=32"]
 ROOT_HEAVY = ["model.vocab_size=32000", "model.n_embd=256", "model.n_layer=4", "model.n_head=4", "model.block_size=64",
               "trainer.batch_size=4"]
 BLOCK_HEAVY = ["model.vocab_size=256", "model.n_embd=512", "model.n_layer=4", "model.n_head=8", "model.block_size=32",
@@ -90,6 +91,9 @@ CONFIGS: dict[str, list[str]] = {
     "hf llama ddp selective": [*HF, "parallelism=ddp", "trainer.activation_checkpointing=selective"],
     "hf gpt2 single": [*GPT2, "parallelism=single"],
     "hf gpt2 fsdp bf16": [*GPT2, "parallelism=fsdp", "precision=bf16"],
+    "hf gpt2 pp 1f1b": [*GPT2, "parallelism=pp"],
+    "hf neox single": [*NEOX, "parallelism=single"],
+    "hf neox pp 1f1b bf16": [*NEOX, "parallelism=pp", "precision=bf16"],
     "peak single root-heavy": [*ROOT_HEAVY, "parallelism=single"],
     "peak ddp root-heavy": [*ROOT_HEAVY, "parallelism=ddp"],
     "peak tp root-heavy": [*ROOT_HEAVY, "parallelism=tp"],

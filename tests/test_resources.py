@@ -14,8 +14,10 @@ from costlab.launcher.resources import cgroup_dir, check_resources, cpu_memory_a
 from costlab.measure.activations import SavedActivations
 from costlab.measure.allocator import malloc_meter
 from costlab.measure.memory import (
+    BACKWARD_OVERLAP,
     GATHERED,
     LOSS_BACKWARD,
+    OPTIMIZER_STEP,
     PREDICTED,
     TIED_GRADIENT,
     activation_parts,
@@ -338,6 +340,8 @@ ROOT_HEAVY = ["model.vocab_size=32000", "model.n_embd=256", "model.n_layer=4", "
               "trainer.batch_size=4", "trainer.device=cpu", "parallelism=fsdp"]
 BLOCK_HEAVY = ["model.vocab_size=256", "model.n_embd=512", "model.n_layer=4", "model.n_head=8", "model.block_size=32",
                "trainer.batch_size=2", "trainer.device=cpu", "parallelism=fsdp"]
+# activations and gradients alike (39 and 43 MB): a step that frees its gradients never holds both whole
+EVEN = ["model=gpt_micro", "model.block_size=64", "trainer.batch_size=4", "trainer.device=cpu", "parallelism=single"]
 
 
 def test_fsdp_parts_are_the_unsharded_bytes_of_the_root_and_of_the_blocks():
@@ -402,20 +406,58 @@ def test_the_head_parts_are_the_output_weights_and_a_tied_one_is_predicted_at_th
     assert predict_state(pp, 2)[LOSS_BACKWARD] > 2 * 4 * tokens * pp.model.vocab_size  # the loss's moment alone
 
 
+def test_only_a_step_that_frees_its_gradients_holds_less_than_its_parts_sum():
+    """Backward makes each layer's gradients as it frees that layer's activations where the trainer freed the
+    gradients after the last step; where they are held through backward (DDP's buckets, accumulation) or the
+    layout orders its own moments (FSDP, a pipeline's stages) the parts' sum stands."""
+    def overlap(*extra: str, world: int = 1) -> float:
+        return predict_state(compose_config([*EVEN, *extra]), world).get(BACKWARD_OVERLAP, 0.0)
+
+    single = predict_state(compose_config(EVEN), 1)
+    grads, held = (single[f"{PREDICTED}{k}_bytes_per_rank"] for k in ("grads", "activations"))
+    assert -min(grads, held) < single[BACKWARD_OVERLAP] < -0.5 * min(grads, held)
+    assert overlap("parallelism=tp", "trainer.nproc_per_node=2", world=2) < 0
+    for extra in (["parallelism=ddp", "trainer.nproc_per_node=2"], ["parallelism=fsdp", "trainer.nproc_per_node=2"],
+                  ["parallelism=pp", "trainer.nproc_per_node=2"], ["trainer.grad_accum_steps=2"]):
+        assert overlap(*extra, world=2 if len(extra) == 2 else 1) == 0, extra
+
+
+def test_on_a_gpu_the_optimizers_foreach_step_counts_where_it_outweighs_backward():
+    """PyTorch's foreach AdamW (its default on a GPU) makes one fp32 value per trained parameter beside the
+    gradients: the peak where backward's activations are the smaller (full checkpointing); on CPU (its for-loop
+    implementation) and for torchao's optimizers, which update tensor by tensor, it is not counted."""
+    def step(*extra: str) -> dict[str, float]:
+        return predict_state(compose_config([*EVEN, "trainer.activation_checkpointing=full", *extra]), 1)
+
+    gpu = step("trainer.device=cuda")
+    grads = gpu[f"{PREDICTED}grads_bytes_per_rank"]
+    backward = grads + sum(v for k, v in gpu.items() if k.startswith(PREDICTED) and not k.endswith(
+        ("params_bytes_per_rank", "grads_bytes_per_rank", "optimizer_bytes_per_rank", "optimizer_step_bytes_per_rank")))
+    assert gpu[OPTIMIZER_STEP] == pytest.approx(2 * grads - backward) and backward < 2 * grads
+    assert OPTIMIZER_STEP not in step()  # trainer.device=cpu
+    assert OPTIMIZER_STEP not in step("trainer.device=cuda", "optimizer=adamw_8bit")
+    # the root-heavy model's loss's moment (every activation, two fp32 tokens x vocabulary tensors) outweighs it
+    assert OPTIMIZER_STEP not in predict_state(compose_config([*ROOT_HEAVY, "parallelism=single",
+                                                               "trainer.device=cuda"]), 1)
+
+
 @pytest.mark.parametrize("shape, within, term", [
     pytest.param(ROOT_HEAVY + ["precision=bf16"], 0.2, GATHERED, id="fsdp-root-heavy-bf16"),
     pytest.param(BLOCK_HEAVY, 0.2, GATHERED, id="fsdp-block-heavy-fp32", marks=pytest.mark.slow),
     pytest.param(ROOT_HEAVY + ["parallelism=ddp"], 0.05, TIED_GRADIENT, id="ddp-root-heavy-tied"),
-    pytest.param(ROOT_HEAVY + ["parallelism=pp"], 0.05, LOSS_BACKWARD, id="pp-root-heavy", marks=pytest.mark.slow)])
+    pytest.param(ROOT_HEAVY + ["parallelism=pp"], 0.05, LOSS_BACKWARD, id="pp-root-heavy", marks=pytest.mark.slow),
+    pytest.param(EVEN, 0.1, BACKWARD_OVERLAP, id="single-even")])
 def test_a_steps_allocator_peak_is_predicted_with_its_layouts_transients(cli, request, shape, within, term):
-    """A real 2-rank run (torchrun, gloo) measures its second step's peak from glibc's allocator
+    """A real run (torchrun, gloo; 2 ranks, 1 for ``single``) measures its second step's peak from glibc's allocator
     (``mem/step_allocated_bytes_per_rank``, read after every op); the memory model's counterpart is within 20 % of
     it under FSDP, with its gathered parameters and gradients (the term counts the whole of gloo's working copy of a
     reduce-scatter's input, which gloo's worker thread lets go of sooner or later: the root-heavy model measures
     90.6 MB against 104.8 MB predicted at the root's reduce-scatter, the block-heavy one 64-74 MB against 72.6 MB),
     within 5 % under DDP with a tied embedding's three gradients at the end of backward, and on a pipeline's last
     stage with the head's gradient made beside the one it accumulates into (98.4 and 90.8 MB measured, 98.3 and
-    90.8 MB predicted); and would miss it by more than a quarter without that term."""
+    90.8 MB predicted), within 10 % on one rank whose gradients, freed between steps, are made as backward frees the
+    activations (46.6 MB measured, 49.5 MB predicted; the sum of the two, 81.8 MB); and would miss it by more than a
+    quarter without that term (a negative one, the last)."""
     if malloc_meter() is None:
         pytest.skip("needs glibc's mallinfo2")
     proc = cli(*shape, "trainer.max_steps=3", "trainer.timing_warmup_steps=2", "trainer.eval_interval=0",
@@ -425,4 +467,4 @@ def test_a_steps_allocator_peak_is_predicted_with_its_layouts_transients(cli, re
     m = cli.run_by_name(request.node.callspec.id).data.metrics
     measured, predicted = m["mem/step_allocated_bytes_per_rank"], m["mem/predicted_step_allocated_bytes_per_rank"]
     assert abs(predicted / measured - 1) < within, (predicted, measured)
-    assert (predicted - m[term]) / measured < 0.75, (m[term], measured)
+    assert abs((predicted - m[term]) / measured - 1) > 0.25, (m[term], measured)

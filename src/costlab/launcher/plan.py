@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from costlab.measure.hardware import device_peak, flops_per_token, usd_per_hour
 from costlab.measure.memory import (
+    BACKWARD_OVERLAP,
     GATHERED,
     LOSS_BACKWARD,
+    OPTIMIZER_STEP,
     PREDICTED,
     TIED_GRADIENT,
     predict_layout_state,
@@ -141,6 +143,10 @@ def plan_figures(cfg: DictConfig, states: dict[tuple, dict[str, float]] | None =
             return "tied gradient (the head's, the embedding's and their sum, at the end of backward)"
         if key == GATHERED:
             return "fsdp gathered (root, two blocks, their unsharded gradients)"
+        if key == OPTIMIZER_STEP:
+            return "optimizer step (foreach temporaries: one fp32 value per trained parameter, over backward's peak)"
+        if key == BACKWARD_OVERLAP:
+            return "backward overlap (gradients made as backward frees the activations: never both whole)"
         return part if part != "allowance" else (f"allowance (ASSUMED: {GPU_FIXED_ALLOWANCE / GB:.3g} GB + "
                                                  f"{GPU_ALLOWANCE_SHARE:.0%}: CUDA context, workspaces, allocator)")
 

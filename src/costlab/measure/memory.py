@@ -18,7 +18,10 @@ each the largest over ranks, as the measured ``mem/*_bytes_per_rank`` are; and t
 the training step (:func:`predict_activations`), from the config's shapes alone, the loss's and the head's
 backward (:func:`loss_backward_bytes`), a tied embedding's gradients at the end of backward
 (:func:`tied_gradient_bytes`) and, under FSDP, what its gathered parameters and gradients add
-(:func:`gathered_bytes`, from each all-gather unit's shards in the same layout).
+(:func:`gathered_bytes`, from each all-gather unit's shards in the same layout); where the gradients are freed
+between steps, what backward holds less than that sum, its gradients made as its activations are freed
+(:func:`backward_overlap_bytes`, at most 0); and on a GPU what the optimizer's foreach step adds beyond backward's
+largest moment (:func:`optimizer_step_bytes`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ LOSS_BACKWARD = PREDICTED + "loss_backward_bytes_per_rank"
 TIED_GRADIENT = PREDICTED + "tied_gradient_bytes_per_rank"
 # what FSDP's unsharded parameters and gradients add to the peak over the other parts (:func:`gathered_bytes`)
 GATHERED = PREDICTED + "gathered_bytes_per_rank"
+# at most 0: what a step whose gradients are freed holds less than its parts' sum, its gradients and activations never
+# held whole at once (:func:`backward_overlap_bytes`)
+BACKWARD_OVERLAP = PREDICTED + "backward_overlap_bytes_per_rank"
+# what the optimizer's step adds to the peak over backward's largest moment (:func:`optimizer_step_bytes`)
+OPTIMIZER_STEP = PREDICTED + "optimizer_step_bytes_per_rank"
 FSDP = "fsdp/"  # + FSDP_PARTS: the layout's parts GATHERED is made of, never logged
 HEAD = "head/"  # + numel, grad, tied: the trained output weight this rank holds, its gradient's bytes, if tied
 PREDICTED_OVER_MEASURED = "mem/predicted_over_measured"  # GPU: the predicted total / max_memory_allocated in training
@@ -253,7 +261,59 @@ def with_step_parts(cfg: DictConfig, world: int, layout: dict[str, float]) -> di
         parts = {k: layout[f"{FSDP}{k}"] for k in FSDP_PARTS}
         out[GATHERED] = gathered_bytes(cfg, parts, grads, held + rebuilt, out[LOSS_BACKWARD],
                                       parallel_dims(cfg.parallelism, world).dp_shard)
+    overlap = backward_overlap_bytes(cfg, world, head, grads, held, rebuilt, out[LOSS_BACKWARD] + tied)
+    if overlap:
+        out[BACKWARD_OVERLAP] = overlap
+    backward = grads + held + sum(out.get(k, 0.0) for k in (RECOMPUTE, LOSS_BACKWARD, TIED_GRADIENT, GATHERED,
+                                                             BACKWARD_OVERLAP))
+    step = optimizer_step_bytes(cfg, grads, backward)
+    if step:
+        out[OPTIMIZER_STEP] = step
     return out
+
+
+def optimizer_step_bytes(cfg: DictConfig, grads: float, backward: float) -> float:
+    """What the optimizer's step adds to a rank's peak over ``backward``, the gradients, activations and transients
+    at backward's largest moment (beyond the parameters and optimizer state): the step holds every gradient and, in
+    PyTorch's foreach implementation (its default on a GPU), a temporary of one fp32 value per trained parameter
+    (AdamW's square root of ``exp_avg_sq``, SGD's decayed gradients), as large as the gradients. It adds something
+    where backward's activations are smaller than the gradients (a large model's small micro-batch, full
+    checkpointing). On CPU PyTorch runs its for-loop implementation, one tensor's temporary at a time, and torchao's
+    optimizers update tensor by tensor: not counted (a CPU run's allocator peak is read over forward and backward)."""
+    if _gloo(cfg) or optimizer_option(cfg).name not in ("adamw", "sgd"):
+        return 0.0
+    return max(0.0, 2 * grads - backward)
+
+
+def backward_overlap_bytes(cfg: DictConfig, world: int, head: dict[str, float], grads: float, held: float,
+                           rebuilt: float, transients: float) -> float:
+    """What a step whose gradients are freed between steps holds less than the sum of its parts (``grads``, the
+    activations ``held`` when backward starts, checkpointing's ``rebuilt`` block and the loss's, the head's and a
+    tied weight's ``transients``), at most 0: backward makes each layer's gradients as it frees that layer's
+    activations, so the two are never held whole at once. The peak is the largest of three moments:
+
+        the loss's and the head's   every activation; the loss's two fp32 tokens x vocabulary tensors, or the head's
+        backward                    gradient and its autocast copies (:func:`_head_backward`); no other gradient
+        a block's backward          the activations not yet freed and the gradients made so far: at most the larger
+                                    of the two whole and a layer's share of the other, with checkpointing's block
+        the end of backward         every gradient, and a tied weight's three (:func:`tied_gradient_bytes`)
+
+    Only where the gradients are freed (:func:`_grads_freed`: not under accumulation or DDP, whose gradients are
+    held through backward), and not under FSDP (:func:`gathered_bytes` orders its own moments) or a pipeline (a
+    stage's gradients are made at its first micro-batch's backward and held through its others)."""
+    from costlab.parallelism.dims import parallel_dims
+
+    dims = parallel_dims(cfg.parallelism, world)
+    if not _grads_freed(cfg, dims) or dims.fsdp_enabled or dims.pp_enabled:
+        return 0.0
+    tokens = _micro_tokens(cfg, dims)
+    m = _shapes(cfg)
+    layers = max(1, int(getattr(m, "n_layer", 0) or 0))
+    start = held + max(2 * FP32 * tokens * _vocab(cfg), head.get("grad", 0.0) + _head_backward(cfg, head, tokens,
+                                                                                                 False))
+    blocks = max(held, grads) + min(held, grads) / layers + rebuilt
+    end = grads + 2 * head.get("tied", 0.0)
+    return min(0.0, max(start, blocks, end) - (grads + held + rebuilt + transients))
 
 
 def predicted_peak(predicted: dict[str, float]) -> float:
@@ -319,10 +379,15 @@ def _grads_freed(cfg: DictConfig, dims: Any) -> bool:
     return int(cfg.trainer.grad_accum_steps) == 1 and not dims.ddp_enabled
 
 
-def _vocab(cfg: DictConfig) -> int:
+def _shapes(cfg: DictConfig) -> Any:
+    """The model's shapes (``n_layer``, ``n_embd``, ``vocab_size``...): a Hugging Face model's read from its config."""
     from costlab.measure.traced import hf_shapes
 
-    return int((hf_shapes(cfg) if is_hf(cfg) else cfg.model).vocab_size)
+    return hf_shapes(cfg) if is_hf(cfg) else cfg.model
+
+
+def _vocab(cfg: DictConfig) -> int:
+    return int(_shapes(cfg).vocab_size)
 
 
 def _head_backward(cfg: DictConfig, head: dict[str, float], tokens: float, grad_held: bool) -> float:
