@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from costlab import quiet_third_party_notes  # noqa: E402
 from costlab.launcher.plan import TRACED_ROWS, allowance, predict_time  # noqa: E402
 from costlab.launcher.preflight import compose_config  # noqa: E402
 from costlab.measure import cardrates  # noqa: E402
@@ -130,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fit", action="store_true", help="fit the efficiencies on llm-foundry's A100 80GB rows")
     args = parser.parse_args()
+    quiet_third_party_notes()
     table = load()
     calibration = cardrates.GPU_CALIBRATION
     if args.fit:
