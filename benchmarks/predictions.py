@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (50 runs, ~15 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (51 runs, ~15 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
     python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
@@ -88,6 +88,8 @@ CONFIGS: dict[str, list[str]] = {
                                      "trainer.activation_checkpointing=full"],
     "hf llama tp": [*HF, "parallelism=tp"],
     "hf llama pp 1f1b": [*HF, "parallelism=pp"],
+    "hf llama pp 1f1b bf16 selective": [*HF, "parallelism=pp", "precision=bf16",
+                                        "trainer.activation_checkpointing=selective"],
     "hf llama ddp selective": [*HF, "parallelism=ddp", "trainer.activation_checkpointing=selective"],
     "hf gpt2 single": [*GPT2, "parallelism=single"],
     "hf gpt2 fsdp bf16": [*GPT2, "parallelism=fsdp", "precision=bf16"],

@@ -545,8 +545,8 @@ def predict_activations(cfg: DictConfig, world: int) -> float:
         activations = tokens x (layers x block + outside) + tokens x one block (none, full) or its
                       pointwise part (selective), rebuilt in backward under checkpointing
                       + a x Linear weights under autocast (its cast copies: every layer's without
-                      checkpointing, else the head's and the rebuilt block's; none under FSDP, which gathers
-                      weights in the autocast dtype)
+                      checkpointing or on a pipeline, whose schedule's step keeps autocast's cache, else the
+                      head's and the rebuilt block's; none under FSDP, which gathers weights in the autocast dtype)
 
     On a tiny GPT on CPU this matches the bytes autograd holds after the forward within 0.3 % for every
     mode, norm, position, MLP and precision option (tests/test_resources.py measures it).
@@ -600,11 +600,20 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         hidden = _gpt_config(cfg).hidden_dim
         block_w = (4 * m.n_embd + (3 if m.get("mlp") == "swiglu" else 2) * hidden) * m.n_embd / dims.tp
         held += a * m.vocab_size * m.n_embd / dims.tp  # lm_head
-        if mode == "none":
+        if mode == "none" or dims.pp_enabled:  # a pipeline's: see :func:`_cached_casts`
             held += a * layers * block_w
         else:  # cast again when the block is rebuilt; not kept
             rebuilt += a * block_w
     return held, rebuilt
+
+
+def _cached_casts() -> None:
+    """Why a pipeline holds every block's autocast copies of its weights under activation checkpointing too: its
+    schedule runs each micro-batch's backward inside the step that runs the forwards
+    (:meth:`costlab.parallelism.pp.PipelineParallel.forward_backward`, as torchtitan's trainer wraps its schedule's
+    step in autocast), and autocast's cache keeps each weight's cast copy until that step's autocast exits: cast
+    once for every micro-batch, and found there when a checkpointed block is rebuilt (no copy made again then).
+    Elsewhere the forward's autocast exits before backward, and a rebuilt block casts its weights again."""
 
 
 def _kept_logits(cfg: DictConfig, vocab: int) -> float:
@@ -676,6 +685,9 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     checkpointed = cfg.trainer.get("activation_checkpointing", "none") != "none"
     rebuilt_tok = max(0.0, terms["none"] - terms["block"]) if checkpointed else 0.0
     rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0
+    if dims.pp_enabled and checkpointed:  # every block's cast copies, cached (:func:`_cached_casts`)
+        terms = {**terms, "block_const": max(terms["block_const"], terms["none_const"])}
+        rebuilt_const = 0.0
     if dims.pp_enabled:
         tokens /= int(cfg.parallelism.microbatches)
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
