@@ -359,6 +359,10 @@ class OptimizerOption:
     name: str
 
     needs: ClassVar[str | None] = None  # the package its constructor comes from, beyond torch
+    # whether its step runs PyTorch's foreach implementation on a GPU, which makes a temporary of one fp32 value per
+    # trained parameter beside the gradients (costlab.measure.memory.optimizer_step_bytes); torchao's update tensor
+    # by tensor
+    foreach_step: ClassVar[bool] = False
 
     def state_bytes(self, numel: int) -> int:
         """Bytes of optimizer state this option keeps for a parameter (or a rank's shard of one) of ``numel``
@@ -376,6 +380,8 @@ class AdamW(OptimizerOption):
     """``torch.optim.AdamW``: fp32 ``exp_avg`` and ``exp_avg_sq``, and a float32 step counter per parameter."""
 
     eps: float = key(1e-8, POSITIVE)
+
+    foreach_step: ClassVar[bool] = True
 
     def state_bytes(self, numel: int) -> int:
         return 2 * FP32_BYTES * numel + FP32_BYTES
@@ -444,6 +450,8 @@ class SGD(OptimizerOption):
     momentum: float = key(0.9, BELOW_1)
     dampening: float = key(0.0, BELOW_1)
     nesterov: bool = False
+
+    foreach_step: ClassVar[bool] = True
 
     def state_bytes(self, numel: int) -> int:
         return FP32_BYTES * numel if self.momentum else 0

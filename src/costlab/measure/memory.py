@@ -280,7 +280,7 @@ def optimizer_step_bytes(cfg: DictConfig, grads: float, backward: float) -> floa
     where backward's activations are smaller than the gradients (a large model's small micro-batch, full
     checkpointing). On CPU PyTorch runs its for-loop implementation, one tensor's temporary at a time, and torchao's
     optimizers update tensor by tensor: not counted (a CPU run's allocator peak is read over forward and backward)."""
-    if _gloo(cfg) or optimizer_option(cfg).name not in ("adamw", "sgd"):
+    if _gloo(cfg) or not optimizer_option(cfg).foreach_step:
         return 0.0
     return max(0.0, 2 * grads - backward)
 
@@ -600,20 +600,21 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         hidden = _gpt_config(cfg).hidden_dim
         block_w = (4 * m.n_embd + (3 if m.get("mlp") == "swiglu" else 2) * hidden) * m.n_embd / dims.tp
         held += a * m.vocab_size * m.n_embd / dims.tp  # lm_head
-        if mode == "none" or dims.pp_enabled:  # a pipeline's: see :func:`_cached_casts`
+        if mode == "none" or _casts_cached(dims):
             held += a * layers * block_w
         else:  # cast again when the block is rebuilt; not kept
             rebuilt += a * block_w
     return held, rebuilt
 
 
-def _cached_casts() -> None:
-    """Why a pipeline holds every block's autocast copies of its weights under activation checkpointing too: its
-    schedule runs each micro-batch's backward inside the step that runs the forwards
+def _casts_cached(dims: Any) -> bool:
+    """Whether every block's autocast copies of its weights stay held under activation checkpointing too: on a
+    pipeline, whose schedule runs each micro-batch's backward inside the step that runs the forwards
     (:meth:`costlab.parallelism.pp.PipelineParallel.forward_backward`, as torchtitan's trainer wraps its schedule's
     step in autocast), and autocast's cache keeps each weight's cast copy until that step's autocast exits: cast
     once for every micro-batch, and found there when a checkpointed block is rebuilt (no copy made again then).
     Elsewhere the forward's autocast exits before backward, and a rebuilt block casts its weights again."""
+    return bool(dims.pp_enabled)
 
 
 def _kept_logits(cfg: DictConfig, vocab: int) -> float:
@@ -675,9 +676,9 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     """:func:`activation_parts` from a model's traced terms (:mod:`costlab.measure.traced`): every Hugging Face
     model, and costlab's GPTs under FSDP with autocast (its mixed precision runs the residual stream in the
     autocast dtype, and autocast then casts each norm's input back to fp32: the trace reads what that saves)."""
-    from costlab.measure.traced import hf_shapes, traced_terms
+    from costlab.measure.traced import traced_terms
 
-    m = hf_shapes(cfg) if is_hf(cfg) else cfg.model
+    m = _shapes(cfg)
     terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled)
     a = _autocast_bytes(cfg)
     if dims.tp > 1 and a < FP32 and not dims.fsdp_enabled:  # the head's cast copy is of this rank's shard only
@@ -685,7 +686,7 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     checkpointed = cfg.trainer.get("activation_checkpointing", "none") != "none"
     rebuilt_tok = max(0.0, terms["none"] - terms["block"]) if checkpointed else 0.0
     rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0
-    if dims.pp_enabled and checkpointed:  # every block's cast copies, cached (:func:`_cached_casts`)
+    if checkpointed and _casts_cached(dims):  # every block's cast copies, held
         terms = {**terms, "block_const": max(terms["block_const"], terms["none_const"])}
         rebuilt_const = 0.0
     if dims.pp_enabled:
