@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (51 runs, ~15 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (52 runs, ~15 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
     python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
@@ -96,6 +96,7 @@ CONFIGS: dict[str, list[str]] = {
     "hf gpt2 pp 1f1b": [*GPT2, "parallelism=pp"],
     "hf neox single": [*NEOX, "parallelism=single"],
     "hf neox pp 1f1b bf16": [*NEOX, "parallelism=pp", "precision=bf16"],
+    "hf neox tp": [*NEOX, "parallelism=tp"],
     "peak single root-heavy": [*ROOT_HEAVY, "parallelism=single"],
     "peak ddp root-heavy": [*ROOT_HEAVY, "parallelism=ddp"],
     "peak tp root-heavy": [*ROOT_HEAVY, "parallelism=tp"],

@@ -121,6 +121,22 @@ def test_a_7b_search_on_8_cards_tries_every_tensor_parallel_degree_and_fp8_and_s
     assert len(refused) + len(tried) == 2 * len(layouts(8, 8))  # each layout and precision kept or left out, once
 
 
+def test_a_search_splits_a_gpt_neox_by_tensor_parallel_and_says_why_gpt2_is_not():
+    from costlab.launcher.planner import candidates
+
+    base = ["mode=plan", "model=hf", "hardware=h100_sxm", "trainer.nproc_per_node=4", "trainer.batch_size=8",
+            "model.block_size=64"]
+    degrees = {}
+    for config in ("neox_tiny", "gpt2_tiny"):
+        overrides = [*base, f"model.config={config}"]
+        refused: dict[str, str] = {}
+        found = candidates(compose_config(overrides), lambda extra, o=overrides: compose_config(o + extra), refused)
+        degrees[config] = {c.cfg.parallelism.tp_degree for c in found}
+        if config == "gpt2_tiny":
+            assert "model_type is gpt2" in refused["1 x 1 x 1 x 4 bf16"], refused
+    assert degrees == {"neox_tiny": {1, 2, 4}, "gpt2_tiny": {1}}
+
+
 def test_a_search_without_a_candidate_says_why_each_layout_was_left_out():
     from costlab.launcher.planner import candidates, not_one
 

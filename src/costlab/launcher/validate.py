@@ -19,6 +19,7 @@ from costlab.measure.machine import visible_gpus
 from costlab.models.adapters import holds_nf4, uses_adapters
 from costlab.models.hf_config import (
     PIPELINE_FAMILIES,
+    TP_LAYER_PLANS,
     config_file,
     is_hf,
     layer_count,
@@ -353,7 +354,10 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
                               f"{', '.join(PIPELINE_FAMILIES)} families into stages; this model's model_type is "
                               f"{family}")
     if dims.tp_enabled:
-        (_check_hf_tp_degree if is_hf(cfg) else _check_tp_degree)(cfg, dims.tp, linears)
+        if is_hf(cfg):
+            _check_hf_tp_degree(cfg, dims.tp)
+        else:
+            _check_tp_degree(cfg, dims.tp, linears)
     if p.get("offload", "none") == "cpu":
         if not dims.fsdp_enabled:
             raise ConfigError("parallelism.offload", "cpu", "offloads FSDP2's shards; it needs sharding "
@@ -369,18 +373,20 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
     return dims
 
 
-def _check_hf_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, int]]) -> None:
-    """model=hf: Llama-style layers only (costlab.parallelism.tp.HF_LAYER_PLAN), split into whole query heads,
-    whole key/value heads, MLP units and vocabulary rows."""
-    layer = next((n.rpartition(".self_attn.q_proj")[0] for n in linears if n.endswith(".self_attn.q_proj")), None)
-    if layer is None or f"{layer}.mlp.gate_proj" not in linears:
-        raise ConfigError("parallelism.tp_degree", tp, "tensor parallel for model=hf needs Llama-style layers "
-                          "(self_attn.q_proj/k_proj/v_proj/o_proj, mlp.gate_proj/up_proj/down_proj); this model has "
-                          f"{', '.join(list(linears)[:2])}, ...")
+def _check_hf_tp_degree(cfg: DictConfig, tp: int) -> None:
+    """model=hf: the families of costlab.models.hf_config.TP_LAYER_PLANS, split into whole query heads, whole
+    key/value heads, MLP units and vocabulary rows."""
     hf = read_config(cfg.model)
+    family = hf.get("model_type")
+    if family not in TP_LAYER_PLANS:
+        raise ConfigError("parallelism.tp_degree", tp, f"tensor parallel for model=hf splits the "
+                          f"{', '.join(TP_LAYER_PLANS)} families' layers; this model's model_type is {family}")
     heads = hf["num_attention_heads"]
-    for size, what in ((heads, "num_attention_heads"), (hf.get("num_key_value_heads") or heads, "num_key_value_heads"),
-                       (linears[f"{layer}.mlp.gate_proj"][0], "intermediate_size"), (hf["vocab_size"], "vocab_size")):
+    sizes = [(heads, "num_attention_heads"), (hf.get("num_key_value_heads") or heads, "num_key_value_heads"),
+             (hf["vocab_size"], "vocab_size")]
+    if hf.get("intermediate_size"):
+        sizes.append((hf["intermediate_size"], "intermediate_size"))
+    for size, what in sizes:
         if size % tp:
             raise ConfigError("parallelism.tp_degree", tp, f"must divide the model's {what}={size}")
 

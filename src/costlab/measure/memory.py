@@ -470,7 +470,7 @@ def _shallow_config(source: str, layers: int) -> str:
     folder = tempfile.mkdtemp(prefix="costlab-depth-")
     atexit.register(shutil.rmtree, folder, True)
     with _quiet():
-        _config(source, 1, layers).save_pretrained(folder)
+        _config(source, layers).save_pretrained(folder)
     return str(Path(folder) / "config.json")
 
 

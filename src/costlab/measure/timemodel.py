@@ -372,11 +372,13 @@ def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float,
     position embedding's, one row a position) and the head's input gradient all-reduced; the head's logits
     all-gathered over the vocabulary (a pipeline: the whole model's, as its compute outside the layers)."""
     from costlab.measure.memory import _autocast_bytes, _residual_bytes
-    from costlab.models.hf_config import is_hf
-    from costlab.parallelism.tp import HF_LAYER_PLAN, gpt_layer_plan, layer_all_reduces
+    from costlab.models.hf_config import is_hf, read_config
+    from costlab.parallelism.tp import gpt_layer_plan, hf_layer_plan, layer_all_reduces
 
     hf = is_hf(cfg)
-    forward, backward = layer_all_reduces(HF_LAYER_PLAN if hf else gpt_layer_plan(cfg.model.get("mlp") == "swiglu"))
+    m = cfg.model
+    plan = hf_layer_plan(read_config(m)["model_type"]) if hf else gpt_layer_plan(m.get("mlp") == "swiglu")
+    forward, backward = layer_all_reduces(plan)
     block, width = int(cfg.model.block_size), int(shapes.n_embd)
     residual, computed = _residual_bytes(cfg, fsdp), _autocast_bytes(cfg)
     positions = 0 if hf or cfg.model.get("pos", "learned") != "learned" else 1

@@ -30,9 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from costlab.models.hf_config import is_hf
 
-# the config keys a tensor-parallel shard divides: attention heads (query and key/value) and the MLP width
-TP_SHARDED = ("num_attention_heads", "num_key_value_heads", "n_head", "intermediate_size", "n_inner")
-
 
 def traced_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
     """Bytes per token and per forward (``_const``) of: ``block`` (a layer under
@@ -223,7 +220,9 @@ def _plain_fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str) 
         return model, model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(_config(source, tp, layers), dtype=dtype, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(_config(source, layers), dtype=dtype, attn_implementation=attn)
+    if tp > 1:
+        _tp_rank_layers(model, tp)
     return model, lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
@@ -242,22 +241,37 @@ class _Blocks:
         self.blocks = nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)})
 
 
-def _config(source: str, tp: int, layers: int) -> Any:
+def _config(source: str, layers: int) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source)
-    if tp > 1:
-        if getattr(config, "head_dim", None) is None and hasattr(config, "num_attention_heads"):
-            config.head_dim = config.hidden_size // config.num_attention_heads  # kept while heads are divided
-        for key in TP_SHARDED:
-            if getattr(config, key, None):
-                setattr(config, key, getattr(config, key) // tp)
     config.num_hidden_layers = layers
     kinds = getattr(config, "layer_types", None)
     if isinstance(kinds, list) and kinds:  # sliding-window families name each layer's kind: the pattern repeats
         config.layer_types = [kinds[i % len(kinds)] for i in range(layers)]
     config.use_cache = False
     return config
+
+
+def _tp_rank_layers(model: Any, tp: int) -> None:
+    """Each decoder layer's projections, in place, as one of ``tp`` tensor-parallel ranks holds them (its family's
+    split, :func:`costlab.parallelism.tp.hf_layer_plan`): a column-wise one with 1/tp of its outputs (whole heads),
+    a row-wise one with 1/tp of its inputs. The attention reshapes with ``-1`` heads, as it does on a rank."""
+    from torch import nn
+
+    from costlab.parallelism.tp import hf_layer_plan
+
+    plan = hf_layer_plan(model.config.model_type)
+    for layer in _layers(model):
+        for name, style in plan.items():
+            if style == "replicate":
+                continue
+            parent, _, attr = name.rpartition(".")
+            owner = layer.get_submodule(parent)
+            whole = getattr(owner, attr)
+            inputs, outputs = whole.in_features, whole.out_features
+            shape = (inputs, outputs // tp) if style == "colwise" else (inputs // tp, outputs)
+            setattr(owner, attr, nn.Linear(*shape, bias=whole.bias is not None, dtype=whole.weight.dtype))
 
 
 def _hf_only(source: str) -> Any:

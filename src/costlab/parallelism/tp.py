@@ -8,6 +8,8 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from costlab.models.hf import decoder_layers
+
 
 class _Replicated(ParallelStyle):
     """A parallel style for modules TP does not split (norms): parameters become replicated
@@ -84,34 +86,35 @@ def layer_all_reduces(plan: dict[str, str]) -> tuple[int, int]:
     return styles.count("rowwise"), styles.count("colwise")
 
 
-# Llama-style decoder layers (Llama, Qwen2, Mistral and their kin): the same split as costlab's blocks
-HF_LAYER_PLAN = {
-    "input_layernorm": "replicate", "post_attention_layernorm": "replicate",
-    "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
-    "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
-}
+def hf_layer_plan(model_type: str) -> dict[str, str]:
+    """The split of one decoder layer of a ``model=hf`` model of transformers' ``model_type``
+    (:data:`costlab.models.hf_config.TP_LAYER_PLANS`; the launcher refuses the others)."""
+    from costlab.models.hf_config import TP_LAYER_PLANS
+
+    return TP_LAYER_PLANS[model_type]
 
 
 def apply_hf_tp(model: nn.Module, tp_mesh: DeviceMesh, colwise=ColwiseParallel, rowwise=RowwiseParallel) -> None:
-    """Tensor parallel for a ``model=hf`` Llama-style model: each rank holds whole query heads and whole
-    key/value groups (their projections column-wise, ``o_proj`` row-wise) and a slice of the MLP (gate
-    and up column-wise, down row-wise). The attention reshapes with ``-1`` heads and repeats each
-    key/value head ``num_attention_heads // num_key_value_heads`` times, a ratio the split keeps.
+    """Tensor parallel for a ``model=hf`` model of a family in :data:`costlab.models.hf_config.TP_LAYER_PLANS`:
+    each rank holds whole query heads and whole key/value groups (their projections column-wise, GPT-NeoX's fused
+    per-head query_key_value too; the attention's output projection row-wise) and a slice of the MLP (its input
+    projections column-wise, its output projection row-wise). The attention reshapes with ``-1`` heads and repeats
+    each key/value head ``num_attention_heads // num_key_value_heads`` times, a ratio the split keeps.
     The embedding is split over the vocabulary, the head's logits all-gathered, the final norm replicated."""
+    plan = hf_layer_plan(model.hf.config.model_type)
     for block in model.blocks.values():
-        _split_block(block, tp_mesh, HF_LAYER_PLAN, colwise, rowwise)
-    base = model.hf.get_decoder()
-    prefix = next(n for n, m in model.hf.named_children() if m is base)  # "model" in these families
-    plan = {}  # a pipeline stage holds the embedding, or the norm and the head, or neither
-    if base.embed_tokens is not None:
-        plan[f"{prefix}.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if not isinstance(base.norm, nn.Identity):
-        plan[f"{prefix}.norm"] = _Replicated()
-    if model.hf.lm_head is not None:
-        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
-    if plan:
-        parallelize_module(model.hf, tp_mesh, plan)
-    tied = model.hf.config.tie_word_embeddings and base.embed_tokens is not None and model.hf.lm_head is not None
-    if tied:  # both styles shard the (vocab, width) matrix on dim 0
-        model.hf.lm_head.weight = base.embed_tokens.weight
+        _split_block(block, tp_mesh, plan, colwise, rowwise)
+    # a pipeline stage holds the embedding, or the final norm and the head, or neither
+    base, embedding, head = model.hf.get_decoder(), model.wte, model.lm_head
+    layers = decoder_layers(model.hf)
+    after = list(base.children())
+    after = after[after.index(layers) + 1:]  # the final norm (a stage before the last: an Identity; rotary: no weights)
+    if embedding is not None:
+        parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    for norm in after:
+        if any(True for _ in norm.parameters()):
+            parallelize_module(norm, tp_mesh, _Replicated())
+    if head is not None:
+        parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+    if model.hf.config.tie_word_embeddings and embedding is not None and head is not None:
+        head.weight = embedding.weight  # both styles shard the (vocab, width) matrix on dim 0
