@@ -123,6 +123,22 @@ def assert_activations_predicted(metrics: dict[str, float], rel: float = 0.05) -
     assert measured > 0 and abs(predicted / measured - 1) <= rel, (predicted, measured)
 
 
+def spawn_ranks(fn, world: int, folder: Path, seconds: float, what: str) -> None:
+    """``fn(rank, world, str(folder))`` on ``world`` spawned processes; fails the test, the processes stopped, if
+    they have not all returned within ``seconds`` (a rank waiting in a collective its peer never joins)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ranks = mp.spawn(fn, args=(world, str(folder)), nprocs=world, join=False)
+    deadline = time.monotonic() + seconds
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.terminate()
+            pytest.fail(f"the ranks {what} hung")
+
+
 def has_cuda() -> bool:
     from costlab.measure.machine import visible_gpus
 

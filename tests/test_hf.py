@@ -19,7 +19,7 @@ from costlab.models.hf_config import PIPELINE_FAMILIES, TP_LAYER_PLANS, shipped_
 from costlab.models.saved import load_model  # noqa: E402
 from costlab.schema import ConfigError  # noqa: E402
 
-from .conftest import TINY, Cli, assert_activations_predicted, compose_config  # noqa: E402
+from .conftest import TINY, Cli, assert_activations_predicted, compose_config, spawn_ranks  # noqa: E402
 
 SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
@@ -217,19 +217,9 @@ def test_every_tensor_parallel_family_computes_split_over_two_ranks_what_it_comp
     """Each family tensor parallel accepts, split over two gloo ranks as a run splits it, computes the whole model's
     logits and every weight's gradient; its layers' projections are split (not left whole), every weight is a
     DTensor on the mesh (one mesh for the optimizer and FSDP)."""
-    import time
-
-    import torch.multiprocessing as mp
-
     for family in TP_LAYER_PLANS:
         _family_config(family, tmp_path)
-    ranks = mp.spawn(_tp_families_on_rank, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not ranks.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.terminate()
-            pytest.fail("the tensor-parallel ranks hung")
+    spawn_ranks(_tp_families_on_rank, 2, tmp_path, 300, "splitting each family")
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(saved) == set(TP_LAYER_PLANS)

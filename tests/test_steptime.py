@@ -12,7 +12,7 @@ from costlab.measure.stepprobes import RankProbes, cpu_rates
 from costlab.measure.timemodel import ModelProbe, Rates, layer_work, predict_step
 from costlab.models.gpt import build_model
 from costlab.training.optimizers import build_optimizer
-from tests.conftest import HF_TINY, TINY, compose_config
+from tests.conftest import HF_TINY, TINY, compose_config, spawn_ranks
 
 RATES = Rates(matmul_flops=1e11, bytes_per_s=1e10, op_s=4e-6, view_s=2e-6,
               link={k: (3e-4, 2e9) for k in ("all_reduce", "all_gather", "reduce_scatter")}, source="test")
@@ -293,17 +293,7 @@ def test_the_ranks_of_one_node_agree_on_their_card_probes_and_on_a_failure_of_an
     """On several ranks of one node, every rank gets the slowest rank's figures and the link measured between
     them; when a probe fails on one rank, every rank returns None (the plan's rates), and none waits for a peer in
     a collective it will not join. (Two CPU ranks on gloo: the card's code but for its clock.)"""
-    import time
-
-    import torch.multiprocessing as mp
-
-    ranks = mp.spawn(_card_probes_on_rank, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ranks.join(timeout=1):
-        if time.monotonic() > deadline:  # a rank waits in a collective its peer never joins
-            for process in ranks.processes:
-                process.terminate()
-            pytest.fail("the ranks' card probes hung")
+    spawn_ranks(_card_probes_on_rank, 2, tmp_path, 120, "probing the card")
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert saved[0]["fine"] == saved[1]["fine"]
     link = saved[0]["fine"].link
@@ -336,19 +326,9 @@ def test_a_budgeted_probe_times_a_short_pass_more_often_and_its_ranks_agree_how_
     """With a budget, each part of a pass is timed as often as its warm timing says fits, between the given repeats
     and MAX_REPEATS; ranks that disagree take the larger count (each timing starts at a barrier: a rank that
     stopped early would leave its peer waiting). Without one, the given repeats."""
-    import time
-
-    import torch.multiprocessing as mp
-
     from costlab.measure import stepprobes, timemodel
 
-    ranks = mp.spawn(_budgeted_probe_on_rank, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ranks.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.terminate()
-            pytest.fail("the ranks' budgeted probes hung")
+    spawn_ranks(_budgeted_probe_on_rank, 2, tmp_path, 120, "timing with a budget")
     depths = len(timemodel.LAYOUT_DEPTHS)
     # per depth: the warm pass and step timed once for the count, then each timed the count's times
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [depths * 2 * (1 + stepprobes.MAX_REPEATS)] * 2
