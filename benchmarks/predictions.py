@@ -1,7 +1,7 @@
 """Receipts for the memory and time models: real ``run.py`` jobs on this machine (real torchrun ranks, gloo), each
 one's predicted per-rank bytes and tokens/s against what it measured.
 
-    python benchmarks/predictions.py                 # every configuration below (52 runs, ~15 min on 2 cores)
+    python benchmarks/predictions.py                 # every configuration below (53 runs, ~15 min on 2 cores)
     python benchmarks/predictions.py --only hf       # the configurations whose name contains "hf"
     python benchmarks/predictions.py --repeat 3      # each configuration 3 times: its spread, and medians
     python benchmarks/predictions.py --plan          # and each one's plan on this CPU (mode=plan hardware=cpu)
@@ -52,6 +52,7 @@ LLAMA = ["model=llama_nano", "model.n_layer=4", "model.block_size=32"]
 HF = ["model=hf", "model.config=llama_tiny", "model.block_size=32"]
 GPT2 = ["model=hf", "model.config=gpt2_tiny", "model.block_size=32"]
 NEOX = ["model=hf", "model.config=neox_tiny", "model.block_size=32"]
+QWEN3 = ["model=hf", "model.config=qwen3_tiny", "model.block_size=32"]
 ROOT_HEAVY = ["model.vocab_size=32000", "model.n_embd=256", "model.n_layer=4", "model.n_head=4", "model.block_size=64",
               "trainer.batch_size=4"]
 BLOCK_HEAVY = ["model.vocab_size=256", "model.n_embd=512", "model.n_layer=4", "model.n_head=8", "model.block_size=32",
@@ -97,6 +98,7 @@ CONFIGS: dict[str, list[str]] = {
     "hf neox single": [*NEOX, "parallelism=single"],
     "hf neox pp 1f1b bf16": [*NEOX, "parallelism=pp", "precision=bf16"],
     "hf neox tp": [*NEOX, "parallelism=tp"],
+    "hf qwen3 tp": [*QWEN3, "parallelism=tp"],
     "peak single root-heavy": [*ROOT_HEAVY, "parallelism=single"],
     "peak ddp root-heavy": [*ROOT_HEAVY, "parallelism=ddp"],
     "peak tp root-heavy": [*ROOT_HEAVY, "parallelism=tp"],

@@ -370,22 +370,26 @@ def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float,
     all-reduced in forward, in the autocast dtype of the matmuls that made them; its column-wise inputs' gradients
     in backward, in the residual stream's dtype; the embeddings' partial rows (the token embedding's, and a learned
     position embedding's, one row a position) and the head's input gradient all-reduced; the head's logits
-    all-gathered over the vocabulary (a pipeline: the whole model's, as its compute outside the layers)."""
+    all-gathered over the vocabulary (a pipeline: the whole model's, as its compute outside the layers); a per-head
+    module's weight gradient (Qwen3's q/k norms: one head's width, fp32) all-reduced."""
     from costlab.measure.memory import _autocast_bytes, _residual_bytes
     from costlab.models.hf_config import is_hf, read_config
     from costlab.parallelism.tp import gpt_layer_plan, hf_layer_plan, layer_all_reduces
 
     hf = is_hf(cfg)
     m = cfg.model
-    plan = hf_layer_plan(read_config(m)["model_type"]) if hf else gpt_layer_plan(m.get("mlp") == "swiglu")
-    forward, backward = layer_all_reduces(plan)
+    config = read_config(m) if hf else {}
+    plan = hf_layer_plan(config["model_type"]) if hf else gpt_layer_plan(m.get("mlp") == "swiglu")
+    forward, backward, per_head = layer_all_reduces(plan)
     block, width = int(cfg.model.block_size), int(shapes.n_embd)
     residual, computed = _residual_bytes(cfg, fsdp), _autocast_bytes(cfg)
     positions = 0 if hf or cfg.model.get("pos", "learned") != "learned" else 1
+    head = int(config.get("head_dim") or width // int(shapes.n_head))
     return [("all_reduce", forward * layers, rows * block * width * computed),
             ("all_reduce", backward * layers + 2, rows * block * width * residual),  # + the head's, the tokens'
             ("all_reduce", positions, block * width * residual),
-            ("all_gather", 1, rows * block * int(shapes.vocab_size) * computed)]
+            ("all_gather", 1, rows * block * int(shapes.vocab_size) * computed),
+            ("all_reduce", per_head * layers, head * 4)]
 
 
 def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any,

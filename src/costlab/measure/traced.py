@@ -264,7 +264,7 @@ def _tp_rank_layers(model: Any, tp: int) -> None:
     plan = hf_layer_plan(model.config.model_type)
     for layer in _layers(model):
         for name, style in plan.items():
-            if style == "replicate":
+            if style not in ("colwise", "rowwise"):  # replicated, or fed this rank's heads (per_head)
                 continue
             parent, _, attr = name.rpartition(".")
             owner = layer.get_submodule(parent)

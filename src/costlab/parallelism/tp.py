@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_module
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from costlab.models.hf import decoder_layers
@@ -24,6 +25,24 @@ class _Replicated(ParallelStyle):
             return outputs.to_local()
 
         return distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)
+
+
+class _PerHead(ParallelStyle):
+    """A module that acts on each head apart (Qwen3's q/k norms, over the head dimension), fed a rank's own heads:
+    its input a shard of every head (dim 2 of batch x tokens x heads x head dim), its weights replicated. Their
+    gradient, a sum over the heads, is partial on each rank; once accumulated it is all-reduced (FSDP's reduction
+    does the same where FSDP holds the weights: it redistributes each gradient to its tensor-parallel placement)."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        module = SequenceParallel(sequence_dim=2, use_local_output=True)._apply(module, mesh)
+        for param in module.parameters():
+            param.register_post_accumulate_grad_hook(_replicate_grad)
+        return module
+
+
+def _replicate_grad(param: torch.Tensor) -> None:
+    if any(p.is_partial() for p in param.grad.placements):
+        param.grad = param.grad.redistribute(placements=[Replicate()] * len(param.grad.placements))
 
 
 def _styles(float8: bool):
@@ -66,8 +85,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
 
 
 def _split_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str], colwise, rowwise) -> None:
-    """Lay one block out by ``plan`` (submodule -> "replicate", "colwise" or "rowwise")."""
-    styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise}
+    """Lay one block out by ``plan`` (submodule -> "replicate", "colwise", "rowwise" or "per_head")."""
+    styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise, "per_head": _PerHead}
     parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in plan.items()})
 
 
@@ -78,12 +97,13 @@ def gpt_layer_plan(swiglu: bool) -> dict[str, str]:
     return {**plan, "mlp.c_fc2": "colwise"} if swiglu else plan
 
 
-def layer_all_reduces(plan: dict[str, str]) -> tuple[int, int]:
-    """(forward, backward) all-reduces of one block split by ``plan``: each row-wise projection's partial output in
-    forward, each column-wise projection's input gradient in backward. DTensor reduces each of those apart, the
-    q, k and v projections' (and gate's and up's) too, where Megatron's fused projections reduce one a sublayer."""
+def layer_all_reduces(plan: dict[str, str]) -> tuple[int, int, int]:
+    """(forward, backward, weight gradient) all-reduces of one block split by ``plan``: each row-wise projection's
+    partial output in forward, each column-wise projection's input gradient in backward. DTensor reduces each of
+    those apart, the q, k and v projections' (and gate's and up's) too, where Megatron's fused projections reduce one
+    a sublayer. And each per-head module's weight gradient (:class:`_PerHead`), once a backward."""
     styles = list(plan.values())
-    return styles.count("rowwise"), styles.count("colwise")
+    return styles.count("rowwise"), styles.count("colwise"), styles.count("per_head")
 
 
 def hf_layer_plan(model_type: str) -> dict[str, str]:
