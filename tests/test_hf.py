@@ -518,3 +518,15 @@ def test_other_families_reproduce_their_single_loss_curve(hf_runs, family, optio
     assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
     assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss"], rel=1e-3)
     assert_activations_predicted(run.data.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_pipeline_of_tensor_parallel_hugging_face_stages_reproduces_the_single_loss_curve(hf_runs):
+    # four ranks: two stages, each split over two (the first's embedding over the vocabulary, the last's head)
+    _, ref, ref_curve = hf_runs("gpt_neox-single", family="gpt_neox")
+    _, run, curve = hf_runs("gpt_neox-pp-tp", "parallelism=pp", "trainer.nproc_per_node=4", "parallelism.pp_degree=2",
+                            "parallelism.tp_degree=2", family="gpt_neox")
+    assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
+    assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss"], rel=1e-3)
+    assert_activations_predicted(run.data.metrics)
