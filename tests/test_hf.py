@@ -529,4 +529,5 @@ def test_a_pipeline_of_tensor_parallel_hugging_face_stages_reproduces_the_single
                             "parallelism.tp_degree=2", family="gpt_neox")
     assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)
     assert run.data.metrics["eval/loss"] == pytest.approx(ref.data.metrics["eval/loss"], rel=1e-3)
-    assert_activations_predicted(run.data.metrics)
+    # the first stage's embedding side traced as it runs, each stage's rotary tables, 1F1B's kept send
+    assert_activations_predicted(run.data.metrics, rel=0.002)

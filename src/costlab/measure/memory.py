@@ -591,8 +591,9 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         tokens /= int(p.microbatches)
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         outside += _kept_logits(cfg, m.vocab_size)
-        per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled) + last * (r == dims.pp - 1)
-                        for r in range(dims.pp))
+        positions = INDEX * m.block_size / tokens if m.get("pos", "learned") == "learned" else 0.0  # looked up
+        per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled, tokens=tokens,
+                                    first=positions) + last * (r == dims.pp - 1) for r in range(dims.pp))
     else:
         per_token = layers * block + outside
     held, rebuilt = tokens * per_token, tokens * rebuilt
@@ -638,13 +639,23 @@ def in_flight(schedule: str, microbatches: int, pp: int, pp_rank: int, stages_pe
 
 
 def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, outside: float, fsdp: bool,
-                block_const: float = 0.0, outside_const: float = 0.0, tokens: float = 1.0) -> float:
+                block_const: float = 0.0, outside_const: float = 0.0, tokens: float = 1.0, first: float = 0.0,
+                tables: float = 0.0) -> float:
     """Bytes per token of a micro-batch that pipeline rank ``pp_rank`` holds when its peak backward starts: its
     chunks in flight (each its stage's layers, and the output it sent, kept for backward), the logits of the last
     stage (every micro-batch under gpipe, else the one about to run backward), and the schedule's receive buffers
     (one per micro-batch and stage: activations into every stage but the first, gradients into every stage but
     the last; in the residual stream's dtype, :func:`_residual_bytes`). ``m``: the model's shapes; ``*_const``:
-    bytes per forward (a traced model's autocast copies of weights, held once), over ``tokens`` per micro-batch."""
+    bytes per forward (a traced model's autocast copies of weights, held once), over ``tokens`` per micro-batch.
+
+    Beside what autograd saves: 1F1B's warm-up keeps its last fired send's work, and with it that chunk's output,
+    until the step ends (PyTorch's ``Schedule1F1B`` waits on it but holds it), one output more on every stage with
+    two warm-up chunks or more once that chunk's backward is done; the first stage's split of the batch holds the
+    whole window of token ids (one storage, ``tokens + 1`` a row) for the step. ``first``: bytes per token the
+    first stage holds for each chunk in flight before its layers (what its embedding side saves: positions, an
+    embedding dropout's mask, rotary tables); ``tables``: bytes per forward each later stage's chunk holds (a Hugging
+    Face decoder's rotary cosines and sines, which every stage computes for its own layers; ``outside`` is then
+    the last stage's alone, without the embedding side)."""
     p = cfg.parallelism
     micro = int(p.microbatches)
     v = int(p.stages_per_rank) if p.schedule == "interleaved_1f1b" else 1
@@ -658,7 +669,28 @@ def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, ou
     buffers = sum((s > 0) + (s < n_stages - 1) for s in stages) * micro * residual
     layers = m.n_layer / n_stages * len(stages)
     const = (layers * block_const + (outside_const if owns_last else 0.0)) / tokens
-    return chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const
+    if p.schedule == "1f1b" and micro >= 2 * chunks - 1 >= 3:  # the warm-up's kept send (chunks: its warm-up)
+        sent += 1
+    first_chunks = in_flight(p.schedule, micro, pp, pp_rank, v) / v if 0 in stages else 0.0  # stage 0's share
+    window = micro * INDEX * (m.block_size + 1) / m.block_size if 0 in stages else 0.0
+    made = first_chunks * first + (chunks - first_chunks) * tables / tokens
+    return (chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const + window
+            + made)
+
+
+def _rotary_tables(cfg: DictConfig, fsdp: bool) -> float:
+    """Bytes of the rotary cosines and sines a Hugging Face decoder computes in each forward (``rotary dim`` values
+    a position each, in the residual stream's dtype; none for learned positions)."""
+    from costlab.measure.traced import hf_config
+
+    config = hf_config(cfg)
+    if config.get("model_type") == "gpt2":
+        return 0.0
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd")) // heads
+    rope = config.get("rope_parameters") or {}  # transformers 5 keeps the rotary share there; earlier, at the top
+    share = rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or config.get("rotary_pct") or 1.0
+    return 2.0 * cfg.model.block_size * int(head_dim * share) * _residual_bytes(cfg, fsdp)
 
 
 def _last_stage_backward(cfg: DictConfig, dims: Any, head: dict[str, float] | None, tokens: float) -> float:
@@ -676,7 +708,7 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     """:func:`activation_parts` from a model's traced terms (:mod:`costlab.measure.traced`): every Hugging Face
     model, and costlab's GPTs under FSDP with autocast (its mixed precision runs the residual stream in the
     autocast dtype, and autocast then casts each norm's input back to fp32: the trace reads what that saves)."""
-    from costlab.measure.traced import traced_terms
+    from costlab.measure.traced import first_stage_terms, traced_terms
 
     m = _shapes(cfg)
     terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled)
@@ -693,9 +725,16 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
         tokens /= int(cfg.parallelism.microbatches)
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         outside = terms["outside"] + _kept_logits(cfg, m.vocab_size)
+        # the first stage's embedding side, traced as it runs; the last stage holds the rest of the outside, and the
+        # window its split of the batch's targets made (one storage, as the first stage's of the ids)
+        first_tok, first_const = first_stage_terms(cfg, dims.tp, dims.fsdp_enabled)
+        outside -= first_tok
+        last += int(cfg.parallelism.microbatches) * INDEX * (m.block_size + 1) / m.block_size
+        tables = _rotary_tables(cfg, dims.fsdp_enabled) if is_hf(cfg) else 0.0
         per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], outside, dims.fsdp_enabled,
-                                    terms["block_const"], terms["outside_const"], tokens) + last * (r == dims.pp - 1)
-                        for r in range(dims.pp))
+                                    terms["block_const"], terms["outside_const"] - first_const, tokens,
+                                    first_tok + first_const / tokens, tables)
+                        + last * (r == dims.pp - 1) for r in range(dims.pp))
         return tokens * per_token, tokens * rebuilt_tok + rebuilt_const
     held = tokens * (m.n_layer * terms["block"] + terms["outside"])
     return held + m.n_layer * terms["block_const"] + terms["outside_const"], tokens * rebuilt_tok + rebuilt_const

@@ -51,6 +51,22 @@ def traced_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
     return out
 
 
+def first_stage_terms(cfg: DictConfig, tp: int, fsdp: bool) -> tuple[float, float]:
+    """(bytes per token, bytes per forward) a pipeline's first stage holds for each micro-batch in flight beside its
+    layers and its output: what the decoder's modules before its layers save (an embedding dropout's mask and
+    output, positions, rotary tables). Traced as that stage runs: the decoder alone, one layer, no final norm."""
+    m = cfg.model
+    autocast = cfg.precision.get("autocast_dtype")
+    weights = autocast if fsdp and autocast else "float32"
+    attn = str(m.get("attn_implementation", "sdpa"))
+    source = hf_source(cfg) if is_hf(cfg) else json.dumps(OmegaConf.to_container(m, resolve=True), sort_keys=True)
+    key = (source, int(tp), str(autocast), weights, int(m.block_size), attn, adapters_key(cfg))
+    mode = cfg.trainer.get("activation_checkpointing", "none")
+    terms = traced_terms(cfg, tp, fsdp)
+    first_tok, first_const = _split(key, 1, mode, "first")
+    return max(0.0, first_tok - terms["block"]), max(0.0, first_const - terms["block_const"])
+
+
 def hf_source(cfg: DictConfig) -> str:
     """The config a ``model=hf`` run's architecture comes from: ``model.config``'s file or ``model.pretrained``."""
     from costlab.models.hf_config import config_file
@@ -65,6 +81,12 @@ def hf_shapes(cfg: DictConfig) -> Any:
 
     source = hf_source(cfg)
     return gpt_view(_config_dict(source, _stamp(source)), int(cfg.model.block_size))
+
+
+def hf_config(cfg: DictConfig) -> dict[str, Any]:
+    """A ``model=hf`` run's config as ``transformers`` reads it (defaults filled in), as a dict; not to be changed."""
+    source = hf_source(cfg)
+    return _config_dict(source, _stamp(source))
 
 
 @functools.lru_cache(maxsize=32)
@@ -86,19 +108,20 @@ def _stamp(source: str) -> int:
         return 0
 
 
-def _split(key: tuple, layers: int, mode: str) -> tuple[float, float]:
+def _split(key: tuple, layers: int, mode: str, part: str = "model") -> tuple[float, float]:
     """(bytes per token, bytes per forward) from traces of two and of three sequences (not one: a batch of one
     makes some of a layer's copies free, as a transpose of a size-1 dimension needs none)."""
-    two, three = _alive(*key, layers, mode, 2), _alive(*key, layers, mode, 3)
+    two, three = _alive(*key, layers, mode, 2, part), _alive(*key, layers, mode, 3, part)
     per_row = three - two
     return per_row / key[4], two - 2 * per_row
 
 
 @functools.lru_cache(maxsize=1024)
 def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn: str, adapters: str, layers: int,
-           mode: str, rows: int) -> float:
+           mode: str, rows: int, part: str = "model") -> float:
     """Bytes alive for backward after the forward and loss of ``rows`` sequences (see the module). ``source``: a
-    Hugging Face config file, or a costlab ``model`` node as JSON (``{...}``)."""
+    Hugging Face config file, or a costlab ``model`` node as JSON (``{...}``). ``part="first"``: a pipeline's first
+    stage, its forward alone (no final norm, no head, no loss), less its output."""
     import torch
 
     dtype = getattr(torch, weights)
@@ -106,13 +129,13 @@ def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn:
     # heap (a plan search traces dozens of times; a full collection is most of a trace's time)
     gc.freeze()
     try:
-        return _alive_traced(source, tp, autocast, dtype, tokens, attn, adapters, layers, mode, rows)
+        return _alive_traced(source, tp, autocast, dtype, tokens, attn, adapters, layers, mode, rows, part)
     finally:
         gc.unfreeze()
 
 
 def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, attn: str, adapters: str,
-                  layers: int, mode: str, rows: int) -> float:
+                  layers: int, mode: str, rows: int, part: str = "model") -> float:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -122,6 +145,8 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
 
     with FakeTensorMode(), _hf_only(source):
         model, forward = _fake_model(source, tp, layers, dtype, attn, adapters)
+        if part == "first":
+            forward = _first_stage(model)
         model.train()
         if mode != "none":
             apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
@@ -132,11 +157,32 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
                     logits = forward(ids)
             else:
                 logits = forward(ids)
+            if part == "first":  # the stage's output, which the schedule keeps, is counted apart
+                held = meter.alive() - logits.untyped_storage().nbytes()
+                del logits, model
+                return float(held)
             loss = loss_fn(logits, ids)
             del logits  # as the trainer frees them before backward: nothing saves them
             held = meter.alive()
         del loss, model
     return float(held)
+
+
+def _first_stage(model: Any) -> Any:
+    """``model``'s forward as a pipeline's first stage runs it: to the last layer's output, without the modules
+    after the layers (a final norm, a head)."""
+    from torch import nn
+
+    if hasattr(model, "blocks"):  # costlab's own GPT
+        model.ln_f = model.lm_head = None
+        return model
+    base = model.get_decoder()
+    layers = _layers(model)
+    names = list(base._modules)
+    for name in names[names.index(next(n for n, c in base.named_children() if c is layers)) + 1:]:
+        if any(True for _ in base._modules[name].parameters()):
+            setattr(base, name, nn.Identity())
+    return lambda ids: base(input_ids=ids, use_cache=False).last_hidden_state
 
 
 def _fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str, adapters: str = "") -> tuple[Any, Any]:
