@@ -64,7 +64,9 @@ def first_stage_terms(cfg: DictConfig, tp: int, fsdp: bool) -> tuple[float, floa
     mode = cfg.trainer.get("activation_checkpointing", "none")
     terms = traced_terms(cfg, tp, fsdp)
     first_tok, first_const = _split(key, 1, mode, "first")
-    return max(0.0, first_tok - terms["block"]), max(0.0, first_const - terms["block_const"])
+    # less than nothing where the first layer saves less than a later one: under LoRA nothing before it trains, so
+    # it keeps no input for a gradient
+    return first_tok - terms["block"], first_const - terms["block_const"]
 
 
 def hf_source(cfg: DictConfig) -> str:
@@ -173,6 +175,7 @@ def _first_stage(model: Any) -> Any:
     after the layers (a final norm, a head)."""
     from torch import nn
 
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's adapters, in place
     if hasattr(model, "blocks"):  # costlab's own GPT
         model.ln_f = model.lm_head = None
         return model
