@@ -671,7 +671,7 @@ def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, ou
     const = (layers * block_const + (outside_const if owns_last else 0.0)) / tokens
     if p.schedule == "1f1b" and micro >= 2 * chunks - 1 >= 3:  # the warm-up's kept send (chunks: its warm-up)
         sent += 1
-    first_chunks = in_flight(p.schedule, micro, pp, pp_rank, v) / v if 0 in stages else 0.0  # stage 0's share
+    first_chunks = chunks / v if 0 in stages else 0.0  # stage 0's share of the rank's chunks
     window = micro * INDEX * (m.block_size + 1) / m.block_size if 0 in stages else 0.0
     made = first_chunks * first + (chunks - first_chunks) * tables / tokens
     return (chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const + window

@@ -35,13 +35,8 @@ def traced_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
     """Bytes per token and per forward (``_const``) of: ``block`` (a layer under
     ``trainer.activation_checkpointing``), ``none`` (a layer without checkpointing: what a checkpointed layer
     rebuilds in backward) and ``outside``."""
-    m, t = cfg.model, cfg.trainer
-    autocast = cfg.precision.get("autocast_dtype")
-    weights = autocast if fsdp and autocast else "float32"
-    attn = str(m.get("attn_implementation", "sdpa"))
-    source = hf_source(cfg) if is_hf(cfg) else json.dumps(OmegaConf.to_container(m, resolve=True), sort_keys=True)
-    key = (source, int(tp), str(autocast), weights, int(m.block_size), attn, adapters_key(cfg))
-    mode = t.get("activation_checkpointing", "none")
+    key = _trace_key(cfg, tp, fsdp)
+    mode = cfg.trainer.get("activation_checkpointing", "none")
     out: dict[str, float] = {}
     for name, layer_mode in (("block", mode), ("none", "none")):
         (one_tok, one_const), (two_tok, two_const) = (_split(key, n, layer_mode) for n in (1, 2))
@@ -55,18 +50,24 @@ def first_stage_terms(cfg: DictConfig, tp: int, fsdp: bool) -> tuple[float, floa
     """(bytes per token, bytes per forward) a pipeline's first stage holds for each micro-batch in flight beside its
     layers and its output: what the decoder's modules before its layers save (an embedding dropout's mask and
     output, positions, rotary tables). Traced as that stage runs: the decoder alone, one layer, no final norm."""
+    mode = cfg.trainer.get("activation_checkpointing", "none")
+    terms = traced_terms(cfg, tp, fsdp)
+    first_tok, first_const = _split(_trace_key(cfg, tp, fsdp), 1, mode, "first")
+    # less than nothing where the first layer saves less than a later one: under LoRA nothing before it trains, so
+    # it keeps no input for a gradient
+    return first_tok - terms["block"], first_const - terms["block_const"]
+
+
+def _trace_key(cfg: DictConfig, tp: int, fsdp: bool) -> tuple:
+    """What a trace of the run's model depends on (:func:`_alive`'s leading arguments): its architecture, the
+    tensor-parallel degree, autocast's dtype and the weights' (FSDP gathers them in autocast's), the sequence, the
+    attention and the adapters."""
     m = cfg.model
     autocast = cfg.precision.get("autocast_dtype")
     weights = autocast if fsdp and autocast else "float32"
     attn = str(m.get("attn_implementation", "sdpa"))
     source = hf_source(cfg) if is_hf(cfg) else json.dumps(OmegaConf.to_container(m, resolve=True), sort_keys=True)
-    key = (source, int(tp), str(autocast), weights, int(m.block_size), attn, adapters_key(cfg))
-    mode = cfg.trainer.get("activation_checkpointing", "none")
-    terms = traced_terms(cfg, tp, fsdp)
-    first_tok, first_const = _split(key, 1, mode, "first")
-    # less than nothing where the first layer saves less than a later one: under LoRA nothing before it trains, so
-    # it keeps no input for a gradient
-    return first_tok - terms["block"], first_const - terms["block_const"]
+    return source, int(tp), str(autocast), weights, int(m.block_size), attn, adapters_key(cfg)
 
 
 def hf_source(cfg: DictConfig) -> str:
