@@ -95,6 +95,8 @@ CONFIGS: dict[str, list[str]] = {
     "hf gpt2 single": [*GPT2, "parallelism=single"],
     "hf gpt2 fsdp bf16": [*GPT2, "parallelism=fsdp", "precision=bf16"],
     "hf gpt2 pp 1f1b": [*GPT2, "parallelism=pp"],
+    "hf gpt2 tp": [*GPT2, "parallelism=tp"],
+    "hf gpt2 fsdp_tp bf16 (4 ranks)": [*GPT2, "parallelism=fsdp_tp", "precision=bf16"],
     "hf neox single": [*NEOX, "parallelism=single"],
     "hf neox pp 1f1b bf16": [*NEOX, "parallelism=pp", "precision=bf16"],
     "hf neox tp": [*NEOX, "parallelism=tp"],

@@ -47,10 +47,14 @@ def pretrained(tmp_path_factory) -> dict[str, str]:
     from transformers import AutoModelForCausalLM
 
     folders = {}
-    for family in FAMILIES:
+    # and a GPT-2 without dropout: split by tensor parallel, it draws its attention's masks over a rank's heads
+    for family in (*FAMILIES, "gpt2-dropless"):
         torch.manual_seed(0)
         folder = tmp_path_factory.mktemp(f"hf_{family}")
-        AutoModelForCausalLM.from_config(_config(family)).save_pretrained(folder)
+        config = _config(family.removesuffix("-dropless"))
+        if family.endswith("-dropless"):
+            config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
         folders[family] = str(folder)
     return folders
 
@@ -192,7 +196,12 @@ def _tp_families_on_rank(rank: int, world: int, folder: str) -> None:
         out = {}
         for family in TP_LAYER_PLANS:
             torch.manual_seed(0)
-            whole = HFCausalLM(config=f"{folder}/{family}.json", block_size=16)
+            # eval: GPT-2's dropout draws its masks over a rank's heads and units, not the whole model's
+            whole = HFCausalLM(config=f"{folder}/{family}.json", block_size=16).eval()
+            with torch.no_grad():  # biases start at zero: drawn, a bias laid out wrongly changes the logits
+                for name, p in whole.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_()
             split = copy.deepcopy(whole)
             apply_tp(split, mesh)
             x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -230,16 +239,85 @@ def test_every_tensor_parallel_family_computes_split_over_two_ranks_what_it_comp
             assert max(got["grads"].values()) < 1e-5, (family, got["grads"])
             assert got["dtensors"] and got["vocab"] == [True, True], family
             plan = TP_LAYER_PLANS[family]
-            split = {name for name, style in plan.items() if style in ("colwise", "rowwise")}
+            split = {name for name, style in plan.items() if style in ("colwise", "qkv_colwise", "rowwise")}
             for layer in range(4):  # every projection of every layer
                 assert {f"{name}.weight" for name in split} <= {n.split(f".{layer}.", 1)[1] for n in got["split"]
                                                                if f".{layer}." in n}, (family, layer)
 
 
+def _tp_checkpoint_on_rank(rank: int, world: int, folder: str) -> None:
+    """One rank of the checkpoint test: GPT-2 split over two ranks (its packed c_attn part by part), a step of
+    AdamW, saved by the run's Checkpointer; a model and optimizer of another seed, split alike, loaded by the run's
+    :func:`load`; the differences of every parameter's and optimizer state's shard, saved."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from costlab.parallelism.core import DistEnv
+    from costlab.parallelism.tp import apply_tp
+    from costlab.training.checkpoint import Checkpointer, load
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        cfg = OmegaConf.create({"runtime": {"run_dir": folder, "run_id": "r"}, "trainer": {"checkpoint_keep": 1}})
+        env = DistEnv(rank, rank, world, world, torch.device("cpu"))
+
+        def trained(seed: int):
+            torch.manual_seed(seed)
+            model = HFCausalLM(config=f"{folder}/gpt2.json", block_size=16)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_()
+            apply_tp(model, mesh)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))).mean().backward()
+            optimizer.step()
+            return model, optimizer
+
+        saved, saved_opt = trained(0)
+        Checkpointer(cfg, env).save(saved, saved_opt, None, next_step=1)
+        loaded, loaded_opt = trained(1)
+        resumed = load(loaded, loaded_opt, None, cfg, env)
+        states = [o.state_dict()["state"] for o in (saved_opt, loaded_opt)]
+        out = {"step": resumed.step if resumed else None,
+               "params": {n: (p.to_local() - q.to_local()).abs().max().item()
+                          for (n, p), (_, q) in zip(saved.named_parameters(), loaded.named_parameters(), strict=True)},
+               "moments": max((states[0][k][m].to_local() - states[1][k][m].to_local()).abs().max().item()
+                              for k in states[0] for m in ("exp_avg", "exp_avg_sq")),
+               "whole": {n: p.full_tensor() for n, p in saved.named_parameters()}}
+        torch.save(out, f"{folder}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_tensor_parallel_gpt2_checkpoint_loads_back_and_holds_the_whole_weights(tmp_path):
+    """GPT-2's c_attn under tensor parallel holds its queries', keys' and values' shares side by side on a rank, a
+    part DCP cannot write as one box: the run's checkpoint writes it split plainly and reads it back as it was laid
+    out, every parameter and AdamW moment to the bit; and what the files hold is the whole model's layout (read back
+    into one process as a plain state dict)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    _family_config("gpt2", tmp_path)
+    spawn_ranks(_tp_checkpoint_on_rank, 2, tmp_path, 300, "checkpointing GPT-2")
+    dcp_to_torch_save(tmp_path / "checkpoints" / "step_1", tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)["model"]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["step"] == 1
+        assert max(got["params"].values()) == 0 and got["moments"] == 0, got
+        assert set(got["whole"]) <= set(whole)  # the state dict names the tied head too
+        for name, tensor in got["whole"].items():
+            assert torch.equal(whole[name], tensor), name
+    assert any("c_attn.weight" in n for n in whole) and any("c_attn.bias" in n for n in whole)
+
+
 def test_families_tensor_parallel_would_split_wrongly_are_refused_in_one_line(tmp_path):
-    # GPT-2's fused c_attn lies query, key, value (not head by head), Phi-3's fused qkv_proj likewise; OLMo-2's q/k
-    # norms take their statistics over every head
-    for family in ("gpt2", "phi3", "olmo2"):
+    # Phi-3's fused qkv_proj packs queries, keys and values and its attention cuts them at the whole width's offsets;
+    # OLMo-2's q/k norms take their statistics over every head
+    for family in ("phi3", "olmo2"):
         with pytest.raises(ConfigError) as e:
             validate(compose_config(["model=hf", f"model.config={_family_config(family, tmp_path)}",
                                      "model.block_size=16", "trainer.device=cpu", "parallelism=tp"]))
@@ -387,7 +465,7 @@ def _hf_cfg(source: str, *overrides: str):
 
 @pytest.mark.parametrize(("family", "overrides", "key"), [
     ("llama", ["parallelism=pp", "trainer.nproc_per_node=4", "parallelism.microbatches=4"], "parallelism.pp_degree"),
-    ("gpt2", ["parallelism=tp"], "parallelism.tp_degree"),  # a fused c_attn Conv1D: no Llama-style split
+    ("gpt2", ["parallelism=tp", "trainer.nproc_per_node=3"], "parallelism.tp_degree"),  # 4 heads (GPT-2's n_head)
     ("llama", ["parallelism=tp", "trainer.nproc_per_node=4"], "parallelism.tp_degree"),  # 2 key/value heads
     ("llama", ["model.block_size=128"], "model.block_size"),  # the tiny models have 64 positions
     ("llama", ["model.attn_implementation=fast"], "model.attn_implementation"),
@@ -507,12 +585,14 @@ def test_an_hf_model_reproduces_the_single_loss_curve(hf_runs, option):
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize(("family", "option"), [("qwen2", "tp"), ("gpt2", "fsdp"), ("gpt2", "pp"), ("gpt_neox", "tp"),
-                                              ("qwen3", "tp"), ("qwen3", "fsdp_tp")])
+                                              ("qwen3", "tp"), ("qwen3", "fsdp_tp"), ("gpt2-dropless", "tp"),
+                                              ("gpt2-dropless", "fsdp_tp")])
 def test_other_families_reproduce_their_single_loss_curve(hf_runs, family, option):
     # qwen2: biased q/k/v projections split column-wise; gpt2: Conv1D layers, tied embeddings, sharded per block,
-    # or cut into stages (learned positions on the first, the tied head's copy on the last); gpt_neox: its fused
-    # query_key_value split head by head; qwen3: its per-head q/k norms' gradients all-reduced (by FSDP's reduction
-    # under fsdp_tp)
+    # or cut into stages (learned positions on the first, the tied head's copy on the last), or split by tensor
+    # parallel (its packed c_attn part by part, its whole bias's gradient gathered; FSDP shards both again);
+    # gpt_neox: its fused query_key_value split head by head; qwen3: its per-head q/k norms' gradients all-reduced
+    # (by FSDP's reduction under fsdp_tp)
     _, ref, ref_curve = hf_runs(f"{family}-single", family=family)
     _, run, curve = hf_runs(f"{family}-{option}", f"parallelism={option}", family=family)
     assert max(abs(a - b) / abs(a) for a, b in zip(ref_curve, curve, strict=True)) <= 1e-3, (ref_curve, curve)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -121,20 +122,25 @@ def test_a_7b_search_on_8_cards_tries_every_tensor_parallel_degree_and_fp8_and_s
     assert len(refused) + len(tried) == 2 * len(layouts(8, 8))  # each layout and precision kept or left out, once
 
 
-def test_a_search_splits_a_gpt_neox_by_tensor_parallel_and_says_why_gpt2_is_not():
+def test_a_search_splits_gpt_neox_and_gpt2_by_tensor_parallel_and_says_why_olmo2_is_not(tmp_path):
+    import json
+
     from costlab.launcher.planner import candidates
 
     base = ["mode=plan", "model=hf", "hardware=h100_sxm", "trainer.nproc_per_node=4", "trainer.batch_size=8",
             "model.block_size=64"]
+    olmo2 = tmp_path / "olmo2.json"  # its q/k norms take their statistics over every head's outputs
+    olmo2.write_text(json.dumps({"model_type": "olmo2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}))
     degrees = {}
-    for config in ("neox_tiny", "gpt2_tiny"):
+    for config in ("neox_tiny", "gpt2_tiny", str(olmo2)):
         overrides = [*base, f"model.config={config}"]
         refused: dict[str, str] = {}
         found = candidates(compose_config(overrides), lambda extra, o=overrides: compose_config(o + extra), refused)
-        degrees[config] = {c.cfg.parallelism.tp_degree for c in found}
-        if config == "gpt2_tiny":
-            assert "model_type is gpt2" in refused["1 x 1 x 1 x 4 bf16"], refused
-    assert degrees == {"neox_tiny": {1, 2, 4}, "gpt2_tiny": {1}}
+        degrees[Path(config).stem] = {c.cfg.parallelism.tp_degree for c in found}
+        if config == str(olmo2):
+            assert "model_type is olmo2" in refused["1 x 1 x 1 x 4 bf16"], refused
+    assert degrees == {"neox_tiny": {1, 2, 4}, "gpt2_tiny": {1, 2, 4}, "olmo2": {1}}
 
 
 def test_a_search_without_a_candidate_says_why_each_layout_was_left_out():

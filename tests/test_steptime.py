@@ -531,8 +531,9 @@ def test_a_fine_tuning_runs_work_and_weights_are_its_adapters(finetune):
     [*HF_TINY, "model.config=neox_tiny"],  # GPT-NeoX: one fused query_key_value
     [*HF_TINY, "model.config=qwen3_tiny"],  # Qwen3: its per-head q/k norms' weight gradients
     [*HF_TINY, "model.config=qwen3_tiny", "parallelism=fsdp_tp", "trainer.nproc_per_node=4"],  # FSDP reduces them
+    [*HF_TINY, "model.config=gpt2_tiny", "precision=bf16"],  # GPT-2: its packed c_attn's whole bias's gradient
 ], ids=["gpt", "gpt-bf16", "gpt-swiglu", "hf-llama-bf16", "gpt-fsdp-tp-bf16", "hf-neox", "hf-qwen3",
-        "hf-qwen3-fsdp-tp"])
+        "hf-qwen3-fsdp-tp", "hf-gpt2-bf16"])
 def test_tensor_parallels_collectives_are_those_its_layout_issues(overrides):
     """The time model's tensor-parallel collectives, per kind (calls and bytes), are those costlab's layout issues
     in one micro-batch's forward and backward: counted as rank 0 of two runs it under PyTorch's fake process group
@@ -580,5 +581,5 @@ def test_tensor_parallels_collectives_are_those_its_layout_issues(overrides):
     for kind, n, size in tp_collectives(cfg, shapes, rows, int(shapes.n_layer), dims.fsdp_enabled):
         predicted_calls[kind] += n
         predicted_data[kind] += n * size
-    assert dims.tp == 2 and calls["all_reduce"] >= 4 * int(shapes.n_layer) and calls["all_gather"] == 1
+    assert dims.tp == 2 and calls["all_reduce"] >= 4 * int(shapes.n_layer) and calls["all_gather"] >= 1
     assert predicted_calls == calls and predicted_data == data

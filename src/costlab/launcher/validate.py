@@ -381,11 +381,14 @@ def _check_hf_tp_degree(cfg: DictConfig, tp: int) -> None:
     if family not in TP_LAYER_PLANS:
         raise ConfigError("parallelism.tp_degree", tp, f"tensor parallel for model=hf splits the "
                           f"{', '.join(TP_LAYER_PLANS)} families' layers; this model's model_type is {family}")
-    heads = hf["num_attention_heads"]
-    sizes = [(heads, "num_attention_heads"), (hf.get("num_key_value_heads") or heads, "num_key_value_heads"),
-             (hf["vocab_size"], "vocab_size")]
-    if hf.get("intermediate_size"):
-        sizes.append((hf["intermediate_size"], "intermediate_size"))
+    if family == "gpt2":  # GPT-2's names; its MLP is n_inner wide, 4 x n_embd where that is null
+        sizes = [(hf["n_head"], "n_head"), (hf.get("n_inner") or 4 * hf["n_embd"], "n_inner")]
+    else:
+        heads = hf["num_attention_heads"]
+        sizes = [(heads, "num_attention_heads"), (hf.get("num_key_value_heads") or heads, "num_key_value_heads")]
+        if hf.get("intermediate_size"):
+            sizes.append((hf["intermediate_size"], "intermediate_size"))
+    sizes.append((hf["vocab_size"], "vocab_size"))
     for size, what in sizes:
         if size % tp:
             raise ConfigError("parallelism.tp_degree", tp, f"must divide the model's {what}={size}")

@@ -371,10 +371,12 @@ def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float,
     in backward, in the residual stream's dtype; the embeddings' partial rows (the token embedding's, and a learned
     position embedding's, one row a position) and the head's input gradient all-reduced; the head's logits
     all-gathered over the vocabulary (a pipeline: the whole model's, as its compute outside the layers); a per-head
-    module's weight gradient (Qwen3's q/k norms: one head's width, fp32) all-reduced."""
+    module's weight gradient (Qwen3's q/k norms: one head's width, fp32) all-reduced; a packed projection's whole
+    bias's gradient (GPT-2's c_attn: three widths, in the parameters' dtype; :class:`costlab.parallelism.tp.
+    _Conv1DColwise`) all-gathered."""
     from costlab.measure.memory import _autocast_bytes, _residual_bytes
     from costlab.models.hf_config import is_hf, read_config
-    from costlab.parallelism.tp import gpt_layer_plan, hf_layer_plan, layer_all_reduces
+    from costlab.parallelism.tp import QKV_PARTS, gpt_layer_plan, hf_layer_plan, layer_all_reduces
 
     hf = is_hf(cfg)
     m = cfg.model
@@ -389,7 +391,8 @@ def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float,
             ("all_reduce", backward * layers + 2, rows * block * width * residual),  # + the head's, the tokens'
             ("all_reduce", positions, block * width * residual),
             ("all_gather", 1, rows * block * int(shapes.vocab_size) * computed),
-            ("all_reduce", per_head * layers, head * 4)]
+            ("all_reduce", per_head * layers, head * 4),
+            ("all_gather", list(plan.values()).count("qkv_colwise") * layers, QKV_PARTS * width * residual)]
 
 
 def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any,

@@ -305,23 +305,36 @@ def _config(source: str, layers: int) -> Any:
 
 def _tp_rank_layers(model: Any, tp: int) -> None:
     """Each decoder layer's projections, in place, as one of ``tp`` tensor-parallel ranks holds them (its family's
-    split, :func:`costlab.parallelism.tp.hf_layer_plan`): a column-wise one with 1/tp of its outputs (whole heads),
-    a row-wise one with 1/tp of its inputs. The attention reshapes with ``-1`` heads, as it does on a rank."""
+    split, :func:`costlab.parallelism.tp.hf_layer_plan`): a column-wise one with 1/tp of its outputs (whole heads;
+    of each part, GPT-2's packed c_attn, whose attention then cuts parts 1/tp as wide), a row-wise one with 1/tp of
+    its inputs. The attention reshapes with ``-1`` heads, as it does on a rank."""
     from torch import nn
 
-    from costlab.parallelism.tp import hf_layer_plan
+    from costlab.parallelism.tp import hf_layer_plan, rank_packed_attention
 
     plan = hf_layer_plan(model.config.model_type)
     for layer in _layers(model):
         for name, style in plan.items():
-            if style not in ("colwise", "rowwise"):  # replicated, or fed this rank's heads (per_head)
+            if style not in ("colwise", "qkv_colwise", "rowwise"):  # replicated, or fed this rank's heads (per_head)
                 continue
             parent, _, attr = name.rpartition(".")
             owner = layer.get_submodule(parent)
             whole = getattr(owner, attr)
-            inputs, outputs = whole.in_features, whole.out_features
-            shape = (inputs, outputs // tp) if style == "colwise" else (inputs // tp, outputs)
-            setattr(owner, attr, nn.Linear(*shape, bias=whole.bias is not None, dtype=whole.weight.dtype))
+            if type(whole).__name__ == "Conv1D":  # GPT-2's: a weight of inputs x outputs
+                inputs, outputs = whole.weight.shape
+            else:
+                inputs, outputs = whole.in_features, whole.out_features
+            shape = (inputs // tp, outputs) if style == "rowwise" else (inputs, outputs // tp)
+            if type(whole).__name__ == "Conv1D":
+                part = type(whole)(shape[1], shape[0])
+                dtype = whole.weight.dtype  # a weight of inputs x outputs, as GPT-2's model holds it
+                part.weight = nn.Parameter(part.weight.new_empty(shape, dtype=dtype))
+                part.bias = nn.Parameter(part.bias.new_empty(shape[1:], dtype=dtype))
+                setattr(owner, attr, part)
+            else:
+                setattr(owner, attr, nn.Linear(*shape, bias=whole.bias is not None, dtype=whole.weight.dtype))
+            if style == "qkv_colwise":
+                rank_packed_attention(owner, tp)
 
 
 def _hf_only(source: str) -> Any:

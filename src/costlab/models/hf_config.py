@@ -37,14 +37,16 @@ def shipped_configs() -> list[str]:
 PIPELINE_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "olmo2", "gpt2", "gpt_neox")
 
 
-# One decoder layer's tensor-parallel split (submodule -> "replicate", "colwise", "rowwise", or "per_head": a module
-# acting on each head apart, fed a rank's own heads, whose weights' gradients are all-reduced) in the families
-# tensor parallel lays out (:func:`costlab.parallelism.tp.apply_hf_tp`), by transformers' model_type, each checked
-# to compute, split over two ranks, what it computes whole (tests/test_hf.py). A column-wise split keeps whole heads
+# One decoder layer's tensor-parallel split (submodule -> "replicate", "colwise", "qkv_colwise", "rowwise", or
+# "per_head": a module acting on each head apart, fed a rank's own heads, whose weights' gradients are all-reduced)
+# in the families tensor parallel lays out (:func:`costlab.parallelism.tp.apply_hf_tp`), by transformers'
+# model_type, each checked to compute, split over two ranks, what it computes whole (tests/test_hf.py). A column-wise
+# split keeps whole heads
 # only where a projection's outputs lie head by head and the attention reshapes them with ``-1`` heads: Llama-style
-# q/k/v projections, GPT-NeoX's fused query_key_value (laid out per head). Not so: GPT-2's c_attn (all queries, then
-# all keys, then all values, in a Conv1D) and Phi-3's qkv_proj; OLMo-2's q/k norms take their statistics over every
-# head's outputs. Qwen3's q/k norms act on each head apart (``per_head``).
+# q/k/v projections, GPT-NeoX's fused query_key_value (laid out per head). GPT-2's c_attn packs all queries, then all
+# keys, then all values (``qkv_colwise``: each rank takes its heads of each, and its attention cuts a third as wide).
+# Not so: Phi-3's qkv_proj (packed, but its attention cuts at the whole width's offsets); OLMo-2's q/k norms take
+# their statistics over every head's outputs. Qwen3's q/k norms act on each head apart (``per_head``).
 _LLAMA_LAYER = {
     "input_layernorm": "replicate", "post_attention_layernorm": "replicate",
     "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
@@ -54,6 +56,8 @@ _LLAMA_LAYER = {
 TP_LAYER_PLANS: dict[str, dict[str, str]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2"), _LLAMA_LAYER),
     "qwen3": {**_LLAMA_LAYER, "self_attn.q_norm": "per_head", "self_attn.k_norm": "per_head"},
+    "gpt2": {"ln_1": "replicate", "ln_2": "replicate", "attn.c_attn": "qkv_colwise", "attn.c_proj": "rowwise",
+             "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"},
     "gpt_neox": {"input_layernorm": "replicate", "post_attention_layernorm": "replicate",
                  "attention.query_key_value": "colwise", "attention.dense": "rowwise",
                  "mlp.dense_h_to_4h": "colwise", "mlp.dense_4h_to_h": "rowwise"},

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from costlab.models.hf import decoder_layers
 
@@ -36,13 +39,76 @@ class _PerHead(ParallelStyle):
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         module = SequenceParallel(sequence_dim=2, use_local_output=True)._apply(module, mesh)
         for param in module.parameters():
-            param.register_post_accumulate_grad_hook(_replicate_grad)
+            param.register_post_accumulate_grad_hook(_grad_as_param)
         return module
 
 
-def _replicate_grad(param: torch.Tensor) -> None:
-    if any(p.is_partial() for p in param.grad.placements):
-        param.grad = param.grad.redistribute(placements=[Replicate()] * len(param.grad.placements))
+def _grad_as_param(param: torch.Tensor) -> None:
+    """A gradient DTensor left in another placement than its parameter's (partial, or sharded where the parameter
+    is replicated) redistributed to the parameter's, once accumulated, so the optimizer meets one placement."""
+    if param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(placements=param.placements)
+
+
+# GPT-2's c_attn packs all queries, then all keys, then all values (``qkv_colwise``): a rank takes its heads of each
+QKV_PARTS = 3
+
+
+class _Conv1DColwise(ColwiseParallel):
+    """Column-wise for transformers' ``Conv1D`` (GPT-2's projections, ``x @ weight + bias`` with a weight of inputs x
+    outputs): the weight split on dim 1, the bias on dim 0. A packed projection's weight (``parts`` > 1: GPT-2's
+    c_attn) is split part by part, each rank holding its share of each part, side by side: DTensor's
+    ``_StridedShard``, whose whole tensor (``full_tensor``, the saved model) is the module's own layout. Its bias
+    stays whole on every rank (a vector; each rank adds its share): FSDP would shard a part-by-part split bias again
+    on the same dim, a layout DTensor cannot describe (its whole tensor comes out scrambled). Its gradient, which
+    comes back split as the outputs are, is all-gathered once accumulated instead (FSDP's reduction does the same
+    where FSDP holds it): one small all-gather a layer."""
+
+    def __init__(self, parts: int = 1):
+        super().__init__()
+        self.parts = parts
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for key, param in list(mod.named_parameters(recurse=False)):
+                if self.parts == 1:
+                    placement = Shard(1 if key == "weight" else 0)
+                else:
+                    placement = _StridedShard(1, split_factor=self.parts) if key == "weight" else Replicate()
+                dist = distribute_tensor(param, mesh, [placement], src_data_rank=self.src_data_rank)
+                mod.register_parameter(key, nn.Parameter(dist, requires_grad=param.requires_grad))
+                if self.parts > 1 and key == "bias":  # its gradient comes back split as the outputs are
+                    mod.bias.register_post_accumulate_grad_hook(_grad_as_param)
+
+        def local(mod: nn.Module, outputs: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            return outputs.to_local()  # this rank's outputs: whole heads (of each part)
+
+        return distribute_module(module, mesh, partition,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 local)
+
+
+class _Conv1DRowwise(RowwiseParallel):
+    """Row-wise for transformers' ``Conv1D``: the weight split on dim 0 (its inputs), the bias replicated; the
+    partial outputs all-reduced."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for key, param in list(mod.named_parameters(recurse=False)):
+                placement = Shard(0) if key == "weight" else Replicate()
+                dist = distribute_tensor(param, mesh, [placement], src_data_rank=self.src_data_rank)
+                mod.register_parameter(key, nn.Parameter(dist, requires_grad=param.requires_grad))
+
+        self.desired_input_layouts = (Shard(-1),)
+        return distribute_module(module, mesh, partition,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+def rank_packed_attention(owner: nn.Module, tp: int) -> None:
+    """GPT-2's attention cuts c_attn's output into queries, keys and values at ``split_size`` (its width); a rank's
+    part is 1/tp of it (the attention's reshapes take ``-1`` heads)."""
+    owner.split_size //= tp
 
 
 def _styles(float8: bool):
@@ -85,9 +151,17 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, float8: bool = False) -> Non
 
 
 def _split_block(block: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str], colwise, rowwise) -> None:
-    """Lay one block out by ``plan`` (submodule -> "replicate", "colwise", "rowwise" or "per_head")."""
+    """Lay one block out by ``plan`` (submodule -> "replicate", "colwise", "qkv_colwise", "rowwise" or
+    "per_head"); transformers' ``Conv1D`` projections (GPT-2's) by their own column- and row-wise styles."""
     styles = {"replicate": _Replicated, "colwise": colwise, "rowwise": rowwise, "per_head": _PerHead}
-    parallelize_module(block, tp_mesh, {name: styles[style]() for name, style in plan.items()})
+    conv = {"colwise": _Conv1DColwise, "qkv_colwise": partial(_Conv1DColwise, QKV_PARTS), "rowwise": _Conv1DRowwise}
+    chosen = {}
+    for name, style in plan.items():
+        module = block.get_submodule(name)
+        chosen[name] = (conv if type(module).__name__ == "Conv1D" else styles)[style]()
+        if style == "qkv_colwise":
+            rank_packed_attention(block.get_submodule(name.rpartition(".")[0]), tp_mesh.size())
+    parallelize_module(block, tp_mesh, chosen)
 
 
 def gpt_layer_plan(swiglu: bool) -> dict[str, str]:
@@ -103,7 +177,7 @@ def layer_all_reduces(plan: dict[str, str]) -> tuple[int, int, int]:
     those apart, the q, k and v projections' (and gate's and up's) too, where Megatron's fused projections reduce one
     a sublayer. And each per-head module's weight gradient (:class:`_PerHead`), once a backward."""
     styles = list(plan.values())
-    return styles.count("rowwise"), styles.count("colwise"), styles.count("per_head")
+    return styles.count("rowwise"), styles.count("colwise") + styles.count("qkv_colwise"), styles.count("per_head")
 
 
 def hf_layer_plan(model_type: str) -> dict[str, str]:
@@ -117,23 +191,26 @@ def hf_layer_plan(model_type: str) -> dict[str, str]:
 def apply_hf_tp(model: nn.Module, tp_mesh: DeviceMesh, colwise=ColwiseParallel, rowwise=RowwiseParallel) -> None:
     """Tensor parallel for a ``model=hf`` model of a family in :data:`costlab.models.hf_config.TP_LAYER_PLANS`:
     each rank holds whole query heads and whole key/value groups (their projections column-wise, GPT-NeoX's fused
-    per-head query_key_value too; the attention's output projection row-wise) and a slice of the MLP (its input
-    projections column-wise, its output projection row-wise). The attention reshapes with ``-1`` heads and repeats
-    each key/value head ``num_attention_heads // num_key_value_heads`` times, a ratio the split keeps.
-    The embedding is split over the vocabulary, the head's logits all-gathered, the final norm replicated."""
+    per-head query_key_value too, GPT-2's packed c_attn part by part; the attention's output projection row-wise)
+    and a slice of the MLP (its input projections column-wise, its output projection row-wise). The attention
+    reshapes with ``-1`` heads and repeats each key/value head ``num_attention_heads // num_key_value_heads`` times,
+    a ratio the split keeps. The embedding is split over the vocabulary, the head's logits all-gathered, the final
+    norm (and GPT-2's position embedding) replicated."""
     plan = hf_layer_plan(model.hf.config.model_type)
     for block in model.blocks.values():
         _split_block(block, tp_mesh, plan, colwise, rowwise)
     # a pipeline stage holds the embedding, or the final norm and the head, or neither
     base, embedding, head = model.hf.get_decoder(), model.wte, model.lm_head
     layers = decoder_layers(model.hf)
-    after = list(base.children())
-    after = after[after.index(layers) + 1:]  # the final norm (a stage before the last: an Identity; rotary: no weights)
+    children = list(base.children())
+    # before the layers: the embedding, GPT-2's learned positions; after: the final norm (a stage before the last:
+    # an Identity; rotary tables hold no weights)
+    rest = [m for i, m in enumerate(children) if i != children.index(layers) and m is not embedding]
     if embedding is not None:
         parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
-    for norm in after:
-        if any(True for _ in norm.parameters()):
-            parallelize_module(norm, tp_mesh, _Replicated())
+    for module in rest:  # replicated: positions are few, a norm's weights a vector
+        if any(True for _ in module.parameters()):
+            parallelize_module(module, tp_mesh, _Replicated())
     if head is not None:
         parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
     if model.hf.config.tie_word_embeddings and embedding is not None and head is not None:

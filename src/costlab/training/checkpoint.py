@@ -128,6 +128,46 @@ def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _as_boxes(tree: Any) -> Any:
+    """``tree`` with every DTensor DCP cannot write as it is laid out redistributed to one it can. DCP writes each
+    rank's part as one box of the whole tensor; a weight split part by part (GPT-2's packed c_attn under tensor
+    parallel, DTensor's ``_StridedShard`` on a dim no later mesh dim splits) holds several. Such a tensor is written
+    split plainly on that dim instead: the same whole tensor, so a checkpoint loads under any layout. (FSDP's own
+    ``_StridedShard``, over a dim tensor parallel splits after it, leaves each rank one box.)"""
+    if isinstance(tree, dict):
+        return {k: _as_boxes(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_as_boxes(v) for v in tree]
+    placements = getattr(tree, "placements", None)
+    plain = _plain_placements(placements) if placements is not None else None
+    return tree if plain is None else tree.redistribute(placements=plain)
+
+
+def _plain_placements(placements: Any) -> list[Any] | None:
+    """``placements`` with each part-by-part split (a ``_StridedShard`` no later placement splits the dim of) made a
+    plain one; None when there is none."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    out = list(placements)
+    for i, p in enumerate(placements):
+        if isinstance(p, _StridedShard) and all(getattr(q, "dim", None) != p.dim for q in placements[i + 1:]):
+            out[i] = Shard(p.dim)
+    return out if out != list(placements) else None
+
+
+def _from_boxes(tree: Any, boxes: Any) -> Any:
+    """``tree`` with what :func:`_as_boxes` redistributed (and DCP has loaded into) laid out as ``tree`` lays it."""
+    if isinstance(tree, dict):
+        return {k: _from_boxes(v, boxes[k]) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_from_boxes(v, b) for v, b in zip(tree, boxes, strict=True)]
+    placements = getattr(tree, "placements", None)
+    if placements is None or _plain_placements(placements) is None:
+        return boxes  # loaded in place (a tensor) or as read (DCP replaces what is not a tensor)
+    return boxes.redistribute(placements=placements)
+
+
 class Checkpointer:
     """Saves the training state every ``trainer.checkpoint_interval`` steps (each call a collective: every
     rank makes it), keeping the last ``trainer.checkpoint_keep``.
@@ -165,11 +205,12 @@ class Checkpointer:
         if self.asynchronous:
             if self._group is None and dist.is_initialized():
                 self._group = dist.new_group(backend="gloo")
-            future = dcp.async_save(_states(model, optimizer), checkpoint_id=str(path), process_group=self._group)
+            future = dcp.async_save(_as_boxes(_states(model, optimizer)), checkpoint_id=str(path),
+                                    process_group=self._group)
             self._pending = (future, next_step, path, saved_at, scaler_state)
             self.waits.append(time.perf_counter() - t0)
         else:
-            dcp.save(_states(model, optimizer), checkpoint_id=str(path))
+            dcp.save(_as_boxes(_states(model, optimizer)), checkpoint_id=str(path))
             self._pending = (None, next_step, path, saved_at, scaler_state)
             self.finish()
             self.waits.append(time.perf_counter() - t0)
@@ -215,7 +256,9 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, 
     step, path = found
     ended_at = cfg.runtime.get("ended_at")
     states = _states(model, optimizer)
-    dcp.load(states, checkpoint_id=str(path))
+    boxes = _as_boxes(states)
+    dcp.load(boxes, checkpoint_id=str(path))
+    states = _from_boxes(states, boxes)
     set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"],
                    options=_options(loading=True))
     meta = json.loads((path / META).read_text())
