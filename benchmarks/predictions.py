@@ -69,6 +69,7 @@ CONFIGS: dict[str, list[str]] = {
     "gpt tp": [*GPT, "parallelism=tp"],
     "gpt tp selective": [*GPT, "parallelism=tp", "trainer.activation_checkpointing=selective"],
     "gpt fsdp_tp (4 ranks)": [*GPT, "parallelism=fsdp_tp"],
+    "gpt fsdp_tp bf16 (4 ranks)": [*GPT, "parallelism=fsdp_tp", "precision=bf16"],
     "gpt hsdp (4 ranks)": [*GPT, "parallelism=hsdp"],
     "gpt pp gpipe": [*GPT, "parallelism=pp", "parallelism.schedule=gpipe"],
     "gpt pp 1f1b": [*GPT, "parallelism=pp", "parallelism.schedule=1f1b"],

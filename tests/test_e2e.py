@@ -311,6 +311,20 @@ def test_a_1f1b_first_stage_holds_a_kept_send_the_batchs_ids_and_each_chunks_pos
 
 
 @pytest.mark.e2e
+def test_fsdp_x_tensor_parallel_under_autocast_holds_a_ranks_heads_and_splits_an_uneven_vocabulary(cli):
+    """FSDP's mixed precision runs the residual stream in bf16, which the prediction traces: on 2 x 2 ranks it traces
+    a tensor-parallel rank's blocks (its heads and MLP units; whole blocks were 24 % over here). The vocabulary (257
+    tokens) and the positions (31) split unevenly, the first rank a row more: its state is predicted to 2 %."""
+    proc = cli(*TINY, "model.vocab_size=257", "model.block_size=31", "parallelism=fsdp_tp", "precision=bf16",
+               "trainer.max_steps=3", "serve.enabled=false", "tracking.log_model=false", "tracking.run_name=fsdp-tp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = cli.run_by_name("fsdp-tp").data.metrics
+    assert_activations_predicted(m, rel=0.02)
+    for part in ("params", "grads", "optimizer"):
+        assert m[f"mem/predicted_{part}_bytes_per_rank"] == pytest.approx(m[f"mem/{part}_bytes_per_rank"], rel=0.02)
+
+
+@pytest.mark.e2e
 def test_a_pipeline_under_autocast_holds_every_blocks_cast_weights_with_checkpointing_too(cli):
     """A pipeline's schedule runs each micro-batch's backward inside the autocast that ran the forwards: autocast's
     cache keeps every block's bf16 copy of its weights through the step, a checkpointed block's too (found there when

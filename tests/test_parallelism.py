@@ -56,7 +56,6 @@ def test_a_parallel_refusal_stops_run_py_before_any_worker(cli):
 # the same checks composed in-process (the default model and batch): cheap enough to cover every key
 VALIDATE_CASES = [
     (["parallelism=tp", "parallelism.tp_degree=4"], "parallelism.tp_degree=4"),
-    (["parallelism=tp", "model.vocab_size=257"], "parallelism.tp_degree=2"),
     (["parallelism=tp", "model=mlp"], "parallelism=tp"),
     (["parallelism=fsdp_tp", "parallelism.tp_degree=3", "trainer.nproc_per_node=6"], "parallelism.tp_degree=3"),
     (["parallelism=pp", "parallelism.pp_degree=4"], "parallelism.pp_degree=4"),
@@ -323,6 +322,69 @@ def _assert_state_predicted(m: dict[str, float]) -> None:
     measured = sum(m[f"mem/{p}_bytes_per_rank"] for p in parts)
     predicted = sum(m[f"mem/predicted_{p}_bytes_per_rank"] for p in parts)
     assert abs(predicted / measured - 1) <= 0.02, (predicted, measured)
+
+
+def _uneven_rows_on_rank(rank: int, world: int, folder: str) -> None:
+    """One rank of the uneven-rows test: costlab's GPT and a Hugging Face GPT-2, each with 257 tokens and 31
+    positions, whole and split by tensor parallel; the largest differences of the logits and of every weight's
+    gradient, and the vocabulary rows each rank holds, saved."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from costlab.models.gpt import build_model
+    from costlab.parallelism.tp import apply_tp
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        out = {}
+        models = {"gpt": [*TINY, "model.vocab_size=257", "model.block_size=31"],
+                  "hf gpt2": ["model=hf", f"model.config={folder}/gpt2.json", "model.block_size=31"]}
+        for name, overrides in models.items():
+            torch.manual_seed(0)
+            whole = build_model(compose_config(overrides).model).eval()
+            split = copy.deepcopy(whole)
+            apply_tp(split, mesh)
+            x = torch.randint(0, 257, (2, 31), generator=torch.Generator().manual_seed(1))
+            logits = [model(x) for model in (whole, split)]
+            for value in logits:
+                value.logsumexp(-1).mean().backward()
+            grads = {n: p.grad for n, p in whole.named_parameters()}
+            out[name] = {"logits": (logits[1] - logits[0]).abs().max().item(),
+                         "grads": max((p.grad.full_tensor() - grads[n]).abs().max().item()
+                                      for n, p in split.named_parameters()),
+                         "rows": split.wte.weight.to_local().shape[0]}
+        torch.save(out, f"{folder}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_splits_a_vocabulary_and_positions_the_degree_does_not_divide(tmp_path):
+    """GPT-2's 50,257 tokens divide by no degree: DTensor splits the embedding's and the head's rows unevenly (the
+    first rank a row more), and the positions' likewise; split over two gloo ranks, costlab's GPT and a Hugging Face
+    GPT-2 of 257 tokens and 31 positions compute their whole model's logits and gradients. ``gpt2_small`` (50,257
+    tokens) is taken at every degree its 12 heads allow."""
+    import json
+
+    import torch
+
+    from tests.conftest import spawn_ranks
+
+    (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 257, "n_embd": 32, "n_layer": 2,
+                                                    "n_head": 4, "n_positions": 64, "bos_token_id": None,
+                                                    "eos_token_id": None}))
+    spawn_ranks(_uneven_rows_on_rank, 2, tmp_path, 300, "splitting uneven rows")
+    for rank in range(2):
+        for name, got in torch.load(tmp_path / f"rank{rank}.pt").items():
+            assert got["logits"] < 1e-5 and got["grads"] < 1e-5, (name, got)
+            assert got["rows"] == (129 if rank == 0 else 128), (name, got)
+    for tp in (2, 4):
+        validate(compose_config(["model=gpt2_small", "mode=plan", "hardware=a100_80gb", "parallelism=tp",
+                                 f"trainer.nproc_per_node={tp}"]))
 
 
 PARITY_OPTIONS = {

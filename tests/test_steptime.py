@@ -119,7 +119,7 @@ def test_a_probed_wrapping_is_paid_per_layer_micro_batch_and_step(option):
         from costlab.measure.timemodel import tp_collectives
 
         latencies = 2 * sum(calls * RATES.link[kind][0]
-                            for kind, calls, _ in tp_collectives(cfg, cfg.model, 1, cfg.model.n_layer, False))
+                            for kind, calls, _ in tp_collectives(cfg, cfg.model, 1, cfg.model.n_layer, False, 2))
         assert probed.parts["communication"] == pytest.approx(unprobed.parts["communication"] - latencies)
     else:  # gathers and reduce-scatters, or DDP's bucketed all-reduces, of the real weights were timed whole
         assert unprobed.parts["communication"] > 0 and probed.parts["communication"] == 0
@@ -532,8 +532,9 @@ def test_a_fine_tuning_runs_work_and_weights_are_its_adapters(finetune):
     [*HF_TINY, "model.config=qwen3_tiny"],  # Qwen3: its per-head q/k norms' weight gradients
     [*HF_TINY, "model.config=qwen3_tiny", "parallelism=fsdp_tp", "trainer.nproc_per_node=4"],  # FSDP reduces them
     [*HF_TINY, "model.config=gpt2_tiny", "precision=bf16"],  # GPT-2: its packed c_attn's whole bias's gradient
+    [*TINY, "model.vocab_size=257", "model.block_size=31"],  # rows split unevenly: the logits gathered padded
 ], ids=["gpt", "gpt-bf16", "gpt-swiglu", "hf-llama-bf16", "gpt-fsdp-tp-bf16", "hf-neox", "hf-qwen3",
-        "hf-qwen3-fsdp-tp", "hf-gpt2-bf16"])
+        "hf-qwen3-fsdp-tp", "hf-gpt2-bf16", "gpt-uneven-rows"])
 def test_tensor_parallels_collectives_are_those_its_layout_issues(overrides):
     """The time model's tensor-parallel collectives, per kind (calls and bytes), are those costlab's layout issues
     in one micro-batch's forward and backward: counted as rank 0 of two runs it under PyTorch's fake process group
@@ -578,7 +579,7 @@ def test_tensor_parallels_collectives_are_those_its_layout_issues(overrides):
             loss_fn(logits, x).backward()
     shapes = hf_shapes(cfg) if is_hf(cfg) else cfg.model
     predicted_calls, predicted_data = Counter(), Counter()
-    for kind, n, size in tp_collectives(cfg, shapes, rows, int(shapes.n_layer), dims.fsdp_enabled):
+    for kind, n, size in tp_collectives(cfg, shapes, rows, int(shapes.n_layer), dims.fsdp_enabled, dims.tp):
         predicted_calls[kind] += n
         predicted_data[kind] += n * size
     assert dims.tp == 2 and calls["all_reduce"] >= 4 * int(shapes.n_layer) and calls["all_gather"] >= 1

@@ -375,7 +375,7 @@ def _check_parallelism(cfg: DictConfig, world: int, linears: Mapping[str, tuple[
 
 def _check_hf_tp_degree(cfg: DictConfig, tp: int) -> None:
     """model=hf: the families of costlab.models.hf_config.TP_LAYER_PLANS, split into whole query heads, whole
-    key/value heads, MLP units and vocabulary rows."""
+    key/value heads and MLP units (the vocabulary's rows split unevenly where they must)."""
     hf = read_config(cfg.model)
     family = hf.get("model_type")
     if family not in TP_LAYER_PLANS:
@@ -388,23 +388,20 @@ def _check_hf_tp_degree(cfg: DictConfig, tp: int) -> None:
         sizes = [(heads, "num_attention_heads"), (hf.get("num_key_value_heads") or heads, "num_key_value_heads")]
         if hf.get("intermediate_size"):
             sizes.append((hf["intermediate_size"], "intermediate_size"))
-    sizes.append((hf["vocab_size"], "vocab_size"))
     for size, what in sizes:
         if size % tp:
             raise ConfigError("parallelism.tp_degree", tp, f"must divide the model's {what}={size}")
 
 
 def _check_tp_degree(cfg: DictConfig, tp: int, linears: Mapping[str, tuple[int, int]]) -> None:
-    """Tensor parallel splits whole heads, MLP units, vocabulary rows and position rows over ranks."""
+    """Tensor parallel splits whole heads and MLP units over ranks. The vocabulary's and the positions' rows need
+    not divide: DTensor splits them unevenly (GPT-2's 50,257 tokens, the first ranks a row more)."""
     m = cfg.model
     width = _mlp_width(linears)
     splits = [
         (m.n_head, f"model.n_head={m.n_head} (each rank takes whole heads)"),
         (width, f"the MLP width {width} (model.mlp_ratio x model.n_embd, to a multiple of model.mlp_multiple_of)"),
-        (m.vocab_size, f"model.vocab_size={m.vocab_size} (the embedding is split by rows)"),
     ]
-    if m.get("pos", "learned") == "learned":
-        splits.append((m.block_size, f"model.block_size={m.block_size} (position embedding rows)"))
     for size, what in splits:
         if size % tp:
             raise ConfigError("parallelism.tp_degree", tp, f"must divide {what}")

@@ -573,8 +573,7 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
     a = _autocast_bytes(cfg)
     copies = a < FP32 and not dims.fsdp_enabled  # FSDP's mixed precision gathers weights in the autocast dtype
     tokens = _micro_tokens(cfg, dims)
-    if is_hf(cfg) or uses_adapters(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and not dims.tp_enabled
-                                            and "n_layer" in m):
+    if is_hf(cfg) or uses_adapters(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and "n_layer" in m):
         return _traced_parts(cfg, dims, tokens, head)
     loss = FP32 * m.vocab_size + 2 * INDEX  # the loss's fp32 log-softmax, and the ids and targets
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
@@ -600,7 +599,7 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
     if copies:
         hidden = _gpt_config(cfg).hidden_dim
         block_w = (4 * m.n_embd + (3 if m.get("mlp") == "swiglu" else 2) * hidden) * m.n_embd / dims.tp
-        held += a * m.vocab_size * m.n_embd / dims.tp  # lm_head
+        held += a * -(-m.vocab_size // dims.tp) * m.n_embd  # lm_head: the first rank's rows, the most
         if mode == "none" or _casts_cached(dims):
             held += a * layers * block_w
         else:  # cast again when the block is rebuilt; not kept
@@ -714,7 +713,7 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled)
     a = _autocast_bytes(cfg)
     if dims.tp > 1 and a < FP32 and not dims.fsdp_enabled:  # the head's cast copy is of this rank's shard only
-        terms["outside_const"] -= a * m.vocab_size * m.n_embd * (1 - 1 / dims.tp)
+        terms["outside_const"] -= a * (m.vocab_size - -(-m.vocab_size // dims.tp)) * m.n_embd
     checkpointed = cfg.trainer.get("activation_checkpointing", "none") != "none"
     rebuilt_tok = max(0.0, terms["none"] - terms["block"]) if checkpointed else 0.0
     rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0

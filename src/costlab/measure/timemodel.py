@@ -362,15 +362,21 @@ def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = Tr
     return (calls * fixed if latency else 0.0) + share * data / bandwidth
 
 
-def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float,
-                   fsdp: bool) -> list[tuple[str, float, float]]:
+def _split_rows(rows: int, tp: int) -> int:
+    """The rows the first of ``tp`` ranks holds of ``rows`` split by DTensor (the remainder on the first ranks)."""
+    return -(-rows // tp)
+
+
+def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float, fsdp: bool,
+                   tp: int) -> list[tuple[str, float, float]]:
     """Tensor parallel's collectives in one micro-batch's forward and backward of ``rows`` sequences on a rank that
     holds ``layers`` layers of a model of ``shapes`` (its width and vocabulary), each as (kind, calls, bytes a call),
     from the layout's own split (:func:`costlab.parallelism.tp.layer_all_reduces`): a block's row-wise outputs
     all-reduced in forward, in the autocast dtype of the matmuls that made them; its column-wise inputs' gradients
     in backward, in the residual stream's dtype; the embeddings' partial rows (the token embedding's, and a learned
     position embedding's, one row a position) and the head's input gradient all-reduced; the head's logits
-    all-gathered over the vocabulary (a pipeline: the whole model's, as its compute outside the layers); a per-head
+    all-gathered over the vocabulary (a pipeline: the whole model's, as its compute outside the layers; a vocabulary
+    the degree does not divide is gathered padded to the first rank's rows on every rank); a per-head
     module's weight gradient (Qwen3's q/k norms: one head's width, fp32) all-reduced; a packed projection's whole
     bias's gradient (GPT-2's c_attn: three widths, in the parameters' dtype; :class:`costlab.parallelism.tp.
     _Conv1DColwise`) all-gathered."""
@@ -390,7 +396,7 @@ def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float,
     return [("all_reduce", forward * layers, rows * block * width * computed),
             ("all_reduce", backward * layers + 2, rows * block * width * residual),  # + the head's, the tokens'
             ("all_reduce", positions, block * width * residual),
-            ("all_gather", 1, rows * block * int(shapes.vocab_size) * computed),
+            ("all_gather", 1, rows * block * _split_rows(int(shapes.vocab_size), tp) * tp * computed),
             ("all_reduce", per_head * layers, head * 4),
             ("all_gather", list(plan.values()).count("qkv_colwise") * layers, QKV_PARTS * width * residual)]
 
@@ -512,7 +518,7 @@ def predict_step(cfg: DictConfig, world: int, rates: Rates, build_optimizer: Any
         comm += data_parallel
     if tp > 1:  # its activations' all-reduces and its logits' all-gather (a probe holds or counted their calls)
         comm += n_mb * sum(calls * _collective(rates, tp, data, kind, latency=not (probed or counted), span=tp)
-                           for kind, calls, data in tp_collectives(cfg, shapes, rows, layers, dims.fsdp_enabled))
+                           for kind, calls, data in tp_collectives(cfg, shapes, rows, layers, dims.fsdp_enabled, tp))
     if cfg.trainer.get("activation_checkpointing", "none") == "selective" and not rates.model:
         # selective checkpointing's policy sees every op of a block's forward and of its recompute in Python
         plain, _ = layer_work(cfg, traced, dims.fsdp_enabled, "none")

@@ -267,6 +267,10 @@ def _plain_fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str) 
             model = build_model(node)
         finally:
             torch.set_default_dtype(default)
+        if tp > 1:  # its blocks as a tensor-parallel rank holds them (the attention reshapes with -1 heads)
+            from costlab.parallelism.tp import gpt_layer_plan
+
+            _rank_projections(model.blocks.values(), gpt_layer_plan(node.get("mlp") == "swiglu"), tp)
         return model, model
     from transformers import AutoModelForCausalLM
 
@@ -308,12 +312,18 @@ def _tp_rank_layers(model: Any, tp: int) -> None:
     split, :func:`costlab.parallelism.tp.hf_layer_plan`): a column-wise one with 1/tp of its outputs (whole heads;
     of each part, GPT-2's packed c_attn, whose attention then cuts parts 1/tp as wide), a row-wise one with 1/tp of
     its inputs. The attention reshapes with ``-1`` heads, as it does on a rank."""
+    from costlab.parallelism.tp import hf_layer_plan
+
+    _rank_projections(_layers(model), hf_layer_plan(model.config.model_type), tp)
+
+
+def _rank_projections(layers: Any, plan: dict[str, str], tp: int) -> None:
+    """Each of ``layers``' projections split by ``plan`` as one of ``tp`` ranks holds it (:func:`_tp_rank_layers`)."""
     from torch import nn
 
-    from costlab.parallelism.tp import hf_layer_plan, rank_packed_attention
+    from costlab.parallelism.tp import rank_packed_attention
 
-    plan = hf_layer_plan(model.config.model_type)
-    for layer in _layers(model):
+    for layer in layers:
         for name, style in plan.items():
             if style not in ("colwise", "qkv_colwise", "rowwise"):  # replicated, or fed this rank's heads (per_head)
                 continue
