@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import DictConfig
@@ -137,6 +138,24 @@ def spawn_ranks(fn, world: int, folder: Path, seconds: float, what: str) -> None
             for process in ranks.processes:
                 process.terminate()
             pytest.fail(f"the ranks {what} hung")
+
+
+def split_against_whole(whole: Any, mesh: Any, x: Any) -> tuple[Any, float, dict[str, float]]:
+    """``whole`` copied and split by tensor parallel over ``mesh`` (as a run splits it); ``x`` through both and a
+    backward of each: the split copy, the largest difference of the logits, and of each weight's gradient by name."""
+    from torch.distributed.tensor import DTensor
+
+    from costlab.parallelism.tp import apply_tp
+
+    split = copy.deepcopy(whole)
+    apply_tp(split, mesh)
+    logits = [model(x) for model in (whole, split)]
+    for value in logits:
+        value.logsumexp(-1).mean().backward()
+    grads = {n: p.grad for n, p in whole.named_parameters()}
+    diffs = {n: ((p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) - grads[n]).abs().max().item()
+             for n, p in split.named_parameters()}
+    return split, (logits[1] - logits[0]).abs().max().item(), diffs
 
 
 def has_cuda() -> bool:

@@ -19,7 +19,14 @@ from costlab.models.hf_config import PIPELINE_FAMILIES, TP_LAYER_PLANS, shipped_
 from costlab.models.saved import load_model  # noqa: E402
 from costlab.schema import ConfigError  # noqa: E402
 
-from .conftest import TINY, Cli, assert_activations_predicted, compose_config, spawn_ranks  # noqa: E402
+from .conftest import (  # noqa: E402
+    TINY,
+    Cli,
+    assert_activations_predicted,
+    compose_config,
+    spawn_ranks,
+    split_against_whole,
+)
 
 SMALL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
@@ -188,8 +195,6 @@ def _tp_families_on_rank(rank: int, world: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
-    from costlab.parallelism.tp import apply_tp
-
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
@@ -202,17 +207,9 @@ def _tp_families_on_rank(rank: int, world: int, folder: str) -> None:
                 for name, p in whole.named_parameters():
                     if name.endswith("bias"):
                         p.normal_()
-            split = copy.deepcopy(whole)
-            apply_tp(split, mesh)
             x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-            logits = [model(x) for model in (whole, split)]
-            for value in logits:
-                value.logsumexp(-1).mean().backward()
-            grads = {n: p.grad for n, p in whole.named_parameters()}
-            local = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-                     for n, p in split.named_parameters()}
-            out[family] = {"logits": (logits[1] - logits[0]).abs().max().item(),
-                           "grads": {n: (local[n] - grads[n]).abs().max().item() for n in grads},
+            split, logits, grads = split_against_whole(whole, mesh, x)
+            out[family] = {"logits": logits, "grads": grads,
                            "split": sorted(n for n, p in split.named_parameters()
                                            if isinstance(p, DTensor) and p.to_local().shape != p.shape),
                            "dtensors": all(isinstance(p, DTensor) for p in split.parameters()),

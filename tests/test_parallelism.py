@@ -328,14 +328,12 @@ def _uneven_rows_on_rank(rank: int, world: int, folder: str) -> None:
     """One rank of the uneven-rows test: costlab's GPT and a Hugging Face GPT-2, each with 257 tokens and 31
     positions, whole and split by tensor parallel; the largest differences of the logits and of every weight's
     gradient, and the vocabulary rows each rank holds, saved."""
-    import copy
-
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from costlab.models.gpt import build_model
-    from costlab.parallelism.tp import apply_tp
+    from tests.conftest import split_against_whole
 
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
     try:
@@ -346,17 +344,9 @@ def _uneven_rows_on_rank(rank: int, world: int, folder: str) -> None:
         for name, overrides in models.items():
             torch.manual_seed(0)
             whole = build_model(compose_config(overrides).model).eval()
-            split = copy.deepcopy(whole)
-            apply_tp(split, mesh)
             x = torch.randint(0, 257, (2, 31), generator=torch.Generator().manual_seed(1))
-            logits = [model(x) for model in (whole, split)]
-            for value in logits:
-                value.logsumexp(-1).mean().backward()
-            grads = {n: p.grad for n, p in whole.named_parameters()}
-            out[name] = {"logits": (logits[1] - logits[0]).abs().max().item(),
-                         "grads": max((p.grad.full_tensor() - grads[n]).abs().max().item()
-                                      for n, p in split.named_parameters()),
-                         "rows": split.wte.weight.to_local().shape[0]}
+            split, logits, grads = split_against_whole(whole, mesh, x)
+            out[name] = {"logits": logits, "grads": max(grads.values()), "rows": split.wte.weight.to_local().shape[0]}
         torch.save(out, f"{folder}/rank{rank}.pt")
         dist.barrier()
     finally:
