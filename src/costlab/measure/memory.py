@@ -366,6 +366,11 @@ def loss_backward_bytes(cfg: DictConfig, world: int, grads: float, held: float,
                0.0 if dims.fsdp_enabled else _head_backward(cfg, head or {}, tokens, not freed))
 
 
+def first_rank_rows(rows: int, tp: int) -> int:
+    """The rows the first of ``tp`` ranks holds of ``rows`` split by DTensor (the remainder on the first ranks)."""
+    return -(-rows // tp)
+
+
 def _micro_tokens(cfg: DictConfig, dims: Any) -> float:
     """The tokens of one of a rank's micro-batches (a pipeline's are its ``microbatches``-th of these)."""
     t = cfg.trainer
@@ -599,7 +604,7 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
     if copies:
         hidden = _gpt_config(cfg).hidden_dim
         block_w = (4 * m.n_embd + (3 if m.get("mlp") == "swiglu" else 2) * hidden) * m.n_embd / dims.tp
-        held += a * -(-m.vocab_size // dims.tp) * m.n_embd  # lm_head: the first rank's rows, the most
+        held += a * first_rank_rows(m.vocab_size, dims.tp) * m.n_embd  # lm_head: the first rank's rows, the most
         if mode == "none" or _casts_cached(dims):
             held += a * layers * block_w
         else:  # cast again when the block is rebuilt; not kept
@@ -713,7 +718,7 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled)
     a = _autocast_bytes(cfg)
     if dims.tp > 1 and a < FP32 and not dims.fsdp_enabled:  # the head's cast copy is of this rank's shard only
-        terms["outside_const"] -= a * (m.vocab_size - -(-m.vocab_size // dims.tp)) * m.n_embd
+        terms["outside_const"] -= a * (m.vocab_size - first_rank_rows(m.vocab_size, dims.tp)) * m.n_embd
     checkpointed = cfg.trainer.get("activation_checkpointing", "none") != "none"
     rebuilt_tok = max(0.0, terms["none"] - terms["block"]) if checkpointed else 0.0
     rebuilt_const = max(0.0, terms["none_const"] - terms["block_const"]) if checkpointed else 0.0

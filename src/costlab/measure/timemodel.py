@@ -362,11 +362,6 @@ def _collective(rates: Rates, n: int, data: float, kind: str, latency: bool = Tr
     return (calls * fixed if latency else 0.0) + share * data / bandwidth
 
 
-def _split_rows(rows: int, tp: int) -> int:
-    """The rows the first of ``tp`` ranks holds of ``rows`` split by DTensor (the remainder on the first ranks)."""
-    return -(-rows // tp)
-
-
 def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float, fsdp: bool,
                    tp: int) -> list[tuple[str, float, float]]:
     """Tensor parallel's collectives in one micro-batch's forward and backward of ``rows`` sequences on a rank that
@@ -380,7 +375,7 @@ def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float, fsdp:
     module's weight gradient (Qwen3's q/k norms: one head's width, fp32) all-reduced; a packed projection's whole
     bias's gradient (GPT-2's c_attn: three widths, in the parameters' dtype; :class:`costlab.parallelism.tp.
     _Conv1DColwise`) all-gathered."""
-    from costlab.measure.memory import _autocast_bytes, _residual_bytes
+    from costlab.measure.memory import _autocast_bytes, _residual_bytes, first_rank_rows
     from costlab.models.hf_config import is_hf, read_config
     from costlab.parallelism.tp import QKV_PARTS, gpt_layer_plan, hf_layer_plan, layer_all_reduces
 
@@ -396,7 +391,7 @@ def tp_collectives(cfg: DictConfig, shapes: Any, rows: int, layers: float, fsdp:
     return [("all_reduce", forward * layers, rows * block * width * computed),
             ("all_reduce", backward * layers + 2, rows * block * width * residual),  # + the head's, the tokens'
             ("all_reduce", positions, block * width * residual),
-            ("all_gather", 1, rows * block * _split_rows(int(shapes.vocab_size), tp) * tp * computed),
+            ("all_gather", 1, rows * block * first_rank_rows(int(shapes.vocab_size), tp) * tp * computed),
             ("all_reduce", per_head * layers, head * 4),
             ("all_gather", list(plan.values()).count("qkv_colwise") * layers, QKV_PARTS * width * residual)]
 

@@ -330,19 +330,17 @@ def _rank_projections(layers: Any, plan: dict[str, str], tp: int) -> None:
             parent, _, attr = name.rpartition(".")
             owner = layer.get_submodule(parent)
             whole = getattr(owner, attr)
-            if type(whole).__name__ == "Conv1D":  # GPT-2's: a weight of inputs x outputs
-                inputs, outputs = whole.weight.shape
-            else:
-                inputs, outputs = whole.in_features, whole.out_features
+            conv1d = type(whole).__name__ == "Conv1D"  # GPT-2's: a weight of inputs x outputs
+            inputs, outputs = tuple(whole.weight.shape) if conv1d else (whole.in_features, whole.out_features)
             shape = (inputs // tp, outputs) if style == "rowwise" else (inputs, outputs // tp)
-            if type(whole).__name__ == "Conv1D":
+            dtype = whole.weight.dtype
+            if conv1d:
                 part = type(whole)(shape[1], shape[0])
-                dtype = whole.weight.dtype  # a weight of inputs x outputs, as GPT-2's model holds it
                 part.weight = nn.Parameter(part.weight.new_empty(shape, dtype=dtype))
                 part.bias = nn.Parameter(part.bias.new_empty(shape[1:], dtype=dtype))
                 setattr(owner, attr, part)
             else:
-                setattr(owner, attr, nn.Linear(*shape, bias=whole.bias is not None, dtype=whole.weight.dtype))
+                setattr(owner, attr, nn.Linear(*shape, bias=whole.bias is not None, dtype=dtype))
             if style == "qkv_colwise":
                 rank_packed_attention(owner, tp)
 
