@@ -311,6 +311,37 @@ def test_a_1f1b_first_stage_holds_a_kept_send_the_batchs_ids_and_each_chunks_pos
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("schedule", [pytest.param("gpipe", marks=pytest.mark.slow), "interleaved_1f1b"])
+def test_a_later_stages_receive_buffers_and_interleaved_sends_are_counted_as_held(cli, schedule):
+    """GPipe's peak is its last stage, where each chunk's first block saves its input, the receive buffer the
+    stage holds (counted once: twice, the prediction was 1.8 % over), and the targets' split holds the batch's
+    window. Interleaved 1F1B's runtime keeps every send's work until the step ends, so every output a forward
+    sent stays beside its rank's chunks in flight (left out, the prediction was 1.1 % short). Both to 0.2 %."""
+    name = f"pp-{schedule}"
+    proc = cli(*TINY, "model.n_layer=4", "parallelism=pp", f"parallelism.schedule={schedule}", "trainer.max_steps=2",
+               "serve.enabled=false", "tracking.log_model=false", f"tracking.run_name={name}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_activations_predicted(cli.run_by_name(name).data.metrics, rel=0.002)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_hugging_face_pipeline_under_autocast_holds_its_cast_biases_and_each_stage_as_traced(cli):
+    """A GPT-NeoX pipeline in bf16 under GPipe: each stage traced as it runs (the first from the embedding, a
+    later one from a hidden state, its rotary tables computed again), and autocast's cache, which the schedule's
+    step keeps open through backward, holds the layers' cast biases too, which nothing saves. To 0.05 % (3.2 % over
+    while a later stage's rotary tables and first layer were estimated, not traced; 0.12 % short without the
+    biases)."""
+    pytest.importorskip("transformers")
+    small = [o for o in TINY if not o.startswith("model.")]
+    proc = cli(*small, "model=hf", "model.config=neox_tiny", "model.block_size=32", "parallelism=pp",
+               "parallelism.schedule=gpipe", "precision=bf16", "trainer.max_steps=2", "serve.enabled=false",
+               "tracking.log_model=false", "tracking.run_name=pp-neox")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_activations_predicted(cli.run_by_name("pp-neox").data.metrics, rel=0.0005)
+
+
+@pytest.mark.e2e
 def test_fsdp_x_tensor_parallel_under_autocast_holds_a_ranks_heads_and_splits_an_uneven_vocabulary(cli):
     """FSDP's mixed precision runs the residual stream in bf16, which the prediction traces: on 2 x 2 ranks it traces
     a tensor-parallel rank's blocks (its heads and MLP units; whole blocks were 24 % over here). The vocabulary (257

@@ -193,14 +193,15 @@ def test_a_rank_runs_its_pipeline_stages_without_its_peers_under_the_fake_group(
         assert not dist.is_initialized()
 
 
-def test_the_memory_model_holds_as_many_chunks_as_pytorchs_interleaved_schedule_runs_before_a_backward():
-    """What :func:`costlab.measure.memory.in_flight` counts for interleaved 1F1B: the forward chunks each rank runs
-    before its first backward, read from the order PyTorch's own ScheduleInterleaved1F1B builds for every rank
-    (laid out alone under the fake process group), for micro-batches that are a multiple of the ranks and not."""
+def test_the_memory_model_orders_a_ranks_chunks_as_pytorchs_interleaved_schedule_does():
+    """What :func:`costlab.measure.memory.interleaved_order` lays out for interleaved 1F1B (each forward and
+    backward of a rank, by stage), and the forward chunks :func:`~costlab.measure.memory.in_flight` counts before
+    the first backward, against the order PyTorch's own ScheduleInterleaved1F1B builds for every rank (laid out
+    alone under the fake process group), for micro-batches that are a multiple of the ranks and not."""
     import torch
     from omegaconf import OmegaConf
 
-    from costlab.measure.memory import in_flight
+    from costlab.measure.memory import in_flight, interleaved_order
     from costlab.models.gpt import build_model
     from costlab.parallelism.apply import build_mesh, fake_group
     from costlab.parallelism.core import DistEnv
@@ -219,9 +220,11 @@ def test_the_memory_model_holds_as_many_chunks_as_pytorchs_interleaved_schedule_
                 stage = lone_stages(model, cfg, pp * v, torch.zeros(1, 8, dtype=torch.long))
                 order = PipelineParallel(model, cfg, DistEnv(rank, rank, pp, pp, torch.device("cpu")), dims,
                                          build_mesh(dims, "cpu"), stage).schedule.pipeline_order[rank]
-            kinds = [a.computation_type.name for a in order if a is not None]
-            first_backward = next(i for i, k in enumerate(kinds) if "BACKWARD" in k)
-            forwards = kinds[:first_backward].count("FORWARD")
+            assert {a.computation_type.name for a in order if a is not None} == {"FORWARD", "FULL_BACKWARD"}
+            actions = [("F" if a.computation_type.name == "FORWARD" else "B", a.stage_index) for a in order
+                       if a is not None]
+            assert interleaved_order(micro, pp, rank, v) == actions, (pp, micro, v, rank)
+            forwards = [kind for kind, _ in actions].index("B")
             assert in_flight("interleaved_1f1b", micro, pp, rank, v) == forwards, (pp, micro, v, rank)
 
 

@@ -377,6 +377,15 @@ def _micro_tokens(cfg: DictConfig, dims: Any) -> float:
     return t.batch_size / dims.dp / t.grad_accum_steps * cfg.model.block_size
 
 
+def _window(cfg: DictConfig) -> float:
+    """Bytes per token of one of a rank's micro-batches (:func:`_micro_tokens`; a pipeline's: times its
+    ``microbatches``) of the window of token ids the trainer cuts them from: one storage of ``block_size + 1``
+    ids a row for the rank's whole batch, which the ids and the targets of every micro-batch are views of, held
+    for the step."""
+    t = cfg.trainer
+    return INDEX * t.grad_accum_steps * (cfg.model.block_size + 1) / cfg.model.block_size
+
+
 def _grads_freed(cfg: DictConfig, dims: Any) -> bool:
     """Whether a rank's gradients are not allocated when its backward starts: the trainer sets them to None after
     each step, but a step that accumulates micro-batches holds them from its first, and DDP's are views into its
@@ -596,8 +605,10 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         outside += _kept_logits(cfg, m.vocab_size)
         positions = INDEX * m.block_size / tokens if m.get("pos", "learned") == "learned" else 0.0  # looked up
+        # a later stage's first block saves its input, the receive buffer its stage holds: counted there
+        later = -_residual_bytes(cfg, dims.fsdp_enabled) * m.n_embd
         per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled, tokens=tokens,
-                                    first=positions) + last * (r == dims.pp - 1) for r in range(dims.pp))
+                                    first=positions, later=later) + last * (r == dims.pp - 1) for r in range(dims.pp))
     else:
         per_token = layers * block + outside
     held, rebuilt = tokens * per_token, tokens * rebuilt
@@ -630,71 +641,102 @@ def _kept_logits(cfg: DictConfig, vocab: int) -> float:
 
 def in_flight(schedule: str, microbatches: int, pp: int, pp_rank: int, stages_per_rank: int = 1) -> int:
     """Forward chunks (one micro-batch through one of the rank's stages) whose activations pipeline rank
-    ``pp_rank`` holds at its peak: the schedule's warm-up forwards plus the one before its first backward, as
-    PyTorch's schedules order them (gpipe: every micro-batch; 1F1B: ``pp - pp_rank``; interleaved 1F1B:
-    ``(v - 1) r + 2 (pp - 1 - pp_rank) + 1`` of its ``v`` stages' chunks, ``r`` the micro-batches of one of its
-    ``microbatches // pp`` rounds: ``pp`` where ``microbatches`` is a multiple of it), at most all of them."""
+    ``pp_rank`` holds when its first backward starts, as PyTorch's schedules order them (gpipe: every
+    micro-batch; 1F1B: ``pp - pp_rank``, at most all of them; interleaved 1F1B: its warm-up forwards and the one
+    before its first backward, :func:`interleaved_order`)."""
     if schedule == "gpipe":
         return microbatches
     if schedule == "interleaved_1f1b":
-        v, per_round = stages_per_rank, microbatches // max(1, microbatches // pp)
-        return min(microbatches * v, (v - 1) * per_round + 2 * (pp - 1 - pp_rank) + 1)
+        order = interleaved_order(microbatches, pp, pp_rank, stages_per_rank)
+        return [kind for kind, _ in order].index("B")
     return min(microbatches, pp - pp_rank)
+
+
+def interleaved_order(microbatches: int, pp: int, pp_rank: int, stages_per_rank: int) -> list[tuple[str, int]]:
+    """The computations pipeline rank ``pp_rank`` runs under interleaved 1F1B, in order: ("F" forward or "B"
+    backward, stage index) of one micro-batch each, as PyTorch's ``ScheduleInterleaved1F1B`` lays them out
+    (``_get_1f1b_rank_ops``): ``(v - 1) r + 2 (pp - 1 - pp_rank)`` warm-up forwards, ``r`` the micro-batches of one
+    of its ``microbatches // pp`` rounds (at most every chunk), then a forward and a backward in turn, then the
+    backwards left; forwards go through the rank's stages a round at a time, first to last, backwards last to
+    first."""
+    v, total = stages_per_rank, microbatches * stages_per_rank
+    per_round = microbatches // max(1, microbatches // pp)
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - pp_rank), total)
+
+    def forward(op: int) -> tuple[str, int]:
+        return "F", (op // per_round) % v * pp + pp_rank
+
+    def backward(op: int) -> tuple[str, int]:
+        return "B", (v - 1 - (op - warmup) // per_round % v) * pp + pp_rank
+
+    steady = [action for op in range(warmup, total) for action in (forward(op), backward(op))]
+    return [*map(forward, range(warmup)), *steady, *map(backward, range(total, total + warmup))]
+
+
+def _moments(schedule: str, microbatches: int, pp: int, pp_rank: int, stages_per_rank: int
+             ) -> list[tuple[dict[int, int], int]]:
+    """The moments a backward starts that can be pipeline rank ``pp_rank``'s peak: the chunks in flight by stage,
+    and the tensors of a chunk's output size held beyond theirs. 1F1B's warm-up keeps its last fired send's work,
+    and with it that chunk's output, until the step ends (PyTorch's ``Schedule1F1B`` waits on it but holds it):
+    one output more on every stage with two warm-up chunks or more once that chunk's backward is done.
+    Interleaved 1F1B's runtime keeps every send's work until the step ends, so every output a forward sent stays
+    (:func:`interleaved_order`). And in the first step a stage after the first holds one more input until its
+    second forward: the one PyTorch's schedule made from the previous stage's shapes to learn its own (its
+    metadata inference); counted where a backward comes before that (1F1B's last stage), as a GPU's peak counts
+    the first step too."""
+    if schedule != "interleaved_1f1b":
+        chunks = in_flight(schedule, microbatches, pp, pp_rank)
+        kept = int(schedule == "1f1b" and microbatches >= 2 * chunks - 1 >= 3) + int(chunks == 1 and pp_rank > 0)
+        return [({pp_rank: chunks}, kept)]
+    last = pp * stages_per_rank - 1
+    alive: dict[int, int] = {}
+    sent, out = 0, []
+    for kind, stage in interleaved_order(microbatches, pp, pp_rank, stages_per_rank):
+        if kind == "F":
+            alive[stage] = alive.get(stage, 0) + 1
+            sent += stage != last
+        else:
+            inference = not out and sum(alive.values()) == 1 and stage > 0  # its one forward so far
+            out.append((dict(alive), sent - sum(n for s, n in alive.items() if s != last) + inference))
+            alive[stage] -= 1
+    return out
 
 
 def _stage_held(cfg: DictConfig, m: Any, pp: int, pp_rank: int, block: float, outside: float, fsdp: bool,
                 block_const: float = 0.0, outside_const: float = 0.0, tokens: float = 1.0, first: float = 0.0,
-                tables: float = 0.0) -> float:
-    """Bytes per token of a micro-batch that pipeline rank ``pp_rank`` holds when its peak backward starts: its
-    chunks in flight (each its stage's layers, and the output it sent, kept for backward), the logits of the last
-    stage (every micro-batch under gpipe, else the one about to run backward), and the schedule's receive buffers
+                later: float = 0.0) -> float:
+    """Bytes per token of a micro-batch that pipeline rank ``pp_rank`` holds when its peak backward starts
+    (:func:`_moments`): its chunks in flight (each its stage's layers, and the output it sent, kept for backward;
+    the last stage's, its logits), the outputs the schedule's sends still hold, and the schedule's receive buffers
     (one per micro-batch and stage: activations into every stage but the first, gradients into every stage but
     the last; in the residual stream's dtype, :func:`_residual_bytes`). ``m``: the model's shapes; ``*_const``:
     bytes per forward (a traced model's autocast copies of weights, held once), over ``tokens`` per micro-batch.
 
-    Beside what autograd saves: 1F1B's warm-up keeps its last fired send's work, and with it that chunk's output,
-    until the step ends (PyTorch's ``Schedule1F1B`` waits on it but holds it), one output more on every stage with
-    two warm-up chunks or more once that chunk's backward is done; the first stage's split of the batch holds the
-    whole window of token ids (one storage, ``tokens + 1`` a row) for the step. ``first``: bytes per token the
-    first stage holds for each chunk in flight before its layers (what its embedding side saves: positions, an
-    embedding dropout's mask, rotary tables); ``tables``: bytes per forward each later stage's chunk holds (a Hugging
-    Face decoder's rotary cosines and sines, which every stage computes for its own layers; ``outside`` is then
-    the last stage's alone, without the embedding side)."""
+    Beside what autograd saves: every stage's split of the batch (the ids on the first, the targets on the last,
+    both on the others, which the trainer hands every stage) holds the whole window of token ids (one storage,
+    ``tokens + 1`` a row) for the step. ``first``: bytes per token the first stage holds for each chunk in flight
+    before its layers (what its embedding side saves: positions, an embedding dropout's mask, rotary tables);
+    ``later``: bytes per token each later stage's chunk holds beside its layers and its receive buffer (a Hugging
+    Face decoder's rotary cosines and sines, which every stage computes for its own layers; less the first
+    layer's input where that is the receive buffer itself, which ``block`` and the buffers would both count;
+    ``outside`` is then the last stage's alone, without the embedding side)."""
     p = cfg.parallelism
     micro = int(p.microbatches)
     v = int(p.stages_per_rank) if p.schedule == "interleaved_1f1b" else 1
     n_stages = pp * v
     stages = range(pp_rank, n_stages, pp)
     residual = _residual_bytes(cfg, fsdp) * m.n_embd
-    chunks = in_flight(p.schedule, micro, pp, pp_rank, v)
-    owns_last = n_stages - 1 in stages
-    logits = (micro if p.schedule == "gpipe" else 1) if owns_last else 0
-    sent = chunks - (logits if owns_last and v == 1 else 0)  # a non-final chunk's output is kept for its backward
     buffers = sum((s > 0) + (s < n_stages - 1) for s in stages) * micro * residual
-    layers = m.n_layer / n_stages * len(stages)
-    const = (layers * block_const + (outside_const if owns_last else 0.0)) / tokens
-    if p.schedule == "1f1b" and micro >= 2 * chunks - 1 >= 3:  # the warm-up's kept send (chunks: its warm-up)
-        sent += 1
-    first_chunks = chunks / v if 0 in stages else 0.0  # stage 0's share of the rank's chunks
-    window = micro * INDEX * (m.block_size + 1) / m.block_size if 0 in stages else 0.0
-    made = first_chunks * first + (chunks - first_chunks) * tables / tokens
-    return (chunks * m.n_layer / n_stages * block + logits * outside + sent * residual + buffers + const + window
-            + made)
+    layers = m.n_layer / n_stages
+    const = (layers * len(stages) * block_const + (outside_const if n_stages - 1 in stages else 0.0)) / tokens
+    window = micro * _window(cfg)
 
+    def chunk(s: int) -> float:
+        return layers * block + (later if s else first) + (outside if s == n_stages - 1 else residual)
 
-def _rotary_tables(cfg: DictConfig, fsdp: bool) -> float:
-    """Bytes of the rotary cosines and sines a Hugging Face decoder computes in each forward (``rotary dim`` values
-    a position each, in the residual stream's dtype; none for learned positions)."""
-    from costlab.measure.traced import hf_config
-
-    config = hf_config(cfg)
-    if config.get("model_type") == "gpt2":
-        return 0.0
-    heads = config.get("num_attention_heads") or config.get("n_head")
-    head_dim = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd")) // heads
-    rope = config.get("rope_parameters") or {}  # transformers 5 keeps the rotary share there; earlier, at the top
-    share = rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or config.get("rotary_pct") or 1.0
-    return 2.0 * cfg.model.block_size * int(head_dim * share) * _residual_bytes(cfg, fsdp)
+    held = max(sum(n * chunk(s) for s, n in alive.items()) + kept * residual
+               for alive, kept in _moments(p.schedule, micro, pp, pp_rank, v))
+    return held + buffers + const + window
 
 
 def _last_stage_backward(cfg: DictConfig, dims: Any, head: dict[str, float] | None, tokens: float) -> float:
@@ -712,10 +754,12 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     """:func:`activation_parts` from a model's traced terms (:mod:`costlab.measure.traced`): every Hugging Face
     model, and costlab's GPTs under FSDP with autocast (its mixed precision runs the residual stream in the
     autocast dtype, and autocast then casts each norm's input back to fp32: the trace reads what that saves)."""
-    from costlab.measure.traced import first_stage_terms, traced_terms
+    from costlab.measure.traced import stage_terms, traced_terms
 
     m = _shapes(cfg)
-    terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled)
+    # a pipeline's step runs backward inside autocast, whose cache keeps its copies (the biases' too) till the end
+    cached = _casts_cached(dims) and _autocast_bytes(cfg) < FP32
+    terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled, cached)
     a = _autocast_bytes(cfg)
     if dims.tp > 1 and a < FP32 and not dims.fsdp_enabled:  # the head's cast copy is of this rank's shard only
         terms["outside_const"] -= a * (m.vocab_size - first_rank_rows(m.vocab_size, dims.tp)) * m.n_embd
@@ -729,18 +773,17 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
         tokens /= int(cfg.parallelism.microbatches)
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         outside = terms["outside"] + _kept_logits(cfg, m.vocab_size)
-        # the first stage's embedding side, traced as it runs; the last stage holds the rest of the outside, and the
-        # window its split of the batch's targets made (one storage, as the first stage's of the ids)
-        first_tok, first_const = first_stage_terms(cfg, dims.tp, dims.fsdp_enabled)
+        # the first stage's embedding side and what a later stage's decoder makes, traced as they run; the last
+        # stage holds the rest of the outside
+        first_tok, first_const = stage_terms(cfg, dims.tp, dims.fsdp_enabled, "first", cached)
+        later_tok, later_const = stage_terms(cfg, dims.tp, dims.fsdp_enabled, "later", cached)
         outside -= first_tok
-        last += int(cfg.parallelism.microbatches) * INDEX * (m.block_size + 1) / m.block_size
-        tables = _rotary_tables(cfg, dims.fsdp_enabled) if is_hf(cfg) else 0.0
         per_token = max(_stage_held(cfg, m, dims.pp, r, terms["block"], outside, dims.fsdp_enabled,
                                     terms["block_const"], terms["outside_const"] - first_const, tokens,
-                                    first_tok + first_const / tokens, tables)
+                                    first_tok + first_const / tokens, later_tok + later_const / tokens)
                         + last * (r == dims.pp - 1) for r in range(dims.pp))
         return tokens * per_token, tokens * rebuilt_tok + rebuilt_const
-    held = tokens * (m.n_layer * terms["block"] + terms["outside"])
+    held = tokens * (m.n_layer * terms["block"] + terms["outside"] + _window(cfg))
     return held + m.n_layer * terms["block_const"] + terms["outside_const"], tokens * rebuilt_tok + rebuilt_const
 
 

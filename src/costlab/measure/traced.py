@@ -31,31 +31,36 @@ from omegaconf import DictConfig, OmegaConf
 from costlab.models.hf_config import is_hf
 
 
-def traced_terms(cfg: DictConfig, tp: int, fsdp: bool) -> dict[str, float]:
+def traced_terms(cfg: DictConfig, tp: int, fsdp: bool, cached: bool = False) -> dict[str, float]:
     """Bytes per token and per forward (``_const``) of: ``block`` (a layer under
     ``trainer.activation_checkpointing``), ``none`` (a layer without checkpointing: what a checkpointed layer
-    rebuilds in backward) and ``outside``."""
+    rebuilds in backward) and ``outside``. ``cached``: with what autocast's cache keeps (:func:`_alive`)."""
     key = _trace_key(cfg, tp, fsdp)
     mode = cfg.trainer.get("activation_checkpointing", "none")
     out: dict[str, float] = {}
     for name, layer_mode in (("block", mode), ("none", "none")):
-        (one_tok, one_const), (two_tok, two_const) = (_split(key, n, layer_mode) for n in (1, 2))
+        (one_tok, one_const), (two_tok, two_const) = (_split(key, n, layer_mode, cached=cached) for n in (1, 2))
         out[name], out[f"{name}_const"] = two_tok - one_tok, two_const - one_const
         if name == "block":
             out["outside"], out["outside_const"] = one_tok - out[name], one_const - out[f"{name}_const"]
     return out
 
 
-def first_stage_terms(cfg: DictConfig, tp: int, fsdp: bool) -> tuple[float, float]:
-    """(bytes per token, bytes per forward) a pipeline's first stage holds for each micro-batch in flight beside its
-    layers and its output: what the decoder's modules before its layers save (an embedding dropout's mask and
-    output, positions, rotary tables). Traced as that stage runs: the decoder alone, one layer, no final norm."""
+def stage_terms(cfg: DictConfig, tp: int, fsdp: bool, part: str, cached: bool = False) -> tuple[float, float]:
+    """(bytes per token, bytes per forward) a pipeline stage holds for each micro-batch in flight beside its layers
+    (as ``block`` counts them) and its output. ``part="first"``: what the decoder's modules before its layers save
+    (an embedding dropout's mask and output, positions, rotary tables); traced as that stage runs, the decoder
+    alone, one layer, no final norm. Less than nothing where the first layer saves less than a later one: under
+    LoRA nothing before it trains, so it keeps no input for a gradient. ``part="later"``: a stage after the first,
+    beside its receive buffer too: what its decoder makes for its own layers (rotary tables, which every stage
+    computes again), less its first layer's input where that layer saves the receive buffer itself (a norm in the
+    buffer's dtype, a checkpointed layer's kept input: ``block`` counts a layer's input, the stage's buffers count
+    that one again); traced as that stage runs, the decoder without its embedding side, final norm and head, one
+    layer, fed a hidden state made outside the meter. ``cached``: as :func:`traced_terms`."""
     mode = cfg.trainer.get("activation_checkpointing", "none")
-    terms = traced_terms(cfg, tp, fsdp)
-    first_tok, first_const = _split(_trace_key(cfg, tp, fsdp), 1, mode, "first")
-    # less than nothing where the first layer saves less than a later one: under LoRA nothing before it trains, so
-    # it keeps no input for a gradient
-    return first_tok - terms["block"], first_const - terms["block_const"]
+    terms = traced_terms(cfg, tp, fsdp, cached)
+    tok, const = _split(_trace_key(cfg, tp, fsdp), 1, mode, part, cached)
+    return tok - terms["block"], const - terms["block_const"]
 
 
 def _trace_key(cfg: DictConfig, tp: int, fsdp: bool) -> tuple:
@@ -111,20 +116,23 @@ def _stamp(source: str) -> int:
         return 0
 
 
-def _split(key: tuple, layers: int, mode: str, part: str = "model") -> tuple[float, float]:
+def _split(key: tuple, layers: int, mode: str, part: str = "model", cached: bool = False) -> tuple[float, float]:
     """(bytes per token, bytes per forward) from traces of two and of three sequences (not one: a batch of one
     makes some of a layer's copies free, as a transpose of a size-1 dimension needs none)."""
-    two, three = _alive(*key, layers, mode, 2, part), _alive(*key, layers, mode, 3, part)
+    two, three = _alive(*key, layers, mode, 2, part, cached), _alive(*key, layers, mode, 3, part, cached)
     per_row = three - two
     return per_row / key[4], two - 2 * per_row
 
 
 @functools.lru_cache(maxsize=1024)
 def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn: str, adapters: str, layers: int,
-           mode: str, rows: int, part: str = "model") -> float:
+           mode: str, rows: int, part: str = "model", cached: bool = False) -> float:
     """Bytes alive for backward after the forward and loss of ``rows`` sequences (see the module). ``source``: a
     Hugging Face config file, or a costlab ``model`` node as JSON (``{...}``). ``part="first"``: a pipeline's first
-    stage, its forward alone (no final norm, no head, no loss), less its output."""
+    stage, its forward alone (no final norm, no head, no loss), less its output; ``part="later"``: a stage between
+    the first and the last, from a hidden state made before the meter (the receive buffer, counted apart).
+    ``cached``: read while autocast is still on (a pipeline's step runs its backward inside autocast), so what
+    autocast's cache keeps is counted, the cast copies of the biases among them, which nothing saves."""
     import torch
 
     dtype = getattr(torch, weights)
@@ -132,61 +140,91 @@ def _alive(source: str, tp: int, autocast: str, weights: str, tokens: int, attn:
     # heap (a plan search traces dozens of times; a full collection is most of a trace's time)
     gc.freeze()
     try:
-        return _alive_traced(source, tp, autocast, dtype, tokens, attn, adapters, layers, mode, rows, part)
+        return _alive_traced(source, tp, autocast, dtype, tokens, attn, adapters, layers, mode, rows, part, cached)
     finally:
         gc.unfreeze()
 
 
 def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, attn: str, adapters: str,
-                  layers: int, mode: str, rows: int, part: str = "model") -> float:
+                  layers: int, mode: str, rows: int, part: str = "model", cached: bool = False) -> float:
+    import contextlib
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from costlab.measure.activations import SavedActivations
-    from costlab.models.loss import loss_fn
     from costlab.parallelism.techniques import apply_ac
 
     with FakeTensorMode(), _hf_only(source):
         model, forward = _fake_model(source, tp, layers, dtype, attn, adapters)
+        # the ids and the targets as the trainer hands them over: views of one window of ``tokens + 1`` a row, which
+        # the meter leaves out (the memory model counts it once, :func:`costlab.measure.memory._window`); the
+        # targets' view is not contiguous, so the loss copies it, as in the run
+        window = torch.zeros(rows, tokens + 1, dtype=torch.long)
+        ids, targets = window[:, :-1], window[:, 1:]
         if part == "first":
             forward = _first_stage(model)
+        elif part == "later":  # its input, the receive buffer the stage counts apart, made outside the meter
+            width = (model.wte if hasattr(model, "blocks") else model.get_input_embeddings()).embedding_dim
+            ids = torch.zeros(rows, tokens, width, dtype=dtype, requires_grad=True)
+            forward = _later_stage(model)
         model.train()
         if mode != "none":
             apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
-        ids = torch.zeros(rows, tokens, dtype=torch.long)
         with SavedActivations(model) as meter:
-            if autocast != "None":
-                with torch.autocast("cpu", dtype=getattr(torch, autocast)):
-                    logits = forward(ids)
-            else:
-                logits = forward(ids)
-            if part == "first":  # the stage's output, which the schedule keeps, is counted apart
-                held = meter.alive() - logits.untyped_storage().nbytes()
-                del logits, model
-                return float(held)
-            loss = loss_fn(logits, ids)
-            del logits  # as the trainer frees them before backward: nothing saves them
-            held = meter.alive()
-        del loss, model
+            meter.skip.add(window.untyped_storage()._cdata)
+            on = autocast != "None"
+            with torch.autocast("cpu", dtype=getattr(torch, autocast)) if on else contextlib.nullcontext():
+                box = [forward(ids)]
+                if cached:
+                    held, kept = _held(meter, box, targets, part)
+            if not cached:
+                held, kept = _held(meter, box, targets, part)
+        del kept, model
     return float(held)
+
+
+def _held(meter: Any, box: list, targets: Any, part: str) -> tuple[float, Any]:
+    """What ``meter`` reads once the forward's output (``box``'s one tensor, taken out) has gone where the run
+    sends it: a pipeline stage's output, which the schedule keeps, counted apart; a model's logits into the loss,
+    then freed, as the trainer frees them before backward (nothing saves them). Returns the reading and what must
+    stay alive until the trace ends."""
+    from costlab.models.loss import loss_fn
+
+    out = box.pop()
+    if part != "model":
+        return meter.alive() - out.untyped_storage().nbytes(), out
+    loss = loss_fn(out, targets)
+    del out
+    return meter.alive(), loss
 
 
 def _first_stage(model: Any) -> Any:
     """``model``'s forward as a pipeline's first stage runs it: to the last layer's output, without the modules
     after the layers (a final norm, a head)."""
-    from torch import nn
-
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's adapters, in place
     if hasattr(model, "blocks"):  # costlab's own GPT
         model.ln_f = model.lm_head = None
         return model
+    from costlab.models.hf import cut_decoder_ends
+
+    cut_decoder_ends(model, first=True, last=False)
     base = model.get_decoder()
-    layers = _layers(model)
-    names = list(base._modules)
-    for name in names[names.index(next(n for n, c in base.named_children() if c is layers)) + 1:]:
-        if any(True for _ in base._modules[name].parameters()):
-            setattr(base, name, nn.Identity())
     return lambda ids: base(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _later_stage(model: Any) -> Any:
+    """``model``'s forward as a pipeline stage after the first and before the last runs it: from the hidden state
+    the previous stage sent to its last layer's output, without the modules before and after its layers."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's adapters, in place
+    if hasattr(model, "blocks"):  # costlab's own GPT takes the hidden state in where it has no embedding
+        model.wte = model.wpe = model.ln_f = model.lm_head = None
+        return model
+    from costlab.models.hf import cut_decoder_ends
+
+    cut_decoder_ends(model, first=False, last=False)
+    base = model.get_decoder()
+    return lambda hidden: base(inputs_embeds=hidden, use_cache=False).last_hidden_state
 
 
 def _fake_model(source: str, tp: int, layers: int, dtype: Any, attn: str, adapters: str = "") -> tuple[Any, Any]:

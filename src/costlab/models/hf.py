@@ -58,6 +58,33 @@ class _NoPositions(nn.Module):
         return torch.zeros((), device=position_ids.device)
 
 
+def cut_decoder_ends(hf: nn.Module, first: bool, last: bool) -> None:
+    """Leave out of ``hf``'s decoder, in place, what a pipeline stage does not run: on a stage after the first
+    (``first`` false) the modules before its layers (the embedding, which makes the decoder take
+    ``inputs_embeds``; GPT-2's learned positions, added to whatever comes in; an embedding dropout), on a stage
+    before the last its final norm and the head (a rotary embedding, which holds no weights, stays)."""
+    base, embedding, head = hf.get_decoder(), hf.get_input_embeddings(), hf.get_output_embeddings()
+    layers = decoder_layers(hf)
+    names = list(base._modules)
+    at = names.index(next(n for n, c in base.named_children() if c is layers))
+    if not first:  # a later stage takes the hidden state in: what made it from the tokens is the first's
+        for name in names[:at]:
+            child = base._modules[name]
+            if child is embedding:
+                setattr(base, name, None)  # the decoder's forward then takes inputs_embeds
+            elif isinstance(child, nn.Embedding):  # GPT-2's learned positions, added to whatever comes in
+                setattr(base, name, _NoPositions())
+            elif isinstance(child, nn.Dropout):
+                setattr(base, name, nn.Identity())
+            elif any(True for _ in child.parameters()):
+                raise ValueError(f"{type(base).__name__}.{name}: a pipeline stage cannot leave it out")
+    if not last:
+        for name in names[at + 1:]:
+            if any(True for _ in base._modules[name].parameters()):
+                setattr(base, name, nn.Identity())
+        setattr(hf, next(n for n, c in hf.named_children() if c is head), None)
+
+
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM: ``pretrained`` (a ``save_pretrained`` folder, or a hub id where the
     machine is online; when set, it wins over ``config``) or ``config`` (built with random weights from the
@@ -114,25 +141,7 @@ class HFCausalLM(nn.Module):
         for name in [n for n in layers._modules if n not in keep]:
             del layers._modules[name]  # not `del layers[i]`, which would renumber the rest
         self.__dict__["_blocks"] = nn.ModuleDict(dict(layers._modules))
-        base, embedding, head = self.hf.get_decoder(), self.wte, self.lm_head
-        names = list(base._modules)
-        at = names.index(next(n for n, c in base.named_children() if c is layers))
-        if stage > 0:  # a later stage takes the hidden state in: what made it from the tokens is the first's
-            for name in names[:at]:
-                child = base._modules[name]
-                if child is embedding:
-                    setattr(base, name, None)  # the decoder's forward then takes inputs_embeds
-                elif isinstance(child, nn.Embedding):  # GPT-2's learned positions, added to whatever comes in
-                    setattr(base, name, _NoPositions())
-                elif isinstance(child, nn.Dropout):
-                    setattr(base, name, nn.Identity())
-                elif any(True for _ in child.parameters()):
-                    raise ValueError(f"{type(base).__name__}.{name}: a pipeline stage cannot leave it out")
-        if stage < stages - 1:
-            for name in names[at + 1:]:  # the final norm (a rotary embedding, which holds no weights, stays)
-                if any(True for _ in base._modules[name].parameters()):
-                    setattr(base, name, nn.Identity())
-            setattr(self.hf, next(n for n, c in self.hf.named_children() if c is head), None)
+        cut_decoder_ends(self.hf, first=stage == 0, last=stage == stages - 1)
         self.stage = (stage, stages)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
