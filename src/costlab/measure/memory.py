@@ -81,6 +81,7 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     with on_meta():
         model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard)
     params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
+    shared = {n for names in _shared(model).values() for n in names}  # by name: a pipeline parts a tied pair
     roots: list[list[torch.Tensor]] = []  # FSDP's all-gather units: each pipeline stage's root, and its blocks
     blocks: list[list[torch.Tensor]] = []
     parts = [model]  # the model, or this rank's pipeline stages, as this rank lays them out
@@ -96,10 +97,7 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
                 blocks += inner
                 roots.append([p for p in {id(p): p for p in part.parameters()}.values() if id(p) not in inside])
                 params.update({id(p): (n, p) for n, p in part.named_parameters()})
-    tied: set[int] = set()  # the weights a stage uses twice (a tied embedding and head)
-    for part in parts:
-        uses = [id(p) for _, p in part.named_parameters(remove_duplicate=False)]
-        tied |= {i for i in uses if uses.count(i) > 1}
+    tied = {i for part in parts for i in _shared(part)}  # the weights a stage uses twice
 
     # finetune=qlora: the adapted Linears' frozen weights are held in NF4 (built here in full precision, on meta)
     backend = nf4_backend(cfg) if holds_nf4(cfg) else None
@@ -110,9 +108,11 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
 
     trained = [_local(p) for _, p in params.values() if p.requires_grad]
     optimizer = optimizer_option(cfg)
+    whole = set() if dims.fsdp_enabled else _whole_gradients(parts, shared)
     state = {
         f"{PREDICTED}params_bytes_per_rank": sum(held(n, p) for n, p in params.values()),
-        f"{PREDICTED}grads_bytes_per_rank": sum(t.numel() * t.element_size() for t in trained),
+        f"{PREDICTED}grads_bytes_per_rank": sum((p if id(p) in whole else _local(p)).numel() * p.element_size()
+                                                for _, p in params.values() if p.requires_grad),
         f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }
     # the output layer's weight where it trains (a stage's head; frozen under LoRA), as this rank holds it
@@ -125,6 +125,30 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
         fsdp = _fsdp_parts(cfg, dims, roots, blocks, lambda p: held(params[id(p)][0], p), tied)
         state.update({f"{FSDP}{k}": v for k, v in fsdp.items()})
     return state
+
+
+def _shared(module: Any) -> dict[int, list[str]]:
+    """The parameters ``module`` uses more than once (a tied embedding and head): their ids and names."""
+    uses: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), []).append(name)
+    return {i: names for i, names in uses.items() if len(names) > 1}
+
+
+def _whole_gradients(parts: list[Any], shared: set[str]) -> set[int]:
+    """The ids of the embeddings' weights that tensor parallel splits by rows (over the vocabulary or the
+    positions), whose gradient every rank of the split holds whole: DTensor's embedding backward has no strategy
+    for a row-split weight, so it makes the gradient replicated, and autograd accumulates it so. A tied weight's
+    (``shared``) is split: the head's column-wise gradient is added to it, or on a pipeline's first stage the
+    trainer redistributes it before summing it with the last stage's copy
+    (:meth:`costlab.parallelism.pp.PipelineParallel.forward_backward`). Not under FSDP, which redistributes each
+    gradient to its parameter's split before reducing it: not called there."""
+    from torch import nn
+    from torch.distributed.tensor import Shard
+
+    return {id(m.weight) for part in parts for name, m in part.named_modules() if isinstance(m, nn.Embedding)
+            and f"{name}.weight" not in shared
+            and any(isinstance(p, Shard) and p.dim == 0 for p in getattr(m.weight, "placements", ()))}
 
 
 def _local(p: Any) -> Any:
@@ -504,6 +528,7 @@ def _layout_state(cfg: DictConfig, dims: Any, world: int) -> dict[str, float]:
 
 FP32 = 4  # bytes: the residual stream, norm inputs, statistics and the loss's log-softmax stay fp32 under autocast
 INDEX = 8  # bytes of an int64 token id or target
+LOSS_SCALARS = 3 * FP32  # a micro-batch's loss, the total weight its cross-entropy saves, and backward's seed
 
 
 def _autocast_bytes(cfg: DictConfig) -> int:
@@ -553,17 +578,22 @@ def predict_activations(cfg: DictConfig, world: int) -> float:
                          + a(4C [+C rope]) + 4 heads + aH (2 | 4 swiglu)
         block (full)   = 4C (the block's input; the block is rebuilt in backward, one at a time)
         block (select) = 4C + a(6C + H [x2 swiglu]) + 4 heads   (matmul and attention outputs kept)
-        outside        = ids and targets 16 + final norm + 4V   (the loss's fp32 log-softmax; the trainer frees the
-                         logits before backward, nothing saves them; a pipeline's schedule keeps them: + aV)
+        outside        = final norm (4C [+4C rmsnorm] + aC + stats) + 4V + 8   (the loss's fp32 log-softmax and its
+                         copy of the targets; the trainer frees the logits before backward, nothing saves them; a
+                         pipeline's schedule keeps them: + aV)
 
-        activations = tokens x (layers x block + outside) + tokens x one block (none, full) or its
-                      pointwise part (selective), rebuilt in backward under checkpointing
+        activations = tokens x (layers x block + outside + window) + 8T (learned positions) + 12 (the loss, its
+                      total weight, backward's seed) + under autocast, a rotary block's table copies (4 x aT x D/2
+                      a layer: its queries and keys each cast the cosines and sines; rebuilt, not kept, when
+                      checkpointed) + tokens x one block (none, full) or its pointwise part (selective), rebuilt in
+                      backward under checkpointing
                       + a x Linear weights under autocast (its cast copies: every layer's without
                       checkpointing or on a pipeline, whose schedule's step keeps autocast's cache, else the
                       head's and the rebuilt block's; none under FSDP, which gathers weights in the autocast dtype)
 
-    On a tiny GPT on CPU this matches the bytes autograd holds after the forward within 0.3 % for every
-    mode, norm, position, MLP and precision option (tests/test_resources.py measures it).
+    ``window``: the batch's token ids, one storage of ``T + 1`` a row that the ids and the targets are views of
+    (:func:`_window`). On a tiny GPT on CPU this is the bytes a real step holds when backward starts, to the byte,
+    for every mode, norm, position, MLP and precision option (tests/test_resources.py measures it).
     Pipeline ranks hold their stages' layers for every chunk in flight (:func:`in_flight`: gpipe all
     micro-batches; 1F1B up to pp_degree on the first stage; interleaved 1F1B more, each of fewer layers), the
     outputs they sent, the logits on the last stage, and the schedule's receive buffers (:func:`_stage_held`).
@@ -589,19 +619,24 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
     tokens = _micro_tokens(cfg, dims)
     if is_hf(cfg) or uses_adapters(cfg) or (dims.fsdp_enabled and _autocast_bytes(cfg) < FP32 and "n_layer" in m):
         return _traced_parts(cfg, dims, tokens, head)
-    loss = FP32 * m.vocab_size + 2 * INDEX  # the loss's fp32 log-softmax, and the ids and targets
     if "n_layer" not in m:  # model=mlp: c_fc's input window, c_fc's output and gelu's, c_proj's output
-        per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + loss
+        per_token = a * (m.context * m.n_embd + 2 * m.hidden + m.n_embd) + FP32 * m.vocab_size + 2 * INDEX
         weights = (m.context * m.n_embd + m.n_embd) * m.hidden + m.n_embd * m.vocab_size
         return tokens * per_token + (a * weights if copies else 0.0), 0.0
     mode = t.get("activation_checkpointing", "none")
     terms = _block_terms(cfg, dims.tp, _residual_bytes(cfg, dims.fsdp_enabled))
     rms = m.get("norm", "layernorm") == "rmsnorm"
-    outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + loss  # final norm, its output, the loss
+    # the final norm (its fp32 input, rmsnorm's normalised product, its output, its statistics), the loss's fp32
+    # log-softmax and its copy of the targets (a strided view of the batch's window)
+    outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + FP32 * (1 if rms else 2)
+    outside += FP32 * m.vocab_size + INDEX
     block, rebuilt = terms[mode], terms.get(f"{mode}_recompute", 0.0)
     layers = m.n_layer / dims.pp
     if dims.pp_enabled:
         tokens /= int(p.microbatches)
+    rope = _rope_copies(cfg) / tokens  # per token of a micro-batch: made in every block's forward
+    block, rebuilt = block + (rope if mode == "none" else 0.0), rebuilt + (rope if mode != "none" else 0.0)
+    if dims.pp_enabled:
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         outside += _kept_logits(cfg, m.vocab_size)
         positions = INDEX * m.block_size / tokens if m.get("pos", "learned") == "learned" else 0.0  # looked up
@@ -609,8 +644,9 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         later = -_residual_bytes(cfg, dims.fsdp_enabled) * m.n_embd
         per_token = max(_stage_held(cfg, m, dims.pp, r, block, outside, dims.fsdp_enabled, tokens=tokens,
                                     first=positions, later=later) + last * (r == dims.pp - 1) for r in range(dims.pp))
-    else:
-        per_token = layers * block + outside
+    else:  # + the batch's window, the positions a learned table looks up, and the loss's scalars
+        positions = INDEX * m.block_size if m.get("pos", "learned") == "learned" else 0.0
+        per_token = layers * block + outside + _window(cfg) + (positions + LOSS_SCALARS) / tokens
     held, rebuilt = tokens * per_token, tokens * rebuilt
     if copies:
         hidden = _gpt_config(cfg).hidden_dim
@@ -621,6 +657,18 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         else:  # cast again when the block is rebuilt; not kept
             rebuilt += a * block_w
     return held, rebuilt
+
+
+def _rope_copies(cfg: DictConfig) -> float:
+    """Bytes of the rotary tables' copies one of costlab's Llama-style blocks makes in a forward under autocast
+    (none outside it, or under FSDP, which casts the fp32 tables once as a block's inputs: traced): its queries
+    and its keys each cast the cosines and the sines (``block_size`` x head_dim / 2) to their dtype, which their
+    products save."""
+    m = cfg.model
+    a = _autocast_bytes(cfg)
+    if m.get("pos", "learned") != "rope" or a == FP32:
+        return 0.0
+    return 2 * 2 * a * m.block_size * _gpt_config(cfg).head_dim / 2
 
 
 def _casts_cached(dims: Any) -> bool:

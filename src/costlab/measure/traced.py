@@ -171,6 +171,8 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
         model.train()
         if mode != "none":
             apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
+        if hasattr(model, "blocks") and dtype != torch.float32 and mode != "selective":
+            _cast_block_inputs(model, dtype)
         with SavedActivations(model) as meter:
             meter.skip.add(window.untyped_storage()._cdata)
             on = autocast != "None"
@@ -182,6 +184,22 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
                 held, kept = _held(meter, box, targets, part)
         del kept, model
     return float(held)
+
+
+def _cast_block_inputs(model: Any, dtype: Any) -> None:
+    """Cast each of costlab's blocks' floating inputs to ``dtype`` before the block runs (and before its
+    checkpointing, which then keeps the copies), as FSDP's mixed precision does where it gathers the weights in
+    ``dtype`` (:func:`costlab.parallelism.fsdp.apply_fsdp`'s ``cast_block_inputs``): a Llama-style block's rotary
+    tables become one copy a block, which its queries and keys share, where each would make its own."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    def cast(value: Any) -> Any:
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    for block in model.blocks.values():
+        block.register_forward_pre_hook(lambda _, args, kwargs: tree_map(cast, (args, kwargs)), prepend=True,
+                                        with_kwargs=True)
 
 
 def _held(meter: Any, box: list, targets: Any, part: str) -> tuple[float, Any]:
