@@ -32,6 +32,7 @@ CASES = {
     "gpt2": ("gpt2_tiny", []),  # gelu_new, Conv1D, tied head, dropout in training
     "gpt2-accum-bf16": ("gpt2_tiny", ["precision=bf16", "trainer.grad_accum_steps=2"]),
     "neox": ("neox", []),  # parallel residual, partial rotary
+    "llama-one-row": ("llama_tiny", ["trainer.batch_size=1"]),  # its targets' view is contiguous: not copied
 }
 
 
@@ -51,16 +52,16 @@ def test_traced_prediction_matches_a_real_step_for_every_family(name, tmp_path):
     if mode != "none":
         apply_ac(model, mode)
     accum = cfg.trainer.grad_accum_steps
-    x = torch.randint(0, 256, (cfg.trainer.batch_size, 32))
     with SavedActivations(model) as meter:
-        for xm in x.chunk(accum):
+        window = torch.randint(0, 256, (cfg.trainer.batch_size, 33))  # ids and targets its views, as the trainer's
+        for rows in window.chunk(accum):
             with autocast(cfg, torch.device("cpu")):
-                logits = model(xm)
-            loss = loss_fn(logits, xm)
+                logits = model(rows[:, :-1])
+            loss = loss_fn(logits, rows[:, 1:])
             del logits  # as the trainer frees them before backward: nothing saves them
             loss.backward()
     held = predicted[f"{PREDICTED}activations_bytes_per_rank"]
-    assert held / meter.held == pytest.approx(1, abs=0.01), (held, meter.held)
+    assert held == pytest.approx(meter.held, abs=16), (held, meter.held)
     assert (RECOMPUTE in predicted) == (mode != "none")  # checkpointing's transient: one layer rebuilt at a time
 
 

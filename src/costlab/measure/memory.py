@@ -626,14 +626,14 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
     mode = t.get("activation_checkpointing", "none")
     terms = _block_terms(cfg, dims.tp, _residual_bytes(cfg, dims.fsdp_enabled))
     rms = m.get("norm", "layernorm") == "rmsnorm"
-    # the final norm (its fp32 input, rmsnorm's normalised product, its output, its statistics), the loss's fp32
-    # log-softmax and its copy of the targets (a strided view of the batch's window)
-    outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + FP32 * (1 if rms else 2)
-    outside += FP32 * m.vocab_size + INDEX
     block, rebuilt = terms[mode], terms.get(f"{mode}_recompute", 0.0)
     layers = m.n_layer / dims.pp
     if dims.pp_enabled:
         tokens /= int(p.microbatches)
+    # the final norm (its fp32 input, rmsnorm's normalised product, its output, its statistics), the loss's fp32
+    # log-softmax and its copy of the targets
+    outside = FP32 * m.n_embd * (2 if rms else 1) + a * m.n_embd + FP32 * (1 if rms else 2)
+    outside += FP32 * m.vocab_size + _targets_copy(cfg, tokens)
     rope = _rope_copies(cfg) / tokens  # per token of a micro-batch: made in every block's forward
     block, rebuilt = block + (rope if mode == "none" else 0.0), rebuilt + (rope if mode != "none" else 0.0)
     if dims.pp_enabled:
@@ -657,6 +657,13 @@ def activation_parts(cfg: DictConfig, world: int, head: dict[str, float] | None 
         else:  # cast again when the block is rebuilt; not kept
             rebuilt += a * block_w
     return held, rebuilt
+
+
+def _targets_copy(cfg: DictConfig, tokens: float) -> float:
+    """Bytes per token of the loss's copy of a micro-batch's targets of ``tokens`` tokens: a view of the batch's
+    window that skips each row's first id, which the loss's flatten copies; one row's view is contiguous, and not
+    copied."""
+    return INDEX if tokens > cfg.model.block_size else 0.0
 
 
 def _rope_copies(cfg: DictConfig) -> float:
@@ -808,6 +815,9 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
     # a pipeline's step runs backward inside autocast, whose cache keeps its copies (the biases' too) till the end
     cached = _casts_cached(dims) and _autocast_bytes(cfg) < FP32
     terms = traced_terms(cfg, dims.tp, dims.fsdp_enabled, cached)
+    if dims.pp_enabled:
+        tokens /= int(cfg.parallelism.microbatches)
+    terms["outside"] -= INDEX - _targets_copy(cfg, tokens)  # traced at two and three rows, which copy them
     a = _autocast_bytes(cfg)
     if dims.tp > 1 and a < FP32 and not dims.fsdp_enabled:  # the head's cast copy is of this rank's shard only
         terms["outside_const"] -= a * (m.vocab_size - first_rank_rows(m.vocab_size, dims.tp)) * m.n_embd
@@ -818,7 +828,6 @@ def _traced_parts(cfg: DictConfig, dims: Any, tokens: float, head: dict[str, flo
         terms = {**terms, "block_const": max(terms["block_const"], terms["none_const"])}
         rebuilt_const = 0.0
     if dims.pp_enabled:
-        tokens /= int(cfg.parallelism.microbatches)
         last = _last_stage_backward(cfg, dims, head, tokens) / tokens
         outside = terms["outside"] + _kept_logits(cfg, m.vocab_size)
         # the first stage's embedding side and what a later stage's decoder makes, traced as they run; the last
