@@ -9,7 +9,8 @@ communication), so the local shard shapes are exactly those the run will have. F
 
     params     = sum of the local shards' bytes (fp32 master weights; a tied weight once per stage; a qlora run's
                  NF4 base weights as their codes, scales and tables, :func:`costlab.models.adapters.nf4_bytes`)
-    grads      = the same for the parameters that train
+    grads      = the same for the parameters that train (but an untied embedding that tensor parallel splits by
+                 rows, without FSDP: its gradient whole, as DTensor leaves it, :func:`_whole_gradients`)
     optimizer  = what the optimizer option keeps per trained tensor (its ``state_bytes``): AdamW's exp_avg and
                  exp_avg_sq (2 x 4 bytes a value) and a 4-byte step; the low-bit AdamWs' codes, block scales and
                  code tables; bf16 states; SGD's momentum buffer

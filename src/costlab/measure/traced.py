@@ -153,7 +153,7 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from costlab.measure.activations import SavedActivations
-    from costlab.parallelism.techniques import apply_ac
+    from costlab.parallelism.techniques import apply_ac, fsdp_casts_block_inputs
 
     with FakeTensorMode(), _hf_only(source):
         model, forward = _fake_model(source, tp, layers, dtype, attn, adapters)
@@ -171,7 +171,8 @@ def _alive_traced(source: str, tp: int, autocast: str, dtype: Any, tokens: int, 
         model.train()
         if mode != "none":
             apply_ac(model if hasattr(model, "blocks") else _Blocks(_layers(model)), mode)
-        if hasattr(model, "blocks") and dtype != torch.float32 and mode != "selective":
+        # weights in a low precision: FSDP's mixed precision gathers them so, and casts costlab's blocks' inputs
+        if hasattr(model, "blocks") and dtype != torch.float32 and fsdp_casts_block_inputs(mode):
             _cast_block_inputs(model, dtype)
         with SavedActivations(model) as meter:
             meter.skip.add(window.untyped_storage()._cdata)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from costlab.parallelism.dims import ParallelDims
-from costlab.parallelism.techniques import apply_ac, apply_compile
+from costlab.parallelism.techniques import apply_ac, apply_compile, fsdp_casts_block_inputs
 from costlab.precision import apply_fp8, autocast_dtype, trains_in_float8
 
 
@@ -97,5 +97,5 @@ def apply_parallelisms(
 
         reshard = bool(cfg.parallelism.get("reshard_after_forward", True))
         apply_fsdp(model, shard_mesh(dims, mesh), autocast_dtype(cfg), torch.float32, reshard,
-                   str(cfg.parallelism.get("offload", "none")), cast_block_inputs=ac != "selective")
+                   str(cfg.parallelism.get("offload", "none")), cast_block_inputs=fsdp_casts_block_inputs(ac))
     return fp8 or ac != "none" or compile_

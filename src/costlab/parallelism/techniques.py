@@ -49,6 +49,14 @@ def apply_ac(model: nn.Module, mode: str) -> None:
         checkpoint(block, **kwargs)
 
 
+def fsdp_casts_block_inputs(mode: str) -> bool:
+    """Whether FSDP's mixed precision casts each block's floating inputs under ``trainer.activation_checkpointing``
+    = ``mode`` (:func:`costlab.parallelism.fsdp.apply_fsdp`'s ``cast_block_inputs``): not under selective
+    checkpointing, which refuses FSDP's cast as a mismatch between the forward and its recompute. The memory
+    model's traces cast as the run does (:mod:`costlab.measure.traced`)."""
+    return mode != "selective"
+
+
 def apply_compile(model: nn.Module) -> None:
     """``torch.compile`` per block (the blocks are identical, so one compilation serves them all), or
     the whole model when it has no blocks. ``Module.compile`` compiles in place: parameter names keep
