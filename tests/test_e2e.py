@@ -103,6 +103,7 @@ def test_ddp_fp16_runs_on_two_ranks_with_loss_scaling(cli):
     assert run.data.metrics["eval/loss"] < 6
 
 
+@pytest.mark.slow
 def test_ddp_reproduces_single_loss_curve_in_fp32(cli):
     steps = ["trainer.max_steps=6", "trainer.log_every=1"]
     _ok(cli(*TINY, *steps, "parallelism=single", "tracking.run_name=parity_single"))
@@ -311,7 +312,8 @@ def test_a_1f1b_first_stage_holds_a_kept_send_the_batchs_ids_and_each_chunks_pos
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("schedule", [pytest.param("gpipe", marks=pytest.mark.slow), "interleaved_1f1b"])
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "interleaved_1f1b"])
 def test_a_later_stages_receive_buffers_and_interleaved_sends_are_counted_as_held(cli, schedule):
     """GPipe's peak is its last stage, where each chunk's first block saves its input, the receive buffer the
     stage holds (counted once: twice, the prediction was 1.8 % over), and the targets' split holds the batch's
@@ -341,6 +343,7 @@ def test_a_hugging_face_pipeline_under_autocast_holds_its_cast_biases_and_each_s
     assert_activations_predicted(cli.run_by_name("pp-neox").data.metrics, rel=0.0005)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_fsdp_x_tensor_parallel_under_autocast_holds_a_ranks_heads_and_splits_an_uneven_vocabulary(cli):
     """FSDP's mixed precision runs the residual stream in bf16, which the prediction traces: on 2 x 2 ranks it traces
@@ -355,6 +358,7 @@ def test_fsdp_x_tensor_parallel_under_autocast_holds_a_ranks_heads_and_splits_an
         assert m[f"mem/predicted_{part}_bytes_per_rank"] == m[f"mem/{part}_bytes_per_rank"], part
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_pipeline_under_autocast_holds_every_blocks_cast_weights_with_checkpointing_too(cli):
     """A pipeline's schedule runs each micro-batch's backward inside the autocast that ran the forwards: autocast's

@@ -246,7 +246,8 @@ def test_lora_from_random_weights_is_warned_and_from_a_trained_model_is_not(tmp_
     assert not any("random weights" in w for w in check_job(cfg, planning=True))
 
 
-@pytest.mark.parametrize("finetune", ["lora", pytest.param("qlora", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
 def test_lora_and_qlora_runs_fine_tune_a_trained_run_and_ship_a_plain_model(cli, finetune):
     from costlab.use import load_run
 

@@ -316,15 +316,16 @@ def _assert_matches_single(runs, name: str, *overrides: str) -> float:
 
 def _assert_state_predicted(m: dict[str, float]) -> None:
     """The memory model's per-rank parameters, gradients and optimizer state are what the ranks measured, to the
-    byte: under tensor parallel alone the position embedding's gradient whole on each rank, as DTensor leaves it."""
+    byte."""
     for part in ("params", "grads", "optimizer"):
         assert m[f"mem/predicted_{part}_bytes_per_rank"] == m[f"mem/{part}_bytes_per_rank"], (part, m)
 
 
 def _uneven_rows_on_rank(rank: int, world: int, folder: str) -> None:
-    """One rank of the uneven-rows test: costlab's GPT and a Hugging Face GPT-2, each with 257 tokens and 31
-    positions, whole and split by tensor parallel; the largest differences of the logits and of every weight's
-    gradient, and the vocabulary rows each rank holds, saved."""
+    """One rank of the uneven-rows test: costlab's GPT (tied and untied) and a Hugging Face GPT-2, each with 257
+    tokens and 31 positions, whole and split by tensor parallel; the largest differences of the logits and of every
+    weight's gradient, the vocabulary rows each rank holds, and the gradients not split as their weights are or not
+    holding their own storage (a view of a whole gradient holds the whole), saved."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -337,13 +338,17 @@ def _uneven_rows_on_rank(rank: int, world: int, folder: str) -> None:
         mesh = init_device_mesh("cpu", (world,))
         out = {}
         models = {"gpt": [*TINY, "model.vocab_size=257", "model.block_size=31"],
+                  "gpt untied": [*TINY, "model.vocab_size=257", "model.block_size=31", "+model.tie_weights=false"],
                   "hf gpt2": ["model=hf", f"model.config={folder}/gpt2.json", "model.block_size=31"]}
         for name, overrides in models.items():
             torch.manual_seed(0)
             whole = build_model(compose_config(overrides).model).eval()
             x = torch.randint(0, 257, (2, 31), generator=torch.Generator().manual_seed(1))
             split, logits, grads = split_against_whole(whole, mesh, x)
-            out[name] = {"logits": logits, "grads": max(grads.values()), "rows": split.wte.weight.to_local().shape[0]}
+            unsplit = [n for n, p in split.named_parameters() if p.grad.placements != p.placements
+                       or p.grad.to_local().untyped_storage().nbytes() != p.grad.to_local().nbytes]
+            out[name] = {"logits": logits, "grads": max(grads.values()), "rows": split.wte.weight.to_local().shape[0],
+                         "unsplit": unsplit}
         torch.save(out, f"{folder}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -353,7 +358,8 @@ def _uneven_rows_on_rank(rank: int, world: int, folder: str) -> None:
 def test_tensor_parallel_splits_a_vocabulary_and_positions_the_degree_does_not_divide(tmp_path):
     """GPT-2's 50,257 tokens divide by no degree: DTensor splits the embedding's and the head's rows unevenly (the
     first rank a row more), and the positions' likewise; split over two gloo ranks, costlab's GPT and a Hugging Face
-    GPT-2 of 257 tokens and 31 positions compute their whole model's logits and gradients. ``gpt2_small`` (50,257
+    GPT-2 of 257 tokens and 31 positions compute their whole model's logits and gradients, each gradient split as
+    its weight is, in its own storage. ``gpt2_small`` (50,257
     tokens) is taken at every degree its 12 heads allow."""
     import json
 
@@ -369,6 +375,7 @@ def test_tensor_parallel_splits_a_vocabulary_and_positions_the_degree_does_not_d
         for name, got in torch.load(tmp_path / f"rank{rank}.pt").items():
             assert got["logits"] < 1e-5 and got["grads"] < 1e-5, (name, got)
             assert got["rows"] == (129 if rank == 0 else 128), (name, got)
+            assert got["unsplit"] == [], (name, got)  # the embeddings' too (DTensor makes theirs whole)
     for tp in (2, 4):
         validate(compose_config(["model=gpt2_small", "mode=plan", "hardware=a100_80gb", "parallelism=tp",
                                  f"trainer.nproc_per_node={tp}"]))

@@ -9,8 +9,8 @@ communication), so the local shard shapes are exactly those the run will have. F
 
     params     = sum of the local shards' bytes (fp32 master weights; a tied weight once per stage; a qlora run's
                  NF4 base weights as their codes, scales and tables, :func:`costlab.models.adapters.nf4_bytes`)
-    grads      = the same for the parameters that train (but an untied embedding that tensor parallel splits by
-                 rows, without FSDP: its gradient whole, as DTensor leaves it, :func:`_whole_gradients`)
+    grads      = the same for the parameters that train (an embedding tensor parallel splits by rows too: each
+                 rank makes its rows' gradient alone, :class:`costlab.parallelism.tp._RowwiseEmbedding`)
     optimizer  = what the optimizer option keeps per trained tensor (its ``state_bytes``): AdamW's exp_avg and
                  exp_avg_sq (2 x 4 bytes a value) and a 4-byte step; the low-bit AdamWs' codes, block scales and
                  code tables; bf16 states; SGD's momentum buffer
@@ -82,7 +82,6 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
     with on_meta():
         model = apply_finetune(build_model(cfg.model), cfg, shards=dims.dp_shard)
     params: dict[int, tuple[str, torch.Tensor]] = {id(p): (n, p) for n, p in model.named_parameters()}
-    shared = {n for names in _shared(model).values() for n in names}  # by name: a pipeline parts a tied pair
     roots: list[list[torch.Tensor]] = []  # FSDP's all-gather units: each pipeline stage's root, and its blocks
     blocks: list[list[torch.Tensor]] = []
     parts = [model]  # the model, or this rank's pipeline stages, as this rank lays them out
@@ -109,10 +108,9 @@ def _rank_state(cfg: DictConfig, dims: Any, rank: int, world: int) -> dict[str, 
 
     trained = [_local(p) for _, p in params.values() if p.requires_grad]
     optimizer = optimizer_option(cfg)
-    whole = set() if dims.fsdp_enabled else _whole_gradients(parts, shared)
     state = {
         f"{PREDICTED}params_bytes_per_rank": sum(held(n, p) for n, p in params.values()),
-        f"{PREDICTED}grads_bytes_per_rank": sum((p if id(p) in whole else _local(p)).numel() * p.element_size()
+        f"{PREDICTED}grads_bytes_per_rank": sum(_local(p).numel() * p.element_size()
                                                 for _, p in params.values() if p.requires_grad),
         f"{PREDICTED}optimizer_bytes_per_rank": sum(optimizer.state_bytes(t.numel()) for t in trained),
     }
@@ -134,22 +132,6 @@ def _shared(module: Any) -> dict[int, list[str]]:
     for name, p in module.named_parameters(remove_duplicate=False):
         uses.setdefault(id(p), []).append(name)
     return {i: names for i, names in uses.items() if len(names) > 1}
-
-
-def _whole_gradients(parts: list[Any], shared: set[str]) -> set[int]:
-    """The ids of the embeddings' weights that tensor parallel splits by rows (over the vocabulary or the
-    positions), whose gradient every rank of the split holds whole: DTensor's embedding backward has no strategy
-    for a row-split weight, so it makes the gradient replicated, and autograd accumulates it so. A tied weight's
-    (``shared``) is split: the head's column-wise gradient is added to it, or on a pipeline's first stage the
-    trainer redistributes it before summing it with the last stage's copy
-    (:meth:`costlab.parallelism.pp.PipelineParallel.forward_backward`). Not under FSDP, which redistributes each
-    gradient to its parameter's split before reducing it: not called there."""
-    from torch import nn
-    from torch.distributed.tensor import Shard
-
-    return {id(m.weight) for part in parts for name, m in part.named_modules() if isinstance(m, nn.Embedding)
-            and f"{name}.weight" not in shared
-            and any(isinstance(p, Shard) and p.dim == 0 for p in getattr(m.weight, "placements", ()))}
 
 
 def _local(p: Any) -> Any:

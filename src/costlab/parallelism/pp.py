@@ -130,11 +130,8 @@ class PipelineParallel(Parallel):
             if self.last in self.parts:
                 total += torch.stack([loss.detach() for loss in losses]).sum()
         if self.tied_copy is not None and self.tied_copy.requires_grad:  # (frozen under LoRA: no gradient)
-            grad = self.tied_copy.grad
-            if hasattr(grad, "placements") and grad.placements != self.tied_copy.placements:
-                # tensor parallel leaves the embedding's gradient replicated; the head's copy is sharded
-                grad = self.tied_copy.grad = grad.redistribute(grad.device_mesh, self.tied_copy.placements)
-            dist.all_reduce(_local(grad), group=self.tie_group)
+            # under tensor parallel both copies' gradients are split by rows, as their weights are
+            dist.all_reduce(_local(self.tied_copy.grad), group=self.tie_group)
         return total
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
