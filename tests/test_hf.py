@@ -359,6 +359,7 @@ def test_every_shipped_config_builds_on_the_meta_device(name):
     assert next(model.parameters()).is_meta and len(model.blocks) == model.config.n_layer
 
 
+@pytest.mark.slow
 def test_a_model_built_on_meta_first_leaves_the_next_random_one_its_own_init():
     """A worker's memory prediction builds the model on the meta device, with torch's fills as no-ops, before it
     builds the one it trains; transformers, first imported there, had recorded the no-ops, so the trained model

@@ -289,6 +289,7 @@ def _card_probes_on_rank(rank: int, world: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_ranks_of_one_node_agree_on_their_card_probes_and_on_a_failure_of_any(tmp_path):
     """On several ranks of one node, every rank gets the slowest rank's figures and the link measured between
     them; when a probe fails on one rank, every rank returns None (the plan's rates), and none waits for a peer in
