@@ -53,31 +53,33 @@ def _grad_as_param(param: torch.Tensor) -> None:
 
 class _RowsLookup(torch.autograd.Function):
     """A lookup in a rank's rows ``[start, start + len(weight))`` of a table split by rows: ids outside them give
-    zeros (the ranks' outputs sum to the whole table's). Its backward makes the gradient of the rank's rows alone,
-    from the ids it saved (a view of the batch, nothing new): DTensor's embedding backward would make the whole
-    table's gradient on every rank."""
+    zeros (the ranks' outputs sum to the whole table's). Its backward makes the gradient of the rank's rows alone
+    with the kernel ``nn.Embedding``'s backward runs (the ids outside, their gradient zeroed, sent to row 0; no
+    boolean indexing, which would wait for a GPU), from the ids it saved (a view of the batch, nothing new):
+    DTensor's embedding backward would make the whole table's gradient on every rank."""
 
     @staticmethod
     def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, start: int, padding_idx: int | None) -> torch.Tensor:
         rows = weight.shape[0]
         ctx.save_for_backward(ids)
         ctx.start, ctx.rows, ctx.padding_idx = start, rows, padding_idx
-        outside = (ids < start) | (ids >= start + rows)
         if rows == 0:
             return weight.new_zeros(*ids.shape, weight.shape[1])
+        outside = (ids < start) | (ids >= start + rows)
         out = F.embedding((ids - start).masked_fill_(outside, 0), weight)
         return out.masked_fill_(outside.unsqueeze(-1), 0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
         (ids,) = ctx.saved_tensors
-        local = (ids - ctx.start).reshape(-1)
-        keep = (local >= 0) & (local < ctx.rows)
-        if ctx.padding_idx is not None:  # the padding row's gradient stays 0, as nn.Embedding's
-            keep &= ids.reshape(-1) != ctx.padding_idx
-        grad = grad.reshape(-1, grad.shape[-1])
-        weight_grad = grad.new_zeros(ctx.rows, grad.shape[1])
-        weight_grad.index_add_(0, local[keep], grad[keep])
+        start, rows, padding = ctx.start, ctx.rows, ctx.padding_idx
+        if rows == 0:
+            return None, grad.new_zeros(0, grad.shape[-1]), None, None
+        outside = (ids < start) | (ids >= start + rows)
+        local_padding = padding - start if padding is not None and start <= padding < start + rows else -1
+        weight_grad = torch.ops.aten.embedding_dense_backward(
+            grad.masked_fill(outside.unsqueeze(-1), 0), (ids - start).masked_fill_(outside, 0), rows, local_padding,
+            False)
         return None, weight_grad, None, None
 
 
