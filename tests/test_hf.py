@@ -364,7 +364,9 @@ def test_a_model_built_on_meta_first_leaves_the_next_random_one_its_own_init():
     """A worker's memory prediction builds the model on the meta device, with torch's fills as no-ops, before it
     builds the one it trains; transformers, first imported there, had recorded the no-ops, so the trained model
     kept PyTorch's default init (the embedding's std 1.0) on rank 0 alone. In a fresh process, as a worker is:
-    the weights built after a meta build are those built without one, at the config's ``initializer_range``."""
+    the weights built after a meta build are those built without one, at the config's ``initializer_range``. The
+    other ranks' warm-up (``costlab.training.worker.warm_up``, while rank 0 predicts) builds on meta too, and
+    leaves the modules the run needs imported and the random generator where it was."""
     import subprocess
     import sys
 
@@ -374,19 +376,25 @@ def test_a_model_built_on_meta_first_leaves_the_next_random_one_its_own_init():
         "from costlab.models.meta import on_meta\n"
         "from tests.conftest import compose_config\n"
         "cfg = compose_config(['model=hf', 'model.config=llama_tiny', 'model.block_size=32'])\n"
+        "torch.manual_seed(0)\n"
         "if sys.argv[1] == 'meta':\n"
         "    with on_meta():\n"
         "        build_model(cfg.model)\n"
+        "if sys.argv[1] == 'warm':\n"
+        "    from costlab.training.worker import warm_up\n"
+        "    state = torch.random.get_rng_state()\n"
+        "    assert warm_up(cfg) == {} and torch.equal(state, torch.random.get_rng_state())\n"
+        "    assert {'torch._dynamo', 'transformers.models.llama.modeling_llama'} <= set(sys.modules)\n"
         "torch.manual_seed(0)\n"
         "m = build_model(cfg.model)\n"
         "print(m.hf.model.embed_tokens.weight.std().item(), sum(p.double().sum().item() for p in m.parameters()))\n"
     )
     out = {}
-    for first in ("meta", "none"):
+    for first in ("meta", "warm", "none"):
         proc = subprocess.run([sys.executable, "-c", script, first], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[first] = [float(v) for v in proc.stdout.split()[-2:]]
-    assert out["meta"] == out["none"]
+    assert out["meta"] == out["warm"] == out["none"]
     from transformers import LlamaConfig  # llama_tiny sets no initializer_range: Llama's default
 
     assert out["meta"][0] == pytest.approx(LlamaConfig().initializer_range, rel=0.1)

@@ -37,11 +37,25 @@ def fake_group(rank: int, world: int) -> Iterator[None]:
 
 
 def _clear_dtensor_caches() -> None:
+    """What ``torch.distributed.tensor.debug._clear_sharding_prop_cache`` empties (the Python propagator's cache and
+    the C++ fast path's), without importing that module: its communication-mode tools take half a second to import,
+    on the main rank's path before the others can start. A PyTorch whose propagator keeps them elsewhere goes
+    through the module."""
+    from torch.distributed.tensor import DTensor
+
     try:
-        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-    except ImportError:  # an older PyTorch: its caches are what they are
+        cached = DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear
+    except AttributeError:
+        try:
+            from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+        except ImportError:  # an older PyTorch: its caches are what they are
+            return
+        _clear_sharding_prop_cache()
         return
-    _clear_sharding_prop_cache()
+    cached()
+    fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)  # where a C++ fast path exists
+    if fast_path is not None:
+        fast_path()
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
