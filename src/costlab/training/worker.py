@@ -296,7 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     record_worker(Path(cfg.runtime.run_dir), cfg.trainer.node_rank, int(os.environ.get("LOCAL_RANK", 0)))
     main_rank = cfg.trainer.node_rank == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
     try:
-        predicted = predict(cfg) if main_rank else warm_up(cfg)
+        if main_rank:
+            predicted = predict(cfg)
+        else:
+            warm_up(cfg)
+            predicted = {}
         env = init_distributed(cfg)
         run(cfg, env, predicted, stop)
     except Stopped as e:
@@ -321,13 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     exit_now(0)  # the interpreter's teardown of torch and the rest takes seconds and does nothing a run needs
 
 
-def warm_up(cfg: DictConfig) -> dict[str, float]:
+def warm_up(cfg: DictConfig) -> None:
     """What the other ranks do while the main one predicts (:func:`predict`, before any rank joins the process
     group): the imports their run needs, which each rank would otherwise pay for in turn while its peers wait in a
     collective, the main rank having paid for them in its prediction. The model built on the meta device, as the
-    ``finetune`` option adapts it (a Hugging Face family's modules, PEFT), then DTensor and TorchDynamo, which the
-    layouts import on first use: 3 s of a 2-rank Hugging Face run on 2 cores, 1 s of a GPT's. Nothing is allocated
-    and nothing random drawn. Returns no prediction."""
+    ``finetune`` option adapts it (a Hugging Face family's modules, PEFT, the NF4 backend), as the prediction builds
+    it, then DTensor and TorchDynamo, which the layouts import on first use: 3 s of a 2-rank Hugging Face run on 2
+    cores, 1 s of a GPT's. Nothing is allocated and nothing random drawn."""
     import torch._dynamo  # noqa: F401  (DTensor's distribute_module imports it on first use)
     import torch.distributed.tensor  # noqa: F401
 
@@ -335,10 +339,9 @@ def warm_up(cfg: DictConfig) -> dict[str, float]:
 
     try:
         with on_meta():
-            apply_finetune(build_model(cfg.model), cfg, quantize=False)
+            apply_finetune(build_model(cfg.model), cfg)
     except Exception:  # only a head start: the run builds the model next, and says there what fails
         pass
-    return {}
 
 
 def predict(cfg: DictConfig) -> dict[str, float]:
